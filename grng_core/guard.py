@@ -1,0 +1,59 @@
+"""Non-finite steps leave everything untouched (issue: reliability).
+
+`finite(arrays)` is one boolean array; the optimizer selects the old state and zero updates
+with `xp.where` when it is false (jit-safe), or — with concrete values — skips the work,
+warns naming what was non-finite, or raises (`on_nonfinite="raise"`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from grng_core.concrete import concrete_bool
+
+
+def finite(arrays, xp):
+    """True when every array holds only finite values (a 0-d bool array)."""
+    ok = None
+    for x in arrays:
+        f = xp.all(xp.isfinite(x))
+        ok = f if ok is None else (ok & f)
+    return ok
+
+
+def tree_leaves(tree) -> list:
+    if isinstance(tree, dict):
+        return [x for k in tree for x in tree_leaves(tree[k])]
+    if isinstance(tree, (list, tuple)):
+        return [x for v in tree for x in tree_leaves(v)]
+    return [] if tree is None else [tree]
+
+
+def tree_map2(fn, a, b):
+    """fn over matching leaves of two nested dict/list trees of arrays."""
+    if isinstance(a, dict):
+        return {k: tree_map2(fn, a[k], b[k]) for k in a}
+    if isinstance(a, (list, tuple)):
+        return type(a)(tree_map2(fn, x, y) for x, y in zip(a, b))
+    return fn(a, b)
+
+
+def report(groups: dict, xp, on_nonfinite: str) -> bool | None:
+    """Host-side verdict: True (all finite), False (after warning), or None when traced.
+
+    groups: {description: finite-flag array}. Raises FloatingPointError for "raise".
+    """
+    flags = list(groups.values())
+    ok = flags[0]
+    for f in flags[1:]:
+        ok = ok & f
+    host = concrete_bool(ok)
+    if host is None or host:
+        return host
+    bad = [name for name, f in groups.items() if not concrete_bool(f)]
+    msg = (f"non-finite values (NaN or Inf) in {', '.join(bad)}: "
+           "the step was skipped, parameters and optimizer state are unchanged")
+    if on_nonfinite == "raise":
+        raise FloatingPointError(msg.replace("the step was skipped", "refusing the step"))
+    warnings.warn(msg, RuntimeWarning, stacklevel=4)
+    return False

@@ -1,0 +1,148 @@
+"""R-Kalman beliefs: a Kalman filter over the parameters (ALGORITHMS.md §3.3).
+
+The filter keeps P (the inverse-Fisher stand-in) directly; no Fisher is ever inverted.
+Three beliefs, each returning the direction P⁺ĝ and the carried state:
+- `woodbury`: diagonal p with an exact batch correction from per-example gradients J;
+- `diagonal`: p⁺ = 1 / (1/p⁻ + (1 − β_K) q);
+- `kfac`: P_S ⊗ P_A per layer, predicted by one Newton–Schulz step and corrected by a
+  recursive-least-squares (Woodbury) update with the batch rows.
+"""
+
+from __future__ import annotations
+
+from grng_core.context import select
+from grng_core.linalg import small_spd_inverse, spd_inverse
+from grng_core.structures import diagonal, kfac, woodbury
+
+# p⁺ = p⁻ − p⁻²·diag(JᵀS⁻¹J) is positive in exact arithmetic; round-off must not flip it.
+P_FLOOR = 1e-12
+
+
+def predict(p, beta, prior_var):
+    """Fading-memory predict, elementwise: p⁻ = 1 / (β/p + (1 − β)/σ₀²) (§3.3 step 1)."""
+    return 1.0 / (beta / p + (1.0 - beta) / prior_var)
+
+
+def init_diag(positions, leaves, prior_var, xp, sdtype, device) -> dict:
+    """p = σ₀² for every leaf position (at t = 1 the predict keeps it)."""
+    return {str(i): xp.full(leaves[i].shape, prior_var, dtype=sdtype, device=device)
+            for i in positions}
+
+
+def diagonal_step(p_state, ghat, grads, per_example, beta, prior_var, ctx):
+    """Diagonal belief (§3.3): p⁺ = 1/(1/p⁻ + (1−β)q); direction p⁺ ⊙ ĝ."""
+    xp = ctx.xp
+    new, out = {}, {}
+    for k, p in p_state.items():
+        i = int(k)
+        if ctx.curvature is False:
+            new[k] = p
+        else:
+            q = diagonal.second_moment(i, grads, per_example, ctx)
+            p_plus = 1.0 / (1.0 / predict(p, beta, prior_var) + (1.0 - beta) * q)
+            new[k] = select(ctx.curvature, p_plus, p, xp)
+        out[i] = new[k] * ghat[i]
+    return out, new
+
+
+def woodbury_step(p_state, ghat, per_example, beta, prior_var, ctx):
+    """Diagonal belief with the exact batch correction (§3.3 steps 1–4).
+
+    S = R + J diag(p⁻) Jᵀ, R = (B/(1−β))·I; direction P⁺ĝ = u − p⁻ ⊙ Jᵀ S⁻¹ J u, u = p⁻ ⊙ ĝ;
+    carried p = p⁻ − p⁻² ⊙ Σᵢⱼ (S⁻¹)ᵢⱼ Jᵢ ⊙ Jⱼ.
+    """
+    xp = ctx.xp
+    keys = list(p_state)
+    if ctx.curvature is False:
+        return {int(k): p_state[k] * ghat[int(k)] for k in keys}, p_state
+    J = woodbury.jacobian_rows([per_example[int(k)] for k in keys], ctx)
+    B = J[0].shape[0]
+    p_minus = [xp.reshape(predict(p_state[k], beta, prior_var), (-1,)) for k in keys]
+    eye = xp.eye(B, dtype=ctx.sdtype, device=ctx.device)
+    S = (B / (1.0 - beta)) * eye + sum((Jl * pm) @ xp.matrix_transpose(Jl)
+                                        for Jl, pm in zip(J, p_minus))
+    S_inv = small_spd_inverse(S, xp, tol=ctx.tol, max_iter=ctx.max_iter, name="Kalman S")
+    u = [pm * xp.reshape(ghat[int(k)], (-1,)) for k, pm in zip(keys, p_minus)]
+    w = S_inv @ sum(Jl @ ul for Jl, ul in zip(J, u))
+    out, new = {}, {}
+    for k, Jl, pm, ul in zip(keys, J, p_minus, u):
+        shape = tuple(p_state[k].shape)
+        d = ul - pm * (w @ Jl)
+        diag_term = xp.sum(Jl * (S_inv @ Jl), axis=0)
+        p_plus = xp.maximum(pm - pm * pm * diag_term, P_FLOOR * pm)
+        p_plus = xp.reshape(p_plus, shape)
+        old = p_state[k]
+        new[k] = select(ctx.curvature, p_plus, old, xp)
+        out[int(k)] = select(ctx.curvature, xp.reshape(d, shape), old * ghat[int(k)], xp)
+    return out, new
+
+
+def init_kfac(layers, xp, sdtype, device) -> dict:
+    """Per layer: damped factors A_λ, S_λ, their inverses P_A, P_S and the undamped traces."""
+    state = kfac.init(layers, xp, sdtype, device)
+    for entry in state.values():
+        entry["trace_A"] = xp.zeros((), dtype=sdtype, device=device)
+        entry["trace_S"] = xp.zeros((), dtype=sdtype, device=device)
+    return state
+
+
+def _predict_correct(F_prev, P_prev, rows, shift, beta_t, ctx):
+    """One factor: M = βF + (1−β)shift·I, P⁻ = X₀(2I − M X₀), X₀ = P/β, then the RLS
+    correction with c = (1−β)/n: P⁺ = P⁻ − P⁻aᵀ(c⁻¹I + aP⁻aᵀ)⁻¹aP⁻ (§3.3 kfac steps 1–2).
+
+    At the first update (β_t = 0) X₀ = M⁻¹ = I/shift exactly. Returns (F_new, P⁺).
+    Where n ≥ d the n × n system is no cheaper: P⁺ is the Newton–Schulz inverse of F_new,
+    warm started from P⁻.
+    """
+    xp = ctx.xp
+    d = F_prev.shape[0]
+    n = rows.shape[0]
+    eye = xp.eye(d, dtype=ctx.sdtype, device=ctx.device)
+    M = beta_t * F_prev + ((1.0 - beta_t) * shift) * eye
+    safe_beta = xp.where(beta_t > 0, beta_t, xp.ones_like(beta_t))
+    X0 = xp.where(beta_t > 0, P_prev / safe_beta, eye / shift)
+    P_minus = X0 @ (2.0 * eye - M @ X0)
+    c = (1.0 - beta_t) / n
+    F_new = M + c * (xp.matrix_transpose(rows) @ rows)
+    if n >= d:
+        P_plus = spd_inverse(F_new, xp, method=ctx.method, warm=P_minus, tol=ctx.tol,
+                             max_iter=ctx.max_iter, name="Kalman factor")
+        return F_new, P_plus
+    aP = rows @ P_minus
+    K = (xp.eye(n, dtype=ctx.sdtype, device=ctx.device) / c) + aP @ xp.matrix_transpose(rows)
+    K_inv = small_spd_inverse(K, xp, tol=ctx.tol, max_iter=ctx.max_iter, name="Kalman RLS")
+    P_plus = P_minus - xp.matrix_transpose(aP) @ (K_inv @ aP)
+    return F_new, 0.5 * (P_plus + xp.matrix_transpose(P_plus))
+
+
+def kfac_step(kstate, layers, stats, beta, damping, ctx, keys) -> dict:
+    """Kronecker belief (§3.3 kfac): on curvature steps predict + correct every layer's P_A,
+    P_S; on inverse steps refresh them directly from the carried damped factors (§2.1),
+    warm started, which stops drift. stats: {layer key: LayerStats} (None off curvature)."""
+    xp = ctx.xp
+    new = dict(kstate)
+    if ctx.curvature is not False:
+        beta_t = xp.where(ctx.first, xp.zeros((), dtype=ctx.sdtype, device=ctx.device),
+                          xp.full((), beta, dtype=ctx.sdtype, device=ctx.device))
+        root = xp.sqrt(xp.asarray(damping, dtype=ctx.sdtype, device=ctx.device))
+        for key, L in layers:
+            old = kstate[key]
+            a, s = kfac.rows(L, stats[key], ctx)
+            a, s = ctx.gather(a), ctx.gather(s)
+            tr_a = beta_t * old["trace_A"] + (1.0 - beta_t) * xp.sum(a * a) / a.shape[0]
+            tr_s = beta_t * old["trace_S"] + (1.0 - beta_t) * xp.sum(s * s) / s.shape[0]
+            pi = kfac.pi_split(tr_a, L.d_in_ext, tr_s, L.d_out, xp)
+            A, PA = _predict_correct(old["A"], old["A_inv"], a, pi * root, beta_t, ctx)
+            S, PS = _predict_correct(old["S"], old["S_inv"], s, root / pi, beta_t, ctx)
+            fresh = {"A": A, "S": S, "A_inv": PA, "S_inv": PS, "trace_A": tr_a, "trace_S": tr_s}
+            new[key] = {k: select(ctx.curvature, v, old[k], xp) for k, v in fresh.items()}
+    if ctx.inverse is not False:
+        kw = dict(method=ctx.method, tol=ctx.tol, max_iter=ctx.max_iter)
+        for key, L in layers:
+            entry = dict(new[key])
+            name = f"layer {keys[L.weight]!r}"
+            for F, P in (("A", "A_inv"), ("S", "S_inv")):
+                fresh = spd_inverse(entry[F], xp, warm=entry[P], name=f"{F} of {name}", **kw)
+                entry[P] = select(ctx.inverse, fresh, entry[P], xp)
+            new[key] = entry
+    return new

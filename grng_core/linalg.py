@@ -1,0 +1,105 @@
+"""Inverses of symmetric positive definite matrices (ALGORITHMS.md §2.1, §2.3).
+
+`newton_schulz_inverse`: Newton's iteration X_{k+1} = X_k (2I - M X_k), matmul only, warm or
+cold started, with a fixed iteration budget (a converged X is frozen with `xp.where`, so a
+traced run and an eager run that stops early give the same X), then symmetrised; when it has
+not reached the tolerance it falls back to a Cholesky inverse, or raises `InverseError`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from grng_core.concrete import concrete_bool
+
+
+class InverseError(ArithmeticError):
+    """Newton–Schulz did not converge and the namespace has no linalg to fall back on."""
+
+
+def default_tol(dtype, xp) -> float:
+    """`ns_tol` default: 1e-6 in float64, 1e-4 in float32 (§2.1)."""
+    return 1e-6 if dtype == xp.float64 else 1e-4
+
+
+def eye_like(M, xp):
+    return xp.eye(M.shape[-1], dtype=M.dtype, device=_device(M))
+
+
+def _device(x):
+    import array_api_compat
+
+    return array_api_compat.device(x)
+
+
+def frobenius(x, xp):
+    return xp.sqrt(xp.sum(x * x))
+
+
+def has_linalg(xp) -> bool:
+    return hasattr(xp, "linalg") and hasattr(xp.linalg, "cholesky")
+
+
+def cholesky_inverse(M, xp):
+    """M^{-1} from the Cholesky factor L (M = L L^T): X = L^{-T} L^{-1}."""
+    L = xp.linalg.cholesky(M)
+    Linv = xp.linalg.solve(L, eye_like(M, xp))
+    return xp.matrix_transpose(Linv) @ Linv
+
+
+def _residual(M, X, eye, xp, d):
+    R = eye - M @ X
+    return R, frobenius(R, xp) / math.sqrt(d)
+
+
+def newton_schulz_inverse(M, xp, *, warm=None, tol, max_iter, fallback=True, name="matrix"):
+    """(X ≈ M^{-1}, residual ‖I − M X‖_F / √d) for symmetric positive definite M (§2.1).
+
+    warm: a previous inverse; used when ‖I − M warm‖_F < 1 (so the iteration converges),
+    else the cold start X₀ = I / ‖M‖_F. fallback: Cholesky where xp has linalg, else raise.
+    """
+    d = M.shape[-1]
+    eye = eye_like(M, xp)
+    X = eye / frobenius(M, xp)
+    if warm is not None:
+        _, r_warm = _residual(M, warm, eye, xp, d)
+        X = xp.where(r_warm * math.sqrt(d) < 0.5, warm, X)
+    for _ in range(max_iter):
+        R, r = _residual(M, X, eye, xp, d)
+        done = r <= tol
+        if concrete_bool(done):
+            break
+        X = xp.where(done, X, X + X @ R)
+    X = 0.5 * (X + xp.matrix_transpose(X))
+    _, r = _residual(M, X, eye, xp, d)
+    if not fallback:
+        return X, r
+    failed = ~(r <= tol)  # also true for NaN
+    host_failed = concrete_bool(failed)
+    if host_failed is False:
+        return X, r
+    if has_linalg(xp):
+        X = xp.where(failed, cholesky_inverse(M, xp), X)
+        return X, r
+    if host_failed:
+        cond = float(frobenius(M, xp) * frobenius(X, xp)) / d
+        raise InverseError(
+            f"Newton–Schulz inverse of {name} did not converge in {max_iter} iterations "
+            f"(residual {float(r):.3g} > ns_tol {tol:g}; condition estimate {cond:.3g}); this "
+            "array namespace has no linalg to fall back on: raise damping or ns_max_iter"
+        )
+    return xp.where(failed, xp.full_like(X, math.nan), X), r
+
+
+def spd_inverse(M, xp, *, method, warm=None, tol, max_iter, name="matrix"):
+    """Inverse of an SPD matrix by `method` ("newton_schulz" or "cholesky")."""
+    if method == "cholesky" and has_linalg(xp):
+        return cholesky_inverse(M, xp)
+    return newton_schulz_inverse(M, xp, warm=warm, tol=tol, max_iter=max_iter, name=name)[0]
+
+
+def small_spd_inverse(M, xp, *, tol, max_iter, name="batch system"):
+    """Inverse of a small (B × B) SPD system: Cholesky where linalg exists, else Newton–Schulz."""
+    if has_linalg(xp):
+        return cholesky_inverse(M, xp)
+    return newton_schulz_inverse(M, xp, tol=tol, max_iter=max_iter, name=name)[0]

@@ -1,0 +1,1 @@
+"""Curvature structures (ALGORITHMS.md §2): kfac, diagonal, woodbury."""

@@ -1,0 +1,97 @@
+"""The data the core exchanges with adapters: batch statistics, oracles, collectives.
+
+These are plain named tuples: they hold arrays (or callables) and carry no math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple
+
+
+class LayerSpec(NamedTuple):
+    """Which leaves form one K-FAC layer (given to `init(params, layers=...)`).
+
+    weight / bias: keys of the leaves (list index or dict key); bias None when absent.
+    transposed: see LayerStats.
+    """
+
+    weight: Hashable
+    bias: Hashable | None = None
+    transposed: bool = False
+
+
+class LayerStats(NamedTuple):
+    """K-FAC statistics of one dense (or unfolded convolution) layer, ALGORITHMS.md §2.1.
+
+    weight: key of the weight leaf in the params container (list index or dict key).
+    bias: key of the bias leaf, or None when the layer has none.
+    inputs: a, shape (n, d_in): the layer's inputs (rows: examples, or positions/patches).
+        Do not append the column of ones for the bias: the core does it.
+    output_grads: s, shape (n, d_out): rows = B * dL/dz_i (per-example gradients of l_i with
+        respect to the layer output, B the batch size).
+    transposed: False when the weight is stored (d_out, d_in) as in torch, True when it is
+        stored (d_in, d_out) as in JAX/Flax. A convolution weight of shape
+        (d_out, c, kh, kw) is treated as (d_out, c*kh*kw).
+    """
+
+    weight: Hashable
+    bias: Hashable | None
+    inputs: Any
+    output_grads: Any
+    transposed: bool = False
+
+
+class Stats(NamedTuple):
+    """What one batch gives the curvature structure.
+
+    per_example_grads: same container as params, each leaf with a leading batch axis B holding
+        grad l_i (the per-example loss gradients, whose mean is the batch gradient g).
+        Needed by `woodbury`; used by `diagonal` when present.
+    layers: sequence of LayerStats, needed by `kfac`.
+    """
+
+    per_example_grads: Any = None
+    layers: Sequence[LayerStats] | None = None
+
+
+class Oracle(NamedTuple):
+    """What the framework can compute on the same batch (ALGORITHMS.md §1).
+
+    grad_fn(params) -> grads: the batch gradient at other parameters (finite-difference GR).
+    hvp_fn(params, vector) -> H @ vector, the Hessian-vector product of the batch loss
+        (double backprop). Both take and return the same container as params.
+    """
+
+    grad_fn: Callable[[Any], Any] | None = None
+    hvp_fn: Callable[[Any, Any], Any] | None = None
+
+
+class Collective(NamedTuple):
+    """Cross-replica reductions for data-parallel training (the adapters supply them).
+
+    mean(x) -> x averaged over replicas (same shape): used on batch curvature statistics
+        (K-FAC's a^T a / n and s^T s / n, the diagonal's q).
+    gather(x) -> x concatenated over replicas along axis 0: used on per-example rows
+        (woodbury's J, the Kalman K-FAC correction's a and s rows).
+    Gradients are expected already averaged (DDP and pmean do that).
+    """
+
+    mean: Callable[[Any], Any] | None = None
+    gather: Callable[[Any], Any] | None = None
+
+
+class Requirements(NamedTuple):
+    """What an optimizer needs the adapter to collect (static, known when it is built).
+
+    layer_stats: K-FAC layer statistics (`Stats.layers`) on curvature steps.
+    per_example_grads: per-example gradients (`Stats.per_example_grads`) on curvature steps.
+    grad_fn / hvp_fn: which oracle the GR estimator calls every step.
+    fisher: "empirical" or "mc": which labels the adapter uses for the statistics.
+    """
+
+    layer_stats: bool
+    per_example_grads: bool
+    grad_fn: bool
+    hvp_fn: bool
+    fisher: str
