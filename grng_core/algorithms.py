@@ -81,13 +81,13 @@ def _init_rkalman(opt, leaves, container, layers, xp, sdtype, dev):
     h = opt.hyperparams
     resolved = []
     if h["structure"] == "kfac":
-        if not layers:
+        if layers is None:
             raise ValueError("structure 'kfac' needs the layer layout at init: opt.init(params, "
                              "layers=[gc.LayerSpec(weight=key, bias=key_or_None), ...])")
         resolved = kfac.resolve(layers, container, leaves)
     rest = [i for i in range(len(leaves)) if i not in kfac.covered(resolved)]
     state = {"belief": kalman.init_diag(rest, leaves, h["prior_var"], xp, sdtype, dev)}
-    if resolved:
+    if h["structure"] == "kfac":
         state["kfac"] = kalman.init_kfac(resolved, xp, sdtype, dev)
     return state
 
@@ -125,7 +125,10 @@ def _estimator(gr, fd_scheme, fd_radius) -> dict:
 def _requirements(h, uses_gr: bool) -> Requirements:
     gr_on = uses_gr and not is_static_zero(h["rho"])
     s = h["structure"]
-    return Requirements(layer_stats=s == "kfac", per_example_grads=s == "woodbury",
+    # the diagonal's q is a mean of squared per-example gradients; with the "mc" Fisher they
+    # must come from sampled labels, so the adapter supplies them (g ⊙ g would be empirical)
+    per_example = s == "woodbury" or (s == "diagonal" and h["fisher"] == "mc")
+    return Requirements(layer_stats=s == "kfac", per_example_grads=per_example,
                         grad_fn=gr_on and h["gr"] == "finite_difference",
                         hvp_fn=gr_on and h["gr"] == "double_backprop", fisher=h["fisher"])
 

@@ -41,8 +41,16 @@ def has_linalg(xp) -> bool:
 
 
 def cholesky_inverse(M, xp):
-    """M^{-1} from the Cholesky factor L (M = L L^T): X = L^{-T} L^{-1}."""
-    L = xp.linalg.cholesky(M)
+    """M^{-1} from the Cholesky factor L (M = L L^T): X = L^{-T} L^{-1}.
+
+    A matrix that is not numerically positive definite (non-finite or overflowing factors)
+    gives NaN, as jax does, rather than a library-specific exception: the optimizer's
+    non-finite guard then skips the step and leaves the state untouched.
+    """
+    try:
+        L = xp.linalg.cholesky(M)
+    except Exception:  # numpy LinAlgError, torch _LinAlgError: M not positive definite
+        return xp.full_like(M, math.nan)
     Linv = xp.linalg.solve(L, eye_like(M, xp))
     return xp.matrix_transpose(Linv) @ Linv
 

@@ -25,7 +25,7 @@ def init(opt, leaves, container, layers, xp, sdtype, dev) -> dict:
 def _layers(structure, layers, container, leaves):
     if structure != "kfac":
         return []
-    if not layers:
+    if layers is None:
         raise ValueError(
             "structure 'kfac' needs the layer layout at init: "
             "opt.init(params, layers=[gc.LayerSpec(weight=key, bias=key_or_None), ...])"

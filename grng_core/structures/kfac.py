@@ -96,6 +96,8 @@ def init(layers, xp, sdtype, device) -> dict:
 
 def match_stats(layers, stats_layers, container) -> dict:
     """{layer key: LayerStats}: every registered layer must have statistics of its width."""
+    if not layers:
+        return {}
     if stats_layers is None:
         raise ValueError("structure 'kfac' needs stats.layers (K-FAC layer statistics) on "
                          "curvature steps")

@@ -1,0 +1,92 @@
+"""grng_torch: RENG, RING and R-Kalman as drop-in `torch.optim.Optimizer` subclasses.
+
+Swap `torch.optim.AdamW` for one of them in an ordinary training loop; the only changes are
+that the optimizer is told the model (and the loss module, for the structures that need
+per-example gradients or sampled labels) and that `step` takes a closure, as for LBFGS::
+
+    import torch
+    from torch import nn
+    import grng_torch
+
+    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 10))
+    criterion = nn.CrossEntropyLoss()
+    opt = grng_torch.RING(model.parameters(), lr=0.1, rho=0.05, damping=1e-3,
+                          structure="kfac", model=model, loss_fn=criterion)
+    # or: grng_torch.RING(model, lr=0.1, ...)  -- the module's parameters, one group
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
+
+    for epoch in range(100):
+        for x, y in loader:
+            def closure():
+                opt.zero_grad()
+                loss = criterion(model(x), y)
+                loss.backward()
+                return loss
+            loss = opt.step(closure)
+        sched.step()
+
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, "ckpt.pt")
+
+Contract
+--------
+- Construction: `RENG | RING | RKalman(params, lr=None, *, model=None, loss_fn=None,
+  sample_targets=None, collective="auto", **hyperparameters)`. `params` is an iterable of
+  parameters or param-group dicts (or an `nn.Module`, which is then also `model`). Every
+  hyperparameter of the core builder (`grng_core.reng / ring / rkalman`: rho, damping,
+  structure, gr, fd_scheme, fd_radius, fisher, momentum, weight_decay, ema_decay,
+  curvature_every, inverse_every, kalman_decay, prior_var, ...) is a param-group key, so
+  groups may differ (e.g. `weight_decay=0` for biases) and every `torch.optim.lr_scheduler`
+  works: the core optimizer of a group is rebuilt (and re-validated) when one of its values
+  changes. Invalid values raise the core's ValueError naming the parameter, at construction.
+- `model=` is needed by structure="kfac" (hooks on its `nn.Linear` and `nn.Conv2d` layers:
+  inputs a, unfolded patches for convolutions, and output gradients s with rows B·dL/dz;
+  every other parameter uses the diagonal), by structure="woodbury" / R-Kalman's default
+  (per-example gradients through `torch.func.vmap(grad(...))` over `functional_call`) and by
+  fisher="mc". The model may be wrapped in DistributedDataParallel.
+- `loss_fn=`: the loss module the closure calls as `loss_fn(output, target)` (reduction
+  "mean"). Its targets are read by a forward pre-hook, so per-example gradients use the real
+  labels; for fisher="mc" the optimizer re-runs the model on the same inputs, draws targets
+  with `sample_targets(output)` (built in for CrossEntropyLoss, NLLLoss, BCEWithLogitsLoss
+  and MSELoss) and backpropagates `loss_fn(output, sampled)` once more. A plain function is
+  wrapped into `grng_torch.LossModule` (then the closure must call `opt.loss_fn`).
+- `step(closure)`: the closure zeroes the gradients, runs the forward pass, calls
+  `loss.backward()` and returns the loss (a missing closure raises TypeError). The optimizer
+  calls it again where the algorithm needs another gradient: gr="finite_difference" at
+  θ ± εg (same batch, same random numbers, e.g. dropout masks; parameters, `.grad` and
+  buffers are restored afterwards). For gr="double_backprop" the closure runs once, inside a
+  mode where `loss.backward()` becomes `torch.autograd.grad(loss, params,
+  create_graph=True)`: `.grad` gets the detached gradient and the graph is kept only for the
+  Hessian-vector product, then freed (no `backward(create_graph=True)` leak). Statistics are
+  collected only on the steps that refresh curvature (`refresh_flags(t)` of the core).
+- dtypes: float32, float64 and bfloat16 parameters (the core keeps its state in at least
+  float32); `torch.autocast` inside the closure (or around `step`) works: the extra passes
+  run under the autocast state of the original forward, the core's math runs outside it.
+  GradScaler is not supported (torch rejects closures with it; use bfloat16 autocast).
+- `state_dict()` / `load_state_dict()`: torch's own machinery. Each group's core state (step,
+  momentum, factors, inverses, Kalman belief), the layer layout and the host step counter
+  live in `opt.state[first_param_of_the_group]["grng"]`; they are restored with their own
+  dtypes, so resuming is bit-identical. A state dict of another shape (other model, other
+  optimizer or configuration) raises ValueError saying what does not fit.
+- Distributed: under torch.distributed (DDP), curvature statistics are averaged with
+  all_reduce and per-example rows gathered with all_gather (`torch_collective`), so every
+  rank takes the same step (equal local batch sizes).
+- Parameters whose `.grad` is None after the closure are not changed (as in torch). Other
+  limits: BatchNorm in training mode cannot run under per-example gradients (vmap); the
+  K-FAC hooks see only `nn.Linear` / `nn.Conv2d` (groups=1, zero padding) called through
+  their own `forward`.
+"""
+
+from grng_torch._functional import LossModule, default_sampler
+from grng_torch.distributed import torch_collective
+from grng_torch.optim import RENG, RING, GRNGOptimizer, RKalman, hyperparameter_names
+
+__all__ = [
+    "RENG",
+    "RING",
+    "GRNGOptimizer",
+    "LossModule",
+    "RKalman",
+    "default_sampler",
+    "hyperparameter_names",
+    "torch_collective",
+]

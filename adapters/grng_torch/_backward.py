@@ -1,0 +1,58 @@
+"""Keeping the gradient's graph for double backprop, with an ordinary closure.
+
+While the optimizer runs the closure under `GraphBackward`, the closure's `loss.backward()`
+becomes `torch.autograd.grad(loss, params, create_graph=True)`: the gradients are written to
+`p.grad` (detached, accumulated as backward would) and the graph-carrying gradients are kept
+by the mode, so the optimizer can take Hessian-vector products `autograd.grad(g, params, v)`.
+No `.grad` ever holds a graph (the leak of `backward(create_graph=True)`), and the graph is
+freed when the optimizer drops the mode at the end of the step.
+
+It is a `TorchFunctionMode` that intercepts only `Tensor.backward`; every other call passes
+through unchanged. With `real_backward=True` (DistributedDataParallel) the ordinary backward
+also runs, with the graph retained, so DDP's gradient averaging happens as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+
+class GraphBackward(TorchFunctionMode):
+    def __init__(self, params: list[torch.Tensor], real_backward: bool = False,
+                 quiet=contextlib.nullcontext):
+        super().__init__()
+        self.params = params
+        self.real_backward = real_backward
+        self.quiet = quiet  # entered around the real backward (no statistics twice)
+        self.grads: list[torch.Tensor | None] | None = None
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.Tensor.backward:
+            return func(*args, **kwargs)
+        tensor = args[0]
+        gradient = args[1] if len(args) > 1 else kwargs.get("gradient")
+        if kwargs.get("inputs") is not None or (len(args) > 4 and args[4] is not None):
+            raise RuntimeError("backward(inputs=...) inside an optimizer closure is not "
+                               "supported with gr='double_backprop'")
+        idx = [i for i, p in enumerate(self.params) if p.requires_grad]
+        got = torch.autograd.grad(tensor, [self.params[i] for i in idx], grad_outputs=gradient,
+                                  create_graph=True, allow_unused=True)
+        if self.grads is None:
+            self.grads = [None] * len(self.params)
+        for i, g in zip(idx, got):
+            if g is None:
+                continue
+            self.grads[i] = g if self.grads[i] is None else self.grads[i] + g
+            if not self.real_backward:
+                p = self.params[i]
+                p.grad = g.detach() if p.grad is None else p.grad + g.detach()
+        if self.real_backward:
+            with self.quiet():
+                torch.autograd.backward(tensor, gradient, retain_graph=True)
+        self.calls += 1
+        return None

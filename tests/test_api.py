@@ -1,0 +1,137 @@
+"""The public API: containers, errors that name the problem, schedules and the update tail."""
+
+import numpy as np
+import pytest
+
+import grng_core as gc
+from grng_core.reference import MLP
+from tests.helpers import mlp_layers, rel_err
+
+
+@pytest.fixture
+def small():
+    rs = np.random.default_rng(7)
+    mlp = MLP((3, 4, 2))
+    x = rs.normal(size=(5, 3))
+    y = np.eye(2)[rs.integers(0, 2, 5)]
+    return mlp, mlp.init(seed=0), x, y
+
+
+def test_mixed_array_libraries_are_named(small):
+    torch = pytest.importorskip("torch")
+    mlp, params, x, y = small
+    opt = gc.ring(structure="diagonal")
+    state = opt.init(params)
+    grads = [torch.from_numpy(g) for g in mlp.grad(params, x, y)]
+    with pytest.raises(TypeError, match=r"numpy \(in params\).*torch \(in grads\)"):
+        opt.update(grads, state, params)
+
+
+def test_missing_oracle_is_named(small):
+    mlp, params, x, y = small
+    for gr, field in (("double_backprop", "hvp_fn"), ("finite_difference", "grad_fn")):
+        opt = gc.reng(structure="diagonal", gr=gr)
+        assert getattr(opt.requirements, field)
+        with pytest.raises(ValueError, match=field):
+            opt.update(mlp.grad(params, x, y), opt.init(params), params)
+
+
+def test_ngd_baseline_needs_no_oracle(small):
+    mlp, params, x, y = small
+    opt = gc.reng(rho=0.0, structure="diagonal")
+    assert not opt.requirements.hvp_fn and not opt.requirements.grad_fn
+    opt.update(mlp.grad(params, x, y), opt.init(params), params)
+
+
+def test_missing_stats_and_layout_are_named(small):
+    mlp, params, x, y = small
+    opt = gc.ring(structure="kfac")
+    with pytest.raises(ValueError, match="layers="):
+        opt.init(params)
+    state = opt.init(params, layers=mlp_layers(mlp))
+    with pytest.raises(ValueError, match="stats.layers"):
+        opt.update(mlp.grad(params, x, y), state, params)
+    with pytest.raises(ValueError, match="per_example_grads"):
+        w = gc.ring(structure="woodbury")
+        w.update(mlp.grad(params, x, y), w.init(params), params)
+
+
+def test_kfac_without_layers_is_the_diagonal(small):
+    mlp, params, x, y = small
+    g = mlp.grad(params, x, y)
+    a, _ = gc.ring(structure="kfac").update(g, gc.ring(structure="kfac").init(params, layers=[]),
+                                           params)
+    b, _ = gc.ring(structure="diagonal").update(g, gc.ring(structure="diagonal").init(params),
+                                               params)
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+
+
+def test_bad_containers_and_shapes(small):
+    mlp, params, x, y = small
+    opt = gc.ring(structure="diagonal")
+    with pytest.raises(TypeError, match="list, tuple or dict"):
+        opt.init(params[0])
+    state = opt.init(params)
+    bad = mlp.grad(params, x, y)
+    bad[1] = bad[1][:-1]
+    with pytest.raises(ValueError, match="grads leaf 1 has shape"):
+        opt.update(bad, state, params)
+    with pytest.raises(TypeError, match="dtype"):
+        opt.init([np.zeros(3, dtype=np.int64)])
+
+
+def test_schedules_are_called_with_the_step(small):
+    mlp, params, x, y = small
+    seen = []
+
+    def lr(t):
+        seen.append(int(t))
+        return 0.1 / t
+
+    opt = gc.ring(lr=lr, structure="diagonal", rho=0.0)
+    ref = gc.ring(lr=0.05, structure="diagonal", rho=0.0)
+    s1, s2 = opt.init(params), ref.init(params)
+    g = mlp.grad(params, x, y)
+    _, s1 = opt.update(g, s1, params)
+    _, s2 = ref.update(g, s2, params)
+    u1, _ = opt.update(g, s1, params)
+    u2, _ = ref.update(g, s2, params)
+    assert seen == [1, 2]
+    assert all(rel_err(a, b) < 1e-15 for a, b in zip(u1, u2))
+
+
+def test_update_tail_momentum_weight_decay_and_kl_clip(small):
+    """§3 tail against its closed form, with the diagonal direction d = g/(g² + λ)."""
+    mlp, params, x, y = small
+    lr, mu, wd, lam, kappa = 0.3, 0.9, 0.01, 0.5, 1e-4
+    opt = gc.ring(lr=lr, rho=0.0, damping=lam, structure="diagonal", momentum=mu,
+                  weight_decay=wd, ema_decay=0.0, kl_clip=kappa)
+    state = opt.init(params)
+    m = [np.zeros_like(p) for p in params]
+    p = params
+    for _ in range(3):
+        g = mlp.grad(p, x, y)
+        d = [gi / (gi * gi + lam) for gi in g]
+        nu = min(1.0, np.sqrt(kappa / (lr**2 * abs(sum(np.sum(a * b) for a, b in zip(d, g))))))
+        m = [mu * mi + nu * di for mi, di in zip(m, d)]
+        expected = [pi - lr * mi - lr * wd * pi for pi, mi in zip(p, m)]
+        upd, state = opt.update(g, state, p)
+        p = gc.apply_updates(p, upd)
+        assert all(rel_err(a, b) < 1e-13 for a, b in zip(p, expected))
+    assert nu < 1.0  # the clip was active
+
+
+def test_ring_rejects_rho_damping_above_one():
+    with pytest.raises(ValueError, match=r"rho\*damping.*0 <= rho\*damping <= 1"):
+        gc.ring(rho=10.0, damping=0.5)
+
+
+def test_dict_params_and_bfloat16_state_dtype():
+    torch = pytest.importorskip("torch")
+    params = {"w": torch.ones(3, 2, dtype=torch.bfloat16)}
+    opt = gc.ring(structure="diagonal", momentum=0.5)
+    state = opt.init(params)
+    assert state["momentum"][0].dtype == torch.float32
+    upd, state = opt.update({"w": torch.full((3, 2), 0.5, dtype=torch.bfloat16)}, state, params)
+    assert upd["w"].dtype == torch.bfloat16
+    assert state["diag"]["0"].dtype == torch.float32

@@ -1,0 +1,119 @@
+"""DistributedDataParallel on CPU: 2 processes (gloo, 127.0.0.1), each with half of every
+batch, end where one process on the combined batches ends (float64 round-off), and the two
+ranks hold the same parameters: the curvature statistics are averaged (all_reduce) and the
+per-example rows gathered (all_gather) across ranks."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import grng_torch as gt
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+WORLD = 2
+B = 12  # combined batch; each rank gets B / WORLD rows
+STEPS = 4
+
+CONFIGS = [
+    ("RING-kfac", gt.RING, dict(structure="kfac", lr=0.2, damping=1e-2, momentum=0.5)),
+    ("RING-kfac-mc", gt.RING, dict(structure="kfac", fisher="mc", lr=0.2, damping=1e-2)),
+    ("RING-kfac-conv", gt.RING, dict(structure="kfac", lr=0.2, damping=1e-2)),
+    ("RENG-kfac-double_backprop", gt.RENG, dict(structure="kfac", gr="double_backprop",
+                                                lr=0.2, damping=1e-2)),
+    ("RENG-diagonal-finite_difference", gt.RENG, dict(structure="diagonal",
+                                                      gr="finite_difference", lr=0.05,
+                                                      damping=0.3)),
+    ("RENG-woodbury-double_backprop", gt.RENG, dict(structure="woodbury", lr=0.2,
+                                                    damping=0.1)),
+    ("RKalman-woodbury-finite_difference", gt.RKalman, dict(lr=0.5)),
+    ("RKalman-kfac-central", gt.RKalman, dict(structure="kfac", fd_scheme="central", lr=0.2,
+                                              damping=1e-2)),
+]
+
+
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name.endswith("conv"):
+        return nn.Sequential(nn.Unflatten(1, (1, 4, 4)), nn.Conv2d(1, 3, 3, padding=1),
+                             nn.Tanh(), nn.Flatten(), nn.Linear(48, 3)).double()
+    return nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(B, 16, generator=g, dtype=torch.float64) for _ in range(STEPS)]
+    ys = [torch.randint(0, 3, (B,), generator=g) for _ in range(STEPS)]
+    mcs = [torch.randint(0, 3, (B,), generator=g) for _ in range(STEPS)]
+    return xs, ys, mcs
+
+
+def _run(name, cls, hp, rank=None):
+    """STEPS steps: the whole batch (rank None) or this rank's half under DDP."""
+    model = _model(name)
+    wrapped = model if rank is None else nn.parallel.DistributedDataParallel(model)
+    crit = nn.CrossEntropyLoss()
+    xs, ys, mcs = _data()
+    rows = slice(None) if rank is None else slice(rank * B // WORLD, (rank + 1) * B // WORLD)
+    step = [0]
+    opt = cls(wrapped.parameters(), model=wrapped, loss_fn=crit,
+              sample_targets=lambda out: mcs[step[0]][rows], **hp)
+    for t in range(STEPS):
+        step[0] = t
+        x, y = xs[t][rows], ys[t][rows]
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = crit(wrapped(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _worker(rank, port, out_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        results = {name: _run(name, cls, hp, rank) for name, cls, hp in CONFIGS}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def _rel(a, b) -> float:
+    a = torch.cat([x.reshape(-1) for x in a])
+    b = torch.cat([x.reshape(-1) for x in b])
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name, cls, hp", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_ddp_equals_single_process_on_the_combined_batch(ddp_results, name, cls, hp):
+    single = _run(name, cls, hp)
+    start = [p.detach() for p in _model(name).parameters()]
+    assert _rel(single, start) > 1e-3  # the runs moved
+    for r in range(WORLD):
+        assert _rel(ddp_results[r][name], single) < 1e-10, r
+    assert _rel(ddp_results[1][name], ddp_results[0][name]) < 1e-13  # the same step

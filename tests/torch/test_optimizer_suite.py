@@ -1,0 +1,283 @@
+"""One shared suite, driven by the OptimizerInfo table in _util.py (optimizer x structure x GR
+estimator x Fisher), and by dtype where the dtype matters.
+
+- the loss falls on a small problem (float32, float64, bfloat16);
+- param groups behave like separate optimizers;
+- schedulers change the step (the core sees group["lr"]);
+- state_dict round trip resumes bit-identically;
+- bad hyperparameters and a missing closure raise clear errors.
+"""
+
+from __future__ import annotations
+
+import io
+
+import grng_torch as gt
+import pytest
+import torch
+from torch import nn
+
+from tests.torch._util import (
+    DTYPES,
+    OPTIMIZERS,
+    Problem,
+    closure_for,
+    flat,
+    full_loss,
+    ids,
+    train,
+)
+
+PROBLEM = Problem()
+CRIT = nn.CrossEntropyLoss()
+
+
+def _make(info, dtype=torch.float32, seed=0, **overrides):
+    model = PROBLEM.model(dtype, seed=seed)
+    return model, info.make(model.parameters(), model, CRIT, **overrides)
+
+
+# --------------------------------------------------------------------- loss
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_loss_falls(info, dtype):
+    dt = DTYPES[dtype]
+    model, opt = _make(info, dt)
+    before = full_loss(model, CRIT, PROBLEM, dt)
+    losses = train(opt, model, CRIT, PROBLEM, dt, steps=15)
+    after = full_loss(model, CRIT, PROBLEM, dt)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert after < 0.75 * before, (before, after)
+    for p in model.parameters():
+        assert p.dtype == dt
+    state = opt.state[next(iter(model.parameters()))]["grng"]["core"]
+    floats = [x for x in torch.utils._pytree.tree_leaves(state)
+              if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    want = torch.float64 if dt == torch.float64 else torch.float32
+    assert all(x.dtype == want for x in floats)  # state in at least float32
+
+
+# ---------------------------------------------------------------- param groups
+def _split_groups(model):
+    first, second = model[0], model[2]
+    return [list(first.parameters()), list(second.parameters())]
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_param_groups_behave_like_separate_optimizers(info):
+    """Two groups with their own lr / weight decay in one optimizer take the steps two
+    optimizers, each owning one group and seeing the same gradients, take."""
+    dt = torch.float64
+    lr = info.kwargs.get("lr", 0.1)
+    group_hp = [dict(lr=lr, weight_decay=0.0), dict(lr=0.5 * lr, weight_decay=0.01)]
+    one = PROBLEM.model(dt)
+    g1, g2 = _split_groups(one)
+    opt = info.make([{"params": g1, **group_hp[0]}, {"params": g2, **group_hp[1]}], one, CRIT)
+
+    two = PROBLEM.model(dt)
+    h1, h2 = _split_groups(two)
+    opts = [info.make(h1, two, CRIT, **group_hp[0]), info.make(h2, two, CRIT, **group_hp[1])]
+    batches = list(PROBLEM.batches(dt))
+    for k in range(6):
+        x, y = batches[k % len(batches)]
+        torch.manual_seed(k)
+        opt.step(closure_for(opt, one, CRIT, x, y))
+        start = [p.detach().clone() for p in two.parameters()]
+        moved = []
+        for o, own in zip(opts, (h1, h2)):
+            with torch.no_grad():
+                for p, s in zip(two.parameters(), start):
+                    p.copy_(s)
+            torch.manual_seed(k)
+            o.step(closure_for(o, two, CRIT, x, y))
+            moved.append([p.detach().clone() for p in own])
+        with torch.no_grad():
+            for own, values in zip((h1, h2), moved):
+                for p, v in zip(own, values):
+                    p.copy_(v)
+        diff = (flat(one) - flat(two)).norm() / flat(one).norm()
+        assert diff < 1e-10, (k, float(diff))
+
+
+def test_groups_may_differ_weight_decay_on_biases():
+    """The usual split: weights with decay, biases without (a K-FAC layer's weight and
+    bias in different groups: the weight keeps K-FAC, the bias group is diagonal)."""
+    model = PROBLEM.model(torch.float32)
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    opt = gt.RING([{"params": decay, "weight_decay": 0.01},
+                   {"params": no_decay, "weight_decay": 0.0}], lr=0.2, damping=1e-2,
+                  model=model)
+    before = full_loss(model, CRIT, PROBLEM, torch.float32)
+    train(opt, model, CRIT, PROBLEM, torch.float32, steps=15)
+    assert full_loss(model, CRIT, PROBLEM, torch.float32) < 0.75 * before
+    assert opt.state[decay[0]]["grng"]["structure"] == "kfac"
+    assert opt.state[decay[0]]["grng"]["layers"] == [[0, None], [1, None]]
+    assert opt.state[no_decay[0]]["grng"]["structure"] == "diagonal"
+    assert opt.param_groups[1]["structure"] == "kfac"  # the user's value is kept
+
+
+# ------------------------------------------------------------------ schedulers
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_scheduler_changes_the_step(info):
+    """StepLR halves group["lr"] after the first step: the second step is exactly half the
+    second step of a run without the scheduler (the state does not depend on lr)."""
+    dt = torch.float64
+    steps = []
+    for with_scheduler in (False, True):
+        model, opt = _make(info, dt, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5) \
+            if with_scheduler else None
+        train(opt, model, CRIT, PROBLEM, dt, steps=1, scheduler=sched)
+        before = flat(model)
+        train(opt, model, CRIT, PROBLEM, dt, steps=1, seed_base=1)
+        steps.append(flat(model) - before)
+        if with_scheduler:
+            assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * opt.defaults["lr"])
+            assert opt.core(0).hyperparams["lr"] == opt.param_groups[0]["lr"]
+    full, half = steps
+    assert full.norm() > 0
+    assert (half - 0.5 * full).norm() <= 1e-9 * full.norm()
+
+
+def test_every_scheduler_kind_runs():
+    model, opt = _make(OPTIMIZERS[7])  # RING kfac
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5),
+              torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.3, total_steps=20,
+                                                  cycle_momentum=False),
+              torch.optim.lr_scheduler.ReduceLROnPlateau(opt)]
+    batches = list(PROBLEM.batches(torch.float32))
+    seen = set()
+    for k in range(5):
+        x, y = batches[k % len(batches)]
+        loss = opt.step(closure_for(opt, model, CRIT, x, y))
+        scheds[0].step()
+        scheds[1].step()
+        scheds[2].step(float(loss.detach()))
+        seen.add(opt.core(0).hyperparams["lr"])
+    assert len(seen) == 5
+
+
+def test_scheduler_can_change_any_hyperparameter():
+    model, opt = _make(OPTIMIZERS[7], momentum=0.5)
+    train(opt, model, CRIT, PROBLEM, torch.float32, steps=2)
+    opt.param_groups[0]["damping"] = 0.5
+    opt.param_groups[0]["momentum"] = 0.9
+    train(opt, model, CRIT, PROBLEM, torch.float32, steps=1)
+    assert opt.core(0).hyperparams["damping"] == 0.5
+    assert opt.core(0).hyperparams["momentum"] == 0.9
+    opt.param_groups[0]["momentum"] = 0.0  # momentum buffers exist: the core refuses
+    with pytest.raises(ValueError, match="momentum"):
+        train(opt, model, CRIT, PROBLEM, torch.float32, steps=1)
+    opt.param_groups[0]["momentum"] = 0.9
+    opt.param_groups[0]["damping"] = -1.0
+    with pytest.raises(ValueError, match="damping"):
+        train(opt, model, CRIT, PROBLEM, torch.float32, steps=1)
+
+
+# ------------------------------------------------------------------ state dict
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+# every configuration in float32; one per optimizer in bfloat16 (float32 state, bf16 params)
+RESUME = [(i, "float32") for i in OPTIMIZERS] + [
+    (OPTIMIZERS[k], "bfloat16") for k in (0, 8, 11, 15)]
+
+
+@pytest.mark.parametrize("info, dtype", RESUME, ids=[f"{i.id}-{d}" for i, d in RESUME])
+def test_state_dict_resumes_bit_identically(info, dtype):
+    dt = DTYPES[dtype]
+    model, opt = _make(info, dt, momentum=0.5)
+    train(opt, model, CRIT, PROBLEM, dt, steps=20)
+    uninterrupted = flat(model)
+
+    model, opt = _make(info, dt, momentum=0.5)
+    train(opt, model, CRIT, PROBLEM, dt, steps=10)
+    saved = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    model2, opt2 = _make(info, dt, seed=1, momentum=0.5)  # fresh, other weights
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    core = opt2.state[next(iter(model2.parameters()))]["grng"]
+    assert core["step"] == 10
+    assert int(core["core"]["step"]) == 10
+    train(opt2, model2, CRIT, PROBLEM, dt, steps=10, seed_base=10)
+    assert torch.equal(flat(model2), uninterrupted)
+
+
+def test_state_dict_of_another_shape_raises():
+    info = OPTIMIZERS[7]
+    model, opt = _make(info)
+    train(opt, model, CRIT, PROBLEM, torch.float32, steps=2)
+    sd = opt.state_dict()
+    wide = PROBLEM.model(torch.float32, hidden=20)
+    opt_wide = info.make(wide.parameters(), wide, CRIT)
+    with pytest.raises(ValueError, match="does not fit"):
+        opt_wide.load_state_dict(sd)
+    deeper = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3), nn.Linear(3, 3))
+    opt_deep = info.make(deeper.parameters(), deeper, CRIT)
+    with pytest.raises(ValueError, match="parameters|size"):
+        opt_deep.load_state_dict(sd)
+    reng = gt.RENG(model.parameters(), model=model)
+    with pytest.raises(ValueError, match="RING"):
+        reng.load_state_dict(sd)
+    adamw = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="hyperparameters"):
+        gt.RING(model.parameters(), model=model).load_state_dict(adamw.state_dict())
+    # nothing was changed by the failed loads
+    train(opt_wide, wide, CRIT, PROBLEM, torch.float32, steps=1)
+
+
+def test_state_dict_standard_layout():
+    model, opt = _make(OPTIMIZERS[8])  # RING kfac mc, momentum
+    train(opt, model, CRIT, PROBLEM, torch.float32, steps=3)
+    sd = opt.state_dict()
+    assert set(sd) >= {"state", "param_groups"}
+    assert sd["param_groups"][0]["params"] == [0, 1, 2, 3]
+    entry = sd["state"][0]["grng"]
+    assert entry["step"] == 3 and entry["layers"] == [[0, 1], [2, 3]]
+    assert {"step", "momentum", "kfac"} <= set(entry["core"])
+
+
+# ------------------------------------------------------------------- errors
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_bad_hyperparameters_raise(info):
+    model = PROBLEM.model()
+    for name, value in (("lr", -1.0), ("damping", 0.0), ("momentum", 1.5),
+                        ("structure", "dense"), ("fisher", "true")):
+        with pytest.raises(ValueError, match=name):
+            info.make(model.parameters(), model, CRIT, **{name: value})
+    with pytest.raises(TypeError, match="betas"):
+        info.make(model.parameters(), model, CRIT, betas=(0.9, 0.99))
+    opt = info.make(model.parameters(), model, CRIT)
+    with pytest.raises(ValueError, match="weight_decay"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "weight_decay": -1.0})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_missing_closure_raises(info):
+    model, opt = _make(info)
+    x, y = next(PROBLEM.batches(torch.float32))
+    CRIT(model(x), y).backward()
+    with pytest.raises(TypeError, match="closure"):
+        opt.step()
+
+
+def test_missing_model_or_loss_raises():
+    model = PROBLEM.model()
+    with pytest.raises(ValueError, match="model"):
+        gt.RING(model.parameters(), structure="kfac")
+    with pytest.raises(ValueError, match="loss_fn"):
+        gt.RING(model.parameters(), structure="woodbury", model=model)
+    with pytest.raises(ValueError, match="sample_targets"):
+        gt.RING(model.parameters(), fisher="mc", model=model,
+                loss_fn=gt.LossModule(lambda o, y: (o - y).abs().mean()))
+    with pytest.raises(ValueError, match="reduction"):
+        gt.RING(model.parameters(), structure="woodbury", model=model,
+                loss_fn=nn.CrossEntropyLoss(reduction="sum"))
+    gt.RING(model.parameters(), structure="diagonal")  # needs nothing
+    gt.RING(model, lr=0.1)  # the module itself
