@@ -9,4 +9,4 @@ def apply_updates(params, updates):
     leaves, container = flatten(params)
     ups = leaves_like(updates, container, "updates")
     xp = namespace(("params", leaves), ("updates", ups))
-    return container.build([p + xp.astype(u, p.dtype) for p, u in zip(leaves, ups)])
+    return container.build([p + xp.astype(u, p.dtype, copy=False) for p, u in zip(leaves, ups)])

@@ -23,7 +23,7 @@ def _need(oracle, field: str, why: str):
 
 def _call(fn, container, args, ctx) -> list:
     leaves, _ = flatten(fn(*[container.build(a) for a in args]), f"the oracle's {fn!r} result")
-    return [ctx.xp.astype(x, ctx.sdtype) for x in leaves]
+    return [ctx.xp.astype(x, ctx.sdtype, copy=False) for x in leaves]
 
 
 def global_norm(leaves, xp):
@@ -33,7 +33,7 @@ def global_norm(leaves, xp):
 def double_backprop(g, params, rho, oracle, container, ctx) -> list:
     """ĝ = g + ρ H g (§1, exact)."""
     hvp = _need(oracle, "hvp_fn", "gr='double_backprop'")
-    vec = [ctx.xp.astype(gi, p.dtype) for gi, p in zip(g, params)]
+    vec = [ctx.xp.astype(gi, p.dtype, copy=False) for gi, p in zip(g, params)]
     Hg = _call(hvp, container, (params, vec), ctx)
     return [gi + rho * h for gi, h in zip(g, Hg)]
 
@@ -47,7 +47,7 @@ def finite_difference(g, params, rho, radius, scheme, oracle, container, ctx) ->
     eps = radius / xp.where(positive, norm, xp.ones_like(norm))
 
     def shifted(sign):
-        moved = [p + xp.astype(sign * eps * gi, p.dtype) for p, gi in zip(params, g)]
+        moved = [p + xp.astype(sign * eps * gi, p.dtype, copy=False) for p, gi in zip(params, g)]
         return _call(grad_fn, container, (moved,), ctx)
 
     if scheme == "forward":

@@ -29,6 +29,18 @@ def tree_leaves(tree) -> list:
     return [] if tree is None else [tree]
 
 
+def changed_leaves(new, old) -> list:
+    """Leaves of `new` that are not the very objects of `old` (the ones this step computed;
+    the others were checked when they were made)."""
+    if isinstance(new, dict):
+        return [x for k in new for x in changed_leaves(new[k], old.get(k) if isinstance(old, dict)
+                                                       else None)]
+    if isinstance(new, (list, tuple)):
+        olds = old if isinstance(old, (list, tuple)) and len(old) == len(new) else [None] * len(new)
+        return [x for v, o in zip(new, olds) for x in changed_leaves(v, o)]
+    return [] if new is None or new is old else [new]
+
+
 def tree_map2(fn, a, b):
     """fn over matching leaves of two nested dict/list trees of arrays."""
     if isinstance(a, dict):

@@ -118,17 +118,17 @@ class Optimizer:
 
         def hp(name):
             v = value_at(h[name], t)
-            return v if isinstance(v, (int, float)) else xp.astype(xp.asarray(v), sdtype)
+            if isinstance(v, (int, float)):
+                return v
+            return xp.astype(xp.asarray(v), sdtype, copy=False)
 
         lr, rho, damping = hp("lr"), hp("rho"), hp("damping")
-        g = [xp.astype(x, sdtype) for x in g_leaves]
-        p_s = [xp.astype(x, sdtype) for x in p_leaves]
+        g = [xp.astype(x, sdtype, copy=False) for x in g_leaves]
         if curvature is False:
             new_count = count
         else:
-            new_count = count + xp.astype(xp.asarray(curvature, device=dev), xp.int32)
-        env = _Env(self, ctx, container, p_leaves, p_s, g, pe, stats, oracle, rho, damping,
-                   new_count)
+            new_count = count + xp.astype(xp.asarray(curvature, device=dev), xp.int32, copy=False)
+        env = _Env(self, ctx, container, p_leaves, g, pe, stats, oracle, rho, damping, new_count)
         d, ghat, new_state = self.direction(env, state)
 
         if h["kl_clip"] is not None:
@@ -144,10 +144,11 @@ class Optimizer:
         used_stats = [] if curvature is False else (pe or []) + layer_arrays
         groups = {
             "gradients": guard.finite(g, xp),
-            "the regularized gradient (oracle results)": guard.finite(ghat, xp),
+            "the regularized gradient (oracle results)": (
+                None if ghat is g else guard.finite(ghat, xp)),
             "curvature statistics": guard.finite(used_stats, xp) if used_stats else None,
             "the update": guard.finite(updates, xp),
-            "the new optimizer state": guard.finite(guard.tree_leaves(new_state), xp),
+            "the new optimizer state": guard.finite(guard.changed_leaves(new_state, state), xp),
         }
         groups = {k: v for k, v in groups.items() if v is not None}
         verdict = guard.report(groups, xp, h["on_nonfinite"])
@@ -161,7 +162,7 @@ class Optimizer:
         for f in groups.values():
             ok = f if ok is None else ok & f
         kept = guard.tree_map2(lambda n, o: xp.where(ok, n, o), new_state, skipped)
-        kept["skipped"] = state["skipped"] + xp.astype(~ok, xp.int32)
+        kept["skipped"] = state["skipped"] + xp.astype(~ok, xp.int32, copy=False)
         return container.build([xp.where(ok, u, z) for u, z in zip(updates, zeros)]), kept
 
 
@@ -173,7 +174,6 @@ class _Env:
     ctx: StepContext
     container: Container
     params: list
-    params_s: list
     g: list
     per_example: list | None
     stats: Stats

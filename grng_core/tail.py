@@ -29,6 +29,6 @@ def updates(direction, params, lr, weight_decay, xp, sdtype):
     for m, p in zip(direction, params):
         u = -lr * m
         if weight_decay:
-            u = u - (lr * weight_decay) * xp.astype(p, sdtype)
-        out.append(xp.astype(u, p.dtype))
+            u = u - (lr * weight_decay) * xp.astype(p, sdtype, copy=False)
+        out.append(xp.astype(u, p.dtype, copy=False))
     return out

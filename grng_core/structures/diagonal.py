@@ -11,7 +11,7 @@ def second_moment(i, grads, per_example, ctx):
     """q for leaf i: mean of squared per-example gradients, else g ⊙ g; replica-averaged."""
     xp = ctx.xp
     if per_example is not None:
-        J = xp.astype(per_example[i], ctx.sdtype)
+        J = xp.astype(per_example[i], ctx.sdtype, copy=False)
         q = xp.mean(J * J, axis=0)
     else:
         q = grads[i] * grads[i]
@@ -29,5 +29,5 @@ def update(state, grads, per_example, beta, ctx) -> dict:
 
 def solve(state, vectors, damping, beta, count, ctx) -> dict:
     """{position: x / (v / (1 − β^count) + λ)}."""
-    correction = 1.0 - beta ** ctx.xp.astype(count, ctx.sdtype)
+    correction = 1.0 - beta ** ctx.xp.astype(count, ctx.sdtype, copy=False)
     return {int(k): vectors[int(k)] / (v / correction + damping) for k, v in state.items()}

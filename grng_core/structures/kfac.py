@@ -127,8 +127,8 @@ def match_stats(layers, stats_layers, container) -> dict:
 def rows(L: Layer, ls, ctx):
     """(a', s) in the state dtype: inputs with the ones column when the layer has a bias."""
     xp = ctx.xp
-    a = xp.astype(xp.reshape(ls.inputs, (-1, L.d_in)), ctx.sdtype)
-    s = xp.astype(xp.reshape(ls.output_grads, (-1, L.d_out)), ctx.sdtype)
+    a = xp.astype(xp.reshape(ls.inputs, (-1, L.d_in)), ctx.sdtype, copy=False)
+    s = xp.astype(xp.reshape(ls.output_grads, (-1, L.d_out)), ctx.sdtype, copy=False)
     if L.bias is not None:
         a = xp.concat([a, xp.ones((a.shape[0], 1), dtype=ctx.sdtype, device=ctx.device)], axis=1)
     return a, s

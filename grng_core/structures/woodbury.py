@@ -14,7 +14,7 @@ def jacobian_rows(per_example, ctx) -> list:
     xp = ctx.xp
     if per_example is None:
         raise ValueError("structure 'woodbury' needs stats.per_example_grads on every step")
-    return [ctx.gather(xp.reshape(xp.astype(J, ctx.sdtype), (J.shape[0], -1)))
+    return [ctx.gather(xp.reshape(xp.astype(J, ctx.sdtype, copy=False), (J.shape[0], -1)))
             for J in per_example]
 
 
