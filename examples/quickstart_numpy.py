@@ -1,6 +1,7 @@
 """README quick start: RING with K-FAC on digits, the core driven by a hand-written NumPy MLP."""
 
 import numpy as np
+
 import grng_core as gc
 from grng_core.reference import MLP, load_digits_split
 

@@ -13,6 +13,7 @@ and trace under `jax.jit`::
 
 from grng_core.algorithms import reng, ring, rkalman
 from grng_core.apply import apply_updates
+from grng_core.checkpoint import load_state, read_metadata, save_state
 from grng_core.linalg import InverseError
 from grng_core.optimizer import Optimizer
 from grng_core.types import Collective, LayerSpec, LayerStats, Oracle, Requirements, Stats
@@ -27,6 +28,9 @@ __all__ = [
     "Requirements",
     "Stats",
     "apply_updates",
+    "load_state",
+    "read_metadata",
+    "save_state",
     "reng",
     "ring",
     "rkalman",

@@ -131,7 +131,7 @@ class MLP:
         a = x
         inputs, outputs, d1, d2 = [], [], [], []
         for k, (w, b) in enumerate(layers):
-            z = a @ w.mT
+            z = a @ xp.matrix_transpose(w)
             if b is not None:
                 z = z + b
             inputs.append(a)
@@ -207,7 +207,7 @@ class MLP:
         per_layer = []
         for a, sk in zip(cache.inputs, s):
             gb = xp.sum(sk, axis=0) / n if self.bias else None
-            per_layer.append((sk.mT @ a / n, gb))
+            per_layer.append((xp.matrix_transpose(sk) @ a / n, gb))
         return self._leaves(per_layer)
 
     def _per_example(self, cache: _Cache, s: list) -> list:
@@ -260,12 +260,13 @@ class MLP:
         vl = self._layers(v)
         cache = self._forward(params, x)
         z = cache.outputs[-1]
+        xp = array_api_compat.array_namespace(z)
         # forward R pass: Rz_k = R(a_k) W_kᵀ + a_k V_kᵀ + Vb_k, R(a_{k+1}) = act'(z_k) Rz_k
         ra, rz_all, ra_all = None, [], []
         for k, ((w, _), (vw, vb)) in enumerate(zip(layers, vl)):
-            rz = cache.inputs[k] @ vw.mT
+            rz = cache.inputs[k] @ xp.matrix_transpose(vw)
             if ra is not None:
-                rz = rz + ra @ w.mT
+                rz = rz + ra @ xp.matrix_transpose(w)
             if vb is not None:
                 rz = rz + vb
             ra_all.append(ra)
@@ -275,13 +276,12 @@ class MLP:
         # backward pass of the R quantities
         s = self._backward(params, cache, self._output_grad(z, y))
         n = z.shape[0]
-        xp = array_api_compat.array_namespace(z)
         rs = self._output_hvp(z, y, rz_all[-1])
         per_layer = [None] * self.n_layers
         for k in range(self.n_layers - 1, -1, -1):
-            hw = rs.mT @ cache.inputs[k]
+            hw = xp.matrix_transpose(rs) @ cache.inputs[k]
             if ra_all[k] is not None:
-                hw = hw + s[k].mT @ ra_all[k]
+                hw = hw + xp.matrix_transpose(s[k]) @ ra_all[k]
             per_layer[k] = (hw / n, xp.sum(rs, axis=0) / n if self.bias else None)
             if k > 0:
                 w, vw = layers[k][0], vl[k][0]

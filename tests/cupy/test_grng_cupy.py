@@ -1,0 +1,261 @@
+"""grng_cupy: the in-place optimizer object for CuPy (and NumPy) training stacks.
+
+Each test runs with NumPy arrays and with CuPy arrays (the latter skipped without a GPU): the
+adapter must reproduce the core's functional steps exactly, update the user's arrays in place,
+reject mixed devices clearly, and save / load portable checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import grng_cupy
+import numpy as np
+import pytest
+
+import grng_core as gc
+from grng_core.reference import MLP
+
+SIZES = (5, 7, 3)
+B = 8
+MLP_ = MLP(SIZES)
+LAYERS = [gc.LayerSpec(*MLP_.layer_keys(k)) for k in range(MLP_.n_layers)]
+
+CONFIGS = {
+    "ring_kfac": ("RING", dict(lr=0.1, damping=1e-2, structure="kfac", momentum=0.5,
+                               curvature_every=2, inverse_every=3)),
+    "reng_woodbury_db": ("RENG", dict(lr=0.1, damping=1e-2, structure="woodbury",
+                                      gr="double_backprop")),
+    "reng_diagonal_fd": ("RENG", dict(lr=0.01, damping=1e-2, structure="diagonal",
+                                      gr="finite_difference", weight_decay=1e-3)),
+    "rkalman_woodbury": ("RKalman", dict(lr=0.5, structure="woodbury")),
+    "rkalman_kfac": ("RKalman", dict(lr=0.2, damping=1e-2, structure="kfac",
+                                     inverse_every=3)),
+}
+
+
+def host(a):
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
+def batches(xp, n, seed=0, dtype="float64"):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x = rng.standard_normal((B, SIZES[0]))
+        y = np.eye(SIZES[-1])[rng.integers(0, SIZES[-1], B)]
+        out.append((xp.asarray(x, dtype=dtype), xp.asarray(y, dtype=dtype)))
+    return out
+
+
+def make(xp, name, params=None, dtype="float64"):
+    builder, kw = CONFIGS[name]
+    if params is None:
+        params = [xp.asarray(p, dtype=dtype) for p in MLP_.init(seed=1)]
+    layers = LAYERS if kw["structure"] == "kfac" else None
+    return getattr(grng_cupy, builder)(params, layers=layers, **kw), params
+
+
+def adapter_steps(opt, params, data):
+    req = opt.requirements
+    for x, y in data:
+        need = opt.needs_stats()
+        b = MLP_.batch(params, x, y, per_example=need and req.per_example_grads,
+                       layer_stats=need and req.layer_stats)
+        oracle = MLP_.oracle(x, y)
+        opt.step(b.grads, stats=gc.Stats(b.per_example_grads, b.layers) if need else None,
+                 grad_fn=oracle.grad_fn, hvp_fn=oracle.hvp_fn)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_steps_equal_the_core_and_update_in_place(xp, name):
+    data = batches(xp, 6)
+    opt, params = make(xp, name)
+    ids = [id(p) for p in params]
+    before = [host(p).copy() for p in params]
+    adapter_steps(opt, params, data)
+    assert [id(p) for p in params] == ids  # the user's arrays, updated in place
+    assert any(not np.array_equal(host(p), b) for p, b in zip(params, before))
+    assert opt.t == 6 and int(host(opt.state["step"])) == 6
+
+    core = opt.core
+    ref = [xp.asarray(p) for p in MLP_.init(seed=1)]
+    state = core.init(ref, layers=LAYERS if core.hyperparams["structure"] == "kfac" else None)
+    req = core.requirements
+    for t, (x, y) in enumerate(data, start=1):
+        curvature, inverse = core.refresh_flags(t)
+        b = MLP_.batch(ref, x, y, per_example=req.per_example_grads and curvature,
+                       layer_stats=req.layer_stats and curvature)
+        u, state = core.update(b.grads, state, ref, gc.Stats(b.per_example_grads, b.layers),
+                               MLP_.oracle(x, y), curvature=curvature, inverse=inverse)
+        ref = gc.apply_updates(ref, u)
+    for p, r in zip(params, ref):
+        assert np.array_equal(host(p), host(r))
+
+
+def test_dict_and_tuple_params(xp):
+    data = batches(xp, 3)
+    base = [xp.asarray(p) for p in MLP_.init(seed=1)]
+    as_dict = {f"p{i}": xp.asarray(host(p).copy()) for i, p in enumerate(base)}
+    as_tuple = tuple(xp.asarray(host(p).copy()) for p in base)
+    opt_d = grng_cupy.RING(as_dict, lr=0.1, damping=1e-2, structure="woodbury")
+    opt_t = grng_cupy.RING(as_tuple, lr=0.1, damping=1e-2, structure="woodbury")
+    for x, y in data:
+        b = MLP_.batch(list(as_tuple), x, y, per_example=True)
+        opt_t.step(tuple(b.grads), stats=gc.Stats(per_example_grads=tuple(b.per_example_grads)))
+        bd = MLP_.batch(list(as_dict.values()), x, y, per_example=True)
+        keys = list(as_dict)
+        opt_d.step(dict(zip(keys, bd.grads)),
+                   stats=gc.Stats(per_example_grads=dict(zip(keys, bd.per_example_grads))))
+    for (k, v), w in zip(as_dict.items(), as_tuple):
+        assert np.array_equal(host(v), host(w)), k
+
+
+def test_float32_params_stay_float32(xp):
+    opt, params = make(xp, "ring_kfac", dtype="float32")
+    adapter_steps(opt, params, batches(xp, 3, dtype="float32"))
+    assert all(p.dtype == xp.float32 for p in params)
+    assert opt.state["kfac"]["0/1/N"]["A"].dtype == xp.float32
+    assert all(np.all(np.isfinite(host(p))) for p in params)
+
+
+def test_statistics_only_on_curvature_steps(xp):
+    opt, params = make(xp, "ring_kfac")  # curvature_every=2
+    (x, y), (x2, y2) = batches(xp, 2)
+    assert opt.needs_stats()
+    with pytest.raises(ValueError, match=r"needs stats=grng_core.Stats\(layers="):
+        opt.step(MLP_.grad(params, x, y))
+    assert opt.t == 0 and int(host(opt.state["step"])) == 0  # nothing happened
+    b = MLP_.batch(params, x, y, layer_stats=True)
+    opt.step(b.grads, stats=gc.Stats(layers=b.layers))
+    assert not opt.needs_stats() and opt.refresh_flags() == (False, False)
+    opt.step(MLP_.grad(params, x2, y2))  # step 2: no statistics collected
+    assert opt.t == 2
+
+
+def test_missing_oracle_and_layout_are_clear(xp):
+    opt, params = make(xp, "reng_woodbury_db")
+    x, y = batches(xp, 1)[0]
+    b = MLP_.batch(params, x, y, per_example=True)
+    with pytest.raises(ValueError, match="needs hvp_fn"):
+        opt.step(b.grads, stats=gc.Stats(per_example_grads=b.per_example_grads))
+    with pytest.raises(ValueError, match="needs the layer layout"):
+        grng_cupy.RING([xp.asarray(p) for p in MLP_.init()])  # kfac without layers
+    with pytest.raises(ValueError, match="grads have keys"):
+        opt.step(b.grads[:-1])
+
+
+def test_device_mismatch_is_a_clear_type_error(xp):
+    opt, params = make(xp, "reng_woodbury_db")
+    x, y = batches(xp, 1)[0]
+    b = MLP_.batch(params, x, y, per_example=True)
+    if xp is np:
+        import array_api_strict as other
+
+        want = r"device mismatch: the parameters are a NumPy array .* grads\[0\] is a " \
+               r"array_api_strict"
+    else:
+        other = np
+        want = r"device mismatch: the parameters are a CuPy array on GPU \d+ but grads\[0\] " \
+               r"is a NumPy array \(host memory\); move it with cupy.asarray"
+    wrong = [other.asarray(host(g)) for g in b.grads]
+    with pytest.raises(TypeError, match=want):
+        opt.step(wrong, stats=gc.Stats(per_example_grads=b.per_example_grads),
+                 hvp_fn=MLP_.oracle(x, y).hvp_fn)
+    wrong_pe = [other.asarray(host(g)) for g in b.per_example_grads]
+    with pytest.raises(TypeError, match=r"stats.per_example_grads\[0\]"):
+        opt.step(b.grads, stats=gc.Stats(per_example_grads=wrong_pe),
+                 hvp_fn=MLP_.oracle(x, y).hvp_fn)
+    assert opt.t == 0
+
+
+def test_only_cupy_or_numpy_params(xp):
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="takes CuPy arrays .*Use grng_torch"):
+        grng_cupy.RING([torch.zeros(3, 2)], structure="diagonal")
+    mixed = [xp.zeros((3, 2)), np.zeros(3) if xp is not np else torch.zeros(3)]
+    with pytest.raises(TypeError, match="one library on one device"):
+        grng_cupy.RING(mixed, structure="diagonal")
+    if xp is np:
+        ro = np.zeros((3, 2))
+        ro.flags.writeable = False
+        with pytest.raises(ValueError, match="read-only"):
+            grng_cupy.RING([ro], structure="diagonal")
+
+
+@pytest.mark.parametrize("name", ["ring_kfac", "rkalman_kfac", "reng_diagonal_fd"])
+def test_save_load_resumes_exactly(xp, tmp_path, name):
+    data = batches(xp, 10)
+    straight, p_straight = make(xp, name)
+    adapter_steps(straight, p_straight, data)
+
+    first, params = make(xp, name)
+    adapter_steps(first, params, data[:5])
+    path = tmp_path / "opt.npz"
+    first.save(path)
+    resumed, _ = make(xp, name, params=params)  # a new process: same params, fresh optimizer
+    resumed.load(path)
+    assert resumed.t == 5
+    adapter_steps(resumed, params, data[5:])
+    for p, q in zip(params, p_straight):
+        assert np.array_equal(host(p), host(q))
+
+
+def test_checkpoint_moves_between_libraries(xp, tmp_path):
+    """Saved from xp (cupy or numpy), resumed on NumPy: the same run to 1e-10."""
+    data = batches(xp, 8)
+    a, pa = make(xp, "rkalman_kfac")
+    adapter_steps(a, pa, data[:4])
+    a.save(tmp_path / "s.npz")
+    p_host = [np.array(host(p)) for p in pa]
+    b, _ = make(np, "rkalman_kfac", params=p_host)
+    b.load(tmp_path / "s.npz")
+    assert isinstance(b.state["step"], np.ndarray | np.generic)
+    adapter_steps(a, pa, data[4:])
+    adapter_steps(b, p_host, [(np.array(host(x)), np.array(host(y))) for x, y in data[4:]])
+    for p, q in zip(pa, p_host):
+        p = host(p)
+        assert np.linalg.norm(p - q) <= 1e-10 * np.linalg.norm(p)
+
+
+def test_failed_load_leaves_the_optimizer_untouched(xp, tmp_path):
+    opt, params = make(xp, "ring_kfac")
+    adapter_steps(opt, params, batches(xp, 3))
+    other, _ = make(xp, "rkalman_kfac")
+    other.save(tmp_path / "other.npz")
+    (tmp_path / "junk.npz").write_bytes(b"\0" * 64)
+    state, t = opt.state, opt.t
+    snap = host(opt.state["kfac"]["0/1/N"]["A"]).copy()
+    with pytest.raises(ValueError, match="checkpoint is for optimizer 'rkalman'"):
+        opt.load(tmp_path / "other.npz")
+    with pytest.raises(ValueError, match="not a .npz archive"):
+        opt.load(tmp_path / "junk.npz")
+    assert opt.state is state and opt.t == t
+    assert np.array_equal(host(opt.state["kfac"]["0/1/N"]["A"]), snap)
+
+
+def test_state_dict_round_trip(xp):
+    opt, params = make(xp, "rkalman_woodbury")
+    adapter_steps(opt, params, batches(xp, 3))
+    sd = opt.state_dict()
+    assert all(isinstance(v, np.ndarray) for v in sd.values())
+    fresh, _ = make(xp, "rkalman_woodbury", params=params)
+    fresh.load_state_dict(sd)
+    assert fresh.t == 3
+    for k, v in opt.state["belief"].items():
+        assert np.array_equal(host(fresh.state["belief"][k]), host(v))
+
+
+def test_digits_example_runs(xp, tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "digits_cupy.py")
+    spec = importlib.util.spec_from_file_location("digits_cupy_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    device = "gpu" if xp is not np else "cpu"
+    acc = mod.main(["--device", device, "--epochs", "1", "--max-steps", "4", "--hidden", "16",
+                    "--checkpoint", str(tmp_path / "ex.npz")])
+    out = capsys.readouterr().out
+    assert f"on {xp.__name__}" in out and "test accuracy" in out
+    assert 0.0 <= acc <= 1.0 and os.path.exists(tmp_path / "ex.npz")
