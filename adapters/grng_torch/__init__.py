@@ -67,6 +67,17 @@ Contract
   live in `opt.state[first_param_of_the_group]["grng"]`; they are restored with their own
   dtypes, so resuming is bit-identical. A state dict of another shape (other model, other
   optimizer or configuration) raises ValueError saying what does not fit.
+- Portable checkpoints: `opt.save(path)` / `opt.load(path)` write and read the
+  framework-neutral `grng_core` checkpoint (one .npz, no pickle, atomic write, format version,
+  optimizer name and hyperparameters checked at load; ValueError and an unchanged optimizer on
+  a mismatched, corrupted or pickle-holding file). With one param group the file is exactly
+  that group's core state (`grng_core.load_state(path, like=core.init(params), opt=core)`
+  continues it in NumPy, JAX, CuPy, ...), and `load` accepts a core state saved by any
+  backend (host step counter = step + skipped; K-FAC layer keys "w/b/N" must be
+  Linear/Conv2d weights at those positions of the group). Several groups go into one file as
+  `{"groups": [...]}`; other frameworks take them one group at a time
+  (`opt.save(path, group=k)`, `grng_torch.extract_group(src, k, dest)`). See
+  `grng_torch._checkpoint` for the layout.
 - Distributed: under torch.distributed (DDP), curvature statistics are averaged with
   all_reduce and per-example rows gathered with all_gather (`torch_collective`), so every
   rank takes the same step (equal local batch sizes).
@@ -76,6 +87,7 @@ Contract
   their own `forward`.
 """
 
+from grng_torch._checkpoint import extract_group
 from grng_torch._functional import LossModule, default_sampler
 from grng_torch.distributed import torch_collective
 from grng_torch.optim import RENG, RING, GRNGOptimizer, RKalman, hyperparameter_names
@@ -87,6 +99,7 @@ __all__ = [
     "LossModule",
     "RKalman",
     "default_sampler",
+    "extract_group",
     "hyperparameter_names",
     "torch_collective",
 ]

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import grng_core as gc
+from grng_torch import _checkpoint
 from grng_torch._backward import GraphBackward
 from grng_torch._collect import (
     Collector,
@@ -332,6 +333,37 @@ class GRNGOptimizer(torch.optim.Optimizer):
                     f"{path} is {got.get(path)} in the state dict, this model needs "
                     f"{want.get(path)} (a different model or optimizer configuration)")
         return blob
+
+    # ---------------------------------------------------- portable checkpoints
+    def save(self, path, group: int | None = None) -> None:
+        """Write the optimizer state to `path` as a framework-neutral checkpoint (one .npz,
+        no pickle, written atomically; `grng_core.save_state`).
+
+        With one param group (or `group=k`) the file holds exactly that group's core state
+        and its core optimizer's name and hyperparameters, so
+        `grng_core.load_state(path, like=core.init(params), opt=core)` reads it into any
+        backend. With several groups it holds `{"groups": [state_0, ...]}` and per-group
+        metadata; move it to another framework per group (`grng_torch.extract_group`).
+        Before the first step the state a first step would start from is written.
+        """
+        _checkpoint.save(self, path, group)
+
+    def load(self, path, group: int | None = None, *, set_hyperparams: bool = False) -> None:
+        """Replace the state by the one in `path`: a file from `save`, or a core state saved
+        by any backend with `grng_core.save_state(path, state, opt=opt)` (NumPy, JAX, CuPy,
+        grng_cupy's `save`, ...), placed on the parameters' devices.
+
+        The optimizer name and hyperparameters recorded in the file must equal the param
+        group's (`set_hyperparams=True` copies the file's numeric ones, e.g. an lr a
+        scheduler had changed, into the group instead); the state's shapes must fit the
+        parameters, and its K-FAC layers ("weight/bias/N" positions in the group) must be
+        Linear/Conv2d layers of the model -- before the first step they are registered from
+        the file, afterwards they must equal the registered ones. The host step counter
+        becomes the state's step + skipped. `group=k` loads a single-group file into group k
+        (or group k of a multi-group file). Raises ValueError (FileNotFoundError) and leaves
+        the optimizer unchanged when the file does not fit, is corrupted or holds a pickle.
+        """
+        _checkpoint.load(self, path, group, set_hyperparams)
 
     # --------------------------------------------------------------- step
     def _collective(self):

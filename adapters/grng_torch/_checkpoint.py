@@ -1,0 +1,359 @@
+"""Portable checkpoints of the torch optimizers: `opt.save(path)` / `opt.load(path)`.
+
+The file is `grng_core.checkpoint`'s framework-neutral ``.npz`` (no pickle, atomic write,
+format version, optimizer name and hyperparameters in the metadata); the torch specifics
+(host step counter, K-FAC layer positions, the group's own structure) go into the
+metadata's ``extra`` entry, which other backends ignore.
+
+Layouts
+-------
+- One param group (``len(opt.param_groups) == 1``) or ``save(path, group=k)``: the file
+  holds exactly that group's core state, saved with its core optimizer (``opt.core(k)``), so
+  ``grng_core.load_state(path, like=core.init(params), opt=core)`` reads it into NumPy, JAX,
+  CuPy, ... where the core (or an adapter built on it) continues. Its ``extra`` is
+  ``{"adapter": "grng_torch", "algorithm": ..., "layout": "single", "groups": [info]}``.
+- Several param groups: the state is ``{"groups": [state_0, state_1, ...]}`` (``None`` for a
+  group without parameters), saved without a top-level optimizer (the groups' hyperparameters
+  may differ); ``extra`` is ``{"adapter": "grng_torch", "algorithm": ..., "layout": "groups",
+  "groups": [info_0, info_1, ...]}`` with, per group, ``info = {"optimizer", "hyperparams",
+  "structure", "group_structure", "layers", "host_step"}``. Moving such a file to another
+  framework is per group: `extract_group(src, k, dest)` writes group k as a single-group file,
+  or ``grng_core.load_state(path)["groups"][k]`` gives its NumPy arrays.
+
+Loading accepts both layouts, and a core-state file written by any backend (the core's
+``save_state(path, state, opt=opt)``, grng_cupy's ``save``, ...): the host step counter is
+``step + skipped`` of the state, and for structure="kfac" the state's layer keys (``"w/b/N"``,
+positions in the group's parameter list) must name ``nn.Linear`` / ``nn.Conv2d`` weights (and
+their biases) of the optimizer's model; before the first step those layers are registered from
+the file, afterwards they must equal the layers the optimizer registered.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+import grng_core as gc
+from grng_core import checkpoint
+
+ADAPTER = "grng_torch"
+_STATE_KEY = "grng"
+_TITLES = {"reng": "RENG", "ring": "RING", "rkalman": "RKalman"}
+
+__all__ = ["extract_group", "load", "save"]
+
+
+class _Recorded:
+    """An optimizer as a checkpoint records it (name and JSON hyperparameters)."""
+
+    def __init__(self, name: str, hyperparams: dict):
+        self.name = name
+        self.hyperparams = hyperparams
+
+
+# ------------------------------------------------------------------------- save
+def _group_info(core: gc.Optimizer, group: dict, entry: dict) -> dict:
+    return {"optimizer": core.name, "hyperparams": checkpoint.hyperparams_json(core),
+            "structure": entry["structure"], "group_structure": group["structure"],
+            "layers": [list(x) for x in entry["layers"]], "host_step": int(entry["step"])}
+
+
+def _fresh_entry(opt, i: int) -> tuple[dict, gc.Optimizer]:
+    """The state group i would start from (no step taken yet): every Linear/Conv2d of the
+    group is a K-FAC layer; nothing is stored in the optimizer."""
+    group = opt.param_groups[i]
+    candidates = opt._candidate_layers(i) if opt._build(group, None).requirements.layer_stats \
+        else []
+    structure = group["structure"]
+    override = None
+    if structure == "kfac" and not candidates:
+        structure = override = "diagonal"
+    core = opt._build(group, override)
+    specs = [gc.LayerSpec(w, b) for _, w, b in candidates] if structure == "kfac" else None
+    with torch.no_grad():
+        state = core.init([p.detach() for p in group["params"]], layers=specs)
+    layers = [[w, b] for _, w, b in candidates] if structure == "kfac" else []
+    return {"step": 0, "structure": structure, "layers": layers, "core": state}, core
+
+
+def _group_payload(opt, i: int):
+    """(core state, info) of group i; (None, None) for a group without parameters."""
+    group = opt.param_groups[i]
+    if not group["params"]:
+        return None, None
+    entry = opt._entry(i)
+    if entry is None:
+        entry, core = _fresh_entry(opt, i)
+    else:
+        core = opt._core(i)
+    return entry["core"], _group_info(core, group, entry)
+
+
+def save(opt, path, group: int | None = None) -> None:
+    n = len(opt.param_groups)
+    extra: dict[str, Any] = {"adapter": ADAPTER, "algorithm": opt._algorithm}
+    if group is not None or n == 1:
+        i = 0 if group is None else _index(group, n)
+        state, info = _group_payload(opt, i)
+        if state is None:
+            raise ValueError(f"param group {i} has no parameters: nothing to save")
+        extra.update(layout="single", group=i, groups=[info])
+        checkpoint.save_state(path, state, _Recorded(info["optimizer"], info["hyperparams"]),
+                              extra=extra)
+        return
+    payloads = [_group_payload(opt, i) for i in range(n)]
+    extra.update(layout="groups", groups=[info for _, info in payloads])
+    checkpoint.save_state(path, {"groups": [s for s, _ in payloads]}, None, extra=extra)
+
+
+def _index(group, n: int) -> int:
+    if isinstance(group, bool) or not isinstance(group, int) or not -n <= group < n:
+        raise ValueError(f"group={group!r}: this optimizer has {n} param group(s)")
+    return group % n
+
+
+def extract_group(src, index: int, dest) -> None:
+    """Write param group `index` of a multi-group grng_torch checkpoint `src` to `dest` as a
+    single-group file: exactly that group's core state with its optimizer and hyperparameters,
+    which `grng_core.load_state(dest, like=..., opt=...)` loads into any backend."""
+    meta = checkpoint.read_metadata(src)
+    extra = meta.get("extra") or {}
+    if extra.get("adapter") != ADAPTER or extra.get("layout") != "groups":
+        raise ValueError(f"checkpoint {os.fspath(src)!r} is not a multi-group grng_torch "
+                         "checkpoint (a single-group file is already portable as it is)")
+    infos = _infos(extra, src)
+    i = _index(index, len(infos))
+    state = checkpoint.load_state(src)["groups"][i]
+    if state is None or infos[i] is None:
+        raise ValueError(f"param group {i} of {os.fspath(src)!r} has no parameters")
+    info = infos[i]
+    checkpoint.save_state(dest, state, _Recorded(info["optimizer"], info["hyperparams"]),
+                          extra={"adapter": ADAPTER, "algorithm": extra.get("algorithm"),
+                                 "layout": "single", "group": i, "groups": [info]})
+
+
+# ------------------------------------------------------------------------- load
+def _infos(extra: dict, source) -> list:
+    infos = extra.get("groups")
+    if not isinstance(infos, list) or not all(x is None or isinstance(x, dict) for x in infos):
+        raise ValueError(f"checkpoint {os.fspath(source)!r}: corrupted grng_torch metadata "
+                         "(extra['groups'])")
+    return infos
+
+
+def _dict_node(node, source, where: str) -> dict:
+    """{key: node} of a dict node of the metadata's structure."""
+    if not isinstance(node, dict) or not isinstance(node.get("dict"), list):
+        raise ValueError(f"{source}: the state at {where!r} is not a dict of arrays: not an "
+                         "optimizer state")
+    try:
+        return {k: v for k, v in node["dict"]}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: corrupted structure at {where!r}") from e
+
+
+def _kfac_keys(node, source, where: str) -> list[str]:
+    sub = _dict_node(node, source, where).get("kfac")
+    if sub is None:
+        return []
+    return [str(k) for k in _dict_node(sub, source, f"{where}/kfac")]
+
+
+def _parse_layer(key: str, source, i: int) -> tuple[int, int | None]:
+    parts = key.split("/")
+    try:
+        if len(parts) != 3 or parts[2] not in ("N", "T"):
+            raise ValueError
+        w, b = int(parts[0]), None if parts[1] == "-" else int(parts[1])
+    except ValueError:
+        raise ValueError(f"{source}: K-FAC layer key {key!r} is not 'weight/bias/N' "
+                         "(corrupted checkpoint)") from None
+    if parts[2] == "T":
+        raise ValueError(
+            f"{source}: param group {i}: the K-FAC layer {key!r} has a transposed weight "
+            "(stored (in, out), as JAX/Flax kernels are); torch Linear/Conv2d weights are "
+            "(out, in): the state does not fit this model's layout")
+    return w, b
+
+
+def _hp_diff(saved: dict, now: dict) -> list[str]:
+    return [f"{k}: file {saved.get(k, '<absent>')!r}, optimizer {now.get(k, '<absent>')!r}"
+            for k in sorted(set(saved) | set(now))
+            if saved.get(k, "<absent>") != now.get(k, "<absent>")]
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class _Plan:
+    """Everything needed to load one group, computed without touching the optimizer."""
+
+    def __init__(self, i: int, j: int):
+        self.i, self.j = i, j  # optimizer group, file group
+        self.group: dict = {}
+        self.structure = ""
+        self.layers: list[list] = []
+        self.core: gc.Optimizer | None = None
+        self.template: Any = None
+
+
+def _plan_group(opt, i: int, j: int, node, info: dict, source: str,
+                set_hyperparams: bool) -> _Plan:
+    title = type(opt).__name__
+    plan = _Plan(i, j)
+    group = opt.param_groups[i]
+    if info.get("optimizer") is None:
+        raise ValueError(f"{source}: the checkpoint records no optimizer (saved without opt=); "
+                         f"save it with grng_core.save_state(path, state, opt=opt) to load it "
+                         f"into a {title}")
+    if info["optimizer"] != opt._algorithm:
+        raise ValueError(f"{source}: checkpoint is for optimizer {info['optimizer']!r}, "
+                         f"loading into {opt._algorithm!r} ({title})")
+    saved_hp = info.get("hyperparams")
+    if not isinstance(saved_hp, dict):
+        raise ValueError(f"{source}: corrupted hyperparameters in the metadata")
+    entry = opt._entry(i)
+    candidates = opt._candidate_layers(i)
+
+    # the structure the state was made with; a "kfac" group runs "diagonal" when it has no
+    # K-FAC layer (as at its first step), so such a state fits a "kfac" group too
+    file_structure = saved_hp.get("structure")
+    override = None
+    if group["structure"] == "kfac" and file_structure == "diagonal" and (
+            info.get("group_structure") == "kfac" or not candidates
+            or (entry is not None and entry["structure"] == "diagonal")):
+        override = "diagonal"
+
+    new_group = dict(group)
+    if set_hyperparams:  # numbers the file recorded (e.g. a scheduler's lr) go to the group
+        for k in opt._hp_names:
+            v = saved_hp.get(k)
+            cur = group[k]
+            cur_number = _number(cur) or (isinstance(cur, torch.Tensor) and cur.dim() == 0)
+            if _number(v) and cur_number:
+                new_group[k] = v if not isinstance(cur, torch.Tensor) else \
+                    torch.as_tensor(v, dtype=cur.dtype, device=cur.device)
+    try:
+        core = opt._build(new_group, override)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: param group {i}: the checkpoint's hyperparameters are not "
+                         f"valid for {title}: {e}") from e
+    diff = _hp_diff(saved_hp, checkpoint.hyperparams_json(core))
+    if diff:
+        raise ValueError(f"{source}: param group {i}: checkpoint hyperparameters differ from "
+                         f"the optimizer's ({'; '.join(diff)})")
+
+    structure = core.hyperparams["structure"]
+    layers: list[tuple[int, int | None]] = []
+    if structure == "kfac":
+        keys = _kfac_keys(node, source, "<root>" if j < 0 else f"groups/{j}")
+        layers = sorted(_parse_layer(k, source, i) for k in keys)
+        try:
+            opt._saved_layers(i, layers)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+        if entry is not None:
+            have = sorted((w, b) for w, b in entry["layers"])
+            if have != layers:
+                raise ValueError(
+                    f"{source}: param group {i}: the checkpoint's K-FAC layers (weight, bias "
+                    f"positions) {layers} differ from the layers this optimizer registered "
+                    f"{have}")
+    elif entry is not None and entry["structure"] != structure:
+        raise ValueError(f"{source}: param group {i}: the checkpoint's structure is "
+                         f"{structure!r}, this optimizer runs {entry['structure']!r}")
+    specs = [gc.LayerSpec(w, b) for w, b in layers] if structure == "kfac" else None
+    params = [p.detach() for p in group["params"]]
+    try:
+        with torch.no_grad():
+            template = core.init(params, layers=specs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: param group {i}: the checkpoint's layout does not fit this "
+                         f"model: {e}") from e
+    plan.group, plan.structure, plan.core, plan.template = new_group, structure, core, template
+    plan.layers = [[w, b] for w, b in layers]
+    return plan
+
+
+def load(opt, path, group: int | None = None, set_hyperparams: bool = False) -> None:
+    title = type(opt).__name__
+    source = f"checkpoint {os.fspath(path)!r}"
+    meta = checkpoint.read_metadata(path)
+    extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+    n = len(opt.param_groups)
+    if extra.get("adapter") == ADAPTER and extra.get("algorithm") not in (None, opt._algorithm):
+        algorithm = extra.get("algorithm")
+        raise ValueError(f"{source} is from grng_torch.{_TITLES.get(algorithm, algorithm)}, "
+                         f"not {title}")
+    multi = extra.get("adapter") == ADAPTER and extra.get("layout") == "groups"
+
+    if multi:
+        infos = _infos(extra, path)
+        root = _dict_node(meta["structure"], source, "<root>")
+        nodes = root.get("groups", {}).get("list") if isinstance(root.get("groups"), dict) \
+            else None
+        if set(root) != {"groups"} or not isinstance(nodes, list) or len(nodes) != len(infos):
+            raise ValueError(f"{source}: corrupted multi-group checkpoint")
+        if group is None:
+            if len(infos) != n:
+                raise ValueError(f"{source} holds {len(infos)} param groups, this {title} has "
+                                 f"{n}; load one with load(path, group=k)")
+            pairs = list(zip(range(n), range(n)))
+        else:
+            i = _index(group, n)
+            if i >= len(infos):
+                raise ValueError(f"{source} holds {len(infos)} param groups: no group {i}")
+            pairs = [(i, i)]
+    else:
+        if group is None and n != 1:
+            raise ValueError(f"{source} holds one param group's state, this {title} has {n} "
+                             "param groups: choose one with load(path, group=k)")
+        i = 0 if group is None else _index(group, n)
+        info = {"optimizer": meta.get("optimizer"), "hyperparams": meta.get("hyperparams")}
+        saved = (extra.get("groups") or [None])[0] if extra.get("adapter") == ADAPTER else None
+        if isinstance(saved, dict) and saved.get("group_structure") is not None:
+            info["group_structure"] = saved["group_structure"]
+        infos, nodes, pairs = [info], [meta["structure"]], [(i, 0)]
+
+    plans = []
+    for i, j in pairs:
+        has_params = bool(opt.param_groups[i]["params"])
+        if infos[j] is None or nodes[j] == {"none": True}:
+            if has_params:
+                raise ValueError(f"{source}: param group {j} of the file has no state, param "
+                                 f"group {i} of this {title} has parameters")
+            continue
+        if not has_params:
+            raise ValueError(f"{source}: param group {i} of this {title} has no parameters, "
+                             f"the file has a state for it")
+        plans.append(_plan_group(opt, i, j if multi else -1, nodes[j], infos[j], source,
+                                 set_hyperparams))
+    if not plans:
+        return
+
+    # read the arrays into templates on the parameters' devices (ValueError on any mismatch)
+    if multi:
+        like = {"groups": [None] * len(infos)}
+        for p in plans:
+            like["groups"][p.j] = p.template
+        loaded = checkpoint.load_state(path, like=like)["groups"]
+        states = [loaded[p.j] for p in plans]
+    else:
+        p = plans[0]
+        states = [checkpoint.load_state(path, like=p.template, opt=p.core)]
+    entries = []
+    for p, state in zip(plans, states):
+        t = int(state["step"].item()) + int(state["skipped"].item())
+        entries.append({"step": t, "structure": p.structure, "layers": p.layers, "core": state})
+
+    # commit: nothing above changed the optimizer
+    for p, entry in zip(plans, entries):
+        group = opt.param_groups[p.i]
+        if set_hyperparams:
+            for k in opt._hp_names:
+                group[k] = p.group[k]
+        opt.state[group["params"][0]][_STATE_KEY] = entry
+        opt._cores[p.i] = ((), None)
