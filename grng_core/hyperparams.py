@@ -7,6 +7,7 @@ its value and the allowed range.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ def _bad(name: str, value: Any, allowed: str) -> ValueError:
 
 
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise _bad(name, value, "a finite real number")
     return float(value)
 
@@ -47,6 +48,11 @@ def check_range(name, value, low=None, high=None, low_open=False, high_open=Fals
 def check_scheduled(name, value, low=None, low_open=False):
     """A number in range, or a callable of the step count (a schedule), checked at t = 1."""
     if callable(value):
+        try:
+            first = float(value(1))
+        except Exception:  # a schedule that only takes arrays: checked when it runs
+            return value
+        check_range(f"{name}(t=1)", first, low=low, low_open=low_open)
         return value
     return check_range(name, value, low=low, low_open=low_open)
 
@@ -58,9 +64,9 @@ def check_choice(name, value, choices):
 
 
 def check_int(name, value, low=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise _bad(name, value, f"an integer >= {low}")
-    return value
+    return int(value)
 
 
 def value_at(h: float | Callable, t):

@@ -10,8 +10,9 @@ Three beliefs, each returning the direction P⁺ĝ and the carried state:
 
 from __future__ import annotations
 
+from grng_core.concrete import concrete_bool
 from grng_core.context import select
-from grng_core.linalg import small_spd_inverse, spd_inverse
+from grng_core.linalg import frobenius, small_spd_inverse, spd_inverse
 from grng_core.structures import diagonal, kfac, woodbury
 
 # p⁺ = p⁻ − p⁻²·diag(JᵀS⁻¹J) is positive in exact arithmetic; round-off must not flip it.
@@ -86,11 +87,14 @@ def init_kfac(layers, xp, sdtype, device) -> dict:
     return state
 
 
-def _predict_correct(F_prev, P_prev, rows, shift, beta_t, ctx):
+def _predict_correct(F_prev, P_prev, rows, shift, beta_t, ctx, name):
     """One factor: M = βF + (1−β)shift·I, P⁻ = X₀(2I − M X₀), X₀ = P/β, then the RLS
     correction with c = (1−β)/n: P⁺ = P⁻ − P⁻aᵀ(c⁻¹I + aP⁻aᵀ)⁻¹aP⁻ (§3.3 kfac steps 1–2).
 
-    At the first update (β_t = 0) X₀ = M⁻¹ = I/shift exactly. Returns (F_new, P⁺).
+    At the first update (β_t = 0) X₀ = M⁻¹ = I/shift exactly. The bound ‖I − M X₀‖ ≤ (1−β)/β
+    assumes the damping split π did not move; where it moved so far that ‖I − M X₀‖_F ≥ 1/2
+    (or the product is not finite), P⁻ is instead the Newton–Schulz inverse of M warm started
+    from X₀, so the predicted belief stays positive definite. Returns (F_new, P⁺).
     Where n ≥ d the n × n system is no cheaper: P⁺ is the Newton–Schulz inverse of F_new,
     warm started from P⁻.
     """
@@ -101,16 +105,23 @@ def _predict_correct(F_prev, P_prev, rows, shift, beta_t, ctx):
     M = beta_t * F_prev + ((1.0 - beta_t) * shift) * eye
     safe_beta = xp.where(beta_t > 0, beta_t, xp.ones_like(beta_t))
     X0 = xp.where(beta_t > 0, P_prev / safe_beta, eye / shift)
-    P_minus = X0 @ (2.0 * eye - M @ X0)
+    R = eye - M @ X0
+    P_minus = X0 + X0 @ R  # = X₀(2I − M X₀)
+    far = ~(frobenius(R, xp) < 0.5)
+    if concrete_bool(far) is not False:
+        exact = spd_inverse(M, xp, method=ctx.method, warm=X0, tol=ctx.tol,
+                            max_iter=ctx.max_iter, name=f"M of {name}")
+        P_minus = xp.where(far, exact, P_minus)
     c = (1.0 - beta_t) / n
     F_new = M + c * (xp.matrix_transpose(rows) @ rows)
     if n >= d:
         P_plus = spd_inverse(F_new, xp, method=ctx.method, warm=P_minus, tol=ctx.tol,
-                             max_iter=ctx.max_iter, name="Kalman factor")
+                             max_iter=ctx.max_iter, name=name)
         return F_new, P_plus
     aP = rows @ P_minus
     K = (xp.eye(n, dtype=ctx.sdtype, device=ctx.device) / c) + aP @ xp.matrix_transpose(rows)
-    K_inv = small_spd_inverse(K, xp, tol=ctx.tol, max_iter=ctx.max_iter, name="Kalman RLS")
+    K_inv = small_spd_inverse(K, xp, tol=ctx.tol, max_iter=ctx.max_iter,
+                              name=f"RLS system of {name}")
     P_plus = P_minus - xp.matrix_transpose(aP) @ (K_inv @ aP)
     return F_new, 0.5 * (P_plus + xp.matrix_transpose(P_plus))
 
@@ -132,8 +143,11 @@ def kfac_step(kstate, layers, stats, beta, damping, ctx, keys) -> dict:
             tr_a = beta_t * old["trace_A"] + (1.0 - beta_t) * xp.sum(a * a) / a.shape[0]
             tr_s = beta_t * old["trace_S"] + (1.0 - beta_t) * xp.sum(s * s) / s.shape[0]
             pi = kfac.pi_split(tr_a, L.d_in_ext, tr_s, L.d_out, xp)
-            A, PA = _predict_correct(old["A"], old["A_inv"], a, pi * root, beta_t, ctx)
-            S, PS = _predict_correct(old["S"], old["S_inv"], s, root / pi, beta_t, ctx)
+            name = f"layer {keys[L.weight]!r}"
+            A, PA = _predict_correct(old["A"], old["A_inv"], a, pi * root, beta_t, ctx,
+                                     f"A of {name}")
+            S, PS = _predict_correct(old["S"], old["S_inv"], s, root / pi, beta_t, ctx,
+                                     f"S of {name}")
             fresh = {"A": A, "S": S, "A_inv": PA, "S_inv": PS, "trace_A": tr_a, "trace_S": tr_s}
             new[key] = {k: select(ctx.curvature, v, old[k], xp) for k, v in fresh.items()}
     if ctx.inverse is not False:

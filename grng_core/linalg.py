@@ -40,16 +40,23 @@ def has_linalg(xp) -> bool:
     return hasattr(xp, "linalg") and hasattr(xp.linalg, "cholesky")
 
 
-def cholesky_inverse(M, xp):
+def cholesky_inverse(M, xp, name="matrix"):
     """M^{-1} from the Cholesky factor L (M = L L^T): X = L^{-T} L^{-1}.
 
-    A matrix that is not numerically positive definite (non-finite or overflowing factors)
-    gives NaN, as jax does, rather than a library-specific exception: the optimizer's
-    non-finite guard then skips the step and leaves the state untouched.
+    When the factorisation fails: non-finite M gives NaN (as jax does), so the optimizer's
+    non-finite guard skips the step and leaves the state untouched; a finite M that is not
+    numerically positive definite (damping below the dtype's precision) raises InverseError
+    naming the matrix. Under jit jax returns NaN for both and the step is skipped.
     """
     try:
         L = xp.linalg.cholesky(M)
-    except Exception:  # numpy LinAlgError, torch _LinAlgError: M not positive definite
+    except Exception as e:  # numpy LinAlgError, torch _LinAlgError: M not positive definite
+        if concrete_bool(xp.all(xp.isfinite(M))):
+            raise InverseError(
+                f"{name} ({M.shape[-1]} x {M.shape[-1]}, {M.dtype}) is not numerically "
+                "positive definite (Cholesky failed): raise damping or use state_dtype="
+                "'float64'"
+            ) from e
         return xp.full_like(M, math.nan)
     Linv = xp.linalg.solve(L, eye_like(M, xp))
     return xp.matrix_transpose(Linv) @ Linv
@@ -87,9 +94,9 @@ def newton_schulz_inverse(M, xp, *, warm=None, tol, max_iter, fallback=True, nam
     if host_failed is False:
         return X, r
     if has_linalg(xp):
-        X = xp.where(failed, cholesky_inverse(M, xp), X)
+        X = xp.where(failed, cholesky_inverse(M, xp, name), X)
         return X, r
-    if host_failed:
+    if host_failed and concrete_bool(xp.all(xp.isfinite(M))):
         cond = float(frobenius(M, xp) * frobenius(X, xp)) / d
         raise InverseError(
             f"Newton–Schulz inverse of {name} did not converge in {max_iter} iterations "
@@ -102,12 +109,12 @@ def newton_schulz_inverse(M, xp, *, warm=None, tol, max_iter, fallback=True, nam
 def spd_inverse(M, xp, *, method, warm=None, tol, max_iter, name="matrix"):
     """Inverse of an SPD matrix by `method` ("newton_schulz" or "cholesky")."""
     if method == "cholesky" and has_linalg(xp):
-        return cholesky_inverse(M, xp)
+        return cholesky_inverse(M, xp, name)
     return newton_schulz_inverse(M, xp, warm=warm, tol=tol, max_iter=max_iter, name=name)[0]
 
 
 def small_spd_inverse(M, xp, *, tol, max_iter, name="batch system"):
     """Inverse of a small (B × B) SPD system: Cholesky where linalg exists, else Newton–Schulz."""
     if has_linalg(xp):
-        return cholesky_inverse(M, xp)
+        return cholesky_inverse(M, xp, name)
     return newton_schulz_inverse(M, xp, tol=tol, max_iter=max_iter, name=name)[0]

@@ -1,0 +1,140 @@
+"""Issue 6, hyperparameter validation: every invalid value raises ValueError at construction,
+and the message names the parameter, the value and the allowed range."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import grng_core as gc
+
+BUILDERS = {"reng": gc.reng, "ring": gc.ring, "rkalman": gc.rkalman}
+ALL = tuple(BUILDERS)
+WITH_GR = ("reng", "rkalman")
+
+# (parameter, invalid value, text of the allowed range, builders it applies to)
+INVALID = [
+    ("lr", -0.1, "[0.0, inf)", ALL),
+    ("lr", math.nan, "finite real number", ALL),
+    ("lr", math.inf, "finite real number", ALL),
+    ("lr", "0.1", "finite real number", ALL),
+    ("lr", True, "finite real number", ALL),
+    ("lr", None, "finite real number", ALL),
+    ("rho", -1e-3, "[0.0, inf)", ALL),
+    ("rho", math.nan, "finite real number", ALL),
+    ("damping", 0.0, "(0.0, inf)", ALL),
+    ("damping", -1e-3, "(0.0, inf)", ALL),
+    ("damping", math.inf, "finite real number", ALL),
+    ("momentum", -0.1, "[0.0, 1.0)", ALL),
+    ("momentum", 1.0, "[0.0, 1.0)", ALL),
+    ("weight_decay", -1e-4, "[0.0, inf)", ALL),
+    ("ema_decay", 1.0, "[0.0, 1.0)", ALL),
+    ("ema_decay", -0.01, "[0.0, 1.0)", ALL),
+    ("ema_decay", 1.5, "[0.0, 1.0)", ALL),
+    ("curvature_every", 0, "integer >= 1", ALL),
+    ("curvature_every", 2.0, "integer >= 1", ALL),
+    ("curvature_every", True, "integer >= 1", ALL),
+    ("inverse_every", -3, "integer >= 1", ALL),
+    ("ns_tol", 0.0, "(0.0, 1.0)", ALL),
+    ("ns_tol", 1.0, "(0.0, 1.0)", ALL),
+    ("ns_max_iter", 0, "integer >= 1", ALL),
+    ("inverse_method", "lu", "'newton_schulz', 'cholesky'", ALL),
+    ("kl_clip", 0.0, "(0.0, inf)", ALL),
+    ("kl_clip", -1.0, "(0.0, inf)", ALL),
+    ("state_dtype", "float16", "None, 'float32', 'float64'", ALL),
+    ("on_nonfinite", "ignore", "'skip', 'raise'", ALL),
+    ("structure", "full", "'kfac', 'diagonal', 'woodbury'", ALL),
+    ("structure", "KFAC", "'kfac', 'diagonal', 'woodbury'", ALL),
+    ("fisher", "true", "'empirical', 'mc'", ALL),
+    ("gr", "hvp", "'double_backprop', 'finite_difference'", WITH_GR),
+    ("fd_scheme", "sideways", "'forward', 'backward', 'central'", WITH_GR),
+    ("fd_radius", 0.0, "(0.0, inf)", WITH_GR),
+    ("fd_radius", -1e-3, "(0.0, inf)", WITH_GR),
+    ("kalman_decay", 1.0, "[0.0, 1.0)", ("rkalman",)),
+    ("kalman_decay", -0.5, "[0.0, 1.0)", ("rkalman",)),
+    ("prior_var", 0.0, "(0.0, inf)", ("rkalman",)),
+    ("prior_var", -1.0, "(0.0, inf)", ("rkalman",)),
+]
+
+
+def _cases():
+    for name, value, allowed, builders in INVALID:
+        for b in builders:
+            yield pytest.param(b, name, value, allowed, id=f"{b}-{name}={value!r}")
+
+
+@pytest.mark.parametrize("builder,name,value,allowed", list(_cases()))
+def test_invalid_hyperparameter_raises_naming_it(builder, name, value, allowed):
+    with pytest.raises(ValueError) as info:
+        BUILDERS[builder](**{name: value})
+    msg = str(info.value)
+    assert f"{name}={value!r}" in msg, msg  # the parameter and its value
+    assert allowed in msg, msg  # the allowed range
+
+
+@pytest.mark.parametrize("rho,damping", [(2.0, 1.0), (1001.0, 1e-3), (1.0, 1.5)])
+def test_ring_rejects_rho_times_damping_above_one(rho, damping):
+    with pytest.raises(ValueError) as info:
+        gc.ring(rho=rho, damping=damping)
+    msg = str(info.value)
+    assert "rho*damping" in msg and f"rho={rho!r}" in msg and f"damping={damping!r}" in msg
+    assert "0 <= rho*damping <= 1" in msg
+
+
+def test_ring_accepts_rho_times_damping_at_one():
+    assert gc.ring(rho=1000.0, damping=1e-3).name == "ring"
+    assert gc.ring(rho=0.0, damping=1.0).name == "ring"
+
+
+@pytest.mark.parametrize("ema_decay", [0.5, 0.3, 0.0])
+def test_rkalman_kfac_needs_ema_decay_above_one_half(ema_decay):
+    with pytest.raises(ValueError) as info:
+        gc.rkalman(structure="kfac", ema_decay=ema_decay)
+    msg = str(info.value)
+    assert f"ema_decay={ema_decay!r}" in msg and "(0.5, 1)" in msg
+    gc.rkalman(structure="woodbury", ema_decay=ema_decay)  # only the kfac belief needs it
+
+
+@pytest.mark.parametrize("builder", ALL)
+def test_unknown_keyword_is_a_type_error(builder):
+    with pytest.raises(TypeError):
+        BUILDERS[builder](learning_rate=0.1)
+
+
+def test_ring_takes_no_estimator():
+    with pytest.raises(TypeError):
+        gc.ring(gr="double_backprop")
+
+
+@pytest.mark.parametrize("builder", ALL)
+def test_valid_edges_are_accepted(builder):
+    kw = dict(lr=0.0, rho=0.0, damping=1e-12, momentum=0.0, weight_decay=0.0, ema_decay=0.0,
+              ns_tol=0.5, ns_max_iter=1, curvature_every=1, inverse_every=1, kl_clip=1e-9,
+              state_dtype="float64", on_nonfinite="raise", structure="diagonal")
+    if builder == "rkalman":
+        kw.update(kalman_decay=0.0, prior_var=1e-12)
+    opt = BUILDERS[builder](**kw)
+    assert opt.hyperparams["damping"] == 1e-12
+
+
+@pytest.mark.parametrize("builder", ALL)
+def test_hyperparams_are_reported(builder):
+    opt = BUILDERS[builder](lr=0.25, structure="woodbury", on_nonfinite="raise")
+    assert opt.hyperparams["lr"] == 0.25
+    assert opt.hyperparams["on_nonfinite"] == "raise"
+    assert opt.hyperparams["structure"] == "woodbury"
+
+
+@pytest.mark.parametrize("name", ["lr", "rho", "damping"])
+def test_schedule_checked_at_first_step(name):
+    with pytest.raises(ValueError, match=name):
+        gc.reng(**{name: lambda t: -1.0})
+
+
+@pytest.mark.parametrize("kw", [dict(lr=np.float32(0.1)), dict(damping=np.float32(1e-3)),
+                                dict(curvature_every=np.int64(2))],
+                         ids=["lr-float32", "damping-float32", "curvature_every-int64"])
+def test_numpy_scalars_are_numbers(kw):
+    gc.reng(**kw)
