@@ -8,8 +8,16 @@ to `xp.where` with every branch computed.
 from __future__ import annotations
 
 
+def _is_tracer(x) -> bool:
+    # JAX tracers (jit, vmap, grad) all derive from jax.core.Tracer; checking the class names
+    # avoids importing jax and avoids bool(), whose error message walks the whole graph
+    return any(c.__name__ == "Tracer" for c in type(x).__mro__)
+
+
 def concrete_bool(x) -> bool | None:
+    if _is_tracer(x):
+        return None
     try:
         return bool(x)
-    except Exception:  # a tracer refuses conversion (jax.errors.TracerBoolConversionError)
+    except Exception:  # any other lazy array that refuses conversion
         return None

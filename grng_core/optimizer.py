@@ -151,6 +151,10 @@ class Optimizer:
             "the new optimizer state": guard.finite(guard.changed_leaves(new_state, state), xp),
         }
         groups = {k: v for k, v in groups.items() if v is not None}
+        if collective is not None and collective.mean is not None:
+            # one verdict for all replicas: a step skipped anywhere is skipped everywhere
+            flags = mean(xp.astype(xp.stack(list(groups.values())), sdtype))
+            groups = {k: flags[i] >= 1 for i, k in enumerate(groups)}
         verdict = guard.report(groups, xp, h["on_nonfinite"])
         if verdict:
             return container.build(updates), new_state

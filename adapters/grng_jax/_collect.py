@@ -1,0 +1,152 @@
+"""What JAX gives the core: per-example gradients, K-FAC layer statistics, oracles, collectives.
+
+Everything here is autodiff plumbing (vmap, grad, jvp, the perturbation pass) and reshaping;
+the curvature math is in grng_core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+import grng_core as gc
+from grng_jax._layers import describe
+from grng_jax._tags import Collector, collecting
+
+
+def batch_size(batch) -> int:
+    leaves = jax.tree_util.tree_leaves(batch)
+    if not leaves:
+        raise ValueError("batch holds no arrays")
+    sizes = {x.shape[0] if x.ndim else None for x in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError("every leaf of batch needs the same leading batch axis, got shapes "
+                         f"{[tuple(x.shape) for x in leaves]}")
+    return sizes.pop()
+
+
+def per_example_grads(loss_fn: Callable, treedef, leaves: list, batch, key=None) -> list:
+    """Leaf (B, *shape) = grad of l_i: ``vmap`` over examples of ``grad`` of the loss on a
+    one-example batch. `key` (for a sampled loss ``loss_fn(params, batch, key)``) is folded with
+    the example's index so that every example draws its own sample."""
+
+    def one(example, i):
+        ex = jax.tree_util.tree_map(lambda x: x[None], example)
+
+        def f(lv):
+            p = jax.tree_util.tree_unflatten(treedef, lv)
+            return loss_fn(p, ex) if key is None else loss_fn(p, ex, jax.random.fold_in(key, i))
+
+        return jax.grad(f)(leaves)
+
+    n = batch_size(batch)
+    return jax.vmap(one)(batch, jnp.arange(n))
+
+
+def _at_least_f32(x):
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def layer_stats(loss_fn: Callable, treedef, leaves: list, batch,
+                specs: Sequence[tuple[int, int | None]], params_for_names=None,
+                key=None) -> list[gc.LayerStats]:
+    """K-FAC statistics of the layers `specs` ((weight, bias) leaf indices) by the perturbation
+    trick (see grng_jax._tags): one abstract trace finds the tagged calls and their output
+    shapes, then one forward and backward pass with a zero perturbation on every output
+    returns each layer's inputs a and output gradients dL/dz; rows s = B * dL/dz.
+
+    A kernel called several times (shared weights, positions unrolled by hand) gets the rows of
+    every call. Raises ValueError when a layer of `specs` is not called through a tagged layer.
+    """
+    def loss_of(lv, perturbs):
+        p = jax.tree_util.tree_unflatten(treedef, lv)
+        col = Collector(lv, perturbs)
+        with collecting(col):
+            out = loss_fn(p, batch) if key is None else loss_fn(p, batch, key)
+        return out, col
+
+    found: list = []
+
+    def discover(lv):
+        out, col = loss_of(lv, None)
+        found.extend(col.calls)
+        return out
+
+    jax.eval_shape(discover, leaves)
+    wanted = {w: b for w, b in specs}
+    calls = [c for c in found if c.weight in wanted]
+    names = params_for_names if params_for_names is not None else \
+        jax.tree_util.tree_unflatten(treedef, leaves)
+    for w, b in specs:
+        mine = [c for c in calls if c.weight == w]
+        if not mine:
+            raise ValueError(
+                f"K-FAC layer {describe(names, w)!r} was not called through a tagged dense layer "
+                "in loss_fn, so its inputs and output gradients cannot be collected: call it "
+                "with grng_jax.dense(x, kernel, bias) (or flax.linen.Dense) on the params leaves "
+                "themselves, or choose the layers with layers=[...] (layers=None: none, every "
+                "leaf diagonal), or use structure='diagonal' or 'woodbury'")
+        for c in mine:
+            if c.bias != b:
+                got = "no bias" if c.bias is None else f"bias {describe(names, c.bias)!r}"
+                want = "no bias" if b is None else f"bias {describe(names, b)!r}"
+                raise ValueError(f"K-FAC layer {describe(names, w)!r} is declared with {want} "
+                                 f"but the model calls it with {got}")
+
+    perturbs = [jnp.zeros(c.out_shape, c.out_dtype) for c in found]
+
+    def f(perturbs):
+        out, col = loss_of(leaves, perturbs)
+        return out, [c.inputs for c in col.calls]
+
+    dz, inputs = jax.grad(f, has_aux=True)(perturbs)
+    n = batch_size(batch)
+    out = []
+    for w, b in specs:
+        idx = [k for k, c in enumerate(found) if c.weight == w]
+        d_in = leaves[w].shape[0]
+        d_out = leaves[w].shape[1]
+        a = [jnp.reshape(inputs[k], (-1, d_in)) for k in idx]
+        s = [jnp.reshape(_at_least_f32(dz[k]) * n, (-1, d_out)) for k in idx]
+        a = a[0] if len(a) == 1 else jnp.concatenate(a, axis=0)
+        s = s[0] if len(s) == 1 else jnp.concatenate(s, axis=0)
+        out.append(gc.LayerStats(weight=w, bias=b, inputs=a, output_grads=s, transposed=True))
+    return out
+
+
+def pmean(tree, axis_name):
+    if axis_name is None:
+        return tree
+    return jax.tree_util.tree_map(lambda x: lax.pmean(x, axis_name), tree)
+
+
+def collective(axis_name) -> gc.Collective | None:
+    """Replica mean and tiled gather over `axis_name` (pmap / shard_map), or None."""
+    if axis_name is None:
+        return None
+    return gc.Collective(mean=lambda x: lax.pmean(x, axis_name),
+                         gather=lambda x: lax.all_gather(x, axis_name, tiled=True))
+
+
+def oracle(loss_fn: Callable, treedef, batch, axis_name, need_grad: bool,
+           need_hvp: bool) -> gc.Oracle:
+    """grad_fn(leaves) and hvp_fn(leaves, v) of the batch loss (lists like the params leaves),
+    replica-averaged under `axis_name`: the gradient by ``grad``, H v by ``jvp`` of ``grad``."""
+
+    def grad_leaves(lv):
+        p = jax.tree_util.tree_unflatten(treedef, lv)
+        return jax.tree_util.tree_leaves(jax.grad(loss_fn)(p, batch))
+
+    def grad_fn(lv):
+        return pmean(grad_leaves(list(lv)), axis_name)
+
+    def hvp_fn(lv, v):
+        lv, v = list(lv), [jnp.asarray(x).astype(p.dtype) for x, p in zip(v, lv)]
+        _, hv = jax.jvp(grad_leaves, (lv,), (v,))
+        return pmean(hv, axis_name)
+
+    return gc.Oracle(grad_fn=grad_fn if need_grad else None,
+                     hvp_fn=hvp_fn if need_hvp else None)

@@ -1,0 +1,154 @@
+"""Dense layers that expose their inputs and output gradients (K-FAC statistics in JAX).
+
+JAX computes no side results: a layer's output gradient dL/dz is obtained with the perturbation
+trick. While the optimizer collects statistics it runs the loss once more with a zero array p_k
+added to the output of every tagged dense layer k (z_k + p_k); the gradient of the loss with
+respect to p_k is dL/dz_k, and the layer inputs a_k are returned beside the loss. Outside that
+pass (training, evaluation, per-example gradients, oracles) a tagged layer is a plain
+``x @ kernel + bias``.
+
+A layer is tagged by calling it through :func:`dense` (plain ``jax.numpy`` models) or by using
+``flax.linen.Dense`` (intercepted automatically, no model change). The weight is recognised by
+identity: ``kernel`` (and ``bias``) must be the leaves of the params pytree handed to the
+optimizer, not arrays computed from them (no cast, no transpose), and the call must not sit
+inside a nested transformation (``vmap``, ``scan``, ``remat``) of the loss. A call that does not
+qualify is left untagged: its leaves are preconditioned by the diagonal unless the layer was
+registered for K-FAC, in which case the update raises a ValueError saying how to fix it.
+
+Flax NNX and Equinox layers are not intercepted: write their dense layers with :func:`dense`.
+Convolutions are not registered (their kernels use the diagonal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("grng_jax_collector", default=None)
+
+
+def _trace_state():
+    try:
+        return jax.extend.core.get_opaque_trace_state(convention="grng_jax")
+    except Exception:  # pragma: no cover - older or newer JAX without it: skip the check
+        return None
+
+
+class Call(NamedTuple):
+    """One tagged dense call: params leaf indices, its input and output avals."""
+
+    weight: int
+    bias: int | None
+    inputs: Any  # the input array (a tracer of the collecting pass), or its aval
+    out_shape: tuple
+    out_dtype: Any
+
+
+class Collector:
+    """Records tagged dense calls while the loss runs (see the module docstring).
+
+    leaves: the params leaves exactly as the loss receives them (identity is the registry).
+    perturbs: None to only record the calls (shape discovery), else one zero array per
+        recorded call in order, added to the layer output.
+    """
+
+    def __init__(self, leaves, perturbs=None):
+        self.ids = {id(x): i for i, x in enumerate(leaves)}
+        self.perturbs = perturbs
+        self.calls: list[Call] = []
+        self._trace = None
+        self._token = None
+
+    def __enter__(self):
+        self._trace = _trace_state()
+        self._token = _ACTIVE.set(self)
+        return self
+
+    def __exit__(self, *exc):
+        _ACTIVE.reset(self._token)
+        return False
+
+    def tag(self, x, kernel, bias, z):
+        w = self.ids.get(id(kernel))
+        if w is None or getattr(kernel, "ndim", 0) != 2:
+            return z
+        b = None
+        if bias is not None:
+            b = self.ids.get(id(bias))
+            if b is None:  # a computed bias: the layer cannot be registered
+                return z
+        if self._trace is not None and _trace_state() != self._trace:
+            return z  # inside a nested transformation of the loss: untagged
+        k = len(self.calls)
+        self.calls.append(Call(w, b, x, tuple(z.shape), z.dtype))
+        if self.perturbs is not None:
+            if k >= len(self.perturbs):
+                raise RuntimeError(
+                    "grng_jax: the loss called more tagged dense layers while collecting "
+                    "statistics than while its shapes were traced; the model must call the "
+                    "same layers in the same order on every evaluation")
+            z = z + self.perturbs[k].astype(z.dtype)
+        return z
+
+
+def dense(x, kernel, bias=None, *, precision=None):
+    """``x @ kernel + bias`` (kernel of shape (d_in, d_out), Flax layout), tagged for K-FAC.
+
+    Use it for the dense layers of a plain ``jax.numpy`` model: the GRNG optimizers then
+    collect the layer's inputs and output gradients on curvature steps. Inputs may have any
+    leading axes (batch, sequence positions); every row counts as one K-FAC sample.
+    """
+    z = jnp.matmul(x, kernel, precision=precision)
+    if bias is not None:
+        z = z + bias
+    col = _ACTIVE.get()
+    if col is not None:
+        z = col.tag(x, kernel, bias, z)
+    return z
+
+
+def init_dense(key, d_in: int, d_out: int, *, bias: bool = True, dtype=jnp.float32,
+               scale: float = 1.0) -> dict:
+    """Params of one dense layer: ``{"kernel": (d_in, d_out), "bias": (d_out,)}``.
+
+    kernel ~ N(0, scale²/d_in) (LeCun normal), bias = 0. The ``kernel``/``bias`` names are what
+    ``layers="auto"`` looks for when the optimizer state is built.
+    """
+    w = jax.random.normal(key, (d_in, d_out), dtype) * jnp.asarray(scale / d_in**0.5, dtype)
+    out = {"kernel": w}
+    if bias:
+        out["bias"] = jnp.zeros((d_out,), dtype)
+    return out
+
+
+def _flax_interceptor(col: Collector):
+    import flax.linen as nn
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        mod = context.module
+        if (context.method_name == "__call__" and isinstance(mod, nn.Dense) and args
+                and mod.has_variable("params", "kernel")):
+            kernel = mod.get_variable("params", "kernel")
+            bias = mod.get_variable("params", "bias") if mod.has_variable("params", "bias") \
+                else None
+            out = col.tag(args[0], kernel, bias, out)
+        return out
+
+    return interceptor
+
+
+@contextlib.contextmanager
+def collecting(col: Collector):
+    """Activate `col` for :func:`dense` and, when Flax is loaded, for ``flax.linen.Dense``."""
+    with col, contextlib.ExitStack() as stack:
+        if "flax.linen" in sys.modules:
+            import flax.linen as nn
+
+            stack.enter_context(nn.intercept_methods(_flax_interceptor(col)))
+        yield col

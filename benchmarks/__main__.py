@@ -1,0 +1,154 @@
+"""``python -m benchmarks`` (``grng-bench``): the GRNG benchmark suite.
+
+    python -m benchmarks            # default: digits MLP, every optimizer, sweep, 5 seeds
+    python -m benchmarks --quick    # smoke run, under 2 minutes on a 2-core CPU
+    python -m benchmarks --full     # every task, heavyball peers, bigger sweep, 5 seeds
+    python -m benchmarks --stepcost # also the step-cost microbenchmark (benchmarks.stepcost)
+
+The report (report.md, results.json, PNG plots) goes to results/<name or timestamp>/; the main
+table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+PRESETS = {
+    # tasks, seeds, epochs override (None = the task's own)
+    "quick": {"tasks": ["digits_mlp"], "seeds": 2, "epochs": 6},
+    "default": {"tasks": ["digits_mlp"], "seeds": 5, "epochs": None},
+    "full": {"tasks": ["digits_mlp", "digits_cnn", "logreg", "char_lm"], "seeds": 5,
+             "epochs": None},
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="smoke run (< 2 min)")
+    g.add_argument("--full", action="store_true", help="every task and peer")
+    p.add_argument("--tasks", nargs="+", help="task names (digits_mlp digits_cnn logreg char_lm)")
+    p.add_argument("--optimizers", nargs="+", help="optimizer keys (default: the preset's)")
+    p.add_argument("--seeds", type=int, help="number of seeds")
+    p.add_argument("--epochs", type=int, help="epochs per run (default: the task's)")
+    p.add_argument("--subset", type=int, help="use only the first N training examples")
+    p.add_argument("--out", type=Path, help="output folder (default results/<name>)")
+    p.add_argument("--name", help="results sub-folder name (default: preset + timestamp)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--stepcost", action="store_true",
+                   help="also run the step-cost microbenchmark (python -m benchmarks.stepcost)")
+    p.add_argument("--stepcost-only", action="store_true", help="only the microbenchmark")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads for the suite (default 1: the models are small, "
+                        "and one thread is steadier on a shared machine; the step-cost "
+                        "benchmark uses every core)")
+    return p.parse_args(argv)
+
+
+def environment(threads: int | None = None) -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    env = {"python": platform.python_version(), "machine": _cpu_name(),
+           "cores": os.cpu_count(), "torch": torch.__version__,
+           "torch threads": torch.get_num_threads(), "load average at start": load_average()}
+    for dist in ("jax", "optax", "asdfghjkl", "pytorch-optimizer", "ivon-opt", "heavyball",
+                 "kfac-jax", "numpy", "scikit-learn"):
+        try:
+            env[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            env[dist] = "not installed"
+    return env
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages (other work on the machine skews the timings)."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except (OSError, AttributeError):
+        return "n/a"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def quiet_peer_warnings() -> None:
+    """Silence two known, harmless warnings the peers trigger on every step (ASDL's module
+    backward hooks; SophiaH's backward(create_graph=True), whose cycle the stepper breaks)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Using a non-full backward hook")
+    warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quiet_peer_warnings()
+    preset = "quick" if args.quick else "full" if args.full else "default"
+    cfg = PRESETS[preset]
+    name = args.name or f"{preset}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    outdir = args.out or Path("results") / name
+    command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (
+        sys.argv[1:] if argv is None else argv))
+    env = environment(args.threads)
+    t_start = time.perf_counter()
+    if not args.stepcost_only:
+        from benchmarks.harness import run_suite
+        from benchmarks.optimizers import select_specs
+        from benchmarks.report import write_report
+        from benchmarks.tasks import make_task
+
+        tasks = [make_task(t, subset=args.subset) for t in (args.tasks or cfg["tasks"])]
+        for t in tasks:
+            if args.epochs or cfg["epochs"]:
+                t.epochs = args.epochs or cfg["epochs"]
+        specs = select_specs(preset, args.optimizers)
+        seeds = args.seeds or cfg["seeds"]
+        print(f"GRNG benchmark [{preset}]: {len(tasks)} task(s) x {len(specs)} optimizers x "
+              f"{seeds} seed(s) -> {outdir}", flush=True)
+        results, info = run_suite(tasks, specs, preset, seeds,
+                                  progress=not args.no_progress)
+        env["suite wall time"] = f"{time.perf_counter() - t_start:.1f} s"
+        env["load average at end"] = load_average()
+        report, table = write_report(results, info, tasks, specs, outdir, env, command,
+                                     plots=not args.no_plots)
+        print()
+        print(table)
+        print()
+        for k, v in info["unavailable"].items():
+            print(f"not run: {k}: {v}")
+        print(f"report: {report}  ({env['suite wall time']})")
+    if args.stepcost or args.stepcost_only:
+        import torch
+
+        from benchmarks import stepcost
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        sc_args = ["--out", str(outdir)] + (["--quick"] if preset == "quick" else [])
+        stepcost.main(sc_args)
+    print(f"total wall time {time.perf_counter() - t_start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Cheap checks of the benchmark harness (benchmarks/): FLOP counting, report formatting,
+target logic, data, and a tiny end-to-end run. Optional peer packages (ASDL, pytorch-optimizer,
+IVON, heavyball, kfac-jax, matplotlib, tqdm) are skipped when absent: the test extra lacks them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from benchmarks import flops as F  # noqa: E402
+from benchmarks import report as R  # noqa: E402
+from benchmarks.harness import RunResult, best_of, final_runs  # noqa: E402
+
+
+def _has(mod: str) -> bool:
+    return importlib.util.find_spec(mod) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP counter
+
+
+def test_flop_counter_matches_hand_count_for_mlp():
+    from benchmarks.models import mlp
+
+    sizes, b = (20, 16, 12, 3), 7
+    model = mlp(sizes, "relu")
+    x, y = torch.randn(b, sizes[0]), torch.randint(0, 3, (b,))
+    with F.MatmulRecorder() as rec:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    # hand count: forward 2*B*(20*16 + 16*12 + 12*3); weight grads the same; input grads of
+    # the last two layers only
+    fwd = 2 * b * (20 * 16 + 16 * 12 + 12 * 3)
+    hand = fwd + fwd + 2 * b * (16 * 12 + 12 * 3)
+    assert rec.flops == hand == F.mlp_fb_flops(sizes, b)
+    assert sum(rec.ops.values()) == 3 + 3 + 2
+
+
+def test_flop_formulas_of_factorisations_and_products():
+    assert F.op_flops(("mm", 1, 4, 5, 6)) == 2 * 4 * 5 * 6
+    assert F.op_flops(("mm", 3, 4, 5, 6)) == 3 * 2 * 4 * 5 * 6
+    assert F.op_flops(("chol", 1, 9, 0, 0)) == pytest.approx(9**3 / 3)
+    assert F.op_flops(("trsm", 1, 9, 0, 2)) == 9 * 9 * 2
+    A = torch.randn(6, 6, dtype=torch.float64)
+    A = A @ A.T + 6 * torch.eye(6, dtype=torch.float64)
+    with F.MatmulRecorder() as rec:
+        L = torch.linalg.cholesky(A)
+        torch.linalg.solve_triangular(L, torch.eye(6, dtype=torch.float64), upper=False)
+    kinds = {k[0] for k in rec.ops}
+    assert {"chol", "trsm"} <= kinds
+
+
+def test_conv_flops_match_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.models import small_cnn
+
+    model = small_cnn()
+    x, y = torch.randn(3, 1, 8, 8), torch.randint(0, 10, (3,))
+    with F.MatmulRecorder() as rec:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    with FlopCounterMode(display=False) as fc:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert rec.flops == fc.get_total_flops()
+
+
+def test_subtract_is_a_multiset_difference():
+    from collections import Counter
+
+    a = Counter({("mm", 1, 2, 3, 4): 25, ("chol", 1, 5, 0, 0): 2})
+    part = Counter({("mm", 1, 2, 3, 4): 2})
+    own = F.subtract(a, part, 10)
+    assert own == Counter({("mm", 1, 2, 3, 4): 5, ("chol", 1, 5, 0, 0): 2})
+
+
+def test_throughput_ideal_time_is_flops_over_rate():
+    from collections import Counter
+
+    tp = F.Throughput(min_time=0.001)
+    rate = tp.of(8, 8, 8)
+    assert rate > 0
+    t = tp.ideal_time(Counter({("mm", 1, 8, 8, 8): 3}))
+    assert t == pytest.approx(3 * 2 * 8**3 / rate)
+
+
+# ---------------------------------------------------------------------------------------------
+# report formatting from synthetic results
+
+
+def _run(opt, seed, test, ttt, gnorm, *, label=None, hp=None, sweep=False, status="ok"):
+    r = RunResult("digits_mlp", opt, label or opt.upper(), hp or {"lr": 0.1}, seed,
+                  status=status, sweep=sweep)
+    r.final_test, r.final_valid, r.final_loss = test, test, 0.1
+    r.select_valid = test
+    r.time_to_target, r.grad_norm = ttt, gnorm
+    r.step_time, r.fb_time, r.peak_mem_mb = 0.002, 0.0005, 1.0
+    return r
+
+
+def test_fmt_pm_and_markdown_table():
+    assert R.fmt_pm([0.94, 0.96], 3) == "0.950 ± 0.014"
+    assert R.fmt_pm([0.5], 2) == "0.50"
+    assert R.fmt_pm([math.nan, None], 2) == "–"
+    t = R.markdown_table(["a", "b"], [["x", "1"], ["y", "2"]])
+    assert t.splitlines() == ["| a | b |", "| --- | ---: |", "| x | 1 |", "| y | 2 |"]
+
+
+def test_results_table_aggregates_over_seeds():
+    runs = [_run("ring", 0, 0.96, 1.0, 0.01), _run("ring", 1, 0.98, 3.0, 0.03),
+            _run("adamw", 0, 0.90, math.nan, 0.2)]
+    rows = R.summary_rows(runs)
+    table = R.results_table(rows, "accuracy")
+    lines = table.splitlines()
+    assert len(lines) == 2 + 2
+    ring = next(line for line in lines if line.startswith("| RING"))
+    assert "0.9700 ± 0.0141" in ring  # test accuracy
+    assert "2.00 ± 1.41" in ring  # time to target
+    assert "| 2/2 |" in ring
+    assert "1.50" in ring  # optimizer overhead (ms) = 2.0 - 0.5
+    adam = next(line for line in lines if line.startswith("| ADAMW"))
+    assert "| 0/1 |" in adam and "| – |" in adam
+
+
+def test_digits_target_logic():
+    runs = [_run("ring", s, 0.97, 1.0, 0.01, label="RING") for s in range(2)]
+    runs += [_run("adamw", s, 0.95, 2.0, 0.1, label="AdamW") for s in range(2)]
+    runs += [_run("asdl_kfac", s, 0.96, 1.5, 0.02, label="K-FAC") for s in range(2)]
+    lines = R.digits_targets(R.summary_rows(runs))
+    assert "MET" in lines[0] and "NOT MET" not in lines[0]
+    # slower than K-FAC: not met
+    runs[-1].time_to_target = runs[-2].time_to_target = 0.5
+    lines = R.digits_targets(R.summary_rows(runs))
+    assert "NOT MET" in lines[0]
+    # a seed that misses the target counts as infinitely slow
+    runs[0].time_to_target = math.nan
+    runs[-1].time_to_target = runs[-2].time_to_target = 5.0
+    assert "NOT MET" in R.digits_targets(R.summary_rows(runs))[0]
+
+
+def test_selection_uses_validation_not_test():
+    from benchmarks.tasks import make_task
+
+    task = make_task("digits_mlp", subset=64)
+    a = _run("ring", 0, 0.9, 1.0, 0.1, hp={"lr": 0.1}, sweep=True)
+    b = _run("ring", 0, 0.9, 1.0, 0.1, hp={"lr": 0.3}, sweep=True)
+    a.select_valid, a.final_test = 0.95, 0.80
+    b.select_valid, b.final_test = 0.90, 0.99
+    c = _run("ring", 0, 0.9, 1.0, 0.1, hp={"lr": 1.0}, sweep=True, status="diverged")
+    c.select_valid = math.nan
+    assert best_of(task, [a, b, c]) is a
+    info = {"selected": {"digits_mlp/ring": {"lr": 0.1}}}
+    later = _run("ring", 1, 0.9, 1.0, 0.1, hp={"lr": 0.1})
+    assert final_runs([a, b, c, later], info) == [a, later]
+
+
+def test_stepcost_tables_and_targets_from_synthetic_results():
+    from benchmarks import stepcost as S
+
+    res = {"threads": 2, "refresh_every": 10, "peak_square_gflops": 50.0, "batches": {
+        1024: {"fb": 0.010, "hvp_extra": 0.012, "rows": {
+            "adamw": {"label": "AdamW", "time": 0.012},
+            "asdl_kfac": {"label": "K-FAC (ASDL)", "time": 0.030},
+            "ring": {"label": "RING (kfac)", "time": 0.025, "own_flops": 1e9,
+                     "ideal_time": 0.009},
+            "reng": {"label": "RENG", "time": 0.040},
+            "rkalman": {"label": "R-Kalman (kfac)", "time": 0.035},
+            "ring_woodbury": {"label": "RING (woodbury)", "error": "skipped: too big"},
+        }, "jax": {"jax_fb": {"label": "fb", "time": 0.005},
+                   "kfac_jax": {"label": "kfac-jax", "error": "not runnable: X"}}}}}
+    lines = S.targets(res)
+    text = "\n".join(lines)
+    assert "RING kfac 25.00 ms vs ASDL K-FAC 30.00 ms" in text and "0.83x -> MET" in text
+    assert "RENG (double backprop) 40.00 ms vs RING + HVP extra 37.00 ms: 1.08x -> NOT MET" \
+        in text
+    assert "1.40x -> NOT MET (target <= 1.3x)" in text
+    assert "skipped: too big" in text
+    assert "60% of the measured matmul throughput" in text and "MET (target >= 50%)" in text
+    tables = S.tables(res)
+    assert "| RING (kfac) | 25.00 | 2.08 | 2.50 | 1.000 | 66.7 | 60% |" in tables
+    assert "not runnable: X" in tables
+
+
+# ---------------------------------------------------------------------------------------------
+# data and tasks
+
+
+def test_data_splits_are_fixed_and_disjoint():
+    from benchmarks import data as D
+
+    a, b = D.digits(), D.digits()
+    assert np.array_equal(a.x_test, b.x_test) and np.array_equal(a.y_train, b.y_train)
+    n = len(a.x_train) + len(a.x_valid) + len(a.x_test)
+    assert n == 1797
+    lr = D.ill_conditioned_logreg(n=600, d=20, cond=1e4)
+    ev = np.linalg.eigvalsh(np.cov(lr.x_train.T))
+    assert ev.max() / ev.min() > 1e3  # ill-conditioned inputs
+    assert 0.5 < lr.meta["bayes_accuracy"] <= 1.0
+
+
+def test_char_corpus_is_real_text_available_offline():
+    from benchmarks import data as D
+
+    c = D.char_corpus()
+    assert len(c.train) > 30_000 and c.n_classes == len(c.vocab)
+    x, y = c.windows(c.train, 16, 4, np.random.default_rng(0))
+    assert x.shape == y.shape == (4, 16)
+    assert np.array_equal(x[:, 1:], y[:, :-1])  # targets are the next characters
+    text = "".join(c.vocab[i] for i in c.train[:2000])
+    assert text.count(" ") > 100  # prose, not noise
+
+
+def test_bits_per_char_metric():
+    from benchmarks.tasks import Task
+
+    t = Task("x", "x", None, 1, 1, "bpc", 3.0, {})
+    logits = np.zeros((4, 8))  # uniform over 8 symbols: 3 bits
+    assert t.metric_from_logits(logits, np.arange(4)) == pytest.approx(3.0)
+    assert t.reached(2.9) and not t.reached(3.1) and not t.reached(math.nan)
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end
+
+
+def test_tiny_run_writes_a_report(tmp_path, capsys):
+    from benchmarks.__main__ import main
+
+    opts = ["sgd", "adamw"] + (["ring"] if _has("grng_torch") else [])
+    rc = main(["--quick", "--optimizers", *opts, "--epochs", "1", "--subset", "256",
+               "--seeds", "1", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| optimizer | selected | test acc |" in report
+    assert "| AdamW |" in report and "| SGD (momentum) |" in report
+    assert (tmp_path / "results.json").exists()
+    if _has("matplotlib"):
+        assert (tmp_path / "digits_mlp.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "| AdamW |" in out  # the table is printed at the end
+
+
+@pytest.mark.parametrize("key,mods", [
+    ("asdl_kfac", ("asdl",)), ("sophiah", ("pytorch_optimizer",)),
+    ("sam", ("pytorch_optimizer",)), ("ivon", ("ivon",)),
+])
+def test_peer_runs_one_epoch_when_installed(key, mods):
+    for m in mods:
+        pytest.importorskip(m)
+    from benchmarks.harness import run_one
+    from benchmarks.optimizers import all_specs
+    from benchmarks.tasks import make_task
+
+    task = make_task("digits_mlp", subset=256)
+    spec = next(s for s in all_specs() if s.key == key)
+    r = run_one(task, spec, spec.base, 0, 1, math.nan)
+    assert r.status == "ok", r.status
+    assert r.steps == task.n_steps_per_epoch() and math.isfinite(r.grad_norm)
