@@ -1,8 +1,9 @@
 """Non-finite steps leave everything untouched (issue: reliability).
 
-`finite(arrays)` is one boolean array; the optimizer selects the old state and zero updates
-with `xp.where` when it is false (jit-safe), or — with concrete values — skips the work,
-warns naming what was non-finite, or raises (`on_nonfinite="raise"`).
+`finite(arrays)` is one boolean array over the update and the state the step recomputed; the
+optimizer selects the old state and zero updates with `xp.where` when it is false (jit-safe),
+or — with concrete values — returns them directly and `explain` warns naming what was
+non-finite, or raises (`on_nonfinite="raise"`).
 """
 
 from __future__ import annotations
@@ -50,22 +51,14 @@ def tree_map2(fn, a, b):
     return fn(a, b)
 
 
-def report(groups: dict, xp, on_nonfinite: str) -> bool | None:
-    """Host-side verdict: True (all finite), False (after warning), or None when traced.
-
-    groups: {description: finite-flag array}. Raises FloatingPointError for "raise".
-    """
-    flags = list(groups.values())
-    ok = flags[0]
-    for f in flags[1:]:
-        ok = ok & f
-    host = concrete_bool(ok)
-    if host is None or host:
-        return host
-    bad = [name for name, f in groups.items() if not concrete_bool(f)]
-    msg = (f"non-finite values (NaN or Inf) in {', '.join(bad)}: "
+def explain(groups: dict, xp, on_nonfinite: str) -> None:
+    """After a failed check (concrete values): warn, or raise FloatingPointError for
+    on_nonfinite="raise", naming the groups ({description: arrays}) that hold NaN or Inf."""
+    bad = [name for name, arrays in groups.items()
+           if arrays and not concrete_bool(finite(arrays, xp))]
+    where = ", ".join(bad) if bad else "another replica's inputs"
+    msg = (f"non-finite values (NaN or Inf) in {where}: "
            "the step was skipped, parameters and optimizer state are unchanged")
     if on_nonfinite == "raise":
         raise FloatingPointError(msg.replace("the step was skipped", "refusing the step"))
     warnings.warn(msg, RuntimeWarning, stacklevel=4)
-    return False

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grng_core import estimators, guard, tail
+from grng_core.concrete import concrete_bool
 from grng_core.context import StepContext, select
 from grng_core.hyperparams import is_static_zero, value_at
 from grng_core.linalg import default_tol
@@ -141,30 +142,28 @@ class Optimizer:
         new_state["step"] = t
         new_state["skipped"] = state["skipped"]
 
-        used_stats = [] if curvature is False else (pe or []) + layer_arrays
-        groups = {
-            "gradients": guard.finite(g, xp),
-            "the regularized gradient (oracle results)": (
-                None if ghat is g else guard.finite(ghat, xp)),
-            "curvature statistics": guard.finite(used_stats, xp) if used_stats else None,
-            "the update": guard.finite(updates, xp),
-            "the new optimizer state": guard.finite(guard.changed_leaves(new_state, state), xp),
-        }
-        groups = {k: v for k, v in groups.items() if v is not None}
+        # A non-finite gradient, statistic or oracle result always reaches the update or the
+        # state this step recomputed, so checking those two is enough; the culprit is named
+        # (from the inputs) only after a failure, off the hot path.
+        ok = guard.finite(updates + guard.changed_leaves(new_state, state), xp)
         if collective is not None and collective.mean is not None:
             # one verdict for all replicas: a step skipped anywhere is skipped everywhere
-            flags = mean(xp.astype(xp.stack(list(groups.values())), sdtype))
-            groups = {k: flags[i] >= 1 for i, k in enumerate(groups)}
-        verdict = guard.report(groups, xp, h["on_nonfinite"])
-        if verdict:
+            ok = mean(xp.astype(ok, sdtype)) >= 1
+        host_ok = concrete_bool(ok)
+        if host_ok:
             return container.build(updates), new_state
         skipped = {**state, "skipped": state["skipped"] + 1}
         zeros = [xp.zeros_like(u) for u in updates]
-        if verdict is False:
+        if host_ok is False:
+            used_stats = [] if curvature is False else (pe or []) + layer_arrays
+            guard.explain({
+                "gradients": g,
+                "the regularized gradient (oracle results)": [] if ghat is g else ghat,
+                "curvature statistics": used_stats,
+                "the update": updates,
+                "the new optimizer state": guard.changed_leaves(new_state, state),
+            }, xp, h["on_nonfinite"])
             return container.build(zeros), skipped
-        ok = None
-        for f in groups.values():
-            ok = f if ok is None else ok & f
         kept = guard.tree_map2(lambda n, o: xp.where(ok, n, o), new_state, skipped)
         kept["skipped"] = state["skipped"] + xp.astype(~ok, xp.int32, copy=False)
         return container.build([xp.where(ok, u, z) for u, z in zip(updates, zeros)]), kept
