@@ -75,9 +75,7 @@ def _to_host(x, where: str) -> np.ndarray:
         if array_api_compat.is_torch_array(x):
             x = x.detach()
             if str(x.dtype) == "torch.bfloat16":  # NumPy has no bfloat16; widening is exact
-                import torch
-
-                x = x.to(torch.float32)
+                x = x.float()
             return x.cpu().numpy().copy()
         if array_api_compat.is_cupy_array(x):
             return x.get()
@@ -313,23 +311,10 @@ def _place(a: np.ndarray, like):
     a = np.asarray(a, order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
     if isinstance(like, (np.ndarray, np.generic)):  # NumPy ops turn 0-d arrays into scalars
         return np.array(a, dtype=like.dtype, copy=True)
-    if array_api_compat.is_jax_array(like):
-        import jax
-
-        out = jax.device_put(a, getattr(like, "sharding", None))
-        return out if out.dtype == like.dtype else out.astype(like.dtype)
-    if array_api_compat.is_torch_array(like):
-        import torch
-
-        return torch.from_numpy(a.copy()).to(device=like.device, dtype=like.dtype)
     xp = array_api_compat.array_namespace(like)
-    if array_api_compat.is_cupy_array(like):
-        import cupy
-
-        with cupy.cuda.Device(like.device.id):
-            out = cupy.asarray(a)
-        return out if out.dtype == like.dtype else out.astype(like.dtype)
-    out = xp.asarray(a, device=array_api_compat.device(like))
+    # the array API's asarray places a copy on like's device (a jax device or sharding, a torch
+    # device, a CuPy device), with no framework import here
+    out = xp.asarray(a, device=array_api_compat.device(like), copy=True)
     return out if out.dtype == like.dtype else xp.astype(out, like.dtype)
 
 
