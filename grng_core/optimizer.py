@@ -142,10 +142,12 @@ class Optimizer:
         new_state["step"] = t
         new_state["skipped"] = state["skipped"]
 
-        # A non-finite gradient, statistic or oracle result always reaches the update or the
-        # state this step recomputed, so checking those two is enough; the culprit is named
-        # (from the inputs) only after a failure, off the hot path.
-        ok = guard.finite(updates + guard.changed_leaves(new_state, state), xp)
+        # A non-finite gradient or oracle result always reaches the update or the state this
+        # step recomputed; statistics are checked themselves wherever the step may consume
+        # them (a where-selected refresh would hide them). The culprit is named only after a
+        # failure, off the hot path.
+        used_stats = [] if curvature is False else (pe or []) + layer_arrays
+        ok = guard.finite(updates + guard.changed_leaves(new_state, state) + used_stats, xp)
         if collective is not None and collective.mean is not None:
             # one verdict for all replicas: a step skipped anywhere is skipped everywhere
             ok = mean(xp.astype(ok, sdtype)) >= 1
@@ -155,7 +157,6 @@ class Optimizer:
         skipped = {**state, "skipped": state["skipped"] + 1}
         zeros = [xp.zeros_like(u) for u in updates]
         if host_ok is False:
-            used_stats = [] if curvature is False else (pe or []) + layer_arrays
             guard.explain({
                 "gradients": g,
                 "the regularized gradient (oracle results)": [] if ghat is g else ghat,
