@@ -7,7 +7,6 @@ range) and returns an `Optimizer` whose `update` ends with the common tail of §
 from __future__ import annotations
 
 from grng_core import kalman, preconditioner
-from grng_core.context import select
 from grng_core.hyperparams import (
     ESTIMATORS,
     FD_SCHEMES,
@@ -192,4 +191,4 @@ def rkalman(lr=1.0, rho=0.05, *, structure="woodbury", gr="finite_difference",
     return Optimizer("rkalman", h, _requirements(h, True), _rkalman_direction, _init_rkalman)
 
 
-__all__ = ["reng", "ring", "rkalman", "select"]
+__all__ = ["reng", "ring", "rkalman"]

@@ -15,7 +15,7 @@ from typing import Any
 
 from grng_core import estimators, guard, tail
 from grng_core.concrete import concrete_bool
-from grng_core.context import StepContext, select
+from grng_core.context import StepContext
 from grng_core.hyperparams import is_static_zero, value_at
 from grng_core.linalg import default_tol
 from grng_core.tree import Container, device, flatten, leaves_like, namespace
@@ -236,4 +236,4 @@ def _check_state(state, opt, leaves):
                                  f"{tuple(m.shape)} vs parameter {tuple(p.shape)}")
 
 
-__all__ = ["Optimizer", "select"]
+__all__ = ["Optimizer"]
