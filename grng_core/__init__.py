@@ -11,14 +11,26 @@ and trace under `jax.jit`::
     params = gc.apply_updates(params, updates)
 """
 
+from grng_core._version import __version__
 from grng_core.algorithms import reng, ring, rkalman
 from grng_core.apply import apply_updates
 from grng_core.checkpoint import load_state, read_metadata, save_state
+from grng_core.config import RENGConfig, RINGConfig, RKalmanConfig
 from grng_core.linalg import InverseError
 from grng_core.optimizer import Optimizer
+from grng_core.state import Belief, KfacLayer, LayerLayout, OptState, Preconditioner
 from grng_core.types import Collective, LayerSpec, LayerStats, Oracle, Requirements, Stats
 
 __all__ = [
+    "__version__",
+    "Belief",
+    "KfacLayer",
+    "LayerLayout",
+    "OptState",
+    "Preconditioner",
+    "RENGConfig",
+    "RINGConfig",
+    "RKalmanConfig",
     "Collective",
     "InverseError",
     "LayerSpec",
@@ -35,4 +47,3 @@ __all__ = [
     "ring",
     "rkalman",
 ]
-__version__ = "0.1.0"

@@ -9,7 +9,7 @@ For every optimizer x structure x estimator (RING has no estimator) the referenc
 (`grng_core.reference.MLP`, hand-written gradients, per-example gradients, K-FAC statistics and
 Hessian-vector products) is trained from the same initial weights on the same minibatches of
 sklearn's digits, with the core API directly (`opt.init`, `opt.update(..., curvature=,
-inverse=)` with the host's `opt.refresh_flags(t)`, `gc.apply_updates`), on NumPy,
+inverse=)` with the host's `opt.flags(step)`, `gc.apply_updates`), on NumPy,
 array-api-strict, PyTorch (CPU), JAX (jit, x64 enabled) and CuPy (where a GPU exists).
 
 The measure, per backend pair: the largest over steps, over parameter leaves (after every step)
@@ -227,8 +227,8 @@ def train(backend: str, config: Config, problem: Problem) -> tuple[list, dict]:
     if be.jit is not None:
         step = be.jit(step)
     trajectory = []
-    for t, (x, y) in enumerate(problem.batches, start=1):
-        curvature, inverse = opt.refresh_flags(t)
+    for t, (x, y) in enumerate(problem.batches):
+        curvature, inverse = opt.flags(t)
         params, state = step(params, state, be.from_numpy(x), be.from_numpy(y),
                              curvature=curvature, inverse=inverse)
         trajectory.append([np.asarray(be.to_numpy(p), dtype=np.float64) for p in params])

@@ -11,7 +11,8 @@ class StepContext(NamedTuple):
     xp: the array namespace; sdtype: the state dtype; t: the 1-based step (int array);
     first: bool array, true on the first curvature update (EMA starts from the batch);
     curvature / inverse: Python bool, or a bool array when decided in-graph;
-    mean / gather: collectives (identity when None); tol, max_iter, method: inverse settings.
+    mean / gather: collectives (identity when None); tol, max_iter, method: inverse settings;
+    replicated: True when a collective mean exists (data-parallel replicas).
     """
 
     xp: Any
@@ -26,6 +27,7 @@ class StepContext(NamedTuple):
     tol: float
     max_iter: int
     method: str
+    replicated: bool = False
 
 
 def select(flag, new, old, xp):

@@ -1,9 +1,11 @@
-"""Non-finite steps leave everything untouched (issue: reliability).
+"""Non-finite steps leave everything untouched (ALGORITHMS.md §4).
 
-`finite(arrays)` is one boolean array over the update and the state the step recomputed; the
-optimizer selects the old state and zero updates with `xp.where` when it is false (jit-safe),
-or — with concrete values — returns them directly and `explain` warns naming what was
-non-finite, or raises (`on_nonfinite="raise"`).
+`commit` checks, as one boolean array, the update and the state the step recomputed (a
+non-finite gradient or oracle result always reaches one of them; statistics are checked
+themselves wherever the step may consume them, since a where-selected refresh would hide them).
+When the check fails the old state (with `skipped` + 1) and zero updates are returned: selected
+with `xp.where` under jit, directly with concrete values, where `explain` then warns naming
+what was non-finite, or raises (`on_nonfinite="raise"`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import warnings
 
 from grng_core.concrete import concrete_bool
+from grng_core.state import changed_arrays, map_arrays
 
 
 def finite(arrays, xp):
@@ -22,33 +25,26 @@ def finite(arrays, xp):
     return ok
 
 
-def tree_leaves(tree) -> list:
-    if isinstance(tree, dict):
-        return [x for k in tree for x in tree_leaves(tree[k])]
-    if isinstance(tree, (list, tuple)):
-        return [x for v in tree for x in tree_leaves(v)]
-    return [] if tree is None else [tree]
-
-
-def changed_leaves(new, old) -> list:
-    """Leaves of `new` that are not the very objects of `old` (the ones this step computed;
-    the others were checked when they were made)."""
-    if isinstance(new, dict):
-        return [x for k in new for x in changed_leaves(new[k], old.get(k) if isinstance(old, dict)
-                                                       else None)]
-    if isinstance(new, (list, tuple)):
-        olds = old if isinstance(old, (list, tuple)) and len(old) == len(new) else [None] * len(new)
-        return [x for v, o in zip(new, olds) for x in changed_leaves(v, o)]
-    return [] if new is None or new is old else [new]
-
-
-def tree_map2(fn, a, b):
-    """fn over matching leaves of two nested dict/list trees of arrays."""
-    if isinstance(a, dict):
-        return {k: tree_map2(fn, a[k], b[k]) for k in a}
-    if isinstance(a, (list, tuple)):
-        return type(a)(tree_map2(fn, x, y) for x, y in zip(a, b))
-    return fn(a, b)
+def commit(updates, new_state, old_state, groups: dict, ctx, on_nonfinite: str):
+    """(updates, state) after the non-finite check; `groups` ({description: arrays}) name
+    the culprits after a failure, off the hot path."""
+    xp = ctx.xp
+    changed = changed_arrays(new_state, old_state)
+    ok = finite(updates + changed + groups["curvature statistics"], xp)
+    if ctx.replicated:
+        # one verdict for all replicas: a step skipped anywhere is skipped everywhere
+        ok = ctx.mean(xp.astype(ok, ctx.sdtype)) >= 1
+    host_ok = concrete_bool(ok)
+    if host_ok:
+        return updates, new_state
+    skipped = old_state._replace(skipped=old_state.skipped + 1)
+    zeros = [xp.zeros_like(u) for u in updates]
+    if host_ok is False:
+        explain({**groups, "the new optimizer state": changed}, xp, on_nonfinite)
+        return zeros, skipped
+    kept = map_arrays(lambda n, o: xp.where(ok, n, o), new_state, skipped)
+    kept = kept._replace(skipped=old_state.skipped + xp.astype(~ok, xp.int32, copy=False))
+    return [xp.where(ok, u, z) for u, z in zip(updates, zeros)], kept
 
 
 def explain(groups: dict, xp, on_nonfinite: str) -> None:
@@ -61,4 +57,4 @@ def explain(groups: dict, xp, on_nonfinite: str) -> None:
            "the step was skipped, parameters and optimizer state are unchanged")
     if on_nonfinite == "raise":
         raise FloatingPointError(msg.replace("the step was skipped", "refusing the step"))
-    warnings.warn(msg, RuntimeWarning, stacklevel=4)
+    warnings.warn(msg, RuntimeWarning, stacklevel=5)

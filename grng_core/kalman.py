@@ -13,6 +13,7 @@ from __future__ import annotations
 from grng_core.concrete import concrete_bool
 from grng_core.context import select
 from grng_core.linalg import frobenius, small_spd_inverse, spd_inverse
+from grng_core.state import Belief
 from grng_core.structures import diagonal, kfac, woodbury
 
 # p⁺ = p⁻ − p⁻²·diag(JᵀS⁻¹J) is positive in exact arithmetic; round-off must not flip it.
@@ -24,26 +25,29 @@ def predict(p, beta, prior_var):
     return 1.0 / (beta / p + (1.0 - beta) / prior_var)
 
 
-def init_diag(positions, leaves, prior_var, xp, sdtype, device) -> dict:
-    """p = σ₀² for every leaf position (at t = 1 the predict keeps it)."""
-    return {str(i): xp.full(leaves[i].shape, prior_var, dtype=sdtype, device=device)
-            for i in positions}
+def init(config, layouts, leaves, xp, sdtype, device) -> Belief:
+    """p = σ₀² for every leaf outside K-FAC layers (at t = 1 the predict keeps it); the
+    Kronecker belief of each layer (kfac only)."""
+    covered = kfac.covered(layouts)
+    diag = diagonal.init(covered, leaves, config.prior_var, xp, sdtype, device)
+    layers = (kfac.init(layouts, xp, sdtype, device, traces=True)
+              if config.structure == "kfac" else None)
+    return Belief(diagonal=diag, kfac=layers)
 
 
 def diagonal_step(p_state, ghat, grads, per_example, beta, prior_var, ctx):
     """Diagonal belief (§3.3): p⁺ = 1/(1/p⁻ + (1−β)q); direction p⁺ ⊙ ĝ."""
     xp = ctx.xp
-    new, out = {}, {}
-    for k, p in p_state.items():
-        i = int(k)
-        if ctx.curvature is False:
-            new[k] = p
-        else:
+    new, out = [], {}
+    for i, p in enumerate(p_state):
+        if p is not None and ctx.curvature is not False:
             q = diagonal.second_moment(i, grads, per_example, ctx)
             p_plus = 1.0 / (1.0 / predict(p, beta, prior_var) + (1.0 - beta) * q)
-            new[k] = select(ctx.curvature, p_plus, p, xp)
-        out[i] = new[k] * ghat[i]
-    return out, new
+            p = select(ctx.curvature, p_plus, p, xp)
+        if p is not None:
+            out[i] = p * ghat[i]
+        new.append(p)
+    return out, tuple(new)
 
 
 def woodbury_step(p_state, ghat, per_example, beta, prior_var, ctx):
@@ -53,38 +57,29 @@ def woodbury_step(p_state, ghat, per_example, beta, prior_var, ctx):
     carried p = p⁻ − p⁻² ⊙ Σᵢⱼ (S⁻¹)ᵢⱼ Jᵢ ⊙ Jⱼ.
     """
     xp = ctx.xp
-    keys = list(p_state)
+    keys = diagonal.positions(p_state)
     if ctx.curvature is False:
-        return {int(k): p_state[k] * ghat[int(k)] for k in keys}, p_state
-    J = woodbury.jacobian_rows([per_example[int(k)] for k in keys], ctx)
+        return {i: p_state[i] * ghat[i] for i in keys}, p_state
+    J = woodbury.jacobian_rows([per_example[i] for i in keys], ctx)
     B = J[0].shape[0]
-    p_minus = [xp.reshape(predict(p_state[k], beta, prior_var), (-1,)) for k in keys]
+    p_minus = [xp.reshape(predict(p_state[i], beta, prior_var), (-1,)) for i in keys]
     eye = xp.eye(B, dtype=ctx.sdtype, device=ctx.device)
     S = (B / (1.0 - beta)) * eye + sum((Jl * pm) @ xp.matrix_transpose(Jl)
                                         for Jl, pm in zip(J, p_minus))
     S_inv = small_spd_inverse(S, xp, tol=ctx.tol, max_iter=ctx.max_iter, name="Kalman S")
-    u = [pm * xp.reshape(ghat[int(k)], (-1,)) for k, pm in zip(keys, p_minus)]
+    u = [pm * xp.reshape(ghat[i], (-1,)) for i, pm in zip(keys, p_minus)]
     w = S_inv @ sum(Jl @ ul for Jl, ul in zip(J, u))
-    out, new = {}, {}
-    for k, Jl, pm, ul in zip(keys, J, p_minus, u):
-        shape = tuple(p_state[k].shape)
+    out, new = {}, list(p_state)
+    for i, Jl, pm, ul in zip(keys, J, p_minus, u):
+        shape = tuple(p_state[i].shape)
         d = ul - pm * (w @ Jl)
         diag_term = xp.sum(Jl * (S_inv @ Jl), axis=0)
         p_plus = xp.maximum(pm - pm * pm * diag_term, P_FLOOR * pm)
         p_plus = xp.reshape(p_plus, shape)
-        old = p_state[k]
-        new[k] = select(ctx.curvature, p_plus, old, xp)
-        out[int(k)] = select(ctx.curvature, xp.reshape(d, shape), old * ghat[int(k)], xp)
-    return out, new
-
-
-def init_kfac(layers, xp, sdtype, device) -> dict:
-    """Per layer: damped factors A_λ, S_λ, their inverses P_A, P_S and the undamped traces."""
-    state = kfac.init(layers, xp, sdtype, device)
-    for entry in state.values():
-        entry["trace_A"] = xp.zeros((), dtype=sdtype, device=device)
-        entry["trace_S"] = xp.zeros((), dtype=sdtype, device=device)
-    return state
+        old = p_state[i]
+        new[i] = select(ctx.curvature, p_plus, old, xp)
+        out[i] = select(ctx.curvature, xp.reshape(d, shape), old * ghat[i], xp)
+    return out, tuple(new)
 
 
 def _predict_correct(F_prev, P_prev, rows, shift, beta_t, ctx, name):
@@ -126,37 +121,33 @@ def _predict_correct(F_prev, P_prev, rows, shift, beta_t, ctx, name):
     return F_new, 0.5 * (P_plus + xp.matrix_transpose(P_plus))
 
 
-def kfac_step(kstate, layers, stats, beta, damping, ctx, keys) -> dict:
+def kfac_step(layers, stats, beta, damping, ctx, keys):
     """Kronecker belief (§3.3 kfac): on curvature steps predict + correct every layer's P_A,
     P_S; on inverse steps refresh them directly from the carried damped factors (§2.1),
-    warm started, which stops drift. stats: {layer key: LayerStats} (None off curvature)."""
+    warm started, which stops drift. stats: the layers' LayerStats (None off curvature)."""
     xp = ctx.xp
-    new = dict(kstate)
     if ctx.curvature is not False:
         beta_t = xp.where(ctx.first, xp.zeros((), dtype=ctx.sdtype, device=ctx.device),
                           xp.full((), beta, dtype=ctx.sdtype, device=ctx.device))
         root = xp.sqrt(xp.asarray(damping, dtype=ctx.sdtype, device=ctx.device))
-        for key, L in layers:
-            old = kstate[key]
-            a, s = kfac.rows(L, stats[key], ctx)
-            a, s = ctx.gather(a), ctx.gather(s)
-            tr_a = beta_t * old["trace_A"] + (1.0 - beta_t) * xp.sum(a * a) / a.shape[0]
-            tr_s = beta_t * old["trace_S"] + (1.0 - beta_t) * xp.sum(s * s) / s.shape[0]
-            pi = kfac.pi_split(tr_a, L.d_in_ext, tr_s, L.d_out, xp)
-            name = f"layer {keys[L.weight]!r}"
-            A, PA = _predict_correct(old["A"], old["A_inv"], a, pi * root, beta_t, ctx,
-                                     f"A of {name}")
-            S, PS = _predict_correct(old["S"], old["S_inv"], s, root / pi, beta_t, ctx,
-                                     f"S of {name}")
-            fresh = {"A": A, "S": S, "A_inv": PA, "S_inv": PS, "trace_A": tr_a, "trace_S": tr_s}
-            new[key] = {k: select(ctx.curvature, v, old[k], xp) for k, v in fresh.items()}
+        layers = tuple(_observe(layer, ls, beta_t, root, ctx, keys)
+                       for layer, ls in zip(layers, stats))
     if ctx.inverse is not False:
-        kw = dict(method=ctx.method, tol=ctx.tol, max_iter=ctx.max_iter)
-        for key, L in layers:
-            entry = dict(new[key])
-            name = f"layer {keys[L.weight]!r}"
-            for F, P in (("A", "A_inv"), ("S", "S_inv")):
-                fresh = spd_inverse(entry[F], xp, warm=entry[P], name=f"{F} of {name}", **kw)
-                entry[P] = select(ctx.inverse, fresh, entry[P], xp)
-            new[key] = entry
-    return new
+        layers = kfac.refresh(layers, lambda layer: (layer.A, layer.S), ctx, keys)
+    return layers
+
+
+def _observe(layer, ls, beta_t, root, ctx, keys):
+    """One layer's predict + correct with this batch's rows (selected on curvature steps)."""
+    xp, L = ctx.xp, layer.layout
+    a, s = kfac.rows(L, ls, ctx)
+    a, s = ctx.gather(a), ctx.gather(s)
+    tr_a = beta_t * layer.trace_A + (1.0 - beta_t) * xp.sum(a * a) / a.shape[0]
+    tr_s = beta_t * layer.trace_S + (1.0 - beta_t) * xp.sum(s * s) / s.shape[0]
+    pi = kfac.pi_split(tr_a, L.d_in_ext, tr_s, L.d_out, xp)
+    name = f"layer {keys[L.weight]!r}"
+    A, PA = _predict_correct(layer.A, layer.A_inv, a, pi * root, beta_t, ctx, f"A of {name}")
+    S, PS = _predict_correct(layer.S, layer.S_inv, s, root / pi, beta_t, ctx, f"S of {name}")
+    fresh = layer._replace(A=A, S=S, A_inv=PA, S_inv=PS, trace_A=tr_a, trace_S=tr_s)
+    return type(layer)(*(v if isinstance(v, type(L)) else select(ctx.curvature, v, o, xp)
+                         for v, o in zip(fresh, layer)))

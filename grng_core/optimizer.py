@@ -1,27 +1,29 @@
 """The optimizer object shared by RENG, RING and R-Kalman (ALGORITHMS.md §3, §4).
 
-`Optimizer.init(params, layers=None) -> state` and
+`Optimizer.init(params, layers=None) -> OptState` and
 `Optimizer.update(grads, state, params, stats=None, oracle=None, *, collective=None,
-curvature=None, inverse=None) -> (updates, state)` are pure: no in-place writes, arrays only
+curvature=None, inverse=None) -> (updates, OptState)` are pure: no in-place writes, arrays only
 in the state, no Python branch on array values (host values are used only where they exist,
-see `concrete`). What differs between the three algorithms is the `direction` function.
+see `concrete`). What differs between the three algorithms is the `Algorithm` record
+(`grng_core.algorithms`): its direction and its curvature state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from grng_core import estimators, guard, tail
-from grng_core.concrete import concrete_bool
+from grng_core import guard, schedule, tail
+from grng_core.config import Config, value_at
 from grng_core.context import StepContext
-from grng_core.hyperparams import is_static_zero, value_at
+from grng_core.direction import Env
 from grng_core.linalg import default_tol
-from grng_core.tree import Container, device, flatten, leaves_like, namespace
+from grng_core.requirements import requirements
+from grng_core.state import OptState, ensure_pytrees
+from grng_core.structures import kfac
+from grng_core.tree import device, flatten, leaves_like, namespace
 from grng_core.types import Collective, Requirements, Stats
-
-_LOW_PRECISION = ("float16", "bfloat16")
+from grng_core.validation import check_params, check_shapes, check_state
 
 
 def _identity(x):
@@ -30,210 +32,140 @@ def _identity(x):
 
 @dataclass(frozen=True)
 class Optimizer:
-    """A gradient transformation: `init` and `update` as in optax, plus what adapters need."""
+    """A gradient transformation: `init` and `update` as in optax, plus what adapters need.
 
-    name: str
-    hyperparams: dict
-    requirements: Requirements
-    direction: Callable = field(repr=False)
-    init_direction: Callable = field(repr=False)
+    config: the validated hyperparameters (`grng_core.config`); algorithm: the direction and
+    curvature-state functions of RENG, RING or R-Kalman.
+    """
 
-    # ---- schedules of refreshes (host side, for adapters with a step counter) ----
+    config: Config
+    algorithm: Any
+
     @property
-    def per_step_batch(self) -> bool:
-        """True when the structure uses the current batch on every step (woodbury)."""
-        return self.hyperparams["structure"] == "woodbury"
+    def name(self) -> str:
+        return self.config.algorithm
 
-    def refresh_flags(self, t: int) -> tuple[bool, bool]:
-        """(curvature, inverse) for the 1-based step t."""
-        h = self.hyperparams
-        curvature = self.per_step_batch or (t - 1) % h["curvature_every"] == 0
-        inverse = (t - 1) % h["inverse_every"] == 0
-        return bool(curvature), bool(inverse)
+    @property
+    def requirements(self) -> Requirements:
+        return requirements(self.config)
 
-    # ---- state ----
+    def replace(self, **changes) -> Optimizer:
+        """The same algorithm with validated hyperparameter changes."""
+        return Optimizer(self.config.replace(**changes), self.algorithm)
+
+    def resolve(self, layers, fallback: str = "diagonal") -> Optimizer:
+        """The optimizer that runs for this layer layout: structure "kfac" with no layer is
+        `fallback` ("diagonal", the same math on every leaf, or "woodbury")."""
+        if self.config.structure == "kfac" and not layers:
+            return self.replace(structure=fallback)
+        return self
+
+    def flags(self, step):
+        """(curvature, inverse) refresh flags at `step` steps taken (`grng_core.schedule`)."""
+        return schedule.flags(self.config, step)
+
+    # ---- state
     def state_dtype(self, leaves, xp):
-        name = self.hyperparams["state_dtype"]
+        name = self.config.state_dtype
         if name is not None:
             return getattr(xp, name)
-        if any(x.dtype == xp.float64 for x in leaves):
-            return xp.float64
-        return xp.float32
+        return xp.float64 if any(x.dtype == xp.float64 for x in leaves) else xp.float32
 
-    def _setup(self, params, extra=()):
+    def init(self, params, layers=None) -> OptState:
+        """The zero state; `layers`: K-FAC LayerSpecs (structure "kfac")."""
+        ensure_pytrees()
         leaves, container = flatten(params)
-        xp = namespace(("params", leaves), *extra)
-        for k, x in zip(container.keys, leaves):
-            if not _is_real_float(x.dtype, xp):
-                raise TypeError(f"params leaf {k!r} has dtype {x.dtype}: GRNG needs real "
-                                "floating-point parameters (float16, bfloat16, float32, float64)")
-        return leaves, container, xp
-
-    def init(self, params, layers=None) -> dict:
-        leaves, container, xp = self._setup(params)
+        xp = namespace(("params", leaves))
+        check_params(container, leaves, xp)
         dev = device(leaves[0])
         sdtype = self.state_dtype(leaves, xp)
+        layouts = []
+        if self.config.structure == "kfac":
+            if layers is None:
+                raise ValueError("structure 'kfac' needs the layer layout at init: opt.init("
+                                 "params, layers=[gc.LayerSpec(weight=key, bias=key_or_None), "
+                                 "...]) (or opt.resolve(layers) for a model without layers)")
+            layouts = kfac.resolve(layers, container, leaves)
 
-        def scalar(dtype):
-            return xp.zeros((), dtype=dtype, device=dev)
+        def scalar():
+            return xp.zeros((), dtype=xp.int32, device=dev)
 
-        state = {"step": scalar(xp.int32), "skipped": scalar(xp.int32),
-                 "curvature_count": scalar(xp.int32)}
-        if self.hyperparams["momentum"] != 0.0:
-            state["momentum"] = [xp.zeros(x.shape, dtype=sdtype, device=dev) for x in leaves]
-        state.update(self.init_direction(self, leaves, container, layers, xp, sdtype, dev))
-        return state
+        momentum = None
+        if self.config.momentum != 0.0:
+            momentum = tuple(xp.zeros(x.shape, dtype=sdtype, device=dev) for x in leaves)
+        curvature = self.algorithm.init(self.config, layouts, leaves, xp, sdtype, dev)
+        return OptState(step=scalar(), skipped=scalar(), curvature_count=scalar(),
+                        momentum=momentum, curvature=curvature)
 
-    # ---- the step ----
-    def update(self, grads, state, params, stats: Stats | None = None, oracle=None, *,
-               collective: Collective | None = None, curvature=None, inverse=None):
-        h = self.hyperparams
-        stats = stats or Stats()
+    # ---- the step
+    def update(self, grads, state: OptState, params, stats: Stats | None = None, oracle=None,
+               *, collective: Collective | None = None, curvature=None, inverse=None):
+        ensure_pytrees()
+        env, layer_arrays = self._env(grads, state, params, stats or Stats(), oracle,
+                                      collective, curvature, inverse)
+        h, ctx, xp = self.config, env.ctx, env.ctx.xp
+        d, ghat, new_curv = self.algorithm.direction(env, state.curvature)
+        lr = _scalar(value_at(h.lr, ctx.t), xp, ctx.sdtype)
+        if h.kl_clip is not None:
+            d = tail.kl_clip(d, ghat, lr, h.kl_clip, xp)
+        momentum = state.momentum
+        if momentum is not None:
+            d = tail.momentum(momentum, d, h.momentum)
+            momentum = tuple(d)
+        updates = tail.updates(d, env.params, lr, h.weight_decay, xp, ctx.sdtype)
+        new_state = OptState(step=ctx.t, skipped=state.skipped,
+                             curvature_count=env.curvature_count, momentum=momentum,
+                             curvature=new_curv)
+        used_stats = [] if ctx.curvature is False else (env.per_example or []) + layer_arrays
+        groups = {"gradients": env.g,
+                  "the regularized gradient (oracle results)": [] if ghat is env.g else ghat,
+                  "curvature statistics": used_stats, "the update": updates}
+        ups, out = guard.commit(updates, new_state, state, groups, ctx, h.on_nonfinite)
+        return env.container.build(ups), out
+
+    def _env(self, grads, state, params, stats, oracle, collective, curvature, inverse):
+        """Checks the inputs and gathers what the direction reads (an `Env`)."""
+        h = self.config
         p_leaves, container = flatten(params)
         g_leaves = leaves_like(grads, container, "grads")
         pe = None
         if stats.per_example_grads is not None:
             pe = leaves_like(stats.per_example_grads, container, "stats.per_example_grads")
         layer_arrays = [x for ls in (stats.layers or ()) for x in (ls.inputs, ls.output_grads)]
-        _, _, xp = self._setup(params, (("grads", g_leaves), ("stats.per_example_grads", pe or []),
-                                        ("stats.layers", layer_arrays)))
-        _check_shapes(container, p_leaves, g_leaves, pe)
-        _check_state(state, self, p_leaves)
+        xp = namespace(("params", p_leaves), ("grads", g_leaves),
+                       ("stats.per_example_grads", pe or []), ("stats.layers", layer_arrays))
+        check_params(container, p_leaves, xp)
+        check_shapes(container, p_leaves, g_leaves, pe)
+        check_state(state, self, p_leaves)
         sdtype = self.state_dtype(p_leaves, xp)
         dev = device(p_leaves[0])
-        step = state["step"]
-        t = step + 1
-        count = state["curvature_count"]
-        if self.per_step_batch:
-            curvature = True
-        if curvature is None:
-            curvature = (step % h["curvature_every"]) == 0
-        if inverse is None:
-            inverse = (step % h["inverse_every"]) == 0
+        auto_curv, auto_inv = self.flags(state.step)
+        curvature = True if schedule.per_step_batch(h) else curvature
+        curvature = auto_curv if curvature is None else curvature
+        inverse = auto_inv if inverse is None else inverse
         mean = _identity if collective is None or collective.mean is None else collective.mean
         gather = _identity if collective is None or collective.gather is None else collective.gather
-        ctx = StepContext(xp=xp, sdtype=sdtype, device=dev, t=t, first=count == 0,
+        count = state.curvature_count
+        ctx = StepContext(xp=xp, sdtype=sdtype, device=dev, t=state.step + 1, first=count == 0,
                           curvature=curvature, inverse=inverse, mean=mean, gather=gather,
-                          tol=h["ns_tol"] if h["ns_tol"] is not None else default_tol(sdtype, xp),
-                          max_iter=h["ns_max_iter"], method=h["inverse_method"])
-
-        def hp(name):
-            v = value_at(h[name], t)
-            if isinstance(v, (int, float)):
-                return v
-            return xp.astype(xp.asarray(v), sdtype, copy=False)
-
-        lr, rho, damping = hp("lr"), hp("rho"), hp("damping")
+                          tol=h.ns_tol if h.ns_tol is not None else default_tol(sdtype, xp),
+                          max_iter=h.ns_max_iter, method=h.inverse_method,
+                          replicated=collective is not None and collective.mean is not None)
+        if curvature is not False:
+            count = count + xp.astype(xp.asarray(curvature, device=dev), xp.int32, copy=False)
         g = [xp.astype(x, sdtype, copy=False) for x in g_leaves]
-        if curvature is False:
-            new_count = count
-        else:
-            new_count = count + xp.astype(xp.asarray(curvature, device=dev), xp.int32, copy=False)
-        env = _Env(self, ctx, container, p_leaves, g, pe, stats, oracle, rho, damping, new_count)
-        d, ghat, new_state = self.direction(env, state)
-
-        if h["kl_clip"] is not None:
-            d = tail.kl_clip(d, ghat, lr, h["kl_clip"], xp)
-        if "momentum" in state:
-            d = tail.momentum(state["momentum"], d, h["momentum"])
-            new_state["momentum"] = d
-        updates = tail.updates(d, p_leaves, lr, h["weight_decay"], xp, sdtype)
-        new_state["curvature_count"] = new_count
-        new_state["step"] = t
-        new_state["skipped"] = state["skipped"]
-
-        # A non-finite gradient or oracle result always reaches the update or the state this
-        # step recomputed; statistics are checked themselves wherever the step may consume
-        # them (a where-selected refresh would hide them). The culprit is named only after a
-        # failure, off the hot path.
-        used_stats = [] if curvature is False else (pe or []) + layer_arrays
-        ok = guard.finite(updates + guard.changed_leaves(new_state, state) + used_stats, xp)
-        if collective is not None and collective.mean is not None:
-            # one verdict for all replicas: a step skipped anywhere is skipped everywhere
-            ok = mean(xp.astype(ok, sdtype)) >= 1
-        host_ok = concrete_bool(ok)
-        if host_ok:
-            return container.build(updates), new_state
-        skipped = {**state, "skipped": state["skipped"] + 1}
-        zeros = [xp.zeros_like(u) for u in updates]
-        if host_ok is False:
-            guard.explain({
-                "gradients": g,
-                "the regularized gradient (oracle results)": [] if ghat is g else ghat,
-                "curvature statistics": used_stats,
-                "the update": updates,
-                "the new optimizer state": guard.changed_leaves(new_state, state),
-            }, xp, h["on_nonfinite"])
-            return container.build(zeros), skipped
-        kept = guard.tree_map2(lambda n, o: xp.where(ok, n, o), new_state, skipped)
-        kept["skipped"] = state["skipped"] + xp.astype(~ok, xp.int32, copy=False)
-        return container.build([xp.where(ok, u, z) for u, z in zip(updates, zeros)]), kept
+        env = Env(config=h, ctx=ctx, container=container, params=p_leaves, g=g,
+                  per_example=pe, stats=stats, oracle=oracle, curvature_count=count,
+                  rho=_scalar(value_at(h.rho, ctx.t), xp, sdtype),
+                  damping=_scalar(value_at(h.damping, ctx.t), xp, sdtype))
+        return env, layer_arrays
 
 
-@dataclass
-class _Env:
-    """Everything a direction function reads for one step."""
-
-    opt: Any
-    ctx: StepContext
-    container: Container
-    params: list
-    g: list
-    per_example: list | None
-    stats: Stats
-    oracle: Any
-    rho: Any
-    damping: Any
-    curvature_count: Any
-
-    @property
-    def h(self):
-        return self.opt.hyperparams
-
-    def regularized_gradient(self) -> list:
-        """ĝ by the configured estimator (§1); ρ = 0 (constant) needs no oracle."""
-        h = self.h
-        if is_static_zero(h["rho"]):
-            return self.g
-        if h["gr"] == "double_backprop":
-            return estimators.double_backprop(self.g, self.params, self.rho, self.oracle,
-                                              self.container, self.ctx)
-        return estimators.finite_difference(self.g, self.params, self.rho, h["fd_radius"],
-                                            h["fd_scheme"], self.oracle, self.container,
-                                            self.ctx)
-
-
-def _is_real_float(dtype, xp) -> bool:
-    names = ("float16", "bfloat16", "float32", "float64")
-    return any(hasattr(xp, n) and dtype == getattr(xp, n) for n in names) or str(dtype).endswith(
-        "bfloat16")
-
-
-def _check_shapes(container, params, grads, pe):
-    for k, p, g in zip(container.keys, params, grads):
-        if tuple(g.shape) != tuple(p.shape):
-            raise ValueError(f"grads leaf {k!r} has shape {tuple(g.shape)}, the parameter has "
-                             f"{tuple(p.shape)}")
-    if pe is not None:
-        B = pe[0].shape[0]
-        for k, p, j in zip(container.keys, params, pe):
-            if tuple(j.shape) != (B, *p.shape):
-                raise ValueError(f"stats.per_example_grads leaf {k!r} has shape "
-                                 f"{tuple(j.shape)}, expected ({B}, *{tuple(p.shape)})")
-
-
-def _check_state(state, opt, leaves):
-    if not isinstance(state, dict) or "step" not in state:
-        raise TypeError("state must be the dict returned by this optimizer's init")
-    if ("momentum" in state) != (opt.hyperparams["momentum"] != 0.0):
-        raise ValueError("state does not match this optimizer: momentum buffers "
-                         f"{'present' if 'momentum' in state else 'absent'}, momentum="
-                         f"{opt.hyperparams['momentum']}")
-    if "momentum" in state:
-        for m, p in zip(state["momentum"], leaves):
-            if tuple(m.shape) != tuple(p.shape):
-                raise ValueError(f"state does not match params: momentum buffer shape "
-                                 f"{tuple(m.shape)} vs parameter {tuple(p.shape)}")
+def _scalar(v, xp, sdtype):
+    """A hyperparameter's value at t: Python numbers stay numbers, arrays go to the state dtype."""
+    if isinstance(v, (int, float)):
+        return v
+    return xp.astype(xp.asarray(v), sdtype, copy=False)
 
 
 __all__ = ["Optimizer"]

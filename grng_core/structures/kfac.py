@@ -9,32 +9,19 @@ the preconditioned gradient is U = S_λ⁻¹ G A_λ⁻¹.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 from grng_core.context import select
 from grng_core.linalg import spd_inverse
+from grng_core.state import KfacLayer, LayerLayout
+from grng_core.tree import device as _dev
 from grng_core.tree import index_of
 
 PI_MIN, PI_MAX = 1e-4, 1e4
 
 
-class Layer(NamedTuple):
-    """A registered layer resolved to leaf positions and its matrix sizes."""
-
-    weight: int
-    bias: int | None
-    transposed: bool
-    d_out: int
-    d_in: int  # without the bias column
-
-    @property
-    def d_in_ext(self) -> int:
-        return self.d_in + (self.bias is not None)
-
-
-def resolve(specs, container, leaves) -> list[Layer]:
-    """Layers from LayerSpecs: leaf positions and (d_out, d_in); checks the shapes."""
-    layers, used = [], set()
+def resolve(specs, container, leaves) -> list[LayerLayout]:
+    """Layouts from LayerSpecs: leaf positions and (d_out, d_in); checks the shapes."""
+    layouts, used = [], set()
     for spec in specs:
         w = index_of(container, spec.weight)
         b = None if spec.bias is None else index_of(container, spec.bias)
@@ -53,59 +40,43 @@ def resolve(specs, container, leaves) -> list[Layer]:
             if i is not None and i in used:
                 raise ValueError(f"leaf {container.keys[i]!r} is registered in two layers")
             used.add(i)
-        layers.append(Layer(w, b, bool(spec.transposed), d_out, d_in))
-    return layers
+        layouts.append(LayerLayout(w, b, bool(spec.transposed), d_out, d_in))
+    return layouts
 
 
-def covered(layers) -> set[int]:
+def covered(layouts) -> set[int]:
     """Leaf positions inside registered layers (the rest use the diagonal)."""
-    return {i for L in layers for i in (L.weight, L.bias) if i is not None}
+    return {i for L in layouts for i in L.positions}
 
 
-def layer_id(L: Layer) -> str:
-    """The state key of a layer; it encodes the layout, so the state alone describes it."""
-    return f"{L.weight}/{'-' if L.bias is None else L.bias}/{'T' if L.transposed else 'N'}"
+def init(layouts, xp, sdtype, device, traces: bool = False) -> tuple[KfacLayer, ...]:
+    """Per layer: zero factors and identity inverses (replaced at the first refresh); with
+    `traces`, the undamped trace EMAs R-Kalman's belief keeps (§3.3)."""
+
+    def zero():
+        return xp.zeros((), dtype=sdtype, device=device) if traces else None
+
+    return tuple(
+        KfacLayer(layout=L,
+                  A=xp.zeros((L.d_in_ext, L.d_in_ext), dtype=sdtype, device=device),
+                  S=xp.zeros((L.d_out, L.d_out), dtype=sdtype, device=device),
+                  A_inv=xp.eye(L.d_in_ext, dtype=sdtype, device=device),
+                  S_inv=xp.eye(L.d_out, dtype=sdtype, device=device),
+                  trace_A=zero(), trace_S=zero())
+        for L in layouts)
 
 
-def from_state(kstate: dict, leaves) -> list[tuple[str, Layer]]:
-    """(key, Layer) pairs rebuilt from the state's keys and the params' shapes."""
-    out = []
-    for key in sorted(kstate, key=lambda k: int(k.split("/")[0])):
-        w, b, tr = key.split("/")
-        w = int(w)
-        shape = tuple(leaves[w].shape)
-        transposed = tr == "T"
-        d_out, d_in = (shape[-1], math.prod(shape[:-1])) if transposed else (
-            shape[0], math.prod(shape[1:]))
-        out.append((key, Layer(w, None if b == "-" else int(b), transposed, d_out, d_in)))
-    return out
-
-
-def init(layers, xp, sdtype, device) -> dict:
-    """Per layer: zero factors and identity inverses (replaced at the first refresh)."""
-    return {
-        layer_id(L): {
-            "A": xp.zeros((L.d_in_ext, L.d_in_ext), dtype=sdtype, device=device),
-            "S": xp.zeros((L.d_out, L.d_out), dtype=sdtype, device=device),
-            "A_inv": xp.eye(L.d_in_ext, dtype=sdtype, device=device),
-            "S_inv": xp.eye(L.d_out, dtype=sdtype, device=device),
-        }
-        for L in layers
-    }
-
-
-def match_stats(layers, stats_layers, container) -> dict:
-    """{layer key: LayerStats}: every registered layer must have statistics of its width."""
+def match_stats(layers, stats_layers, container) -> list:
+    """The LayerStats of every registered layer, in the layers' order (checked widths)."""
     if not layers:
-        return {}
+        return []
     if stats_layers is None:
         raise ValueError("structure 'kfac' needs stats.layers (K-FAC layer statistics) on "
                          "curvature steps")
-    by_weight = {}
-    for s in stats_layers:
-        by_weight[index_of(container, s.weight)] = s
-    out = {}
-    for key, L in layers:
+    by_weight = {index_of(container, s.weight): s for s in stats_layers}
+    out = []
+    for layer in layers:
+        L = layer.layout
         s = by_weight.get(L.weight)
         if s is None:
             raise ValueError(f"stats.layers has no statistics for the layer of weight "
@@ -116,15 +87,15 @@ def match_stats(layers, stats_layers, container) -> dict:
                 f"(n, {s.output_grads.shape[-1]}) do not match the weight's (d_in={L.d_in}, "
                 f"d_out={L.d_out})"
             )
-        out[key] = s
+        out.append(s)
     if len(by_weight) != len(layers):
-        extra = set(by_weight) - {L.weight for _, L in layers}
+        extra = set(by_weight) - {layer.layout.weight for layer in layers}
         raise ValueError(f"stats.layers has layers not registered at init (weights "
                          f"{[container.keys[i] for i in extra]})")
     return out
 
 
-def rows(L: Layer, ls, ctx):
+def rows(L: LayerLayout, ls, ctx):
     """(a', s) in the state dtype: inputs with the ones column when the layer has a bias."""
     xp = ctx.xp
     a = xp.astype(xp.reshape(ls.inputs, (-1, L.d_in)), ctx.sdtype, copy=False)
@@ -134,7 +105,7 @@ def rows(L: Layer, ls, ctx):
     return a, s
 
 
-def batch_factors(L: Layer, ls, ctx):
+def batch_factors(L: LayerLayout, ls, ctx):
     """Â = aᵀa/n, Ŝ = sᵀs/n for one batch, averaged over replicas (§2.1)."""
     a, s = rows(L, ls, ctx)
     xp = ctx.xp
@@ -148,17 +119,16 @@ def ema(old, new, beta, ctx):
     return ctx.xp.where(ctx.first, new, beta * old + (1.0 - beta) * new)
 
 
-def update_factors(kstate, layers, stats, beta, ctx) -> dict:
+def update_factors(layers, stats, beta, ctx) -> tuple[KfacLayer, ...]:
     """EMA of every layer's factors with this batch (selected on curvature steps)."""
-    new = {}
-    for key, L in layers:
-        A_hat, S_hat = batch_factors(L, stats[key], ctx)
-        old = kstate[key]
-        A = ema(old["A"], A_hat, beta, ctx)
-        S = ema(old["S"], S_hat, beta, ctx)
-        new[key] = {**old, "A": select(ctx.curvature, A, old["A"], ctx.xp),
-                    "S": select(ctx.curvature, S, old["S"], ctx.xp)}
-    return new
+    new = []
+    for layer, ls in zip(layers, stats):
+        A_hat, S_hat = batch_factors(layer.layout, ls, ctx)
+        A = ema(layer.A, A_hat, beta, ctx)
+        S = ema(layer.S, S_hat, beta, ctx)
+        new.append(layer._replace(A=select(ctx.curvature, A, layer.A, ctx.xp),
+                                  S=select(ctx.curvature, S, layer.S, ctx.xp)))
+    return tuple(new)
 
 
 def pi_split(trace_a, d_a, trace_s, d_s, xp):
@@ -176,12 +146,6 @@ def trace(M, xp):
     return xp.sum(M * xp.eye(M.shape[0], dtype=M.dtype, device=_dev(M)))
 
 
-def _dev(x):
-    import array_api_compat
-
-    return array_api_compat.device(x)
-
-
 def damped(A, S, damping, xp):
     """(A + π√λ I, S + (√λ/π) I) — the π-corrected damping split (§2.1)."""
     pi = pi_split(trace(A, xp), A.shape[0], trace(S, xp), S.shape[0], xp)
@@ -191,23 +155,29 @@ def damped(A, S, damping, xp):
     return A + (pi * root) * eye_a, S + (root / pi) * eye_s
 
 
-def refresh_inverses(kstate, layers, damping, ctx, keys) -> dict:
-    """Newton–Schulz (or Cholesky) inverses of the damped factors, warm started."""
+def refresh(layers, matrices, ctx, keys) -> tuple[KfacLayer, ...]:
+    """A_inv, S_inv of every layer: the inverses of `matrices(layer) -> (A', S')` by the
+    configured method, warm started from the current ones, selected on inverse steps.
+    K-FAC inverts its damped factors (§2.1); R-Kalman's direct refresh its carried ones."""
     xp = ctx.xp
     kw = dict(method=ctx.method, tol=ctx.tol, max_iter=ctx.max_iter)
-    new = {}
-    for key, L in layers:
-        old = kstate[key]
-        A_l, S_l = damped(old["A"], old["S"], damping, xp)
-        name = f"layer {keys[L.weight]!r}"
-        A_inv = spd_inverse(A_l, xp, warm=old["A_inv"], name=f"A of {name}", **kw)
-        S_inv = spd_inverse(S_l, xp, warm=old["S_inv"], name=f"S of {name}", **kw)
-        new[key] = {**old, "A_inv": select(ctx.inverse, A_inv, old["A_inv"], xp),
-                    "S_inv": select(ctx.inverse, S_inv, old["S_inv"], xp)}
-    return new
+    new = []
+    for layer in layers:
+        A_m, S_m = matrices(layer)
+        name = f"layer {keys[layer.layout.weight]!r}"
+        A_inv = spd_inverse(A_m, xp, warm=layer.A_inv, name=f"A of {name}", **kw)
+        S_inv = spd_inverse(S_m, xp, warm=layer.S_inv, name=f"S of {name}", **kw)
+        new.append(layer._replace(A_inv=select(ctx.inverse, A_inv, layer.A_inv, xp),
+                                  S_inv=select(ctx.inverse, S_inv, layer.S_inv, xp)))
+    return tuple(new)
 
 
-def grad_matrix(L: Layer, leaves, xp):
+def refresh_inverses(layers, damping, ctx, keys) -> tuple[KfacLayer, ...]:
+    """Inverses of the damped factors (A + π√λ I, S + (√λ/π) I), §2.1."""
+    return refresh(layers, lambda layer: damped(layer.A, layer.S, damping, ctx.xp), ctx, keys)
+
+
+def grad_matrix(L: LayerLayout, leaves, xp):
     """The layer's gradient as G (d_out × d_in'), bias as the last column."""
     W = leaves[L.weight]
     G = xp.reshape(W, (L.d_in, L.d_out)) if L.transposed else xp.reshape(W, (L.d_out, L.d_in))
@@ -218,7 +188,7 @@ def grad_matrix(L: Layer, leaves, xp):
     return G
 
 
-def split_matrix(L: Layer, U, shapes, xp) -> dict:
+def split_matrix(L: LayerLayout, U, shapes, xp) -> dict:
     """Leaves {position: array} from the matrix U (inverse of grad_matrix)."""
     W = U[:, : L.d_in]
     if L.transposed:
@@ -229,11 +199,11 @@ def split_matrix(L: Layer, U, shapes, xp) -> dict:
     return out
 
 
-def precondition(kstate, layers, leaves, xp) -> dict:
+def precondition(layers, leaves, xp) -> dict:
     """U = S_λ⁻¹ G A_λ⁻¹ for every layer: {position: preconditioned leaf}."""
     shapes = [tuple(x.shape) for x in leaves]
     out = {}
-    for key, L in layers:
-        U = kstate[key]["S_inv"] @ grad_matrix(L, leaves, xp) @ kstate[key]["A_inv"]
-        out.update(split_matrix(L, U, shapes, xp))
+    for layer in layers:
+        U = layer.S_inv @ grad_matrix(layer.layout, leaves, xp) @ layer.A_inv
+        out.update(split_matrix(layer.layout, U, shapes, xp))
     return out

@@ -1,0 +1,50 @@
+"""What a direction function reads for one step (ALGORITHMS.md §1, §3): `Env`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from grng_core import estimators
+from grng_core.config import Config, is_static_zero
+from grng_core.context import StepContext
+from grng_core.tree import Container
+from grng_core.types import Stats
+
+
+@dataclass(frozen=True)
+class Env:
+    """Everything a direction function reads for one step.
+
+    g: the batch gradient per leaf (state dtype); per_example: per-example gradients or None;
+    rho, damping: their values at this step; curvature_count: curvature updates including
+    this step's.
+    """
+
+    config: Config
+    ctx: StepContext
+    container: Container
+    params: list
+    g: list
+    per_example: list | None
+    stats: Stats
+    oracle: Any
+    curvature_count: Any
+    rho: Any
+    damping: Any
+
+    @property
+    def h(self) -> Config:
+        return self.config
+
+    def regularized_gradient(self) -> list:
+        """ĝ by the configured estimator (§1); ρ = 0 (constant) needs no oracle."""
+        h = self.config
+        if is_static_zero(h.rho):
+            return self.g
+        if h.gr == "double_backprop":
+            return estimators.double_backprop(self.g, self.params, self.rho, self.oracle,
+                                              self.container, self.ctx)
+        return estimators.finite_difference(self.g, self.params, self.rho, h.fd_radius,
+                                            h.fd_scheme, self.oracle, self.container,
+                                            self.ctx)

@@ -1,0 +1,19 @@
+"""What an optimizer needs the adapter to collect, from its hyperparameters (§1, §2)."""
+
+from __future__ import annotations
+
+from grng_core.config import Config, uses_estimator
+from grng_core.types import Requirements
+
+
+def requirements(config: Config) -> Requirements:
+    """Static needs: K-FAC rows, per-example gradients, the oracle, the Fisher's labels."""
+    s = config.structure
+    gr_on = uses_estimator(config)
+    # the diagonal's q is a mean of squared per-example gradients; with the "mc" Fisher they
+    # must come from sampled labels, so the adapter supplies them (g ⊙ g would be empirical)
+    per_example = s == "woodbury" or (s == "diagonal" and config.fisher == "mc")
+    gr = getattr(config, "gr", None)
+    return Requirements(layer_stats=s == "kfac", per_example_grads=per_example,
+                        grad_fn=gr_on and gr == "finite_difference",
+                        hvp_fn=gr_on and gr == "double_backprop", fisher=config.fisher)

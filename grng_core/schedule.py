@@ -1,0 +1,42 @@
+"""When curvature statistics and inverses are refreshed (ALGORITHMS.md §2, §4).
+
+One convention everywhere: `step` is the number of steps already taken (0 before the first),
+a refresh happens when `step % every == 0`. The same function serves Python ints (eager
+adapters, which then skip the work) and step-count arrays (decided in-graph under jit).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def per_step_batch(config) -> bool:
+    """True when the structure uses the current batch on every step (woodbury)."""
+    return config.structure == "woodbury"
+
+
+def flags(config, step):
+    """(curvature, inverse) at `step` (steps already taken): bools for an int, bool arrays
+    for an array."""
+    curvature = True if per_step_batch(config) else (step % config.curvature_every) == 0
+    inverse = (step % config.inverse_every) == 0
+    return curvature, inverse
+
+
+def flag_table(config):
+    """The distinct (curvature, inverse) pairs and, per step of one period, which applies:
+    (pairs, index) with pairs[index[step % len(index)]] the flags at `step`.
+
+    Only K-FAC keeps inverses: for the other structures the inverse flag is None (an unused
+    in-graph flag), so that inverse_every does not multiply traced branches (grng_jax runs one
+    `lax.switch` branch per pair).
+    """
+    kfac = config.structure == "kfac"
+    period = config.curvature_every
+    if kfac:
+        period = math.lcm(period, config.inverse_every)
+    table = [flags(config, s) for s in range(period)]
+    if not kfac:
+        table = [(c, None) for c, _ in table]
+    pairs = list(dict.fromkeys(table))
+    return pairs, [pairs.index(f) for f in table]

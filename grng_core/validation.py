@@ -1,0 +1,52 @@
+"""Input checks of `Optimizer.init` / `update`: clear errors before anything is computed."""
+
+from __future__ import annotations
+
+from grng_core.state import OptState
+
+_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _is_real_float(dtype, xp) -> bool:
+    return any(hasattr(xp, n) and dtype == getattr(xp, n) for n in _FLOAT_NAMES) or str(
+        dtype).endswith("bfloat16")
+
+
+def check_params(container, leaves, xp) -> None:
+    for k, x in zip(container.keys, leaves):
+        if not _is_real_float(x.dtype, xp):
+            raise TypeError(f"params leaf {k!r} has dtype {x.dtype}: GRNG needs real "
+                            "floating-point parameters (float16, bfloat16, float32, float64)")
+
+
+def check_shapes(container, params, grads, pe) -> None:
+    for k, p, g in zip(container.keys, params, grads):
+        if tuple(g.shape) != tuple(p.shape):
+            raise ValueError(f"grads leaf {k!r} has shape {tuple(g.shape)}, the parameter has "
+                             f"{tuple(p.shape)}")
+    if pe is not None:
+        B = pe[0].shape[0]
+        for k, p, j in zip(container.keys, params, pe):
+            if tuple(j.shape) != (B, *p.shape):
+                raise ValueError(f"stats.per_example_grads leaf {k!r} has shape "
+                                 f"{tuple(j.shape)}, expected ({B}, *{tuple(p.shape)})")
+
+
+def check_state(state, opt, leaves) -> None:
+    if not isinstance(state, OptState):
+        raise TypeError("state must be the OptState returned by this optimizer's init, got "
+                        f"{type(state).__name__}")
+    has_momentum = state.momentum is not None
+    if has_momentum != (opt.config.momentum != 0.0):
+        raise ValueError("state does not match this optimizer: momentum buffers "
+                         f"{'present' if has_momentum else 'absent'}, momentum="
+                         f"{opt.config.momentum}")
+    if has_momentum:
+        for m, p in zip(state.momentum, leaves):
+            if tuple(m.shape) != tuple(p.shape):
+                raise ValueError(f"state does not match params: momentum buffer shape "
+                                 f"{tuple(m.shape)} vs parameter {tuple(p.shape)}")
+    if (state.curvature.kfac is not None) != (opt.config.structure == "kfac"):
+        have = "kfac" if state.curvature.kfac is not None else "no kfac"
+        raise ValueError(f"state does not match this optimizer: the state has {have} layers, "
+                         f"the optimizer's structure is {opt.config.structure!r}")
