@@ -1,2 +1,3 @@
-"""GRNG benchmark suite: ``python -m benchmarks`` (``grng-bench``) and
-``python -m benchmarks.stepcost``. See benchmarks/README.md."""
+"""GRNG benchmark suite: ``python -m benchmarks`` and ``python -m benchmarks.stepcost``, run from
+the repository root (the suite is not part of the installed ``grng`` distribution). See
+benchmarks/README.md."""

@@ -1,4 +1,4 @@
-"""``python -m benchmarks`` (``grng-bench``): the GRNG benchmark suite.
+"""``python -m benchmarks``: the GRNG benchmark suite (run from the repository root).
 
     python -m benchmarks            # default: digits MLP, every optimizer, sweep, 5 seeds
     python -m benchmarks --quick    # smoke run, under 2 minutes on a 2-core CPU
@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.environment import environment, load_average, quiet_peer_warnings
 
 PRESETS = {
     # tasks, seeds, epochs override (None = the task's own)
@@ -54,53 +55,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def environment(threads: int | None = None) -> dict:
-    import importlib.metadata as md
-
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    env = {"python": platform.python_version(), "machine": _cpu_name(),
-           "cores": os.cpu_count(), "torch": torch.__version__,
-           "torch threads": torch.get_num_threads(), "load average at start": load_average()}
-    for dist in ("jax", "optax", "asdfghjkl", "pytorch-optimizer", "ivon-opt", "heavyball",
-                 "kfac-jax", "numpy", "scikit-learn"):
-        try:
-            env[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            env[dist] = "not installed"
-    return env
-
-
-def load_average() -> str:
-    """The 1/5/15-minute load averages (other work on the machine skews the timings)."""
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except (OSError, AttributeError):
-        return "n/a"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def quiet_peer_warnings() -> None:
-    """Silence two known, harmless warnings the peers trigger on every step (ASDL's module
-    backward hooks; SophiaH's backward(create_graph=True), whose cycle the stepper breaks)."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message="Using a non-full backward hook")
-    warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_peer_warnings()
@@ -113,9 +67,9 @@ def main(argv=None) -> int:
     env = environment(args.threads)
     t_start = time.perf_counter()
     if not args.stepcost_only:
-        from benchmarks.harness import run_suite
         from benchmarks.optimizers import select_specs
         from benchmarks.report import write_report
+        from benchmarks.suite import run_suite
         from benchmarks.tasks import make_task
 
         tasks = [make_task(t, subset=args.subset) for t in (args.tasks or cfg["tasks"])]

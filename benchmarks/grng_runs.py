@@ -9,15 +9,9 @@ structures, R-Kalman with its default ``woodbury`` belief, and RING kfac with Ch
 
 from __future__ import annotations
 
-from benchmarks.optimizers import (
-    EMA_DECAY,
-    KFAC_DAMPING,
-    KFAC_LR,
-    MOMENTUM,
-    REFRESH_EVERY,
-    OptSpec,
-    TorchStepper,
-)
+from benchmarks.hyperparams import GRNG_BASE
+from benchmarks.optspec import OptSpec
+from benchmarks.steppers import TorchStepper
 
 ALGOS = {"reng": "RENG", "ring": "RING", "rkalman": "RKalman", "ngd": "RENG"}
 
@@ -71,53 +65,38 @@ def _builder(algo: str, structure: str | None = None):
     return build
 
 
-def common_hp(lr: float, damping: float) -> dict:
-    return {"lr": lr, "damping": damping, "momentum": MOMENTUM,
-            "curvature_every": REFRESH_EVERY, "inverse_every": REFRESH_EVERY,
-            "ema_decay": EMA_DECAY}
-
-
-#: Base values of the GRNG rows (the sweep multiplies lr and damping around them).
-BASE = {
-    "reng": dict(common_hp(KFAC_LR, KFAC_DAMPING), rho=0.05),
-    "ring": dict(common_hp(KFAC_LR, KFAC_DAMPING), rho=0.05),
-    "ngd": common_hp(KFAC_LR, KFAC_DAMPING),
-    "rkalman": dict(common_hp(KFAC_LR, KFAC_DAMPING), rho=0.05, prior_var=1.0,
-                    kalman_decay=0.95),
-}
-
-
 def specs() -> list[OptSpec]:
     req = ("grng_torch", "grng_core")
+    base = GRNG_BASE
     out = [
-        OptSpec("reng", "RENG", "torch", "grng", dict(BASE["reng"]), _builder("reng"),
+        OptSpec("reng", "RENG", "torch", "grng", dict(base["reng"]), _builder("reng"),
                 requires=req, extra={"algo": "reng"},
                 note="double-backprop GR (Hessian-vector product)"),
-        OptSpec("ring", "RING", "torch", "grng", dict(BASE["ring"]), _builder("ring"),
+        OptSpec("ring", "RING", "torch", "grng", dict(base["ring"]), _builder("ring"),
                 requires=req, extra={"algo": "ring"}),
-        OptSpec("rkalman", "R-Kalman", "torch", "grng", dict(BASE["rkalman"]),
+        OptSpec("rkalman", "R-Kalman", "torch", "grng", dict(base["rkalman"]),
                 _builder("rkalman"), requires=req, extra={"algo": "rkalman"},
                 note="finite-difference GR (forward)"),
-        OptSpec("ngd", "NGD", "torch", "grng", dict(BASE["ngd"]),
+        OptSpec("ngd", "NGD", "torch", "grng", dict(base["ngd"]),
                 _builder("ngd"), requires=req, extra={"algo": "ngd"},
                 note="RENG with rho=0: damped natural gradient, the paper's baseline"),
         # --full variants
         OptSpec("reng_fd", "RENG", "torch", "grng",
-                dict(BASE["reng"], gr="finite_difference"), _builder("reng"), requires=req,
+                dict(base["reng"], gr="finite_difference"), _builder("reng"), requires=req,
                 full_only=True, extra={"algo": "reng", "variant": "finite diff."},
                 note="finite-difference GR (forward)"),
-        OptSpec("ring_woodbury", "RING (woodbury)", "torch", "grng", dict(BASE["ring"]),
+        OptSpec("ring_woodbury", "RING (woodbury)", "torch", "grng", dict(base["ring"]),
                 _builder("ring", "woodbury"), requires=req, full_only=True,
                 tasks=("digits_mlp", "digits_cnn")),
-        OptSpec("ring_diagonal", "RING (diagonal)", "torch", "grng", dict(BASE["ring"]),
+        OptSpec("ring_diagonal", "RING (diagonal)", "torch", "grng", dict(base["ring"]),
                 _builder("ring", "diagonal"), requires=req, full_only=True),
         OptSpec("ring_chol", "RING", "torch", "grng",
-                dict(BASE["ring"], inverse_method="cholesky"), _builder("ring"),
+                dict(base["ring"], inverse_method="cholesky"), _builder("ring"),
                 requires=req, full_only=True, extra={"algo": "ring", "variant": "Cholesky"},
                 tasks=("digits_mlp", "digits_cnn", "char_lm"),
                 note="inverse_method='cholesky' instead of Newton-Schulz"),
         OptSpec("rkalman_woodbury", "R-Kalman (woodbury)", "torch", "grng",
-                dict(BASE["rkalman"]), _builder("rkalman", "woodbury"), requires=req,
+                dict(base["rkalman"]), _builder("rkalman", "woodbury"), requires=req,
                 full_only=True, tasks=("digits_mlp", "digits_cnn")),
     ]
     return out

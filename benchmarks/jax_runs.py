@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.optimizers import (
+from benchmarks.hyperparams import (
     ADAMW_WD,
     EMA_DECAY,
+    GRNG_BASE,
     KFAC_DAMPING,
     KFAC_LR,
     MOMENTUM,
     REFRESH_EVERY,
-    OptSpec,
 )
-
-
-def _xent(logits, y):
-    import jax
-    import jax.numpy as jnp
-
-    logp = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+from benchmarks.losses import jax_xent
+from benchmarks.optspec import OptSpec
 
 
 class JaxStepper:
@@ -47,7 +41,7 @@ class JaxStepper:
         import jax
         import jax.numpy as jnp
 
-        g = jax.grad(lambda p: _xent(self.apply(p, x), y))(self.params)
+        g = jax.grad(lambda p: jax_xent(self.apply(p, x), y))(self.params)
         return float(jnp.sqrt(sum(jnp.sum(t * t) for t in jax.tree_util.tree_leaves(g))))
 
     def state_arrays(self):
@@ -76,7 +70,7 @@ def _optax_adamw(torch_model, task, hp, seed):
     act = task.activation
 
     def loss_fn(p, x, y):
-        return _xent(jax_mlp_apply(p, x, act), y)
+        return jax_xent(jax_mlp_apply(p, x, act), y)
 
     @jax.jit
     def step(p, s, x, y):
@@ -114,7 +108,7 @@ def _kfac_jax(torch_model, task, hp, seed):
         x, y = batch
         logits = jax_mlp_apply(p, x, act)
         kfac_jax.register_softmax_cross_entropy_loss(logits, y)
-        return _xent(logits, y)
+        return jax_xent(logits, y)
 
     opt = kfac_jax.Optimizer(
         value_and_grad_func=jax.value_and_grad(loss_fn), l2_reg=0.0,
@@ -164,7 +158,7 @@ def _grng_jax(algo: str):
         tx = getattr(grng_jax, algo)(hp["lr"], **kw)
 
         def loss_fn(p, batch):
-            return _xent(jax_mlp_apply(p, batch[0], act), batch[1])
+            return jax_xent(jax_mlp_apply(p, batch[0], act), batch[1])
 
         @jax.jit
         def step(p, s, x, y):
@@ -191,13 +185,8 @@ def specs() -> list[OptSpec]:
                 requires=("jax", "kfac_jax"), tasks=jax_tasks,
                 note=f"empirical Fisher; curvature and inverse every {REFRESH_EVERY} steps"),
         OptSpec("grng_jax_ring", "RING", "jax", "grng",
-                dict(_grng_base("ring")), _grng_jax("ring"), requires=("jax", "grng_jax"),
+                dict(GRNG_BASE["ring"]), _grng_jax("ring"), requires=("jax", "grng_jax"),
                 tasks=jax_tasks, full_only=True, extra={"algo": "ring", "variant": "grng_jax"},
                 note="grng_jax's optax transformation, jitted with the gradient"),
     ]
 
-
-def _grng_base(algo: str) -> dict:
-    from benchmarks.grng_runs import BASE
-
-    return BASE[algo]

@@ -10,39 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import RunResult, final_runs
-
-
-def _finite(values):
-    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
-
-
-def fmt_num(x: float, digits: int = 3) -> str:
-    if x is None or not math.isfinite(x):
-        return "–"
-    ax = abs(x)
-    if ax != 0 and (ax >= 1e5 or ax < 10.0 ** -digits):
-        return f"{x:.2g}"  # two significant figures (scientific only below 1e-4)
-    return f"{x:.{digits}f}"
-
-
-def fmt_pm(values, digits: int = 3, scale: float = 1.0) -> str:
-    """'mean ± std' of the finite values (sample std, ddof=1); one value alone; '–' for none."""
-    v = [x * scale for x in _finite(values)]
-    if not v:
-        return "–"
-    if len(v) == 1:
-        return fmt_num(v[0], digits)
-    return f"{fmt_num(float(np.mean(v)), digits)} ± {fmt_num(float(np.std(v, ddof=1)), digits)}"
-
-
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    """A GitHub markdown table; numbers are right-aligned (every column but the first)."""
-    align = ["---"] + ["---:"] * (len(headers) - 1)
-    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
-    for r in rows:
-        lines.append("| " + " | ".join(str(c) for c in r) + " |")
-    return "\n".join(lines)
+from benchmarks.formatting import finite, fmt_num, fmt_pm, markdown_table
+from benchmarks.hyperparams import SWEEPS
+from benchmarks.run_result import RunResult
+from benchmarks.suite import final_runs
 
 
 def group(runs: list[RunResult]) -> OrderedDict:
@@ -121,7 +92,7 @@ def digits_targets(rows: list[dict]) -> list[str]:
         return []
 
     def mean(v):
-        v = _finite(v)
+        v = finite(v)
         return float(np.mean(v)) if v else math.nan
 
     def ttt(r):  # not reached by every seed counts as infinitely slow
@@ -231,8 +202,6 @@ def plot_task(results: list[RunResult], task, path: Path) -> Path | None:
 def write_report(results: list[RunResult], info: dict, tasks, specs, outdir: Path,
                  env: dict, command: str, plots: bool = True) -> tuple[Path, str]:
     """Write report.md, results.json and the plots; returns (report path, the main table(s))."""
-    from benchmarks.optimizers import SWEEPS
-
     outdir.mkdir(parents=True, exist_ok=True)
     fin = final_runs(results, info)
     rows = summary_rows(fin)
@@ -242,58 +211,14 @@ def write_report(results: list[RunResult], info: dict, tasks, specs, outdir: Pat
     md.append("")
     tables = []
     for task in tasks:
-        trows = [r for r in rows if r["task"] == task.name]
-        md.append(f"## {task.title}")
-        md.append("")
-        narrowed = "".join(f" Sweep narrowed here: {k} x {', '.join(f'{m:.3g}' for m in v)}."
-                           for k, v in task.sweep.items())
-        md.append(f"Data: {task.meta.get('data', '')}. Batch {task.batch_size}, "
-                  f"{task.epochs} epochs of {task.n_steps_per_epoch()} steps, "
-                  f"{info['seeds']} seeds. Target: test "
-                  f"{'accuracy >=' if task.higher_is_better else 'bits/char <='} "
-                  f"{task.target:g}.{narrowed}")
-        md.append("")
-        table = results_table(trows, task.metric)
+        section, table = task_section(task, rows, results, fin, info, outdir, plots)
+        md += section
         tables.append(f"### {task.title}\n\n{table}")
-        md += [table, ""]
-        if task.name == "digits_mlp":
-            md += digits_targets(rows) + [""]
-        if plots:
-            p = plot_task(fin, task, outdir / f"{task.name}.png")
-            if p is not None:
-                md += [f"![{task.name}]({p.name})", ""]
-            else:
-                md += ["(no plot: matplotlib is not installed)", ""]
-        md += ["<details><summary>Sweep (seed 0)</summary>", "",
-               sweep_table(results, task.name, task.metric), "", "</details>", ""]
     if info["unavailable"]:
         md += ["## Not run", ""]
         md += [f"- {k}: {v}" for k, v in info["unavailable"].items()]
         md.append("")
-    md += ["## Optimizers", ""]
-    for s in specs:
-        base = ", ".join(f"{k}={v}" for k, v in s.base.items())
-        md.append(f"- **{s.label}** (`{s.key}`, {s.framework}): base {base}"
-                  + (f"; {s.note}" if s.note else ""))
-    grid = SWEEPS[info["preset"]]
-    md += ["", "## Method", "",
-           f"- Sweep: lr x {', '.join(f'{m:.3g}' for m in grid['lr'])}"
-           f" and damping x {', '.join(f'{m:.3g}' for m in grid['damping'])} (where the "
-           "optimizer has one) around each base value, on seed 0; the setting with the best "
-           "validation metric (mean over the last epoch's evaluations) runs on every seed "
-           "(seed-major, round-robin over the optimizers). The test metric never selects.",
-           "- Table values: mean ± sample std over seeds of the selected setting. Time to "
-           "target: training wall time (evaluation excluded) at the first evaluation whose test "
-           "metric reaches the target, over the seeds that reached it ('reached' column).",
-           "- Step time: mean over the steps of a run (the first two left out). fwd+bwd: median "
-           "time of one plain forward+backward at that batch size with no optimizer attached "
-           "(jitted value_and_grad for JAX rows); opt overhead = step - fwd+bwd: extra passes, "
-           "hooks, curvature, inverses and the update.",
-           "- Peak memory: rise of the process's peak resident set size during the run "
-           "(Linux clear_refs/VmHWM); allocator caching makes small values noisy.",
-           "- Final grad norm: norm of the gradient of the mean training loss over the whole "
-           "training set (128 fixed windows for the char LM) at the final parameters.",
-           ""]
+    md += optimizers_section(specs) + method_section(info["preset"])
     report = outdir / "report.md"
     report.write_text("\n".join(md), encoding="utf-8")
     (outdir / "results.json").write_text(json.dumps(
@@ -301,6 +226,66 @@ def write_report(results: list[RunResult], info: dict, tasks, specs, outdir: Pat
          "runs": [r.to_dict() for r in results]}, indent=1, default=_json_default),
         encoding="utf-8")
     return report, "\n\n".join(tables)
+
+
+def task_section(task, rows: list[dict], results: list[RunResult], fin: list[RunResult],
+                 info: dict, outdir: Path, plots: bool) -> tuple[list[str], str]:
+    """(markdown lines of one task's section, its results table): data, target, the table,
+    the digits target, the plot and the sweep."""
+    trows = [r for r in rows if r["task"] == task.name]
+    md = [f"## {task.title}", ""]
+    narrowed = "".join(f" Sweep narrowed here: {k} x {', '.join(f'{m:.3g}' for m in v)}."
+                       for k, v in task.sweep.items())
+    md.append(f"Data: {task.meta.get('data', '')}. Batch {task.batch_size}, "
+              f"{task.epochs} epochs of {task.n_steps_per_epoch()} steps, "
+              f"{info['seeds']} seeds. Target: test "
+              f"{'accuracy >=' if task.higher_is_better else 'bits/char <='} "
+              f"{task.target:g}.{narrowed}")
+    md.append("")
+    table = results_table(trows, task.metric)
+    md += [table, ""]
+    if task.name == "digits_mlp":
+        md += digits_targets(rows) + [""]
+    if plots:
+        p = plot_task(fin, task, outdir / f"{task.name}.png")
+        if p is not None:
+            md += [f"![{task.name}]({p.name})", ""]
+        else:
+            md += ["(no plot: matplotlib is not installed)", ""]
+    md += ["<details><summary>Sweep (seed 0)</summary>", "",
+           sweep_table(results, task.name, task.metric), "", "</details>", ""]
+    return md, table
+
+
+def optimizers_section(specs) -> list[str]:
+    md = ["## Optimizers", ""]
+    for s in specs:
+        base = ", ".join(f"{k}={v}" for k, v in s.base.items())
+        md.append(f"- **{s.label}** (`{s.key}`, {s.framework}): base {base}"
+                  + (f"; {s.note}" if s.note else ""))
+    return md
+
+
+def method_section(preset: str) -> list[str]:
+    grid = SWEEPS[preset]
+    return ["", "## Method", "",
+            f"- Sweep: lr x {', '.join(f'{m:.3g}' for m in grid['lr'])}"
+            f" and damping x {', '.join(f'{m:.3g}' for m in grid['damping'])} (where the "
+            "optimizer has one) around each base value, on seed 0; the setting with the best "
+            "validation metric (mean over the last epoch's evaluations) runs on every seed "
+            "(seed-major, round-robin over the optimizers). The test metric never selects.",
+            "- Table values: mean ± sample std over seeds of the selected setting. Time to "
+            "target: training wall time (evaluation excluded) at the first evaluation whose "
+            "test metric reaches the target, over the seeds that reached it ('reached' column).",
+            "- Step time: mean over the steps of a run (the first two left out). fwd+bwd: "
+            "median time of one plain forward+backward at that batch size with no optimizer "
+            "attached (jitted value_and_grad for JAX rows); opt overhead = step - fwd+bwd: "
+            "extra passes, hooks, curvature, inverses and the update.",
+            "- Peak memory: rise of the process's peak resident set size during the run "
+            "(Linux clear_refs/VmHWM); allocator caching makes small values noisy.",
+            "- Final grad norm: norm of the gradient of the mean training loss over the whole "
+            "training set (128 fixed windows for the char LM) at the final parameters.",
+            ""]
 
 
 def _json_default(o):

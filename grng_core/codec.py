@@ -120,3 +120,29 @@ def _count_leaves(tree: dict, layers) -> int:
     positions = [int(k) for k in tree.get("belief", tree.get("diag", {}))]
     positions += [i for x in layers or () for i in x.layout.positions]
     return max(positions, default=-1) + 1
+
+
+def mismatch(tree, template, path: str = "state") -> str | None:
+    """Where a portable tree differs from a template tree in structure, shape or dtype: a
+    sentence naming the first difference, or None when it fits."""
+    if isinstance(template, dict):
+        if not isinstance(tree, dict) or set(map(str, tree)) != set(map(str, template)):
+            got = sorted(map(str, tree)) if isinstance(tree, dict) else type(tree).__name__
+            return f"{path} has keys {got}, this model needs {sorted(map(str, template))}"
+        for k, v in template.items():
+            found = mismatch(tree[k], v, f"{path}[{k!r}]")
+            if found:
+                return found
+        return None
+    if isinstance(template, (list, tuple)):
+        if not isinstance(tree, (list, tuple)) or len(tree) != len(template):
+            n = len(tree) if isinstance(tree, (list, tuple)) else type(tree).__name__
+            return f"{path} has {n} entries, this model needs {len(template)}"
+        for j, (a, b) in enumerate(zip(tree, template)):
+            found = mismatch(a, b, f"{path}[{j}]")
+            if found:
+                return found
+        return None
+    got = (tuple(getattr(tree, "shape", ())), getattr(tree, "dtype", type(tree).__name__))
+    want = (tuple(template.shape), template.dtype)
+    return None if got == want else f"{path} is {got} in the state, this model needs {want}"

@@ -14,8 +14,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from benchmarks import flops as F  # noqa: E402
+from benchmarks import formatting as Fmt  # noqa: E402
 from benchmarks import report as R  # noqa: E402
-from benchmarks.harness import RunResult, best_of, final_runs  # noqa: E402
+from benchmarks.run_result import RunResult  # noqa: E402
+from benchmarks.suite import best_of, final_runs  # noqa: E402
 
 
 def _has(mod: str) -> bool:
@@ -104,10 +106,10 @@ def _run(opt, seed, test, ttt, gnorm, *, label=None, hp=None, sweep=False, statu
 
 
 def test_fmt_pm_and_markdown_table():
-    assert R.fmt_pm([0.94, 0.96], 3) == "0.950 ± 0.014"
-    assert R.fmt_pm([0.5], 2) == "0.50"
-    assert R.fmt_pm([math.nan, None], 2) == "–"
-    t = R.markdown_table(["a", "b"], [["x", "1"], ["y", "2"]])
+    assert Fmt.fmt_pm([0.94, 0.96], 3) == "0.950 ± 0.014"
+    assert Fmt.fmt_pm([0.5], 2) == "0.50"
+    assert Fmt.fmt_pm([math.nan, None], 2) == "–"
+    t = Fmt.markdown_table(["a", "b"], [["x", "1"], ["y", "2"]])
     assert t.splitlines() == ["| a | b |", "| --- | ---: |", "| x | 1 |", "| y | 2 |"]
 
 
@@ -160,7 +162,7 @@ def test_selection_uses_validation_not_test():
 
 
 def test_stepcost_tables_and_targets_from_synthetic_results():
-    from benchmarks import stepcost as S
+    from benchmarks import stepcost_report as S
 
     res = {"threads": 2, "refresh_every": 10, "peak_square_gflops": 50.0, "batches": {
         1024: {"fb": 0.010, "hvp_extra": 0.012, "rows": {

@@ -57,16 +57,18 @@ Contract
   mode where `loss.backward()` becomes `torch.autograd.grad(loss, params,
   create_graph=True)`: `.grad` gets the detached gradient and the graph is kept only for the
   Hessian-vector product, then freed (no `backward(create_graph=True)` leak). Statistics are
-  collected only on the steps that refresh curvature (`refresh_flags(t)` of the core).
+  collected only on the steps that refresh curvature (`core.flags(step)`).
 - dtypes: float32, float64 and bfloat16 parameters (the core keeps its state in at least
   float32); `torch.autocast` inside the closure (or around `step`) works: the extra passes
   run under the autocast state of the original forward, the core's math runs outside it.
   GradScaler is not supported (torch rejects closures with it; use bfloat16 autocast).
-- `state_dict()` / `load_state_dict()`: torch's own machinery. Each group's core state (step,
-  momentum, factors, inverses, Kalman belief), the layer layout and the host step counter
-  live in `opt.state[first_param_of_the_group]["grng"]`; they are restored with their own
-  dtypes, so resuming is bit-identical. A state dict of another shape (other model, other
-  optimizer or configuration) raises ValueError saying what does not fit.
+- `state_dict()` / `load_state_dict()`: torch's own machinery. Each group's state is a
+  `grng_torch.GroupState(host_step, structure, core)` in
+  `opt.state[first_param_of_the_group]["grng"]` (also `opt.group_state(i)`), `core` the typed
+  `grng_core.OptState` (step, momentum, factors, inverses, Kalman belief, K-FAC layouts). The
+  state dict carries it as plain tensors (`torch.load(weights_only=True)` reads it), restored
+  with their own dtypes, so resuming is bit-identical. A state dict of another shape (other
+  model, other optimizer or configuration) raises ValueError saying what does not fit.
 - Portable checkpoints: `opt.save(path)` / `opt.load(path)` write and read the
   framework-neutral `grng_core` checkpoint (one .npz, no pickle, atomic write, format version,
   optimizer name and hyperparameters checked at load; ValueError and an unchanged optimizer on
@@ -89,13 +91,15 @@ Contract
 
 from grng_torch._checkpoint import extract_group
 from grng_torch._functional import LossModule, default_sampler
+from grng_torch._groups import GroupState
 from grng_torch.distributed import torch_collective
-from grng_torch.optim import RENG, RING, GRNGOptimizer, RKalman, hyperparameter_names
+from grng_torch.optimizer import RENG, RING, GRNGOptimizer, RKalman, hyperparameter_names
 
 __all__ = [
     "RENG",
     "RING",
     "GRNGOptimizer",
+    "GroupState",
     "LossModule",
     "RKalman",
     "default_sampler",

@@ -37,10 +37,11 @@ import torch
 
 import grng_core as gc
 from grng_core import checkpoint
+from grng_core.config import TITLES as _TITLES
+from grng_core.state import host_step
+from grng_torch._groups import GroupState
 
 ADAPTER = "grng_torch"
-_STATE_KEY = "grng"
-_TITLES = {"reng": "RENG", "ring": "RING", "rkalman": "RKalman"}
 
 __all__ = ["extract_group", "load", "save"]
 
@@ -50,32 +51,18 @@ class _Recorded:
 
     def __init__(self, name: str, hyperparams: dict):
         self.name = name
-        self.hyperparams = hyperparams
+        self.config = self
+        self._hyperparams = hyperparams
+
+    def as_dict(self) -> dict:
+        return self._hyperparams
 
 
 # ------------------------------------------------------------------------- save
 def _group_info(core: gc.Optimizer, group: dict, entry: dict) -> dict:
     return {"optimizer": core.name, "hyperparams": checkpoint.hyperparams_json(core),
-            "structure": entry["structure"], "group_structure": group["structure"],
-            "layers": [list(x) for x in entry["layers"]], "host_step": int(entry["step"])}
-
-
-def _fresh_entry(opt, i: int) -> tuple[dict, gc.Optimizer]:
-    """The state group i would start from (no step taken yet): every Linear/Conv2d of the
-    group is a K-FAC layer; nothing is stored in the optimizer."""
-    group = opt.param_groups[i]
-    candidates = opt._candidate_layers(i) if opt._build(group, None).requirements.layer_stats \
-        else []
-    structure = group["structure"]
-    override = None
-    if structure == "kfac" and not candidates:
-        structure = override = "diagonal"
-    core = opt._build(group, override)
-    specs = [gc.LayerSpec(w, b) for _, w, b in candidates] if structure == "kfac" else None
-    with torch.no_grad():
-        state = core.init([p.detach() for p in group["params"]], layers=specs)
-    layers = [[w, b] for _, w, b in candidates] if structure == "kfac" else []
-    return {"step": 0, "structure": structure, "layers": layers, "core": state}, core
+            "structure": entry.structure, "group_structure": group["structure"],
+            "layers": [list(x) for x in entry.layers], "host_step": int(entry.host_step)}
 
 
 def _group_payload(opt, i: int):
@@ -83,17 +70,17 @@ def _group_payload(opt, i: int):
     group = opt.param_groups[i]
     if not group["params"]:
         return None, None
-    entry = opt._entry(i)
-    if entry is None:
-        entry, core = _fresh_entry(opt, i)
+    entry = opt.group_state(i)
+    if entry is None:  # the state a first step would start from
+        entry, core = opt.fresh_group_state(i)
     else:
-        core = opt._core(i)
-    return entry["core"], _group_info(core, group, entry)
+        core = opt.core(i)
+    return entry.core, _group_info(core, group, entry)
 
 
 def save(opt, path, group: int | None = None) -> None:
     n = len(opt.param_groups)
-    extra: dict[str, Any] = {"adapter": ADAPTER, "algorithm": opt._algorithm}
+    extra: dict[str, Any] = {"adapter": ADAPTER, "algorithm": opt.algorithm}
     if group is not None or n == 1:
         i = 0 if group is None else _index(group, n)
         state, info = _group_payload(opt, i)
@@ -209,14 +196,14 @@ def _plan_group(opt, i: int, j: int, node, info: dict, source: str,
         raise ValueError(f"{source}: the checkpoint records no optimizer (saved without opt=); "
                          f"save it with grng_core.save_state(path, state, opt=opt) to load it "
                          f"into a {title}")
-    if info["optimizer"] != opt._algorithm:
+    if info["optimizer"] != opt.algorithm:
         raise ValueError(f"{source}: checkpoint is for optimizer {info['optimizer']!r}, "
-                         f"loading into {opt._algorithm!r} ({title})")
+                         f"loading into {opt.algorithm!r} ({title})")
     saved_hp = info.get("hyperparams")
     if not isinstance(saved_hp, dict):
         raise ValueError(f"{source}: corrupted hyperparameters in the metadata")
-    entry = opt._entry(i)
-    candidates = opt._candidate_layers(i)
+    entry = opt.group_state(i)
+    candidates = opt.layer_candidates(i)
 
     # the structure the state was made with; a "kfac" group runs "diagonal" when it has no
     # K-FAC layer (as at its first step), so such a state fits a "kfac" group too
@@ -224,12 +211,12 @@ def _plan_group(opt, i: int, j: int, node, info: dict, source: str,
     override = None
     if group["structure"] == "kfac" and file_structure == "diagonal" and (
             info.get("group_structure") == "kfac" or not candidates
-            or (entry is not None and entry["structure"] == "diagonal")):
+            or (entry is not None and entry.structure == "diagonal")):
         override = "diagonal"
 
     new_group = dict(group)
     if set_hyperparams:  # numbers the file recorded (e.g. a scheduler's lr) go to the group
-        for k in opt._hp_names:
+        for k in opt.hp_names:
             v = saved_hp.get(k)
             cur = group[k]
             cur_number = _number(cur) or (isinstance(cur, torch.Tensor) and cur.dim() == 0)
@@ -237,7 +224,7 @@ def _plan_group(opt, i: int, j: int, node, info: dict, source: str,
                 new_group[k] = v if not isinstance(cur, torch.Tensor) else \
                     torch.as_tensor(v, dtype=cur.dtype, device=cur.device)
     try:
-        core = opt._build(new_group, override)
+        core = opt.build_core(new_group, override)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: param group {i}: the checkpoint's hyperparameters are not "
                          f"valid for {title}: {e}") from e
@@ -246,23 +233,23 @@ def _plan_group(opt, i: int, j: int, node, info: dict, source: str,
         raise ValueError(f"{source}: param group {i}: checkpoint hyperparameters differ from "
                          f"the optimizer's ({'; '.join(diff)})")
 
-    structure = core.hyperparams["structure"]
+    structure = core.config.structure
     layers: list[tuple[int, int | None]] = []
     if structure == "kfac":
         keys = _kfac_keys(node, source, "<root>" if j < 0 else f"groups/{j}")
         layers = sorted(_parse_layer(k, source, i) for k in keys)
         try:
-            opt._saved_layers(i, layers)
+            opt.match_layers(i, layers)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
         if entry is not None:
-            have = sorted((w, b) for w, b in entry["layers"])
+            have = sorted((w, b) for w, b in entry.layers)
             if have != layers:
                 raise ValueError(
                     f"{source}: param group {i}: the checkpoint's K-FAC layers (weight, bias "
                     f"positions) {layers} differ from the layers this optimizer registered "
                     f"{have}")
-    elif entry is not None and entry["structure"] != structure:
+    elif entry is not None and entry.structure != structure:
         raise ValueError(f"{source}: param group {i}: the checkpoint's structure is "
                          f"{structure!r}, this optimizer runs {entry['structure']!r}")
     specs = [gc.LayerSpec(w, b) for w, b in layers] if structure == "kfac" else None
@@ -284,7 +271,7 @@ def load(opt, path, group: int | None = None, set_hyperparams: bool = False) -> 
     meta = checkpoint.read_metadata(path)
     extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
     n = len(opt.param_groups)
-    if extra.get("adapter") == ADAPTER and extra.get("algorithm") not in (None, opt._algorithm):
+    if extra.get("adapter") == ADAPTER and extra.get("algorithm") not in (None, opt.algorithm):
         algorithm = extra.get("algorithm")
         raise ValueError(f"{source} is from grng_torch.{_TITLES.get(algorithm, algorithm)}, "
                          f"not {title}")
@@ -344,16 +331,12 @@ def load(opt, path, group: int | None = None, set_hyperparams: bool = False) -> 
     else:
         p = plans[0]
         states = [checkpoint.load_state(path, like=p.template, opt=p.core)]
-    entries = []
-    for p, state in zip(plans, states):
-        t = int(state["step"].item()) + int(state["skipped"].item())
-        entries.append({"step": t, "structure": p.structure, "layers": p.layers, "core": state})
+    entries = [GroupState(host_step(state), p.structure, state) for p, state in zip(plans, states)]
 
     # commit: nothing above changed the optimizer
     for p, entry in zip(plans, entries):
         group = opt.param_groups[p.i]
         if set_hyperparams:
-            for k in opt._hp_names:
+            for k in opt.hp_names:
                 group[k] = p.group[k]
-        opt.state[group["params"][0]][_STATE_KEY] = entry
-        opt._cores[p.i] = ((), None)
+        opt.set_group_state(p.i, entry)

@@ -33,7 +33,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-class Layer(NamedTuple):
+class HookedLayer(NamedTuple):
     """A module the K-FAC structure can see: its kind, weight and bias parameters."""
 
     name: str
@@ -47,7 +47,7 @@ def _conv_supported(m: nn.Conv2d) -> bool:
     return m.groups == 1 and m.padding_mode == "zeros"
 
 
-def find_layers(model: nn.Module) -> list[Layer]:
+def find_layers(model: nn.Module) -> list[HookedLayer]:
     """The Linear and Conv2d modules of `model` (each weight at most once: tied weights and
     grouped or non-zero-padded convolutions are left to the diagonal structure)."""
     found = []
@@ -55,10 +55,10 @@ def find_layers(model: nn.Module) -> list[Layer]:
         if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
             continue
         if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
-            found.append(Layer(name, m, "linear", m.weight, m.bias))
+            found.append(HookedLayer(name, m, "linear", m.weight, m.bias))
         elif (isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward
               and _conv_supported(m)):
-            found.append(Layer(name, m, "conv2d", m.weight, m.bias))
+            found.append(HookedLayer(name, m, "conv2d", m.weight, m.bias))
     counts: dict[int, int] = {}
     for L in found:
         for p in (L.weight, L.bias):
@@ -95,13 +95,13 @@ def conv_rows(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def input_rows(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+def input_rows(layer: HookedLayer, x: torch.Tensor) -> torch.Tensor:
     if layer.kind == "linear":
         return x.reshape(-1, x.shape[-1])
     return conv_rows(layer.module, x)
 
 
-def output_rows(layer: Layer, g: torch.Tensor) -> torch.Tensor:
+def output_rows(layer: HookedLayer, g: torch.Tensor) -> torch.Tensor:
     if layer.kind == "linear":
         return g.reshape(-1, g.shape[-1])
     if g.dim() == 3:

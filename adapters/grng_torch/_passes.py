@@ -1,0 +1,159 @@
+"""The extra passes a step may need, each from what torch gives (ALGORITHMS.md §1, §2).
+
+`mc_pass`: the sampled-label ("mc") pass feeding the K-FAC hooks; `per_example`: per-example
+gradients through torch.func; `grad_fn`: the batch gradient at other parameters from the
+closure (finite differences); `hvp_fn`: Hessian-vector products by double backprop. Buffers
+(BatchNorm statistics) are restored after them (`BufferSnapshot`), random numbers replayed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from grng_torch._collect import autocast_as, output_rows
+from grng_torch._functional import per_example_grads
+
+
+class BufferSnapshot:
+    """The model's buffers (BatchNorm running statistics), restored after the extra passes."""
+
+    def __init__(self, root: nn.Module | None):
+        self.saved = [] if root is None else [(b, b.detach().clone()) for b in root.buffers()]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for b, v in self.saved:
+                b.copy_(v)
+
+
+def mc_pass(opt, active: list[int], want_targets: bool):
+    """Forward on the batch, targets sampled from the outputs, and (for the K-FAC layers
+    in `active`) the output gradients of the sampled-label loss."""
+    coll = opt.collector
+    b = coll.batch
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.enable_grad() if active else torch.no_grad())
+        stack.enter_context(coll.collect("outputs", active))
+        stack.enter_context(autocast_as(b.autocast))
+        out = coll.root(*b.args, **b.kwargs)
+        with torch.no_grad():
+            y = opt.sample_targets(out.detach())
+        loss = opt.loss_fn(out, y) if active else None
+    if active:
+        zs = [(li, z) for li in active for z in coll.z.get(li, [])]
+        got = torch.autograd.grad(loss, [z for _, z in zs], allow_unused=True)
+        n = coll.scale()
+        for (li, z), g in reversed(list(zip(zs, got))):
+            g = torch.zeros_like(z) if g is None else g.detach()
+            coll.s.setdefault(li, []).append(output_rows(coll.layers[li], g) * n)
+        coll.z = {}
+    return y if want_targets else None
+
+
+def per_example(opt, gis: list[int], sampled) -> dict[int, torch.Tensor]:
+    coll = opt.collector
+    b = coll.batch
+    if sampled is None and not b.has_targets:
+        raise RuntimeError(
+            "per-example gradients need the targets: the closure must call the loss_fn "
+            "given to the optimizer as loss_fn(output, target)")
+    params = [p for i in gis for p in opt.param_groups[i]["params"]]
+    missing = [tuple(p.shape) for p in params if id(p) not in opt.param_names]
+    if missing:
+        raise ValueError(f"parameters of shapes {missing} are not in the model given to the "
+                         "optimizer: per-example gradients need them there")
+    names = [opt.param_names[id(p)] for p in params]
+    with torch.enable_grad(), coll.collect(None), autocast_as(b.autocast):
+        out = per_example_grads(coll.root, names, b.args, b.kwargs,
+                                b.targets if sampled is None else sampled, coll.scale(),
+                                opt.loss_fn)
+    return {id(p): out[n] for p, n in zip(params, names)}
+
+
+def grad_fn(opt, i, closure, saved_grads, all_params, rng_before, devices, outer_autocast,
+            snapshot):
+    """grad_fn(params) -> the batch gradient of group i at other values of its params,
+    from the closure (same batch, same random numbers as the first evaluation)."""
+    group_params = opt.param_groups[i]["params"]
+    coll = opt.collector
+
+    def grad_fn(new_params):
+        new = list(new_params)
+        with torch.no_grad():
+            backup = [p.detach().clone() for p in group_params]
+            for p, v in zip(group_params, new):
+                p.copy_(v)
+        for p in all_params:  # the closure's zero_grad cannot touch the saved .grad
+            p.grad = None
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(torch.enable_grad())
+                stack.enter_context(autocast_as(outer_autocast))
+                if coll is not None:
+                    stack.enter_context(coll.collect(None))
+                stack.enter_context(torch.random.fork_rng(devices=devices))
+                set_rng_state(rng_before, devices)
+                closure()
+            with torch.no_grad():
+                return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                        for p in group_params]
+        finally:
+            with torch.no_grad():
+                for p, v in zip(group_params, backup):
+                    p.copy_(v)
+            for p, g in zip(all_params, saved_grads):
+                p.grad = g
+            if snapshot is not None:
+                snapshot.restore()
+
+    return grad_fn
+
+
+def hvp_fn(opt, i, gb, start, collective):
+    """hvp_fn(params, v) -> H v for group i's block, by double backprop."""
+    group_params = opt.param_groups[i]["params"]
+
+    def hvp_fn(_params, vectors):
+        gs = gb.grads[start:start + len(group_params)]
+        vs = list(vectors)
+        idx = [j for j, g in enumerate(gs) if g is not None and g.requires_grad]
+        out = [torch.zeros_like(p) for p in group_params]
+        if idx:
+            with torch.enable_grad():
+                got = torch.autograd.grad(
+                    [gs[j] for j in idx], [group_params[j] for j in idx],
+                    grad_outputs=[vs[j].to(gs[j].dtype) for j in idx],
+                    retain_graph=True, allow_unused=True)
+            for j, h in zip(idx, got):
+                if h is not None:
+                    out[j] = h.detach()
+        if collective is not None and collective.mean is not None:
+            out = [collective.mean(x) for x in out]
+        return out
+
+    return hvp_fn
+
+
+def twice_differentiable_attention():
+    """scaled_dot_product_attention on its math kernel: the fused (flash / efficient)
+    kernels have no double backward, which double backprop needs."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def rng_state(devices: list[int]):
+    cuda = [torch.cuda.get_rng_state(d) for d in devices]
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_state(state, devices: list[int]) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for d, s in zip(devices, cuda):
+        torch.cuda.set_rng_state(s, d)

@@ -1,0 +1,33 @@
+"""What a param group's core optimizer needs from the torch side, checked when it is built."""
+
+from __future__ import annotations
+
+import grng_core as gc
+
+
+def check_needs(opt, core: gc.Optimizer, i: int) -> None:
+    """ValueError naming the missing argument (model=, loss_fn=, sample_targets=)."""
+    title = type(opt).__name__
+    r, structure = core.requirements, core.config.structure
+    if r.layer_stats and opt.model is None:
+        raise ValueError(
+            f"{title} with structure={structure!r} (param group {i}) needs to see the "
+            f"model's layers: {title}(model.parameters(), model=model, ...) or "
+            f"{title}(model, ...)")
+    if r.per_example_grads and (opt.model is None or opt.loss_fn is None):
+        raise ValueError(
+            f"{title} with structure={structure!r} (param group {i}) needs per-example "
+            "gradients: pass model= and loss_fn= (the loss module the closure calls)")
+    if r.fisher == "mc" and (r.layer_stats or r.per_example_grads):
+        if opt.model is None or opt.loss_fn is None:
+            raise ValueError(f"{title} with fisher='mc' (param group {i}) needs model= and "
+                             "loss_fn= to run the sampled-label pass")
+        if opt.sample_targets is None:
+            raise ValueError(
+                f"{title} with fisher='mc' needs sample_targets=fn(output) -> targets: no "
+                f"default sampler for loss {type(opt.loss_fn).__name__}")
+    if (r.per_example_grads or r.fisher == "mc") and opt.loss_fn is not None:
+        reduction = getattr(opt.loss_fn, "reduction", "mean")
+        if reduction != "mean":
+            raise ValueError(f"loss_fn must average over the batch (reduction='mean'), got "
+                             f"reduction={reduction!r}")

@@ -1,0 +1,216 @@
+"""One step of a GRNG torch optimizer, in order (see `run`):
+
+1. `plan`: per param group, its core optimizer, refresh flags (`core.flags(host step)`), its
+   K-FAC layers and which passes the step needs;
+2. `_first_pass`: the closure, with K-FAC rows collected by the hooks during its backward
+   (empirical Fisher) and, for double backprop, the gradient's graph kept;
+3. `_extra_passes`: sampled labels ("mc") and per-example gradients (`_passes`);
+4. `_group_update`: each group's `grng_core` update (all computed before any is applied);
+5. `_apply`: θ ← θ + u in place, the new `GroupState` stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import grng_core as gc
+from grng_torch import _passes
+from grng_torch._backward import GraphBackward
+from grng_torch._collect import autocast_off, autocast_state
+from grng_torch._groups import STATE_KEY, GroupState
+from grng_torch.distributed import is_distributed, torch_collective
+
+_CLOSURE_HELP = ("the optimizer re-evaluates the loss where the algorithm needs it. Write\n"
+                 "    def closure():\n        opt.zero_grad()\n        loss = loss_fn(model(x), y)"
+                 "\n        loss.backward()\n        return loss\n    opt.step(closure)")
+
+
+@dataclass
+class GroupPlan:
+    """What one param group's step uses."""
+
+    index: int
+    group: dict
+    core: gc.Optimizer
+    entry: GroupState | None
+    curvature: bool
+    inverse: bool
+    layers: list  # (hooked layer number, weight position, bias position)
+    offset: int = 0  # where the group starts among all parameters
+
+
+@dataclass
+class StepPlan:
+    groups: list[GroupPlan]
+    emp: set = field(default_factory=set)  # hooked layers collected on the closure's backward
+    mc: set = field(default_factory=set)  # hooked layers collected on the sampled-label pass
+    pe: dict = field(default_factory=lambda: {"empirical": [], "mc": []})
+    hvp: bool = False
+    fd: bool = False
+
+    @property
+    def all_params(self) -> list:
+        return [p for g in self.groups for p in g.group["params"]]
+
+
+def _group_plan(opt, i: int, group: dict) -> GroupPlan:
+    core, entry = opt.core(i), opt.group_state(i)
+    curvature, inverse = core.flags(entry.host_step if entry else 0)
+    layers: list = []
+    if core.requirements.layer_stats:
+        layers = (opt.match_layers(i, entry.layers) if entry is not None
+                  else opt.layer_candidates(i))
+    return GroupPlan(i, group, core, entry, bool(curvature), bool(inverse), layers)
+
+
+def plan(opt) -> StepPlan:
+    sp = StepPlan([_group_plan(opt, i, g) for i, g in enumerate(opt.param_groups)
+                   if g["params"]])
+    n = 0
+    for gp in sp.groups:
+        gp.offset, n = n, n + len(gp.group["params"])
+        r = gp.core.requirements
+        if r.layer_stats and gp.curvature:
+            (sp.mc if r.fisher == "mc" else sp.emp).update(li for li, _, _ in gp.layers)
+        if r.per_example_grads and gp.curvature:
+            sp.pe[r.fisher].append(gp.index)
+        sp.hvp |= r.hvp_fn
+        sp.fd |= r.grad_fn
+    return sp
+
+
+def _collective(opt):
+    c = opt.collective_arg
+    if c == "auto":
+        return torch_collective() if is_distributed() else None
+    return c
+
+
+def run(opt, closure):
+    title = type(opt).__name__
+    if closure is None or not callable(closure):
+        raise TypeError(f"{title}.step() needs a closure (got {closure!r}): {_CLOSURE_HELP}")
+    sp = plan(opt)
+    coll = opt.collector
+    outer_autocast = autocast_state()
+    devices = sorted({p.device.index or 0 for p in sp.all_params if p.is_cuda})
+    rng_before = _passes.rng_state(devices) if sp.fd else None
+    gb = None
+    if sp.hvp:
+        real = isinstance(opt.model, nn.parallel.DistributedDataParallel)
+        quiet = (lambda: coll.collect(None)) if coll is not None else contextlib.nullcontext
+        gb = GraphBackward(sp.all_params, real_backward=real, quiet=quiet)
+    snapshot = None
+    try:
+        loss = _first_pass(opt, sp, closure, gb)
+        grads = {gp.index: [p.grad for p in gp.group["params"]] for gp in sp.groups}
+        saved_grads = [p.grad for p in sp.all_params]
+        if coll is not None and (sp.mc or any(sp.pe.values()) or sp.fd):
+            snapshot = _passes.BufferSnapshot(coll.root)  # after the closure's own update
+        pe = _extra_passes(opt, sp)
+        env = dict(closure=closure, saved_grads=saved_grads, rng_before=rng_before,
+                   devices=devices, outer_autocast=outer_autocast, snapshot=snapshot, gb=gb,
+                   collective=_collective(opt), pe=pe)
+        with torch.no_grad(), autocast_off():
+            results = [_group_update(opt, sp, gp, grads[gp.index], env) for gp in sp.groups]
+        _apply(opt, sp, grads, results)
+    finally:
+        if snapshot is not None:
+            snapshot.restore()
+        if coll is not None:
+            coll.clear()
+        if gb is not None:
+            gb.grads = None  # frees the gradient's graph
+    return loss
+
+
+def _first_pass(opt, sp: StepPlan, closure, gb):
+    """The closure, with the hooks collecting on its backward."""
+    coll = opt.collector
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.enable_grad())
+        if coll is not None:
+            coll.clear()
+            stack.enter_context(coll.collect("backward", sp.emp, capture=True))
+        if gb is not None:
+            stack.enter_context(gb)
+            stack.enter_context(_passes.twice_differentiable_attention())
+        loss = closure()
+    if gb is not None and gb.grads is None:
+        raise RuntimeError(f"{type(opt).__name__} with gr='double_backprop' needs the closure "
+                           "to call loss.backward() (the optimizer keeps its graph)")
+    return loss
+
+
+def _extra_passes(opt, sp: StepPlan) -> dict[int, torch.Tensor]:
+    """Sampled-label pass and per-example gradients: {id(param): per-example gradients}."""
+    pe: dict[int, torch.Tensor] = {}
+    if not (sp.mc or any(sp.pe.values())):
+        return pe
+    if not opt.collector.batch.called:
+        raise RuntimeError(f"{type(opt).__name__} needs the closure to call the model given to "
+                           "the optimizer (its inputs are re-used)")
+    y_mc = None
+    if sp.mc or sp.pe["mc"]:
+        y_mc = _passes.mc_pass(opt, sorted(sp.mc), bool(sp.pe["mc"]))
+    for kind, gis in sp.pe.items():
+        if gis:
+            pe.update(_passes.per_example(opt, gis, y_mc if kind == "mc" else None))
+    return pe
+
+
+def _stats(opt, sp: StepPlan, gp: GroupPlan, layers, pe) -> gc.Stats | None:
+    r = gp.core.requirements
+    if not gp.curvature or not (r.layer_stats or r.per_example_grads):
+        return None
+    use_pe = gp.index in sp.pe["empirical"] + sp.pe["mc"]
+    return gc.Stats(
+        per_example_grads=[pe[id(p)] for p in gp.group["params"]] if use_pe else None,
+        layers=[gc.LayerStats(w, b, *opt.collector.rows(li)) for li, w, b in layers] or None)
+
+
+def _present(opt, gp: GroupPlan) -> list:
+    """The candidate layers whose hooks saw this batch (the first step's K-FAC layers)."""
+    coll = opt.collector
+    return [(li, w, b) for li, w, b in gp.layers
+            if coll is not None and coll.a.get(li) and coll.s.get(li)]
+
+
+def _group_update(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any]):
+    """(updates, new GroupState) of one group."""
+    params = [p.detach() for p in gp.group["params"]]
+    g = [torch.zeros_like(p) if x is None else x.detach() for p, x in zip(params, grads)]
+    entry, core, layers = gp.entry, gp.core, gp.layers
+    if entry is None:
+        present = _present(opt, gp) if core.requirements.layer_stats else []
+        entry, core = opt.fresh_group_state(gp.index, present)
+        layers = present if core.config.structure == "kfac" else []
+        gp = GroupPlan(gp.index, gp.group, core, entry, gp.curvature, gp.inverse, layers,
+                       gp.offset)
+    r = core.requirements
+    oracle = gc.Oracle(
+        grad_fn=_passes.grad_fn(opt, gp.index, env["closure"], env["saved_grads"],
+                                sp.all_params, env["rng_before"], env["devices"],
+                                env["outer_autocast"], env["snapshot"]) if r.grad_fn else None,
+        hvp_fn=_passes.hvp_fn(opt, gp.index, env["gb"], gp.offset, env["collective"])
+        if r.hvp_fn else None)
+    updates, new_core = core.update(g, entry.core, params,
+                                    stats=_stats(opt, sp, gp, layers, env["pe"]),
+                                    oracle=oracle, collective=env["collective"],
+                                    curvature=gp.curvature, inverse=gp.inverse)
+    return updates, GroupState(entry.host_step + 1, entry.structure, new_core)
+
+
+def _apply(opt, sp: StepPlan, grads, results) -> None:
+    """θ ← θ + u (parameters without a gradient are left alone, as in torch)."""
+    with torch.no_grad():
+        for gp, (updates, entry) in zip(sp.groups, results):
+            for p, x, u in zip(gp.group["params"], grads[gp.index], updates):
+                if x is not None:
+                    p.add_(u)
+            opt.state[gp.group["params"][0]][STATE_KEY] = entry

@@ -1,0 +1,181 @@
+"""The torch rows of the step-cost microbenchmark: every optimizer's stepper on the MLP, the
+reference passes (plain forward+backward, double-backprop HVP), and their measurement at one
+batch size: FLOPs of the optimizer's own work (GRNG rows and ASDL K-FAC) and round-robin timing.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from benchmarks.flops import MatmulRecorder, subtract, total_flops
+from benchmarks.grng_runs import build_grng
+from benchmarks.hyperparams import REFRESH_EVERY, common_hp
+from benchmarks.optimizers import all_specs
+from benchmarks.stepcost_setup import (
+    DAMPING,
+    LR,
+    N_PARAMS,
+    WOODBURY_LIMIT_BYTES,
+    make_batch,
+    make_model,
+    not_runnable,
+    time_window,
+)
+
+GRNG_KEYS = ("ring", "ring_chol", "ngd", "reng", "reng_fd", "rkalman", "ring_woodbury",
+             "rkalman_woodbury")
+
+
+class _Shim:
+    """What the optimizer builders read from a task."""
+
+    seq_len = 0
+
+    def __init__(self, b: int):
+        self.batch_size = b
+        self.n_train = 60_000
+        self.structures = {}
+
+
+def torch_rows(full: bool) -> list[tuple[str, str, callable]]:
+    """(key, label, build(model, batch_size) -> stepper) of every torch row."""
+    specs = {s.key: s for s in all_specs()}
+
+    def peer(key, **over):
+        def build(model, b):
+            s = specs[key]
+            return s.build(model, _Shim(b), dict(s.base, **over), 0)
+        return build
+
+    def grng(algo, structure, **over):
+        def build(model, b):
+            hp = dict(common_hp(LR, DAMPING), rho=0.05, **over)
+            if algo == "rkalman":
+                hp.update(prior_var=1.0, kalman_decay=0.95)
+            if algo == "ngd":
+                hp.pop("rho")
+            return build_grng(algo, structure, model, hp)
+        return build
+
+    rows = [
+        ("sgd", "SGD (momentum)", peer("sgd")),
+        ("adamw", "AdamW", peer("adamw")),
+        ("asdl_kfac", "K-FAC (ASDL)", peer("asdl_kfac", lr=LR, damping=DAMPING)),
+        ("ring", "RING (kfac)", grng("ring", "kfac")),
+        ("ring_chol", "RING (kfac, Cholesky)", grng("ring", "kfac", inverse_method="cholesky")),
+        ("ngd", "NGD (kfac)", grng("ngd", "kfac")),
+        ("reng", "RENG (kfac, double backprop)", grng("reng", "kfac")),
+        ("reng_fd", "RENG (kfac, finite diff.)", grng("reng", "kfac", gr="finite_difference")),
+        ("rkalman", "R-Kalman (kfac)", grng("rkalman", "kfac")),
+        ("ring_woodbury", "RING (woodbury)", grng("ring", "woodbury")),
+        ("rkalman_woodbury", "R-Kalman (woodbury)", grng("rkalman", "woodbury")),
+        ("sophiah", "SophiaH", peer("sophiah")),
+        ("sam", "SAM (SGD)", peer("sam")),
+        ("ivon", "IVON", peer("ivon")),
+    ]
+    if full:
+        rows += [("psgd_kron", "PSGDKron (heavyball)", peer("psgd_kron")),
+                 ("soap", "SOAP (heavyball)", peer("soap")),
+                 ("muon", "Muon (heavyball)", peer("muon"))]
+    return rows
+
+
+def reference_fns(b: int) -> dict:
+    """Plain forward+backward, and forward + gradient with graph + HVP backward (double
+    backprop) next to a plain gradient, as callables; their FLOPs are recorded once."""
+    lf = torch.nn.functional.cross_entropy
+    x, y = make_batch(b)
+    m_fb = make_model()
+
+    def fb():
+        m_fb.zero_grad(set_to_none=True)
+        lf(m_fb(x), y).backward()
+
+    m_h = make_model()
+    params = list(m_h.parameters())
+    v = [torch.randn_like(p) for p in params]
+
+    def with_hvp():
+        g = torch.autograd.grad(lf(m_h(x), y), params, create_graph=True)
+        torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, v)), params)
+
+    def plain_grad():
+        torch.autograd.grad(lf(m_h(x), y), params)
+
+    return {"_fb": fb, "_hvp": with_hvp, "_grad": plain_grad}
+
+
+def measure_batch(b: int, rows, tp, repeats: int, periods: int, bar) -> dict:
+    """Every torch row at batch ``b``: built and warmed up together, then timed round-robin,
+    ``repeats`` windows each, keeping each row's best window."""
+    out = {"rows": {}}
+    x, y = make_batch(b)
+    fns = reference_fns(b)
+    for f in fns.values():
+        f()
+    with MatmulRecorder() as rec:
+        fns["_fb"]()
+    fb_ops = rec.ops
+    labels = {}
+    for key, label, build in rows:
+        bar.set_postfix_str(f"b={b} build {key}", refresh=False)
+        labels[key] = label
+        out["rows"][key], fn = _prepare_row(key, label, build, b, x, y, tp, fb_ops)
+        if fn is not None:
+            fns[key] = fn
+        bar.update()
+    best = _time_round_robin(b, fns, out["rows"], labels, repeats, periods, bar)
+    out["fb"] = best.pop("_fb")
+    out["hvp_extra"] = best.pop("_hvp") - best.pop("_grad")
+    for key, t in best.items():
+        if key in fns:
+            out["rows"][key]["time"] = t
+    out["rows"] = {k: out["rows"][k] for k, _, _ in rows if k in out["rows"]}
+    return out
+
+
+def _prepare_row(key, label, build, b, x, y, tp, fb_ops):
+    """(row dict, the timed step or None): build and warm up one refresh period; for the GRNG
+    rows and ASDL count the FLOPs of the optimizer's own work over one more period."""
+    if "woodbury" in key and b * N_PARAMS * 4 > WOODBURY_LIMIT_BYTES:
+        return {"label": label, "error": (
+            f"skipped: per-example gradients J ({b} x {N_PARAMS:,} float32) would "
+            f"take {b * N_PARAMS * 4 / 1e9:.1f} GB")}, None
+    try:
+        stepper = build(make_model(), b)
+        for _ in range(REFRESH_EVERY):  # one full refresh period of warm-up
+            loss = stepper.step(x, y)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss {loss} during warm-up")
+        row = {"label": label}
+        if key in GRNG_KEYS or key == "asdl_kfac":
+            with MatmulRecorder() as rec:  # one refresh period: the amortised work
+                for _ in range(REFRESH_EVERY):
+                    stepper.step(x, y)
+            own = subtract(rec.ops, fb_ops, REFRESH_EVERY)
+            row["own_flops"] = total_flops(own) / REFRESH_EVERY
+            row["ideal_time"] = tp.ideal_time(own) / REFRESH_EVERY
+        return row, functools.partial(stepper.step, x, y)
+    except Exception as e:  # noqa: BLE001
+        return {"label": label, "error": not_runnable(e)}, None
+
+
+def _time_round_robin(b, fns: dict, rows: dict, labels: dict, repeats: int, periods: int,
+                      bar) -> dict:
+    """Best seconds per call of every callable, over ``repeats`` rounds of one window each; a
+    callable that raises is dropped from ``fns`` and its row gets the error."""
+    best = dict.fromkeys(fns, math.inf)
+    for r in range(repeats):
+        bar.set_postfix_str(f"b={b} timing round {r + 1}/{repeats}", refresh=False)
+        for key, fn in list(fns.items()):
+            n = 5 if key in ("_hvp", "_grad") else REFRESH_EVERY * periods
+            try:
+                best[key] = min(best[key], time_window(fn, n, 1))
+            except Exception as e:  # noqa: BLE001
+                rows[key] = {"label": labels.get(key, key), "error": not_runnable(e)}
+                del fns[key]
+        bar.update()
+    return best
