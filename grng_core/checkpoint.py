@@ -35,7 +35,6 @@ import numpy as np
 from grng_core import codec
 from grng_core.npz_io import read_archive, write_atomic
 from grng_core.npz_tree import META_KEY, build, describe, dtype_name, entry_names, library, to_host
-from grng_core.state import OptState
 
 FORMAT = "grng-optimizer-state"
 FORMAT_VERSION = 1
@@ -82,8 +81,7 @@ def state_to_numpy(state, opt=None, extra: dict | None = None) -> dict[str, np.n
 
     `extra`: optional JSON-able dict stored in the metadata (adapters keep host counters there).
     """
-    if isinstance(state, OptState):
-        state = codec.encode(state)
+    state = codec.to_portable(state)
     leaves: list = []
     structure = describe(state, (), leaves)
     names = entry_names([p for p, _ in leaves])
@@ -188,10 +186,8 @@ def state_from_numpy(arrays: dict, like=None, opt=None, source: str = "checkpoin
             raise ValueError(f"{source}: entry {s['name']!r} has shape {a.shape} and dtype "
                              f"{a.dtype}, the metadata says {s.get('shape')} "
                              f"{s.get('dtype')}: corrupted checkpoint")
-    if isinstance(like, OptState):
-        tree = build(meta["structure"], codec.encode(like), (), arrays, specs, source)
-        return codec.decode(tree, like)
-    return build(meta["structure"], like, (), arrays, specs, source)
+    tree = build(meta["structure"], codec.to_portable(like), (), arrays, specs, source)
+    return tree if like is None else codec.from_portable(tree, like)
 
 
 # ------------------------------------------------------------------ files

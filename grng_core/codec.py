@@ -146,3 +146,29 @@ def mismatch(tree, template, path: str = "state") -> str | None:
     got = (tuple(getattr(tree, "shape", ())), getattr(tree, "dtype", type(tree).__name__))
     want = (tuple(template.shape), template.dtype)
     return None if got == want else f"{path} is {got} in the state, this model needs {want}"
+
+
+def to_portable(tree):
+    """`tree` with every typed state inside it (e.g. {"params": ..., "opt": state}) encoded."""
+    if isinstance(tree, OptState):
+        return encode(tree)
+    if isinstance(tree, dict):
+        return {k: to_portable(v) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(to_portable(v) for v in tree))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_portable(v) for v in tree)
+    return tree
+
+
+def from_portable(tree, like):
+    """The inverse of `to_portable` for a tree read with the template `like`."""
+    if isinstance(like, OptState):
+        return decode(tree, like)
+    if isinstance(like, dict):
+        return {k: from_portable(tree[k], v) for k, v in like.items()}
+    if isinstance(like, tuple) and hasattr(like, "_fields"):
+        return type(like)(*(from_portable(t, v) for t, v in zip(tree, like)))
+    if isinstance(like, (list, tuple)):
+        return type(like)(from_portable(t, v) for t, v in zip(tree, like))
+    return tree

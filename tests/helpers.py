@@ -30,7 +30,7 @@ def train(backend, mlp, opt, x_np, y_np, steps, *, dtype="float64", flags=True, 
     for t in range(1, steps + 1):
         stats = mlp.stats(params, x, y, kind=kind)
         grads = mlp.grad(params, x, y)
-        cur, inv = opt.refresh_flags(t) if flags else (None, None)
+        cur, inv = opt.flags(t - 1) if flags else (None, None)
         upd, state = opt.update(grads, state, params, stats=stats, oracle=mlp.oracle(x, y),
                                 curvature=cur, inverse=inv)
         params = gc.apply_updates(params, upd)

@@ -131,7 +131,7 @@ def test_dict_params_and_bfloat16_state_dtype():
     params = {"w": torch.ones(3, 2, dtype=torch.bfloat16)}
     opt = gc.ring(structure="diagonal", momentum=0.5)
     state = opt.init(params)
-    assert state["momentum"][0].dtype == torch.float32
+    assert state.momentum[0].dtype == torch.float32
     upd, state = opt.update({"w": torch.full((3, 2), 0.5, dtype=torch.bfloat16)}, state, params)
     assert upd["w"].dtype == torch.bfloat16
-    assert state["diag"]["0"].dtype == torch.float32
+    assert state.curvature.diagonal[0].dtype == torch.float32

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import grng_core as gc
+from grng_core.state import arrays
 from grng_core.reference import MLP
 from tests.backends import BACKEND_NAMES, get_backend
 from tests.helpers import mlp_layers, train, tree_rel_err
@@ -96,19 +97,7 @@ def test_state_on_device_and_in_state_dtype(data, config):
     b = get_backend("array_api_strict_device1")
     params, state, losses = train(b, mlp, make(*config), x, y, 3, dtype="float32")
     assert np.isfinite(losses).all()
-    leaves = []
-
-    def walk(t):
-        if isinstance(t, dict):
-            for v in t.values():
-                walk(v)
-        elif isinstance(t, list):
-            for v in t:
-                walk(v)
-        else:
-            leaves.append(t)
-
-    walk(state)
+    leaves = arrays(state)
     for leaf in leaves:
         assert leaf.device == b.device
         assert leaf.dtype in (xps.float32, xps.int32)

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,3 +266,84 @@ def test_peer_runs_one_epoch_when_installed(key, mods):
     r = run_one(task, spec, spec.base, 0, 1, math.nan)
     assert r.status == "ok", r.status
     assert r.steps == task.n_steps_per_epoch() and math.isfinite(r.grad_norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# structure: benchmarks/ is a run-from-the-repository tool, small modules, no import cycles
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _check_structure_module():
+    name = "_grng_check_structure"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "tools" / "check_structure.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look the module up while the file runs
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+def test_benchmarks_have_no_import_cycles_and_no_oversized_code():
+    rep = _check_structure_module().check(REPO, ("benchmarks",))
+    assert rep.size_folders == ("benchmarks",) and rep.n_files > 20
+    assert rep.ok, "\n".join(rep.sizes + rep.cycles)
+
+
+def _write(root: Path, rel: str, text: str) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_check_structure_finds_cycles_and_oversized_code(tmp_path):
+    cs = _check_structure_module()
+    _write(tmp_path, "benchmarks/__init__.py", "")
+    _write(tmp_path, "benchmarks/a.py", "from benchmarks import b\nx = 1\n")
+    _write(tmp_path, "benchmarks/b.py", "def f():\n    from benchmarks.a import x\n    return x\n")
+    # a package __init__ importing its submodules: a cycle only where one imports the __init__
+    _write(tmp_path, "grng_core/__init__.py",
+           "from grng_core.sub import Y\nfrom .sub2 import Z\nVERSION = 1\n")
+    _write(tmp_path, "grng_core/helper.py", "H = 1\n")
+    _write(tmp_path, "grng_core/sub.py", "from grng_core import helper\nY = helper.H\n")
+    _write(tmp_path, "grng_core/sub2.py", "from . import VERSION\nZ = VERSION\n")
+    _write(tmp_path, "adapters/grng_torch/__init__.py", "from .optim import Opt\n")
+    _write(tmp_path, "adapters/grng_torch/optim.py", "import grng_core.helper\nOpt = 1\n")
+    _write(tmp_path, "benchmarks/big.py", "x = 1\n" * 401)
+    _write(tmp_path, "benchmarks/long.py",
+           "class K:\n    def m(self):\n" + "        pass\n" * 60 + "\n\ndef ok():\n    pass\n")
+    _write(tmp_path, "tests/__init__.py", "")
+    _write(tmp_path, "tests/test_long.py", "def test_x():\n" + "    pass\n" * 100)
+    rep = cs.check(tmp_path)
+    assert not rep.ok
+    assert rep.sizes == ["benchmarks/big.py: file has 401 lines (max 400)",
+                         "benchmarks/long.py:2: function K.m has 61 lines (max 60)"]
+    firsts = sorted(c.splitlines()[0] for c in rep.cycles)
+    assert firsts == ["import cycle among 2 modules: benchmarks.a, benchmarks.b",
+                      "import cycle among 2 modules: grng_core, grng_core.sub2"]
+    assert "benchmarks.a (benchmarks/a.py:1) -> benchmarks.b (benchmarks/b.py:2) -> " \
+           "benchmarks.a" in "\n".join(rep.cycles)
+    only = cs.check(tmp_path, ("grng_core",))
+    assert only.sizes == [] and len(only.cycles) == 1 and "grng_core.sub2" in only.cycles[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# packaging and command lines
+
+
+def test_benchmarks_are_not_installed_with_grng():
+    tomllib = pytest.importorskip("tomllib")
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    st = cfg["tool"]["setuptools"]
+    assert not [p for p in st["packages"] if p.split(".")[0] == "benchmarks"]
+    assert "benchmarks" not in st.get("package-dir", {})
+    scripts = cfg["project"].get("scripts", {})
+    assert not [k for k, v in scripts.items() if v.startswith("benchmarks")]
+
+
+@pytest.mark.parametrize("module", ["benchmarks", "benchmarks.stepcost"])
+def test_command_line_help_from_the_repository_root(module):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: python -m {module}")

@@ -13,6 +13,7 @@ import pytest
 
 import grng_core as gc
 from grng_core import checkpoint
+from grng_core import npz_io
 from grng_core.checkpoint import load_state, read_metadata, save_state
 from grng_core.reference import MLP
 from tests.backends import BACKEND_NAMES, get_backend
@@ -49,7 +50,7 @@ def _train(be, opt, params, state, batches, t0):
     req = opt.requirements
     for t, (x, y) in enumerate(batches, start=t0 + 1):
         x, y = be.asarray(x), be.asarray(y)
-        curvature, inverse = opt.refresh_flags(t)
+        curvature, inverse = opt.flags(t - 1)
         b = MLP_.batch(params, x, y, per_example=req.per_example_grads,
                        layer_stats=req.layer_stats and curvature)
         stats = gc.Stats(per_example_grads=b.per_example_grads, layers=b.layers)
@@ -61,7 +62,7 @@ def _train(be, opt, params, state, batches, t0):
 
 def _init(be, opt):
     params = be.tree(MLP_.init(seed=1))
-    return params, opt.init(params, layers=LAYERS if opt.hyperparams["structure"] == "kfac"
+    return params, opt.init(params, layers=LAYERS if opt.config.structure == "kfac"
                             else None)
 
 
@@ -98,12 +99,12 @@ def test_save_load_continue_equals_uninterrupted(tmp_path, name, src, dst):
 
     opt_b = make()  # a fresh optimizer with the same hyperparameters, as after a restart
     params_b = b.tree([np.array(a.to_numpy(p)) for p in p10])
-    like = opt_b.init(params_b, layers=LAYERS if opt_b.hyperparams["structure"] == "kfac"
+    like = opt_b.init(params_b, layers=LAYERS if opt_b.config.structure == "kfac"
                       else None)
     loaded = load_state(path, like=like, opt=opt_b)
     # the loaded state is of the destination library and equals what was saved
-    leaf = loaded["step"]
-    assert type(leaf) is type(like["step"])
+    leaf = loaded.step
+    assert type(leaf) is type(like.step)
     assert int(b.to_numpy(leaf)) == 10
     for k, v in _state_np(loaded).items():
         assert np.array_equal(v, _state_np(s10)[k]), k
@@ -156,7 +157,7 @@ def test_round_trip_every_backend(tmp_path, backend_name):
     assert got.keys() == want.keys()
     for k in want:
         assert np.array_equal(got[k], want[k]), k
-    assert type(out["kfac"]["0/1/N"]["A"]) is type(state["kfac"]["0/1/N"]["A"])
+    assert type(out.curvature.kfac[0].A) is type(state.curvature.kfac[0].A)
 
 
 def test_dtype_follows_template(tmp_path):
@@ -167,8 +168,8 @@ def test_dtype_follows_template(tmp_path):
     p32 = [np.asarray(p, dtype=np.float32) for p in MLP_.init(seed=1)]
     like32 = opt.init(p32, layers=LAYERS)
     out = load_state(tmp_path / "s.npz", like=like32, opt=opt)
-    assert out["kfac"]["0/1/N"]["A"].dtype == np.float32
-    assert out["step"].dtype == np.int32
+    assert out.curvature.kfac[0].A.dtype == np.float32
+    assert out.step.dtype == np.int32
 
 
 # ---------------------------------------------------------------- rejected files
@@ -365,12 +366,12 @@ def test_atomic_write_keeps_previous_checkpoint(tmp_path, live, monkeypatch, fai
             f.write(b"PK\x03\x04" + b"\0" * 100)
             raise OSError("No space left on device")
 
-        monkeypatch.setattr(checkpoint, "_write_npz", broken)
+        monkeypatch.setattr(npz_io, "_write_npz", broken)
     else:
         def broken_replace(src, dst):
             raise OSError("simulated crash before the rename")
 
-        monkeypatch.setattr(checkpoint.os, "replace", broken_replace)
+        monkeypatch.setattr(npz_io.os, "replace", broken_replace)
     with pytest.raises(OSError, match="No space|simulated crash"):
         save_state(path, newer, opt)
     monkeypatch.undo()

@@ -20,7 +20,7 @@ def grng_steps(opt, mlp, x, y, loss_opt, kind, fisher, max_steps=60):
     gap0 = float(mlp.loss(params, x, y)) - loss_opt
     for t in range(1, max_steps + 1):
         targets = mlp.sample_targets(params, x, seed=t) if fisher == "mc" else None
-        cur, inv = opt.refresh_flags(t)
+        cur, inv = opt.flags(t - 1)
         upd, state = opt.update(mlp.grad(params, x, y), state, params,
                                 stats=mlp.stats(params, x, y, kind=kind, stat_targets=targets),
                                 oracle=mlp.oracle(x, y), curvature=cur, inverse=inv)

@@ -59,7 +59,7 @@ def test_zero_gradient_gives_g_without_nan(numpy_backend, problem):
     zeros = [np.zeros_like(p) for p in params]
     upd, state = opt.update(zeros, opt.init(params), params, oracle=mlp.oracle(x, y))
     assert all(np.array_equal(u, np.zeros_like(u)) for u in upd)
-    assert int(state["skipped"]) == 0
+    assert int(state.skipped) == 0
 
 
 def test_forward_scheme_with_rho_equal_eps_is_sam_gradient(numpy_backend, problem):

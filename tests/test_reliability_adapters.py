@@ -60,7 +60,7 @@ def test_torch_adapter_skips_nonfinite_step(name, structure):
 
     opt.step(closure_for(x))  # a good step first
     first = next(model.parameters())
-    core_before = _flat_state(opt.state[first]["grng"]["core"])
+    core_before = _flat_state(opt.state[first]["grng"].core)
     params_before = [p.detach().clone() for p in model.parameters()]
     bad = x.clone()
     bad[0, 0] = math.nan
@@ -68,7 +68,7 @@ def test_torch_adapter_skips_nonfinite_step(name, structure):
         opt.step(closure_for(bad))
     for p, q in zip(model.parameters(), params_before):
         assert torch.equal(p.detach(), q)
-    core_after = _flat_state(opt.state[first]["grng"]["core"])
+    core_after = _flat_state(opt.state[first]["grng"].core)
     assert set(core_after) == set(core_before)
     for k in core_before:
         if k == "/skipped":
@@ -149,7 +149,7 @@ def test_jax_adapter_skips_nonfinite_under_jit(name):
     before_s = jax.tree.map(np.asarray, state.core)
     p2, s2 = step(params, state, x.at[0, 0].set(jnp.nan))
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, p2), before_p)
-    assert int(s2.core["skipped"]) == int(before_s["skipped"]) + 1
+    assert int(s2.core.skipped) == int(before_s.skipped) + 1
     rest = {k: v for k, v in s2.core.items() if k != "skipped"}
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, rest),
                  {k: v for k, v in before_s.items() if k != "skipped"})

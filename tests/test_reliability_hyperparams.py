@@ -116,15 +116,15 @@ def test_valid_edges_are_accepted(builder):
     if builder == "rkalman":
         kw.update(kalman_decay=0.0, prior_var=1e-12)
     opt = BUILDERS[builder](**kw)
-    assert opt.hyperparams["damping"] == 1e-12
+    assert opt.config.damping == 1e-12
 
 
 @pytest.mark.parametrize("builder", ALL)
 def test_hyperparams_are_reported(builder):
     opt = BUILDERS[builder](lr=0.25, structure="woodbury", on_nonfinite="raise")
-    assert opt.hyperparams["lr"] == 0.25
-    assert opt.hyperparams["on_nonfinite"] == "raise"
-    assert opt.hyperparams["structure"] == "woodbury"
+    assert opt.config.lr == 0.25
+    assert opt.config.on_nonfinite == "raise"
+    assert opt.config.structure == "woodbury"
 
 
 @pytest.mark.parametrize("name", ["lr", "rho", "damping"])

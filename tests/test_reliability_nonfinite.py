@@ -1,7 +1,7 @@
 """Issue 6, non-finite input: a step whose gradients, curvature statistics, oracle results or
 update hold NaN or Inf is skipped (default) or raises FloatingPointError
 (`on_nonfinite="raise"`). A skipped step returns zero updates and the state exactly as it was,
-except `state["skipped"]`, which goes up by one; a RuntimeWarning names what was non-finite.
+except `state.skipped`, which goes up by one; a RuntimeWarning names what was non-finite.
 Under `jax.jit` the same holds with no Python branch on traced values.
 """
 
@@ -115,8 +115,8 @@ def test_nonfinite_step_is_skipped(backend_name, config, where, value, request):
     state = problem.init(opt, params)
     params, state, _ = problem.step(opt, params, state)  # one good step: non-trivial state
     before_params, before_state = snapshot(params), snapshot(_state_except_skipped(state))
-    skipped = int(to_np(state["skipped"]))
-    step = int(to_np(state["step"]))
+    skipped = int(to_np(state.skipped))
+    step = int(to_np(state.step))
 
     grads, stats, oracle = _poison(problem, opt, params, where, value)
     with warnings.catch_warnings(record=True) as caught:
@@ -128,8 +128,8 @@ def test_nonfinite_step_is_skipped(backend_name, config, where, value, request):
     assert same_bits(snapshot(new_params), before_params), "parameters changed on a skipped step"
     assert same_bits(snapshot(_state_except_skipped(new_state)), before_state), (
         "optimizer state changed on a skipped step")
-    assert int(to_np(new_state["skipped"])) == skipped + 1
-    assert int(to_np(new_state["step"])) == step
+    assert int(to_np(new_state.skipped)) == skipped + 1
+    assert int(to_np(new_state.step)) == step
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)
             and "non-finite" in str(w.message)]
     assert len(msgs) == 1, [str(w.message) for w in caught]
@@ -180,8 +180,8 @@ def test_skipped_steps_do_not_change_the_trajectory(backend_name, config):
 
     p_clean, s_clean = run(set())
     p_bad, s_bad = run({0, 2, 3})
-    assert int(to_np(s_bad["skipped"])) == 3
-    assert int(to_np(s_bad["step"])) == int(to_np(s_clean["step"])) == 6
+    assert int(to_np(s_bad.skipped)) == 3
+    assert int(to_np(s_bad.step)) == int(to_np(s_clean.step)) == 6
     assert same_bits(snapshot(p_clean), snapshot(p_bad))
     assert same_bits(snapshot(_state_except_skipped(s_clean)),
                      snapshot(_state_except_skipped(s_bad)))
@@ -250,11 +250,11 @@ def test_jitted_update_skips_nonfinite(config):
             assert all(np.all(to_np(u) == 0) for u in u2), where
             assert same_bits(snapshot(p2), before_p), where
             assert same_bits(snapshot(_state_except_skipped(s2)), before_s), where
-            assert int(s2["skipped"]) == skipped and int(s2["step"]) == 1, where
+            assert int(s2.skipped) == skipped and int(s2.step) == 1, where
             params, state = p2, s2
     assert step._cache_size() == traces, "a bad step must not retrace"
     p3, s3, _ = step(params, state, 0, 0.0)  # and training goes on
-    assert int(s3["step"]) == 2 and int(s3["skipped"]) == skipped
+    assert int(s3.step) == 2 and int(s3.skipped) == skipped
     assert all(np.all(np.isfinite(to_np(a))) for a in p3)
 
 
@@ -269,7 +269,7 @@ def test_eager_jax_warns_and_skips(config):
     grads, stats, oracle = _poison(problem, opt, params, "grads", math.inf)
     with pytest.warns(RuntimeWarning, match="non-finite values .* in gradients"):
         updates, new_state = opt.update(grads, state, params, stats=stats, oracle=oracle)
-    assert int(new_state["skipped"]) == 1
+    assert int(new_state.skipped) == 1
     assert same_bits(snapshot(_state_except_skipped(new_state)), before)
     assert all(np.all(to_np(u) == 0) for u in updates)
 
@@ -292,7 +292,7 @@ def test_jitted_raise_mode_skips_in_graph():
         return opt.update(grads, state, params)
 
     updates, new_state = step(params, state)
-    assert int(new_state["skipped"]) == 1
+    assert int(new_state.skipped) == 1
     assert all(np.all(to_np(u) == 0) for u in updates)
 
 

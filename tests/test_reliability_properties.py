@@ -138,7 +138,7 @@ def _params_signature(params):
 
 
 def _state_dtype(opt, problem) -> str:
-    return opt.hyperparams["state_dtype"] or ("float64" if problem.dtype == "float64"
+    return opt.config.state_dtype or ("float64" if problem.dtype == "float64"
                                               else "float32")
 
 
@@ -193,8 +193,8 @@ def test_finite_input_gives_finite_update(algorithm, structure, request):
         def check(i, params, updates, state):
             assert _finite(updates), f"non-finite update at step {i + 1}"
             assert _finite(state), f"non-finite state at step {i + 1}"
-            assert int(to_np(state["skipped"])) == 0
-            assert int(to_np(state["step"])) == i + 1
+            assert int(to_np(state.skipped)) == 0
+            assert int(to_np(state.step)) == i + 1
 
         _take_steps(problem, opt, n_steps, check, lambda o: _count(request, o))
 
@@ -211,7 +211,7 @@ def test_zero_learning_rate_leaves_parameters_unchanged(algorithm, structure, re
 
         def check(i, params, updates, state):
             assert _finite(state)
-            assert int(to_np(state["step"])) == i + 1
+            assert int(to_np(state.step)) == i + 1
 
         params, _ = _take_steps(problem, opt, n_steps, check, lambda o: _count(request, o))
         assert same_bits(snapshot(params), start), "lr=0 moved the parameters"
@@ -241,8 +241,14 @@ def test_nonfinite_input_skips_the_step(algorithm, structure, request):
         state = problem.init(opt, params)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            for _ in range(n_steps - 1):
-                params, state, _ = problem.step(opt, params, state)
+            try:
+                for _ in range(n_steps - 1):
+                    params, state, _ = problem.step(opt, params, state)
+            except gc.InverseError:  # documented; accepted only where float32 runs out
+                if _state_dtype(opt, problem) != "float32":
+                    raise
+                _count(request, "rejected: InverseError in float32")
+                reject()
         if not (_finite(params) and _finite(state)):
             _count(request, "rejected: diverged before the bad step")
             reject()
@@ -301,7 +307,7 @@ def test_nonfinite_input_skips_the_step(algorithm, structure, request):
                  if p != "/skipped"]
         assert [p for p, _ in after] == [p for p, _ in keep]
         assert same_bits([x for _, x in after], [x for _, x in keep])
-        assert int(to_np(new_state["skipped"])) == int(to_np(state["skipped"])) + 1
+        assert int(to_np(new_state.skipped)) == int(to_np(state.skipped)) + 1
         assert any("non-finite" in str(w.message) for w in caught)
         _count(request, "passed")
 

@@ -132,21 +132,21 @@ def test_kfac_ema_and_refresh_schedule(numpy_backend, problem):
     beta = 0.9
     opt = gc.reng(lr=0.0, rho=0.0, damping=1e-2, structure="kfac", ema_decay=beta,
                   curvature_every=2, inverse_every=4)
-    assert [opt.refresh_flags(t) for t in (1, 2, 3, 5)] == [
+    assert [opt.flags(t - 1) for t in (1, 2, 3, 5)] == [
         (True, True), (False, False), (True, False), (True, True)]
     state = opt.init(params, layers=mlp_layers(mlp))
     x2 = x[::-1] * 2.0
     seen = []
     for t, xb in zip((1, 2, 3), (x, x2, x2)):
-        cur, inv = opt.refresh_flags(t)
+        cur, inv = opt.flags(t - 1)
         st = mlp.stats(params, xb, y, kind="layers") if cur else None
         _, state = opt.update(mlp.grad(params, xb, y), state, params, stats=st, curvature=cur,
                               inverse=inv)
-        seen.append(state["kfac"]["0/1/N"]["A"])
+        seen.append(state.curvature.kfac[0].A)
     a1 = np.concatenate([x, np.ones((6, 1))], axis=1)
     a2 = np.concatenate([x2, np.ones((6, 1))], axis=1)
     A1, A2 = a1.T @ a1 / 6, a2.T @ a2 / 6
     assert rel_err(seen[0], A1) < 1e-14
     assert np.array_equal(seen[1], seen[0])
     assert rel_err(seen[2], beta * A1 + (1 - beta) * A2) < 1e-14
-    assert int(state["curvature_count"]) == 2
+    assert int(state.curvature_count) == 2

@@ -55,11 +55,8 @@ MAX_ELEMENTARY_CYCLES = 200  # printed per strongly connected component at most
 class Module:
     name: str  # dotted import name
     path: Path  # the file
+    rel: str  # the file, relative to the repository root
     is_package: bool  # an __init__.py
-
-    @property
-    def rel(self) -> str:
-        return self.path.relative_to(REPO).as_posix()
 
     @property
     def package(self) -> str:
@@ -87,7 +84,7 @@ def discover(repo: Path = REPO) -> dict[str, Module]:
             if is_package:
                 parts = parts[:-1]
             name = ".".join(parts)
-            modules[name] = Module(name, path, is_package)
+            modules[name] = Module(name, path, path.relative_to(repo).as_posix(), is_package)
     return modules
 
 
@@ -338,6 +335,35 @@ def selected_size_folders(folders: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted(inside | narrower))
 
 
+@dataclass
+class Report:
+    sizes: list[str]  # size violations
+    cycles: list[str]  # one message per strongly connected component with a cycle
+    size_folders: tuple[str, ...]
+    n_files: int
+    n_functions: int
+    n_modules: int
+    n_edges: int
+
+    @property
+    def ok(self) -> bool:
+        return not (self.sizes or self.cycles)
+
+
+def check(repo: Path = REPO, folders: tuple[str, ...] = (), max_file_lines: int = 400,
+          max_function_lines: int = 60) -> Report:
+    """Both checks on the repository at ``repo`` (restricted to ``folders`` if given)."""
+    modules = discover(repo)
+    trees = {name: parse(mod) for name, mod in modules.items()}
+    size_folders = selected_size_folders(folders)
+    sizes, n_files, n_funcs = size_violations(modules, trees, max_file_lines,
+                                              max_function_lines, size_folders)
+    graph = import_graph(modules, trees)
+    cycles = cycle_reports(graph, modules, folders or None)
+    return Report(sizes, cycles, size_folders, n_files, n_funcs, len(modules),
+                  sum(len(v) for v in graph.values()))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python tools/check_structure.py",
                                 description=__doc__.split("\n\n")[0],
@@ -348,28 +374,21 @@ def main(argv=None) -> int:
     p.add_argument("--max-function-lines", type=int, default=60)
     args = p.parse_args(argv)
     folders = tuple(f.strip("/") for f in args.folders)
-    modules = discover()
-    trees = {name: parse(mod) for name, mod in modules.items()}
-    size_folders = selected_size_folders(folders)
-    sizes, n_files, n_funcs = size_violations(modules, trees, args.max_file_lines,
-                                              args.max_function_lines, size_folders)
-    graph = import_graph(modules, trees)
-    cycles = cycle_reports(graph, modules, folders or None)
-    n_edges = sum(len(v) for v in graph.values())
-    if sizes or cycles:
-        if sizes:
-            print(f"size violations ({len(sizes)}):")
-            print("\n".join("  " + s for s in sizes))
-        if cycles:
-            if sizes:
-                print()
-            print(f"import cycles ({len(cycles)} strongly connected components):")
-            print("\n".join("  " + c for c in cycles))
+    rep = check(REPO, folders, args.max_file_lines, args.max_function_lines)
+    if rep.sizes:
+        print(f"size violations ({len(rep.sizes)}):")
+        print("\n".join("  " + s for s in rep.sizes))
+    if rep.cycles:
+        if rep.sizes:
+            print()
+        print(f"import cycles ({len(rep.cycles)} strongly connected components):")
+        print("\n".join("  " + c for c in rep.cycles))
+    if not rep.ok:
         return 1
-    where = ", ".join(f + "/" for f in size_folders) or "nothing"
-    print(f"structure ok: {n_files} files / {n_funcs} functions in {where} within "
-          f"{args.max_file_lines} / {args.max_function_lines} lines; {len(modules)} modules, "
-          f"{n_edges} import edges, no import cycles")
+    where = ", ".join(f + "/" for f in rep.size_folders) or "nothing"
+    print(f"structure ok: {rep.n_files} files / {rep.n_functions} functions in {where} within "
+          f"{args.max_file_lines} / {args.max_function_lines} lines; {rep.n_modules} modules, "
+          f"{rep.n_edges} import edges, no import cycles")
     return 0
 
 

@@ -10,10 +10,13 @@ product) and the optimizer updates the parameter arrays in place::
         grads, per_example = my_backward(params, x, y)
         opt.step(grads, stats=grng_core.Stats(per_example_grads=per_example))
     opt.save("opt.npz")        # portable: loadable by the torch, jax and numpy stacks too
+    opt.load("opt.npz")        # the file's optimizer and hyperparameters must be opt's
 
-The math lives in `grng_core`; this package keeps the host step counter (it passes
-`*opt.refresh_flags(t)` to the core, so statistics are needed only on curvature steps), checks
-that every array is on the parameters' device, and writes θ + u back into the user's arrays.
+The math and the policy live in `grng_core`; this package keeps the host step counter `opt.t`
+(it passes the core's `flags(opt.t)` to the update, so statistics are needed only on curvature
+steps: `opt.needs_stats()`), checks that every array is on the parameters' device, and writes
+θ + u back into the user's arrays. The builders' keywords are the fields of grng_core's config
+records (`help(grng_cupy.RING)`), plus `layers` and `fallback` (`grng_core.Optimizer.resolve`).
 """
 
 from grng_cupy._optimizer import RENG, RING, Optimizer, RKalman

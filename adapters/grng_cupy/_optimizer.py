@@ -8,23 +8,25 @@ pure `update` and writes θ + u back into the user's arrays in place.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import array_api_compat
-import numpy as np
-
 import grng_core as gc
 from grng_core import checkpoint
+from grng_core.algorithms import BUILDERS
+from grng_core.config import CONFIGS, TITLES
+from grng_core.npz_tree import library
+from grng_core.state import host_step
 from grng_core.tree import flatten
+
+FALLBACKS = (None, "diagonal", "woodbury")
 
 
 def _library(x) -> str | None:
-    if isinstance(x, np.ndarray):
-        return "numpy"
-    if array_api_compat.is_cupy_array(x):
-        return "cupy"
-    return None
+    """'numpy' or 'cupy' (grng_core's library test), None for any other array."""
+    lib = library(x)
+    return lib if lib in ("numpy", "cupy") else None
 
 
 def _describe(x) -> str:
@@ -33,7 +35,7 @@ def _describe(x) -> str:
         return f"a CuPy array on GPU {x.device.id}"
     if lib == "numpy":
         return "a NumPy array (host memory)"
-    return f"a {type(x).__module__.split('.')[0]}.{type(x).__name__}"
+    return f"a {library(x)}.{type(x).__name__}"
 
 
 def _where(name: str, key) -> str:
@@ -47,18 +49,26 @@ class Optimizer:
     list, tuple or dict of arrays of one library (CuPy on one GPU, or NumPy); they are updated
     in place by `step`, so references the training stack keeps stay valid.
 
-    Attributes: `params` (the user's container), `core` (the `grng_core.Optimizer`), `state`
-    (the core state, arrays on the params' device), `t` (host step counter: calls of `step`).
+    Attributes: `params` (the user's container), `core` (the `grng_core.Optimizer` that runs:
+    with `fallback`, a kfac optimizer given no layers is resolved by the core to the fallback
+    structure), `config` (its hyperparameters), `state` (the core's `OptState`, arrays on the
+    params' device), `t` (host step counter: calls of `step`, = `grng_core.state.host_step`).
     """
 
-    def __init__(self, params, core: gc.Optimizer, layers: Sequence[gc.LayerSpec] | None = None):
+    def __init__(self, params, core: gc.Optimizer, layers: Sequence[gc.LayerSpec] | None = None,
+                 fallback: str | None = None):
         leaves, container = flatten(params)
         if not leaves:
             raise ValueError("params hold no arrays")
         self._check_params(leaves, container.keys)
+        if fallback not in FALLBACKS:
+            raise ValueError(f"invalid fallback={fallback!r}: allowed None (structure 'kfac' "
+                             "needs layers), 'diagonal' or 'woodbury'")
+        if fallback is not None:
+            core = core.resolve(layers, fallback)
         self.params = params
         self.core = core
-        self.layers = None if layers is None else list(layers)
+        self.layers = None if layers is None or core.config.structure != "kfac" else list(layers)
         self._container = container
         with self._device():
             self.state = core.init(params, layers=self.layers)
@@ -125,8 +135,8 @@ class Optimizer:
 
     def _check_requirements(self, stats, oracle, curvature: bool) -> None:
         req = self.core.requirements
-        name = f"{self.core.name}(structure={self.core.hyperparams['structure']!r})"
-        if curvature or self.core.per_step_batch:
+        name = f"{self.core.name}(structure={self.core.config.structure!r})"
+        if curvature:  # always True for 'woodbury' (the core's flags)
             if req.per_example_grads and (stats is None or stats.per_example_grads is None):
                 raise ValueError(f"{name} needs stats=grng_core.Stats(per_example_grads=...) "
                                  f"on step {self.t + 1} (a curvature step)")
@@ -150,22 +160,24 @@ class Optimizer:
 
     # ------------------------------------------------------------------ the step
     @property
-    def hyperparams(self) -> dict:
-        return self.core.hyperparams
+    def config(self):
+        """The hyperparameters (a `grng_core.config` record)."""
+        return self.core.config
 
     @property
     def requirements(self) -> gc.Requirements:
         return self.core.requirements
 
-    def refresh_flags(self, t: int | None = None) -> tuple[bool, bool]:
-        """(curvature, inverse) of step t (default: the next step). Statistics are needed
-        only where curvature is True (every step for 'woodbury')."""
-        return self.core.refresh_flags(self.t + 1 if t is None else t)
+    def flags(self, step: int | None = None) -> tuple[bool, bool]:
+        """(curvature, inverse) at `step` steps already taken (default `t`: the next call of
+        `step`); the core's `flags`. Statistics are needed only where curvature is True (every
+        step for 'woodbury')."""
+        return self.core.flags(self.t if step is None else step)
 
     def needs_stats(self) -> bool:
         """True when the next step needs `stats` (per-example grads or layer statistics)."""
         req = self.core.requirements
-        return bool((req.per_example_grads or req.layer_stats) and self.refresh_flags()[0])
+        return bool((req.per_example_grads or req.layer_stats) and self.flags()[0])
 
     def step(self, grads, stats: gc.Stats | None = None,
              grad_fn: Callable[[Any], Any] | None = None,
@@ -183,8 +195,7 @@ class Optimizer:
         self._check_inputs(grads, stats)
         if oracle is None and (grad_fn is not None or hvp_fn is not None):
             oracle = gc.Oracle(grad_fn=grad_fn, hvp_fn=hvp_fn)
-        t = self.t + 1
-        curvature, inverse = self.core.refresh_flags(t)
+        curvature, inverse = self.flags()
         self._check_requirements(stats, oracle, curvature)
         with self._device():
             updates, state = self.core.update(grads, self.state, self.params, stats, oracle,
@@ -194,63 +205,95 @@ class Optimizer:
             for p, q in zip(flatten(self.params)[0], flatten(new)[0]):
                 p[...] = q  # in place: the training stack's references stay valid
         self.state = state
-        self.t = t
+        self.t += 1
         return updates
 
     # ------------------------------------------------------------------ checkpoints
+    def _extra(self) -> dict:
+        return {"adapter": "grng_cupy", "host_step": self.t}
+
     def save(self, path) -> None:
-        """Write the optimizer state to `path` (portable .npz, atomic; grng_core.save_state)."""
-        checkpoint.save_state(path, self.state, self.core, extra={"adapter": "grng_cupy",
-                                                                  "host_step": self.t})
+        """Write the optimizer state to `path` (portable .npz, atomic; grng_core.save_state),
+        with the optimizer's name and hyperparameters, which `load` checks."""
+        checkpoint.save_state(path, self.state, self.core, extra=self._extra())
 
     def load(self, path) -> None:
         """Replace the state by the one in `path` (saved by any backend), on the params'
-        device. On any error (ValueError: corrupted or mismatched file) nothing changes."""
+        device. The file's optimizer name and hyperparameters must be this optimizer's. On any
+        error (ValueError: corrupted or mismatched file) nothing changes."""
         with self._device():
             state = checkpoint.load_state(path, like=self.state, opt=self.core)
-        step = int(np.asarray(_host(state["step"])))
-        skipped = int(np.asarray(_host(state["skipped"])))
-        self.state = state
-        self.t = step + skipped  # every call of update adds one to exactly one of them
+        self._set_state(state)
 
     def state_dict(self) -> dict:
         """The state as NumPy arrays plus metadata (a dict of name -> array, see
         grng_core.checkpoint.state_to_numpy), e.g. to store inside another checkpoint."""
-        return checkpoint.state_to_numpy(self.state, self.core,
-                                         extra={"adapter": "grng_cupy", "host_step": self.t})
+        return checkpoint.state_to_numpy(self.state, self.core, extra=self._extra())
 
     def load_state_dict(self, arrays: dict) -> None:
-        """Inverse of `state_dict` (validated like `load`)."""
+        """Inverse of `state_dict` (validated like `load`, hyperparameters included)."""
         with self._device():
             state = checkpoint.state_from_numpy(arrays, like=self.state, opt=self.core,
                                                 source="state_dict")
-        self.t = int(np.asarray(_host(state["step"]))) + int(np.asarray(_host(state["skipped"])))
-        self.state = state
+        self._set_state(state)
+
+    def _set_state(self, state: gc.OptState) -> None:
+        t = host_step(state)  # every call of update adds one to exactly one of its counters
+        self.state, self.t = state, t
 
     def __repr__(self) -> str:
-        h = self.core.hyperparams
-        return (f"grng_cupy.{self.core.name}(structure={h['structure']!r}, lr={h['lr']!r}, "
+        h = self.core.config
+        return (f"grng_cupy.{TITLES[self.core.name]}(structure={h.structure!r}, lr={h.lr!r}, "
                 f"library={self.library!r}, t={self.t})")
 
 
-def _host(x):
-    return x.get() if array_api_compat.is_cupy_array(x) else x
+# ---------------------------------------------------------------------- builders
+_SUMMARIES = {
+    "reng": "RENG (ALGORITHMS.md §3.1): d = (F + λI)⁻¹ ĝ",
+    "ring": "RING (ALGORITHMS.md §3.2): d = (1 − ρλ)(F + λI)⁻¹ g + ρ g",
+    "rkalman": "R-Kalman (ALGORITHMS.md §3.3): a Kalman filter over the parameters",
+}
+_OPTIONS_DOC = """
+    Adapter options:
+      layers: the K-FAC layout (a list of grng_core.LayerSpec), needed by structure 'kfac'
+        (use 'woodbury' or 'diagonal' for a stack without layer statistics).
+      fallback: None (default: structure 'kfac' without layers is an error), or 'diagonal' /
+        'woodbury': the structure that runs instead when no layer is given
+        (grng_core.Optimizer.resolve).
+"""
 
 
-def RENG(params, lr=0.1, rho=0.05, damping=1e-3, *, layers=None, **kwargs) -> Optimizer:
-    """RENG (ALGORITHMS.md §3.1) over CuPy/NumPy params; keywords as `grng_core.reng`.
-
-    layers: the K-FAC layout (list of grng_core.LayerSpec), needed by structure='kfac'
-    (the default); use structure='woodbury' or 'diagonal' for a stack without layer statistics.
-    """
-    return Optimizer(params, gc.reng(lr, rho, damping, **kwargs), layers)
-
-
-def RING(params, lr=0.1, rho=0.05, damping=1e-3, *, layers=None, **kwargs) -> Optimizer:
-    """RING (ALGORITHMS.md §3.2) over CuPy/NumPy params; keywords as `grng_core.ring`."""
-    return Optimizer(params, gc.ring(lr, rho, damping, **kwargs), layers)
+def _signature(name: str) -> inspect.Signature:
+    """params, then the config record's fields with its defaults, then the adapter options."""
+    P = inspect.Parameter
+    fields = [p.replace(annotation=P.empty)
+              for p in inspect.signature(CONFIGS[name]).parameters.values()]
+    options = [P("layers", P.KEYWORD_ONLY, default=None),
+               P("fallback", P.KEYWORD_ONLY, default=None)]
+    return inspect.Signature([P("params", P.POSITIONAL_OR_KEYWORD), *fields, *options],
+                             return_annotation=Optimizer)
 
 
-def RKalman(params, lr=1.0, rho=0.05, *, layers=None, **kwargs) -> Optimizer:
-    """R-Kalman (ALGORITHMS.md §3.3) over CuPy/NumPy params; keywords as `grng_core.rkalman`."""
-    return Optimizer(params, gc.rkalman(lr, rho, **kwargs), layers)
+def _builder(name: str):
+    """`grng_cupy.RENG` / `RING` / `RKalman`: signature and docstring from the config record."""
+    sig = _signature(name)
+
+    def build(*args, **kwargs) -> Optimizer:
+        arguments = dict(sig.bind(*args, **kwargs).arguments)  # omitted: the core's default
+        params = arguments.pop("params")
+        layers, fallback = arguments.pop("layers", None), arguments.pop("fallback", None)
+        return Optimizer(params, BUILDERS[name](**arguments), layers, fallback)
+
+    cls = CONFIGS[name]
+    build.__name__ = build.__qualname__ = TITLES[name]
+    build.__module__ = "grng_cupy"
+    build.__signature__ = sig  # type: ignore[attr-defined]
+    build.__doc__ = (f"{_SUMMARIES[name]}, over CuPy/NumPy params (updated in place).\n\n"
+                     f"    Hyperparameters (grng_core.config.{cls.__name__}):\n"
+                     f"{cls.doc_table(indent='      ')}\n{_OPTIONS_DOC}")
+    return build
+
+
+RENG = _builder("reng")
+RING = _builder("ring")
+RKalman = _builder("rkalman")

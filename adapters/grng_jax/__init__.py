@@ -15,26 +15,24 @@ curvature needs: the loss and the batch::
         updates, state = opt.update(grads, state, params, loss_fn=loss_fn, batch=batch)
         return optax.apply_updates(params, updates), state, loss
 
+    grng_jax.save("opt.npz", opt, state)                  # hyperparameters recorded
+    state = grng_jax.load("opt.npz", opt, like=opt.init(params))   # and checked
+
 ``loss_fn(params, batch)`` returns the mean loss over the batch's leading axis. From it the
 adapter derives per-example gradients (``vmap`` of ``grad``), Hessian-vector products (``jvp``
 of ``grad``), gradients at shifted parameters (finite differences) and, for K-FAC, the inputs
 and output gradients of the dense layers the model calls through :func:`dense` or
 ``flax.linen.Dense`` (see :mod:`grng_jax._tags`; models that expose none fall back to the
-diagonal structure). The state is a pytree of arrays (:class:`GRNGState`): any pytree
-checkpointer saves it, and :func:`save_state` / :func:`load_state` write grng_core's portable
-``.npz``. Examples: :mod:`grng_jax.examples`.
+diagonal structure). The factories' keywords are the fields of grng_core's config records
+(``help(grng_jax.ring)``). The state is a pytree of arrays (:class:`GRNGState`): any pytree
+checkpointer saves it, and :func:`save` / :func:`load` write grng_core's portable ``.npz``
+(see :mod:`grng_jax._checkpoint`). Examples: :mod:`grng_jax.examples`.
 """
 
-from grng_jax._checkpoint import load_state, save_state
+from grng_jax._builders import reng, ring, rkalman
+from grng_jax._checkpoint import load, save
 from grng_jax._layers import Layer, find_layers
-from grng_jax._optax import (
-    GRNGState,
-    mc_softmax_cross_entropy,
-    mc_squared_error,
-    reng,
-    ring,
-    rkalman,
-)
+from grng_jax._optax import GRNGState, mc_softmax_cross_entropy, mc_squared_error
 from grng_jax._tags import dense, init_dense
 
 __all__ = [
@@ -43,11 +41,20 @@ __all__ = [
     "dense",
     "find_layers",
     "init_dense",
-    "load_state",
+    "load",
     "mc_softmax_cross_entropy",
     "mc_squared_error",
     "reng",
     "ring",
     "rkalman",
-    "save_state",
+    "save",
 ]
+
+_REPLACED = {"save_state": "save(path, opt, state)", "load_state": "load(path, opt, like)"}
+
+
+def __getattr__(name: str):
+    if name in _REPLACED:
+        raise AttributeError(f"grng_jax.{name} was replaced by grng_jax.{_REPLACED[name]}, "
+                             "which records and checks the optimizer's hyperparameters")
+    raise AttributeError(f"module 'grng_jax' has no attribute {name!r}")

@@ -76,25 +76,9 @@ def layer_stats(loss_fn: Callable, treedef, leaves: list, batch,
         return out
 
     jax.eval_shape(discover, leaves)
-    wanted = {w: b for w, b in specs}
-    calls = [c for c in found if c.weight in wanted]
     names = params_for_names if params_for_names is not None else \
         jax.tree_util.tree_unflatten(treedef, leaves)
-    for w, b in specs:
-        mine = [c for c in calls if c.weight == w]
-        if not mine:
-            raise ValueError(
-                f"K-FAC layer {describe(names, w)!r} was not called through a tagged dense layer "
-                "in loss_fn, so its inputs and output gradients cannot be collected: call it "
-                "with grng_jax.dense(x, kernel, bias) (or flax.linen.Dense) on the params leaves "
-                "themselves, or choose the layers with layers=[...] (layers=None: none, every "
-                "leaf diagonal), or use structure='diagonal' or 'woodbury'")
-        for c in mine:
-            if c.bias != b:
-                got = "no bias" if c.bias is None else f"bias {describe(names, c.bias)!r}"
-                want = "no bias" if b is None else f"bias {describe(names, b)!r}"
-                raise ValueError(f"K-FAC layer {describe(names, w)!r} is declared with {want} "
-                                 f"but the model calls it with {got}")
+    _check_calls(found, specs, names)
 
     perturbs = [jnp.zeros(c.out_shape, c.out_dtype) for c in found]
 
@@ -115,6 +99,25 @@ def layer_stats(loss_fn: Callable, treedef, leaves: list, batch,
         s = s[0] if len(s) == 1 else jnp.concatenate(s, axis=0)
         out.append(gc.LayerStats(weight=w, bias=b, inputs=a, output_grads=s, transposed=True))
     return out
+
+
+def _check_calls(found: list, specs, names) -> None:
+    """Every layer of `specs` is called through a tagged dense layer, with its declared bias."""
+    for w, b in specs:
+        mine = [c for c in found if c.weight == w]
+        if not mine:
+            raise ValueError(
+                f"K-FAC layer {describe(names, w)!r} was not called through a tagged dense layer "
+                "in loss_fn, so its inputs and output gradients cannot be collected: call it "
+                "with grng_jax.dense(x, kernel, bias) (or flax.linen.Dense) on the params leaves "
+                "themselves, or choose the layers with layers=[...] (layers=None: none, every "
+                "leaf diagonal), or use structure='diagonal' or 'woodbury'")
+        for c in mine:
+            if c.bias != b:
+                got = "no bias" if c.bias is None else f"bias {describe(names, c.bias)!r}"
+                want = "no bias" if b is None else f"bias {describe(names, b)!r}"
+                raise ValueError(f"K-FAC layer {describe(names, w)!r} is declared with {want} "
+                                 f"but the model calls it with {got}")
 
 
 def pmean(tree, axis_name):

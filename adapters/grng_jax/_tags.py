@@ -29,13 +29,20 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+try:  # an explicit import: `jax.extend` is not an attribute of `jax` until imported
+    from jax.extend.core import get_opaque_trace_state as _opaque_trace_state
+except ImportError:  # pragma: no cover - older JAX without it: the check is skipped
+    _opaque_trace_state = None
+
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("grng_jax_collector", default=None)
 
 
 def _trace_state():
+    if _opaque_trace_state is None:  # pragma: no cover
+        return None
     try:
-        return jax.extend.core.get_opaque_trace_state(convention="grng_jax")
-    except Exception:  # pragma: no cover - older or newer JAX without it: skip the check
+        return _opaque_trace_state(convention="grng_jax")
+    except Exception:  # pragma: no cover - a JAX whose trace state cannot be read
         return None
 
 

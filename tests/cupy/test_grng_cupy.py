@@ -77,14 +77,14 @@ def test_steps_equal_the_core_and_update_in_place(xp, name):
     adapter_steps(opt, params, data)
     assert [id(p) for p in params] == ids  # the user's arrays, updated in place
     assert any(not np.array_equal(host(p), b) for p, b in zip(params, before))
-    assert opt.t == 6 and int(host(opt.state["step"])) == 6
+    assert opt.t == 6 and int(host(opt.state.step)) == 6
 
     core = opt.core
     ref = [xp.asarray(p) for p in MLP_.init(seed=1)]
-    state = core.init(ref, layers=LAYERS if core.hyperparams["structure"] == "kfac" else None)
+    state = core.init(ref, layers=LAYERS if core.config.structure == "kfac" else None)
     req = core.requirements
-    for t, (x, y) in enumerate(data, start=1):
-        curvature, inverse = core.refresh_flags(t)
+    for step, (x, y) in enumerate(data):
+        curvature, inverse = core.flags(step)  # step: the steps already taken
         b = MLP_.batch(ref, x, y, per_example=req.per_example_grads and curvature,
                        layer_stats=req.layer_stats and curvature)
         u, state = core.update(b.grads, state, ref, gc.Stats(b.per_example_grads, b.layers),
@@ -116,7 +116,9 @@ def test_float32_params_stay_float32(xp):
     opt, params = make(xp, "ring_kfac", dtype="float32")
     adapter_steps(opt, params, batches(xp, 3, dtype="float32"))
     assert all(p.dtype == xp.float32 for p in params)
-    assert opt.state["kfac"]["0/1/N"]["A"].dtype == xp.float32
+    layer = opt.state.curvature.kfac[0]
+    assert (layer.layout.weight, layer.layout.bias) == (0, 1)
+    assert layer.A.dtype == xp.float32
     assert all(np.all(np.isfinite(host(p))) for p in params)
 
 
@@ -126,10 +128,10 @@ def test_statistics_only_on_curvature_steps(xp):
     assert opt.needs_stats()
     with pytest.raises(ValueError, match=r"needs stats=grng_core.Stats\(layers="):
         opt.step(MLP_.grad(params, x, y))
-    assert opt.t == 0 and int(host(opt.state["step"])) == 0  # nothing happened
+    assert opt.t == 0 and int(host(opt.state.step)) == 0  # nothing happened
     b = MLP_.batch(params, x, y, layer_stats=True)
     opt.step(b.grads, stats=gc.Stats(layers=b.layers))
-    assert not opt.needs_stats() and opt.refresh_flags() == (False, False)
+    assert not opt.needs_stats() and opt.flags() == (False, False)
     opt.step(MLP_.grad(params, x2, y2))  # step 2: no statistics collected
     assert opt.t == 2
 
@@ -211,7 +213,7 @@ def test_checkpoint_moves_between_libraries(xp, tmp_path):
     p_host = [np.array(host(p)) for p in pa]
     b, _ = make(np, "rkalman_kfac", params=p_host)
     b.load(tmp_path / "s.npz")
-    assert isinstance(b.state["step"], np.ndarray | np.generic)
+    assert isinstance(b.state.step, np.ndarray | np.generic)
     adapter_steps(a, pa, data[4:])
     adapter_steps(b, p_host, [(np.array(host(x)), np.array(host(y))) for x, y in data[4:]])
     for p, q in zip(pa, p_host):
@@ -226,13 +228,13 @@ def test_failed_load_leaves_the_optimizer_untouched(xp, tmp_path):
     other.save(tmp_path / "other.npz")
     (tmp_path / "junk.npz").write_bytes(b"\0" * 64)
     state, t = opt.state, opt.t
-    snap = host(opt.state["kfac"]["0/1/N"]["A"]).copy()
+    snap = host(opt.state.curvature.kfac[0].A).copy()
     with pytest.raises(ValueError, match="checkpoint is for optimizer 'rkalman'"):
         opt.load(tmp_path / "other.npz")
     with pytest.raises(ValueError, match="not a .npz archive"):
         opt.load(tmp_path / "junk.npz")
     assert opt.state is state and opt.t == t
-    assert np.array_equal(host(opt.state["kfac"]["0/1/N"]["A"]), snap)
+    assert np.array_equal(host(opt.state.curvature.kfac[0].A), snap)
 
 
 def test_state_dict_round_trip(xp):
@@ -243,8 +245,51 @@ def test_state_dict_round_trip(xp):
     fresh, _ = make(xp, "rkalman_woodbury", params=params)
     fresh.load_state_dict(sd)
     assert fresh.t == 3
-    for k, v in opt.state["belief"].items():
-        assert np.array_equal(host(fresh.state["belief"][k]), host(v))
+    belief = opt.state.curvature
+    assert isinstance(belief, gc.Belief) and belief.diagonal is not None
+    for v, w in zip(belief.diagonal, fresh.state.curvature.diagonal, strict=True):
+        assert (v is None) == (w is None)
+        if v is not None:
+            assert np.array_equal(host(w), host(v))
+
+
+def test_load_checks_the_hyperparameters(xp, tmp_path):
+    opt, params = make(xp, "ring_kfac")
+    adapter_steps(opt, params, batches(xp, 2))
+    opt.save(tmp_path / "a.npz")
+    builder, kw = CONFIGS["ring_kfac"]
+    other = grng_cupy.RING(params, layers=LAYERS, **{**kw, "damping": 2e-2})
+    with pytest.raises(ValueError, match="hyperparameters differ.*damping"):
+        other.load(tmp_path / "a.npz")
+    with pytest.raises(ValueError, match="hyperparameters differ"):
+        other.load_state_dict(opt.state_dict())
+    assert other.t == 0
+
+
+def test_fallback_resolves_kfac_without_layers(xp):
+    params = [xp.asarray(p) for p in MLP_.init(seed=1)]
+    opt = grng_cupy.RING(params, lr=0.1, damping=1e-2, fallback="diagonal")
+    assert opt.config.structure == "diagonal" and opt.state.curvature.kfac is None
+    kept = grng_cupy.RING(params, lr=0.1, damping=1e-2, layers=LAYERS, fallback="woodbury")
+    assert kept.config.structure == "kfac" and len(kept.state.curvature.kfac) == 2
+    with pytest.raises(ValueError, match="invalid fallback"):
+        grng_cupy.RING(params, fallback="kfac")
+
+
+@pytest.mark.parametrize("name", ["reng", "ring", "rkalman"])
+def test_builders_take_every_config_field(name):
+    import inspect
+
+    from grng_core.config import CONFIGS as RECORDS
+
+    build = getattr(grng_cupy, {"reng": "RENG", "ring": "RING", "rkalman": "RKalman"}[name])
+    sig = inspect.signature(build)
+    fields = RECORDS[name].names()
+    assert list(sig.parameters)[0] == "params"
+    assert sorted(list(sig.parameters)[1:-2]) == sorted(fields)
+    assert list(sig.parameters)[-2:] == ["layers", "fallback"]
+    assert all(sig.parameters[f].default == RECORDS[name].defaults()[f] for f in fields)
+    assert all(f in build.__doc__ for f in fields)
 
 
 def test_digits_example_runs(xp, tmp_path, capsys):

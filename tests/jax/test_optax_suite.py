@@ -69,8 +69,8 @@ def test_reaches_the_optimum(case, problem):
     assert _avals(state) == _avals(opt.init(params))
     gap = float(loss_fn(final, batch)) - loss_opt
     assert -1e-12 <= gap <= TOL * max(1.0, abs(loss_opt)), f"loss gap {gap:.3e}"
-    assert int(state.core["step"]) == STEPS
-    assert int(state.core["skipped"]) == 0
+    assert int(state.core.step) == STEPS
+    assert int(state.core.skipped) == 0
 
 
 def _avals(tree):
@@ -102,7 +102,7 @@ def test_state_is_fixed_and_the_step_compiles_once(algo, structure, extra, dtype
         assert _avals(p) == _avals(params)
     assert step._cache_size() == 1
     assert np.isfinite(float(loss))
-    assert int(state.core["step"]) == 7
+    assert int(state.core.step) == 7
     # the state's float arrays are in the params' dtype (float32 by default, float64 with x64)
     floats = {str(x.dtype) for x in jax.tree.leaves(state.core)
               if jnp.issubdtype(x.dtype, jnp.floating)}

@@ -99,10 +99,10 @@ def _reference_run(opt, mlp, params, xs, ys, mc):
     """The core on the reference MLP (NumPy): per step, the updates it returns."""
     r = opt.requirements
     layers = [gc.LayerSpec(*mlp.layer_keys(k)) for k in range(mlp.n_layers)]
-    state = opt.init(params, layers=layers if opt.hyperparams["structure"] == "kfac" else None)
+    state = opt.init(params, layers=layers if opt.config.structure == "kfac" else None)
     out = []
-    for t, (x, y, y_mc) in enumerate(zip(xs, ys, mc), start=1):
-        curvature, inverse = opt.refresh_flags(t)
+    for step, (x, y, y_mc) in enumerate(zip(xs, ys, mc)):
+        curvature, inverse = opt.flags(step)  # step: the steps already taken
         stat_targets = y_mc if r.fisher == "mc" else None
         stats = None
         if curvature and (r.layer_stats or r.per_example_grads):

@@ -39,7 +39,9 @@ def _rebuild(like, prefix, arrays):
 
 
 def save_state(path, tree) -> None:
-    arrays = _flatten(tree, "", {})
+    from grng_core.codec import to_portable
+
+    arrays = _flatten(to_portable(tree), "", {})
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
                                dir=directory)
@@ -56,6 +58,8 @@ def save_state(path, tree) -> None:
 
 
 def load_state(path, like):
+    from grng_core.codec import from_portable, to_portable
+
     with np.load(path, allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
-    return _rebuild(like, "", arrays)
+    return from_portable(_rebuild(to_portable(like), "", arrays), like)

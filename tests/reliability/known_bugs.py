@@ -36,7 +36,7 @@ def _fails(fn) -> bool:
             state = fn()
     except Exception as e:  # noqa: BLE001
         return is_backend_linalg_error(e)
-    return state is not None and int(np.asarray(state["skipped"])) > 0
+    return state is not None and int(np.asarray(state.skipped)) > 0
 
 
 @functools.cache
@@ -92,10 +92,10 @@ def tolerated(opt, state_dtype: str, exc) -> str | None:
     skipped = isinstance(exc, RuntimeWarning) and "non-finite values" in str(exc)
     if not (skipped or is_backend_linalg_error(exc)):
         return None
-    h = opt.hyperparams
-    if opt.name == "rkalman" and h["structure"] == "kfac" and rkalman_predict():
+    h = opt.config
+    if opt.name == "rkalman" and h.structure == "kfac" and rkalman_predict():
         return "known core bug: R-Kalman K-FAC predict loses positive definiteness"
-    if state_dtype == "float32" and h["structure"] in ("kfac", "woodbury") \
+    if state_dtype == "float32" and h.structure in ("kfac", "woodbury") \
             and singular_cholesky():
         return "known core bug: numerically singular system in float32 breaks Cholesky"
     return None

@@ -107,7 +107,7 @@ def torch_core(steps, warmup):
 
     last = {}
     res = soak("torch-core reng kfac double_backprop", step, steps, warmup)
-    res.update(skipped=int(state["skipped"]), final_loss=round(last["loss"], 4))
+    res.update(skipped=int(state.skipped), final_loss=round(last["loss"], 4))
     return [res]
 
 
@@ -195,7 +195,7 @@ def jax_core(steps, warmup, all_structures=False, ns_max_iter=None):
                 jax.block_until_ready(box["p"])
 
         res = soak(f"jax-core {alg} {structure}", step, steps, warmup)
-        res.update(compiled=train._cache_size(), skipped=int(box["s"]["skipped"]),
+        res.update(compiled=train._cache_size(), skipped=int(box["s"].skipped),
                    final_loss=round(float(mlp.loss(box["p"], xs[0], ys[0])), 4))
         out.append(res)
     return out

@@ -127,7 +127,7 @@ class Problem:
 
     def init(self, opt: gc.Optimizer, params=None):
         params = self.params() if params is None else params
-        layers = self.layer_specs() if opt.hyperparams["structure"] == "kfac" else None
+        layers = self.layer_specs() if opt.config.structure == "kfac" else None
         return opt.init(params, layers=layers)
 
     def inputs(self, opt: gc.Optimizer, params, x=None, y=None):
@@ -147,7 +147,12 @@ class Problem:
 
 
 def leaves(tree) -> list:
-    """Arrays of a nested dict/list/tuple state, in a fixed order."""
+    """Arrays of a nested dict/list/tuple state (typed states through their portable tree),
+    in a fixed order."""
+    if isinstance(tree, gc.OptState):
+        tree = gc.codec.encode(tree)
+    if tree is None:
+        return []
     if isinstance(tree, dict):
         return [x for k in sorted(tree) for x in leaves(tree[k])]
     if isinstance(tree, (list, tuple)):
@@ -156,6 +161,10 @@ def leaves(tree) -> list:
 
 
 def paths(tree, prefix="") -> list[str]:
+    if isinstance(tree, gc.OptState):
+        tree = gc.codec.encode(tree)
+    if tree is None:
+        return []
     if isinstance(tree, dict):
         return [p for k in sorted(tree) for p in paths(tree[k], f"{prefix}/{k}")]
     if isinstance(tree, (list, tuple)):

@@ -56,6 +56,9 @@ def digest(tree_leaves) -> str:
 
 
 def flat(tree) -> list:
+    from grng_core.codec import to_portable
+
+    tree = to_portable(tree)
     if isinstance(tree, dict):
         return [x for k in sorted(tree) for x in flat(tree[k])]
     if isinstance(tree, (list, tuple)):

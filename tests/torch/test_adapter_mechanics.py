@@ -253,7 +253,7 @@ def test_autocast_bfloat16(cls, kw, where):
             opt.step(closure)
     assert dtypes == {torch.bfloat16}
     assert full_loss(model, CRIT, PROBLEM, torch.float32) < 0.8 * before
-    state = opt.state[model[0].weight]["grng"]["core"]
+    state = opt.state[model[0].weight]["grng"].core
     for t in torch.utils._pytree.tree_leaves(state):
         assert not t.is_floating_point() or t.dtype == torch.float32
 
@@ -322,4 +322,4 @@ def test_double_backprop_through_scaled_dot_product_attention():
     opt = gt.RENG(model, lr=0.1, damping=0.1, gr="double_backprop")
     losses = [float(opt.step(closure_for(opt, model, CRIT, x, y)).detach()) for _ in range(8)]
     assert losses[-1] < losses[0]
-    assert opt.state[model.emb.weight]["grng"]["layers"] == [[1, 2], [3, 4]]
+    assert opt.state[model.emb.weight]["grng"].layers == [[1, 2], [3, 4]]

@@ -50,7 +50,7 @@ def test_loss_falls(info, dtype):
     assert after < 0.75 * before, (before, after)
     for p in model.parameters():
         assert p.dtype == dt
-    state = opt.state[next(iter(model.parameters()))]["grng"]["core"]
+    state = opt.state[next(iter(model.parameters()))]["grng"].core
     floats = [x for x in torch.utils._pytree.tree_leaves(state)
               if isinstance(x, torch.Tensor) and x.is_floating_point()]
     want = torch.float64 if dt == torch.float64 else torch.float32
@@ -111,9 +111,9 @@ def test_groups_may_differ_weight_decay_on_biases():
     before = full_loss(model, CRIT, PROBLEM, torch.float32)
     train(opt, model, CRIT, PROBLEM, torch.float32, steps=15)
     assert full_loss(model, CRIT, PROBLEM, torch.float32) < 0.75 * before
-    assert opt.state[decay[0]]["grng"]["structure"] == "kfac"
-    assert opt.state[decay[0]]["grng"]["layers"] == [[0, None], [1, None]]
-    assert opt.state[no_decay[0]]["grng"]["structure"] == "diagonal"
+    assert opt.state[decay[0]]["grng"].structure == "kfac"
+    assert opt.state[decay[0]]["grng"].layers == [[0, None], [1, None]]
+    assert opt.state[no_decay[0]]["grng"].structure == "diagonal"
     assert opt.param_groups[1]["structure"] == "kfac"  # the user's value is kept
 
 
@@ -134,7 +134,7 @@ def test_scheduler_changes_the_step(info):
         steps.append(flat(model) - before)
         if with_scheduler:
             assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * opt.defaults["lr"])
-            assert opt.core(0).hyperparams["lr"] == opt.param_groups[0]["lr"]
+            assert opt.core(0).config.lr == opt.param_groups[0]["lr"]
     full, half = steps
     assert full.norm() > 0
     assert (half - 0.5 * full).norm() <= 1e-9 * full.norm()
@@ -154,7 +154,7 @@ def test_every_scheduler_kind_runs():
         scheds[0].step()
         scheds[1].step()
         scheds[2].step(float(loss.detach()))
-        seen.add(opt.core(0).hyperparams["lr"])
+        seen.add(opt.core(0).config.lr)
     assert len(seen) == 5
 
 
@@ -164,8 +164,8 @@ def test_scheduler_can_change_any_hyperparameter():
     opt.param_groups[0]["damping"] = 0.5
     opt.param_groups[0]["momentum"] = 0.9
     train(opt, model, CRIT, PROBLEM, torch.float32, steps=1)
-    assert opt.core(0).hyperparams["damping"] == 0.5
-    assert opt.core(0).hyperparams["momentum"] == 0.9
+    assert opt.core(0).config.damping == 0.5
+    assert opt.core(0).config.momentum == 0.9
     opt.param_groups[0]["momentum"] = 0.0  # momentum buffers exist: the core refuses
     with pytest.raises(ValueError, match="momentum"):
         train(opt, model, CRIT, PROBLEM, torch.float32, steps=1)

@@ -108,7 +108,7 @@ def _torch_params(model):
 
 
 def _layers(core):
-    return LAYERS if core.hyperparams["structure"] == "kfac" else None
+    return LAYERS if core.config.structure == "kfac" else None
 
 
 def _core_steps(core, params, state, batches, t0, asarray=np.asarray, n_layers=None):
@@ -117,7 +117,7 @@ def _core_steps(core, params, state, batches, t0, asarray=np.asarray, n_layers=N
     req = core.requirements
     for t, (x, y) in enumerate(batches, start=t0 + 1):
         x, y = asarray(x), asarray(y)
-        curvature, inverse = core.refresh_flags(t)
+        curvature, inverse = core.flags(t - 1)
         b = MLP_.batch(params, x, y, per_example=req.per_example_grads,
                        layer_stats=req.layer_stats and curvature)
         layers = b.layers if b.layers is None or n_layers is None else b.layers[:n_layers]
@@ -175,9 +175,9 @@ def test_torch_save_core_continues(tmp_path, case):
     core = FACTORY[algo](**hp)  # a fresh core with the same hyperparameters
     params = _torch_params(model)
     state = gc.load_state(path, like=core.init(params, layers=_layers(core)), opt=core)
-    assert isinstance(state["step"], np.ndarray) and int(state["step"]) == N1
+    assert isinstance(state.step, np.ndarray) and int(state.step) == N1
     p_cont, s_cont = _core_steps(core, params, state, BATCHES[N1:], N1)
-    _assert_close(p_cont, _torch_params(model20), s_cont, _grng(opt20)["core"])
+    _assert_close(p_cont, _torch_params(model20), s_cont, _grng(opt20).core)
 
 
 @pytest.mark.skipif(not HAS_JAX, reason="needs jax")
@@ -205,10 +205,10 @@ def test_torch_save_core_on_jax_continues(tmp_path, case):
     core = FACTORY[algo](**hp)
     params = [jnp.asarray(p) for p in _torch_params(model)]
     state = gc.load_state(path, like=core.init(params, layers=_layers(core)), opt=core)
-    assert isinstance(state["step"], jax.Array) and int(state["step"]) == N1
+    assert isinstance(state.step, jax.Array) and int(state.step) == N1
     p_cont, s_cont = _core_steps(core, params, state, BATCHES[N1:], N1, asarray=jnp.asarray)
     _assert_close([np.asarray(p) for p in p_cont], _torch_params(model20), s_cont,
-                  _grng(opt20)["core"])
+                  _grng(opt20).core)
 
 
 # ----------------------------------------------------------------- core -> torch
@@ -233,8 +233,8 @@ def test_core_save_torch_continues(tmp_path, case):
     if hp["structure"] == "kfac":
         assert entry["layers"] == [[0, 1], [2, 3], [4, 5]]
     _torch_steps(opt, model, BATCHES[N1:])
-    assert _grng(opt)["step"] == N1 + N2
-    _assert_close(_torch_params(model), p20, _grng(opt)["core"], s20)
+    assert _grng(opt).host_step == N1 + N2
+    _assert_close(_torch_params(model), p20, _grng(opt).core, s20)
 
 
 def test_core_state_with_skipped_steps_sets_host_counter(tmp_path):
@@ -248,8 +248,8 @@ def test_core_state_with_skipped_steps_sets_host_counter(tmp_path):
     model = _model(params0)
     opt = _torch_opt(algo, hp, model)
     opt.load(tmp_path / "s.npz")
-    assert _grng(opt)["step"] == 7
-    assert int(_grng(opt)["core"]["skipped"]) == 2
+    assert _grng(opt).host_step == 7
+    assert int(_grng(opt).core["skipped"]) == 2
 
 
 
@@ -268,9 +268,9 @@ def test_grng_cupy_numpy_file_continues_in_torch(tmp_path):
     model = _model(cp.params)
     opt = _torch_opt(algo, hp, model)
     opt.load(tmp_path / "cupy.npz")
-    assert _grng(opt)["step"] == cp.t == N1
+    assert _grng(opt).host_step == cp.t == N1
     _torch_steps(opt, model, BATCHES[N1:])
-    _assert_close(_torch_params(model), p20, _grng(opt)["core"], s20)
+    _assert_close(_torch_params(model), p20, _grng(opt).core, s20)
 
 # ----------------------------------------------------------------- torch -> torch
 def _groups(model, hp_extra=None):
@@ -304,10 +304,10 @@ def test_multi_group_round_trip_and_extract(tmp_path):
     model2 = _model(_torch_params(model))
     opt2 = gt.RING(_groups(model2), model=model2, **hp)
     opt2.load(path)
-    assert [_grng(opt2, i)["structure"] for i in range(2)] == ["kfac", "diagonal"]
+    assert [_grng(opt2, i).structure for i in range(2)] == ["kfac", "diagonal"]
     _torch_steps(opt2, model2, BATCHES[N1:])
     for i in range(2):
-        _assert_close([], [], _grng(opt2, i)["core"], _grng(opt20, i)["core"])
+        _assert_close([], [], _grng(opt2, i).core, _grng(opt20, i).core)
     for g, w in zip(_torch_params(model2), _torch_params(model20)):
         assert _rel(g, w) <= RTOL
 
@@ -322,7 +322,7 @@ def test_multi_group_round_trip_and_extract(tmp_path):
     weights = [p for p in _torch_params(model)[0::2]]
     layers = [gc.LayerSpec(k, None) for k in range(3)]
     st = gc.load_state(tmp_path / "g0.npz", like=core.init(weights, layers=layers), opt=core)
-    _assert_close([], [], st, _grng(opt, 0)["core"])
+    _assert_close([], [], st, _grng(opt, 0).core)
     # save(group=k) writes the same
     opt.save(tmp_path / "g0b.npz", group=0)
     st_b = gc.load_state(tmp_path / "g0b.npz", like=core.init(weights, layers=layers), opt=core)
@@ -332,7 +332,7 @@ def test_multi_group_round_trip_and_extract(tmp_path):
     assert gc.read_metadata(tmp_path / "g1.npz")["hyperparams"]["structure"] == "diagonal"
     opt3 = gt.RING(_groups(model), model=model, **hp)
     opt3.load(tmp_path / "g1.npz", group=1)
-    assert opt3._entry(0) is None and _grng(opt3, 1)["step"] == N1
+    assert opt3._entry(0) is None and _grng(opt3, 1).host_step == N1
 
 
 def test_save_before_first_step(tmp_path):
@@ -363,7 +363,7 @@ def test_set_hyperparams_takes_the_files_numbers(tmp_path):
         fresh.load(tmp_path / "s.npz")
     assert fresh.state_dict()["state"] == {}
     fresh.load(tmp_path / "s.npz", set_hyperparams=True)
-    assert fresh.param_groups[0]["lr"] == 0.05 and _grng(fresh)["step"] == 4
+    assert fresh.param_groups[0]["lr"] == 0.05 and _grng(fresh).host_step == 4
 
 
 # ----------------------------------------------------------------- rejected files
@@ -407,7 +407,7 @@ def live(tmp_path):
 def test_valid_file_loads_into_live_optimizer(live):
     opt, _, path, _ = live
     opt.load(path)
-    assert _grng(opt)["step"] == 3
+    assert _grng(opt).host_step == 3
 
 
 def test_other_layer_sizes_rejected(tmp_path, live):
@@ -452,7 +452,7 @@ def test_other_optimizer_or_hyperparameters_rejected(tmp_path, live):
     with pytest.raises(ValueError, match="structure: file 'diagonal', optimizer 'kfac'"):
         opt.load(tmp_path / "diag.npz")
     # a core file that records no optimizer
-    gc.save_state(tmp_path / "noopt.npz", _grng(opt)["core"])
+    gc.save_state(tmp_path / "noopt.npz", _grng(opt).core)
     with pytest.raises(ValueError, match="records no optimizer"):
         opt.load(tmp_path / "noopt.npz")
     _assert_untouched(opt, snap)
@@ -474,11 +474,11 @@ def test_kfac_layout_checked(tmp_path, live):
     fresh_model = _model(params)
     fresh = _torch_opt("ring", CASES["ring-kfac"][1], fresh_model)
     fresh.load(tmp_path / "two.npz")
-    assert _grng(fresh)["layers"] == [[0, 1], [2, 3]]
+    assert _grng(fresh).layers == [[0, 1], [2, 3]]
     # ... and its steps are the core's with that layout (the last layer on the diagonal)
     _torch_steps(fresh, fresh_model, BATCHES[:3])
     p3, s3 = _core_steps(core, params, two, BATCHES[:3], 0, n_layers=2)
-    _assert_close(_torch_params(fresh_model), p3, _grng(fresh)["core"], s3)
+    _assert_close(_torch_params(fresh_model), p3, _grng(fresh).core, s3)
     # a transposed weight (a JAX/Flax kernel layout) does not fit a torch Linear
     tr = core.init(params, layers=[gc.LayerSpec(0, None, transposed=True)])
     gc.save_state(tmp_path / "tr.npz", tr, opt=core)

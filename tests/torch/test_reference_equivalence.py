@@ -88,10 +88,10 @@ def _reference_run(opt, mlp, params, xs, ys, mc):
     """The core on the reference MLP (NumPy): per step, the updates it returns."""
     r = opt.requirements
     layers = [gc.LayerSpec(*mlp.layer_keys(k)) for k in range(mlp.n_layers)]
-    state = opt.init(params, layers=layers if opt.hyperparams["structure"] == "kfac" else None)
+    state = opt.init(params, layers=layers if opt.config.structure == "kfac" else None)
     out = []
     for t, (x, y, y_mc) in enumerate(zip(xs, ys, mc), start=1):
-        curvature, inverse = opt.refresh_flags(t)
+        curvature, inverse = opt.flags(t - 1)
         stat_targets = y_mc if r.fisher == "mc" else None
         stats = None
         if curvature and (r.layer_stats or r.per_example_grads):
@@ -114,7 +114,7 @@ def _torch_run(cls, hp, mlp, params, xs, ys, mc, loss):
     for t, (x, y) in enumerate(zip(xs, ys)):
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
         before = [p.detach().clone() for p in model.parameters()]
-        if opt.core(0).requirements.fisher != "mc" or not opt.core(0).refresh_flags(t + 1)[0]:
+        if opt.core(0).requirements.fisher != "mc" or not opt.core(0).flags(t)[0]:
             next(samples)  # keep the sample stream aligned with the reference's steps
 
         def closure(xt=xt, yt=yt):
