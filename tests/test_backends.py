@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import grng_core as gc
-from grng_core.state import arrays
 from grng_core.reference import MLP
+from grng_core.state import arrays
 from tests.backends import BACKEND_NAMES, get_backend
 from tests.helpers import mlp_layers, train, tree_rel_err
 

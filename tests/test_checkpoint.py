@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 import grng_core as gc
-from grng_core import checkpoint
-from grng_core import npz_io
+from grng_core import checkpoint, npz_io
 from grng_core.checkpoint import load_state, read_metadata, save_state
 from grng_core.reference import MLP
 from tests.backends import BACKEND_NAMES, get_backend

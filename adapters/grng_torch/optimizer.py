@@ -193,7 +193,7 @@ class GRNGOptimizer(torch.optim.Optimizer):
         """The state group i starts from, with the K-FAC layers `present` (default: every
         hooked layer of the group); the core's `resolve` picks the fallback structure."""
         group = self.param_groups[i]
-        core = self.build_core(group)
+        core = self.core(i) if self.group_state(i) is None else self.build_core(group)
         if present is None:
             present = self.layer_candidates(i) if core.requirements.layer_stats else []
         specs = [gc.LayerSpec(w, b) for _, w, b in present]

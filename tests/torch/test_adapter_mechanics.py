@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import grng_core as gc
 from tests.torch._util import Problem, closure_for, full_loss, train
 
 PROBLEM = Problem()
@@ -111,7 +112,7 @@ def test_statistics_only_on_curvature_steps():
     assert [c["curvature"] for c in calls] == [True, False, False, True, False, False, True]
     assert [c["inverse"] for c in calls] == [True, False, True, False, True, False, True]
     assert counts == [2, 1, 1, 2, 1, 1, 2]  # the sampled-label pass only when refreshing
-    assert opt._collector.a == {} and opt._collector.batch.args == ()  # nothing kept
+    assert opt.collector.a == {} and opt.collector.batch.args == ()  # nothing kept
 
 
 def test_kfac_group_without_layers_and_other_modules_use_the_diagonal():
@@ -124,8 +125,8 @@ def test_kfac_group_without_layers_and_other_modules_use_the_diagonal():
     losses = [float(opt.step(closure_for(opt, model, CRIT, x, y)).detach()) for _ in range(15)]
     assert losses[-1] < 0.5 * losses[0]
     entry = opt.state[model[0].weight]["grng"]
-    assert entry["layers"] == [[3, 4]]
-    assert set(entry["core"]["diag"]) == {"0", "1", "2"}
+    assert entry.layers == [[3, 4]]
+    assert set(gc.codec.encode(entry.core)["diag"]) == {"0", "1", "2"}
 
 
 # ----------------------------------------------------------------- closures
@@ -254,7 +255,7 @@ def test_autocast_bfloat16(cls, kw, where):
     assert dtypes == {torch.bfloat16}
     assert full_loss(model, CRIT, PROBLEM, torch.float32) < 0.8 * before
     state = opt.state[model[0].weight]["grng"].core
-    for t in torch.utils._pytree.tree_leaves(state):
+    for t in gc.state.arrays(state):
         assert not t.is_floating_point() or t.dtype == torch.float32
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import grng_core as gc
-from grng_core import checkpoint
+from grng_core import checkpoint, npz_io
 from grng_core.reference import MLP
 
 SIZES = (5, 7, 6, 3)
@@ -228,10 +228,10 @@ def test_core_save_torch_continues(tmp_path, case):
     opt = _torch_opt(algo, hp, model)  # fresh: no step taken, K-FAC layers come from the file
     opt.load(path)
     entry = _grng(opt)
-    assert entry["step"] == N1
-    assert isinstance(entry["core"]["step"], torch.Tensor)
+    assert entry.host_step == N1
+    assert isinstance(entry.core.step, torch.Tensor)
     if hp["structure"] == "kfac":
-        assert entry["layers"] == [[0, 1], [2, 3], [4, 5]]
+        assert entry.layers == [[0, 1], [2, 3], [4, 5]]
     _torch_steps(opt, model, BATCHES[N1:])
     assert _grng(opt).host_step == N1 + N2
     _assert_close(_torch_params(model), p20, _grng(opt).core, s20)
@@ -243,13 +243,13 @@ def test_core_state_with_skipped_steps_sets_host_counter(tmp_path):
     core = FACTORY[algo](**hp)
     params0 = MLP_.init(seed=3)
     _, s = _core_steps(core, params0, core.init(params0, layers=LAYERS), BATCHES[:5], 0)
-    s = {**s, "skipped": np.asarray(2, dtype=np.int32)}
+    s = s._replace(skipped=np.asarray(2, dtype=np.int32))
     gc.save_state(tmp_path / "s.npz", s, opt=core)
     model = _model(params0)
     opt = _torch_opt(algo, hp, model)
     opt.load(tmp_path / "s.npz")
     assert _grng(opt).host_step == 7
-    assert int(_grng(opt).core["skipped"]) == 2
+    assert int(_grng(opt).core.skipped) == 2
 
 
 
@@ -332,7 +332,7 @@ def test_multi_group_round_trip_and_extract(tmp_path):
     assert gc.read_metadata(tmp_path / "g1.npz")["hyperparams"]["structure"] == "diagonal"
     opt3 = gt.RING(_groups(model), model=model, **hp)
     opt3.load(tmp_path / "g1.npz", group=1)
-    assert opt3._entry(0) is None and _grng(opt3, 1).host_step == N1
+    assert opt3.group_state(0) is None and _grng(opt3, 1).host_step == N1
 
 
 def test_save_before_first_step(tmp_path):
@@ -485,6 +485,7 @@ def test_kfac_layout_checked(tmp_path, live):
     with pytest.raises(ValueError, match="transposed weight"):
         opt.load(tmp_path / "tr.npz")
     # a "layer" whose weight is a bias vector position is no Linear weight of the model
+    two = gc.codec.encode(two)
     shifted = {**two, "kfac": {"1/-/N" if k.startswith("0/") else k: v
                                for k, v in two["kfac"].items()}}
     gc.save_state(tmp_path / "shift.npz", shifted, opt=core)
@@ -560,7 +561,7 @@ def test_save_is_atomic(tmp_path, live, monkeypatch):
         f.write(b"PK\x03\x04" + b"\0" * 64)
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(checkpoint, "_write_npz", broken)
+    monkeypatch.setattr(npz_io, "_write_npz", broken)
     with pytest.raises(OSError, match="No space"):
         opt.save(good)
     monkeypatch.undo()
