@@ -1,0 +1,61 @@
+"""The table of optimizer configurations: optimizer x structure x estimator (one row each),
+used by `python -m grng_core.consistency` and by the test suites of the core and adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Config:
+    """One optimizer setting: builder name, structure, estimator (None for RING), keywords."""
+
+    optimizer: str
+    structure: str
+    estimator: str | None
+    kwargs: tuple = ()
+
+    @property
+    def label(self) -> str:
+        est = {"double_backprop": "double_bp", "finite_difference": "fin_diff", None: "-"}
+        return f"{self.optimizer}/{self.structure}/{est[self.estimator]}"
+
+    def build(self):
+        import grng_core as gc
+
+        kw = dict(self.kwargs)
+        if self.estimator is not None:
+            kw["gr"] = self.estimator
+        return getattr(gc, self.optimizer)(structure=self.structure, **kw)
+
+
+_BASE = {
+    "ring": (("lr", 0.1), ("rho", 0.05), ("damping", 1e-2), ("momentum", 0.5),
+             ("inverse_every", 2)),
+    "reng": (("lr", 0.1), ("rho", 0.05), ("damping", 1e-2), ("momentum", 0.5),
+             ("inverse_every", 2)),
+    "rkalman": (("lr", 0.2), ("rho", 0.05), ("damping", 1e-2), ("inverse_every", 5)),
+}
+
+
+QUICK = ("ring/kfac/-", "ring/woodbury/-", "reng/diagonal/fin_diff",
+         "reng/woodbury/double_bp", "rkalman/kfac/fin_diff", "rkalman/woodbury/double_bp")
+
+
+def quick_configs() -> list[Config]:
+    """A representative subset (every structure, estimator and optimizer once) for --quick."""
+    by_label = {c.label: c for c in default_configs()}
+    return [by_label[k] for k in QUICK]
+
+
+def default_configs() -> list[Config]:
+    """Every optimizer x structure x estimator: 3 RING + 6 RENG + 6 R-Kalman."""
+    out = []
+    for name in ("ring", "reng", "rkalman"):
+        for structure in ("kfac", "diagonal", "woodbury"):
+            kw = _BASE[name]
+            if structure == "diagonal" and name != "rkalman":
+                kw = tuple((k, 0.01 if k == "lr" else v) for k, v in kw)
+            ests = (None,) if name == "ring" else ("double_backprop", "finite_difference")
+            out.extend(Config(name, structure, e, kw) for e in ests)
+    return out
