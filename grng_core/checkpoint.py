@@ -34,7 +34,8 @@ import numpy as np
 
 from grng_core import codec
 from grng_core.npz_io import read_archive, write_atomic
-from grng_core.npz_tree import META_KEY, build, describe, dtype_name, entry_names, library, to_host
+from grng_core.npz_tree import META_KEY, build, describe_tree, dtype_name, entry_names, to_host
+from grng_core.tree import library
 
 FORMAT = "grng-optimizer-state"
 FORMAT_VERSION = 1
@@ -83,7 +84,7 @@ def state_to_numpy(state, opt=None, extra: dict | None = None) -> dict[str, np.n
     """
     state = codec.to_portable(state)
     leaves: list = []
-    structure = describe(state, (), leaves)
+    structure = describe_tree(state, (), leaves)
     names = entry_names([p for p, _ in leaves])
     arrays, specs, libs = {}, [], set()
     for name, (path, x) in zip(names, leaves):

@@ -8,14 +8,15 @@ to `xp.where` with every branch computed.
 from __future__ import annotations
 
 
-def _is_tracer(x) -> bool:
+def is_traced(x) -> bool:
+    """True for a JAX tracer (inside jit, vmap, grad): its value is not known on the host."""
     # JAX tracers (jit, vmap, grad) all derive from jax.core.Tracer; checking the class names
     # avoids importing jax and avoids bool(), whose error message walks the whole graph
     return any(c.__name__ == "Tracer" for c in type(x).__mro__)
 
 
 def concrete_bool(x) -> bool | None:
-    if _is_tracer(x):
+    if is_traced(x):
         return None
     try:
         return bool(x)

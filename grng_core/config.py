@@ -13,6 +13,7 @@ allowed range. Schedules (callables of the 1-based step t) are allowed where `sc
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
 from collections.abc import Callable
@@ -187,10 +188,17 @@ class _Common:
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["schedulable"])
 
     @classmethod
+    def signature(cls) -> inspect.Signature:
+        """The constructor's signature: lr, rho[, damping] positional, the rest keyword-only
+        (the builders' and adapters' signatures derive from it)."""
+        return inspect.signature(cls)
+
+    @classmethod
     def doc_table(cls, indent: str = "    ") -> str:
-        """One line per hyperparameter: name (default): doc — for generated docstrings."""
-        return "\n".join(f"{indent}{f.name} ({f.default!r}): {f.metadata['doc']}"
-                         for f in dataclasses.fields(cls))
+        """One line per hyperparameter, in signature order: name (default): doc."""
+        docs = cls.docs()
+        return "\n".join(f"{indent}{p.name} ({p.default!r}): {docs[p.name]}"
+                         for p in cls.signature().parameters.values())
 
 
 @dataclass(frozen=True)

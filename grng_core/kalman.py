@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from grng_core.concrete import concrete_bool
 from grng_core.context import select
-from grng_core.linalg import frobenius, small_spd_inverse, spd_inverse
+from grng_core.linalg import frobenius, small_spd_inverse, spd_inverse, symmetrize
 from grng_core.state import Belief
 from grng_core.structures import diagonal, kfac, woodbury
 
@@ -118,7 +118,7 @@ def _predict_correct(F_prev, P_prev, rows, shift, beta_t, ctx, name):
     K_inv = small_spd_inverse(K, xp, tol=ctx.tol, max_iter=ctx.max_iter,
                               name=f"RLS system of {name}")
     P_plus = P_minus - xp.matrix_transpose(aP) @ (K_inv @ aP)
-    return F_new, 0.5 * (P_plus + xp.matrix_transpose(P_plus))
+    return F_new, symmetrize(P_plus, xp)
 
 
 def kfac_step(layers, stats, beta, damping, ctx, keys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from grng_core.concrete import concrete_bool
+from grng_core.tree import device
 
 
 class InverseError(ArithmeticError):
@@ -23,13 +24,7 @@ def default_tol(dtype, xp) -> float:
 
 
 def eye_like(M, xp):
-    return xp.eye(M.shape[-1], dtype=M.dtype, device=_device(M))
-
-
-def _device(x):
-    import array_api_compat
-
-    return array_api_compat.device(x)
+    return xp.eye(M.shape[-1], dtype=M.dtype, device=device(M))
 
 
 def frobenius(x, xp):
@@ -59,7 +54,12 @@ def cholesky_inverse(M, xp, name="matrix"):
             ) from e
         return xp.full_like(M, math.nan)
     Linv = xp.linalg.solve(L, eye_like(M, xp))
-    return xp.matrix_transpose(Linv) @ Linv
+    return symmetrize(xp.matrix_transpose(Linv) @ Linv, xp)
+
+
+def symmetrize(X, xp):
+    """(X + Xᵀ)/2: exactly symmetric whatever the BLAS (x + y == y + x in IEEE arithmetic)."""
+    return 0.5 * (X + xp.matrix_transpose(X))
 
 
 def _residual(M, X, eye, xp, d):
@@ -85,7 +85,7 @@ def newton_schulz_inverse(M, xp, *, warm=None, tol, max_iter, fallback=True, nam
         if concrete_bool(done):
             break
         X = xp.where(done, X, X + X @ R)
-    X = 0.5 * (X + xp.matrix_transpose(X))
+    X = symmetrize(X, xp)
     _, r = _residual(M, X, eye, xp, d)
     if not fallback:
         return X, r

@@ -7,17 +7,9 @@ from __future__ import annotations
 import array_api_compat
 import numpy as np
 
+from grng_core.tree import library
+
 META_KEY = "__grng_meta__"
-
-
-def library(x) -> str:
-    for name, test in (("numpy", array_api_compat.is_numpy_array),
-                       ("torch", array_api_compat.is_torch_array),
-                       ("jax", array_api_compat.is_jax_array),
-                       ("cupy", array_api_compat.is_cupy_array)):
-        if test(x):
-            return name
-    return type(x).__module__.split(".")[0]
 
 
 def to_host(x, where: str) -> np.ndarray:
@@ -68,15 +60,15 @@ def _key_json(k, where: str):
     return k
 
 
-def describe(tree, path: tuple, leaves: list) -> dict:
+def describe_tree(tree, path: tuple, leaves: list) -> dict:
     """The tree's structure as JSON-able nodes; leaves collected as (path, array)."""
     where = "/".join(str(p) for p in path) or "<root>"
     if isinstance(tree, dict):
-        return {"dict": [[_key_json(k, where), describe(v, (*path, k), leaves)]
+        return {"dict": [[_key_json(k, where), describe_tree(v, (*path, k), leaves)]
                          for k, v in tree.items()]}
     if isinstance(tree, (list, tuple)):
         return {"list" if isinstance(tree, list) else "tuple":
-                [describe(v, (*path, i), leaves) for i, v in enumerate(tree)]}
+                [describe_tree(v, (*path, i), leaves) for i, v in enumerate(tree)]}
     if tree is None:
         return {"none": True}
     leaves.append((path, tree))

@@ -56,6 +56,8 @@ class Optimizer:
     def resolve(self, layers, fallback: str = "diagonal") -> Optimizer:
         """The optimizer that runs for this layer layout: structure "kfac" with no layer is
         `fallback` ("diagonal", the same math on every leaf, or "woodbury")."""
+        if fallback not in ("diagonal", "woodbury"):
+            raise ValueError(f"invalid fallback={fallback!r}: allowed 'diagonal' or 'woodbury'")
         if self.config.structure == "kfac" and not layers:
             return self.replace(structure=fallback)
         return self

@@ -57,8 +57,9 @@ _KINDS = (
 )
 
 
-def _library(x) -> str:
-    for name, test in _KINDS[:4]:
+def library(x) -> str:
+    """'numpy', 'torch', 'jax', 'cupy', or the top-level module of another array type."""
+    for name, test in _KINDS:
         if test(x):
             return name
     return type(x).__module__.split(".")[0]
@@ -77,7 +78,7 @@ def namespace(*groups: tuple[str, list]):
                 continue
             if not array_api_compat.is_array_api_obj(x):
                 raise TypeError(f"{name} holds a {type(x).__name__}, which is not an array")
-            seen.setdefault(_library(x), name)
+            seen.setdefault(library(x), name)
             arrays.append(x)
     if len(seen) > 1:
         desc = ", ".join(f"{lib} (in {name})" for lib, name in seen.items())

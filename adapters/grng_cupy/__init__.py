@@ -19,6 +19,6 @@ steps: `opt.needs_stats()`), checks that every array is on the parameters' devic
 records (`help(grng_cupy.RING)`), plus `layers` and `fallback` (`grng_core.Optimizer.resolve`).
 """
 
-from grng_cupy._optimizer import RENG, RING, Optimizer, RKalman
+from grng_cupy._optimizer import RENG, RING, CupyOptimizer, RKalman
 
-__all__ = ["RENG", "RING", "Optimizer", "RKalman"]
+__all__ = ["RENG", "RING", "CupyOptimizer", "RKalman"]

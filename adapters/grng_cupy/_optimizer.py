@@ -16,9 +16,8 @@ import grng_core as gc
 from grng_core import checkpoint
 from grng_core.algorithms import BUILDERS
 from grng_core.config import CONFIGS, TITLES
-from grng_core.npz_tree import library
 from grng_core.state import host_step
-from grng_core.tree import flatten
+from grng_core.tree import flatten, library
 
 FALLBACKS = (None, "diagonal", "woodbury")
 
@@ -29,7 +28,7 @@ def _library(x) -> str | None:
     return lib if lib in ("numpy", "cupy") else None
 
 
-def _describe(x) -> str:
+def _what_array(x) -> str:
     lib = _library(x)
     if lib == "cupy":
         return f"a CuPy array on GPU {x.device.id}"
@@ -42,7 +41,7 @@ def _where(name: str, key) -> str:
     return f"{name}[{key!r}]"
 
 
-class Optimizer:
+class CupyOptimizer:
     """RENG / RING / R-Kalman for parameters held as CuPy (or NumPy) arrays.
 
     Build it with `grng_cupy.RENG(params, ...)`, `RING(...)` or `RKalman(...)`. `params` is a
@@ -82,14 +81,14 @@ class Optimizer:
         if lib is None:
             raise TypeError(
                 f"grng_cupy takes CuPy arrays (or NumPy arrays for a CPU stack); "
-                f"{_where('params', keys[0])} is {_describe(first)}. Use grng_torch for torch "
+                f"{_where('params', keys[0])} is {_what_array(first)}. Use grng_torch for torch "
                 "tensors and grng_jax for JAX arrays")
         for k, x in zip(keys, leaves):
             if _library(x) != lib or (lib == "cupy" and x.device.id != first.device.id):
                 raise TypeError(
                     f"all parameters must be arrays of one library on one device: "
-                    f"{_where('params', keys[0])} is {_describe(first)}, "
-                    f"{_where('params', k)} is {_describe(x)}")
+                    f"{_where('params', keys[0])} is {_what_array(first)}, "
+                    f"{_where('params', k)} is {_what_array(x)}")
             if lib == "numpy" and not x.flags.writeable:
                 raise ValueError(f"{_where('params', k)} is a read-only NumPy array: the "
                                  "optimizer updates parameters in place")
@@ -115,8 +114,8 @@ class Optimizer:
                        if lib == "cupy" else "move it to the host with .get() (cupy) or "
                        "numpy.asarray")
                 raise TypeError(
-                    f"device mismatch: the parameters are {_describe(ref)} but {what}[{k!r}] is "
-                    f"{_describe(x)}; {fix}")
+                    f"device mismatch: the parameters are {_what_array(ref)} but {what}[{k!r}] is "
+                    f"{_what_array(x)}; {fix}")
 
     def _check_inputs(self, grads, stats: gc.Stats | None) -> None:
         g_leaves, g_container = flatten(grads, "grads")
@@ -271,18 +270,18 @@ def _signature(name: str) -> inspect.Signature:
     options = [P("layers", P.KEYWORD_ONLY, default=None),
                P("fallback", P.KEYWORD_ONLY, default=None)]
     return inspect.Signature([P("params", P.POSITIONAL_OR_KEYWORD), *fields, *options],
-                             return_annotation=Optimizer)
+                             return_annotation=CupyOptimizer)
 
 
 def _builder(name: str):
     """`grng_cupy.RENG` / `RING` / `RKalman`: signature and docstring from the config record."""
     sig = _signature(name)
 
-    def build(*args, **kwargs) -> Optimizer:
+    def build(*args, **kwargs) -> CupyOptimizer:
         arguments = dict(sig.bind(*args, **kwargs).arguments)  # omitted: the core's default
         params = arguments.pop("params")
         layers, fallback = arguments.pop("layers", None), arguments.pop("fallback", None)
-        return Optimizer(params, BUILDERS[name](**arguments), layers, fallback)
+        return CupyOptimizer(params, BUILDERS[name](**arguments), layers, fallback)
 
     cls = CONFIGS[name]
     build.__name__ = build.__qualname__ = TITLES[name]

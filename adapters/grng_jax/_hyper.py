@@ -13,12 +13,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from grng_core.concrete import concrete_bool
-
-
-def _traced(v) -> bool:
-    """True for a 0-d array whose value cannot be read on the host (a jax tracer)."""
-    return concrete_bool(v) is None
+from grng_core.concrete import is_traced
 
 
 def concrete_number(name: str, v, integer: bool = False):
@@ -28,7 +23,7 @@ def concrete_number(name: str, v, integer: bool = False):
         return v
     if jnp.ndim(v) != 0:
         raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(v)}")
-    if _traced(v):
+    if is_traced(v):
         raise ValueError(
             f"{name} is a traced value: grng_core needs it as a Python number when the optimizer "
             "is built. Only learning_rate, rho and damping may be injected or scheduled; with "
@@ -45,7 +40,7 @@ def schedulable(name: str, v):
     if callable(v):
         return lambda t, _f=v: _f(t - 1)
     if not isinstance(v, (bool, str, int, float)) and v is not None and jnp.ndim(v) == 0 \
-            and _traced(v):
+            and is_traced(v):
         return lambda t, _v=v: _v
     return concrete_number(name, v)
 
