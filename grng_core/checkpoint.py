@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from grng_core import codec
+from grng_core._version import __version__
 from grng_core.npz_io import read_archive, write_atomic
 from grng_core.npz_tree import META_KEY, build, describe_tree, dtype_name, entry_names, to_host
 from grng_core.tree import library
@@ -105,11 +106,7 @@ def state_to_numpy(state, opt=None, extra: dict | None = None) -> dict[str, np.n
         "arrays": specs,
         "extra": _json_value(extra or {}),
     }
-    try:
-        from grng_core import __version__ as grng_version
-    except ImportError:  # pragma: no cover - during package import
-        grng_version = None
-    meta["grng_version"] = grng_version
+    meta["grng_version"] = __version__
     raw = json.dumps(meta, sort_keys=True).encode("utf-8")
     arrays[META_KEY] = np.frombuffer(raw, dtype=np.uint8).copy()
     return arrays

@@ -136,23 +136,28 @@ def build(node, like, path, arrays, specs, source):
             raise ValueError(f"{source}: at {where!r} the file has None, the template an array")
         return None
     if kind == "leaf":
-        if not isinstance(body, int) or not 0 <= body < len(specs):
-            raise ValueError(f"{source}: corrupted structure at {where!r}")
-        spec = specs[body]
-        a = arrays[spec["name"]]
-        if like is None:
-            return a
-        if not array_api_compat.is_array_api_obj(like):
-            raise ValueError(f"{source}: at {where!r} the file has an array, the template a "
-                             f"{type(like).__name__}")
-        if tuple(a.shape) != tuple(like.shape):
-            raise ValueError(f"{source}: at {where!r} the file has shape {tuple(a.shape)}, the "
-                             f"template {tuple(like.shape)}")
-        if dtype_kind(spec["dtype"]) != dtype_kind(dtype_name(like)):
-            raise ValueError(f"{source}: at {where!r} the file has dtype {spec['dtype']}, the "
-                             f"template {dtype_name(like)}")
-        return place(a, like)
+        return _build_leaf(body, like, where, arrays, specs, source)
     raise ValueError(f"{source}: corrupted structure at {where!r} (node {kind!r})")
+
+
+def _build_leaf(body, like, where, arrays, specs, source):
+    """One array of the file, checked against the template's and placed like it."""
+    if not isinstance(body, int) or not 0 <= body < len(specs):
+        raise ValueError(f"{source}: corrupted structure at {where!r}")
+    spec = specs[body]
+    a = arrays[spec["name"]]
+    if like is None:
+        return a
+    if not array_api_compat.is_array_api_obj(like):
+        raise ValueError(f"{source}: at {where!r} the file has an array, the template a "
+                         f"{type(like).__name__}")
+    if tuple(a.shape) != tuple(like.shape):
+        raise ValueError(f"{source}: at {where!r} the file has shape {tuple(a.shape)}, the "
+                         f"template {tuple(like.shape)}")
+    if dtype_kind(spec["dtype"]) != dtype_kind(dtype_name(like)):
+        raise ValueError(f"{source}: at {where!r} the file has dtype {spec['dtype']}, the "
+                         f"template {dtype_name(like)}")
+    return place(a, like)
 
 
 def place(a: np.ndarray, like):

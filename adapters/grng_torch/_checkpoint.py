@@ -187,11 +187,8 @@ class _Plan:
         self.template: Any = None
 
 
-def _plan_group(opt, i: int, j: int, node, info: dict, source: str,
-                set_hyperparams: bool) -> _Plan:
+def _recorded_hyperparams(opt, info: dict, source: str) -> dict:
     title = type(opt).__name__
-    plan = _Plan(i, j)
-    group = opt.param_groups[i]
     if info.get("optimizer") is None:
         raise ValueError(f"{source}: the checkpoint records no optimizer (saved without opt=); "
                          f"save it with grng_core.save_state(path, state, opt=opt) to load it "
@@ -202,58 +199,78 @@ def _plan_group(opt, i: int, j: int, node, info: dict, source: str,
     saved_hp = info.get("hyperparams")
     if not isinstance(saved_hp, dict):
         raise ValueError(f"{source}: corrupted hyperparameters in the metadata")
-    entry = opt.group_state(i)
-    candidates = opt.layer_candidates(i)
+    return saved_hp
 
-    # the structure the state was made with; a "kfac" group runs "diagonal" when it has no
-    # K-FAC layer (as at its first step), so such a state fits a "kfac" group too
-    file_structure = saved_hp.get("structure")
-    override = None
-    if group["structure"] == "kfac" and file_structure == "diagonal" and (
-            info.get("group_structure") == "kfac" or not candidates
-            or (entry is not None and entry.structure == "diagonal")):
-        override = "diagonal"
 
+def _group_values(opt, group: dict, saved_hp: dict, set_hyperparams: bool) -> dict:
+    """The group's values; with set_hyperparams the numbers the file recorded (e.g. a
+    scheduler's lr) replace the group's."""
     new_group = dict(group)
-    if set_hyperparams:  # numbers the file recorded (e.g. a scheduler's lr) go to the group
+    if set_hyperparams:
         for k in opt.hp_names:
-            v = saved_hp.get(k)
-            cur = group[k]
+            v, cur = saved_hp.get(k), group[k]
             cur_number = _number(cur) or (isinstance(cur, torch.Tensor) and cur.dim() == 0)
             if _number(v) and cur_number:
                 new_group[k] = v if not isinstance(cur, torch.Tensor) else \
                     torch.as_tensor(v, dtype=cur.dtype, device=cur.device)
+    return new_group
+
+
+def _plan_core(opt, i: int, info: dict, saved_hp: dict, new_group: dict, source: str):
+    """The core optimizer the file's state belongs to, with the hyperparameters checked."""
+    group, entry = opt.param_groups[i], opt.group_state(i)
+    # a "kfac" group runs "diagonal" when it has no K-FAC layer (as at its first step), so
+    # such a state fits a "kfac" group too
+    override = None
+    if group["structure"] == "kfac" and saved_hp.get("structure") == "diagonal" and (
+            info.get("group_structure") == "kfac" or not opt.layer_candidates(i)
+            or (entry is not None and entry.structure == "diagonal")):
+        override = "diagonal"
     try:
         core = opt.build_core(new_group, override)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: param group {i}: the checkpoint's hyperparameters are not "
-                         f"valid for {title}: {e}") from e
+                         f"valid for {type(opt).__name__}: {e}") from e
     diff = _hp_diff(saved_hp, checkpoint.hyperparams_json(core))
     if diff:
         raise ValueError(f"{source}: param group {i}: checkpoint hyperparameters differ from "
                          f"the optimizer's ({'; '.join(diff)})")
+    return core
 
+
+def _plan_layers(opt, i: int, j: int, node, structure: str, source: str) -> list:
+    """The file's K-FAC layers, which must be this model's (and the registered ones)."""
+    entry = opt.group_state(i)
+    if structure != "kfac":
+        if entry is not None and entry.structure != structure:
+            raise ValueError(f"{source}: param group {i}: the checkpoint's structure is "
+                             f"{structure!r}, this optimizer runs {entry.structure!r}")
+        return []
+    keys = _kfac_keys(node, source, "<root>" if j < 0 else f"groups/{j}")
+    layers = sorted(_parse_layer(k, source, i) for k in keys)
+    try:
+        opt.match_layers(i, layers)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    if entry is not None:
+        have = sorted((w, b) for w, b in entry.layers)
+        if have != layers:
+            raise ValueError(
+                f"{source}: param group {i}: the checkpoint's K-FAC layers (weight, bias "
+                f"positions) {layers} differ from the layers this optimizer registered {have}")
+    return layers
+
+
+def _plan_group(opt, i: int, j: int, node, info: dict, source: str,
+                set_hyperparams: bool) -> _Plan:
+    plan = _Plan(i, j)
+    saved_hp = _recorded_hyperparams(opt, info, source)
+    new_group = _group_values(opt, opt.param_groups[i], saved_hp, set_hyperparams)
+    core = _plan_core(opt, i, info, saved_hp, new_group, source)
     structure = core.config.structure
-    layers: list[tuple[int, int | None]] = []
-    if structure == "kfac":
-        keys = _kfac_keys(node, source, "<root>" if j < 0 else f"groups/{j}")
-        layers = sorted(_parse_layer(k, source, i) for k in keys)
-        try:
-            opt.match_layers(i, layers)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
-        if entry is not None:
-            have = sorted((w, b) for w, b in entry.layers)
-            if have != layers:
-                raise ValueError(
-                    f"{source}: param group {i}: the checkpoint's K-FAC layers (weight, bias "
-                    f"positions) {layers} differ from the layers this optimizer registered "
-                    f"{have}")
-    elif entry is not None and entry.structure != structure:
-        raise ValueError(f"{source}: param group {i}: the checkpoint's structure is "
-                         f"{structure!r}, this optimizer runs {entry['structure']!r}")
+    layers = _plan_layers(opt, i, j, node, structure, source)
     specs = [gc.LayerSpec(w, b) for w, b in layers] if structure == "kfac" else None
-    params = [p.detach() for p in group["params"]]
+    params = [p.detach() for p in opt.param_groups[i]["params"]]
     try:
         with torch.no_grad():
             template = core.init(params, layers=specs)
@@ -265,19 +282,10 @@ def _plan_group(opt, i: int, j: int, node, info: dict, source: str,
     return plan
 
 
-def load(opt, path, group: int | None = None, set_hyperparams: bool = False) -> None:
-    title = type(opt).__name__
-    source = f"checkpoint {os.fspath(path)!r}"
-    meta = checkpoint.read_metadata(path)
-    extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
-    n = len(opt.param_groups)
-    if extra.get("adapter") == ADAPTER and extra.get("algorithm") not in (None, opt.algorithm):
-        algorithm = extra.get("algorithm")
-        raise ValueError(f"{source} is from grng_torch.{_TITLES.get(algorithm, algorithm)}, "
-                         f"not {title}")
-    multi = extra.get("adapter") == ADAPTER and extra.get("layout") == "groups"
-
-    if multi:
+def _file_groups(opt, meta: dict, extra: dict, group, source: str, path):
+    """(infos, structure nodes, (optimizer group, file group) pairs, multi) of a file."""
+    title, n = type(opt).__name__, len(opt.param_groups)
+    if extra.get("adapter") == ADAPTER and extra.get("layout") == "groups":
         infos = _infos(extra, path)
         root = _dict_node(meta["structure"], source, "<root>")
         nodes = root.get("groups", {}).get("list") if isinstance(root.get("groups"), dict) \
@@ -288,23 +296,24 @@ def load(opt, path, group: int | None = None, set_hyperparams: bool = False) -> 
             if len(infos) != n:
                 raise ValueError(f"{source} holds {len(infos)} param groups, this {title} has "
                                  f"{n}; load one with load(path, group=k)")
-            pairs = list(zip(range(n), range(n)))
-        else:
-            i = _index(group, n)
-            if i >= len(infos):
-                raise ValueError(f"{source} holds {len(infos)} param groups: no group {i}")
-            pairs = [(i, i)]
-    else:
-        if group is None and n != 1:
-            raise ValueError(f"{source} holds one param group's state, this {title} has {n} "
-                             "param groups: choose one with load(path, group=k)")
-        i = 0 if group is None else _index(group, n)
-        info = {"optimizer": meta.get("optimizer"), "hyperparams": meta.get("hyperparams")}
-        saved = (extra.get("groups") or [None])[0] if extra.get("adapter") == ADAPTER else None
-        if isinstance(saved, dict) and saved.get("group_structure") is not None:
-            info["group_structure"] = saved["group_structure"]
-        infos, nodes, pairs = [info], [meta["structure"]], [(i, 0)]
+            return infos, nodes, list(zip(range(n), range(n))), True
+        i = _index(group, n)
+        if i >= len(infos):
+            raise ValueError(f"{source} holds {len(infos)} param groups: no group {i}")
+        return infos, nodes, [(i, i)], True
+    if group is None and n != 1:
+        raise ValueError(f"{source} holds one param group's state, this {title} has {n} "
+                         "param groups: choose one with load(path, group=k)")
+    i = 0 if group is None else _index(group, n)
+    info = {"optimizer": meta.get("optimizer"), "hyperparams": meta.get("hyperparams")}
+    saved = (extra.get("groups") or [None])[0] if extra.get("adapter") == ADAPTER else None
+    if isinstance(saved, dict) and saved.get("group_structure") is not None:
+        info["group_structure"] = saved["group_structure"]
+    return [info], [meta["structure"]], [(i, 0)], False
 
+
+def _plans(opt, infos, nodes, pairs, multi, source, set_hyperparams) -> list[_Plan]:
+    title = type(opt).__name__
     plans = []
     for i, j in pairs:
         has_params = bool(opt.param_groups[i]["params"])
@@ -318,25 +327,34 @@ def load(opt, path, group: int | None = None, set_hyperparams: bool = False) -> 
                              f"the file has a state for it")
         plans.append(_plan_group(opt, i, j if multi else -1, nodes[j], infos[j], source,
                                  set_hyperparams))
+    return plans
+
+
+def load(opt, path, group: int | None = None, set_hyperparams: bool = False) -> None:
+    source = f"checkpoint {os.fspath(path)!r}"
+    meta = checkpoint.read_metadata(path)
+    extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+    if extra.get("adapter") == ADAPTER and extra.get("algorithm") not in (None, opt.algorithm):
+        algorithm = extra.get("algorithm")
+        raise ValueError(f"{source} is from grng_torch.{_TITLES.get(algorithm, algorithm)}, "
+                         f"not {type(opt).__name__}")
+    infos, nodes, pairs, multi = _file_groups(opt, meta, extra, group, source, path)
+    plans = _plans(opt, infos, nodes, pairs, multi, source, set_hyperparams)
     if not plans:
         return
-
     # read the arrays into templates on the parameters' devices (ValueError on any mismatch)
     if multi:
-        like = {"groups": [None] * len(infos)}
+        like: dict[str, list] = {"groups": [None] * len(infos)}
         for p in plans:
             like["groups"][p.j] = p.template
         loaded = checkpoint.load_state(path, like=like)["groups"]
         states = [loaded[p.j] for p in plans]
     else:
-        p = plans[0]
-        states = [checkpoint.load_state(path, like=p.template, opt=p.core)]
+        states = [checkpoint.load_state(path, like=plans[0].template, opt=plans[0].core)]
     entries = [GroupState(host_step(state), p.structure, state) for p, state in zip(plans, states)]
-
     # commit: nothing above changed the optimizer
     for p, entry in zip(plans, entries):
-        group = opt.param_groups[p.i]
         if set_hyperparams:
             for k in opt.hp_names:
-                group[k] = p.group[k]
+                opt.param_groups[p.i][k] = p.group[k]
         opt.set_group_state(p.i, entry)

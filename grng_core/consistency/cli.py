@@ -13,6 +13,12 @@ from grng_core.consistency.report import DEFAULT_STEPS, FLOAT32_TOL, FLOAT64_TOL
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    return _run(ap, args)
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m grng_core.consistency",
         description="Train the reference MLP with every optimizer on every installed array "
@@ -37,7 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="batch size (default 32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-v", "--verbose", action="store_true", help="print each run's time")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     steps = args.steps if args.steps is not None else (5 if args.quick else DEFAULT_STEPS)
     hidden = args.hidden if args.hidden is not None else (8 if args.quick else 16)
