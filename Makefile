@@ -1,4 +1,5 @@
-# make test   : create .venv if missing, install grng with its test extras, run ruff and pytest
+# make test   : create .venv if missing, install grng with its test extras, run the linters
+#               (ruff, mypy, tools/check_structure.py: file/function size, import cycles) and pytest
 # make bench  : the project's main job (benchmarks, default suite)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,6 +16,8 @@ venv: $(PY)
 
 lint: venv
 	$(PY) -m ruff check .
+	$(PY) -m mypy
+	$(PY) tools/check_structure.py
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)

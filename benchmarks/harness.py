@@ -43,7 +43,7 @@ def run_one(task, spec, hp: dict, seed: int, epochs: int, fb_time: float | None 
     if fb_time is None:
         try:
             fb_time = reference_fb_time(task, spec.framework)
-        except Exception:  # noqa: BLE001 - e.g. JAX missing: the build below reports it
+        except Exception:
             fb_time = math.nan
     res = RunResult(task.name, spec.key, spec.label_for(task), dict(hp), seed, fb_time=fb_time)
     mem = mem or PeakRSS()
@@ -73,7 +73,7 @@ def _build(task, spec, hp: dict, seed: int, res: RunResult):
         torch.manual_seed(seed)
         model = task.make_model(seed)
         return spec.build(model, task, hp, seed)
-    except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+    except Exception as e:
         _fail(res, e)
         return None
 
@@ -132,7 +132,7 @@ def _train(task, stepper, conv, evaluate, res: RunResult, epochs: int, seed: int
                         counted = res.steps
             if res.status != "ok":
                 break
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         _fail(res, e)
     return times, counted
 
@@ -151,7 +151,7 @@ def _finish(task, view, conv, res: RunResult, times: list[float]) -> None:
         try:
             x, y = conv(*task.grad_norm_set(), task)
             res.grad_norm = view.grad_norm(x, y)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             res.status = "error: grad norm: " + _short(e)
     if res.status == "diverged":
         res.final_valid = res.final_test = res.select_valid = math.nan

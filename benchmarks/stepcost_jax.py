@@ -15,7 +15,7 @@ def jax_results(b: int, steps: int, repeats: int) -> dict:
         return {k: {"label": lab, "time": v} if isinstance(v, float) else
                 {"label": lab, "error": v}
                 for k, (lab, v) in jax_rows(b, steps, repeats).items()}
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return {"jax": {"label": "JAX", "error": not_runnable(e)}}
 
 
@@ -37,7 +37,7 @@ def jax_rows(b: int, steps: int, repeats: int) -> dict:
                               ("kfac_jax", "kfac-jax (jit)", _kfac_jax_time)):
         try:
             out[key] = (label, timer(params0, batch, steps, repeats))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             out[key] = (label, not_runnable(e))
     return out
 

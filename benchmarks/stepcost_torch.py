@@ -159,7 +159,7 @@ def _prepare_row(key, label, build, b, x, y, tp, fb_ops):
             row["own_flops"] = total_flops(own) / REFRESH_EVERY
             row["ideal_time"] = tp.ideal_time(own) / REFRESH_EVERY
         return row, functools.partial(stepper.step, x, y)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return {"label": label, "error": not_runnable(e)}, None
 
 
@@ -174,7 +174,7 @@ def _time_round_robin(b, fns: dict, rows: dict, labels: dict, repeats: int, peri
             n = 5 if key in ("_hvp", "_grad") else REFRESH_EVERY * periods
             try:
                 best[key] = min(best[key], time_window(fn, n, 1))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 rows[key] = {"label": labels.get(key, key), "error": not_runnable(e)}
                 del fns[key]
         bar.update()

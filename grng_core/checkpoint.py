@@ -172,7 +172,7 @@ def state_from_numpy(arrays: dict, like=None, opt=None, source: str = "checkpoin
     specs = meta["arrays"]
     if not isinstance(specs, list):
         raise ValueError(f"{source}: corrupted array list in the metadata")
-    names = {s.get("name") for s in specs if isinstance(s, dict)}
+    names: set[str] = {str(s.get("name")) for s in specs if isinstance(s, dict)}
     extra = sorted(set(arrays) - names - {META_KEY})
     missing = sorted(n for n in names if n not in arrays)
     if extra or missing or len(names) != len(specs):

@@ -77,7 +77,7 @@ def decode(tree: dict, like: OptState | None = None, n_leaves: int | None = None
 
 def _decode_like(tree: dict, like: OptState) -> OptState:
     curv = like.curvature
-    diag_tree = tree.get("belief" if isinstance(curv, Belief) else "diag")
+    diag_tree = tree.get("belief" if isinstance(curv, Belief) else "diag") or {}
     diag = None
     if curv.diagonal is not None:
         diag = tuple(None if v is None else diag_tree[str(i)]
@@ -143,9 +143,9 @@ def mismatch(tree, template, path: str = "state") -> str | None:
             if found:
                 return found
         return None
-    got = (tuple(getattr(tree, "shape", ())), getattr(tree, "dtype", type(tree).__name__))
+    have = (tuple(getattr(tree, "shape", ())), getattr(tree, "dtype", type(tree).__name__))
     want = (tuple(template.shape), template.dtype)
-    return None if got == want else f"{path} is {got} in the state, this model needs {want}"
+    return None if have == want else f"{path} is {have} in the state, this model needs {want}"
 
 
 def to_portable(tree):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from grng_core import estimators
-from grng_core.config import Config, is_static_zero
+from grng_core.config import Config, RINGConfig, is_static_zero
 from grng_core.context import StepContext
 from grng_core.tree import Container
 from grng_core.types import Stats
@@ -40,7 +40,7 @@ class Env:
     def regularized_gradient(self) -> list:
         """ĝ by the configured estimator (§1); ρ = 0 (constant) needs no oracle."""
         h = self.config
-        if is_static_zero(h.rho):
+        if is_static_zero(h.rho) or isinstance(h, RINGConfig):  # RING has no estimator
             return self.g
         if h.gr == "double_backprop":
             return estimators.double_backprop(self.g, self.params, self.rho, self.oracle,

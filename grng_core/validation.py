@@ -41,7 +41,7 @@ def check_state(state, opt, leaves) -> None:
         raise ValueError("state does not match this optimizer: momentum buffers "
                          f"{'present' if has_momentum else 'absent'}, momentum="
                          f"{opt.config.momentum}")
-    if has_momentum:
+    if state.momentum is not None:
         for m, p in zip(state.momentum, leaves):
             if tuple(m.shape) != tuple(p.shape):
                 raise ValueError(f"state does not match params: momentum buffer shape "

@@ -124,7 +124,7 @@ def test_degenerate_curvature_eager(backend_name, config, case, dtype, damping, 
         assert dtype == "float32" or damping < 1e-6, f"InverseError on an easy problem: {e}"
         assert "raise damping" in str(e)
         return
-    except (Exception, RuntimeWarning) as e:  # noqa: BLE001
+    except (Exception, RuntimeWarning) as e:
         bug = known_bugs.tolerated(opt, dtype, e)
         if bug is not None:
             pytest.xfail(f"{bug} ({type(e).__name__}: {e})")
@@ -260,7 +260,7 @@ def test_newton_schulz_never_silently_wrong(backend_name, dtype, cond):
             assert dtype == "float32" and cond * EPS[dtype] > 1e-3, f"failed on a solvable {e}"
             assert "M (7 x 7" in str(e) and "raise damping" in str(e)
             return
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if is_backend_linalg_error(e) and known_bugs.singular_cholesky():
                 pytest.xfail(BACKEND_LINALG_BUG + f" ({e})")
             raise

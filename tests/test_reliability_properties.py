@@ -167,7 +167,7 @@ def _take_steps(problem, opt, n_steps, check, count):
                 event("InverseError in float32")
                 count("rejected: InverseError in float32")
                 reject()
-            except (Exception, RuntimeWarning) as e:  # noqa: BLE001
+            except (Exception, RuntimeWarning) as e:
                 bug = known_bugs.tolerated(opt, _state_dtype(opt, problem), e)
                 if bug is None:
                     raise

@@ -96,7 +96,7 @@ class CupyOptimizer:
     @property
     def library(self) -> str:
         """'cupy' or 'numpy': the library of the parameters (and of the state)."""
-        return _library(flatten(self.params)[0][0])
+        return library(flatten(self.params)[0][0])
 
     def _same_place(self, what: str, tree) -> None:
         """Arrays handed to `step` must be of the params' library and on their device."""

@@ -25,7 +25,7 @@ def batch_size(batch) -> int:
     if len(sizes) != 1 or None in sizes:
         raise ValueError("every leaf of batch needs the same leading batch axis, got shapes "
                          f"{[tuple(x.shape) for x in leaves]}")
-    return sizes.pop()
+    return int(sizes.pop())  # type: ignore[arg-type]
 
 
 def per_example_grads(loss_fn: Callable, treedef, leaves: list, batch, key=None) -> list:
@@ -95,9 +95,10 @@ def layer_stats(loss_fn: Callable, treedef, leaves: list, batch,
         d_out = leaves[w].shape[1]
         a = [jnp.reshape(inputs[k], (-1, d_in)) for k in idx]
         s = [jnp.reshape(_at_least_f32(dz[k]) * n, (-1, d_out)) for k in idx]
-        a = a[0] if len(a) == 1 else jnp.concatenate(a, axis=0)
-        s = s[0] if len(s) == 1 else jnp.concatenate(s, axis=0)
-        out.append(gc.LayerStats(weight=w, bias=b, inputs=a, output_grads=s, transposed=True))
+        rows_a = a[0] if len(a) == 1 else jnp.concatenate(a, axis=0)
+        rows_s = s[0] if len(s) == 1 else jnp.concatenate(s, axis=0)
+        out.append(gc.LayerStats(weight=w, bias=b, inputs=rows_a, output_grads=rows_s,
+                                 transposed=True))
     return out
 
 

@@ -10,7 +10,7 @@ pass of grng_jax._tags), calls the core's pure ``update`` and rebuilds the pytre
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -93,8 +93,8 @@ def transform(name: str, kwargs: dict, *, axis_name=None, layers="auto", refresh
                        _Batch(loss_fn, batch, mc_loss_fn, key))
 
     for fn in (init_fn, update_fn):
-        fn.grng_core = core_main
-        fn.grng_fallback = fallback
+        setattr(fn, "grng_core", core_main)  # noqa: B010 (read by grng_jax.save / load)
+        setattr(fn, "grng_fallback", fallback)  # noqa: B010
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
@@ -156,16 +156,17 @@ def _mc_key(req: gc.Requirements, need_stats: bool, state_key, opts: _Options, g
 def _update(core: gc.Optimizer, specs, opts: _Options, updates, state: GRNGState, params,
             given: _Batch):
     req = core.requirements
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaves, treedef_ = jax.tree_util.tree_flatten(params)
+    treedef: Any = treedef_
     grads = _collect.pmean(treedef.flatten_up_to(updates), opts.axis_name)
     _check_needs(core, specs, opts, given)
     need_stats = req.per_example_grads or bool(specs)
     new_key, sub = _mc_key(req, need_stats, state.key, opts, given)
-    stat_loss = given.mc_loss_fn if req.fisher == "mc" else given.loss_fn
+    stat_loss: Any = given.mc_loss_fn if req.fisher == "mc" else given.loss_fn
     oracle = None
     if req.grad_fn or req.hvp_fn:
-        oracle = _collect.oracle(given.loss_fn, treedef, given.batch, opts.axis_name,
-                                 req.grad_fn, req.hvp_fn)
+        oracle = _collect.oracle(cast(Callable, given.loss_fn), treedef, given.batch,
+                                 opts.axis_name, req.grad_fn, req.hvp_fn)
     coll = _collect.collective(opts.axis_name)
 
     def stats():

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 try:  # an explicit import: `jax.extend` is not an attribute of `jax` until imported
     from jax.extend.core import get_opaque_trace_state as _opaque_trace_state
 except ImportError:  # pragma: no cover - older JAX without it: the check is skipped
-    _opaque_trace_state = None
+    _opaque_trace_state = None  # type: ignore[assignment]
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("grng_jax_collector", default=None)
 
@@ -77,7 +77,8 @@ class Collector:
         return self
 
     def __exit__(self, *exc):
-        _ACTIVE.reset(self._token)
+        if self._token is not None:
+            _ACTIVE.reset(self._token)
         return False
 
     def tag(self, x, kernel, bias, z):
@@ -141,7 +142,7 @@ def _flax_interceptor(col: Collector):
         mod = context.module
         if (context.method_name == "__call__" and isinstance(mod, nn.Dense) and args
                 and mod.has_variable("params", "kernel")):
-            kernel = mod.get_variable("params", "kernel")
+            kernel: Any = mod.get_variable("params", "kernel")
             bias = mod.get_variable("params", "bias") if mod.has_variable("params", "bias") \
                 else None
             out = col.tag(args[0], kernel, bias, out)

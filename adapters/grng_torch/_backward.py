@@ -44,10 +44,12 @@ class GraphBackward(TorchFunctionMode):
                                   create_graph=True, allow_unused=True)
         if self.grads is None:
             self.grads = [None] * len(self.params)
+        grads = self.grads
         for i, g in zip(idx, got):
             if g is None:
                 continue
-            self.grads[i] = g if self.grads[i] is None else self.grads[i] + g
+            prev = grads[i]
+            grads[i] = g if prev is None else prev + g
             if not self.real_backward:
                 p = self.params[i]
                 p.grad = g.detach() if p.grad is None else p.grad + g.detach()

@@ -59,7 +59,7 @@ class _Recorded:
 
 
 # ------------------------------------------------------------------------- save
-def _group_info(core: gc.Optimizer, group: dict, entry: dict) -> dict:
+def _group_info(core: gc.Optimizer, group: dict, entry: GroupState) -> dict:
     return {"optimizer": core.name, "hyperparams": checkpoint.hyperparams_json(core),
             "structure": entry.structure, "group_structure": group["structure"],
             "layers": [list(x) for x in entry.layers], "host_step": int(entry.host_step)}
@@ -333,10 +333,11 @@ def _plans(opt, infos, nodes, pairs, multi, source, set_hyperparams) -> list[_Pl
 def load(opt, path, group: int | None = None, set_hyperparams: bool = False) -> None:
     source = f"checkpoint {os.fspath(path)!r}"
     meta = checkpoint.read_metadata(path)
-    extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+    found = meta.get("extra")
+    extra: dict = found if isinstance(found, dict) else {}
     if extra.get("adapter") == ADAPTER and extra.get("algorithm") not in (None, opt.algorithm):
         algorithm = extra.get("algorithm")
-        raise ValueError(f"{source} is from grng_torch.{_TITLES.get(algorithm, algorithm)}, "
+        raise ValueError(f"{source} is from grng_torch.{_TITLES.get(str(algorithm), algorithm)}, "
                          f"not {type(opt).__name__}")
     infos, nodes, pairs, multi = _file_groups(opt, meta, extra, group, source, path)
     plans = _plans(opt, infos, nodes, pairs, multi, source, set_hyperparams)

@@ -19,7 +19,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,8 @@ class HookedLayer(NamedTuple):
     name: str
     module: nn.Module
     kind: str  # "linear" | "conv2d"
-    weight: nn.Parameter
-    bias: nn.Parameter | None
+    weight: torch.Tensor
+    bias: torch.Tensor | None
 
 
 def _conv_supported(m: nn.Conv2d) -> bool:
@@ -52,7 +52,8 @@ def find_layers(model: nn.Module) -> list[HookedLayer]:
     grouped or non-zero-padded convolutions are left to the diagonal structure)."""
     found = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and \
+                m.has_uninitialized_params():  # type: ignore[misc]
             continue
         if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
             found.append(HookedLayer(name, m, "linear", m.weight, m.bias))
@@ -77,7 +78,7 @@ def _conv_padding(m: nn.Conv2d) -> tuple[int, int, int, int] | None:
         for k, d in zip(reversed(m.kernel_size), reversed(m.dilation)):
             total = d * (k - 1)
             pads += [total // 2, total - total // 2]
-        return tuple(pads)
+        return (pads[0], pads[1], pads[2], pads[3])
     return None
 
 
@@ -86,6 +87,7 @@ def conv_rows(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 3:  # unbatched input
         x = x.unsqueeze(0)
     pad = _conv_padding(m)
+    padding: Any
     if pad is None:
         padding = m.padding
     else:
@@ -98,7 +100,7 @@ def conv_rows(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 def input_rows(layer: HookedLayer, x: torch.Tensor) -> torch.Tensor:
     if layer.kind == "linear":
         return x.reshape(-1, x.shape[-1])
-    return conv_rows(layer.module, x)
+    return conv_rows(cast(nn.Conv2d, layer.module), x)
 
 
 def output_rows(layer: HookedLayer, g: torch.Tensor) -> torch.Tensor:

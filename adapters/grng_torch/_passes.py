@@ -44,6 +44,7 @@ def mc_pass(opt, active: list[int], want_targets: bool):
         loss = opt.loss_fn(out, y) if active else None
     if active:
         zs = [(li, z) for li in active for z in coll.z.get(li, [])]
+        assert loss is not None
         got = torch.autograd.grad(loss, [z for _, z in zs], allow_unused=True)
         n = coll.scale()
         for (li, z), g in reversed(list(zip(zs, got))):

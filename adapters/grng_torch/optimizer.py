@@ -275,4 +275,4 @@ class RKalman(GRNGOptimizer):
 
 
 for _cls in (RENG, RING, RKalman):
-    _cls.__signature__ = _signature(_cls._algorithm)  # type: ignore[attr-defined]
+    setattr(_cls, "__signature__", _signature(_cls._algorithm))  # noqa: B010 (mypy)

@@ -50,7 +50,7 @@ def quick_configs() -> list[Config]:
 
 def default_configs() -> list[Config]:
     """Every optimizer x structure x estimator: 3 RING + 6 RENG + 6 R-Kalman."""
-    out = []
+    out: list[Config] = []
     for name in ("ring", "reng", "rkalman"):
         for structure in ("kfac", "diagonal", "woodbury"):
             kw = _BASE[name]

@@ -74,7 +74,7 @@ class Report:
 
     def summary(self) -> str:
         v, label, pair = self.worst
-        where = f" ({label}, {pair[0]} vs {pair[1]})" if label else ""
+        where = f" ({label}, {pair[0]} vs {pair[1]})" if label and pair else ""
         verdict = "OK" if self.passed else "FAILED"
         out = [f"largest relative difference {_fmt(v)}{where}; tolerance {self.tol:g} "
                f"({self.dtype}): {verdict}"]

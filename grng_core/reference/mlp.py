@@ -79,7 +79,7 @@ class MLP:
     @property
     def shapes(self) -> list[tuple[int, ...]]:
         """Shapes of the params leaves, in order."""
-        out = []
+        out: list[tuple[int, ...]] = []
         for d_in, d_out in zip(self.sizes[:-1], self.sizes[1:]):
             out.append((d_out, d_in))
             if self.bias:
@@ -262,7 +262,9 @@ class MLP:
         z = cache.outputs[-1]
         xp = array_api_compat.array_namespace(z)
         # forward R pass: Rz_k = R(a_k) W_kᵀ + a_k V_kᵀ + Vb_k, R(a_{k+1}) = act'(z_k) Rz_k
-        ra, rz_all, ra_all = None, [], []
+        ra = None
+        rz_all: list = []
+        ra_all: list = []
         for k, ((w, _), (vw, vb)) in enumerate(zip(layers, vl)):
             rz = cache.inputs[k] @ xp.matrix_transpose(vw)
             if ra is not None:
@@ -277,7 +279,7 @@ class MLP:
         s = self._backward(params, cache, self._output_grad(z, y))
         n = z.shape[0]
         rs = self._output_hvp(z, y, rz_all[-1])
-        per_layer = [None] * self.n_layers
+        per_layer: list = [None] * self.n_layers
         for k in range(self.n_layers - 1, -1, -1):
             hw = xp.matrix_transpose(rs) @ cache.inputs[k]
             if ra_all[k] is not None:

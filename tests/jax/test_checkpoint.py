@@ -57,7 +57,7 @@ def test_state_checkpoint_roundtrip_resumes_identically(tmp_path):
         pb, sb, _ = step(pb, sb, batch)
     assert _max_diff(pa, pb) == 0.0
     assert _max_diff(sa, sb) == 0.0
-    avals = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t)  # noqa: E731
+    avals = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t)
     assert avals(restored) == avals(s)
 
 

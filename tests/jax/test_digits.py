@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from grng_jax import examples  # noqa: E402
+from grng_jax import examples
 
 pytestmark = pytest.mark.slow
 

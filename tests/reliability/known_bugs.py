@@ -34,7 +34,7 @@ def _fails(fn) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             state = fn()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return is_backend_linalg_error(e)
     return state is not None and int(np.asarray(state.skipped)) > 0
 
