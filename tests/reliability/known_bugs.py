@@ -1,6 +1,7 @@
 """Core bugs found by the reliability tests, each with a deterministic reproduction.
 
-The strict-xfail tests in tests/test_reliability_*.py are the canonical failing tests. The
+The strict-xfail tests (tests/test_guard.py, tests/test_linalg_degenerate.py) are the canonical
+failing tests. The
 property tests, which draw random cases, must not fail on these known bugs while they are
 open, nor hide them once fixed: each detector below runs its reproduction once and says
 whether the bug is still there; the properties tolerate an outcome (and record a Hypothesis
@@ -17,11 +18,10 @@ import warnings
 import numpy as np
 
 import grng_core as gc
+from tests import cases
 from tests.reliability.problems import (
-    Config,
     Problem,
     available_backends,
-    build,
     degenerate_problem,
     is_backend_linalg_error,
 )
@@ -59,7 +59,7 @@ def rkalman_predict() -> bool:
     pi changes between steps; the RLS system is then not positive definite."""
     def repro():
         pr = degenerate_problem("params_1e-6", "numpy", "float64")
-        opt = build(Config("rkalman", "kfac", "finite_difference", "forward"), damping=1e-3)
+        opt = cases.get("rkalman/kfac/fin_diff:forward", bare=True).build(damping=1e-3)
         params = pr.params()
         state = pr.init(opt, params)
         for _ in range(3):

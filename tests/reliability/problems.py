@@ -1,8 +1,9 @@
-"""Shared builders for the reliability tests: optimizer configurations and MLP problems.
+"""Shared problems of the reliability tests (guard, degenerate curvature, properties).
 
-A `Config` names one optimizer x structure x estimator; `build(config, **hp)` makes the core
-optimizer. A `Problem` is the reference MLP on one backend and dtype; `problem.inputs(opt,
-params)` returns what one `update` call needs (grads, stats, oracle) for that optimizer.
+The optimizer configurations are the test suites' one table (tests/cases.py: `case.bare.build(
+**hp)` makes the core optimizer). A `Problem` is the reference MLP on one backend and dtype;
+`problem.inputs(opt, params)` returns what one `update` call needs (grads, stats, oracle) for
+that optimizer.
 """
 
 from __future__ import annotations
@@ -11,69 +12,14 @@ import os
 
 os.environ.setdefault("JAX_ENABLE_X64", "1")
 
-import itertools
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 import grng_core as gc
 from grng_core.reference import MLP
 from tests.backends import BACKEND_NAMES, Backend, get_backend
-
-ALGORITHMS = ("reng", "ring", "rkalman")
-STRUCTURES = ("kfac", "diagonal", "woodbury")
-# (gr, fd_scheme) pairs; RING takes none.
-ESTIMATORS = (("double_backprop", "forward"), ("finite_difference", "forward"),
-              ("finite_difference", "backward"), ("finite_difference", "central"))
-
-
-class Config(NamedTuple):
-    algorithm: str
-    structure: str
-    gr: str | None = None
-    fd_scheme: str | None = None
-
-    @property
-    def id(self) -> str:
-        est = "" if self.gr is None else f"-{self.gr}" + (
-            f"-{self.fd_scheme}" if self.gr == "finite_difference" else "")
-        return f"{self.algorithm}-{self.structure}{est}"
-
-
-def all_configs() -> list[Config]:
-    """Every optimizer x structure x estimator (RING has no estimator)."""
-    out = []
-    for alg, s in itertools.product(ALGORITHMS, STRUCTURES):
-        if alg == "ring":
-            out.append(Config(alg, s))
-        else:
-            out.extend(Config(alg, s, gr, fd) for gr, fd in ESTIMATORS)
-    return out
-
-
-def default_configs() -> list[Config]:
-    """Every optimizer x structure, each with its default estimator."""
-    defaults = {"reng": ("double_backprop", "forward"), "rkalman": ("finite_difference",
-                                                                    "forward")}
-    return [Config(a, s, *defaults.get(a, (None, None)))
-            for a, s in itertools.product(ALGORITHMS, STRUCTURES)]
-
-
-BUILDERS = {"reng": gc.reng, "ring": gc.ring, "rkalman": gc.rkalman}
-
-
-def build(config: Config, **hp) -> gc.Optimizer:
-    kw = dict(structure=config.structure, **hp)
-    if config.gr is not None:
-        kw.update(gr=config.gr, fd_scheme=config.fd_scheme)
-    if config.algorithm == "ring":
-        for k in ("gr", "fd_scheme", "fd_radius", "kalman_decay", "prior_var"):
-            kw.pop(k, None)
-    if config.algorithm == "reng":
-        for k in ("kalman_decay", "prior_var"):
-            kw.pop(k, None)
-    return BUILDERS[config.algorithm](**kw)
 
 
 def backend(name: str) -> Backend:

@@ -24,17 +24,17 @@ import numpy as np
 
 import grng_core as gc
 from grng_core.reference import MLP
+from tests import cases
 from tests.reliability import atomic_npz
-from tests.reliability.problems import Config, build
 
+# rows of the test suites' table (tests/cases.py) with this run's hyperparameters
 CONFIGS = {
-    "reng-kfac": (Config("reng", "kfac", "double_backprop", "forward"),
-                  dict(lr=0.05, momentum=0.9, curvature_every=2, inverse_every=3)),
-    "ring-woodbury": (Config("ring", "woodbury"), dict(lr=0.05, weight_decay=1e-4)),
-    "rkalman-kfac": (Config("rkalman", "kfac", "finite_difference", "central"),
-                     dict(lr=0.2, inverse_every=4, kl_clip=1e-2)),
-    "reng-diagonal": (Config("reng", "diagonal", "finite_difference", "forward"),
-                      dict(lr=0.05, momentum=0.5)),
+    "reng-kfac": cases.get("reng/kfac/double_bp").using(
+        lr=0.05, momentum=0.9, curvature_every=2, inverse_every=3),
+    "ring-woodbury": cases.get("ring/woodbury/-").using(lr=0.05, weight_decay=1e-4),
+    "rkalman-kfac": cases.get("rkalman/kfac/fin_diff:central").using(
+        lr=0.2, inverse_every=4, kl_clip=1e-2),
+    "reng-diagonal": cases.get("reng/diagonal/fin_diff:forward").using(lr=0.05, momentum=0.5),
 }
 SIZES, BATCH = (6, 12, 4), 16
 
@@ -87,8 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--writer", choices=["auto", "atomic_npz"], default="auto")
     args = ap.parse_args(argv)
 
-    config, hp = CONFIGS[args.config]
-    opt = build(config, **hp)
+    config = CONFIGS[args.config]
+    opt = config.build()
     mlp = MLP(SIZES, activation="tanh")
     layers = [gc.LayerSpec(*mlp.layer_keys(k)) for k in range(mlp.n_layers)]
     params = mlp.init(seed=0)

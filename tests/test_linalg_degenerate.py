@@ -1,4 +1,5 @@
-"""Issue 6, degenerate curvature: all-zero activations, dead ReLU layers, batches smaller than
+"""Inverses under degenerate curvature (grng_core/linalg.py, and the structures that call it):
+all-zero activations, dead ReLU layers, batches smaller than
 the layer width (rank-deficient factors), damping down to 1e-12, parameters scaled by 1e-6 and
 1e6. No NaN or Inf may reach the parameters or the state; every inverse is either Newton–Schulz
 converged, the Cholesky fallback, or the documented `InverseError`; never a silently wrong
@@ -17,22 +18,21 @@ import pytest
 import grng_core as gc
 import grng_core.linalg as gl
 from grng_core.structures import kfac
+from tests import cases
 from tests.reliability import known_bugs
 from tests.reliability.problems import (
     CASES,
-    Config,
     Problem,
     all_finite,
     available_backends,
-    build,
-    default_configs,
     degenerate_problem,
     is_backend_linalg_error,
     leaves,
     to_np,
 )
 
-CONFIGS = default_configs()
+# every optimizer x structure with its builder's estimator, the builders' defaults
+CONFIGS = cases.select(default_estimator=True, bare=True)
 EAGER = [b for b in available_backends() if b in ("numpy", "torch")]
 EPS = {"float32": float(np.finfo(np.float32).eps), "float64": float(np.finfo(np.float64).eps)}
 
@@ -89,7 +89,7 @@ RKALMAN_PREDICT_BUG = (
 
 
 def _rkalman_predict_bug(config, case, dtype, damping) -> bool:
-    return (config.algorithm, config.structure) == ("rkalman", "kfac") and (
+    return (config.optimizer, config.structure) == ("rkalman", "kfac") and (
         case == "params_1e-6" and dtype == "float64" and damping == 1e-3
     ) and known_bugs.rkalman_predict()
 
@@ -110,9 +110,9 @@ def test_degenerate_curvature_eager(backend_name, config, case, dtype, damping, 
     """
     pr = degenerate_problem(case, backend_name, dtype)
     hp = dict(damping=damping)
-    if config.algorithm == "rkalman":
+    if config.optimizer == "rkalman":
         hp.update(inverse_every=3)  # steps 1 and 4 refresh P directly: checked below
-    opt = build(config, **hp)
+    opt = config.build(**hp)
     try:
         with warnings.catch_warnings():
             # a skipped step warns: fail on it (numpy's own overflow warnings are let through)
@@ -139,14 +139,16 @@ def test_rkalman_kfac_predict_survives_a_change_of_pi():
     gradients tiny, pi sits at its clamp 1e4, then the first steps grow the parameters and pi
     drops to ~360: the S shift grows 28x and ||I - M X0|| = 1.44 > 1 on step 3."""
     pr = degenerate_problem("params_1e-6", "numpy", "float64")
-    opt = build(Config("rkalman", "kfac", "finite_difference", "forward"), damping=1e-3)
+    opt = cases.get("rkalman/kfac/fin_diff:forward", bare=True).build(damping=1e-3)
     params, state = run_steps(pr, opt, 3)
     assert int(state.skipped) == 0 and all_finite(params) and all_finite(state)
 
 
 @pytest.mark.parametrize("backend_name", EAGER)
-@pytest.mark.parametrize("algorithm", ["reng", "ring"])
-def test_singular_woodbury_system_float32(backend_name, algorithm):
+@pytest.mark.parametrize("config", cases.select(optimizer=("reng", "ring"), structure="woodbury",
+                                                default_estimator=True, bare=True),
+                         ids=lambda c: c.optimizer)
+def test_singular_woodbury_system_float32(backend_name, config):
     """A deterministic reproduction: per-example gradients +e1 and -e1 make J Jᵀ = [[1, -1],
     [-1, 1]] exactly; λB = 2e-12 vanishes next to 1 in float32, so the B × B system is exactly
     singular. The step must be finite or raise InverseError, not the backend's LinAlgError."""
@@ -156,8 +158,7 @@ def test_singular_woodbury_system_float32(backend_name, algorithm):
     params = [be.asarray(np.zeros(3), "float32")]
     pe = [be.asarray(np.array([[1.0, 0, 0], [-1.0, 0, 0]]), "float32")]
     grads = [be.asarray(np.zeros(3), "float32")]
-    opt = gc.ring(lr=0.1, rho=0.0, damping=1e-12, structure="woodbury") if algorithm == "ring" \
-        else gc.reng(lr=0.1, rho=0.0, damping=1e-12, structure="woodbury")
+    opt = config.build(lr=0.1, rho=0.0, damping=1e-12)
     state = opt.init(params)
     try:
         updates, state = opt.update(grads, state, params,
@@ -170,10 +171,9 @@ def test_singular_woodbury_system_float32(backend_name, algorithm):
 # ------------------------------------------------------------------ jax under jit
 # one compile each (XLA compiles dominate the CI time): every algorithm, both structures
 # with a matrix inverse, both dtypes
-JIT_CASES = [(Config("reng", "kfac", "double_backprop", "forward"), "float32"),
-             (Config("ring", "woodbury"), "float32"),
-             (Config("ring", "kfac"), "float64"),
-             (Config("rkalman", "kfac", "finite_difference", "forward"), "float64")]
+JIT_CASES = [(cases.get(label, bare=True), dtype) for label, dtype in (
+    ("reng/kfac/double_bp", "float32"), ("ring/woodbury/-", "float32"),
+    ("ring/kfac/-", "float64"), ("rkalman/kfac/fin_diff:forward", "float64"))]
 
 
 def _jit_step(config, ref):
@@ -182,7 +182,7 @@ def _jit_step(config, ref):
     @jax.jit
     def step(params, state, x, y, damping):
         # damping as a schedule closing over a traced argument: one compile for all values
-        opt = build(config, damping=lambda t: damping, ns_max_iter=8)
+        opt = config.build(damping=lambda t: damping, ns_max_iter=8)
         grads, stats, oracle = ref.inputs(opt, params, x, y)
         updates, state = opt.update(grads, state, params, stats=stats, oracle=oracle)
         return gc.apply_updates(params, updates), state
@@ -213,7 +213,7 @@ def test_degenerate_curvature_jit(config, dtype):
             if _rkalman_predict_bug(config, case, dtype, damping):
                 continue  # test_rkalman_kfac_predict_survives_a_change_of_pi (under jit
                 # the same bug shows as NaN and a skipped step)
-            opt = build(config, damping=damping, ns_max_iter=8)
+            opt = config.build(damping=damping, ns_max_iter=8)
             params = jax.device_put(pr.params(), dev)
             state = pr.init(opt, params)
             d = jax.numpy.asarray(damping, dtype=dtype)
@@ -342,7 +342,8 @@ def no_linalg(monkeypatch):
 
 
 DAMPED = [c for c in CONFIGS
-          if c.structure == "kfac" or c.id.startswith(("reng-wood", "ring-wood"))]
+          if c.structure == "kfac" or (c.structure, c.optimizer) in (("woodbury", "reng"),
+                                                                     ("woodbury", "ring"))]
 
 
 @pytest.mark.parametrize("config", DAMPED, ids=[c.id for c in DAMPED])
@@ -350,7 +351,7 @@ def test_no_linalg_optimizer_raises_inverse_error_naming_the_matrix(config, no_l
     """Without linalg (and inverse_method="cholesky" falls back to Newton–Schulz there), an
     inverse that does not converge raises InverseError naming the matrix."""
     pr = degenerate_problem("batch_lt_width", "numpy", "float64")
-    opt = build(config, damping=1e-12, ns_max_iter=5, inverse_method="cholesky")
+    opt = config.build(damping=1e-12, ns_max_iter=5, inverse_method="cholesky")
     name = {"kfac": "layer", "woodbury": "batch system"}[config.structure]
     with pytest.raises(gc.InverseError, match="did not converge in 5 iterations") as info:
         run_steps(pr, opt, 2)
@@ -361,7 +362,7 @@ def test_no_linalg_rkalman_woodbury_is_conditioned_by_its_noise(no_linalg):
     """R-Kalman's B × B system S = R + J diag(p) Jᵀ has R = (B/(1-β))·I: it stays well
     conditioned whatever the data, and Newton–Schulz converges in a few iterations."""
     pr = degenerate_problem("batch_lt_width", "numpy", "float64")
-    opt = build(Config("rkalman", "woodbury", "finite_difference", "forward"), ns_max_iter=8)
+    opt = cases.get("rkalman/woodbury/fin_diff:forward", bare=True).build(ns_max_iter=8)
     params, state = run_steps(pr, opt, 3)
     assert all_finite(params) and int(state.skipped) == 0
 
@@ -370,18 +371,18 @@ def test_no_linalg_rkalman_woodbury_is_conditioned_by_its_noise(no_linalg):
                          ids=[c.id for c in CONFIGS if c.structure != "diagonal"])
 def test_no_linalg_optimizer_converges_when_damped(config, no_linalg):
     pr = Problem.make("numpy")
-    opt = build(config, damping=1e-1, prior_var=10.0)
+    opt = config.build(damping=1e-1, prior_var=10.0)
     params, state = run_steps(pr, opt, 3)
     assert all_finite(params) and all_finite(state)
     assert int(state.skipped) == 0
     check_kfac_inverses(opt, state, "float64")
 
 
-@pytest.mark.parametrize("config", [Config("ring", "kfac"), Config("ring", "woodbury")],
-                         ids=["ring-kfac", "ring-woodbury"])
+@pytest.mark.parametrize("config", cases.select(optimizer="ring", structure=("kfac", "woodbury"),
+                                                bare=True), ids=cases.ids)
 def test_no_linalg_nonfinite_statistics_skip(config, no_linalg):
     pr = Problem.make("numpy")
-    opt = build(config)
+    opt = config.build()
     params = pr.params()
     state = pr.init(opt, params)
     grads, stats, oracle = pr.inputs(opt, params)
@@ -431,8 +432,8 @@ def test_rkalman_kfac_carried_inverse_drift_is_bounded():
     pr = degenerate_problem("batch_lt_width", "numpy", "float64")
     rng = np.random.default_rng(1)
     for inverse_every, bound in ((1000, 1e-2), (1, 1e-5)):
-        opt = build(Config("rkalman", "kfac", "finite_difference", "forward"),
-                    inverse_every=inverse_every, lr=0.1)
+        opt = cases.get("rkalman/kfac/fin_diff:forward", bare=True).build(
+            inverse_every=inverse_every, lr=0.1)
         params = pr.params()
         state = pr.init(opt, params)
         worst = 0.0

@@ -1,4 +1,4 @@
-"""Issue 6, non-finite input: a step whose gradients, curvature statistics, oracle results or
+"""The non-finite guard (grng_core/guard.py): a step whose gradients, curvature statistics, oracle results or
 update hold NaN or Inf is skipped (default) or raises FloatingPointError
 (`on_nonfinite="raise"`). A skipped step returns zero updates and the state exactly as it was,
 except `state.skipped`, which goes up by one; a RuntimeWarning names what was non-finite.
@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 
 import grng_core as gc
+from tests import cases
 from tests.reliability import known_bugs
 from tests.reliability.problems import (
     Problem,
     available_backends,
-    build,
-    default_configs,
     leaves,
     paths,
     same_bits,
@@ -28,7 +27,8 @@ from tests.reliability.problems import (
     with_value,
 )
 
-CONFIGS = default_configs()
+# every optimizer x structure with its builder's estimator, the builders' defaults
+CONFIGS = cases.select(default_estimator=True, bare=True)
 BACKENDS = available_backends()  # numpy, array_api_strict, torch, jax
 
 GROUP = {
@@ -43,7 +43,7 @@ GROUP = {
 def _targets(config):
     """Where this optimizer reads data that could be non-finite."""
     out = ["grads"]
-    if config.algorithm != "ring":
+    if config.optimizer != "ring":
         out.append("oracle")
     if config.structure == "woodbury":
         out.append("per_example")
@@ -110,7 +110,7 @@ def test_nonfinite_step_is_skipped(backend_name, config, where, value, request):
     if _known_torch_cholesky_bug(backend_name, config, where):
         request.applymarker(pytest.mark.xfail(strict=True, reason=XFAIL_TORCH_CHOLESKY))
     problem = Problem.make(backend_name)
-    opt = build(config, momentum=0.5)
+    opt = config.build(momentum=0.5)
     params = problem.params()
     state = problem.init(opt, params)
     params, state, _ = problem.step(opt, params, state)  # one good step: non-trivial state
@@ -142,7 +142,7 @@ def test_nonfinite_step_is_skipped(backend_name, config, where, value, request):
                          ids=[f"{c.id}-{w}" for c, w in _cases()])
 def test_nonfinite_raise_mode(config, where):
     problem = Problem.make("numpy")
-    opt = build(config, on_nonfinite="raise")
+    opt = config.build(on_nonfinite="raise")
     params = problem.params()
     state = problem.init(opt, params)
     params, state, _ = problem.step(opt, params, state)
@@ -162,7 +162,7 @@ def test_skipped_steps_do_not_change_the_trajectory(backend_name, config):
     """Interleaving NaN steps changes nothing but the counter: the clean run and the run with
     skipped steps end with bit-identical parameters and state."""
     problem = Problem.make(backend_name)
-    opt = build(config, momentum=0.9, curvature_every=2, inverse_every=3)
+    opt = config.build(momentum=0.9, curvature_every=2, inverse_every=3)
 
     def run(bad_steps):
         params = problem.params()
@@ -193,7 +193,7 @@ if "jax" in BACKENDS:
 
 
 # eager jax dispatches op by op (slow): the jitted test above covers every configuration
-EAGER_JAX = [c for c in CONFIGS if (c.algorithm, c.structure) == ("ring", "woodbury")]
+EAGER_JAX = cases.select(optimizer="ring", structure="woodbury", bare=True)
 
 
 def _jax_problem():
@@ -211,7 +211,7 @@ def test_jitted_update_skips_nonfinite(config):
     import jax.numpy as jnp
 
     problem = _jax_problem()
-    opt = build(config, momentum=0.5, ns_max_iter=6)  # a short unrolled loop compiles fast
+    opt = config.build(momentum=0.5, ns_max_iter=6)  # a short unrolled loop compiles fast
     x, y = problem.x, problem.y
     mlp = problem.mlp
 
@@ -262,7 +262,7 @@ def test_jitted_update_skips_nonfinite(config):
 @pytest.mark.parametrize("config", EAGER_JAX, ids=[c.id for c in EAGER_JAX])
 def test_eager_jax_warns_and_skips(config):
     problem = _jax_problem()
-    opt = build(config)
+    opt = config.build()
     params = problem.params()
     state = problem.init(opt, params)
     before = snapshot(_state_except_skipped(state))
