@@ -239,6 +239,11 @@ def ids(rows: Iterable[Case]) -> list[str]:
     return [c.id for c in rows]
 
 
+def idfn(value) -> str | None:
+    """For pytest's `ids=`: a case's id (other values: pytest's own)."""
+    return value.id if isinstance(value, Case) else None
+
+
 def optimizers(*, with_estimator: bool | None = None) -> tuple[str, ...]:
     """The optimizers of the table (with_estimator: only those that take `gr`, or not)."""
     return tuple(o for o in OPTIMIZERS

@@ -379,7 +379,7 @@ def test_no_linalg_optimizer_converges_when_damped(config, no_linalg):
 
 
 @pytest.mark.parametrize("config", cases.select(optimizer="ring", structure=("kfac", "woodbury"),
-                                                bare=True), ids=cases.ids)
+                                                bare=True), ids=cases.idfn)
 def test_no_linalg_nonfinite_statistics_skip(config, no_linalg):
     pr = Problem.make("numpy")
     opt = config.build()

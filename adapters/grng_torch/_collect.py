@@ -16,7 +16,6 @@ hooks cost one attribute check on ordinary forward passes (evaluation, other cod
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
@@ -268,7 +267,3 @@ class Collector:
             raise RuntimeError("the model's batch size is unknown: the closure did not call "
                                "the model given to the optimizer")
         return self.batch.size
-
-
-def numel_per_example(x: torch.Tensor) -> int:
-    return math.prod(x.shape[1:]) if x.dim() > 1 else 1
