@@ -24,7 +24,7 @@ STRUCTURES = ("kfac", "diagonal", "woodbury")
 ESTIMATORS = ("double_backprop", "finite_difference")
 FD_SCHEMES = ("forward", "backward", "central")
 FISHERS = ("empirical", "mc")
-INVERSE_METHODS = ("newton_schulz", "cholesky")
+INVERSE_METHODS = ("newton_schulz", "cholesky", "eigh", "auto")
 ON_NONFINITE = ("skip", "raise")
 STATE_DTYPES = (None, "float32", "float64")
 
@@ -142,7 +142,8 @@ class _Common:
                               _optional(lambda n, v: check_range(n, v, 0.0, 1.0, low_open=True,
                                                                  high_open=True)))
     ns_max_iter: int = hp(50, "Newton–Schulz iteration budget", check_int)
-    inverse_method: str = hp("newton_schulz", "'newton_schulz' or 'cholesky' (§2.1)",
+    inverse_method: str = hp("newton_schulz", "'newton_schulz', 'cholesky', 'eigh' or 'auto' "
+                             "(§2.1)",
                              _choice(INVERSE_METHODS))
     kl_clip: float | None = hp(None, "KL trust region κ > 0, or None (§3 tail)",
                                _optional(lambda n, v: check_range(n, v, 0.0, low_open=True)))

@@ -12,6 +12,7 @@ import math
 
 from grng_core.concrete import concrete_bool
 from grng_core.tree import device
+from grng_core.triangular import inverse_from_cholesky
 
 
 class InverseError(ArithmeticError):
@@ -53,8 +54,7 @@ def cholesky_inverse(M, xp, name="matrix"):
                 "'float64'"
             ) from e
         return xp.full_like(M, math.nan)
-    Linv = xp.linalg.solve(L, eye_like(M, xp))
-    return symmetrize(xp.matrix_transpose(Linv) @ Linv, xp)
+    return symmetrize(inverse_from_cholesky(L, eye_like(M, xp), xp), xp)
 
 
 def symmetrize(X, xp):
@@ -106,10 +106,47 @@ def newton_schulz_inverse(M, xp, *, warm=None, tol, max_iter, fallback=True, nam
     return xp.where(failed, xp.full_like(X, math.nan), X), r
 
 
+def eigh_inverse(M, xp, shift=0.0, name="matrix"):
+    """(M + shift·I)⁻¹ = Q diag(1/(e + shift)) Qᵀ from M = Q diag(e) Qᵀ (§2.1, "eigh").
+
+    Failures as for Cholesky: a non-finite M gives NaN (the guard skips the step); a finite
+    M whose shifted eigenvalues are not all above d·eps·max|e + shift| raises InverseError
+    naming the matrix (NaN under jit)."""
+    try:
+        e, Q = xp.linalg.eigh(M)
+    except Exception as err:  # LinAlgError on non-finite input (numpy, torch)
+        if concrete_bool(xp.all(xp.isfinite(M))):
+            raise InverseError(f"{name}: eigendecomposition failed ({err})") from err
+        return xp.full_like(M, math.nan)
+    lam = e + shift
+    eps = xp.finfo(M.dtype).eps * M.shape[-1]
+    ok = xp.min(lam) > eps * xp.max(xp.abs(lam))
+    X = symmetrize((Q / lam) @ xp.matrix_transpose(Q), xp)
+    if concrete_bool(ok) is False and concrete_bool(xp.all(xp.isfinite(M))):
+        raise InverseError(
+            f"{name} ({M.shape[-1]} x {M.shape[-1]}, {M.dtype}) is not numerically positive "
+            "definite (smallest eigenvalue below the dtype's resolution): raise damping or use "
+            "state_dtype='float64'")
+    return xp.where(ok, X, xp.full_like(X, math.nan))
+
+
+def resolve_method(method: str, xp) -> str:
+    """The inverse method that runs: "auto" is Cholesky (through the backend's triangular
+    solve) where the namespace has linalg, else Newton–Schulz; "cholesky" and "eigh" need
+    linalg and fall back to Newton–Schulz without it (§2.1)."""
+    if not has_linalg(xp):
+        return "newton_schulz"
+    return "cholesky" if method == "auto" else method
+
+
 def spd_inverse(M, xp, *, method, warm=None, tol, max_iter, name="matrix"):
-    """Inverse of an SPD matrix by `method` ("newton_schulz" or "cholesky")."""
-    if method == "cholesky" and has_linalg(xp):
+    """Inverse of an SPD matrix by `method` ("newton_schulz", "cholesky", "eigh" or "auto");
+    exactly symmetric whatever the method."""
+    method = resolve_method(method, xp)
+    if method == "cholesky":
         return cholesky_inverse(M, xp, name)
+    if method == "eigh":
+        return eigh_inverse(M, xp, name=name)
     return newton_schulz_inverse(M, xp, warm=warm, tol=tol, max_iter=max_iter, name=name)[0]
 
 

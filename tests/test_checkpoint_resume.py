@@ -1,7 +1,7 @@
-"""Issue 6, crash and resume: a training run killed with SIGKILL at a random step, resumed
-from its last checkpoint, continues bit-identically to a run that was never killed; the
-checkpoint is written atomically (temporary file, then rename), so a kill in the middle of a
-write leaves the previous checkpoint intact.
+"""Crash and resume with grng_core.checkpoint: a training run killed with SIGKILL at a random
+step, resumed from its last checkpoint, continues bit-identically to a run that was never
+killed; the checkpoint is written atomically (temporary file, then rename), so a kill in the
+middle of a write leaves the previous checkpoint intact.
 
 The run is tests/reliability/train_run.py (the reference MLP with the NumPy core), in a
 subprocess; it checkpoints with grng_core.checkpoint (tests/reliability/atomic_npz.py when
@@ -19,6 +19,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from tests.reliability import train_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 20
@@ -92,7 +94,7 @@ def reference(tmp_path_factory):
     return get
 
 
-CONFIGS = ["reng-kfac", "ring-woodbury", "rkalman-kfac", "reng-diagonal"]
+CONFIGS = list(train_run.CONFIGS)  # rows of tests/cases.py with the run's hyperparameters
 
 
 @pytest.mark.parametrize("config", CONFIGS)

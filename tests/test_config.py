@@ -1,5 +1,5 @@
-"""Issue 6, hyperparameter validation: every invalid value raises ValueError at construction,
-and the message names the parameter, the value and the allowed range."""
+"""Hyperparameter validation (grng_core/config.py): every invalid value raises ValueError at
+construction, and the message names the parameter, the value and the allowed range."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 import grng_core as gc
+from tests import cases
 
-BUILDERS = {"reng": gc.reng, "ring": gc.ring, "rkalman": gc.rkalman}
-ALL = tuple(BUILDERS)
-WITH_GR = ("reng", "rkalman")
+BUILDERS = {name: getattr(gc, name) for name in cases.OPTIMIZERS}
+ALL = cases.optimizers()
+WITH_GR = cases.optimizers(with_estimator=True)
 
 # (parameter, invalid value, text of the allowed range, builders it applies to)
 INVALID = [

@@ -1,5 +1,5 @@
-"""The non-finite guard (grng_core/guard.py): a step whose gradients, curvature statistics, oracle results or
-update hold NaN or Inf is skipped (default) or raises FloatingPointError
+"""The non-finite guard (grng_core/guard.py): a step whose gradients, curvature statistics,
+oracle results or update hold NaN or Inf is skipped (default) or raises FloatingPointError
 (`on_nonfinite="raise"`). A skipped step returns zero updates and the state exactly as it was,
 except `state.skipped`, which goes up by one; a RuntimeWarning names what was non-finite.
 Under `jax.jit` the same holds with no Python branch on traced values.

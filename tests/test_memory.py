@@ -1,7 +1,8 @@
-"""Issue 6, memory: resident memory does not grow with the number of steps after warm-up
-(< 5 %). The full soak (2,000 steps of RENG with double backprop in torch, of every optimizer
-in JAX) is `python -m tests.reliability.memory_soak`; these are its short variants, each in
-a fresh subprocess so that other tests' allocations do not count."""
+"""Memory of training with the core and the adapters (torch, JAX): resident memory does not
+grow with the number of steps after warm-up (< 5 %). The full soak (2,000 steps of RENG with
+double backprop in torch, of every optimizer in JAX) is `python -m tests.reliability.memory_soak`;
+these are its short variants, each in a fresh subprocess so that other tests' allocations do not
+count."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Issue 6, property tests (Hypothesis) over random shapes, scales, dtypes (float32/float64)
-and hyperparameters, for every optimizer x structure (the estimator drawn too):
+"""Property tests (Hypothesis) of the core's update over random shapes, scales, dtypes
+(float32/float64) and hyperparameters, for every optimizer x structure of the table in
+tests/cases.py (the estimator and finite-difference scheme drawn too):
 
 1. finite input gives a finite update, the step is taken (not skipped), and the state's
    shapes and dtypes never change;
@@ -14,7 +15,6 @@ Profiles (tests/reliability/hypothesis_profiles.py): GRNG_HYPOTHESIS_PROFILE=ci 
 from __future__ import annotations
 
 import collections
-import itertools
 import json
 import math
 import os
@@ -26,14 +26,12 @@ from hypothesis import event, given, note, reject
 from hypothesis import strategies as st
 
 import grng_core as gc
+from tests.cases import FD_SCHEMES, pairs, select, variants
 from tests.reliability import known_bugs
 from tests.reliability.hypothesis_profiles import settings_for_tests
 from tests.reliability.problems import (
-    ESTIMATORS,
-    Config,
     Problem,
     available_backends,
-    build,
     leaves,
     paths,
     same_bits,
@@ -62,8 +60,11 @@ def _count(request, outcome):
     COUNTS[request.node.nodeid][outcome] += 1
 
 
-PAIRS = list(itertools.product(("reng", "ring", "rkalman"), ("kfac", "diagonal", "woodbury")))
+PAIRS = pairs()  # every optimizer x structure of the table (tests/cases.py)
 IDS = [f"{a}-{s}" for a, s in PAIRS]
+# the estimators drawn per pair: each of the table's, finite differences with every scheme
+ESTIMATOR_CASES = {(a, s): variants(select(optimizer=a, structure=s, bare=True),
+                                    fd_scheme=FD_SCHEMES) for a, s in PAIRS}
 BACKENDS = [b for b in ("numpy", "torch") if b in available_backends()]
 SETTINGS = settings_for_tests()
 
@@ -88,10 +89,9 @@ def cases(draw, algorithm, structure, lr=None):
     param_scale = draw(log_uniform(-2, 0.5))
     seed = draw(st.integers(0, 2**16))
 
-    gr = None
+    config = ESTIMATOR_CASES[(algorithm, structure)][0]
     if algorithm != "ring":
-        gr, scheme = draw(st.sampled_from(ESTIMATORS))
-    config = Config(algorithm, structure, gr, None if gr is None else scheme)
+        config = draw(st.sampled_from(ESTIMATOR_CASES[(algorithm, structure)]))
     low_damping = -6 if dtype == "float64" else -3
     hp = dict(
         lr=draw(log_uniform(-4, -1)) if lr is None else lr,
@@ -110,7 +110,7 @@ def cases(draw, algorithm, structure, lr=None):
         hp["fd_radius"] = draw(log_uniform(-4, -1))
     if algorithm == "rkalman":
         hp.update(kalman_decay=draw(st.floats(0.5, 0.99)), prior_var=draw(log_uniform(-1, 1)))
-    opt = build(config, **hp)
+    opt = config.build(**hp)
     problem = Problem.make(backend, dtype, sizes=(d_in, *hidden, d_out), batch=batch,
                            activation=activation, loss=loss, bias=bias, seed=seed,
                            x_scale=x_scale, param_scale=param_scale)

@@ -15,7 +15,7 @@ import os
 from hypothesis import HealthCheck, settings
 
 PROFILE_ENV = "GRNG_HYPOTHESIS_PROFILE"
-# Property test items in tests/test_reliability_properties.py: 3 properties x 9 optimizer x
+# Property test items in tests/test_properties.py: 3 properties x 9 optimizer x
 # structure pairs = 27 items. ci: 30 each = 270 cases per property (810 in all); full: 400
 # each = 3,600 per property, 10,800 in all.
 EXAMPLES = {"dev": 3, "ci": 30, "full": 400}

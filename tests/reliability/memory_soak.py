@@ -160,20 +160,20 @@ def jax_core(steps, warmup, all_structures=False, ns_max_iter=None):
 
     mlp = MLP((16, 32, 10), activation="tanh")
     layers = [gc.LayerSpec(*mlp.layer_keys(k)) for k in range(mlp.n_layers)]
-    structures = ("kfac", "diagonal", "woodbury")
-    runs = [("reng", s) for s in structures] + [("ring", s) for s in structures] + \
-        [("rkalman", s) for s in structures]
-    if not all_structures:
-        runs = [("reng", "kfac"), ("ring", "kfac"), ("rkalman", "woodbury")]
-    builders = {"reng": gc.reng, "ring": gc.ring, "rkalman": gc.rkalman}
+    from tests import cases
+
+    # every optimizer x structure of the tests' table, or each optimizer as built by default
+    runs = cases.select(default_estimator=True, bare=True) if all_structures \
+        else cases.defaults()
     out = []
     rng = np.random.default_rng(0)
     xs = jnp.asarray(rng.standard_normal((64, 32, 16)))
     ys = jnp.asarray(np.eye(10)[rng.integers(0, 10, (64, 32))])
-    for alg, structure in runs:
+    for case in runs:
+        alg, structure = case.optimizer, case.structure
         lr = 0.5 if alg == "rkalman" else 0.05
         extra = {} if ns_max_iter is None else {"ns_max_iter": ns_max_iter}
-        opt = builders[alg](lr=lr, structure=structure, **extra)
+        opt = case.build(lr=lr, **extra)
         params = jax.device_put(mlp.init(0, like=xs[0]), jax.devices()[0])
         state = opt.init(params, layers=layers if structure == "kfac" else None)
         req = opt.requirements
@@ -224,9 +224,11 @@ def jax_adapter(steps, warmup):
     xs = jnp.asarray(rng.standard_normal((64, 32, 16)), dtype=jnp.float32)
     ys = jnp.asarray(rng.integers(0, 10, (64, 32)))
     out = []
-    for name, make in (("reng", lambda: grng_jax.reng(0.05)), ("ring", lambda: grng_jax.ring(0.05)),
-                       ("rkalman", lambda: grng_jax.rkalman(0.5))):
-        opt = make()
+    from tests import cases
+
+    for case in cases.defaults():  # each optimizer as built by default
+        name = case.optimizer
+        opt = case.jax(0.5 if name == "rkalman" else 0.05)
         box = {"p": params0, "s": opt.init(params0)}
 
         @jax.jit

@@ -1,0 +1,42 @@
+"""M⁻¹ from its Cholesky factor through each backend's triangular solver (ALGORITHMS.md §2.1).
+
+The array API has `linalg.cholesky` but no triangular solve, and its general `linalg.solve`
+on the factor costs an LU factorisation more. This table maps each namespace to its own
+routine, imported lazily (no framework import at module level): torch's `cholesky_inverse`
+(LAPACK potri), `jax.scipy.linalg.solve_triangular`, `cupyx.scipy.linalg.solve_triangular`
+and SciPy's `solve_triangular` for NumPy where SciPy is installed; any other namespace uses
+the general `linalg.solve`. The caller symmetrises the result.
+"""
+
+from __future__ import annotations
+
+import array_api_compat
+
+
+def _lower_inverse_solve(L, eye, xp):
+    """L⁻¹ by the namespace's triangular solve (or the general solve)."""
+    if array_api_compat.is_jax_namespace(xp):
+        from jax.scipy.linalg import solve_triangular
+
+        return solve_triangular(L, eye, lower=True)
+    if array_api_compat.is_cupy_namespace(xp):
+        from cupyx.scipy.linalg import solve_triangular as cupy_solve
+
+        return cupy_solve(L, eye, lower=True)
+    if array_api_compat.is_numpy_namespace(xp):
+        try:
+            from scipy.linalg import solve_triangular as scipy_solve
+        except ImportError:  # SciPy is optional: the general solve is exact too
+            return xp.linalg.solve(L, eye)
+        return xp.asarray(scipy_solve(L, eye, lower=True, check_finite=False))
+    return xp.linalg.solve(L, eye)
+
+
+def inverse_from_cholesky(L, eye, xp):
+    """M⁻¹ = L⁻ᵀ L⁻¹ for M = L Lᵀ (not yet symmetrised)."""
+    if array_api_compat.is_torch_namespace(xp):
+        import torch
+
+        return torch.cholesky_inverse(L)
+    Linv = _lower_inverse_solve(L, eye, xp)
+    return xp.matrix_transpose(Linv) @ Linv
