@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from grng_core.concrete import concrete_bool
+from grng_core.concrete import concrete_bool, is_traced
 from grng_core.tree import device
 from grng_core.triangular import inverse_from_cholesky
 
@@ -67,6 +67,32 @@ def _residual(M, X, eye, xp, d):
     return R, frobenius(R, xp) / math.sqrt(d)
 
 
+def _iterate(M, X, eye, xp, d, tol, max_iter):
+    """X ← X(2I − M X) = X + X R until ‖R‖_F/√d ≤ tol or max_iter iterations.
+
+    Eager: a Python loop that stops when converged. Traced (jax.jit): `lax.while_loop`, so a
+    converged iteration costs nothing more (no fixed budget); the iterates are the same."""
+    if is_traced(M) or is_traced(X):
+        from jax import lax  # only reached when jax is tracing this computation
+
+        def cond(carry):
+            i, _, R = carry
+            return (i < max_iter) & ~(frobenius(R, xp) / math.sqrt(d) <= tol)
+
+        def body(carry):
+            i, X, R = carry
+            X = X + X @ R
+            return i + 1, X, eye - M @ X
+
+        return lax.while_loop(cond, body, (0, X, eye - M @ X))[1]
+    for _ in range(max_iter):
+        R, r = _residual(M, X, eye, xp, d)
+        if concrete_bool(r <= tol):
+            break
+        X = X + X @ R
+    return X
+
+
 def newton_schulz_inverse(M, xp, *, warm=None, tol, max_iter, fallback=True, name="matrix"):
     """(X ≈ M^{-1}, residual ‖I − M X‖_F / √d) for symmetric positive definite M (§2.1).
 
@@ -79,12 +105,7 @@ def newton_schulz_inverse(M, xp, *, warm=None, tol, max_iter, fallback=True, nam
     if warm is not None:
         _, r_warm = _residual(M, warm, eye, xp, d)
         X = xp.where(r_warm * math.sqrt(d) < 0.5, warm, X)
-    for _ in range(max_iter):
-        R, r = _residual(M, X, eye, xp, d)
-        done = r <= tol
-        if concrete_bool(done):
-            break
-        X = xp.where(done, X, X + X @ R)
+    X = _iterate(M, X, eye, xp, d, tol, max_iter)
     X = symmetrize(X, xp)
     _, r = _residual(M, X, eye, xp, d)
     if not fallback:
