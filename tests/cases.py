@@ -28,9 +28,11 @@ from typing import Any
 from grng_core.config import CONFIGS as RECORDS
 from grng_core.consistency.cases import QUICK, Config, default_configs
 
-OPTIMIZERS = ("ring", "reng", "rkalman")
-STRUCTURES = ("kfac", "diagonal", "woodbury")
-ESTIMATORS = ("double_backprop", "finite_difference")
+_CONFIGS = default_configs()
+# the table's axes, in its order: ring, reng, rkalman; kfac, diagonal, woodbury; ...
+OPTIMIZERS = tuple(dict.fromkeys(c.optimizer for c in _CONFIGS))
+STRUCTURES = tuple(dict.fromkeys(c.structure for c in _CONFIGS))
+ESTIMATORS = tuple(dict.fromkeys(c.estimator for c in _CONFIGS if c.estimator is not None))
 FD_SCHEMES = ("forward", "backward", "central")
 FISHERS = ("empirical", "mc")
 SHORT = {"double_backprop": "double_bp", "finite_difference": "fin_diff", None: "-"}
@@ -158,7 +160,7 @@ class Case:
         return getattr(grng_cupy, self.class_name)(params, **self.options(**overrides))
 
 
-TABLE: tuple[Case, ...] = tuple(Case.from_config(c) for c in default_configs())
+TABLE: tuple[Case, ...] = tuple(Case.from_config(c) for c in _CONFIGS)
 BY_LABEL = {c.label: c for c in TABLE}
 
 
@@ -217,6 +219,11 @@ def get(label: str, *, bare=False) -> Case:
         raise KeyError(f"no row {base!r} in the table: {sorted(BY_LABEL)}") from None
     case = case.replace(fd_scheme=scheme or None, fisher=fisher or None)
     return case.bare if bare else case
+
+
+def build(label: str, **hp):
+    """The core optimizer of a label with the builders' defaults and `hp`."""
+    return get(label, bare=True).build(**hp)
 
 
 def defaults(*, bare=True) -> list[Case]:

@@ -8,25 +8,18 @@ import pytest
 import grng_core as gc
 from grng_core.reference import MLP
 from grng_core.state import arrays
+from tests import cases
 from tests.backends import BACKEND_NAMES, get_backend
 from tests.helpers import mlp_layers, train, tree_rel_err
 
-CONFIGS = [
-    (name, structure, gr)
-    for name in ("reng", "ring", "rkalman")
-    for structure in ("kfac", "diagonal", "woodbury")
-    for gr in (("double_backprop", "finite_difference") if name != "ring" else (None,))
-]
+# every row of the table (tests/cases.py), with the builders' defaults and this suite's data
+CONFIGS = cases.select(bare=True)
+HP = {"rkalman": dict(lr=0.5)}
 STEPS = 20
 
 
-def make(name, structure, gr, **kw):
-    kw = dict(structure=structure, **kw)
-    if gr is not None:
-        kw["gr"] = gr
-    if name == "rkalman":
-        kw.setdefault("lr", 0.5)
-    return getattr(gc, name)(**kw)
+def make(config, **kw):
+    return config.build(**{**HP.get(config.optimizer, {}), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -41,25 +34,23 @@ def data():
 @pytest.fixture(scope="module")
 def numpy_runs(data):
     mlp, x, y = data
-    return {c: train(get_backend("numpy"), mlp, make(*c), x, y, STEPS) for c in CONFIGS}
+    return {c: train(get_backend("numpy"), mlp, make(c), x, y, STEPS) for c in CONFIGS}
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(filter(None, c)))
+@pytest.mark.parametrize("config", CONFIGS, ids=cases.idfn)
 @pytest.mark.parametrize("name", [b for b in BACKEND_NAMES if b != "numpy"])
 def test_backends_agree(data, numpy_runs, config, name):
     mlp, x, y = data
     ref_params, _, ref_losses = numpy_runs[config]
     assert ref_losses[-1] < ref_losses[0]
-    params, _, _ = train(get_backend(name), mlp, make(*config), x, y, STEPS)
+    params, _, _ = train(get_backend(name), mlp, make(config), x, y, STEPS)
     assert tree_rel_err(params, ref_params) < 1e-10
 
 
-JIT_CONFIGS = [c for c in CONFIGS if c[2] in (None, {"reng": "double_backprop",
-                                                         "rkalman": "finite_difference"}[c[0]]
-                                                if c[0] != "ring" else None)]
+JIT_CONFIGS = cases.select(default_estimator=True, bare=True)  # each structure once
 
 
-@pytest.mark.parametrize("config", JIT_CONFIGS, ids=lambda c: "-".join(filter(None, c)))
+@pytest.mark.parametrize("config", JIT_CONFIGS, ids=cases.idfn)
 def test_jitted_in_graph_flags_agree(data, numpy_runs, config):
     """The whole core step under jax.jit, refresh decided in-graph (curvature=None)."""
     jax = pytest.importorskip("jax")
@@ -67,7 +58,7 @@ def test_jitted_in_graph_flags_agree(data, numpy_runs, config):
     import jax.numpy as jnp
 
     mlp, x, y = data
-    opt = make(*config, curvature_every=2, inverse_every=3, ns_max_iter=15)  # compile time
+    opt = make(config, curvature_every=2, inverse_every=3, ns_max_iter=15)  # compile time
     ref_params, _, _ = train(get_backend("numpy"), mlp, opt, x, y, 6)
     params = [jnp.asarray(p) for p in mlp.init(seed=0)]
     xj, yj = jnp.asarray(x), jnp.asarray(y)
@@ -89,13 +80,13 @@ def test_jitted_in_graph_flags_agree(data, numpy_runs, config):
     assert tree_rel_err([np.asarray(p) for p in params], ref_params) < 1e-10
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(filter(None, c)))
+@pytest.mark.parametrize("config", CONFIGS, ids=cases.idfn)
 def test_state_on_device_and_in_state_dtype(data, config):
     """array_api_strict's non-default device and float32 params catch placement mistakes."""
     xps = pytest.importorskip("array_api_strict")
     mlp, x, y = data
     b = get_backend("array_api_strict_device1")
-    params, state, losses = train(b, mlp, make(*config), x, y, 3, dtype="float32")
+    params, state, losses = train(b, mlp, make(config), x, y, 3, dtype="float32")
     assert np.isfinite(losses).all()
     leaves = arrays(state)
     for leaf in leaves:

@@ -15,6 +15,7 @@ import grng_core as gc
 from grng_core import checkpoint, npz_io
 from grng_core.checkpoint import load_state, read_metadata, save_state
 from grng_core.reference import MLP
+from tests import cases
 from tests.backends import BACKEND_NAMES, get_backend
 
 SIZES = (5, 7, 3)
@@ -33,14 +34,15 @@ def _batches(n, seed=0):
     return out
 
 
+# rows of the table (tests/cases.py) with rich states: momentum lists, K-FAC factors and
+# inverses, Kalman traces, diagonals; this suite's hyperparameters
 OPTIMIZERS = {
-    # rich states: momentum lists, K-FAC factors and inverses, Kalman traces, diagonals
-    "ring_kfac": lambda: gc.ring(lr=0.1, rho=0.05, damping=1e-2, structure="kfac",
-                                 momentum=0.5, inverse_every=3),
-    "rkalman_kfac": lambda: gc.rkalman(lr=0.2, rho=0.05, damping=1e-2, structure="kfac",
-                                       momentum=0.5, inverse_every=3),
-    "reng_diagonal": lambda: gc.reng(lr=0.01, rho=0.05, damping=1e-2, structure="diagonal",
-                                     gr="finite_difference", weight_decay=1e-3),
+    "ring_kfac": cases.get("ring/kfac/-").using(
+        lr=0.1, rho=0.05, damping=1e-2, momentum=0.5, inverse_every=3),
+    "rkalman_kfac": cases.get("rkalman/kfac/fin_diff").using(
+        lr=0.2, rho=0.05, damping=1e-2, momentum=0.5, inverse_every=3),
+    "reng_diagonal": cases.get("reng/diagonal/fin_diff").using(
+        lr=0.01, rho=0.05, damping=1e-2, weight_decay=1e-3),
 }
 
 
@@ -85,7 +87,7 @@ needs = pytest.mark.skipif(not {"torch", "jax"} <= set(BACKEND_NAMES),
 @pytest.mark.parametrize("src,dst", [("torch", "jax"), ("jax", "torch"), ("torch", "numpy")])
 def test_save_load_continue_equals_uninterrupted(tmp_path, name, src, dst):
     """10 steps in src, save, load in dst, 10 more steps == 20 steps in src (rel 1e-10)."""
-    make = OPTIMIZERS[name]
+    make = OPTIMIZERS[name].build
     batches = _batches(20)
     a, b = get_backend(src), get_backend(dst)
 
@@ -146,7 +148,7 @@ def test_file_layout_and_metadata(tmp_path):
 @pytest.mark.parametrize("backend_name", BACKEND_NAMES)
 def test_round_trip_every_backend(tmp_path, backend_name):
     be = get_backend(backend_name)
-    opt = OPTIMIZERS["rkalman_kfac"]()
+    opt = OPTIMIZERS["rkalman_kfac"].build()
     params, state = _init(be, opt)
     params, state = _train(be, opt, params, state, _batches(2), 0)
     save_state(tmp_path / "s.npz", state, opt)
@@ -161,7 +163,7 @@ def test_round_trip_every_backend(tmp_path, backend_name):
 
 def test_dtype_follows_template(tmp_path):
     np_be = get_backend("numpy")
-    opt = OPTIMIZERS["ring_kfac"]()
+    opt = OPTIMIZERS["ring_kfac"].build()
     _, s64 = _init(np_be, opt)
     save_state(tmp_path / "s.npz", s64, opt)
     p32 = [np.asarray(p, dtype=np.float32) for p in MLP_.init(seed=1)]
@@ -187,7 +189,7 @@ def _assert_untouched(state, snap):
 def live(tmp_path):
     """A trained NumPy state, its optimizer, a valid checkpoint of it and a snapshot."""
     be = get_backend("numpy")
-    opt = OPTIMIZERS["ring_kfac"]()
+    opt = OPTIMIZERS["ring_kfac"].build()
     params, state = _train(be, opt, *_init(be, opt), _batches(3), 0)
     path = tmp_path / "good.npz"
     save_state(path, state, opt)
@@ -407,7 +409,7 @@ def test_in_memory_form_survives_a_torch_state_dict(tmp_path):
     import torch
 
     be = get_backend("torch")
-    opt = OPTIMIZERS["rkalman_kfac"]()
+    opt = OPTIMIZERS["rkalman_kfac"].build()
     params, state = _train(be, opt, *_init(be, opt), _batches(2), 0)
     sd = {k: torch.from_numpy(v) for k, v in checkpoint.state_to_numpy(state, opt).items()}
     torch.save(sd, tmp_path / "sd.pt")

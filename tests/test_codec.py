@@ -16,6 +16,7 @@ import grng_core as gc
 from grng_core import codec
 from grng_core.reference import MLP
 from grng_core.state import arrays
+from tests import cases
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 MLP_ = MLP((6, 5, 3), activation="tanh", loss="softmax_ce")
@@ -23,11 +24,14 @@ _RNG = np.random.default_rng(0)
 XS = _RNG.standard_normal((10, 16, 6))
 YS = np.eye(3)[_RNG.integers(0, 3, (10, 16))]
 LAYERS = [gc.LayerSpec(*MLP_.layer_keys(k)) for k in range(MLP_.n_layers)]
-CASES = {"reng_kfac": lambda: gc.reng(lr=0.1, damping=1e-2, momentum=0.5, structure="kfac"),
-         "ring_diagonal": lambda: gc.ring(lr=0.05, damping=1e-2, structure="diagonal"),
-         "ring_woodbury": lambda: gc.ring(lr=0.1, damping=1e-2, structure="woodbury"),
-         "rkalman_kfac": lambda: gc.rkalman(lr=0.2, damping=1e-2, structure="kfac",
-                                            inverse_every=3)}
+# rows of the table (tests/cases.py) with the hyperparameters the files were written with
+CASES = {
+    "reng_kfac": cases.get("reng/kfac/double_bp").using(lr=0.1, damping=1e-2, momentum=0.5).build,
+    "ring_diagonal": cases.get("ring/diagonal/-").using(lr=0.05, damping=1e-2).build,
+    "ring_woodbury": cases.get("ring/woodbury/-").using(lr=0.1, damping=1e-2).build,
+    "rkalman_kfac": cases.get("rkalman/kfac/fin_diff").using(lr=0.2, damping=1e-2,
+                                                             inverse_every=3).build,
+}
 
 
 def _flat(tree, prefix=""):

@@ -43,8 +43,10 @@ def test_small_run_float64_within_contract():
     assert report.passed, report.table()
     worst, _, _ = report.worst
     assert worst <= C.FLOAT64_TOL
-    if "array_api_strict" in backends:  # same NumPy kernels underneath: identical
-        assert report.diffs["ring/kfac/-"][("numpy", "array_api_strict")] == 0.0
+    if "array_api_strict" in backends:  # NumPy kernels underneath both: agree to round-off
+        # (not bit for bit: the two namespaces may call different NumPy functions, e.g. einsum
+        # vs matmul, whose summation order depends on the CPU's SIMD kernels)
+        assert report.diffs["ring/kfac/-"][("numpy", "array_api_strict")] <= 1e-14
     table = report.table()
     assert "numpy|torch" in table and "rkalman/kfac/fin_diff" in table
 

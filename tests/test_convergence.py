@@ -8,6 +8,7 @@ import pytest
 import grng_core as gc
 from grng_core.reference import MLP
 from grng_core.reference.data import ill_conditioned_least_squares, ill_conditioned_logistic
+from tests import cases
 from tests.helpers import mlp_layers
 
 COND = 1e4
@@ -74,26 +75,24 @@ def test_gradient_descent_is_slow_on_least_squares(least_squares):
     assert steps > 30_000
 
 
-LS_OPTIMIZERS = {
-    "reng": gc.reng(lr=1.0, rho=0.05, damping=1e-10, structure="kfac", fisher="mc"),
-    "ring": gc.ring(lr=1.0, rho=0.05, damping=1e-10, structure="kfac", fisher="mc"),
-    "rkalman": gc.rkalman(lr=1.0, rho=0.05, damping=1e-10, structure="kfac", fisher="mc"),
-}
+# K-FAC with the sampled ("mc") Fisher, each optimizer with its builder's estimator
+LS_CASES = cases.select(structure="kfac", default_estimator=True, bare=True)
 
 
-@pytest.mark.parametrize("name", LS_OPTIMIZERS)
-def test_least_squares_optimum(least_squares, name):
+@pytest.mark.parametrize("case", LS_CASES, ids=lambda c: c.optimizer)
+def test_least_squares_optimum(least_squares, case):
     mlp = MLP((20, 1), loss="mse", bias=False)
-    steps = grng_steps(LS_OPTIMIZERS[name], mlp, least_squares.x, least_squares.y,
+    opt = case.build(lr=1.0, rho=0.05, damping=1e-10, fisher="mc")
+    steps = grng_steps(opt, mlp, least_squares.x, least_squares.y,
                        least_squares.loss_opt, kind="layers", fisher="mc")
     assert steps is not None and steps <= 20  # vs > 30,000 for gradient descent
 
 
-LOGISTIC_OPTIMIZERS = {
-    "reng": (gc.reng(lr=1.0, rho=0.05, damping=1e-8, structure="woodbury"), "per_example"),
-    "ring": (gc.ring(lr=1.0, rho=0.05, damping=1e-8, structure="woodbury"), "per_example"),
-    "rkalman": (gc.rkalman(lr=1.0, rho=0.05, damping=1e-8, structure="kfac"), "layers"),
-}
+# the recommended structure per optimizer (woodbury for RENG/RING, K-FAC for R-Kalman), each
+# with its statistics kind
+LOGISTIC_CASES = [(cases.get(label, bare=True), kind) for label, kind in (
+    ("reng/woodbury/double_bp", "per_example"), ("ring/woodbury/-", "per_example"),
+    ("rkalman/kfac/fin_diff", "layers"))]
 
 
 def test_gradient_descent_is_slow_on_logistic(logistic):
@@ -110,10 +109,10 @@ def test_gradient_descent_is_slow_on_logistic(logistic):
     assert best > 1_000
 
 
-@pytest.mark.parametrize("name", LOGISTIC_OPTIMIZERS)
-def test_logistic_optimum(logistic, name):
+@pytest.mark.parametrize("case,kind", LOGISTIC_CASES, ids=[c.optimizer for c, _ in LOGISTIC_CASES])
+def test_logistic_optimum(logistic, case, kind):
     p, loss_opt = logistic
-    opt, kind = LOGISTIC_OPTIMIZERS[name]
+    opt = case.build(lr=1.0, rho=0.05, damping=1e-8)
     mlp = MLP((10, 2), loss="softmax_ce", bias=False)
     steps = grng_steps(opt, mlp, p.x, p.y, loss_opt, kind=kind, fisher="empirical")
     assert steps is not None and steps <= 20  # vs > 1,000 for gradient descent

@@ -9,6 +9,7 @@ import pytest
 
 import grng_core as gc
 from grng_core.reference import MLP
+from tests import cases
 from tests.helpers import mlp_layers, rel_err
 
 MLP_SHAPE = (4, 5, 3)
@@ -46,7 +47,7 @@ def dense_fisher(mlp, params, x, y):
 def test_woodbury_equals_dense_solve(backend, problem):
     mlp, params, x, y = problem
     lam = 1e-2
-    d, _ = one_step(backend, gc.reng(lr=1.0, rho=0.0, damping=lam, structure="woodbury"),
+    d, _ = one_step(backend, cases.build("reng/woodbury/double_bp", lr=1.0, rho=0.0, damping=lam),
                     mlp, params, x, y)
     F, g = dense_fisher(mlp, params, x, y)
     assert rel_err(flat(d), np.linalg.solve(F + lam * np.eye(len(g)), g)) < 1e-10
@@ -55,7 +56,7 @@ def test_woodbury_equals_dense_solve(backend, problem):
 def test_ring_direction_equals_regularized_dense_solve(backend, problem):
     mlp, params, x, y = problem
     lam, rho = 1e-2, 0.5
-    d, _ = one_step(backend, gc.ring(lr=1.0, rho=rho, damping=lam, structure="woodbury"),
+    d, _ = one_step(backend, cases.build("ring/woodbury/-", lr=1.0, rho=rho, damping=lam),
                     mlp, params, x, y)
     F, g = dense_fisher(mlp, params, x, y)
     expected = np.linalg.solve(F + lam * np.eye(len(g)), g + rho * F @ g)
@@ -65,7 +66,7 @@ def test_ring_direction_equals_regularized_dense_solve(backend, problem):
 def test_reng_double_backprop_solves_the_gr_gradient(backend, problem):
     mlp, params, x, y = problem
     lam, rho = 1e-2, 0.3
-    d, _ = one_step(backend, gc.reng(lr=1.0, rho=rho, damping=lam, structure="woodbury"),
+    d, _ = one_step(backend, cases.build("reng/woodbury/double_bp", lr=1.0, rho=rho, damping=lam),
                     mlp, params, x, y)
     F, g = dense_fisher(mlp, params, x, y)
     Hg = flat(mlp.hvp(params, x, y, mlp.grad(params, x, y)))
@@ -76,7 +77,7 @@ def test_reng_double_backprop_solves_the_gr_gradient(backend, problem):
 def test_diagonal_first_step(backend, problem):
     mlp, params, x, y = problem
     lam = 1e-3
-    d, _ = one_step(backend, gc.reng(lr=1.0, rho=0.0, damping=lam, structure="diagonal"),
+    d, _ = one_step(backend, cases.build("reng/diagonal/double_bp", lr=1.0, rho=0.0, damping=lam),
                     mlp, params, x, y)
     b = mlp.batch(params, x, y, per_example=True)
     q = [np.mean(j * j, axis=0) for j in b.per_example_grads]  # bias-corrected EMA at t = 1
@@ -87,8 +88,8 @@ def test_diagonal_first_step(backend, problem):
 def test_kfac_equals_kronecker_inverse(backend, problem, method):
     mlp, params, x, y = problem
     lam = 1e-2
-    opt = gc.reng(lr=1.0, rho=0.0, damping=lam, structure="kfac", ns_tol=1e-13,
-                  ns_max_iter=100, inverse_method=method)
+    opt = cases.build("reng/kfac/double_bp", lr=1.0, rho=0.0, damping=lam, ns_tol=1e-13,
+                      ns_max_iter=100, inverse_method=method)
     d, _ = one_step(backend, opt, mlp, params, x, y)
     b = mlp.batch(params, x, y, layer_stats=True)
     for k, ls in enumerate(b.layers):
@@ -109,7 +110,7 @@ def test_kfac_equals_kronecker_inverse(backend, problem, method):
 def test_kfac_transposed_and_dict_params(numpy_backend, problem):
     """JAX/Flax layout (d_in, d_out) with dict keys gives the transposed torch-layout result."""
     mlp, params, x, y = problem
-    opt = gc.reng(lr=1.0, rho=0.0, damping=1e-2, structure="kfac", ns_tol=1e-13)
+    opt = cases.build("reng/kfac/double_bp", lr=1.0, rho=0.0, damping=1e-2, ns_tol=1e-13)
     d_ref, _ = one_step(numpy_backend, opt, mlp, params, x, y)
     st = mlp.stats(params, x, y, kind="layers")
     grads = mlp.grad(params, x, y)
@@ -130,8 +131,8 @@ def test_kfac_ema_and_refresh_schedule(numpy_backend, problem):
     """Factors refresh on curvature steps only; the first update takes the batch (§2.1)."""
     mlp, params, x, y = problem
     beta = 0.9
-    opt = gc.reng(lr=0.0, rho=0.0, damping=1e-2, structure="kfac", ema_decay=beta,
-                  curvature_every=2, inverse_every=4)
+    opt = cases.build("reng/kfac/double_bp", lr=0.0, rho=0.0, damping=1e-2, ema_decay=beta,
+                      curvature_every=2, inverse_every=4)
     assert [opt.flags(t - 1) for t in (1, 2, 3, 5)] == [
         (True, True), (False, False), (True, False), (True, True)]
     state = opt.init(params, layers=mlp_layers(mlp))

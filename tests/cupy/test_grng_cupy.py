@@ -16,23 +16,29 @@ import pytest
 
 import grng_core as gc
 from grng_core.reference import MLP
+from tests import cases
 
 SIZES = (5, 7, 3)
 B = 8
 MLP_ = MLP(SIZES)
 LAYERS = [gc.LayerSpec(*MLP_.layer_keys(k)) for k in range(MLP_.n_layers)]
 
-CONFIGS = {
-    "ring_kfac": ("RING", dict(lr=0.1, damping=1e-2, structure="kfac", momentum=0.5,
-                               curvature_every=2, inverse_every=3)),
-    "reng_woodbury_db": ("RENG", dict(lr=0.1, damping=1e-2, structure="woodbury",
-                                      gr="double_backprop")),
-    "reng_diagonal_fd": ("RENG", dict(lr=0.01, damping=1e-2, structure="diagonal",
-                                      gr="finite_difference", weight_decay=1e-3)),
-    "rkalman_woodbury": ("RKalman", dict(lr=0.5, structure="woodbury")),
-    "rkalman_kfac": ("RKalman", dict(lr=0.2, damping=1e-2, structure="kfac",
-                                     inverse_every=3)),
+# every row of the table (tests/cases.py) with this suite's hyperparameters, by case id
+HP = {
+    ("ring", "kfac"): dict(lr=0.1, damping=1e-2, momentum=0.5, curvature_every=2,
+                           inverse_every=3),
+    ("ring", "diagonal"): dict(lr=0.01, damping=1e-2),
+    ("ring", "woodbury"): dict(lr=0.1, damping=1e-2),
+    ("reng", "kfac"): dict(lr=0.1, damping=1e-2),
+    ("reng", "diagonal"): dict(lr=0.01, damping=1e-2, weight_decay=1e-3),
+    ("reng", "woodbury"): dict(lr=0.1, damping=1e-2),
+    ("rkalman", "kfac"): dict(lr=0.2, damping=1e-2, inverse_every=3),
+    ("rkalman", "diagonal"): dict(lr=0.5),
+    ("rkalman", "woodbury"): dict(lr=0.5),
 }
+CONFIGS = {c.id: c.using(**HP[(c.optimizer, c.structure)]) for c in cases.select()}
+RING_KFAC, RKALMAN_KFAC = "ring-kfac", "rkalman-kfac-finite_difference"
+RKALMAN_WOODBURY = "rkalman-woodbury-finite_difference"
 
 
 def host(a):
@@ -50,11 +56,11 @@ def batches(xp, n, seed=0, dtype="float64"):
 
 
 def make(xp, name, params=None, dtype="float64"):
-    builder, kw = CONFIGS[name]
+    case = CONFIGS[name]
     if params is None:
         params = [xp.asarray(p, dtype=dtype) for p in MLP_.init(seed=1)]
-    layers = LAYERS if kw["structure"] == "kfac" else None
-    return getattr(grng_cupy, builder)(params, layers=layers, **kw), params
+    layers = LAYERS if case.structure == "kfac" else None
+    return case.cupy(params, layers=layers), params
 
 
 def adapter_steps(opt, params, data):
@@ -113,7 +119,7 @@ def test_dict_and_tuple_params(xp):
 
 
 def test_float32_params_stay_float32(xp):
-    opt, params = make(xp, "ring_kfac", dtype="float32")
+    opt, params = make(xp, RING_KFAC, dtype="float32")
     adapter_steps(opt, params, batches(xp, 3, dtype="float32"))
     assert all(p.dtype == xp.float32 for p in params)
     layer = opt.state.curvature.kfac[0]
@@ -123,7 +129,7 @@ def test_float32_params_stay_float32(xp):
 
 
 def test_statistics_only_on_curvature_steps(xp):
-    opt, params = make(xp, "ring_kfac")  # curvature_every=2
+    opt, params = make(xp, RING_KFAC)  # curvature_every=2
     (x, y), (x2, y2) = batches(xp, 2)
     assert opt.needs_stats()
     with pytest.raises(ValueError, match=r"needs stats=grng_core.Stats\(layers="):
@@ -137,7 +143,7 @@ def test_statistics_only_on_curvature_steps(xp):
 
 
 def test_missing_oracle_and_layout_are_clear(xp):
-    opt, params = make(xp, "reng_woodbury_db")
+    opt, params = make(xp, "reng-woodbury-double_backprop")
     x, y = batches(xp, 1)[0]
     b = MLP_.batch(params, x, y, per_example=True)
     with pytest.raises(ValueError, match="needs hvp_fn"):
@@ -149,7 +155,7 @@ def test_missing_oracle_and_layout_are_clear(xp):
 
 
 def test_device_mismatch_is_a_clear_type_error(xp):
-    opt, params = make(xp, "reng_woodbury_db")
+    opt, params = make(xp, "reng-woodbury-double_backprop")
     x, y = batches(xp, 1)[0]
     b = MLP_.batch(params, x, y, per_example=True)
     if xp is np:
@@ -186,7 +192,7 @@ def test_only_cupy_or_numpy_params(xp):
             grng_cupy.RING([ro], structure="diagonal")
 
 
-@pytest.mark.parametrize("name", ["ring_kfac", "rkalman_kfac", "reng_diagonal_fd"])
+@pytest.mark.parametrize("name", [RING_KFAC, RKALMAN_KFAC, "reng-diagonal-finite_difference"])
 def test_save_load_resumes_exactly(xp, tmp_path, name):
     data = batches(xp, 10)
     straight, p_straight = make(xp, name)
@@ -207,11 +213,11 @@ def test_save_load_resumes_exactly(xp, tmp_path, name):
 def test_checkpoint_moves_between_libraries(xp, tmp_path):
     """Saved from xp (cupy or numpy), resumed on NumPy: the same run to 1e-10."""
     data = batches(xp, 8)
-    a, pa = make(xp, "rkalman_kfac")
+    a, pa = make(xp, RKALMAN_KFAC)
     adapter_steps(a, pa, data[:4])
     a.save(tmp_path / "s.npz")
     p_host = [np.array(host(p)) for p in pa]
-    b, _ = make(np, "rkalman_kfac", params=p_host)
+    b, _ = make(np, RKALMAN_KFAC, params=p_host)
     b.load(tmp_path / "s.npz")
     assert isinstance(b.state.step, np.ndarray | np.generic)
     adapter_steps(a, pa, data[4:])
@@ -222,9 +228,9 @@ def test_checkpoint_moves_between_libraries(xp, tmp_path):
 
 
 def test_failed_load_leaves_the_optimizer_untouched(xp, tmp_path):
-    opt, params = make(xp, "ring_kfac")
+    opt, params = make(xp, RING_KFAC)
     adapter_steps(opt, params, batches(xp, 3))
-    other, _ = make(xp, "rkalman_kfac")
+    other, _ = make(xp, RKALMAN_KFAC)
     other.save(tmp_path / "other.npz")
     (tmp_path / "junk.npz").write_bytes(b"\0" * 64)
     state, t = opt.state, opt.t
@@ -238,11 +244,11 @@ def test_failed_load_leaves_the_optimizer_untouched(xp, tmp_path):
 
 
 def test_state_dict_round_trip(xp):
-    opt, params = make(xp, "rkalman_woodbury")
+    opt, params = make(xp, RKALMAN_WOODBURY)
     adapter_steps(opt, params, batches(xp, 3))
     sd = opt.state_dict()
     assert all(isinstance(v, np.ndarray) for v in sd.values())
-    fresh, _ = make(xp, "rkalman_woodbury", params=params)
+    fresh, _ = make(xp, RKALMAN_WOODBURY, params=params)
     fresh.load_state_dict(sd)
     assert fresh.t == 3
     belief = opt.state.curvature
@@ -254,11 +260,10 @@ def test_state_dict_round_trip(xp):
 
 
 def test_load_checks_the_hyperparameters(xp, tmp_path):
-    opt, params = make(xp, "ring_kfac")
+    opt, params = make(xp, RING_KFAC)
     adapter_steps(opt, params, batches(xp, 2))
     opt.save(tmp_path / "a.npz")
-    builder, kw = CONFIGS["ring_kfac"]
-    other = grng_cupy.RING(params, layers=LAYERS, **{**kw, "damping": 2e-2})
+    other = CONFIGS[RING_KFAC].cupy(params, layers=LAYERS, damping=2e-2)
     with pytest.raises(ValueError, match="hyperparameters differ.*damping"):
         other.load(tmp_path / "a.npz")
     with pytest.raises(ValueError, match="hyperparameters differ"):
@@ -276,13 +281,13 @@ def test_fallback_resolves_kfac_without_layers(xp):
         grng_cupy.RING(params, fallback="kfac")
 
 
-@pytest.mark.parametrize("name", ["reng", "ring", "rkalman"])
+@pytest.mark.parametrize("name", cases.OPTIMIZERS)
 def test_builders_take_every_config_field(name):
     import inspect
 
     from grng_core.config import CONFIGS as RECORDS
 
-    build = getattr(grng_cupy, {"reng": "RENG", "ring": "RING", "rkalman": "RKalman"}[name])
+    build = getattr(grng_cupy, cases.CLASS_NAMES[name])
     sig = inspect.signature(build)
     fields = RECORDS[name].names()
     assert list(sig.parameters)[0] == "params"

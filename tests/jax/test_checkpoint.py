@@ -15,6 +15,7 @@ import pytest
 
 import grng_core as gc
 from grng_core.config import CONFIGS
+from tests import cases
 from tests.jax import _problems as P
 
 SIZES = (5, 6, 3)
@@ -144,7 +145,7 @@ def test_the_old_checkpoint_names_point_to_the_new_ones():
         grng_jax.save_state  # noqa: B018
 
 
-@pytest.mark.parametrize("name", ["reng", "ring", "rkalman"])
+@pytest.mark.parametrize("name", cases.OPTIMIZERS)
 def test_factories_take_every_config_field(name):
     sig = inspect.signature(getattr(grng_jax, name))
     fields = [("learning_rate" if f == "lr" else f) for f in CONFIGS[name].names()]

@@ -9,10 +9,12 @@ pytest.importorskip("sklearn")
 
 from grng_jax import examples
 
+from tests import cases
+
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("algorithm", ["reng", "ring", "rkalman"])
+@pytest.mark.parametrize("algorithm", cases.OPTIMIZERS)
 def test_jax_numpy_mlp_reaches_95_percent(algorithm):
     acc, epochs = examples.mlp_digits(algorithm, epochs=20, until=0.95)
     assert acc >= 0.95, f"{algorithm}: {acc:.3f} after {epochs} epochs"

@@ -12,6 +12,7 @@ import optax
 import pytest
 from grng_jax import _collect
 
+from tests import cases
 from tests.jax import _problems as P
 
 SIZES = (5, 6, 3)
@@ -60,7 +61,8 @@ def test_chain_with_clipping_equals_clipping_by_hand():
     p, s = params, ring.init(params)
     for _ in range(3):
         p, s = step(p, s, batch)
-    assert _max_diff(got, p) == 0.0
+    # two compiled programs: XLA may fuse (and round) them differently on another CPU
+    assert _max_diff(got, p) < 1e-12
 
 
 def test_inject_hyperparams_schedule_equals_a_schedule_callable():
@@ -133,20 +135,29 @@ def test_eager_update_equals_jitted_update():
     eager = P.make_step(opt, P.softmax_ce)
     pa, sa, _ = eager(params, opt.init(params), batch)
     pb, sb, _ = jax.jit(eager)(params, opt.init(params), batch)
-    assert _max_diff(pa, pb) < 1e-12
-    assert _max_diff(sa, sb) < 1e-12
+    # two compiled programs (XLA fuses the in-graph Newton–Schulz loop of "where" differently):
+    # rounding-level agreement, an order above float64's resolution after 8 steps
+    assert _max_diff(pa, pb) < 1e-11
+    assert _max_diff(sa, sb) < 1e-11
 
 
 # -------------------------------------------------------------------- refresh branches
-@pytest.mark.parametrize("algo", ["ring", "rkalman"])
-def test_switch_and_where_refresh_give_the_same_steps(algo):
+# K-FAC rows of the table (tests/cases.py), each with its builder's estimator
+REFRESH_CASES = cases.select(optimizer=("ring", "rkalman"), structure="kfac",
+                             default_estimator=True, bare=True)
+
+
+@pytest.mark.parametrize("case", REFRESH_CASES, ids=[c.optimizer for c in REFRESH_CASES])
+def test_switch_and_where_refresh_give_the_same_steps(case):
     params, batch = P.mlp_params(SIZES), _batch()
-    kw = dict(structure="kfac", curvature_every=2, inverse_every=3, inverse_method="cholesky")
-    make = getattr(grng_jax, algo)
+    kw = dict(curvature_every=2, inverse_every=3, inverse_method="cholesky")
+    make = case.jax
     pa, sa, _ = _train(make(0.1, refresh="switch", **kw), params, batch, 7)
     pb, sb, _ = _train(make(0.1, refresh="where", **kw), params, batch, 7)
-    assert _max_diff(pa, pb) < 1e-12
-    assert _max_diff(sa, sb) < 1e-12
+    # two compiled programs (XLA fuses the in-graph Newton–Schulz loop of "where" differently):
+    # rounding-level agreement, an order above float64's resolution after 8 steps
+    assert _max_diff(pa, pb) < 1e-11
+    assert _max_diff(sa, sb) < 1e-11
     assert int(sa.core.curvature_count) == 4  # steps 1, 3, 5, 7
 
 
@@ -159,7 +170,13 @@ def test_non_refresh_steps_collect_nothing():
     assert len(conds) == 1
     # the flag pairs in order of the period: (True, True), then (False, False)
     refresh, plain = conds[0].params["branches"]
-    assert len(plain.jaxpr.eqns) * 10 < len(refresh.jaxpr.eqns)
+    # the inversions (Newton–Schulz's while loops) and the statistics pass are in the refresh
+    # branch only
+    def prims(jaxpr):
+        return {e.primitive.name for e in jaxpr.eqns}
+
+    assert "while" in prims(refresh.jaxpr) and "while" not in prims(plain.jaxpr)
+    assert len(plain.jaxpr.eqns) * 4 < len(refresh.jaxpr.eqns)
     dots = [e for e in plain.jaxpr.eqns if e.primitive.name == "dot_general"]
     assert len(dots) <= 4  # S⁻¹ G A⁻¹ for the two layers, nothing else
 
@@ -185,12 +202,13 @@ def test_model_exposing_no_layer_falls_back_to_diagonal():
     assert kfac.init(params).core.curvature.kfac is None
     pa, _, _ = _train(kfac, params, batch, 3, loss_fn=_named_loss)
     pb, _, _ = _train(diag, params, batch, 3, loss_fn=_named_loss)
-    assert _max_diff(pa, pb) == 0.0
+    # the same steps; two compiled programs, so equal to round-off (not bit for bit)
+    assert _max_diff(pa, pb) < 1e-12
     wood = grng_jax.ring(0.1, fallback="woodbury")
     pc, _, _ = _train(wood, params, batch, 2, loss_fn=_named_loss)
     pd, _, _ = _train(grng_jax.ring(0.1, structure="woodbury"), params, batch, 2,
                       loss_fn=_named_loss)
-    assert _max_diff(pc, pd) == 0.0
+    assert _max_diff(pc, pd) < 1e-12
 
 
 def test_find_layers_registers_any_names():

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(r'''
     import json, sys
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import Mesh, PartitionSpec as PS
-    import grng_jax
+    from tests import cases
     from tests.jax import _problems as P
 
     assert jax.device_count() == 2, jax.devices()
@@ -36,8 +36,8 @@ SCRIPT = textwrap.dedent(r'''
             return optax.apply_updates(p, u), s
         return step
 
-    def run(name, kw, modes):
-        make = getattr(grng_jax, name)
+    def run(case, kw, modes):
+        make = case.jax
         one = make(0.1, **kw)
         step = jax.jit(step_fn(one))
         p, s = params, one.init(params)
@@ -76,14 +76,14 @@ SCRIPT = textwrap.dedent(r'''
         return out
 
     CH = dict(inverse_method="cholesky")
+    # rows of the table (tests/cases.py), with the builders' defaults and this run's keywords
     CASES = [
-        ("ring", dict(structure="kfac", **CH), ["pmap", "shard_map"]),
-        ("reng", dict(structure="kfac", gr="finite_difference", curvature_every=2, **CH),
-         ["shard_map"]),
-        ("rkalman", dict(), ["pmap"]),  # woodbury: per-example rows gathered
-        ("rkalman", dict(structure="kfac", gr="double_backprop", **CH), ["pmap"]),
+        ("ring/kfac/-", CH, ["pmap", "shard_map"]),
+        ("reng/kfac/fin_diff", dict(curvature_every=2, **CH), ["shard_map"]),
+        ("rkalman/woodbury/fin_diff", dict(), ["pmap"]),  # per-example rows gathered
+        ("rkalman/kfac/double_bp", CH, ["pmap"]),
     ]
-    results = {f"{n}-{kw}": run(n, kw, modes) for n, kw, modes in CASES}
+    results = {label: run(cases.get(label, bare=True), kw, modes) for label, kw, modes in CASES}
     print("RESULTS" + json.dumps(results))
 ''')
 

@@ -17,13 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import cases
 from tests.jax import _problems as P
 
-CASES = []
-for _s in ("kfac", "diagonal", "woodbury"):
-    CASES += [("reng", _s, "double_backprop"), ("reng", _s, "finite_difference"),
-              ("ring", _s, None),
-              ("rkalman", _s, "double_backprop"), ("rkalman", _s, "finite_difference")]
+CASES = cases.select(bare=True)  # every row of the table (tests/cases.py)
 
 # (learning_rate, damping) for RENG/RING; (learning_rate, prior_var) for R-Kalman. The empirical
 # Fisher of a regression shrinks with the residuals, hence the larger damping on the quadratic.
@@ -43,27 +40,20 @@ STEPS = 200
 TOL = 1e-6
 
 
-def make(algo, structure, gr, problem, **extra):
-    kw = dict(structure=structure, rho=0.05, inverse_method="cholesky", **extra)
-    if gr is not None:
-        kw["gr"] = gr
-    if algo == "rkalman":
-        lr, prior = HP_KALMAN[(problem, structure)]
-        return grng_jax.rkalman(lr, prior_var=prior, **kw)
-    lr, damping = HP[(problem, structure)]
-    return getattr(grng_jax, algo)(lr, damping=damping, **kw)
-
-
-def _id(case):
-    return "-".join(c for c in case if c)
+def make(case, problem, **extra):
+    kw = dict(rho=0.05, inverse_method="cholesky", **extra)
+    if case.optimizer == "rkalman":
+        lr, prior = HP_KALMAN[(problem, case.structure)]
+        return case.jax(lr, prior_var=prior, **kw)
+    lr, damping = HP[(problem, case.structure)]
+    return case.jax(lr, damping=damping, **kw)
 
 
 @pytest.mark.parametrize("problem", ["least_squares", "logistic"])
-@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=cases.ids(CASES))
 def test_reaches_the_optimum(case, problem):
-    algo, structure, gr = case
     params, batch, loss_fn, loss_opt = getattr(P, problem)()
-    opt = make(algo, structure, gr, problem)
+    opt = make(case, problem)
     final, state = P.run_steps(opt, loss_fn, params, batch, STEPS)
     # fori_loop already requires a carry of fixed shapes and dtypes; checked here explicitly
     assert _avals(state) == _avals(opt.init(params))
@@ -77,21 +67,25 @@ def _avals(tree):
     return jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype), jax.typeof(x).weak_type), tree)
 
 
-@pytest.mark.parametrize("algo,structure,extra,dtype", [
-    ("ring", "kfac", dict(curvature_every=2, inverse_every=3), jnp.float32),
-    ("reng", "woodbury", dict(gr="finite_difference"), jnp.float64),
-    ("rkalman", "kfac", dict(gr="double_backprop"), jnp.float64),  # inverse_every=10 default
-    ("rkalman", "diagonal", dict(momentum=0.9), jnp.float32),
-    ("reng", "kfac", dict(inverse_every=2, fisher="mc"), jnp.float64),
-])
-def test_state_is_fixed_and_the_step_compiles_once(algo, structure, extra, dtype):
+# one compile each: every optimizer and structure, refresh periods, momentum, "mc", both dtypes
+COMPILE_CASES = [(cases.get(label, bare=True), extra, dtype) for label, extra, dtype in (
+    ("ring/kfac/-", dict(curvature_every=2, inverse_every=3), jnp.float32),
+    ("reng/woodbury/fin_diff", {}, jnp.float64),
+    ("rkalman/kfac/double_bp", {}, jnp.float64),  # inverse_every=10 default
+    ("rkalman/diagonal/fin_diff", dict(momentum=0.9), jnp.float32),
+    ("reng/kfac/double_bp+mc", dict(inverse_every=2), jnp.float64),
+)]
+
+
+@pytest.mark.parametrize("case,extra,dtype", COMPILE_CASES,
+                         ids=[f"{c.id}-{jnp.dtype(d).name}" for c, _, d in COMPILE_CASES])
+def test_state_is_fixed_and_the_step_compiles_once(case, extra, dtype):
     params = P.mlp_params((5, 6, 3), dtype=dtype)
     x = jax.random.normal(jax.random.PRNGKey(1), (12, 5), dtype)
     batch = (x, jnp.arange(12) % 3)
-    kw = dict(structure=structure, inverse_method="cholesky", **extra)
-    opt = getattr(grng_jax, algo)(0.05, **kw)
+    opt = case.jax(0.05, inverse_method="cholesky", **extra)
     mc = {"mc_loss_fn": grng_jax.mc_softmax_cross_entropy(
-        lambda p, b: P.mlp_logits(p, b[0]))} if extra.get("fisher") == "mc" else {}
+        lambda p, b: P.mlp_logits(p, b[0]))} if case.fisher == "mc" else {}
     state = opt.init(params)
     first = _avals(state)
     step = jax.jit(P.make_step(opt, P.softmax_ce, **mc))

@@ -1,69 +1,83 @@
-"""The configuration table and small problems shared by the torch adapter tests.
+"""The OptimizerInfo table and small problems shared by the torch adapter tests.
 
-`OPTIMIZERS` is an OptimizerInfo-style table: one entry per optimizer x structure x GR
-estimator (x Fisher), with hyperparameters that make the loss fall on `problem()`; the
-shared suite (test_optimizer_suite.py) runs every entry, and every dtype in `DTYPES`.
+`OPTIMIZERS` is an OptimizerInfo-style table drawn from the test suites' one table
+(tests/cases.py): every optimizer x structure x GR estimator, plus variants (Fisher "mc", a
+central finite-difference scheme, momentum, refresh periods), each with hyperparameters that
+make the loss fall on `Problem()`; the shared suite (test_optimizer_suite.py) runs every entry,
+and every dtype in `DTYPES`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import grng_torch as gt
 import torch
 from torch import nn
 
+from tests import cases
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+# this suite's hyperparameters per optimizer x structure (data; the rest are the defaults)
+HP = {
+    ("reng", "kfac"): dict(lr=0.2, damping=1e-2),
+    ("reng", "diagonal"): dict(lr=0.02, damping=1e-1),
+    ("reng", "woodbury"): dict(lr=0.2, damping=1e-1),
+    ("ring", "kfac"): dict(lr=0.2, damping=1e-2),
+    ("ring", "diagonal"): dict(lr=0.02, damping=1e-1),
+    ("ring", "woodbury"): dict(lr=0.2, damping=1e-1),
+    ("rkalman", "kfac"): dict(lr=0.2, damping=1e-2),
+    ("rkalman", "diagonal"): dict(lr=0.5),
+    ("rkalman", "woodbury"): dict(lr=0.5),
+}
+# the entries of a row: one with HP alone ({}) unless listed here, each dict a variant's extra
+# keywords (fisher=, fd_scheme= and hyperparameters)
+VARIANTS = {
+    "reng/kfac/fin_diff": [{}, dict(fd_scheme="central", fisher="mc")],
+    "reng/woodbury/fin_diff": [dict(fisher="mc")],
+    "ring/kfac/-": [{}, dict(fisher="mc", momentum=0.5)],
+    "rkalman/kfac/fin_diff": [dict(curvature_every=2, inverse_every=3)],
+}
 
 
 @dataclass(frozen=True)
 class OptimizerInfo:
-    """One configuration: the class, its hyperparameters, and a readable id."""
+    """One configuration: a case of tests/cases.py with this suite's hyperparameters."""
 
-    cls: type
-    kwargs: dict = field(default_factory=dict)
-    id: str = ""
+    case: cases.Case
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(self.case.kwargs)
 
     @property
     def structure(self) -> str:
-        default = "woodbury" if self.cls is gt.RKalman else "kfac"
-        return self.kwargs.get("structure", default)
+        return self.case.structure
+
+    @property
+    def id(self) -> str:
+        extra = [f"{k}={v}" for k, v in self.case.kwargs if k not in ("lr", "rho", "damping")]
+        return "-".join([self.case.class_name, self.case.id[len(self.case.optimizer) + 1:],
+                         *extra])
 
     def make(self, params, model, loss_fn, **overrides):
-        return self.cls(params, model=model, loss_fn=loss_fn, **{**self.kwargs, **overrides})
-
-
-def _info(cls, **kw) -> OptimizerInfo:
-    parts = [cls.__name__] + [f"{k}={v}" for k, v in kw.items() if k not in ("lr", "rho",
-                                                                             "damping")]
-    return OptimizerInfo(cls, kw, "-".join(parts))
+        return self.case.torch(params, model=model, loss_fn=loss_fn, **overrides)
 
 
 OPTIMIZERS: list[OptimizerInfo] = [
-    # RENG: structure x estimator (x fisher)
-    _info(gt.RENG, structure="kfac", gr="double_backprop", lr=0.2, damping=1e-2),
-    _info(gt.RENG, structure="kfac", gr="finite_difference", lr=0.2, damping=1e-2),
-    _info(gt.RENG, structure="kfac", gr="finite_difference", fd_scheme="central",
-          fisher="mc", lr=0.2, damping=1e-2),
-    _info(gt.RENG, structure="diagonal", gr="double_backprop", lr=0.02, damping=1e-1),
-    _info(gt.RENG, structure="diagonal", gr="finite_difference", lr=0.02, damping=1e-1),
-    _info(gt.RENG, structure="woodbury", gr="double_backprop", lr=0.2, damping=1e-1),
-    _info(gt.RENG, structure="woodbury", gr="finite_difference", fisher="mc", lr=0.2,
-          damping=1e-1),
-    # RING: structure (x fisher); no GR oracle
-    _info(gt.RING, structure="kfac", lr=0.2, damping=1e-2),
-    _info(gt.RING, structure="kfac", fisher="mc", lr=0.2, damping=1e-2, momentum=0.5),
-    _info(gt.RING, structure="diagonal", lr=0.02, damping=1e-1),
-    _info(gt.RING, structure="woodbury", lr=0.2, damping=1e-1),
-    # R-Kalman: belief x estimator
-    _info(gt.RKalman, structure="woodbury", gr="finite_difference", lr=0.5),
-    _info(gt.RKalman, structure="woodbury", gr="double_backprop", lr=0.5),
-    _info(gt.RKalman, structure="diagonal", gr="finite_difference", lr=0.5),
-    _info(gt.RKalman, structure="kfac", gr="double_backprop", lr=0.2, damping=1e-2),
-    _info(gt.RKalman, structure="kfac", gr="finite_difference", lr=0.2, damping=1e-2,
-          curvature_every=2, inverse_every=3),
+    OptimizerInfo(row.using(**HP[(row.optimizer, row.structure)], **extra))
+    for row in cases.select()
+    for extra in VARIANTS.get(row.label, [{}])
 ]
+
+
+def entry(label: str) -> OptimizerInfo:
+    """The entry of a label: 'ring/kfac/-', 'ring/kfac/-+mc', 'reng/kfac/fin_diff:central+mc'."""
+    for i in OPTIMIZERS:
+        if i.case.label == label:
+            return i
+    raise KeyError(f"{label!r} not in {[i.case.label for i in OPTIMIZERS]}")
 
 
 def ids(infos) -> list[str]:

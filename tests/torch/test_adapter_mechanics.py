@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import grng_core as gc
+from tests import cases
 from tests.torch._util import Problem, closure_for, full_loss, train
 
 PROBLEM = Problem()
@@ -130,16 +131,22 @@ def test_kfac_group_without_layers_and_other_modules_use_the_diagonal():
 
 
 # ----------------------------------------------------------------- closures
-@pytest.mark.parametrize("cls, kw, calls_per_step", [
-    (gt.RING, {}, 1),
-    (gt.RENG, {"gr": "double_backprop"}, 1),
-    (gt.RENG, {"gr": "finite_difference"}, 2),
-    (gt.RENG, {"gr": "finite_difference", "fd_scheme": "central"}, 3),
-    (gt.RENG, {"gr": "finite_difference", "rho": 0.0}, 1),
-])
-def test_closure_is_called_where_the_algorithm_needs_a_gradient(cls, kw, calls_per_step):
+# K-FAC rows of the table (tests/cases.py): closure calls per step of each estimator and scheme
+CLOSURE_CASES = [(cases.get(label, bare=True), kw, n) for label, kw, n in (
+    ("ring/kfac/-", {}, 1),
+    ("reng/kfac/double_bp", {}, 1),
+    ("reng/kfac/fin_diff", {}, 2),
+    ("reng/kfac/fin_diff:central", {}, 3),
+    ("reng/kfac/fin_diff", {"rho": 0.0}, 1),
+)]
+
+
+@pytest.mark.parametrize("case, kw, calls_per_step", CLOSURE_CASES,
+                         ids=[c.id + "".join(f"-{k}={v}" for k, v in kw.items())
+                              for c, kw, _ in CLOSURE_CASES])
+def test_closure_is_called_where_the_algorithm_needs_a_gradient(case, kw, calls_per_step):
     model = PROBLEM.model(torch.float64)
-    opt = cls(model, lr=0.1, **kw)
+    opt = case.torch(model, lr=0.1, **kw)
     x, y = next(PROBLEM.batches(torch.float64))
     ref = PROBLEM.model(torch.float64)
     CRIT(ref(x), y).backward()
@@ -219,17 +226,20 @@ def test_parameters_without_gradient_are_left_alone():
 
 
 # -------------------------------------------------------------------- autocast
-@pytest.mark.parametrize("cls, kw", [
-    (gt.RING, {"structure": "kfac"}),
-    (gt.RENG, {"structure": "kfac", "gr": "double_backprop"}),
-    (gt.RENG, {"structure": "woodbury", "gr": "finite_difference", "fisher": "mc",
-               "damping": 0.1}),
-    (gt.RKalman, {"lr": 0.5}),
-])
+# one row of the table (tests/cases.py) per optimizer, "mc" once; this test's hyperparameters
+AUTOCAST_CASES = [(cases.get(label, bare=True), kw) for label, kw in (
+    ("ring/kfac/-", {}),
+    ("reng/kfac/double_bp", {}),
+    ("reng/woodbury/fin_diff+mc", {"damping": 0.1}),
+    ("rkalman/woodbury/fin_diff", {"lr": 0.5}),
+)]
+
+
+@pytest.mark.parametrize("case, kw", AUTOCAST_CASES, ids=[c.id for c, _ in AUTOCAST_CASES])
 @pytest.mark.parametrize("where", ["closure", "step"])
-def test_autocast_bfloat16(cls, kw, where):
+def test_autocast_bfloat16(case, kw, where):
     model = PROBLEM.model(torch.float32)
-    opt = cls(model, loss_fn=CRIT, **{"lr": 0.2, "damping": 1e-2, **kw})
+    opt = case.torch(model, loss_fn=CRIT, **{"lr": 0.2, "damping": 1e-2, **kw})
     before = full_loss(model, CRIT, PROBLEM, torch.float32)
     batches = list(PROBLEM.batches(torch.float32))
     dtypes = set()

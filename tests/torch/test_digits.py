@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import time
 
-import grng_torch as gt
 import pytest
 import torch
 from torch import nn
 
 from grng_core.reference import load_digits_split
+from tests import cases
 from tests.torch._util import closure_for
 
 EPOCHS = 20
@@ -31,13 +31,15 @@ def cnn() -> nn.Module:
         nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
 
 
-# defaults: K-FAC with double backprop (RENG), K-FAC (RING), woodbury belief with forward
-# finite differences (R-Kalman); K-FAC's KL clip keeps the early ReLU-CNN steps sane
-CONFIGS = {
-    "RENG": (gt.RENG, dict(lr=0.2, rho=0.05, damping=1e-2, kl_clip=1e-2)),
-    "RING": (gt.RING, dict(lr=0.2, rho=0.05, damping=1e-2, kl_clip=1e-2)),
-    "RKalman": (gt.RKalman, dict(lr=1.0, rho=0.05)),
+# each optimizer as built by default (tests/cases.py): K-FAC with double backprop (RENG), K-FAC
+# (RING), woodbury belief with forward finite differences (R-Kalman); K-FAC's KL clip keeps the
+# early ReLU-CNN steps sane
+HP = {
+    "reng": dict(lr=0.2, rho=0.05, damping=1e-2, kl_clip=1e-2),
+    "ring": dict(lr=0.2, rho=0.05, damping=1e-2, kl_clip=1e-2),
+    "rkalman": dict(lr=1.0, rho=0.05),
 }
+CONFIGS = {c.class_name: c.using(**HP[c.optimizer]) for c in cases.defaults()}
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +59,7 @@ def fit(build, name, digits, seed=0):
     torch.manual_seed(seed)
     model = build()
     crit = nn.CrossEntropyLoss()
-    cls, hp = CONFIGS[name]
-    opt = cls(model.parameters(), model=model, loss_fn=crit, **hp)
+    opt = CONFIGS[name].torch(model.parameters(), model=model, loss_fn=crit)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=EPOCHS)
     g = torch.Generator().manual_seed(seed)
     history = []

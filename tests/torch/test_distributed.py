@@ -8,37 +8,35 @@ from __future__ import annotations
 import os
 import socket
 
-import grng_torch as gt
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from tests import cases
+
 WORLD = 2
 B = 12  # combined batch; each rank gets B / WORLD rows
 STEPS = 4
 
-CONFIGS = [
-    ("RING-kfac", gt.RING, dict(structure="kfac", lr=0.2, damping=1e-2, momentum=0.5)),
-    ("RING-kfac-mc", gt.RING, dict(structure="kfac", fisher="mc", lr=0.2, damping=1e-2)),
-    ("RING-kfac-conv", gt.RING, dict(structure="kfac", lr=0.2, damping=1e-2)),
-    ("RENG-kfac-double_backprop", gt.RENG, dict(structure="kfac", gr="double_backprop",
-                                                lr=0.2, damping=1e-2)),
-    ("RENG-diagonal-finite_difference", gt.RENG, dict(structure="diagonal",
-                                                      gr="finite_difference", lr=0.05,
-                                                      damping=0.3)),
-    ("RENG-woodbury-double_backprop", gt.RENG, dict(structure="woodbury", lr=0.2,
-                                                    damping=0.1)),
-    ("RKalman-woodbury-finite_difference", gt.RKalman, dict(lr=0.5)),
-    ("RKalman-kfac-central", gt.RKalman, dict(structure="kfac", fd_scheme="central", lr=0.2,
-                                              damping=1e-2)),
-]
+# rows of the table (tests/cases.py) with this suite's hyperparameters: (id, case, model)
+CONFIGS = [(f"{case.id}-{model}" if model != "mlp" else case.id, case, model)
+           for case, model in (
+    (cases.get("ring/kfac/-").using(lr=0.2, damping=1e-2, momentum=0.5), "mlp"),
+    (cases.get("ring/kfac/-+mc").using(lr=0.2, damping=1e-2), "mlp"),
+    (cases.get("ring/kfac/-").using(lr=0.2, damping=1e-2), "conv"),
+    (cases.get("reng/kfac/double_bp").using(lr=0.2, damping=1e-2), "mlp"),
+    (cases.get("reng/diagonal/fin_diff").using(lr=0.05, damping=0.3), "mlp"),
+    (cases.get("reng/woodbury/double_bp").using(lr=0.2, damping=0.1), "mlp"),
+    (cases.get("rkalman/woodbury/fin_diff").using(lr=0.5), "mlp"),
+    (cases.get("rkalman/kfac/fin_diff:central").using(lr=0.2, damping=1e-2), "mlp"),
+)]
 
 
-def _model(name: str) -> nn.Module:
+def _model(kind: str) -> nn.Module:
     torch.manual_seed(0)
-    if name.endswith("conv"):
+    if kind == "conv":
         return nn.Sequential(nn.Unflatten(1, (1, 4, 4)), nn.Conv2d(1, 3, 3, padding=1),
                              nn.Tanh(), nn.Flatten(), nn.Linear(48, 3)).double()
     return nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3)).double()
@@ -52,16 +50,16 @@ def _data():
     return xs, ys, mcs
 
 
-def _run(name, cls, hp, rank=None):
+def _run(case, kind, rank=None):
     """STEPS steps: the whole batch (rank None) or this rank's half under DDP."""
-    model = _model(name)
+    model = _model(kind)
     wrapped = model if rank is None else nn.parallel.DistributedDataParallel(model)
     crit = nn.CrossEntropyLoss()
     xs, ys, mcs = _data()
     rows = slice(None) if rank is None else slice(rank * B // WORLD, (rank + 1) * B // WORLD)
     step = [0]
-    opt = cls(wrapped.parameters(), model=wrapped, loss_fn=crit,
-              sample_targets=lambda out: mcs[step[0]][rows], **hp)
+    opt = case.torch(wrapped.parameters(), model=wrapped, loss_fn=crit,
+                     sample_targets=lambda out: mcs[step[0]][rows])
     for t in range(STEPS):
         step[0] = t
         x, y = xs[t][rows], ys[t][rows]
@@ -82,7 +80,7 @@ def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        results = {name: _run(name, cls, hp, rank) for name, cls, hp in CONFIGS}
+        results = {name: _run(case, kind, rank) for name, case, kind in CONFIGS}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -109,10 +107,10 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("name, cls, hp", CONFIGS, ids=[c[0] for c in CONFIGS])
-def test_ddp_equals_single_process_on_the_combined_batch(ddp_results, name, cls, hp):
-    single = _run(name, cls, hp)
-    start = [p.detach() for p in _model(name).parameters()]
+@pytest.mark.parametrize("name, case, kind", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_ddp_equals_single_process_on_the_combined_batch(ddp_results, name, case, kind):
+    single = _run(case, kind)
+    start = [p.detach() for p in _model(kind).parameters()]
     assert _rel(single, start) > 1e-3  # the runs moved
     for r in range(WORLD):
         assert _rel(ddp_results[r][name], single) < 1e-10, r

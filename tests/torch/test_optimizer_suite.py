@@ -1,5 +1,6 @@
-"""One shared suite, driven by the OptimizerInfo table in _util.py (optimizer x structure x GR
-estimator x Fisher), and by dtype where the dtype matters.
+"""One shared suite, driven by the OptimizerInfo table in _util.py (the rows of tests/cases.py:
+optimizer x structure x GR estimator, with Fisher and scheme variants), and by dtype where the
+dtype matters.
 
 - the loss falls on a small problem (float32, float64, bfloat16);
 - param groups behave like separate optimizers;
@@ -22,6 +23,7 @@ from tests.torch._util import (
     OPTIMIZERS,
     Problem,
     closure_for,
+    entry,
     flat,
     full_loss,
     ids,
@@ -141,7 +143,7 @@ def test_scheduler_changes_the_step(info):
 
 
 def test_every_scheduler_kind_runs():
-    model, opt = _make(OPTIMIZERS[7])  # RING kfac
+    model, opt = _make(entry("ring/kfac/-"))
     scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5),
               torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.3, total_steps=20,
                                                   cycle_momentum=False),
@@ -159,7 +161,7 @@ def test_every_scheduler_kind_runs():
 
 
 def test_scheduler_can_change_any_hyperparameter():
-    model, opt = _make(OPTIMIZERS[7], momentum=0.5)
+    model, opt = _make(entry("ring/kfac/-"), momentum=0.5)
     train(opt, model, CRIT, PROBLEM, torch.float32, steps=2)
     opt.param_groups[0]["damping"] = 0.5
     opt.param_groups[0]["momentum"] = 0.9
@@ -185,7 +187,8 @@ def _roundtrip(obj):
 
 # every configuration in float32; one per optimizer in bfloat16 (float32 state, bf16 params)
 RESUME = [(i, "float32") for i in OPTIMIZERS] + [
-    (OPTIMIZERS[k], "bfloat16") for k in (0, 8, 11, 15)]
+    (entry(label), "bfloat16") for label in ("reng/kfac/double_bp", "ring/kfac/-+mc",
+                                            "rkalman/woodbury/fin_diff", "rkalman/kfac/fin_diff")]
 
 
 @pytest.mark.parametrize("info, dtype", RESUME, ids=[f"{i.id}-{d}" for i, d in RESUME])
@@ -209,16 +212,16 @@ def test_state_dict_resumes_bit_identically(info, dtype):
 
 
 def test_state_dict_of_another_shape_raises():
-    info = OPTIMIZERS[7]
-    model, opt = _make(info)
+    ring = entry("ring/kfac/-")
+    model, opt = _make(ring)
     train(opt, model, CRIT, PROBLEM, torch.float32, steps=2)
     sd = opt.state_dict()
     wide = PROBLEM.model(torch.float32, hidden=20)
-    opt_wide = info.make(wide.parameters(), wide, CRIT)
+    opt_wide = ring.make(wide.parameters(), wide, CRIT)
     with pytest.raises(ValueError, match="does not fit"):
         opt_wide.load_state_dict(sd)
     deeper = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3), nn.Linear(3, 3))
-    opt_deep = info.make(deeper.parameters(), deeper, CRIT)
+    opt_deep = ring.make(deeper.parameters(), deeper, CRIT)
     with pytest.raises(ValueError, match="parameters|size"):
         opt_deep.load_state_dict(sd)
     reng = gt.RENG(model.parameters(), model=model)
@@ -232,14 +235,14 @@ def test_state_dict_of_another_shape_raises():
 
 
 def test_state_dict_standard_layout():
-    model, opt = _make(OPTIMIZERS[8])  # RING kfac mc, momentum
+    model, opt = _make(entry("ring/kfac/-+mc"))  # momentum
     train(opt, model, CRIT, PROBLEM, torch.float32, steps=3)
     sd = opt.state_dict()
     assert set(sd) >= {"state", "param_groups"}
     assert sd["param_groups"][0]["params"] == [0, 1, 2, 3]
-    entry = sd["state"][0]["grng"]
-    assert entry["step"] == 3 and entry["layers"] == [[0, 1], [2, 3]]
-    assert {"step", "momentum", "kfac"} <= set(entry["core"])
+    saved = sd["state"][0]["grng"]
+    assert saved["step"] == 3 and saved["layers"] == [[0, 1], [2, 3]]
+    assert {"step", "momentum", "kfac"} <= set(saved["core"])
 
 
 # ------------------------------------------------------------------- errors

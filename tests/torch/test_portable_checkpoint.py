@@ -28,6 +28,7 @@ from torch import nn
 import grng_core as gc
 from grng_core import checkpoint, npz_io
 from grng_core.reference import MLP
+from tests import cases
 
 SIZES = (5, 7, 6, 3)
 B = 9
@@ -37,27 +38,30 @@ MLP_ = MLP(SIZES, activation="tanh", loss="softmax_ce")
 LAYERS = [gc.LayerSpec(*MLP_.layer_keys(k)) for k in range(MLP_.n_layers)]
 HAS_JAX = importlib.util.find_spec("jax") is not None
 
-CASES = {
-    "ring-kfac": ("ring", dict(structure="kfac", lr=0.2, rho=0.05, damping=1e-2,
-                               momentum=0.5, weight_decay=0.01, curvature_every=2,
-                               inverse_every=3)),
-    "ring-diagonal": ("ring", dict(structure="diagonal", lr=0.2, rho=0.05, damping=0.3,
-                                   momentum=0.5)),
-    "reng-kfac-db": ("reng", dict(structure="kfac", gr="double_backprop", lr=0.2, rho=0.05,
-                                  damping=1e-2, momentum=0.5, weight_decay=0.01)),
-    "reng-diagonal-fd": ("reng", dict(structure="diagonal", gr="finite_difference", lr=0.2,
-                                      rho=0.05, damping=0.3, momentum=0.5)),
-    "reng-woodbury-db": ("reng", dict(structure="woodbury", gr="double_backprop", lr=0.2,
-                                      rho=0.05, damping=1e-1, momentum=0.5)),
-    "rkalman-kfac": ("rkalman", dict(structure="kfac", gr="double_backprop", lr=0.3,
-                                     rho=0.05, damping=1e-2, prior_var=0.5, momentum=0.5)),
-    "rkalman-diagonal": ("rkalman", dict(structure="diagonal", gr="finite_difference", lr=0.3,
-                                         rho=0.05, damping=0.3, prior_var=0.5, momentum=0.5)),
-    "rkalman-woodbury": ("rkalman", dict(structure="woodbury", gr="double_backprop", lr=0.3,
-                                         rho=0.05, prior_var=0.5, momentum=0.5)),
+# every optimizer x structure of the table (tests/cases.py) with this suite's hyperparameters
+# (momentum on): name -> (optimizer, builder keywords)
+ROWS = {
+    "ring-kfac": ("ring/kfac/-", dict(lr=0.2, rho=0.05, damping=1e-2, momentum=0.5,
+                                      weight_decay=0.01, curvature_every=2, inverse_every=3)),
+    "ring-diagonal": ("ring/diagonal/-", dict(lr=0.2, rho=0.05, damping=0.3, momentum=0.5)),
+    "ring-woodbury": ("ring/woodbury/-", dict(lr=0.2, rho=0.05, damping=1e-1, momentum=0.5)),
+    "reng-kfac-db": ("reng/kfac/double_bp", dict(lr=0.2, rho=0.05, damping=1e-2, momentum=0.5,
+                                                 weight_decay=0.01)),
+    "reng-diagonal-fd": ("reng/diagonal/fin_diff", dict(lr=0.2, rho=0.05, damping=0.3,
+                                                        momentum=0.5)),
+    "reng-woodbury-db": ("reng/woodbury/double_bp", dict(lr=0.2, rho=0.05, damping=1e-1,
+                                                         momentum=0.5)),
+    "rkalman-kfac": ("rkalman/kfac/double_bp", dict(lr=0.3, rho=0.05, damping=1e-2,
+                                                    prior_var=0.5, momentum=0.5)),
+    "rkalman-diagonal": ("rkalman/diagonal/fin_diff", dict(lr=0.3, rho=0.05, damping=0.3,
+                                                           prior_var=0.5, momentum=0.5)),
+    "rkalman-woodbury": ("rkalman/woodbury/double_bp", dict(lr=0.3, rho=0.05, prior_var=0.5,
+                                                            momentum=0.5)),
 }
-FACTORY = {"reng": gc.reng, "ring": gc.ring, "rkalman": gc.rkalman}
-CLASS = {"reng": gt.RENG, "ring": gt.RING, "rkalman": gt.RKalman}
+CASES = {name: (cases.get(label).optimizer, cases.get(label).using(**hp).options())
+         for name, (label, hp) in ROWS.items()}
+FACTORY = {name: getattr(gc, name) for name in cases.OPTIMIZERS}
+CLASS = {name: getattr(gt, cases.CLASS_NAMES[name]) for name in cases.OPTIMIZERS}
 
 
 def _batches(n=N1 + N2, seed=7):
