@@ -2,7 +2,9 @@
 
 `concrete_bool(x)` returns Python's bool of a scalar array when the array is concrete (numpy,
 torch, cupy, eager jax), and None while it is being traced (jax.jit), so the caller falls back
-to `xp.where` with every branch computed.
+to `xp.where` with every branch computed. `host_bool(x)` does the same only for arrays that
+live in host memory (NumPy, CPU tensors, CPU jax): reading an accelerator's array would stall
+its pipeline, so there it returns None too (the per-step non-finite check, ALGORITHMS.md §4).
 """
 
 from __future__ import annotations
@@ -13,6 +15,31 @@ def is_traced(x) -> bool:
     # JAX tracers (jit, vmap, grad) all derive from jax.core.Tracer; checking the class names
     # avoids importing jax and avoids bool(), whose error message walks the whole graph
     return any(c.__name__ == "Tracer" for c in type(x).__mro__)
+
+
+def on_host(x) -> bool:
+    """True when reading `x` costs no device-to-host transfer (NumPy, CPU torch / jax /
+    array-api-strict arrays); False for accelerator arrays (CUDA, CuPy, other devices)."""
+    import array_api_compat
+
+    if array_api_compat.is_numpy_array(x):
+        return True
+    dev = array_api_compat.device(x)
+    if array_api_compat.is_torch_array(x):
+        return dev.type == "cpu"
+    if array_api_compat.is_cupy_array(x):
+        return False
+    platform = getattr(dev, "platform", None)  # a jax Device
+    if platform is not None:
+        return platform == "cpu"
+    return "CPU" in str(dev).upper()  # array-api-strict's CPU_DEVICE vs its device1, ...
+
+
+def host_bool(x) -> bool | None:
+    """`concrete_bool` for host arrays; None (no conversion) for accelerator arrays."""
+    if is_traced(x) or not on_host(x):
+        return None
+    return concrete_bool(x)
 
 
 def concrete_bool(x) -> bool | None:

@@ -4,15 +4,16 @@
 non-finite gradient or oracle result always reaches one of them; statistics are checked
 themselves wherever the step may consume them, since a where-selected refresh would hide them).
 When the check fails the old state (with `skipped` + 1) and zero updates are returned: selected
-with `xp.where` under jit, directly with concrete values, where `explain` then warns naming
-what was non-finite, or raises (`on_nonfinite="raise"`).
+with `xp.where` under jit and for accelerator arrays (no device-to-host read per step: the
+adapters read the counter later and `report`), directly with host arrays, where `explain` then
+warns naming what was non-finite, or raises (`on_nonfinite="raise"`, which reads the verdict).
 """
 
 from __future__ import annotations
 
 import warnings
 
-from grng_core.concrete import concrete_bool
+from grng_core.concrete import concrete_bool, host_bool
 from grng_core.state import changed_arrays, map_arrays
 
 
@@ -34,7 +35,9 @@ def commit(updates, new_state, old_state, groups: dict, ctx, on_nonfinite: str):
     if ctx.replicated:
         # one verdict for all replicas: a step skipped anywhere is skipped everywhere
         ok = ctx.mean(xp.astype(ok, ctx.sdtype)) >= 1
-    host_ok = concrete_bool(ok)
+    # no device-to-host read on accelerators (the step is where-selected, adapters report
+    # skips afterwards, `report`); "raise" needs the verdict now
+    host_ok = concrete_bool(ok) if on_nonfinite == "raise" else host_bool(ok)
     if host_ok:
         return updates, new_state
     skipped = old_state._replace(skipped=old_state.skipped + 1)
@@ -45,6 +48,18 @@ def commit(updates, new_state, old_state, groups: dict, ctx, on_nonfinite: str):
     kept = map_arrays(lambda n, o: xp.where(ok, n, o), new_state, skipped)
     kept = kept._replace(skipped=old_state.skipped + xp.astype(~ok, xp.int32, copy=False))
     return [xp.where(ok, u, z) for u, z in zip(updates, zeros)], kept
+
+
+def report(newly_skipped: int, on_nonfinite: str = "skip", where: str = "") -> None:
+    """For adapters that read the skip counter after the step (accelerator arrays): warn, or
+    raise FloatingPointError, about `newly_skipped` steps skipped as non-finite."""
+    if newly_skipped <= 0:
+        return
+    msg = (f"non-finite values (NaN or Inf){where}: {newly_skipped} step(s) skipped, parameters "
+           "and optimizer state unchanged by them")
+    if on_nonfinite == "raise":
+        raise FloatingPointError(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def explain(groups: dict, xp, on_nonfinite: str) -> None:

@@ -307,3 +307,75 @@ def test_nonfinite_params_dtype_preserved():
         updates, new_state = opt.update(grads, state, params, stats=stats, oracle=oracle)
     assert [to_np(u).dtype for u in updates] == [np.float32] * len(params)
     assert [x.dtype for x in leaves(new_state)] == [x.dtype for x in leaves(state)]
+
+
+# ------------------------------------------------------------------ accelerators: no host reads
+def _strict_device1_problem():
+    xps = pytest.importorskip("array_api_strict")
+    from grng_core.reference import MLP
+
+    dev = xps.Device("device1")  # a non-host device: what a GPU is to the core
+    mlp = MLP((6, 5, 3), activation="tanh", loss="softmax_ce")
+    rng = np.random.default_rng(0)
+    x = xps.asarray(rng.standard_normal((8, 6)), device=dev)
+    y = xps.asarray(np.eye(3)[rng.integers(0, 3, 8)], device=dev)
+    params = [xps.asarray(p, device=dev) for p in mlp.init(seed=0)]
+    layers = [gc.LayerSpec(*mlp.layer_keys(k)) for k in range(mlp.n_layers)]
+    return xps, mlp, x, y, params, layers
+
+
+def test_a_step_that_refreshes_nothing_reads_nothing_from_the_device(monkeypatch):
+    """#11: on accelerator arrays a step without refreshes makes 0 device-to-host conversions
+    (array-api-strict's device1 stands for a GPU); a non-finite step there is still skipped
+    bit-identically and counted, with no warning from the core (adapters report later)."""
+    xps, mlp, x, y, params, layers = _strict_device1_problem()
+    opt = gc.ring(lr=0.1, damping=1e-2, momentum=0.5, curvature_every=10, inverse_every=10)
+    state = opt.init(params, layers=layers)
+    upd, state = opt.update(mlp.grad(params, x, y), state, params,
+                            stats=mlp.stats(params, x, y, kind="both"))  # step 1 refreshes
+    params = gc.apply_updates(params, upd)
+    reads = []
+    array_cls = type(x)
+    for name in ("__bool__", "__float__", "__int__", "__index__"):
+        original = getattr(array_cls, name)
+
+        def counting(self, _orig=original, _name=name):
+            reads.append(_name)
+            return _orig(self)
+
+        monkeypatch.setattr(array_cls, name, counting)
+    grads = mlp.grad(params, x, y)
+    curvature, inverse = opt.flags(1)  # the host's flags for step 2: no statistics, no inverse
+    assert (curvature, inverse) == (False, False)
+    upd, state2 = opt.update(grads, state, params, curvature=False, inverse=False)
+    assert reads == []
+    bad = [g * math.nan for g in grads]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: nothing was read
+        upd_bad, state3 = opt.update(bad, state2, params, curvature=False, inverse=False)
+    assert reads == []
+    monkeypatch.undo()
+    to_np = lambda a: np.asarray(xps.asarray(a, device=xps.Device("CPU_DEVICE")))  # noqa: E731
+    assert all((to_np(u) == 0).all() for u in upd_bad)
+    assert int(to_np(state3.skipped)) == 1 and int(to_np(state3.step)) == 2
+    before = gc.codec.encode(state2)
+    after = gc.codec.encode(state3._replace(skipped=state2.skipped))
+    for k in ("step", "curvature_count"):
+        assert to_np(after[k]).tobytes() == to_np(before[k]).tobytes()
+    for a, b in zip(before["kfac"].values(), after["kfac"].values()):
+        for k in a:
+            assert to_np(a[k]).tobytes() == to_np(b[k]).tobytes()
+    for a, b in zip(before["momentum"], after["momentum"]):
+        assert to_np(a).tobytes() == to_np(b).tobytes()
+
+
+def test_report_warns_or_raises_for_new_skips():
+    from grng_core.guard import report
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report(0)  # nothing new: silent
+    with pytest.warns(RuntimeWarning, match="2 step"):
+        report(2, where=" in param group 0")
+    with pytest.raises(FloatingPointError):
+        report(1, "raise")

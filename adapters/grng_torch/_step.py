@@ -95,6 +95,7 @@ def run(opt, closure):
     title = type(opt).__name__
     if closure is None or not callable(closure):
         raise TypeError(f"{title}.step() needs a closure (got {closure!r}): {_CLOSURE_HELP}")
+    opt.skips.poll()  # skips of earlier steps on a GPU, now that their copies have landed
     sp = plan(opt)
     coll = opt.collector
     outer_autocast = autocast_state()
@@ -214,3 +215,4 @@ def _apply(opt, sp: StepPlan, grads, results) -> None:
                 if x is not None:
                     p.add_(u)
             opt.state[gp.group["params"][0]][STATE_KEY] = entry
+            opt.skips.after_step(gp.index, entry.core.skipped)

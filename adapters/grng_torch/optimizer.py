@@ -24,6 +24,7 @@ from grng_torch._collect import Collector, unwrap
 from grng_torch._functional import LossModule, default_sampler
 from grng_torch._groups import STATE_KEY, GroupState
 from grng_torch._requirements import check_needs
+from grng_torch._skips import SkipMonitor
 
 
 def hyperparameter_names(algorithm: str) -> list[str]:
@@ -89,6 +90,7 @@ class GRNGOptimizer(torch.optim.Optimizer):
         self.collective_arg = collective
         self.hp_names = names
         self._cores: list[tuple[tuple, gc.Optimizer | None]] = []
+        self.skips = SkipMonitor()
         self.collector = Collector(model, loss_fn) if model is not None else None
         if self.collector is not None:  # the hooks go when the optimizer goes
             weakref.finalize(self, self.collector.remove)
@@ -220,6 +222,11 @@ class GRNGOptimizer(torch.optim.Optimizer):
         `grng_core.save_state(path, state, opt=opt)`); hyperparameters must match (or are
         copied with `set_hyperparams=True`); ValueError leaves the optimizer unchanged."""
         _checkpoint.load(self, path, group, set_hyperparams)
+
+    def check_nonfinite(self) -> None:
+        """Report now (wait for the asynchronous counter copies of GPU groups) the steps
+        skipped as non-finite that have not been reported yet; CPU steps warn at once."""
+        self.skips.poll(wait=True)
 
     # --------------------------------------------------------------- step
     def step(self, closure: Callable[[], Any] | None = None):

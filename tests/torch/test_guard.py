@@ -99,3 +99,37 @@ def test_torch_adapter_rejects_invalid_hyperparameter():
     model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match=r"damping=-1\.0.*\(0\.0, inf\)"):
         grng_torch.RING(model.parameters(), lr=0.1, damping=-1.0, model=model)
+
+
+def test_gpu_skip_reports_arrive_one_step_later_without_a_wait():
+    """grng_torch._skips: a counter copy that has not landed is kept (no stall), one that
+    has is reported once (the CUDA event is stood in for: this machine has no GPU)."""
+    import torch
+
+    from grng_torch._skips import SkipMonitor, _Pending
+
+    class Event:
+        def __init__(self, done):
+            self.done = done
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.done = True
+
+    mon = SkipMonitor()
+    mon.pending = [_Pending(0, 0, torch.tensor(1), Event(False))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mon.poll()  # not landed: nothing read, nothing said
+    assert len(mon.pending) == 1
+    with pytest.warns(RuntimeWarning, match="1 step"):
+        mon.poll(wait=True)
+    assert mon.pending == [] and mon.seen == {0: 1}
+    mon.pending = [_Pending(0, 1, torch.tensor(1), Event(True))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mon.poll()  # no new skip since the last report
+    mon.after_step(0, torch.tensor(3))  # a CPU counter: the core already warned, nothing kept
+    assert mon.pending == []
