@@ -355,7 +355,7 @@ def test_a_step_that_refreshes_nothing_reads_nothing_from_the_device(monkeypatch
         upd_bad, state3 = opt.update(bad, state2, params, curvature=False, inverse=False)
     assert reads == []
     monkeypatch.undo()
-    to_np = lambda a: np.asarray(xps.asarray(a, device=xps.Device("CPU_DEVICE")))  # noqa: E731
+    to_np = lambda a: np.asarray(xps.asarray(a, device=xps.Device("CPU_DEVICE")))
     assert all((to_np(u) == 0).all() for u in upd_bad)
     assert int(to_np(state3.skipped)) == 1 and int(to_np(state3.step)) == 2
     before = gc.codec.encode(state2)

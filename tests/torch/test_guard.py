@@ -105,7 +105,6 @@ def test_gpu_skip_reports_arrive_one_step_later_without_a_wait():
     """grng_torch._skips: a counter copy that has not landed is kept (no stall), one that
     has is reported once (the CUDA event is stood in for: this machine has no GPU)."""
     import torch
-
     from grng_torch._skips import SkipMonitor, _Pending
 
     class Event:
