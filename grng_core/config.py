@@ -142,8 +142,8 @@ class _Common:
                               _optional(lambda n, v: check_range(n, v, 0.0, 1.0, low_open=True,
                                                                  high_open=True)))
     ns_max_iter: int = hp(50, "Newton–Schulz iteration budget", check_int)
-    inverse_method: str = hp("newton_schulz", "'newton_schulz', 'cholesky', 'eigh' or 'auto' "
-                             "(§2.1)",
+    inverse_method: str = hp("auto", "'auto' (Cholesky where the namespace has linalg, else "
+                             "Newton–Schulz), 'newton_schulz', 'cholesky' or 'eigh' (§2.1)",
                              _choice(INVERSE_METHODS))
     kl_clip: float | None = hp(None, "KL trust region κ > 0, or None (§3 tail)",
                                _optional(lambda n, v: check_range(n, v, 0.0, low_open=True)))

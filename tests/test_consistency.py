@@ -45,8 +45,9 @@ def test_small_run_float64_within_contract():
     assert worst <= C.FLOAT64_TOL
     if "array_api_strict" in backends:  # NumPy kernels underneath both: agree to round-off
         # (not bit for bit: the two namespaces may call different NumPy functions, e.g. einsum
-        # vs matmul, whose summation order depends on the CPU's SIMD kernels)
-        assert report.diffs["ring/kfac/-"][("numpy", "array_api_strict")] <= 1e-14
+        # vs matmul, whose summation order depends on the CPU's SIMD kernels, and Cholesky
+        # inverses take SciPy's triangular solve for NumPy, the general solve for strict)
+        assert report.diffs["ring/kfac/-"][("numpy", "array_api_strict")] <= 1e-13
     table = report.table()
     assert "numpy|torch" in table and "rkalman/kfac/fin_diff" in table
 

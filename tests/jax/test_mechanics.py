@@ -170,12 +170,19 @@ def test_non_refresh_steps_collect_nothing():
     assert len(conds) == 1
     # the flag pairs in order of the period: (True, True), then (False, False)
     refresh, plain = conds[0].params["branches"]
-    # the inversions (Newton–Schulz's while loops) and the statistics pass are in the refresh
-    # branch only
-    def prims(jaxpr):
-        return {e.primitive.name for e in jaxpr.eqns}
+    # the inversions (Cholesky by default, inverse_method="auto") and the statistics pass are
+    # in the refresh branch only
+    from jax.extend import core as jax_core
 
-    assert "while" in prims(refresh.jaxpr) and "while" not in prims(plain.jaxpr)
+    def prims(jaxpr):
+        out = set()
+        for e in jaxpr.eqns:
+            out.add(e.primitive.name)
+            for sub in jax_core.jaxprs_in_params(e.params):
+                out |= prims(sub)
+        return out
+
+    assert "cholesky" in prims(refresh.jaxpr) and "cholesky" not in prims(plain.jaxpr)
     assert len(plain.jaxpr.eqns) * 4 < len(refresh.jaxpr.eqns)
     dots = [e for e in plain.jaxpr.eqns if e.primitive.name == "dot_general"]
     assert len(dots) <= 4  # S⁻¹ G A⁻¹ for the two layers, nothing else
