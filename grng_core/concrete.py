@@ -9,6 +9,8 @@ its pipeline, so there it returns None too (the per-step non-finite check, ALGOR
 
 from __future__ import annotations
 
+import array_api_compat
+
 
 def is_traced(x) -> bool:
     """True for a JAX tracer (inside jit, vmap, grad): its value is not known on the host."""
@@ -20,8 +22,6 @@ def is_traced(x) -> bool:
 def on_host(x) -> bool:
     """True when reading `x` costs no device-to-host transfer (NumPy, CPU torch / jax /
     array-api-strict arrays); False for accelerator arrays (CUDA, CuPy, other devices)."""
-    import array_api_compat
-
     if array_api_compat.is_numpy_array(x):
         return True
     dev = array_api_compat.device(x)

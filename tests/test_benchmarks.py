@@ -347,3 +347,12 @@ def test_command_line_help_from_the_repository_root(module):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"usage: python -m {module}")
+
+
+def test_inverse_cost_measures_every_method():
+    pytest.importorskip("torch")
+    from benchmarks.inverse_cost import METHODS, measure
+
+    rows = measure(17, 8, 1)
+    assert [m for m, _, _ in rows] == list(METHODS)
+    assert all(s > 0 and err < 1e-3 for _, s, err in rows)
