@@ -15,6 +15,7 @@ from grng_core import kalman, preconditioner
 from grng_core.config import CONFIGS, Config, RENGConfig, RINGConfig, RKalmanConfig
 from grng_core.config import is_static_zero as _static_zero
 from grng_core.optimizer import Optimizer
+from grng_core.requirements import factored_applies
 from grng_core.state import Belief
 from grng_core.structures import kfac
 
@@ -58,12 +59,12 @@ def _rkalman_direction(env, state: Belief):
                                          prior, ctx)
     layers = state.kfac
     if layers:
-        stats = None
-        if ctx.curvature is not False:
-            stats = kfac.match_stats(layers, env.stats.layers, env.container)
-        layers = kalman.kfac_step(layers, stats, h.ema_decay, env.damping, ctx,
+        batch_rows = preconditioner.layer_rows(env, layers)
+        layers = kalman.kfac_step(layers, batch_rows, h.ema_decay, env.damping, ctx,
                                   env.container.keys)
-        out.update(kfac.precondition(layers, ghat, ctx.xp))
+        factored = ghat is env.g and factored_applies(h)
+        use = kfac.factored_rows(layers, batch_rows if factored else None, ctx)
+        out.update(kfac.precondition(layers, ghat, ctx.xp, use))
     return [out[i] for i in range(len(ghat))], ghat, Belief(diagonal=diag, kfac=layers)
 
 

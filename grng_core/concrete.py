@@ -49,3 +49,19 @@ def concrete_bool(x) -> bool | None:
         return bool(x)
     except Exception:  # any other lazy array that refuses conversion
         return None
+
+
+def branchable(x) -> bool:
+    """True when `branch` can pick one side for a predicate like `x` without a device-to-host
+    read: host arrays (a Python `if`) and JAX tracers (`lax.cond`)."""
+    return is_traced(x) or on_host(x)
+
+
+def branch(pred, if_true, if_false):
+    """if_true() when the 0-d bool `pred` holds, else if_false(); only one side runs: a Python
+    `if` for host values, `jax.lax.cond` while tracing (call only where `branchable`)."""
+    if is_traced(pred):
+        from jax import lax  # only reached when jax is tracing this computation
+
+        return lax.cond(pred, if_true, if_false)
+    return if_true() if bool(pred) else if_false()

@@ -82,9 +82,9 @@ def woodbury_step(p_state, ghat, per_example, beta, prior_var, ctx):
     return out, tuple(new)
 
 
-def _predict_correct(F_prev, P_prev, rows, shift, beta_t, ctx, name):
+def _predict_correct(F_prev, P_prev, rows, divisor, shift, beta_t, ctx, name):
     """One factor: M = βF + (1−β)shift·I, P⁻ = X₀(2I − M X₀), X₀ = P/β, then the RLS
-    correction with c = (1−β)/n: P⁺ = P⁻ − P⁻aᵀ(c⁻¹I + aP⁻aᵀ)⁻¹aP⁻ (§3.3 kfac steps 1–2).
+    correction with c = (1−β)/divisor (n for A, B for S): P⁺ = P⁻ − P⁻aᵀ(c⁻¹I + aP⁻aᵀ)⁻¹aP⁻ (§3.3 kfac steps 1–2).
 
     At the first update (β_t = 0) X₀ = M⁻¹ = I/shift exactly. The bound ‖I − M X₀‖ ≤ (1−β)/β
     assumes the damping split π did not move; where it moved so far that ‖I − M X₀‖_F ≥ 1/2
@@ -107,7 +107,7 @@ def _predict_correct(F_prev, P_prev, rows, shift, beta_t, ctx, name):
         exact = spd_inverse(M, xp, method=ctx.method, warm=X0, tol=ctx.tol,
                             max_iter=ctx.max_iter, name=f"M of {name}")
         P_minus = xp.where(far, exact, P_minus)
-    c = (1.0 - beta_t) / n
+    c = (1.0 - beta_t) / divisor
     F_new = M + c * (xp.matrix_transpose(rows) @ rows)
     if n >= d:
         P_plus = spd_inverse(F_new, xp, method=ctx.method, warm=P_minus, tol=ctx.tol,
@@ -121,33 +121,35 @@ def _predict_correct(F_prev, P_prev, rows, shift, beta_t, ctx, name):
     return F_new, symmetrize(P_plus, xp)
 
 
-def kfac_step(layers, stats, beta, damping, ctx, keys):
+def kfac_step(layers, batch_rows, beta, damping, ctx, keys):
     """Kronecker belief (§3.3 kfac): on curvature steps predict + correct every layer's P_A,
     P_S; on inverse steps refresh them directly from the carried damped factors (§2.1),
-    warm started, which stops drift. stats: the layers' LayerStats (None off curvature)."""
+    warm started, which stops drift. batch_rows: the layers' LayerRows (None off curvature)."""
     xp = ctx.xp
     if ctx.curvature is not False:
         beta_t = xp.where(ctx.first, xp.zeros((), dtype=ctx.sdtype, device=ctx.device),
                           xp.full((), beta, dtype=ctx.sdtype, device=ctx.device))
         root = xp.sqrt(xp.asarray(damping, dtype=ctx.sdtype, device=ctx.device))
-        layers = tuple(_observe(layer, ls, beta_t, root, ctx, keys)
-                       for layer, ls in zip(layers, stats))
+        layers = tuple(_observe(layer, r, beta_t, root, ctx, keys)
+                       for layer, r in zip(layers, batch_rows))
     if ctx.inverse is not False:
         layers = kfac.refresh(layers, lambda layer: (layer.A, layer.S), ctx, keys)
     return layers
 
 
-def _observe(layer, ls, beta_t, root, ctx, keys):
+def _observe(layer, r, beta_t, root, ctx, keys):
     """One layer's predict + correct with this batch's rows (selected on curvature steps)."""
     xp, L = ctx.xp, layer.layout
-    a, s = kfac.rows(L, ls, ctx)
-    a, s = ctx.gather(a), ctx.gather(s)
+    a, s = ctx.gather(r.a), ctx.gather(r.s)
+    batch = r.batch * (a.shape[0] // r.a.shape[0])  # B over all replicas
     tr_a = beta_t * layer.trace_A + (1.0 - beta_t) * xp.sum(a * a) / a.shape[0]
-    tr_s = beta_t * layer.trace_S + (1.0 - beta_t) * xp.sum(s * s) / s.shape[0]
+    tr_s = beta_t * layer.trace_S + (1.0 - beta_t) * xp.sum(s * s) / batch
     pi = kfac.pi_split(tr_a, L.d_in_ext, tr_s, L.d_out, xp)
     name = f"layer {keys[L.weight]!r}"
-    A, PA = _predict_correct(layer.A, layer.A_inv, a, pi * root, beta_t, ctx, f"A of {name}")
-    S, PS = _predict_correct(layer.S, layer.S_inv, s, root / pi, beta_t, ctx, f"S of {name}")
+    A, PA = _predict_correct(layer.A, layer.A_inv, a, a.shape[0], pi * root, beta_t, ctx,
+                             f"A of {name}")
+    S, PS = _predict_correct(layer.S, layer.S_inv, s, batch, root / pi, beta_t, ctx,
+                             f"S of {name}")
     fresh = layer._replace(A=A, S=S, A_inv=PA, S_inv=PS, trace_A=tr_a, trace_S=tr_s)
     return type(layer)(*(v if isinstance(v, type(L)) else select(ctx.curvature, v, o, xp)
                          for v, o in zip(fresh, layer)))

@@ -6,6 +6,7 @@ covers all leaves; `woodbury` uses the current batch's per-example gradients (no
 
 from __future__ import annotations
 
+from grng_core.requirements import factored_applies
 from grng_core.state import Preconditioner
 from grng_core.structures import diagonal, kfac, woodbury
 
@@ -21,7 +22,8 @@ def init(config, layouts, leaves, xp, sdtype, dev) -> Preconditioner:
 
 
 def update_and_solve(env, state: Preconditioner, vectors) -> tuple[list, Preconditioner]:
-    """Refresh the curvature on curvature/inverse steps, then (F + λI)⁻¹ vectors."""
+    """Refresh the curvature on curvature/inverse steps, then (F + λI)⁻¹ vectors; K-FAC
+    layers in factored form (§2.1) where `vectors` is the batch gradient and rows are given."""
     h, ctx, xp = env.h, env.ctx, env.ctx.xp
     if h.structure == "woodbury":
         J = woodbury.jacobian_rows(env.per_example, ctx)
@@ -33,10 +35,21 @@ def update_and_solve(env, state: Preconditioner, vectors) -> tuple[list, Precond
     out = diagonal.solve(diag, vectors, env.damping, beta, env.curvature_count, ctx)
     layers = state.kfac
     if layers:
+        batch_rows = layer_rows(env, layers)
         if ctx.curvature is not False:
-            stats = kfac.match_stats(layers, env.stats.layers, env.container)
-            layers = kfac.update_factors(layers, stats, beta, ctx)
+            layers = kfac.update_factors(layers, batch_rows, beta, ctx)
         if ctx.inverse is not False:
             layers = kfac.refresh_inverses(layers, env.damping, ctx, env.container.keys)
-        out.update(kfac.precondition(layers, vectors, xp))
+        factored = vectors is env.g and factored_applies(h)
+        use = kfac.factored_rows(layers, batch_rows if factored else None, ctx)
+        out.update(kfac.precondition(layers, vectors, xp, use))
     return [out[i] for i in range(len(vectors))], Preconditioner(diagonal=diag, kfac=layers)
+
+
+def layer_rows(env, layers) -> list | None:
+    """This step's K-FAC rows: required on curvature steps, used when given on the others."""
+    only_precondition = env.ctx.curvature is False
+    if only_precondition and env.stats.layers is None:
+        return None
+    stats = kfac.match_stats(layers, env.stats.layers, env.container, only_precondition)
+    return kfac.all_rows(layers, stats, env.ctx)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from grng_core.config import Config, uses_estimator
+from grng_core.config import Config, is_static_zero, uses_estimator
 from grng_core.types import Requirements
 
 
@@ -16,4 +16,13 @@ def requirements(config: Config) -> Requirements:
     gr = getattr(config, "gr", None)
     return Requirements(layer_stats=s == "kfac", per_example_grads=per_example,
                         grad_fn=gr_on and gr == "finite_difference",
-                        hvp_fn=gr_on and gr == "double_backprop", fisher=config.fisher)
+                        hvp_fn=gr_on and gr == "double_backprop", fisher=config.fisher,
+                        layer_rows=factored_applies(config))
+
+
+def factored_applies(config: Config) -> bool:
+    """K-FAC's factored form can serve (§2.1): the preconditioned vector is the batch gradient
+    g (RING; RENG and R-Kalman with the constant ρ = 0) and the statistics' rows are the
+    gradient's own (the empirical Fisher)."""
+    return (config.structure == "kfac" and config.fisher == "empirical"
+            and (config.algorithm == "ring" or is_static_zero(config.rho)))

@@ -33,6 +33,10 @@ class LayerStats(NamedTuple):
     transposed: False when the weight is stored (d_out, d_in) as in torch, True when it is
         stored (d_in, d_out) as in JAX/Flax. A convolution weight of shape
         (d_out, c, kh, kw) is treated as (d_out, c*kh*kw).
+    batch_size: B, the number of examples the rows come from; None means B = n (a dense
+        layer, one row per example). For shared weights (a convolution's positions, a
+        sequence's tokens: n = B·T rows) pass B: the layer gradient is G = sᵀa/B and
+        Ŝ = sᵀs/B (§2.1, K-FAC "expand").
     """
 
     weight: Hashable
@@ -40,6 +44,7 @@ class LayerStats(NamedTuple):
     inputs: Any
     output_grads: Any
     transposed: bool = False
+    batch_size: int | None = None
 
 
 class Stats(NamedTuple):
@@ -88,6 +93,10 @@ class Requirements(NamedTuple):
     per_example_grads: per-example gradients (`Stats.per_example_grads`) on curvature steps.
     grad_fn / hvp_fn: which oracle the GR estimator calls every step.
     fisher: "empirical" or "mc": which labels the adapter uses for the statistics.
+    layer_rows: the K-FAC rows are worth handing over on every step, not only on curvature
+        steps: the direction preconditions the batch gradient itself, so the core can use the
+        factored form (§2.1) where the rows are the empirical Fisher's (free from the
+        gradient's own backward pass).
     """
 
     layer_stats: bool
@@ -95,3 +104,4 @@ class Requirements(NamedTuple):
     grad_fn: bool
     hvp_fn: bool
     fisher: str
+    layer_rows: bool = False

@@ -170,7 +170,9 @@ class CupyOptimizer:
     def flags(self, step: int | None = None) -> tuple[bool, bool]:
         """(curvature, inverse) at `step` steps already taken (default `t`: the next call of
         `step`); the core's `flags`. Statistics are needed only where curvature is True (every
-        step for 'woodbury')."""
+        step for 'woodbury'); K-FAC rows given on the other steps serve the factored form
+        (`requirements.layer_rows`, ALGORITHMS.md §2.1; NumPy arrays only: on a GPU choosing
+        it would need a device-to-host read, so CuPy preconditions densely)."""
         return self.core.flags(self.t if step is None else step)
 
     def needs_stats(self) -> bool:

@@ -169,6 +169,7 @@ class Collector:
         self.a: dict[int, list] = {}
         self.s: dict[int, list] = {}
         self.z: dict[int, list] = {}
+        self.examples: dict[int, int] = {}  # per layer: examples over its collected calls
         self._handles = [self.root.register_forward_pre_hook(self._root_hook, with_kwargs=True)]
         for i, L in enumerate(self.layers):
             self._handles.append(L.module.register_forward_hook(self._layer_hook(i)))
@@ -212,11 +213,12 @@ class Collector:
             if self.mode is None or i not in self.active or not inputs:
                 return None
             x = inputs[0]
+            n = self.batch.size if self.batch.size is not None else x.shape[0]
             self.a.setdefault(i, []).append(input_rows(layer, x.detach()))
+            self.examples[i] = self.examples.get(i, 0) + n
             if self.mode == "outputs":
                 self.z.setdefault(i, []).append(output)
             elif output.requires_grad:
-                n = self.batch.size if self.batch.size is not None else x.shape[0]
                 output.register_hook(self._grad_hook(i, n))
             return None
 
@@ -247,10 +249,15 @@ class Collector:
 
     def clear(self) -> None:
         self.a, self.s, self.z = {}, {}, {}
+        self.examples = {}
         self.batch = Batch()
 
-    def rows(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a, s) of layer i, every forward call of the layer concatenated."""
+    def has_rows(self, i: int) -> bool:
+        return bool(self.a.get(i)) and bool(self.s.get(i))
+
+    def rows(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(a, s, B) of layer i, every forward call of the layer concatenated; B counts the
+        examples of those calls (the rows are B·T for a convolution or a sequence)."""
         a, s = self.a.get(i), self.s.get(i)
         name = self.layers[i].name or type(self.layers[i].module).__name__
         if not a or not s:
@@ -259,7 +266,7 @@ class Collector:
                 "the model's forward and call loss.backward() (and the layer must take part)")
         a_rows = a[0] if len(a) == 1 else torch.cat(a)
         s_rows = s[0] if len(s) == 1 else torch.cat(s[::-1])
-        return a_rows, s_rows
+        return a_rows, s_rows, self.examples[i]
 
     def scale(self) -> int:
         """B, the batch size the output gradients are multiplied by."""

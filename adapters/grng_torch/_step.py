@@ -42,6 +42,7 @@ class GroupPlan:
     inverse: bool
     layers: list  # (hooked layer number, weight position, bias position)
     offset: int = 0  # where the group starts among all parameters
+    rows_only: bool = False  # no curvature update: K-FAC rows for the factored form only
 
 
 @dataclass
@@ -69,6 +70,7 @@ def _group_plan(opt, i: int, group: dict) -> GroupPlan:
 
 
 def plan(opt) -> StepPlan:
+    replicated = _collective(opt) is not None
     sp = StepPlan([_group_plan(opt, i, g) for i, g in enumerate(opt.param_groups)
                    if g["params"]])
     n = 0
@@ -77,6 +79,10 @@ def plan(opt) -> StepPlan:
         r = gp.core.requirements
         if r.layer_stats and gp.curvature:
             (sp.mc if r.fisher == "mc" else sp.emp).update(li for li, _, _ in gp.layers)
+        elif r.layer_rows and not replicated:  # the factored form's rows (§2.1): hooks only
+            gp.rows_only = True
+            sp.emp.update(li for li, _, _ in gp.layers
+                          if opt.collector.layers[li].kind == "linear")
         if r.per_example_grads and gp.curvature:
             sp.pe[r.fisher].append(gp.index)
         sp.hvp |= r.hvp_fn
@@ -165,21 +171,31 @@ def _extra_passes(opt, sp: StepPlan) -> dict[int, torch.Tensor]:
     return pe
 
 
+def _layer_stats(opt, layers) -> list[gc.LayerStats]:
+    out = []
+    for li, w, b in layers:
+        a, s, examples = opt.collector.rows(li)
+        out.append(gc.LayerStats(w, b, a, s, batch_size=examples))
+    return out
+
+
 def _stats(opt, sp: StepPlan, gp: GroupPlan, layers, pe) -> gc.Stats | None:
     r = gp.core.requirements
+    if gp.rows_only:
+        seen = [L for L in layers if opt.collector.has_rows(L[0])]
+        return gc.Stats(layers=_layer_stats(opt, seen)) if seen else None
     if not gp.curvature or not (r.layer_stats or r.per_example_grads):
         return None
     use_pe = gp.index in sp.pe["empirical"] + sp.pe["mc"]
     return gc.Stats(
         per_example_grads=[pe[id(p)] for p in gp.group["params"]] if use_pe else None,
-        layers=[gc.LayerStats(w, b, *opt.collector.rows(li)) for li, w, b in layers] or None)
+        layers=_layer_stats(opt, layers) or None)
 
 
 def _present(opt, gp: GroupPlan) -> list:
     """The candidate layers whose hooks saw this batch (the first step's K-FAC layers)."""
     coll = opt.collector
-    return [(li, w, b) for li, w, b in gp.layers
-            if coll is not None and coll.a.get(li) and coll.s.get(li)]
+    return [(li, w, b) for li, w, b in gp.layers if coll is not None and coll.has_rows(li)]
 
 
 def _group_update(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any]):

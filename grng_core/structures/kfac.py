@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import math
 
+from grng_core.concrete import branch, branchable
 from grng_core.context import select
 from grng_core.linalg import spd_inverse
 from grng_core.state import KfacLayer, LayerLayout
+from grng_core.structures import factored
+from grng_core.structures.rows import LayerRows, rows
 from grng_core.tree import device as _dev
 from grng_core.tree import index_of
 
@@ -66,8 +69,9 @@ def init(layouts, xp, sdtype, device, traces: bool = False) -> tuple[KfacLayer, 
         for L in layouts)
 
 
-def match_stats(layers, stats_layers, container) -> list:
-    """The LayerStats of every registered layer, in the layers' order (checked widths)."""
+def match_stats(layers, stats_layers, container, partial: bool = False) -> list:
+    """The LayerStats of every registered layer, in the layers' order (checked widths);
+    `partial` (steps that only precondition): None for a layer without statistics."""
     if not layers:
         return []
     if stats_layers is None:
@@ -78,6 +82,9 @@ def match_stats(layers, stats_layers, container) -> list:
     for layer in layers:
         L = layer.layout
         s = by_weight.get(L.weight)
+        if s is None and partial:
+            out.append(None)
+            continue
         if s is None:
             raise ValueError(f"stats.layers has no statistics for the layer of weight "
                              f"{container.keys[L.weight]!r} registered at init")
@@ -88,29 +95,19 @@ def match_stats(layers, stats_layers, container) -> list:
                 f"d_out={L.d_out})"
             )
         out.append(s)
-    if len(by_weight) != len(layers):
-        extra = set(by_weight) - {layer.layout.weight for layer in layers}
+    extra = set(by_weight) - {layer.layout.weight for layer in layers}
+    if extra:
         raise ValueError(f"stats.layers has layers not registered at init (weights "
                          f"{[container.keys[i] for i in extra]})")
     return out
 
 
-def rows(L: LayerLayout, ls, ctx):
-    """(a', s) in the state dtype: inputs with the ones column when the layer has a bias."""
+def batch_factors(r: LayerRows, ctx):
+    """Â = aᵀa/n, Ŝ = sᵀs/B for one batch (B = n for a dense layer; shared weights keep the
+    per-example scale, K-FAC "expand"), averaged over replicas (§2.1)."""
     xp = ctx.xp
-    a = xp.astype(xp.reshape(ls.inputs, (-1, L.d_in)), ctx.sdtype, copy=False)
-    s = xp.astype(xp.reshape(ls.output_grads, (-1, L.d_out)), ctx.sdtype, copy=False)
-    if L.bias is not None:
-        a = xp.concat([a, xp.ones((a.shape[0], 1), dtype=ctx.sdtype, device=ctx.device)], axis=1)
-    return a, s
-
-
-def batch_factors(L: LayerLayout, ls, ctx):
-    """Â = aᵀa/n, Ŝ = sᵀs/n for one batch, averaged over replicas (§2.1)."""
-    a, s = rows(L, ls, ctx)
-    xp = ctx.xp
-    A_hat = ctx.mean(xp.matrix_transpose(a) @ a / a.shape[0])
-    S_hat = ctx.mean(xp.matrix_transpose(s) @ s / s.shape[0])
+    A_hat = ctx.mean(xp.matrix_transpose(r.a) @ r.a / r.a.shape[0])
+    S_hat = ctx.mean(xp.matrix_transpose(r.s) @ r.s / r.batch)
     return A_hat, S_hat
 
 
@@ -119,11 +116,17 @@ def ema(old, new, beta, ctx):
     return ctx.xp.where(ctx.first, new, beta * old + (1.0 - beta) * new)
 
 
-def update_factors(layers, stats, beta, ctx) -> tuple[KfacLayer, ...]:
-    """EMA of every layer's factors with this batch (selected on curvature steps)."""
+def all_rows(layers, stats, ctx) -> list:
+    """The rows of every layer (stats from `match_stats`; None stays None), cast once."""
+    return [None if ls is None else rows(layer.layout, ls, ctx)
+            for layer, ls in zip(layers, stats)]
+
+
+def update_factors(layers, batch_rows, beta, ctx) -> tuple[KfacLayer, ...]:
+    """EMA of every layer's factors with this batch's rows (selected on curvature steps)."""
     new = []
-    for layer, ls in zip(layers, stats):
-        A_hat, S_hat = batch_factors(layer.layout, ls, ctx)
+    for layer, r in zip(layers, batch_rows):
+        A_hat, S_hat = batch_factors(r, ctx)
         A = ema(layer.A, A_hat, beta, ctx)
         S = ema(layer.S, S_hat, beta, ctx)
         new.append(layer._replace(A=select(ctx.curvature, A, layer.A, ctx.xp),
@@ -199,11 +202,35 @@ def split_matrix(L: LayerLayout, U, shapes, xp) -> dict:
     return out
 
 
-def precondition(layers, leaves, xp) -> dict:
-    """U = S_λ⁻¹ G A_λ⁻¹ for every layer: {position: preconditioned leaf}."""
+def factored_rows(layers, batch_rows, ctx) -> list[LayerRows | None]:
+    """Per layer, its rows where the factored form is cheaper for their shapes (§2.1), else
+    None; all None without rows or across replicas (the replica-averaged gradient is not one
+    replica's product)."""
+    if batch_rows is None or ctx.replicated:
+        return [None] * len(layers)
+    return [r if r is not None and factored.cheaper(layer.layout.d_out, layer.layout.d_in_ext,
+                                                    r.a.shape[0])
+            else None for layer, r in zip(layers, batch_rows)]
+
+
+def _precondition_one(layer: KfacLayer, G, r: LayerRows | None, xp):
+    """S⁻¹ G A⁻¹, factored when `r` is given, G is c·sᵀa/B and a branch costs no sync."""
+    def dense():
+        return layer.S_inv @ G @ layer.A_inv
+
+    if r is None or not branchable(G):
+        return dense()
+    c, ok = factored.product_scale(G, r, xp)
+    return branch(ok, lambda: factored.apply(r, layer.S_inv, layer.A_inv, c, xp), dense)
+
+
+def precondition(layers, leaves, xp, rows_of=None) -> dict:
+    """U = S_λ⁻¹ G A_λ⁻¹ for every layer: {position: preconditioned leaf}. `rows_of`: per
+    layer LayerRows or None (`layer_rows`): the factored form where G is their product."""
     shapes = [tuple(x.shape) for x in leaves]
+    rows_of = rows_of or [None] * len(layers)
     out = {}
-    for layer in layers:
-        U = layer.S_inv @ grad_matrix(layer.layout, leaves, xp) @ layer.A_inv
+    for layer, r in zip(layers, rows_of):
+        U = _precondition_one(layer, grad_matrix(layer.layout, leaves, xp), r, xp)
         out.update(split_matrix(layer.layout, U, shapes, xp))
     return out

@@ -1,0 +1,59 @@
+"""Factored K-FAC preconditioning (ALGORITHMS.md §2.1, "Factored preconditioning").
+
+When a layer's gradient is the product of its batch rows, G = c·sᵀa/B, the preconditioned
+gradient is U = c·(S_λ⁻¹sᵀ)(a A_λ⁻¹)/B: n(d_out² + d_in'² + d_out·d_in') multiply-adds
+instead of d_out·d_in'(d_out + d_in'). Whether it is used is decided from shapes alone
+(`cheaper`), and whether G is that product (up to the scalar c that global clipping or a loss
+scale introduce) by a check on two fixed probe vectors, O((d_out + n)·d_in') work: G's probes
+must match c times the rows' within `tolerance` (well above rounding, far below a real
+difference such as an L2 term, a tied weight's other use, per-element clipping, or
+mis-paired accumulated rows). A gradient that fails it is preconditioned densely.
+"""
+
+from __future__ import annotations
+
+import math
+
+from grng_core.structures.rows import LayerRows
+from grng_core.tree import device
+
+N_PROBES = 2
+
+
+def cheaper(d_out: int, d_in: int, n: int) -> bool:
+    """True when the factored form costs fewer multiply-adds than the dense one (§2.1)."""
+    return n * (d_out * d_out + d_in * d_in + d_out * d_in) < d_out * d_in * (d_out + d_in)
+
+
+def tolerance(dtype, xp) -> float:
+    """√eps of the rows' dtype: 3.5e-4 in float32, 1.5e-8 in float64."""
+    return math.sqrt(float(xp.finfo(dtype).eps))
+
+
+def probes(d: int, xp, dtype, device):
+    """(d × 2) fixed, well-spread probe vectors: cos of incommensurate multiples of the index
+    (deterministic, so every backend and every run checks the same directions)."""
+    j = xp.astype(xp.arange(1, d + 1, device=device), dtype)
+    return xp.stack([xp.cos(j * 2.3999632297286535), xp.cos(j * 1.0471975511965976 + 0.5)],
+                    axis=1)
+
+
+def product_scale(G, r: LayerRows, xp):
+    """(c, ok): the least-squares scalar with G·U ≈ c·(sᵀ(aU))/B on the probes U, and whether
+    the residual is within `tolerance`·‖G·U‖ (a 0-d bool array)."""
+    U = probes(G.shape[1], xp, G.dtype, device(G))
+    GU = G @ U
+    PU = xp.matrix_transpose(r.s) @ (r.a @ U) / r.batch
+    pp = xp.sum(PU * PU)
+    c = xp.sum(GU * PU) / xp.where(pp > 0, pp, xp.ones_like(pp))
+    res = GU - c * PU
+    tol = tolerance(G.dtype, xp)
+    ok = xp.sum(res * res) <= (tol * tol) * xp.sum(GU * GU)
+    return c, ok
+
+
+def apply(r: LayerRows, S_inv, A_inv, c, xp):
+    """c·(S⁻¹sᵀ)(aA⁻¹)/B."""
+    left = S_inv @ xp.matrix_transpose(r.s)
+    right = r.a @ A_inv
+    return (c / r.batch) * (left @ right)

@@ -1,0 +1,70 @@
+"""grng_torch keeps the K-FAC rows on every step and the core preconditions in factored form
+(ALGORITHMS.md §2.1): the same parameters as the dense product, in float64, also when the
+closure clips the gradient or adds a loss term the hooks do not see."""
+
+import pytest
+import torch
+from torch import nn
+
+import grng_torch
+from grng_core.structures import factored
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 64), nn.Tanh(),
+                         nn.Linear(64, 10)).double()
+
+
+def _train(closure_kind: str, steps: int = 12):
+    model = _model()
+    opt = grng_torch.RING(model.parameters(), model=model, lr=0.1, rho=0.05, damping=0.1,
+                          curvature_every=5, inverse_every=5, momentum=0.5)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(32, 64, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 10, (32,), generator=g)
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            if closure_kind == "l2":
+                loss = loss + 1e-3 * sum((p * p).sum() for p in model.parameters())
+            loss.backward()
+            if closure_kind == "clip_norm":
+                nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            if closure_kind == "clip_value":
+                nn.utils.clip_grad_value_(model.parameters(), 1e-3)
+            return loss
+
+        opt.step(closure)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    count = [0]
+    real = factored.apply
+
+    def spy(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(factored, "apply", spy)
+    return count
+
+
+@pytest.mark.parametrize("kind,expect_factored", [("plain", True), ("clip_norm", True),
+                                                  ("l2", False), ("clip_value", False)])
+def test_factored_steps_equal_dense_steps(monkeypatch, calls, kind, expect_factored):
+    factored_run = _train(kind)
+    used = calls[0]
+    monkeypatch.setattr(factored, "cheaper", lambda *a: False)  # dense everywhere
+    dense_run = _train(kind)
+    assert calls[0] == used
+    if expect_factored:
+        assert used >= 12  # every step (curvature or not) of the two wide layers
+    else:
+        assert used == 0
+    for a, b in zip(factored_run, dense_run):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
