@@ -84,7 +84,8 @@ def woodbury_step(p_state, ghat, per_example, beta, prior_var, ctx):
 
 def _predict_correct(F_prev, P_prev, rows, divisor, shift, beta_t, ctx, name):
     """One factor: M = βF + (1−β)shift·I, P⁻ = X₀(2I − M X₀), X₀ = P/β, then the RLS
-    correction with c = (1−β)/divisor (n for A, B for S): P⁺ = P⁻ − P⁻aᵀ(c⁻¹I + aP⁻aᵀ)⁻¹aP⁻ (§3.3 kfac steps 1–2).
+    correction with c = (1−β)/divisor (n for A, B for S):
+    P⁺ = P⁻ − P⁻aᵀ(c⁻¹I + aP⁻aᵀ)⁻¹aP⁻ (§3.3 kfac steps 1–2).
 
     At the first update (β_t = 0) X₀ = M⁻¹ = I/shift exactly. The bound ‖I − M X₀‖ ≤ (1−β)/β
     assumes the damping split π did not move; where it moved so far that ‖I − M X₀‖_F ≥ 1/2

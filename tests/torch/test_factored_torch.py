@@ -2,11 +2,11 @@
 (ALGORITHMS.md §2.1): the same parameters as the dense product, in float64, also when the
 closure clips the gradient or adds a loss term the hooks do not see."""
 
+import grng_torch
 import pytest
 import torch
 from torch import nn
 
-import grng_torch
 from grng_core.structures import factored
 
 
@@ -25,7 +25,7 @@ def _train(closure_kind: str, steps: int = 12):
         x = torch.randn(32, 64, generator=g, dtype=torch.float64)
         y = torch.randint(0, 10, (32,), generator=g)
 
-        def closure():
+        def closure(x=x, y=y):
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)
             if closure_kind == "l2":
