@@ -35,7 +35,16 @@ def _reng_direction(env, state):
 
 
 def _ring_direction(env, state):
-    """§3.2: d = (1 − ρλ)(F + λI)⁻¹ g + ρ g (H ≈ F substituted exactly; no extra gradient)."""
+    """§3.2, form "adaptive_damping": d = (F + c_t I)⁻¹ g, c_t = λ + ρ‖g‖² (‖g‖² over every
+    leaf); form "gauss_newton": d = (1 − ρλ)(F + λI)⁻¹ g + ρ g (H ≈ F substituted exactly).
+    Neither needs an extra gradient."""
+    if env.h.form == "adaptive_damping":
+        if _static_zero(env.h.rho):
+            damping = env.damping
+        else:
+            damping = env.damping + env.rho * sum(env.ctx.xp.sum(g * g) for g in env.g)
+        sol, new = preconditioner.update_and_solve(env, state, env.g, damping)
+        return sol, env.g, new
     sol, new = preconditioner.update_and_solve(env, state, env.g)
     if _static_zero(env.h.rho):
         return sol, env.g, new
@@ -60,8 +69,8 @@ def _rkalman_direction(env, state: Belief):
     layers = state.kfac
     if layers:
         batch_rows = preconditioner.layer_rows(env, layers)
-        layers = kalman.kfac_step(layers, batch_rows, h.ema_decay, env.damping, ctx,
-                                  env.container.keys)
+        layers = kalman.kfac_step(layers, batch_rows, h.ema_decay, env.damping,
+                                  h.kalman_predict_steps, ctx, env.container.keys)
         factored = ghat is env.g and factored_applies(h)
         use = kfac.factored_rows(layers, batch_rows if factored else None, ctx)
         out.update(kfac.precondition(layers, ghat, ctx.xp, use))
@@ -95,7 +104,8 @@ def _builder(config_cls, summary: str):
 reng = _builder(RENGConfig, "RENG, Regularized Explicit Natural Gradient (§3.1): "
                 "d = (F + λI)⁻¹ ĝ. rho = 0 is plain damped natural gradient (NGD).")
 ring = _builder(RINGConfig, "RING, Regularized Implicit Natural Gradient (§3.2): "
-                "d = (1 − ρλ)(F + λI)⁻¹ g + ρ g. Requires 0 ≤ ρλ ≤ 1.")
+                "form='adaptive_damping' (default) d = (F + (λ + ρ‖g‖²)I)⁻¹ g; "
+                "form='gauss_newton' d = (1 − ρλ)(F + λI)⁻¹ g + ρ g (requires 0 ≤ ρλ ≤ 1).")
 rkalman = _builder(RKalmanConfig, "R-Kalman (§3.3): a Kalman filter over the parameters; the "
                    "mean moves along P⁺ ĝ (σ₀⁻² plays the part of damping).")
 BUILDERS = {name: {"reng": reng, "ring": ring, "rkalman": rkalman}[name] for name in CONFIGS}

@@ -8,6 +8,8 @@ layout every GRNG checkpoint file, torch `state_dict` and CuPy save has used sin
     diag  (RENG/RING) | belief (R-Kalman)     {"<leaf position>": array}    (not RENG/RING woodbury)
     kfac                                      {"<w>/<b or ->/<T or N>": {A, S, A_inv, S_inv
                                                [, trace_A, trace_S]}}      (structure kfac)
+                                              (eigh with a per-step damping: A, S, A_vecs,
+                                               A_vals, S_vecs, S_vals instead of the inverses)
 
 Layer keys spell the layout for people and for reading the file without a template; inside the
 library the layout is the typed `LayerLayout` field.
@@ -17,8 +19,7 @@ from __future__ import annotations
 
 from grng_core.state import Belief, KfacLayer, LayerLayout, OptState, Preconditioner
 
-_FACTORS = ("A", "S", "A_inv", "S_inv")
-_TRACES = ("trace_A", "trace_S")
+_FIELDS = tuple(f for f in KfacLayer._fields if f != "layout")
 
 
 def layer_key(L: LayerLayout) -> str:
@@ -42,10 +43,8 @@ def encode(state: OptState) -> dict:
 
 
 def _encode_layer(layer: KfacLayer) -> dict:
-    out = {k: getattr(layer, k) for k in _FACTORS}
-    if layer.trace_A is not None:
-        out.update({k: getattr(layer, k) for k in _TRACES})
-    return out
+    """The layer's arrays by field name (fields that are None are left out)."""
+    return {k: getattr(layer, k) for k in _FIELDS if getattr(layer, k) is not None}
 
 
 def decode(tree: dict, like: OptState | None = None, n_leaves: int | None = None) -> OptState:
@@ -93,8 +92,7 @@ def _decode_like(tree: dict, like: OptState) -> OptState:
 
 
 def _decode_layer(entry: dict, layout: LayerLayout) -> KfacLayer:
-    return KfacLayer(layout, *(entry[k] for k in _FACTORS),
-                     *(entry.get(k) for k in _TRACES))
+    return KfacLayer(layout, *(entry.get(k) for k in _FIELDS))
 
 
 def parse_layer_key(key: str, entry: dict | None = None) -> LayerLayout:

@@ -26,6 +26,7 @@ FD_SCHEMES = ("forward", "backward", "central")
 FISHERS = ("empirical", "mc")
 INVERSE_METHODS = ("newton_schulz", "cholesky", "eigh", "auto")
 ON_NONFINITE = ("skip", "raise")
+RING_FORMS = ("adaptive_damping", "gauss_newton")
 STATE_DTYPES = (None, "float32", "float64")
 
 Schedule = Callable[[Any], Any]
@@ -222,19 +223,26 @@ class RENGConfig(_Common):
 
 @dataclass(frozen=True)
 class RINGConfig(_Common):
-    """RING (§3.2): d = (1 − ρλ)(F + λI)⁻¹ g + ρ g; requires 0 ≤ ρλ ≤ 1."""
+    """RING (§3.2): form "adaptive_damping" d = (F + (λ + ρ‖g‖²) I)⁻¹ g (default), form
+    "gauss_newton" d = (1 − ρλ)(F + λI)⁻¹ g + ρ g (requires 0 ≤ ρλ ≤ 1)."""
 
     lr: Scalar = hp(0.1, _LR_DOC, _nonneg_sched, schedulable=True)
     rho: Scalar = hp(0.05, _RHO_DOC, _nonneg_sched, schedulable=True)
     damping: Scalar = hp(1e-3, _DAMPING_DOC, _positive, schedulable=True)
+    _: KW_ONLY
+    form: str = hp("adaptive_damping", "'adaptive_damping' (d = (F + (λ + ρ‖g‖²)I)⁻¹ g) or "
+                   "'gauss_newton' (d = (1 − ρλ)(F + λI)⁻¹ g + ρ g) (§3.2)", _choice(RING_FORMS))
 
     algorithm: ClassVar[str] = "ring"
 
     def _check_joint(self) -> None:
         rho, damping = self.rho, self.damping
+        if self.form != "gauss_newton":
+            return
         if not callable(rho) and not callable(damping) and rho * damping > 1.0:
             raise ValueError(f"invalid rho*damping={rho * damping!r} (rho={rho!r}, "
-                             f"damping={damping!r}): RING allowed range is 0 <= rho*damping <= 1")
+                             f"damping={damping!r}): RING form='gauss_newton' allowed range is "
+                             "0 <= rho*damping <= 1 (form='adaptive_damping' has no bound)")
 
 
 @dataclass(frozen=True)
@@ -244,8 +252,8 @@ class RKalmanConfig(_Common):
     lr: Scalar = hp(1.0, _LR_DOC, _nonneg_sched, schedulable=True)
     rho: Scalar = hp(0.05, _RHO_DOC, _nonneg_sched, schedulable=True)
     _: KW_ONLY
-    structure: str = hp("woodbury", "belief: 'woodbury', 'diagonal' or 'kfac' (§3.3)",
-                        _choice(STRUCTURES))
+    structure: str = hp("kfac", "belief: 'kfac' (Kronecker, the default), 'woodbury' or "
+                        "'diagonal' (§3.3)", _choice(STRUCTURES))
     gr: str = hp("finite_difference", "ĝ estimator: 'double_backprop' or 'finite_difference'",
                  _choice(ESTIMATORS))
     fd_scheme: str = hp("forward", "finite-difference scheme: 'forward', 'backward', 'central'",
@@ -257,8 +265,13 @@ class RKalmanConfig(_Common):
                           lambda n, v: check_range(n, v, 0.0, low_open=True))
     damping: Scalar = hp(1e-3, "damping λ of the kfac belief (§3.3)", _positive,
                          schedulable=True)
-    inverse_every: int = hp(10, "direct refresh of the kfac belief every this many steps",
-                            check_int)
+    inverse_every: int = hp(1, "unused by R-Kalman (its kfac belief inverts no factor; see "
+                            "kalman_refresh_every)", check_int)
+    kalman_predict_steps: int = hp(1, "Newton–Schulz steps of the kfac belief's predict "
+                                   "(§3.3)", check_int)
+    kalman_refresh_every: int | None = hp(None, "direct refresh of the kfac belief every this "
+                                          "many steps, or None: never (§3.3)",
+                                          _optional(check_int))
 
     algorithm: ClassVar[str] = "rkalman"
 
@@ -273,6 +286,12 @@ Config = RENGConfig | RINGConfig | RKalmanConfig
 CONFIGS: dict[str, type[Config]] = {c.algorithm: c for c in (RENGConfig, RINGConfig,
                                                              RKalmanConfig)}
 TITLES = {"reng": "RENG", "ring": "RING", "rkalman": "RKalman"}
+
+
+def per_step_damping(config: Config) -> bool:
+    """True when the damping of the curvature changes every step: RING's adaptive_damping
+    form, c_t = λ + ρ‖g_t‖² (§3.2), with ρ not the constant 0 (ρ = 0 is NGD with λ)."""
+    return getattr(config, "form", None) == "adaptive_damping" and not is_static_zero(config.rho)
 
 
 def uses_estimator(config: Config) -> bool:

@@ -4,15 +4,18 @@ The filter keeps P (the inverse-Fisher stand-in) directly; no Fisher is ever inv
 Three beliefs, each returning the direction P⁺ĝ and the carried state:
 - `woodbury`: diagonal p with an exact batch correction from per-example gradients J;
 - `diagonal`: p⁺ = 1 / (1/p⁻ + (1 − β_K) q);
-- `kfac`: P_S ⊗ P_A per layer, predicted by one Newton–Schulz step and corrected by a
-  recursive-least-squares (Woodbury) update with the batch rows.
+- `kfac`: P_S ⊗ P_A per layer from its prior onward, predicted by Newton–Schulz steps and
+  corrected by a recursive-least-squares (Woodbury) update with the batch rows, in blocks of
+  at most d rows: no factor is ever inverted (the direct refresh is optional).
 """
 
 from __future__ import annotations
 
-from grng_core.concrete import concrete_bool
+import math
+
+from grng_core.concrete import branch, branchable, concrete_bool
 from grng_core.context import select
-from grng_core.linalg import frobenius, small_spd_inverse, spd_inverse, symmetrize
+from grng_core.linalg import frobenius, newton_schulz_inverse, small_spd_inverse, symmetrize
 from grng_core.state import Belief
 from grng_core.structures import diagonal, kfac, woodbury
 
@@ -82,63 +85,79 @@ def woodbury_step(p_state, ghat, per_example, beta, prior_var, ctx):
     return out, tuple(new)
 
 
-def _predict_correct(F_prev, P_prev, rows, divisor, shift, beta_t, ctx, name):
-    """One factor: M = βF + (1−β)shift·I, P⁻ = X₀(2I − M X₀), X₀ = P/β, then the RLS
-    correction with c = (1−β)/divisor (n for A, B for S):
-    P⁺ = P⁻ − P⁻aᵀ(c⁻¹I + aP⁻aᵀ)⁻¹aP⁻ (§3.3 kfac steps 1–2).
-
-    At the first update (β_t = 0) X₀ = M⁻¹ = I/shift exactly. The bound ‖I − M X₀‖ ≤ (1−β)/β
-    assumes the damping split π did not move; where it moved so far that ‖I − M X₀‖_F ≥ 1/2
-    (or the product is not finite), P⁻ is instead the Newton–Schulz inverse of M warm started
-    from X₀, so the predicted belief stays positive definite. Returns (F_new, P⁺).
-    Where n ≥ d the n × n system is no cheaper: P⁺ is the Newton–Schulz inverse of F_new,
-    warm started from P⁻.
-    """
+def _predict(F_prev, P_prev, shift, beta_t, steps, ctx, name):
+    """Kalman predict of one factor, matmul only (§3.3 kfac step 1): M = βF + (1−β)shift·I,
+    X₀ = P/β, then `steps` Newton–Schulz steps X ← X(2I − M X). At the first update
+    (β_t = 0) X₀ = M⁻¹ = I/shift exactly. The bound ‖I − M X₀‖ ≤ (1−β)/β assumes π did not
+    move; where it moved so far that ‖I − M X₀‖_F ≥ 1/2 (or the product is not finite),
+    Newton–Schulz is iterated from X₀ (cold started if X₀ is too far) until
+    ‖I − M X‖_F ≤ ((1−β)/β)², so the belief stays positive definite. Returns (M, P⁻)."""
     xp = ctx.xp
-    d = F_prev.shape[0]
-    n = rows.shape[0]
-    eye = xp.eye(d, dtype=ctx.sdtype, device=ctx.device)
+    eye = xp.eye(F_prev.shape[0], dtype=ctx.sdtype, device=ctx.device)
     M = beta_t * F_prev + ((1.0 - beta_t) * shift) * eye
     safe_beta = xp.where(beta_t > 0, beta_t, xp.ones_like(beta_t))
-    X0 = xp.where(beta_t > 0, P_prev / safe_beta, eye / shift)
-    R = eye - M @ X0
-    P_minus = X0 + X0 @ R  # = X₀(2I − M X₀)
+    X = xp.where(beta_t > 0, P_prev / safe_beta, eye / shift)
+    R = eye - M @ X
     far = ~(frobenius(R, xp) < 0.5)
-    if concrete_bool(far) is not False:
-        exact = spd_inverse(M, xp, method=ctx.method, warm=X0, tol=ctx.tol,
-                            max_iter=ctx.max_iter, name=f"M of {name}")
-        P_minus = xp.where(far, exact, P_minus)
+    X0 = X
+    for _ in range(steps):
+        X = X + X @ R  # = X(2I − M X)
+        R = eye - M @ X
+    if concrete_bool(far) is False:
+        return M, X
+    target = ((1.0 - beta_t) / safe_beta) ** 2 / math.sqrt(M.shape[0])
+
+    def iterate():
+        return newton_schulz_inverse(M, xp, warm=X0, tol=target, max_iter=ctx.max_iter,
+                                     name=f"M of {name}")[0]
+
+    if branchable(far):
+        return M, branch(far, iterate, lambda: X)
+    return M, xp.where(far, iterate(), X)
+
+
+def _correct(P, rows, c, ctx, name):
+    """RLS correction with the rows (§3.3 kfac step 2): P⁺ = P − Paᵀ(c⁻¹I + aPaᵀ)⁻¹aP,
+    in blocks of at most d rows (the same P⁺ in exact arithmetic; never a d × d factor
+    inversion, only the blocks' innovation systems)."""
+    xp = ctx.xp
+    d, n = P.shape[0], rows.shape[0]
+    for start in range(0, n, d):
+        a = rows[start:min(start + d, n), :]
+        m = a.shape[0]
+        aP = a @ P
+        K = (xp.eye(m, dtype=ctx.sdtype, device=ctx.device) / c) + aP @ xp.matrix_transpose(a)
+        K_inv = small_spd_inverse(K, xp, tol=ctx.tol, max_iter=ctx.max_iter,
+                                  name=f"RLS system of {name}")
+        P = symmetrize(P - xp.matrix_transpose(aP) @ (K_inv @ aP), xp)
+    return P
+
+
+def _predict_correct(F_prev, P_prev, rows, divisor, shift, beta_t, steps, ctx, name):
+    """One factor's predict and correct, c = (1−β)/divisor (n for A, B for S): (F_new, P⁺)."""
+    M, P_minus = _predict(F_prev, P_prev, shift, beta_t, steps, ctx, name)
     c = (1.0 - beta_t) / divisor
-    F_new = M + c * (xp.matrix_transpose(rows) @ rows)
-    if n >= d:
-        P_plus = spd_inverse(F_new, xp, method=ctx.method, warm=P_minus, tol=ctx.tol,
-                             max_iter=ctx.max_iter, name=name)
-        return F_new, P_plus
-    aP = rows @ P_minus
-    K = (xp.eye(n, dtype=ctx.sdtype, device=ctx.device) / c) + aP @ xp.matrix_transpose(rows)
-    K_inv = small_spd_inverse(K, xp, tol=ctx.tol, max_iter=ctx.max_iter,
-                              name=f"RLS system of {name}")
-    P_plus = P_minus - xp.matrix_transpose(aP) @ (K_inv @ aP)
-    return F_new, symmetrize(P_plus, xp)
+    F_new = M + c * (ctx.xp.matrix_transpose(rows) @ rows)
+    return F_new, _correct(P_minus, rows, c, ctx, name)
 
 
-def kfac_step(layers, batch_rows, beta, damping, ctx, keys):
-    """Kronecker belief (§3.3 kfac): on curvature steps predict + correct every layer's P_A,
-    P_S; on inverse steps refresh them directly from the carried damped factors (§2.1),
-    warm started, which stops drift. batch_rows: the layers' LayerRows (None off curvature)."""
+def kfac_step(layers, batch_rows, beta, damping, steps, ctx, keys):
+    """Kronecker belief (§3.3 kfac): on curvature steps predict (`steps` Newton–Schulz steps)
+    and correct every layer's P_A, P_S, inverting no factor; on inverse steps (only with
+    `kalman_refresh_every`) refresh them directly from the carried damped factors (§2.1). batch_rows: the layers' LayerRows (None off curvature)."""
     xp = ctx.xp
     if ctx.curvature is not False:
         beta_t = xp.where(ctx.first, xp.zeros((), dtype=ctx.sdtype, device=ctx.device),
                           xp.full((), beta, dtype=ctx.sdtype, device=ctx.device))
         root = xp.sqrt(xp.asarray(damping, dtype=ctx.sdtype, device=ctx.device))
-        layers = tuple(_observe(layer, r, beta_t, root, ctx, keys)
+        layers = tuple(_observe(layer, r, beta_t, root, steps, ctx, keys)
                        for layer, r in zip(layers, batch_rows))
     if ctx.inverse is not False:
         layers = kfac.refresh(layers, lambda layer: (layer.A, layer.S), ctx, keys)
     return layers
 
 
-def _observe(layer, r, beta_t, root, ctx, keys):
+def _observe(layer, r, beta_t, root, steps, ctx, keys):
     """One layer's predict + correct with this batch's rows (selected on curvature steps)."""
     xp, L = ctx.xp, layer.layout
     a, s = ctx.gather(r.a), ctx.gather(r.s)
@@ -147,10 +166,10 @@ def _observe(layer, r, beta_t, root, ctx, keys):
     tr_s = beta_t * layer.trace_S + (1.0 - beta_t) * xp.sum(s * s) / batch
     pi = kfac.pi_split(tr_a, L.d_in_ext, tr_s, L.d_out, xp)
     name = f"layer {keys[L.weight]!r}"
-    A, PA = _predict_correct(layer.A, layer.A_inv, a, a.shape[0], pi * root, beta_t, ctx,
-                             f"A of {name}")
-    S, PS = _predict_correct(layer.S, layer.S_inv, s, batch, root / pi, beta_t, ctx,
+    A, PA = _predict_correct(layer.A, layer.A_inv, a, a.shape[0], pi * root, beta_t, steps,
+                             ctx, f"A of {name}")
+    S, PS = _predict_correct(layer.S, layer.S_inv, s, batch, root / pi, beta_t, steps, ctx,
                              f"S of {name}")
     fresh = layer._replace(A=A, S=S, A_inv=PA, S_inv=PS, trace_A=tr_a, trace_S=tr_s)
-    return type(layer)(*(v if isinstance(v, type(L)) else select(ctx.curvature, v, o, xp)
-                         for v, o in zip(fresh, layer)))
+    return type(layer)(*(v if v is None or isinstance(v, type(L))
+                         else select(ctx.curvature, v, o, xp) for v, o in zip(fresh, layer)))

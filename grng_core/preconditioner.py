@@ -6,43 +6,61 @@ covers all leaves; `woodbury` uses the current batch's per-example gradients (no
 
 from __future__ import annotations
 
+from grng_core.config import per_step_damping
+from grng_core.linalg import resolve_method
 from grng_core.requirements import factored_applies
 from grng_core.state import Preconditioner
-from grng_core.structures import diagonal, kfac, woodbury
+from grng_core.structures import diagonal, kfac, kfac_eigen, woodbury
 
 
 def init(config, layouts, leaves, xp, sdtype, dev) -> Preconditioner:
-    """Zero second moments / factors; `layouts` are the resolved K-FAC layers (kfac only)."""
+    """Zero second moments / factors; `layouts` are the resolved K-FAC layers (kfac only).
+    A per-step damping solved by "eigh" keeps eigendecompositions instead of inverses."""
     if config.structure == "woodbury":
         return Preconditioner(diagonal=None, kfac=None)
     covered = kfac.covered(layouts)
     diag = diagonal.init(covered, leaves, 0.0, xp, sdtype, dev)
-    layers = kfac.init(layouts, xp, sdtype, dev) if config.structure == "kfac" else None
+    layers = None
+    if config.structure == "kfac":
+        per_step = per_step_damping(config)
+        eigen = per_step and resolve_method(config.inverse_method, xp, per_step) == "eigh"
+        layers = kfac.init(layouts, xp, sdtype, dev, eigen=eigen)
     return Preconditioner(diagonal=diag, kfac=layers)
 
 
-def update_and_solve(env, state: Preconditioner, vectors) -> tuple[list, Preconditioner]:
-    """Refresh the curvature on curvature/inverse steps, then (F + λI)⁻¹ vectors; K-FAC
-    layers in factored form (§2.1) where `vectors` is the batch gradient and rows are given."""
+def update_and_solve(env, state: Preconditioner, vectors,
+                     damping=None) -> tuple[list, Preconditioner]:
+    """Refresh the curvature on curvature/inverse steps, then (F + cI)⁻¹ vectors, c the
+    damping λ unless given (RING's c_t, §3.2: then K-FAC's inverses follow it every step);
+    K-FAC layers in factored form (§2.1) where `vectors` is the batch gradient."""
     h, ctx, xp = env.h, env.ctx, env.ctx.xp
+    damping = env.damping if damping is None else damping
     if h.structure == "woodbury":
         J = woodbury.jacobian_rows(env.per_example, ctx)
-        return woodbury.solve(J, vectors, env.damping, ctx), state
+        return woodbury.solve(J, vectors, damping, ctx), state
     beta = h.ema_decay
     diag = state.diagonal
     if ctx.curvature is not False:
         diag = diagonal.update(diag, env.g, env.per_example, beta, ctx)
-    out = diagonal.solve(diag, vectors, env.damping, beta, env.curvature_count, ctx)
+    out = diagonal.solve(diag, vectors, damping, beta, env.curvature_count, ctx)
     layers = state.kfac
     if layers:
         batch_rows = layer_rows(env, layers)
         if ctx.curvature is not False:
             layers = kfac.update_factors(layers, batch_rows, beta, ctx)
-        if ctx.inverse is not False:
-            layers = kfac.refresh_inverses(layers, env.damping, ctx, env.container.keys)
         factored = vectors is env.g and factored_applies(h)
         use = kfac.factored_rows(layers, batch_rows if factored else None, ctx)
-        out.update(kfac.precondition(layers, vectors, xp, use))
+        keys = env.container.keys
+        if layers[0].A_vecs is not None:  # eigenbases: exact for this step's damping
+            if ctx.inverse is not False:
+                layers = kfac_eigen.decompose(layers, ctx, keys)
+            out.update(kfac_eigen.precondition(layers, vectors, damping, xp, use))
+        else:
+            inverse = True if per_step_damping(h) else ctx.inverse
+            if inverse is not False:
+                layers = kfac.refresh_inverses(layers, damping, ctx._replace(inverse=inverse),
+                                               keys)
+            out.update(kfac.precondition(layers, vectors, xp, use))
     return [out[i] for i in range(len(vectors))], Preconditioner(diagonal=diag, kfac=layers)
 
 

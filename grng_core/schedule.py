@@ -19,8 +19,16 @@ def flags(config, step):
     """(curvature, inverse) at `step` (steps already taken): bools for an int, bool arrays
     for an array."""
     curvature = True if per_step_batch(config) else (step % config.curvature_every) == 0
-    inverse = (step % config.inverse_every) == 0
-    return curvature, inverse
+    period = inverse_period(config)
+    return curvature, (step % period == 0) if period else False
+
+
+def inverse_period(config) -> int | None:
+    """Steps between K-FAC inverse refreshes; R-Kalman's belief: its optional direct refresh
+    (`kalman_refresh_every`, None: never, §3.3)."""
+    if config.algorithm == "rkalman":
+        return config.kalman_refresh_every
+    return config.inverse_every
 
 
 def flag_table(config):
@@ -33,8 +41,8 @@ def flag_table(config):
     """
     kfac = config.structure == "kfac"
     period = config.curvature_every
-    if kfac:
-        period = math.lcm(period, config.inverse_every)
+    if kfac and inverse_period(config):
+        period = math.lcm(period, inverse_period(config))
     table = [flags(config, s) for s in range(period)]
     if not kfac:
         table = [(c, None) for c, _ in table]

@@ -47,15 +47,22 @@ class LayerLayout:
 
 class KfacLayer(NamedTuple):
     """One layer's factors: EMAs A, S (R-Kalman: damped factors) and the inverses of their
-    damped forms (R-Kalman: P_A, P_S); trace_A / trace_S only for the R-Kalman belief."""
+    damped forms (R-Kalman: P_A, P_S); trace_A / trace_S only for the R-Kalman belief.
+    With a damping that changes every step and `inverse_method` "eigh" (RING
+    form="adaptive_damping", §3.2) the inverses are None and the layer keeps the factors'
+    eigendecompositions instead: A = A_vecs diag(A_vals) A_vecsᵀ, likewise for S."""
 
     layout: LayerLayout
     A: Array
     S: Array
-    A_inv: Array
-    S_inv: Array
+    A_inv: Array | None
+    S_inv: Array | None
     trace_A: Array | None = None
     trace_S: Array | None = None
+    A_vecs: Array | None = None
+    A_vals: Array | None = None
+    S_vecs: Array | None = None
+    S_vals: Array | None = None
 
 
 class Preconditioner(NamedTuple):

@@ -1,7 +1,7 @@
 """The one table of optimizer configurations of the test suites (core and every adapter).
 
 `TABLE` is `grng_core.consistency.cases.default_configs()`, one `Case` per row: optimizer x
-structure x estimator (3 RING + 6 RENG + 6 R-Kalman), each with the consistency suite's
+structure x estimator, RING x form (6 RING + 6 RENG + 6 R-Kalman), each with the consistency suite's
 hyperparameters. A suite picks its rows with `select(...)` (or `get(label)`), widens them with
 `variants(...)` (finite-difference scheme, Fisher), and sets its own hyperparameters as data
 with `case.using(**hp)` (or `case.bare`: the builders' defaults). One case builds every
@@ -41,6 +41,7 @@ CLASS_NAMES = {"reng": "RENG", "ring": "RING", "rkalman": "RKalman"}
 # the builders' defaults (grng_core.config): structure and estimator of `gc.reng()` etc.
 DEFAULT_STRUCTURE = {name: RECORDS[name]().structure for name in OPTIMIZERS}
 DEFAULT_ESTIMATOR = {name: getattr(RECORDS[name](), "gr", None) for name in OPTIMIZERS}
+DEFAULT_FORM = {name: getattr(RECORDS[name](), "form", None) for name in OPTIMIZERS}
 
 # keywords some optimizer takes and another does not (a RING case drops gr, fd_radius ...,
 # a RENG case kalman_decay and prior_var), so that one set of drawn hyperparameters serves
@@ -59,16 +60,17 @@ class Case:
     fd_scheme: str | None = None
     fisher: str | None = None
     kwargs: tuple = ()
+    form: str | None = None  # RING's form (§3.2); None: the builder's default
 
     @classmethod
     def from_config(cls, config: Config) -> Case:
         return cls(config.optimizer, config.structure, config.estimator,
-                   kwargs=tuple(config.kwargs))
+                   kwargs=tuple(config.kwargs), form=config.form)
 
     # ------------------------------------------------------------------ names
     @property
     def base_label(self) -> str:
-        return f"{self.optimizer}/{self.structure}/{SHORT[self.estimator]}"
+        return self.config.label
 
     @property
     def label(self) -> str:
@@ -78,7 +80,8 @@ class Case:
 
     @property
     def id(self) -> str:
-        parts = (self.optimizer, self.structure, self.estimator, self.fd_scheme, self.fisher)
+        parts = (self.optimizer, self.structure, self.estimator, self.form, self.fd_scheme,
+                 self.fisher)
         return "-".join(p for p in parts if p)
 
     @property
@@ -88,12 +91,14 @@ class Case:
 
     @property
     def default_estimator(self) -> bool:
-        return self.estimator == DEFAULT_ESTIMATOR[self.optimizer]
+        """The builder's estimator (and, for RING, its default form)."""
+        return (self.estimator == DEFAULT_ESTIMATOR[self.optimizer]
+                and self.form in (None, DEFAULT_FORM.get(self.optimizer)))
 
     @property
     def config(self) -> Config:
         """The row of grng_core.consistency's table."""
-        return Config(self.optimizer, self.structure, self.estimator, self.kwargs)
+        return Config(self.optimizer, self.structure, self.estimator, self.kwargs, self.form)
 
     def __str__(self) -> str:
         return self.label
@@ -127,6 +132,8 @@ class Case:
             kw["fd_scheme"] = self.fd_scheme
         if self.fisher is not None:
             kw["fisher"] = self.fisher
+        if self.form is not None:
+            kw["form"] = self.form
         kw.update(self.kwargs)
         kw.update(overrides)
         own = set(RECORDS[self.optimizer].names())
@@ -228,8 +235,8 @@ def build(label: str, **hp):
 
 def defaults(*, bare=True) -> list[Case]:
     """Each optimizer as its builder makes it by default (structure and estimator)."""
-    return [get(f"{o}/{DEFAULT_STRUCTURE[o]}/{SHORT[DEFAULT_ESTIMATOR[o]]}", bare=bare)
-            for o in OPTIMIZERS]
+    return [select(optimizer=o, structure=DEFAULT_STRUCTURE[o], default_estimator=True,
+                   bare=bare)[0] for o in OPTIMIZERS]
 
 
 def quick() -> list[Case]:

@@ -123,7 +123,7 @@ def test_update_tail_momentum_weight_decay_and_kl_clip(small):
 
 def test_ring_rejects_rho_damping_above_one():
     with pytest.raises(ValueError, match=r"rho\*damping.*0 <= rho\*damping <= 1"):
-        gc.ring(rho=10.0, damping=0.5)
+        gc.ring(rho=10.0, damping=0.5, form="gauss_newton")
 
 
 def test_dict_params_and_bfloat16_state_dtype():

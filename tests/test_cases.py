@@ -19,22 +19,22 @@ def test_table_is_the_consistency_table():
 
 def test_every_optimizer_structure_and_estimator_once():
     rows = {(c.optimizer, c.structure, c.estimator) for c in cases.TABLE}
-    assert len(rows) == len(cases.TABLE) == 15
-    assert len(cases.select(optimizer="ring")) == 3
+    assert len(rows) == 15 and len(cases.TABLE) == 18  # RING: both forms (§3.2)
+    assert len(cases.select(optimizer="ring")) == 6
     assert len(cases.select(optimizer=("reng", "rkalman"))) == 12
-    assert len(cases.select(estimator=None)) == 3
+    assert len(cases.select(estimator=None)) == 6
     assert len(cases.select(estimator="finite_difference", structure="kfac")) == 2
     assert sorted(cases.pairs()) == sorted(
         (o, s) for o in cases.OPTIMIZERS for s in cases.STRUCTURES)
-    assert [c.label for c in cases.defaults()] == ["ring/kfac/-", "reng/kfac/double_bp",
-                                                   "rkalman/woodbury/fin_diff"]
+    assert [c.label for c in cases.defaults()] == ["ring/kfac/adaptive", "reng/kfac/double_bp",
+                                                   "rkalman/kfac/fin_diff"]
     assert cases.optimizers(with_estimator=True) == ("reng", "rkalman")
     assert [c.label for c in cases.quick()] == list(cases.QUICK)
 
 
 def test_labels_and_variants_round_trip():
     wide = cases.variants(cases.select(), fd_scheme=cases.FD_SCHEMES, fisher=cases.FISHERS)
-    assert len(wide) == 2 * (3 + 6 + 6 * 3)  # each Fisher; fin_diff rows x 3 schemes
+    assert len(wide) == 2 * (6 + 6 + 6 * 3)  # each Fisher; fin_diff rows x 3 schemes
     for case in wide:
         assert cases.get(case.label) == case
     case = cases.get("rkalman/kfac/fin_diff:central+mc")

@@ -78,10 +78,16 @@ def test_invalid_hyperparameter_raises_naming_it(builder, name, value, allowed):
 @pytest.mark.parametrize("rho,damping", [(2.0, 1.0), (1001.0, 1e-3), (1.0, 1.5)])
 def test_ring_rejects_rho_times_damping_above_one(rho, damping):
     with pytest.raises(ValueError) as info:
-        gc.ring(rho=rho, damping=damping)
+        gc.ring(rho=rho, damping=damping, form="gauss_newton")
     msg = str(info.value)
     assert "rho*damping" in msg and f"rho={rho!r}" in msg and f"damping={damping!r}" in msg
     assert "0 <= rho*damping <= 1" in msg
+
+
+def test_adaptive_damping_has_no_rho_damping_bound():
+    assert gc.ring(rho=2.0, damping=1.0).config.form == "adaptive_damping"
+    with pytest.raises(ValueError, match="form"):
+        gc.ring(form="newton")
 
 
 def test_ring_accepts_rho_times_damping_at_one():

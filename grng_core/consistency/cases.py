@@ -8,17 +8,20 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Config:
-    """One optimizer setting: builder name, structure, estimator (None for RING), keywords."""
+    """One optimizer setting: builder name, structure, estimator (None for RING), keywords,
+    and RING's form (§3.2; labelled "-" for gauss_newton, "adaptive" for adaptive_damping)."""
 
     optimizer: str
     structure: str
     estimator: str | None
     kwargs: tuple = ()
+    form: str | None = None
 
     @property
     def label(self) -> str:
         est = {"double_backprop": "double_bp", "finite_difference": "fin_diff", None: "-"}
-        return f"{self.optimizer}/{self.structure}/{est[self.estimator]}"
+        last = "adaptive" if self.form == "adaptive_damping" else est[self.estimator]
+        return f"{self.optimizer}/{self.structure}/{last}"
 
     def build(self):
         import grng_core as gc
@@ -26,6 +29,8 @@ class Config:
         kw = dict(self.kwargs)
         if self.estimator is not None:
             kw["gr"] = self.estimator
+        if self.form is not None:
+            kw["form"] = self.form
         return getattr(gc, self.optimizer)(structure=self.structure, **kw)
 
 
@@ -34,11 +39,11 @@ _BASE = {
              ("inverse_every", 2)),
     "reng": (("lr", 0.1), ("rho", 0.05), ("damping", 1e-2), ("momentum", 0.5),
              ("inverse_every", 2)),
-    "rkalman": (("lr", 0.2), ("rho", 0.05), ("damping", 1e-2), ("inverse_every", 5)),
+    "rkalman": (("lr", 0.2), ("rho", 0.05), ("damping", 1e-2)),
 }
 
 
-QUICK = ("ring/kfac/-", "ring/woodbury/-", "reng/diagonal/fin_diff",
+QUICK = ("ring/kfac/-", "ring/kfac/adaptive", "ring/woodbury/-", "reng/diagonal/fin_diff",
          "reng/woodbury/double_bp", "rkalman/kfac/fin_diff", "rkalman/woodbury/double_bp")
 
 
@@ -49,13 +54,17 @@ def quick_configs() -> list[Config]:
 
 
 def default_configs() -> list[Config]:
-    """Every optimizer x structure x estimator: 3 RING + 6 RENG + 6 R-Kalman."""
+    """Every optimizer x structure x estimator (RING: x form): 6 RING + 6 RENG + 6 R-Kalman."""
     out: list[Config] = []
     for name in ("ring", "reng", "rkalman"):
         for structure in ("kfac", "diagonal", "woodbury"):
             kw = _BASE[name]
             if structure == "diagonal" and name != "rkalman":
                 kw = tuple((k, 0.01 if k == "lr" else v) for k, v in kw)
-            ests = (None,) if name == "ring" else ("double_backprop", "finite_difference")
-            out.extend(Config(name, structure, e, kw) for e in ests)
+            if name == "ring":
+                out.extend(Config(name, structure, None, kw, form)
+                           for form in ("gauss_newton", "adaptive_damping"))
+                continue
+            out.extend(Config(name, structure, e, kw) for e in ("double_backprop",
+                                                                  "finite_difference"))
     return out

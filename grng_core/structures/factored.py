@@ -53,7 +53,6 @@ def product_scale(G, r: LayerRows, xp):
 
 
 def apply(r: LayerRows, S_inv, A_inv, c, xp):
-    """c·(S⁻¹sᵀ)(aA⁻¹)/B."""
-    left = S_inv @ xp.matrix_transpose(r.s)
-    right = r.a @ A_inv
-    return (c / r.batch) * (left @ right)
+    """c·(S⁻¹sᵀ)(aA⁻¹)/B (the scalar applied to the small d_out × n factor)."""
+    left = (c / r.batch) * (S_inv @ xp.matrix_transpose(r.s))
+    return left @ (r.a @ A_inv)

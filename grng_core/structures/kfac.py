@@ -52,21 +52,32 @@ def covered(layouts) -> set[int]:
     return {i for L in layouts for i in L.positions}
 
 
-def init(layouts, xp, sdtype, device, traces: bool = False) -> tuple[KfacLayer, ...]:
+def init(layouts, xp, sdtype, device, traces: bool = False,
+         eigen: bool = False) -> tuple[KfacLayer, ...]:
     """Per layer: zero factors and identity inverses (replaced at the first refresh); with
-    `traces`, the undamped trace EMAs R-Kalman's belief keeps (§3.3)."""
+    `traces`, the undamped trace EMAs R-Kalman's belief keeps (§3.3); with `eigen`, identity
+    eigenbases and zero eigenvalues in place of the inverses (a per-step damping, §3.2)."""
 
     def zero():
         return xp.zeros((), dtype=sdtype, device=device) if traces else None
 
-    return tuple(
-        KfacLayer(layout=L,
-                  A=xp.zeros((L.d_in_ext, L.d_in_ext), dtype=sdtype, device=device),
-                  S=xp.zeros((L.d_out, L.d_out), dtype=sdtype, device=device),
-                  A_inv=xp.eye(L.d_in_ext, dtype=sdtype, device=device),
-                  S_inv=xp.eye(L.d_out, dtype=sdtype, device=device),
-                  trace_A=zero(), trace_S=zero())
-        for L in layouts)
+    def eye(d):
+        return xp.eye(d, dtype=sdtype, device=device)
+
+    def vals(d):
+        return xp.zeros((d,), dtype=sdtype, device=device) if eigen else None
+
+    out = []
+    for L in layouts:
+        a, s = L.d_in_ext, L.d_out
+        out.append(KfacLayer(
+            layout=L, A=xp.zeros((a, a), dtype=sdtype, device=device),
+            S=xp.zeros((s, s), dtype=sdtype, device=device),
+            A_inv=None if eigen else eye(a), S_inv=None if eigen else eye(s),
+            trace_A=zero(), trace_S=zero(),
+            A_vecs=eye(a) if eigen else None, A_vals=vals(a),
+            S_vecs=eye(s) if eigen else None, S_vals=vals(s)))
+    return tuple(out)
 
 
 def match_stats(layers, stats_layers, container, partial: bool = False) -> list:

@@ -1,0 +1,90 @@
+"""K-FAC in the factors' eigenbases, for a damping that changes every step (ALGORITHMS.md
+§2.1 "eigh", §3.2 form "adaptive_damping").
+
+Every `inverse_every` steps the EMA factors are decomposed, A = Q_A diag(e_A) Q_Aᵀ and
+S = Q_S diag(e_S) Q_Sᵀ (eigenvalues clipped at 0: the factors are positive semidefinite).
+On every step, with the damping c of that step split by π (π from tr A = Σ e_A, tr S = Σ e_S),
+δ_A = π√c and δ_S = √c/π, the damped inverses are exact with no new factorisation:
+    S_δ⁻¹ G A_δ⁻¹ = Q_S [(Q_Sᵀ G Q_A) / ((e_S + δ_S)(e_A + δ_A)ᵀ)] Q_Aᵀ,
+and in factored form (G = c'·sᵀa/B): (c'/B)·Q_S((Q_Sᵀsᵀ)/(e_S + δ_S)) · ((aQ_A)/(e_A + δ_A))Q_Aᵀ.
+"""
+
+from __future__ import annotations
+
+from grng_core.concrete import branch, branchable, concrete_bool
+from grng_core.context import select
+from grng_core.linalg import InverseError
+from grng_core.structures import factored
+from grng_core.structures.kfac import grad_matrix, pi_split, split_matrix
+from grng_core.tree import device
+
+
+def _eigh(M, xp, name):
+    """(e ≥ 0, Q) of a symmetric PSD factor; NaN for a non-finite one (the guard skips)."""
+    try:
+        e, Q = xp.linalg.eigh(M)
+    except Exception as err:  # LinAlgError on non-finite input (numpy, torch)
+        if concrete_bool(xp.all(xp.isfinite(M))):
+            raise InverseError(f"{name}: eigendecomposition failed ({err})") from err
+        nan = xp.full_like(M, float("nan"))
+        return nan[0, :], nan
+    return xp.maximum(e, xp.zeros_like(e)), Q
+
+
+def decompose(layers, ctx, keys) -> tuple:
+    """Eigendecompositions of every layer's EMA factors, selected on inverse steps."""
+    xp = ctx.xp
+    new = []
+    for layer in layers:
+        name = f"layer {keys[layer.layout.weight]!r}"
+        e_A, Q_A = _eigh(layer.A, xp, f"A of {name}")
+        e_S, Q_S = _eigh(layer.S, xp, f"S of {name}")
+        new.append(layer._replace(
+            A_vecs=select(ctx.inverse, Q_A, layer.A_vecs, xp),
+            A_vals=select(ctx.inverse, e_A, layer.A_vals, xp),
+            S_vecs=select(ctx.inverse, Q_S, layer.S_vecs, xp),
+            S_vals=select(ctx.inverse, e_S, layer.S_vals, xp)))
+    return tuple(new)
+
+
+def shifts(layer, damping, xp):
+    """(δ_A, δ_S) = (π√c, √c/π) with π from the decomposed factors' traces (§2.1)."""
+    pi = pi_split(xp.sum(layer.A_vals), layer.A_vals.shape[0], xp.sum(layer.S_vals),
+                  layer.S_vals.shape[0], xp)
+    root = xp.sqrt(xp.asarray(damping, dtype=layer.A_vals.dtype, device=device(layer.A_vals)))
+    return pi * root, root / pi
+
+
+def _dense(layer, G, dA, dS, xp):
+    QA, QS = layer.A_vecs, layer.S_vecs
+    inner = (xp.matrix_transpose(QS) @ G) @ QA
+    scale = (layer.S_vals + dS)[:, None] * (layer.A_vals + dA)[None, :]
+    return QS @ (inner / scale) @ xp.matrix_transpose(QA)
+
+
+def _factored(layer, r, c, dA, dS, xp):
+    QA, QS = layer.A_vecs, layer.S_vecs
+    left = QS @ ((xp.matrix_transpose(QS) @ xp.matrix_transpose(r.s))
+                 * ((c / r.batch) / (layer.S_vals + dS))[:, None])
+    right = ((r.a @ QA) / (layer.A_vals + dA)[None, :]) @ xp.matrix_transpose(QA)
+    return left @ right
+
+
+def precondition(layers, leaves, damping, xp, rows_of=None) -> dict:
+    """U = S_δ⁻¹ G A_δ⁻¹ for the damping of this step: {position: preconditioned leaf};
+    factored where `rows_of` gives a layer's rows and its gradient is their product."""
+    shapes = [tuple(x.shape) for x in leaves]
+    rows_of = rows_of or [None] * len(layers)
+    out = {}
+    for layer, r in zip(layers, rows_of):
+        G = grad_matrix(layer.layout, leaves, xp)
+        dA, dS = shifts(layer, damping, xp)
+        if r is None or not branchable(G):
+            U = _dense(layer, G, dA, dS, xp)
+        else:
+            c, ok = factored.product_scale(G, r, xp)
+            U = branch(ok, lambda layer=layer, r=r, c=c, dA=dA, dS=dS:
+                       _factored(layer, r, c, dA, dS, xp),
+                       lambda layer=layer, G=G, dA=dA, dS=dS: _dense(layer, G, dA, dS, xp))
+        out.update(split_matrix(layer.layout, U, shapes, xp))
+    return out
