@@ -148,34 +148,40 @@ def mlp_fb_flops(sizes, batch: int) -> float:
 
 
 class Throughput:
-    """float32 matmul throughput (FLOP/s) of the machine, measured per shape and cached."""
+    """float32 matmul throughput (FLOP/s) of the machine (or of ``device``, e.g. "cuda"),
+    measured per shape and cached."""
 
-    def __init__(self, min_time: float = 0.02, dtype=torch.float32):
-        self.min_time, self.dtype = min_time, dtype
+    def __init__(self, min_time: float = 0.02, dtype=torch.float32, device="cpu"):
+        self.min_time, self.dtype, self.device = min_time, dtype, device
         self.cache: dict = {}
+
+    def _sync(self):
+        if str(self.device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def _time(self, a, b, reps: int) -> float:
+        self._sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        self._sync()
+        return time.perf_counter() - t0
 
     def of(self, m: int, k: int, n: int) -> float:
         key = (m, k, n)
         if key not in self.cache:
-            a = torch.randn(m, k, dtype=self.dtype)
-            b = torch.randn(k, n, dtype=self.dtype)
-            torch.mm(a, b)
+            a = torch.randn(m, k, dtype=self.dtype, device=self.device)
+            b = torch.randn(k, n, dtype=self.dtype, device=self.device)
+            self._time(a, b, 1)
             reps, best = 1, math.inf
             while True:
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    torch.mm(a, b)
-                dt = time.perf_counter() - t0
+                dt = self._time(a, b, reps)
                 best = min(best, dt / reps)
                 if dt >= self.min_time:
                     break
                 reps *= 2
-            # best of three batches of `reps`
-            for _ in range(2):
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    torch.mm(a, b)
-                best = min(best, (time.perf_counter() - t0) / reps)
+            for _ in range(2):  # best of three batches of `reps`
+                best = min(best, self._time(a, b, reps) / reps)
             self.cache[key] = 2.0 * m * k * n / best
         return self.cache[key]
 

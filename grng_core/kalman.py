@@ -144,7 +144,8 @@ def _predict_correct(F_prev, P_prev, rows, divisor, shift, beta_t, steps, ctx, n
 def kfac_step(layers, batch_rows, beta, damping, steps, ctx, keys):
     """Kronecker belief (§3.3 kfac): on curvature steps predict (`steps` Newton–Schulz steps)
     and correct every layer's P_A, P_S, inverting no factor; on inverse steps (only with
-    `kalman_refresh_every`) refresh them directly from the carried damped factors (§2.1). batch_rows: the layers' LayerRows (None off curvature)."""
+    `kalman_refresh_every`) refresh them directly from the carried damped factors (§2.1).
+    batch_rows: the layers' LayerRows (None off curvature)."""
     xp = ctx.xp
     if ctx.curvature is not False:
         beta_t = xp.where(ctx.first, xp.zeros((), dtype=ctx.sdtype, device=ctx.device),
