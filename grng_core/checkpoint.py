@@ -34,6 +34,7 @@ import numpy as np
 
 from grng_core import codec
 from grng_core._version import __version__
+from grng_core.config import UNUSED, upgrade_saved
 from grng_core.npz_io import read_archive, write_atomic
 from grng_core.npz_tree import META_KEY, build, describe_tree, dtype_name, entry_names, to_host
 from grng_core.tree import library
@@ -142,8 +143,11 @@ def _check_opt(meta: dict, opt, source: str) -> None:
     if meta.get("optimizer") != opt.name:
         raise ValueError(f"{source}: checkpoint is for optimizer {meta.get('optimizer')!r}, "
                          f"loading into {opt.name!r}")
-    saved = meta.get("hyperparams") or {}
+    saved = upgrade_saved(opt.name, meta.get("hyperparams") or {})
     now = hyperparams_json(opt)
+    for k in UNUSED.get(opt.name, ()):
+        saved.pop(k, None)
+        now.pop(k, None)
     # format-1 files of RING recorded gr, fd_scheme and fd_radius as None: absent now
     saved = {k: v for k, v in saved.items() if not (v is None and k not in now)}
     diff = [f"{k}: file {saved.get(k, '<absent>')!r}, optimizer {now.get(k, '<absent>')!r}"

@@ -288,6 +288,25 @@ CONFIGS: dict[str, type[Config]] = {c.algorithm: c for c in (RENGConfig, RINGCon
 TITLES = {"reng": "RENG", "ring": "RING", "rkalman": "RKalman"}
 
 
+def upgrade_saved(algorithm: str, saved: dict) -> dict:
+    """Hyperparameters recorded by an earlier version, with what their absent keys meant
+    then: RING had only form "gauss_newton"; R-Kalman's kfac belief was refreshed directly
+    every `inverse_every` steps with one predict step."""
+    out = dict(saved)
+    if algorithm == "ring":
+        out.setdefault("form", "gauss_newton")
+    if algorithm == "rkalman":
+        if "kalman_refresh_every" not in out:
+            out["kalman_refresh_every"] = out.get("inverse_every")
+        out.setdefault("kalman_predict_steps", 1)
+    return out
+
+
+# hyperparameters an algorithm has (common fields) but does not use: they cannot make two
+# checkpoints of it differ
+UNUSED = {"rkalman": ("inverse_every",)}
+
+
 def per_step_damping(config: Config) -> bool:
     """True when the damping of the curvature changes every step: RING's adaptive_damping
     form, c_t = λ + ρ‖g_t‖² (§3.2), with ρ not the constant 0 (ρ = 0 is NGD with λ)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from grng_core import guard, schedule, tail
+from grng_core.concrete import host_bool
 from grng_core.config import Config, value_at
 from grng_core.context import StepContext
 from grng_core.direction import Env
@@ -141,7 +142,7 @@ class Optimizer:
         check_state(state, self, p_leaves)
         sdtype = self.state_dtype(p_leaves, xp)
         dev = device(p_leaves[0])
-        auto_curv, auto_inv = self.flags(state.step)
+        auto_curv, auto_inv = (_host_flag(f) for f in self.flags(state.step))
         curvature = True if schedule.per_step_batch(h) else curvature
         curvature = auto_curv if curvature is None else curvature
         inverse = auto_inv if inverse is None else inverse
@@ -161,6 +162,15 @@ class Optimizer:
                   rho=_scalar(value_at(h.rho, ctx.t), xp, sdtype),
                   damping=_scalar(value_at(h.damping, ctx.t), xp, sdtype))
         return env, layer_arrays
+
+
+def _host_flag(flag):
+    """A refresh flag as a Python bool where reading it is free (host arrays), so an eager
+    step skips the work it does not need instead of computing and discarding it."""
+    if isinstance(flag, bool):
+        return flag
+    value = host_bool(flag)
+    return flag if value is None else value
 
 
 def _scalar(v, xp, sdtype):

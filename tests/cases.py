@@ -80,7 +80,8 @@ class Case:
 
     @property
     def id(self) -> str:
-        parts = (self.optimizer, self.structure, self.estimator, self.form, self.fd_scheme,
+        form = "adaptive" if self.form == "adaptive_damping" else None
+        parts = (self.optimizer, self.structure, self.estimator, form, self.fd_scheme,
                  self.fisher)
         return "-".join(p for p in parts if p)
 

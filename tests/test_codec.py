@@ -29,8 +29,9 @@ CASES = {
     "reng_kfac": cases.get("reng/kfac/double_bp").using(lr=0.1, damping=1e-2, momentum=0.5).build,
     "ring_diagonal": cases.get("ring/diagonal/-").using(lr=0.05, damping=1e-2).build,
     "ring_woodbury": cases.get("ring/woodbury/-").using(lr=0.1, damping=1e-2).build,
+    # format-1 R-Kalman refreshed its belief every inverse_every (3) steps: now opt-in
     "rkalman_kfac": cases.get("rkalman/kfac/fin_diff").using(lr=0.2, damping=1e-2,
-                                                             inverse_every=3).build,
+                                                             kalman_refresh_every=3).build,
 }
 
 
@@ -67,8 +68,12 @@ def test_format1_files_load_and_continue(name):
                                 stats=MLP_.stats(params, x, y, kind="both"),
                                 oracle=MLP_.oracle(x, y))
         params = gc.apply_updates(params, upd)
+    # R-Kalman's kfac belief changed by design (ALGORITHMS.md §3.3): where the rows outnumber
+    # the width the old code re-inverted the damped factor directly; now the belief is
+    # corrected by block RLS from its (approximate, bounded) predict: close, not equal
+    rtol = 0.05 if name == "rkalman_kfac" else 1e-12
     for i, p in enumerate(params):
-        np.testing.assert_allclose(p, expected[f"p10_{i}"], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(p, expected[f"p10_{i}"], rtol=rtol, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -94,7 +99,8 @@ def test_torch_state_dict_of_format1_loads_with_weights_only():
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(),
                                 torch.nn.Linear(5, 3)).double()
     model.load_state_dict(saved["model"])
-    opt = gt.RING(model, lr=0.1, damping=1e-2, momentum=0.5, inverse_every=2)
+    opt = gt.RING(model, lr=0.1, damping=1e-2, momentum=0.5, inverse_every=2,
+                  form="gauss_newton")  # format-1 RING's only form
     opt.load_state_dict(saved["opt"])
     assert opt.group_state(0).host_step == 5 and opt.group_state(0).layers == [[0, 1], [2, 3]]
     crit = torch.nn.CrossEntropyLoss()

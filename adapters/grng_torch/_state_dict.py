@@ -14,7 +14,7 @@ import torch
 
 import grng_core as gc
 from grng_core import codec
-from grng_core.config import TITLES
+from grng_core.config import TITLES, upgrade_saved
 from grng_core.state import map_arrays
 from grng_torch._groups import STATE_KEY, GroupState, decode, encode
 
@@ -39,7 +39,8 @@ def load(opt, state_dict: dict[str, Any], torch_load) -> None:
         name = meta.get("algorithm")
         raise ValueError(f"this state dict is from grng_torch.{TITLES.get(name, name)}, "
                          f"not {title}")
-    saved_groups = state_dict["param_groups"]
+    saved_groups = [dict(g) for g in state_dict["param_groups"]]
+    state_dict["param_groups"] = saved_groups
     if len(saved_groups) != len(opt.param_groups):
         raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
                          f"this {title} has {len(opt.param_groups)}")
@@ -63,7 +64,15 @@ def load(opt, state_dict: dict[str, Any], torch_load) -> None:
 
 
 def _check_group(opt, i: int, group: dict, saved: dict) -> None:
+    """The saved group fits: every hyperparameter present (an earlier version's absent ones
+    filled with what they meant then, `upgrade_saved`) and the same RING form."""
     title = type(opt).__name__
+    saved.update(upgrade_saved(opt.algorithm, saved))
+    form = group.get("form")
+    if form is not None and saved.get("form") != form:
+        raise ValueError(f"param group {i} of the loaded state dict is RING form="
+                         f"{saved.get('form')!r}, this optimizer's is form={form!r}: build the "
+                         f"optimizer with form={saved.get('form')!r} to resume it")
     missing = [n for n in opt.hp_names if n not in saved]
     if missing:
         raise ValueError(f"param group {i} of the loaded state dict lacks {title} "

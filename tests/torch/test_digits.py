@@ -86,3 +86,49 @@ def test_digits_accuracy(build, name, digits):
     took = time.perf_counter() - start
     assert max(history) >= TARGET, (
         f"{name} on the {build.__name__}: test accuracy by epoch {history} ({took:.1f}s)")
+
+
+def conv_bn_ln() -> nn.Module:
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 64), nn.LayerNorm(64), nn.ReLU(),
+        nn.Linear(64, 10))
+
+
+# only model= and lr= (ALGORITHMS.md §3: RING adaptive_damping, RENG double backprop, R-Kalman
+# on its kfac belief), with an ordinary closure and no loss_fn
+DEFAULT_LR = {"RING": 0.1, "RENG": 0.01, "RKalman": 0.1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(DEFAULT_LR))
+def test_conv_batchnorm_layernorm_with_only_model_and_lr(name, digits):
+    import grng_torch
+
+    x_tr, y_tr, x_te, y_te = digits
+    torch.manual_seed(0)
+    model = conv_bn_ln()
+    opt = getattr(grng_torch, name)(model.parameters(), model=model, lr=DEFAULT_LR[name])
+    g = torch.Generator().manual_seed(0)
+    history = []
+    for _ in range(EPOCHS):
+        model.train()
+        order = torch.randperm(x_tr.shape[0], generator=g)
+        for i in range(0, x_tr.shape[0] - BATCH + 1, BATCH):
+            idx = order[i:i + BATCH]
+
+            def closure(idx=idx):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        model.eval()
+        history.append(accuracy(model, x_te, y_te))
+        if history[-1] >= TARGET:
+            break
+    assert max(history) >= TARGET, f"{name}: test accuracy by epoch {history}"
+    assert int(opt.skipped_steps if hasattr(opt, "skipped_steps") else 0) == 0
