@@ -151,15 +151,16 @@ def eigh_inverse(M, xp, shift=0.0, name="matrix"):
     return xp.where(ok, X, xp.full_like(X, math.nan))
 
 
-def resolve_method(method: str, xp, per_step_damping: bool = False) -> str:
+def resolve_method(method: str, xp, reused_across_dampings: bool = False) -> str:
     """The inverse method that runs: "auto" is Cholesky (through the backend's triangular
-    solve) where the namespace has linalg, else Newton–Schulz; with a damping that changes
-    every step (§3.2) "auto" is "eigh" (one decomposition serves every damping); "cholesky"
-    and "eigh" need linalg and fall back to Newton–Schulz without it (§2.1)."""
+    solve) where the namespace has linalg, else Newton–Schulz; when one decomposition serves
+    the different dampings of several steps (§3.2, a per-step damping with inverse_every > 1)
+    "auto" is "eigh"; "cholesky" and "eigh" need linalg and fall back to Newton–Schulz
+    without it (§2.1)."""
     if not has_linalg(xp):
         return "newton_schulz"
     if method == "auto":
-        return "eigh" if per_step_damping else "cholesky"
+        return "eigh" if reused_across_dampings else "cholesky"
     return method
 
 

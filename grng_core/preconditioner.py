@@ -22,8 +22,11 @@ def init(config, layouts, leaves, xp, sdtype, dev) -> Preconditioner:
     diag = diagonal.init(covered, leaves, 0.0, xp, sdtype, dev)
     layers = None
     if config.structure == "kfac":
-        per_step = per_step_damping(config)
-        eigen = per_step and resolve_method(config.inverse_method, xp, per_step) == "eigh"
+        # eigenbases where the damping changes between decompositions (inverse_every > 1);
+        # refreshed every step, "auto" factors the damped matrices themselves (cheaper)
+        reused = per_step_damping(config) and config.inverse_every > 1
+        eigen = per_step_damping(config) and resolve_method(config.inverse_method, xp,
+                                                            reused) == "eigh"
         layers = kfac.init(layouts, xp, sdtype, dev, eigen=eigen)
     return Preconditioner(diagonal=diag, kfac=layers)
 

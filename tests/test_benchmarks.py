@@ -191,6 +191,145 @@ def test_stepcost_tables_and_targets_from_synthetic_results():
     assert "not runnable: X" in tables
 
 
+def _synthetic_stepcost_res():
+    rows = {"adamw": {"label": "AdamW", "time": 0.010},
+            "asdl_kfac": {"label": "K-FAC (ASDL)", "time": 0.040, "own_flops": 2e9,
+                          "ideal_time": 0.020, "factored_applies": False,
+                          "kfac_layers": [{"layer": "8->4", "factored": True}]},
+            "ring": {"label": "RING (kfac)", "time": 0.030, "own_flops": 1e9,
+                     "ideal_time": 0.010, "factored_applies": True,
+                     "kfac_layers": [{"layer": "8->4", "factored": True},
+                                     {"layer": "4->2", "factored": False}]}}
+
+    def out(scale, b=128):
+        return {"fb": 0.005 * scale, "net": "MLP x", "batch": b,
+                "rows": {k: dict(v, time=v["time"] * scale) for k, v in rows.items()}}
+
+    jax = {"jax_fb": {"label": "fb", "time": 0.004},
+           "jax_ring": {"label": "g", "time": 0.050, "max_plain": 0.040, "median": 0.020,
+                        "spread": 2.0},
+           "jax_ring_ref": {"label": "h", "time": 0.045, "spread": 1.1},
+           "jax_ring_host": {"label": "hh", "time": 0.025}}
+    return {"threads": 1, "refresh_every": 10, "peak_square_gflops": 50.0,
+            "batches": {128: dict(out(1.0), hvp_extra=0.01, jax=jax)},
+            "widths": {256: out(0.1), 2048: out(1.0)}, "digits": out(0.05, 64)}
+
+
+def test_stepcost_issue_11_targets_from_synthetic_results(tmp_path):
+    from benchmarks import stepcost_report as S
+
+    res = _synthetic_stepcost_res()
+    text = "\n".join(S.targets(res))
+    # batch 128: RING / ASDL <= 0.6
+    assert "RING kfac 30.00 ms vs ASDL K-FAC 40.00 ms" in text
+    assert "0.75x -> NOT MET (target <= 0.6x)" in text
+    assert "own work 1.000 GFLOP/step in 25.00 ms = 40% of the measured matmul" in text
+    assert "K-FAC layers: 8->4 factored, 4->2 dense" in text
+    assert "factored form does not apply" in text  # ASDL
+    # JAX: grng / hand-written <= 1.2, spread <= 1.5
+    assert "50.00 ms vs the same math by hand" in text and "1.11x -> MET (target <= 1.2x)" in text
+    assert "2.00x -> NOT MET (target <= 1.5x)" in text and "refresh picked on the host" in text
+    # width d = 2048: RING / ASDL <= 0.4, RING / AdamW <= 4; growth exponent from d = 256
+    assert "vs ASDL K-FAC 40.00 ms: 0.75x -> NOT MET (target <= 0.4x)" in text
+    assert "vs AdamW 10.00 ms: 3.00x -> MET (target <= 4x)" in text
+    assert "d = 256..2048: step time grows as d^k, k = RING 1.11" in text
+    # digits: RING <= 0.8x ASDL
+    assert "batch 64: RING kfac 1.500 ms vs ASDL K-FAC 2.000 ms: 0.75x -> MET" in text
+    tables = S.tables(res)
+    assert "| RING (kfac) | 30.00 | 3.00 | 6.00 | 1.000 | 40.0 | 40% | 1/2 |" in tables
+    assert "| 2048 | 5.00 | 10.00 | 40.00 | 30.00 | 0.75 | 3.00 | 1.000 | 1/2 |" in tables
+    assert "2.00 (40.00 / 20.00)" in tables  # the JAX spread column
+    path = S.write(res, tmp_path)
+    md = path.read_text()
+    assert "## Targets (issue #11)" in md
+    if _has("matplotlib"):
+        assert (tmp_path / "stepcost_widths.png").stat().st_size > 1000
+        assert "![step time against width](stepcost_widths.png)" in md
+
+
+def test_stepcost_width_target_not_checked_without_2048():
+    from benchmarks import stepcost_report as S
+
+    res = _synthetic_stepcost_res()
+    res["widths"].pop(2048)
+    assert any("d = 2048 not measured" in line and "not checked" in line
+               for line in S.targets(res))
+
+
+def test_kfac_layers_factored_form_at_batch_size():
+    pytest.importorskip("grng_core")
+    from benchmarks.stepcost_setup import SIZES, factored_note, kfac_layers
+
+    at128 = kfac_layers(SIZES, 128)
+    assert [(r["layer"], r["d_in_ext"], r["factored"]) for r in at128] == [
+        ("784->1024", 785, True), ("1024->256", 1025, True), ("256->10", 257, False)]
+    assert not any(r["factored"] for r in kfac_layers(SIZES, 1024))
+    assert factored_note(at128, True) == "784->1024 factored, 1024->256 factored, 256->10 dense"
+    assert "does not apply" in factored_note(at128, False)
+
+
+def test_hand_written_jax_ring_matches_grng_jax():
+    """The step-cost JAX reference is the same math as grng_jax.ring's gauss_newton form."""
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    grng_jax = pytest.importorskip("grng_jax")
+    import optax
+
+    from benchmarks import stepcost_jaxref as ref
+    from benchmarks.losses import jax_xent
+    from benchmarks.models import jax_mlp_apply, mlp, torch_mlp_to_jax
+    from benchmarks.stepcost_torch import gauss_newton_form
+
+    torch.manual_seed(0)
+    p0 = torch_mlp_to_jax(mlp((12, 9, 4), "relu"))
+    rng = np.random.default_rng(0)
+    batch = (jax.numpy.asarray(rng.standard_normal((16, 12)), "float32"),
+             jax.numpy.asarray(rng.integers(0, 4, 16)))
+    hp = ref.RefHyper(0.05, 0.05, 0.1, 0.9, 0.95, 3, "relu")
+    tx = grng_jax.ring(0.05, rho=0.05, damping=0.1, structure="kfac", momentum=0.9,
+                       curvature_every=3, inverse_every=3, ema_decay=0.95, **gauss_newton_form())
+
+    def loss(p, bt):
+        return jax_xent(jax_mlp_apply(p, bt[0], "relu"), bt[1])
+
+    @jax.jit
+    def gstep(p, s, bt):
+        u, s = tx.update(jax.grad(loss)(p, bt), s, p, loss_fn=loss, batch=bt)
+        return optax.apply_updates(p, u), s
+
+    step = jax.jit(ref.make_step(hp))
+    fresh, plain = (jax.jit(f) for f in ref.make_host_steps(hp))
+    pa, sa, pb, sb, pc, sc = p0, ref.init(p0), p0, tx.init(p0), p0, ref.init(p0)
+    with jax.default_matmul_precision("highest"):  # no TF32 on a GPU
+        for t in range(7):
+            pa, sa, _ = step(pa, sa, batch)
+            pb, sb = gstep(pb, sb, batch)
+            pc, sc, _ = (fresh if t % 3 == 0 else plain)(pc, sc, batch)
+    for a, b, c in zip(*(jax.tree_util.tree_leaves(p) for p in (pa, pb, pc))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-5, atol=1e-7)
+
+
+def test_stepcost_tiny_run_writes_its_report(tmp_path, monkeypatch):
+    pytest.importorskip("grng_torch")
+    from benchmarks.stepcost import main
+
+    # main sets these (setdefault) and one torch thread: put them back afterwards
+    for var in ("JAX_PLATFORMS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["--quick", "--batches", "16", "--widths", "16", "32", "--only", "ring",
+                   "--no-jax", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    md = (tmp_path / "stepcost.md").read_text()
+    assert "## Targets (issue #11)" in md and "width sweep" in md
+    assert "torch threads 1" in md
+    assert "| RING (kfac) |" in md and "default suite's digits MLP 64-128-64-10" in md
+
+
 # ---------------------------------------------------------------------------------------------
 # data and tasks
 
@@ -234,20 +373,97 @@ def test_bits_per_char_metric():
 
 
 def test_tiny_run_writes_a_report(tmp_path, capsys):
+    import json
+
     from benchmarks.__main__ import main
 
-    opts = ["sgd", "adamw"] + (["ring"] if _has("grng_torch") else [])
+    ring = _has("grng_torch")
+    opts = ["sgd", "adamw"] + (["ring", "ring_gn"] if ring else [])
     rc = main(["--quick", "--optimizers", *opts, "--epochs", "1", "--subset", "256",
                "--seeds", "1", "--no-progress", "--out", str(tmp_path)])
     assert rc == 0
     report = (tmp_path / "report.md").read_text()
-    assert "| optimizer | selected | test acc |" in report
+    assert "| optimizer | selected | test acc |" in report and "| mean ‖g‖ (train) |" in report
     assert "| AdamW |" in report and "| SGD (momentum) |" in report
-    assert (tmp_path / "results.json").exists()
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert {r["opt"] for r in runs} == set(opts)
+    for r in runs:  # one minibatch gradient norm per step, and their mean
+        assert len(r["grad_norms"]) == r["steps"] > 0
+        assert math.isfinite(r["mean_grad_norm"]) and r["mean_grad_norm"] > 0
     if _has("matplotlib"):
         assert (tmp_path / "digits_mlp.png").stat().st_size > 1000
+        assert (tmp_path / "digits_mlp_grad_norm.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "| AdamW |" in out  # the table is printed at the end
+    if ring:
+        assert "| RING (kfac, adaptive_damping) |" in report
+        assert "| RING (kfac, gauss_newton) |" in report
+        verdict = [line for line in report.splitlines() if line.startswith("- RING (kfac): ")]
+        assert len(verdict) == 2  # in the summary and in the task's targets
+        assert ("reached the target first" in verdict[0]
+                or "neither form reached the target" in verdict[0])
+        assert verdict[0] in out
+
+
+def test_quick_preset_runs_both_ring_forms_with_their_constraint():
+    from benchmarks.optimizers import select_specs
+    from benchmarks.tasks import make_task
+
+    task = make_task("digits_mlp", subset=64)
+    specs = {s.key: s for s in select_specs("quick")}
+    assert specs["ring"].base["form"] == "adaptive_damping"
+    assert specs["ring_gn"].base["form"] == "gauss_newton"
+    assert specs["ring"].label_for(task) == "RING (kfac, adaptive_damping)"
+    assert specs["ring_gn"].label_for(task) == "RING (kfac, gauss_newton)"
+    full = {s.key: s for s in select_specs("full")}
+    for key in ("ring_woodbury", "ring_diagonal", "ring_chol", "grng_jax_ring"):
+        assert full[key].base["form"] == "adaptive_damping"
+        assert full[key + "_gn"].base["form"] == "gauss_newton"
+    assert full["rkalman_woodbury"].label_for(task) == "R-Kalman (woodbury)"
+    # gauss_newton needs rho * damping <= 1; adaptive_damping has no bound
+    ad, gn = specs["ring"], specs["ring_gn"]
+    ad.base, gn.base = dict(ad.base, rho=1.0), dict(gn.base, rho=1.0)
+    ad_grid, gn_grid = ad.sweep_grid("default", task), gn.sweep_grid("default", task)
+    assert len(ad_grid) == 9 and any(h["rho"] * h["damping"] > 1 for h in ad_grid)
+    assert gn_grid and all(h["rho"] * h["damping"] <= 1 for h in gn_grid)
+    assert len(gn_grid) < len(ad_grid)
+
+
+def _form_rows(ad_ttt, gn_ttt, ad_stt, gn_stt):
+    from benchmarks.hyperparams import GN_SUFFIX
+
+    runs = []
+    for key, form, ttt, stt in (("ring", "adaptive_damping", ad_ttt, ad_stt),
+                                ("ring" + GN_SUFFIX, "gauss_newton", gn_ttt, gn_stt)):
+        for seed, (t, st) in enumerate(zip(ttt, stt)):
+            r = _run(key, seed, 0.96, t, 0.01, label=f"RING (kfac, {form})",
+                     hp={"lr": 0.1, "form": form})
+            r.steps_to_target = st
+            runs.append(r)
+    return R.summary_rows(runs)
+
+
+def test_ring_form_comparison_lines():
+    from benchmarks.ring_forms import ring_form_lines
+    from benchmarks.tasks import make_task
+
+    task = make_task("digits_mlp", subset=64)
+    line, = ring_form_lines(_form_rows([1.0, 1.2], [1.5, 1.7], [50, 60], [40, 50]), task)
+    assert line.startswith("- RING (kfac): **adaptive_damping reached the target first** "
+                           "(test accuracy >= 0.95): 1.10 s / 55 steps (2/2 seeds) vs "
+                           "gauss_newton 1.60 s / 45 steps (2/2 seeds): 0.50 s sooner "
+                           "(0.69x the time), 10 steps later")
+    # a form that reaches the target on more seeds is first
+    line, = ring_form_lines(_form_rows([math.nan, 1.0], [2.0, 2.2], [math.nan, 50],
+                                       [90, 100]), task)
+    assert "**gauss_newton reached the target first**" in line and "2/2 seeds" in line
+    assert "on more seeds" in line and "(1/2 seeds)" in line
+    line, = ring_form_lines(_form_rows([1.0], [math.nan], [50], [math.nan]), task)
+    assert "**adaptive_damping reached the target first**" in line and "never did" in line
+    line, = ring_form_lines(_form_rows([math.nan], [math.nan], [math.nan], [math.nan]), task)
+    assert "**neither form reached the target**" in line
+    rows = [r for r in _form_rows([1.0], [1.2], [50], [60]) if r["opt"] == "ring"]
+    assert "only form adaptive_damping ran" in ring_form_lines(rows, task)[0]
 
 
 @pytest.mark.parametrize("key,mods", [
@@ -266,6 +482,7 @@ def test_peer_runs_one_epoch_when_installed(key, mods):
     r = run_one(task, spec, spec.base, 0, 1, math.nan)
     assert r.status == "ok", r.status
     assert r.steps == task.n_steps_per_epoch() and math.isfinite(r.grad_norm)
+    assert len(r.grad_norms) == r.steps and all(math.isfinite(g) for g in r.grad_norms)
 
 
 # ---------------------------------------------------------------------------------------------

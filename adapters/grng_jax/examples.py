@@ -44,7 +44,7 @@ import grng_jax
 DIGITS_HP: dict[str, dict[str, Any]] = {
     "reng": dict(learning_rate=0.1, rho=0.05, damping=1e-2, inverse_every=5),
     "ring": dict(learning_rate=0.1, rho=0.05, damping=1e-2, inverse_every=5),
-    "rkalman": dict(learning_rate=2.0, rho=0.05),  # structure "woodbury"
+    "rkalman": dict(learning_rate=0.5, rho=0.05, damping=1e-2),  # the kfac belief
 }
 
 

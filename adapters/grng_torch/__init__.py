@@ -40,8 +40,9 @@ Contract
   changes. Invalid values raise the core's ValueError naming the parameter, at construction.
 - `model=` is needed by structure="kfac" (hooks on its `nn.Linear` and `nn.Conv2d` layers:
   inputs a, unfolded patches for convolutions, and output gradients s with rows B·dL/dz;
-  every other parameter uses the diagonal), by structure="woodbury" / R-Kalman's default
-  (per-example gradients through `torch.func.vmap(grad(...))` over `functional_call`) and by
+  every other parameter uses the diagonal; the rows of `nn.Linear` layers are kept on every
+  step for the factored form, ALGORITHMS.md §2.1), by structure="woodbury" (per-example
+  gradients through `torch.func.vmap(grad(...))` over `functional_call`) and by
   fisher="mc". The model may be wrapped in DistributedDataParallel.
 - `loss_fn=`: the loss module the closure calls as `loss_fn(output, target)` (reduction
   "mean"). Its targets are read by a forward pre-hook, so per-example gradients use the real
