@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import os
 import shlex
 import sys
 import time
@@ -51,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads for the suite (default 1: the models are small, "
                         "and one thread is steadier on a shared machine; the step-cost "
-                        "benchmark uses every core)")
+                        "benchmark gets the same)")
     return p.parse_args(argv)
 
 
@@ -93,12 +92,10 @@ def main(argv=None) -> int:
             print(f"not run: {k}: {v}")
         print(f"report: {report}  ({env['suite wall time']})")
     if args.stepcost or args.stepcost_only:
-        import torch
-
         from benchmarks import stepcost
 
-        torch.set_num_threads(os.cpu_count() or 1)
-        sc_args = ["--out", str(outdir)] + (["--quick"] if preset == "quick" else [])
+        sc_args = ["--out", str(outdir), "--threads", str(args.threads)] + (
+            ["--quick"] if preset == "quick" else [])
         stepcost.main(sc_args)
     print(f"total wall time {time.perf_counter() - t_start:.1f} s")
     return 0

@@ -2,14 +2,18 @@
 
 Each row takes the structure that suits the task's model (``Task.structures``: ``kfac`` for the
 MLP, the CNN and the transformer, whose Linear / Conv2d layers the adapter hooks; ``woodbury``,
-the exact minibatch Fisher, for the single-layer logistic regression). ``--full`` adds
-variants: RENG with the finite-difference estimator, RING with the ``woodbury`` / ``diagonal``
-structures, R-Kalman with its default ``woodbury`` belief, and RING kfac with Cholesky inverses.
+the exact minibatch Fisher, for the single-layer logistic regression), passed explicitly, so
+no row depends on an optimizer's default structure. RING runs in both forms, each its own row:
+``form="adaptive_damping"`` (key ``ring``) and ``form="gauss_newton"`` (the same key +
+``GN_SUFFIX``), whose sweep keeps rho * damping <= 1. ``--full`` adds variants: RENG with the
+finite-difference estimator, RING (both forms) with the ``woodbury`` / ``diagonal`` structures
+and with Cholesky inverses, and R-Kalman with the ``woodbury`` belief (pinned: its default is
+``kfac`` now).
 """
 
 from __future__ import annotations
 
-from benchmarks.hyperparams import GRNG_BASE
+from benchmarks.hyperparams import GN_SUFFIX, GRNG_BASE, RING_FORMS
 from benchmarks.optspec import OptSpec
 from benchmarks.steppers import TorchStepper
 
@@ -18,7 +22,8 @@ ALGOS = {"reng": "RENG", "ring": "RING", "rkalman": "RKalman", "ngd": "RENG"}
 
 class GRNGStepper(TorchStepper):
     """``opt.step(closure)``: the closure zeroes the grads, runs the model and the loss module
-    and calls ``backward``; the optimizer calls it again where its algorithm needs to."""
+    and calls ``backward``; the optimizer calls it again where its algorithm needs to (the
+    gradient norm is read after its first call: the minibatch gradient at the current point)."""
 
     def __init__(self, model, loss_mod, opt, flatten_targets: bool):
         super().__init__(model, loss_mod, opt)
@@ -28,11 +33,15 @@ class GRNGStepper(TorchStepper):
         if self.flatten:
             y = y.reshape(-1)
         model, loss_mod, opt = self.model, self.loss_fn, self.opt
+        calls = []
 
         def closure():
             opt.zero_grad()
             loss = loss_mod(model(x), y)
             loss.backward()
+            if not calls:
+                self.probe()
+            calls.append(1)
             return loss
 
         return float(opt.step(closure).detach())
@@ -65,18 +74,38 @@ def _builder(algo: str, structure: str | None = None):
     return build
 
 
+def gauss_newton_ok(hp: dict) -> bool:
+    """RING form='gauss_newton' needs 0 <= rho * damping <= 1 (adaptive_damping: no bound)."""
+    return hp.get("form") != "gauss_newton" or hp["rho"] * hp["damping"] <= 1.0
+
+
+def ring_rows(key: str, framework: str, base: dict, build, structure: str | None = None,
+              variant: str = "", **kw) -> list[OptSpec]:
+    """Two RING rows, one per form: ``key`` (adaptive_damping) and ``key + GN_SUFFIX``
+    (gauss_newton, its sweep limited to rho * damping <= 1); the label names both the
+    structure and the form, e.g. "RING (kfac, gauss_newton)"."""
+    extra = {"algo": "ring", "variant": variant}
+    if structure:
+        extra["structure"] = structure
+    return [OptSpec(key + ("" if form == "adaptive_damping" else GN_SUFFIX), "RING", framework,
+                    "grng", dict(base, form=form), build, extra=dict(extra),
+                    valid=gauss_newton_ok, **kw)
+            for form in RING_FORMS]
+
+
 def specs() -> list[OptSpec]:
     req = ("grng_torch", "grng_core")
     base = GRNG_BASE
+    ring = base["ring"]
     out = [
         OptSpec("reng", "RENG", "torch", "grng", dict(base["reng"]), _builder("reng"),
                 requires=req, extra={"algo": "reng"},
                 note="double-backprop GR (Hessian-vector product)"),
-        OptSpec("ring", "RING", "torch", "grng", dict(base["ring"]), _builder("ring"),
-                requires=req, extra={"algo": "ring"}),
+        *ring_rows("ring", "torch", ring, _builder("ring"), requires=req),
         OptSpec("rkalman", "R-Kalman", "torch", "grng", dict(base["rkalman"]),
                 _builder("rkalman"), requires=req, extra={"algo": "rkalman"},
-                note="finite-difference GR (forward)"),
+                note="finite-difference GR (forward); the kfac belief inverts no factor "
+                     "(inverse_every unused), no direct refresh (kalman_refresh_every=None)"),
         OptSpec("ngd", "NGD", "torch", "grng", dict(base["ngd"]),
                 _builder("ngd"), requires=req, extra={"algo": "ngd"},
                 note="RENG with rho=0: damped natural gradient, the paper's baseline"),
@@ -85,18 +114,18 @@ def specs() -> list[OptSpec]:
                 dict(base["reng"], gr="finite_difference"), _builder("reng"), requires=req,
                 full_only=True, extra={"algo": "reng", "variant": "finite diff."},
                 note="finite-difference GR (forward)"),
-        OptSpec("ring_woodbury", "RING (woodbury)", "torch", "grng", dict(base["ring"]),
-                _builder("ring", "woodbury"), requires=req, full_only=True,
-                tasks=("digits_mlp", "digits_cnn")),
-        OptSpec("ring_diagonal", "RING (diagonal)", "torch", "grng", dict(base["ring"]),
-                _builder("ring", "diagonal"), requires=req, full_only=True),
-        OptSpec("ring_chol", "RING", "torch", "grng",
-                dict(base["ring"], inverse_method="cholesky"), _builder("ring"),
-                requires=req, full_only=True, extra={"algo": "ring", "variant": "Cholesky"},
-                tasks=("digits_mlp", "digits_cnn", "char_lm"),
-                note="inverse_method='cholesky' instead of Newton-Schulz"),
-        OptSpec("rkalman_woodbury", "R-Kalman (woodbury)", "torch", "grng",
+        *ring_rows("ring_woodbury", "torch", ring, _builder("ring", "woodbury"), "woodbury",
+                   requires=req, full_only=True, tasks=("digits_mlp", "digits_cnn")),
+        *ring_rows("ring_diagonal", "torch", ring, _builder("ring", "diagonal"), "diagonal",
+                   requires=req, full_only=True),
+        *ring_rows("ring_chol", "torch", dict(ring, inverse_method="cholesky"),
+                   _builder("ring"), variant="Cholesky", requires=req, full_only=True,
+                   tasks=("digits_mlp", "digits_cnn", "char_lm"),
+                   note="inverse_method='cholesky' instead of Newton-Schulz"),
+        OptSpec("rkalman_woodbury", "R-Kalman", "torch", "grng",
                 dict(base["rkalman"]), _builder("rkalman", "woodbury"), requires=req,
-                full_only=True, tasks=("digits_mlp", "digits_cnn")),
+                full_only=True, tasks=("digits_mlp", "digits_cnn"),
+                extra={"algo": "rkalman", "structure": "woodbury"},
+                note="woodbury belief, pinned (R-Kalman's default is kfac)"),
     ]
     return out

@@ -4,6 +4,9 @@ Measured per run (see the report's "Method" section, written by :mod:`benchmarks
 
 - training loss (mean of the minibatch losses since the previous evaluation) and the validation
   and test metric, ``task.evals_per_epoch`` times per epoch; evaluation time is not counted;
+- every step's minibatch gradient norm ||g|| (global L2 norm of the step's training-batch
+  gradient at the parameters the step starts from, recorded by the stepper; torch: the time
+  spent measuring it is left out of the step time) and its mean over training;
 - wall-clock training time to the task's target test metric (first evaluation at or past it);
 - mean step time (steps after the first two), and its split: one plain forward+backward of the
   model at that batch size (the reference: median of repeated plain forward+backward passes
@@ -85,10 +88,11 @@ class _Evaluator:
         self.task, self.view, self.res = task, view, res
         self.evals = {w: conv(*task.eval_set(w), task) for w in ("valid", "test")}
 
-    def __call__(self, step, epoch_float, losses) -> dict:
+    def __call__(self, step, epoch_float, losses, gnorms=()) -> dict:
         task, res = self.task, self.res
         point = {"step": step, "epoch": epoch_float, "time": res.train_time,
-                 "loss": float(np.mean(losses)) if losses else math.nan}
+                 "loss": float(np.mean(losses)) if losses else math.nan,
+                 "gnorm": _finite_mean(gnorms)}
         for w, (x, y) in self.evals.items():
             point[w] = task.metric_from_logits(self.view.logits(x), np.asarray(y))
         res.history.append(point)
@@ -114,18 +118,21 @@ def _train(task, stepper, conv, evaluate, res: RunResult, epochs: int, seed: int
             batches = [conv(x, y, task) for x, y in task.epoch_batches(rng)]
             losses: list[float] = []
             for i, (x, y) in enumerate(batches, start=1):
+                stepper.step_grad_norm, stepper.probe_s = math.nan, 0.0
                 t0 = time.perf_counter()
                 loss = stepper.step(x, y)
-                dt = time.perf_counter() - t0
+                dt = time.perf_counter() - t0 - stepper.probe_s
                 res.train_time += dt
                 res.steps += 1
                 times.append(dt)
                 losses.append(loss)
+                res.grad_norms.append(float(stepper.step_grad_norm))
                 if not math.isfinite(loss):
                     res.status = "diverged"
                     break
                 if i in eval_at:
-                    evaluate(res.steps, ep + i / spe, losses)
+                    n = len(losses)
+                    evaluate(res.steps, ep + i / spe, losses, res.grad_norms[-n:])
                     losses = []
                     if progress is not None:
                         progress.update(res.steps - counted)
@@ -141,6 +148,7 @@ def _finish(task, view, conv, res: RunResult, times: list[float]) -> None:
     """Mean step time, the final and selecting metrics, and the final gradient norm."""
     timed = times[WARMUP_STEPS:] or times
     res.step_time = float(np.mean(timed)) if timed else math.nan
+    res.mean_grad_norm = _finite_mean(res.grad_norms)
     if res.history:
         last = res.history[-1]
         res.final_loss = last["loss"]
@@ -155,6 +163,11 @@ def _finish(task, view, conv, res: RunResult, times: list[float]) -> None:
             res.status = "error: grad norm: " + _short(e)
     if res.status == "diverged":
         res.final_valid = res.final_test = res.select_valid = math.nan
+
+
+def _finite_mean(values) -> float:
+    v = [x for x in values if math.isfinite(x)]
+    return float(np.mean(v)) if v else math.nan
 
 
 def _fail(res: RunResult, e: BaseException) -> None:

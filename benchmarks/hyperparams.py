@@ -31,6 +31,11 @@ def common_hp(lr: float, damping: float) -> dict:
             "ema_decay": EMA_DECAY}
 
 
+#: RING's two forms, each run as its own row (adaptive_damping: the default form).
+RING_FORMS = ("adaptive_damping", "gauss_newton")
+#: Key suffix of a RING gauss_newton row: its adaptive_damping twin's key + this.
+GN_SUFFIX = "_gn"
+
 #: Base values of the GRNG rows (the sweep multiplies lr and damping around them).
 GRNG_BASE = {
     "reng": dict(common_hp(KFAC_LR, KFAC_DAMPING), rho=0.05),

@@ -2,13 +2,18 @@
 
 The JAX model is the same function as the torch ``mlp`` and starts from the same weights (copied
 from the torch model built with the run's seed). Each step is one jitted function; the harness
-blocks on its result, so the wall times are real.
+blocks on its result, so the wall times are real. A step also returns the global norm of its
+minibatch gradient (``optax.global_norm`` inside the jitted step; kfac-jax: its own statistic).
+RING runs in both forms (``grng_jax.ring(..., form=...)``), as the torch rows do.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from benchmarks.grng_runs import ring_rows
 from benchmarks.hyperparams import (
     ADAMW_WD,
     EMA_DECAY,
@@ -23,15 +28,19 @@ from benchmarks.optspec import OptSpec
 
 
 class JaxStepper:
-    """Parameters, optimizer state and one jitted step (loss, new params, new state)."""
+    """Parameters, optimizer state and one jitted step (loss, gradient norm, new params, new
+    state)."""
 
     framework = "jax"
+    step_grad_norm = math.nan  # this step's minibatch gradient norm
+    probe_s = 0.0  # measured inside the jitted step: not separable from its time
 
     def __init__(self, params, apply, step_fn, opt_state):
         self.params, self.apply, self._step, self.opt_state = params, apply, step_fn, opt_state
 
     def step(self, x, y) -> float:
-        loss, self.params, self.opt_state = self._step(self.params, self.opt_state, x, y)
+        loss, gnorm, self.params, self.opt_state = self._step(self.params, self.opt_state, x, y)
+        self.step_grad_norm = float(gnorm)
         return float(loss)  # blocks until the step is done
 
     def logits(self, x) -> np.ndarray:
@@ -76,7 +85,7 @@ def _optax_adamw(torch_model, task, hp, seed):
     def step(p, s, x, y):
         loss, g = jax.value_and_grad(loss_fn)(p, x, y)
         u, s = tx.update(g, s, p)
-        return loss, optax.apply_updates(p, u), s
+        return loss, optax.global_norm(g), optax.apply_updates(p, u), s
 
     state = tx.init(params)
     _compile(step, params, state, task)
@@ -118,7 +127,7 @@ def _kfac_jax(torch_model, task, hp, seed):
         damping_schedule=lambda t: hp["damping"], curvature_ema=hp["ema_decay"],
         inverse_update_period=hp["refresh_every"],
         curvature_update_period=hp["refresh_every"], num_burnin_steps=0, multi_device=False,
-        estimation_mode="fisher_empirical",
+        estimation_mode="fisher_empirical", include_norms_in_stats=True,
     )
     key = jax.random.PRNGKey(seed)
     a = task.arrays
@@ -131,7 +140,7 @@ def _kfac_jax(torch_model, task, hp, seed):
         counter["key"], sub = jax.random.split(counter["key"])
         p, s, stats = opt.step(p, s, sub, batch=(x, y), global_step_int=counter["t"])
         counter["t"] += 1
-        return stats["loss"], p, s
+        return stats["loss"], stats.get("grad_norm", math.nan), p, s
 
     stepper = JaxStepper(params, jax_apply_for(task), step, state)
     # kfac-jax traces the model on its first step: do it here so a failure names the package.
@@ -164,7 +173,7 @@ def _grng_jax(algo: str):
         def step(p, s, x, y):
             loss, g = jax.value_and_grad(loss_fn)(p, (x, y))
             u, s = tx.update(g, s, p, loss_fn=loss_fn, batch=(x, y))
-            return loss, optax.apply_updates(p, u), s
+            return loss, optax.global_norm(g), optax.apply_updates(p, u), s
 
         state = tx.init(params)
         _compile(step, params, state, task)
@@ -184,9 +193,9 @@ def specs() -> list[OptSpec]:
                  "refresh_every": REFRESH_EVERY, "ema_decay": EMA_DECAY}, _kfac_jax,
                 requires=("jax", "kfac_jax"), tasks=jax_tasks,
                 note=f"empirical Fisher; curvature and inverse every {REFRESH_EVERY} steps"),
-        OptSpec("grng_jax_ring", "RING", "jax", "grng",
-                dict(GRNG_BASE["ring"]), _grng_jax("ring"), requires=("jax", "grng_jax"),
-                tasks=jax_tasks, full_only=True, extra={"algo": "ring", "variant": "grng_jax"},
-                note="grng_jax's optax transformation, jitted with the gradient"),
+        *ring_rows("grng_jax_ring", "jax", GRNG_BASE["ring"], _grng_jax("ring"),
+                   variant="grng_jax", requires=("jax", "grng_jax"), tasks=jax_tasks,
+                   full_only=True,
+                   note="grng_jax's optax transformation, jitted with the gradient"),
     ]
 

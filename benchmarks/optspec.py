@@ -23,13 +23,16 @@ class OptSpec:
     tasks: tuple | None = None  # None = every task
     note: str = ""
     extra: dict = field(default_factory=dict)
+    valid: Callable | None = None  # hp -> bool: settings of the sweep the optimizer allows
 
     def label_for(self, task) -> str:
-        """The row label; a GRNG row without a fixed structure names the task's."""
+        """The row label; a GRNG row names its structure (``extra["structure"]`` or the
+        task's), its variant and its RING form, e.g. "RING (kfac, gauss_newton)"."""
         algo = self.extra.get("algo")
         if algo and "structure" not in self.base:
-            variant = self.extra.get("variant")
-            return f"{self.label} ({task.structures[algo]}{', ' + variant if variant else ''})"
+            parts = [self.extra.get("structure") or task.structures[algo],
+                     self.extra.get("variant"), self.base.get("form")]
+            return f"{self.label} ({', '.join(p for p in parts if p)})"
         return self.label
 
     def missing(self) -> list[str]:
@@ -37,7 +40,8 @@ class OptSpec:
 
     def sweep_grid(self, preset: str, task=None) -> list[dict]:
         """Hyperparameter settings of the sweep: base values times the grid's multipliers
-        (a task may narrow the grid: ``Task.sweep``, e.g. the char LM's damping)."""
+        (a task may narrow the grid: ``Task.sweep``, e.g. the char LM's damping); settings
+        that ``valid`` rejects are left out (RING gauss_newton: rho * damping <= 1)."""
         grid = dict(SWEEPS[preset])
         if task is not None and task.sweep:
             grid.update(task.sweep)
@@ -49,7 +53,8 @@ class OptSpec:
                 hp["lr"] = _round(self.base["lr"] * lm)
                 if dm is not None:
                     hp["damping"] = _round(self.base["damping"] * dm)
-                out.append(hp)
+                if self.valid is None or self.valid(hp):
+                    out.append(hp)
         return out
 
 

@@ -1,33 +1,26 @@
-"""The suite's report: markdown tables (mean ± std over seeds), plots and a JSON dump."""
+"""The suite's report: markdown tables (mean ± std over seeds), the summary (which RING form
+reaches each task's target first, the digits target), plots and a JSON dump."""
 
 from __future__ import annotations
 
 import json
 import math
-import warnings
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.formatting import finite, fmt_num, fmt_pm, markdown_table
-from benchmarks.hyperparams import SWEEPS
-from benchmarks.run_result import RunResult
+from benchmarks.hyperparams import GN_SUFFIX, SWEEPS
+from benchmarks.plots import plot_grad_norm, plot_task
+from benchmarks.ring_forms import ring_form_lines
+from benchmarks.run_result import RunResult, group_runs
 from benchmarks.suite import final_runs
-
-
-def group(runs: list[RunResult]) -> OrderedDict:
-    """(task, opt) -> runs, in first-seen order."""
-    out: OrderedDict = OrderedDict()
-    for r in runs:
-        out.setdefault((r.task, r.opt), []).append(r)
-    return out
 
 
 def summary_rows(runs: list[RunResult], metric_name: str = "test") -> list[dict]:
     """One dict per (task, optimizer) with the aggregated measurements."""
     rows = []
-    for (task, opt), rs in group(runs).items():
+    for (task, opt), rs in group_runs(runs).items():
         ok = [r for r in rs if r.status == "ok"]
         reached = [r for r in ok if math.isfinite(r.time_to_target)]
         rows.append({
@@ -42,6 +35,7 @@ def summary_rows(runs: list[RunResult], metric_name: str = "test") -> list[dict]
             "opt_ms": [r.opt_time * 1e3 for r in rs if math.isfinite(r.opt_time)],
             "mem": [r.peak_mem_mb for r in rs],
             "gnorm": [r.grad_norm for r in ok],
+            "mean_gnorm": [r.mean_grad_norm for r in ok],
             "status": sorted({r.status for r in rs}),
         })
     return rows
@@ -56,7 +50,7 @@ def results_table(rows: list[dict], metric: str) -> str:
     headers = ["optimizer", "selected", mname, "time to target (s)", "steps to target",
                "reached",
                "step (ms)", "fwd+bwd (ms)", "opt overhead (ms)", "peak mem (MiB)",
-               "final grad norm", "final train loss"]
+               "mean ‖g‖ (train)", "final grad norm", "final train loss"]
     body = []
     for r in rows:
         status = "" if r["ok"] == r["n"] else f" ({r['n'] - r['ok']} failed/diverged)"
@@ -64,7 +58,8 @@ def results_table(rows: list[dict], metric: str) -> str:
             r["label"] + status, format_hp(r["hp"]), fmt_pm(r["test"], 4),
             fmt_pm(r["ttt"], 2), fmt_pm(r["stt"], 0), f"{r['reached']}/{r['n']}",
             fmt_pm(r["step_ms"], 2), fmt_pm(r["fb_ms"], 2), fmt_pm(r["opt_ms"], 2),
-            fmt_pm(r["mem"], 2), fmt_pm(r["gnorm"], 4), fmt_pm(r["loss"], 4),
+            fmt_pm(r["mem"], 2), fmt_pm(r["mean_gnorm"], 4), fmt_pm(r["gnorm"], 4),
+            fmt_pm(r["loss"], 4),
         ])
     return markdown_table(headers, body)
 
@@ -105,7 +100,7 @@ def digits_targets(rows: list[dict]) -> list[str]:
     a_t, a_g = ttt(adam), mean(adam["gnorm"])
     k_t = ttt(kfac) if kfac else math.nan
     met_any = False
-    for key in ("reng", "ring", "rkalman", "ngd"):
+    for key in ("reng", "ring", "ring" + GN_SUFFIX, "rkalman", "ngd"):
         r = by.get(key)
         if r is None:
             continue
@@ -140,62 +135,6 @@ def _ratio(a, b):
 
 
 # ---------------------------------------------------------------------------------------------
-# plots
-
-
-def plot_task(results: list[RunResult], task, path: Path) -> Path | None:
-    """Training loss and test metric vs steps and vs wall time, mean over seeds."""
-    try:
-        import matplotlib
-    except ImportError:  # the test extra has no matplotlib: the report says so
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [r for r in results if r.task == task.name and r.history and r.status != "error"]
-    if not runs:
-        return None
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    mlabel = "test accuracy" if task.metric == "accuracy" else "test bits/char"
-    for (_, opt), rs in group(runs).items():
-        n = min(len(r.history) for r in rs)
-        if n < 2:
-            continue
-        steps = np.array([h["step"] for h in rs[0].history[:n]])
-        tm = np.mean([[h["time"] for h in r.history[:n]] for r in rs], axis=0)
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # the step-0 point has no loss
-            loss = np.nanmean([[h["loss"] for h in r.history[:n]] for r in rs], axis=0)
-        test = np.nanmean([[h["test"] for h in r.history[:n]] for r in rs], axis=0)
-        style = "-" if opt.split("_")[0] in ("reng", "ring", "rkalman", "ngd", "grng") else "--"
-        kw = dict(label=rs[0].label, linestyle=style, linewidth=1.4)
-        axes[0, 0].plot(steps[1:], loss[1:], **kw)
-        axes[0, 1].plot(tm[1:], loss[1:], **kw)
-        axes[1, 0].plot(steps, test, **kw)
-        axes[1, 1].plot(tm, test, **kw)
-    for ax in axes[0]:
-        ax.set_yscale("log")
-        ax.set_ylabel("training loss")
-    for ax in axes[1]:
-        ax.set_ylabel(mlabel)
-        ax.axhline(task.target, color="grey", linewidth=0.8, linestyle=":")
-        if task.metric == "accuracy":
-            ax.set_ylim(max(0.0, task.target - 0.25), 1.0)
-    for ax in axes[:, 0]:
-        ax.set_xlabel("steps")
-    for ax in axes[:, 1]:
-        ax.set_xlabel("training wall time (s)")
-    for ax in axes.flat:
-        ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8, ncol=2)
-    fig.suptitle(f"{task.title}: mean over seeds (selected settings)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
 # the whole report
 
 
@@ -209,6 +148,8 @@ def write_report(results: list[RunResult], info: dict, tasks, specs, outdir: Pat
           f"Command: `{command}`", ""]
     md += [f"- {k}: {v}" for k, v in env.items()]
     md.append("")
+    summary = summary_section(tasks, rows)
+    md += summary
     tables = []
     for task in tasks:
         section, table = task_section(task, rows, results, fin, info, outdir, plots)
@@ -225,13 +166,13 @@ def write_report(results: list[RunResult], info: dict, tasks, specs, outdir: Pat
         {"info": info, "env": env, "command": command,
          "runs": [r.to_dict() for r in results]}, indent=1, default=_json_default),
         encoding="utf-8")
-    return report, "\n\n".join(tables)
+    return report, "\n\n".join(tables) + "\n\n" + "\n".join(summary).strip()
 
 
 def task_section(task, rows: list[dict], results: list[RunResult], fin: list[RunResult],
                  info: dict, outdir: Path, plots: bool) -> tuple[list[str], str]:
     """(markdown lines of one task's section, its results table): data, target, the table,
-    the digits target, the plot and the sweep."""
+    the targets (RING forms; digits), the plots and the sweep."""
     trows = [r for r in rows if r["task"] == task.name]
     md = [f"## {task.title}", ""]
     narrowed = "".join(f" Sweep narrowed here: {k} x {', '.join(f'{m:.3g}' for m in v)}."
@@ -244,17 +185,35 @@ def task_section(task, rows: list[dict], results: list[RunResult], fin: list[Run
     md.append("")
     table = results_table(trows, task.metric)
     md += [table, ""]
+    md += ["**Targets**", ""] + (ring_form_lines(rows, task) or ["- no RING row ran."])
     if task.name == "digits_mlp":
-        md += digits_targets(rows) + [""]
+        md += digits_targets(rows)
+    md.append("")
     if plots:
-        p = plot_task(fin, task, outdir / f"{task.name}.png")
-        if p is not None:
-            md += [f"![{task.name}]({p.name})", ""]
-        else:
-            md += ["(no plot: matplotlib is not installed)", ""]
+        for plot, name in ((plot_task, task.name), (plot_grad_norm, f"{task.name}_grad_norm")):
+            p = plot(fin, task, outdir / f"{name}.png")
+            md += [f"![{name}]({p.name})" if p is not None else
+                   f"(no {name} plot: matplotlib is not installed, or nothing to plot)", ""]
     md += ["<details><summary>Sweep (seed 0)</summary>", "",
            sweep_table(results, task.name, task.metric), "", "</details>", ""]
     return md, table
+
+
+def summary_section(tasks, rows: list[dict]) -> list[str]:
+    """Per task: which RING form reaches the target first (and by how much), and the digits
+    target's verdict."""
+    md = ["## Summary", "",
+          "Which RING form reaches each task's target first: a form that reaches it on more "
+          "seeds is first, then the smaller mean training wall time to the target (means over "
+          "the seeds that reached it; steps likewise).", ""]
+    for task in tasks:
+        md.append(f"**{task.title}**")
+        md.append("")
+        md += ring_form_lines(rows, task) or ["- no RING row ran."]
+        if task.name == "digits_mlp":
+            md += digits_targets(rows)[:1]
+        md.append("")
+    return md
 
 
 def optimizers_section(specs) -> list[str]:
@@ -283,8 +242,18 @@ def method_section(preset: str) -> list[str]:
             "extra passes, hooks, curvature, inverses and the update.",
             "- Peak memory: rise of the process's peak resident set size during the run "
             "(Linux clear_refs/VmHWM); allocator caching makes small values noisy.",
+            "- Mean ‖g‖ (train): the global L2 norm of each step's minibatch gradient, measured "
+            "at every step on that step's training batch at the parameters the step starts "
+            "from (before the optimizer changes it: SAM's at w, IVON's at its sampled weights), "
+            "averaged over all steps of the run (the paper's Figure 1; the `_grad_norm` plot "
+            "shows it against steps and per epoch). Torch rows leave the time of this "
+            "measurement out of their step time; JAX rows compute it inside the jitted step.",
             "- Final grad norm: norm of the gradient of the mean training loss over the whole "
             "training set (128 fixed windows for the char LM) at the final parameters.",
+            "- RING runs in both forms, each its own row: adaptive_damping "
+            "(d = (F + (λ + ρ‖g‖²) I)⁻¹ g) and gauss_newton (d = (1 − ρλ)(F + λI)⁻¹ g + ρ g), "
+            "from the same base values; gauss_newton's sweep leaves out settings with "
+            "ρλ > 1, which that form does not allow (adaptive_damping has no bound).",
             ""]
 
 

@@ -15,7 +15,8 @@ class RunResult:
     hp: dict
     seed: int
     status: str = "ok"  # "ok", "diverged", or "error: ..."
-    history: list = field(default_factory=list)  # dicts: step, epoch, time, loss, valid, test
+    history: list = field(default_factory=list)  # dicts: step, epoch, time, loss, gnorm,
+    # valid, test (loss and gnorm: means over the steps since the previous evaluation)
     steps: int = 0
     train_time: float = 0.0
     step_time: float = math.nan  # mean seconds per step
@@ -26,7 +27,9 @@ class RunResult:
     final_valid: float = math.nan
     final_test: float = math.nan
     select_valid: float = math.nan  # mean validation metric over the last epoch: selects
-    grad_norm: float = math.nan
+    grad_norm: float = math.nan  # full training-set gradient norm at the end
+    grad_norms: list = field(default_factory=list)  # every step's minibatch gradient norm
+    mean_grad_norm: float = math.nan  # their mean over training (the finite ones)
     peak_mem_mb: float = math.nan
     sweep: bool = False  # a sweep run (seed 0) - kept in the report's sweep table
 
@@ -40,3 +43,11 @@ class RunResult:
     @staticmethod
     def from_dict(d: dict) -> RunResult:
         return RunResult(**d)
+
+
+def group_runs(runs: list[RunResult]) -> dict:
+    """(task, opt) -> runs, in first-seen order."""
+    out: dict = {}
+    for r in runs:
+        out.setdefault((r.task, r.opt), []).append(r)
+    return out

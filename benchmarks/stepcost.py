@@ -22,7 +22,8 @@ jax.numpy (`benchmarks.stepcost_jaxref`) and ``kfac-jax`` where it runs, relativ
 jitted forward+backward and the jitted AdamW step; the RING rows also time two refresh
 periods step by step (slowest step that refreshes nothing / median step).
 
-Torch runs one thread by default (``--threads``; JAX keeps XLA's own thread pool), on the CPU
+Torch and the BLAS/LAPACK libraries (NumPy's, SciPy's OpenBLAS: jaxlib's LAPACK) run one
+thread by default (``--threads``; XLA keeps its own thread pool for its matmuls), on the CPU
 or, with ``--device cuda``, on the GPU (torch rows; JAX uses its default backend then). Each
 time is the best of ``repeats`` windows, the rows of one setting timed round-robin (the machine
 is shared; the minimum is the least disturbed window). The report, with issue #11's targets
@@ -44,7 +45,7 @@ from benchmarks.flops import Throughput
 from benchmarks.hyperparams import REFRESH_EVERY
 from benchmarks.progress import progress_bar
 from benchmarks.stepcost_report import tables, targets, write
-from benchmarks.stepcost_setup import DIGITS, DIGITS_BATCH, MAIN, WIDTHS
+from benchmarks.stepcost_setup import DIGITS, DIGITS_BATCH, MAIN, WIDTHS, limit_threads
 from benchmarks.stepcost_torch import measure_batch, torch_rows
 from benchmarks.stepcost_width import WIDTH_KEYS, width_results
 
@@ -72,7 +73,8 @@ def run(batches=(128, 1024), full=False, quick=False, only=None, log=print, widt
     if only:
         rows = [r for r in rows if r[0] in only or r[0] in ("adamw",)]
     net = MAIN.with_device(device)
-    res = {"batches": {}, "refresh_every": REFRESH_EVERY, "sizes": net.sizes, "title": net.title,
+    title = net.title if batches else "width sweep and digits MLP"
+    res = {"batches": {}, "refresh_every": REFRESH_EVERY, "sizes": net.sizes, "title": title,
            "threads": torch.get_num_threads(), "device": device, "ring_form": _ring_form(),
            "load_start": load_average(), "peak_square_gflops": tp.of(1024, 1024, 1024) / 1e9}
     repeats = 1 if quick else 3
@@ -110,7 +112,8 @@ def _jax_backend() -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.stepcost", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batches", type=int, nargs="+", default=[128, 1024])
+    p.add_argument("--batches", type=int, nargs="*", default=[128, 1024],
+                   help="batch sizes of the main MLP (default 128 1024; none: skip it)")
     p.add_argument("--widths", type=int, nargs="*", default=list(WIDTHS),
                    help="d of the width sweep's MLP d-d-10 (default 256 512 1024 2048; none: "
                         "no sweep)")
@@ -120,7 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-jax", action="store_true", help="skip the JAX rows")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1; 0: torch's default, every core)")
+                   help="intra-op threads of torch and of the loaded BLAS/LAPACK libraries "
+                        "(default 1; 0: their defaults, every core)")
     p.add_argument("--device", default="cpu",
                    help="torch device of the rows: cpu (default) or cuda; JAX takes the CPU "
                         "with cpu and its default backend otherwise")
@@ -130,8 +134,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     quiet_peer_warnings()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    pools = limit_threads(args.threads) if args.threads > 0 else {}
     if args.device == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     elif args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -143,6 +146,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     res = run(tuple(args.batches), full=args.full, quick=args.quick, only=args.only,
               widths=tuple(args.widths), device=args.device, jax=not args.no_jax)
+    res["thread_pools"] = pools
     path = write(res, out, __doc__)
     print("\n".join(targets(res)))
     print()

@@ -97,6 +97,28 @@ def factored_note(layers: list[dict], applies: bool | None) -> str:
     return ", ".join(f"{r['layer']} {'factored' if r['factored'] else 'dense'}" for r in layers)
 
 
+def limit_threads(n: int) -> dict:
+    """One intra-op pool size for torch and for the BLAS/LAPACK libraries already loaded
+    (NumPy's and SciPy's OpenBLAS, whose LAPACK jaxlib calls: a 2-thread OpenBLAS that spins
+    on a shared 2-core machine makes a 1025 x 1025 Cholesky 40x slower), and the environment
+    for those loaded later. {library: threads} as set."""
+    import os
+
+    torch.set_num_threads(n)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(n))
+    out = {"torch": torch.get_num_threads()}
+    try:
+        import scipy.linalg  # noqa: F401  (loads SciPy's OpenBLAS, which jaxlib's LAPACK uses)
+        from threadpoolctl import threadpool_info, threadpool_limits
+    except ImportError:
+        return out
+    threadpool_limits(n)
+    out.update({i["internal_api"] + ":" + i["filepath"].rsplit("/", 1)[-1]: i["num_threads"]
+                for i in threadpool_info()})
+    return out
+
+
 def time_window(fn, steps: int, repeats: int, sync=None) -> float:
     """Best-of-``repeats`` mean seconds per call over windows of ``steps`` calls; ``sync``
     (the device's wait) runs before and after each window."""

@@ -1,12 +1,24 @@
 """Torch steppers: each owns a model's optimizer and does one training step on a batch,
 ``stepper.step(x, y) -> float`` (the batch loss before the update); the harness times it.
-One class per way the optimizers want to be driven (plain, SophiaH, SAM, IVON, ASDL K-FAC)."""
+One class per way the optimizers want to be driven (plain, SophiaH, SAM, IVON, ASDL K-FAC).
+
+Every step also records ``step_grad_norm``: the global L2 norm of the step's minibatch gradient at
+the parameters the step starts from, read from ``.grad`` right after the step's first backward,
+before the optimizer changes it; ``probe_s`` is the time that took (the harness leaves it out
+of the step time).
+"""
 
 from __future__ import annotations
+
+import math
+import time
 
 
 class TorchStepper:
     """One optimizer on one torch model; ``step`` does forward, backward and the update."""
+
+    step_grad_norm = math.nan  # this step's minibatch gradient norm
+    probe_s = 0.0  # seconds this step spent measuring it
 
     def __init__(self, model, loss_fn, opt):
         self.model, self.loss_fn, self.opt = model, loss_fn, opt
@@ -15,8 +27,21 @@ class TorchStepper:
         self.opt.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model(x), y)
         loss.backward()
+        self.probe()
         self.opt.step()
         return loss.item()
+
+    def probe(self) -> None:
+        """Record the global L2 norm of the parameters' ``.grad`` now, and its cost."""
+        import torch
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            gs = [p.grad.detach().reshape(-1) for p in self.model.parameters()
+                  if p.grad is not None]
+            self.step_grad_norm = float(torch.linalg.vector_norm(torch.cat(gs))) if gs \
+                else math.nan
+        self.probe_s = time.perf_counter() - t0
 
     def optimizers(self):
         return [self.opt]
@@ -29,6 +54,7 @@ class SophiaStepper(TorchStepper):
         self.opt.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model(x), y)
         loss.backward(create_graph=True)
+        self.probe()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)  # breaks the grad <-> graph reference cycle
         return loss.item()
@@ -40,6 +66,7 @@ class SAMStepper(TorchStepper):
     def step(self, x, y) -> float:
         loss = self.loss_fn(self.model(x), y)
         loss.backward()
+        self.probe()  # the gradient at w, not at the ascent point
         self.opt.first_step(zero_grad=True)
         self.loss_fn(self.model(x), y).backward()
         self.opt.second_step(zero_grad=True)
@@ -54,17 +81,26 @@ class IVONStepper(TorchStepper):
             self.opt.zero_grad(set_to_none=True)
             loss = self.loss_fn(self.model(x), y)
             loss.backward()
+            self.probe()  # IVON's gradient: at the sampled weights
         self.opt.step()
         return loss.item()
 
 
 class ASDLKfacStepper(TorchStepper):
     """ASDL K-FAC: its gradient maker runs forward + backward, collects the Kronecker
-    factors on curvature steps and replaces .grad by the preconditioned gradient; then SGD."""
+    factors on curvature steps and replaces .grad by the preconditioned gradient; then SGD.
+    The gradient norm is read just before that replacement (``gm.precondition``)."""
 
     def __init__(self, model, loss_fn, opt, gm, flatten_targets: bool = False):
         super().__init__(model, loss_fn, opt)
         self.gm, self.flatten = gm, flatten_targets
+        precondition = gm.precondition
+
+        def probed(*args, **kwargs):
+            self.probe()
+            return precondition(*args, **kwargs)
+
+        gm.precondition = probed
 
     def step(self, x, y) -> float:
         if self.flatten:
