@@ -423,7 +423,7 @@ def test_in_memory_form_survives_a_torch_state_dict(tmp_path):
 def test_adaptive_damping_layout_and_the_other_form_is_refused(tmp_path):
     """Eigenbases instead of inverses (§3.2); a checkpoint of one RING form is refused by the
     other with a message naming the form."""
-    opt = gc.ring(lr=0.1, rho=0.05, damping=1e-2, structure="kfac")
+    opt = gc.ring(lr=0.1, rho=0.05, damping=1e-2, structure="kfac", inverse_every=3)
     be = get_backend("numpy")
     _, state = _init(be, opt)
     path = tmp_path / "ck.npz"
@@ -431,7 +431,8 @@ def test_adaptive_damping_layout_and_the_other_form_is_refused(tmp_path):
     with np.load(path, allow_pickle=False) as z:
         assert {"kfac/2/3/N/S_vecs", "kfac/2/3/N/S_vals", "kfac/0/1/N/A_vecs"} <= set(z.files)
         assert "kfac/0/1/N/A_inv" not in z.files
-    other = gc.ring(lr=0.1, rho=0.05, damping=1e-2, structure="kfac", form="gauss_newton")
+    other = gc.ring(lr=0.1, rho=0.05, damping=1e-2, structure="kfac", inverse_every=3,
+                    form="gauss_newton")
     with pytest.raises(ValueError, match="form: file 'adaptive_damping', optimizer "
                                          "'gauss_newton'"):
         load_state(path, like=_init(be, other)[1], opt=other)

@@ -27,8 +27,8 @@ def _configs(labels):
 
 def test_default_configs_cover_every_combination():
     labels = [c.label for c in C.default_configs()]
-    assert len(labels) == len(set(labels)) == 15
-    assert sum(lab.startswith("ring/") for lab in labels) == 3  # RING has no estimator
+    assert len(labels) == len(set(labels)) == 18
+    assert sum(lab.startswith("ring/") for lab in labels) == 6  # RING: no estimator, 2 forms
     for opt in ("reng", "rkalman"):
         for s in ("kfac", "diagonal", "woodbury"):
             for e in ("double_bp", "fin_diff"):

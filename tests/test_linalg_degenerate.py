@@ -341,9 +341,11 @@ def no_linalg(monkeypatch):
     monkeypatch.setattr(gl, "has_linalg", lambda xp: False)
 
 
+# RING's adaptive_damping adds ρ‖g‖² to the damping, so a tiny λ does not make it singular
 DAMPED = [c for c in CONFIGS
-          if c.structure == "kfac" or (c.structure, c.optimizer) in (("woodbury", "reng"),
-                                                                     ("woodbury", "ring"))]
+          if (c.structure == "kfac" or (c.structure, c.optimizer) in (("woodbury", "reng"),
+                                                                      ("woodbury", "ring")))
+          and c.form != "adaptive_damping"]
 
 
 @pytest.mark.parametrize("config", DAMPED, ids=[c.id for c in DAMPED])
@@ -425,15 +427,15 @@ def test_no_linalg_under_jit_skips_instead_of_raising(no_linalg):
 
 
 def test_rkalman_kfac_carried_inverse_drift_is_bounded():
-    """R-Kalman K-FAC carries P between direct refreshes (§3.3); with fewer rows than the
-    factor's width (n < d, the recursive-least-squares path) P drifts from the exact inverse
-    of the carried factor. Measured: about 3e-3 relative in float64 (ALGORITHMS.md claims
-    about 5e-6; that holds for n >= d only). It must stay bounded, and a refresh restores it."""
+    """R-Kalman K-FAC carries P without inverting a factor (§3.3); with fewer rows than the
+    factor's width P drifts from the exact inverse of the carried factor, within the predict's
+    fixed-point bound (about 3e-3 relative in float64 at one predict step). It must stay
+    bounded, and the optional direct refresh (kalman_refresh_every) restores it."""
     pr = degenerate_problem("batch_lt_width", "numpy", "float64")
     rng = np.random.default_rng(1)
-    for inverse_every, bound in ((1000, 1e-2), (1, 1e-5)):
+    for refresh_every, bound in ((None, 1e-2), (1, 1e-5)):
         opt = cases.get("rkalman/kfac/fin_diff:forward", bare=True).build(
-            inverse_every=inverse_every, lr=0.1)
+            kalman_refresh_every=refresh_every, lr=0.1)
         params = pr.params()
         state = pr.init(opt, params)
         worst = 0.0
@@ -444,7 +446,7 @@ def test_rkalman_kfac_carried_inverse_drift_is_bounded():
                 for F, P in (("A", "A_inv"), ("S", "S_inv")):
                     ref = np.linalg.inv(e[F])
                     worst = max(worst, np.linalg.norm(e[P] - ref) / np.linalg.norm(ref))
-        assert worst <= bound, (inverse_every, worst)
+        assert worst <= bound, (refresh_every, worst)
 
 
 def test_state_leaves_keep_shapes_under_degenerate_input():

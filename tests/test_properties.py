@@ -257,6 +257,10 @@ def test_nonfinite_input_skips_the_step(algorithm, structure, request):
             _count(request, "rejected: model overflowed")
             reject()
         targets = _targets(opt)
+        if not opt.flags(int(to_np(state.step)))[0]:
+            # a step that updates no curvature does not consume statistics: a NaN there is
+            # not used (the factored form's probe check fails on it and preconditions densely)
+            targets = [t for t in targets if t not in ("per_example", "layers")]
         if be.name == "torch" and known_bugs.torch_nonfinite_cholesky():
             targets = [t for t in targets if t in ("grads", "oracle")]  # see known_bugs.py
         if opt.requirements.grad_fn and not any(np.any(to_np(g) != 0) for g in grads):
