@@ -15,7 +15,8 @@ import math
 
 from grng_core.concrete import branch, branchable, concrete_bool
 from grng_core.context import select
-from grng_core.linalg import frobenius, newton_schulz_inverse, small_spd_inverse, symmetrize
+from grng_core.linalg import (frobenius, has_linalg, newton_schulz_inverse, small_spd_inverse,
+                              symmetrize)
 from grng_core.state import Belief
 from grng_core.structures import diagonal, kfac, woodbury
 
@@ -117,18 +118,27 @@ def _predict(F_prev, P_prev, shift, beta_t, steps, ctx, name):
 
 
 def _correct(P, rows, c, ctx, name):
-    """RLS correction with the rows (§3.3 kfac step 2): P⁺ = P − Paᵀ(c⁻¹I + aPaᵀ)⁻¹aP,
-    in blocks of at most d rows (the same P⁺ in exact arithmetic; never a d × d factor
-    inversion, only the blocks' innovation systems)."""
+    """RLS correction with the rows (§3.3 kfac step 2): P⁺ = P − Paᵀ(c⁻¹I + aPaᵀ)⁻¹aP.
+
+    More rows than the width (n > d, e.g. a convolution's positions): the rows are first
+    compressed to d rows with the same aᵀa, R from a = QR (cost n·d², as forming aᵀa), where
+    the namespace has linalg; otherwise they are taken in blocks of at most d rows in turn.
+    Either gives the same P⁺ in exact arithmetic; only the innovation systems (at most
+    d × d) are solved, never a factor."""
     xp = ctx.xp
     d, n = P.shape[0], rows.shape[0]
+    if n > d and has_linalg(xp) and hasattr(xp.linalg, "qr"):
+        rows = xp.linalg.qr(rows)[1]  # (d × d) with Rᵀ R = aᵀ a
+        n = d
     for start in range(0, n, d):
         a = rows[start:min(start + d, n), :]
         m = a.shape[0]
         aP = a @ P
         K = (xp.eye(m, dtype=ctx.sdtype, device=ctx.device) / c) + aP @ xp.matrix_transpose(a)
-        K_inv = small_spd_inverse(K, xp, tol=ctx.tol, max_iter=ctx.max_iter,
-                                  name=f"RLS system of {name}")
+        # a belief that rounding made indefinite (float32, rows far larger than the damping)
+        # skips the step (counted, reported) rather than ending the run
+        K_inv = small_spd_inverse(symmetrize(K, xp), xp, tol=ctx.tol, max_iter=ctx.max_iter,
+                                  name=f"RLS system of {name}", strict=False)
         P = symmetrize(P - xp.matrix_transpose(aP) @ (K_inv @ aP), xp)
     return P
 

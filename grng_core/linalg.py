@@ -36,7 +36,7 @@ def has_linalg(xp) -> bool:
     return hasattr(xp, "linalg") and hasattr(xp.linalg, "cholesky")
 
 
-def cholesky_inverse(M, xp, name="matrix"):
+def cholesky_inverse(M, xp, name="matrix", strict=True):
     """M^{-1} from the Cholesky factor L (M = L L^T): X = L^{-T} L^{-1}.
 
     When the factorisation fails: non-finite M gives NaN (as jax does), so the optimizer's
@@ -47,7 +47,7 @@ def cholesky_inverse(M, xp, name="matrix"):
     try:
         L = xp.linalg.cholesky(M)
     except Exception as e:  # numpy LinAlgError, torch _LinAlgError: M not positive definite
-        if concrete_bool(xp.all(xp.isfinite(M))):
+        if strict and concrete_bool(xp.all(xp.isfinite(M))):
             raise InverseError(
                 f"{name} ({M.shape[-1]} x {M.shape[-1]}, {M.dtype}) is not numerically "
                 "positive definite (Cholesky failed): raise damping or use state_dtype="
@@ -175,8 +175,10 @@ def spd_inverse(M, xp, *, method, warm=None, tol, max_iter, name="matrix"):
     return newton_schulz_inverse(M, xp, warm=warm, tol=tol, max_iter=max_iter, name=name)[0]
 
 
-def small_spd_inverse(M, xp, *, tol, max_iter, name="batch system"):
-    """Inverse of a small (B × B) SPD system: Cholesky where linalg exists, else Newton–Schulz."""
+def small_spd_inverse(M, xp, *, tol, max_iter, name="batch system", strict=True):
+    """Inverse of a small (B × B) SPD system: Cholesky where linalg exists, else Newton–Schulz.
+    strict=False: a finite matrix that is not numerically positive definite gives NaN (the
+    step is skipped and counted) instead of raising InverseError."""
     if has_linalg(xp):
-        return cholesky_inverse(M, xp, name)
+        return cholesky_inverse(M, xp, name, strict=strict)
     return newton_schulz_inverse(M, xp, tol=tol, max_iter=max_iter, name=name)[0]

@@ -68,15 +68,15 @@ def _check_group(opt, i: int, group: dict, saved: dict) -> None:
     filled with what they meant then, `upgrade_saved`) and the same RING form."""
     title = type(opt).__name__
     saved.update(upgrade_saved(opt.algorithm, saved))
+    missing = [n for n in opt.hp_names if n not in saved]
+    if missing:
+        raise ValueError(f"param group {i} of the loaded state dict lacks {title} "
+                         f"hyperparameters {missing}: it is not from a {title}")
     form = group.get("form")
     if form is not None and saved.get("form") != form:
         raise ValueError(f"param group {i} of the loaded state dict is RING form="
                          f"{saved.get('form')!r}, this optimizer's is form={form!r}: build the "
                          f"optimizer with form={saved.get('form')!r} to resume it")
-    missing = [n for n in opt.hp_names if n not in saved]
-    if missing:
-        raise ValueError(f"param group {i} of the loaded state dict lacks {title} "
-                         f"hyperparameters {missing}: it is not from a {title}")
     if len(saved["params"]) != len(group["params"]):
         raise ValueError(f"param group {i}: the loaded state dict has "
                          f"{len(saved['params'])} parameters, this optimizer has "

@@ -32,12 +32,12 @@ def cnn() -> nn.Module:
 
 
 # each optimizer as built by default (tests/cases.py): K-FAC with double backprop (RENG), K-FAC
-# (RING), woodbury belief with forward finite differences (R-Kalman); K-FAC's KL clip keeps the
-# early ReLU-CNN steps sane
+# (RING, adaptive_damping), the kfac belief with forward finite differences (R-Kalman); K-FAC's
+# KL clip keeps the early ReLU-CNN steps sane
 HP = {
     "reng": dict(lr=0.2, rho=0.05, damping=1e-2, kl_clip=1e-2),
     "ring": dict(lr=0.2, rho=0.05, damping=1e-2, kl_clip=1e-2),
-    "rkalman": dict(lr=1.0, rho=0.05),
+    "rkalman": dict(lr=0.2, rho=0.05, damping=1e-2, kl_clip=1e-2),
 }
 CONFIGS = {c.class_name: c.using(**HP[c.optimizer]) for c in cases.defaults()}
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from grng_core.structures import factored
+from grng_core.structures import factored, kfac_eigen
 
 
 def _model():
@@ -16,10 +16,10 @@ def _model():
                          nn.Linear(64, 10)).double()
 
 
-def _train(closure_kind: str, steps: int = 12):
+def _train(closure_kind: str, form: str, steps: int = 12):
     model = _model()
     opt = grng_torch.RING(model.parameters(), model=model, lr=0.1, rho=0.05, damping=0.1,
-                          curvature_every=5, inverse_every=5, momentum=0.5)
+                          curvature_every=5, inverse_every=5, momentum=0.5, form=form)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x = torch.randn(32, 64, generator=g, dtype=torch.float64)
@@ -43,24 +43,28 @@ def _train(closure_kind: str, steps: int = 12):
 
 @pytest.fixture
 def calls(monkeypatch):
+    """Calls of the factored products: explicit inverses (gauss_newton) and eigenbases
+    (adaptive_damping with inverse_every > 1)."""
     count = [0]
-    real = factored.apply
+    for module, name in ((factored, "apply"), (kfac_eigen, "_factored")):
+        real = getattr(module, name)
 
-    def spy(*args, **kwargs):
-        count[0] += 1
-        return real(*args, **kwargs)
+        def spy(*args, _real=real, **kwargs):
+            count[0] += 1
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(factored, "apply", spy)
+        monkeypatch.setattr(module, name, spy)
     return count
 
 
+@pytest.mark.parametrize("form", ["adaptive_damping", "gauss_newton"])
 @pytest.mark.parametrize("kind,expect_factored", [("plain", True), ("clip_norm", True),
                                                   ("l2", False), ("clip_value", False)])
-def test_factored_steps_equal_dense_steps(monkeypatch, calls, kind, expect_factored):
-    factored_run = _train(kind)
+def test_factored_steps_equal_dense_steps(monkeypatch, calls, kind, expect_factored, form):
+    factored_run = _train(kind, form)
     used = calls[0]
     monkeypatch.setattr(factored, "cheaper", lambda *a: False)  # dense everywhere
-    dense_run = _train(kind)
+    dense_run = _train(kind, form)
     assert calls[0] == used
     if expect_factored:
         assert used >= 12  # every step (curvature or not) of the two wide layers
