@@ -15,8 +15,13 @@ import math
 
 from grng_core.concrete import branch, branchable, concrete_bool
 from grng_core.context import select
-from grng_core.linalg import (frobenius, has_linalg, newton_schulz_inverse, small_spd_inverse,
-                              symmetrize)
+from grng_core.linalg import (
+    frobenius,
+    has_linalg,
+    newton_schulz_inverse,
+    small_spd_inverse,
+    symmetrize,
+)
 from grng_core.state import Belief
 from grng_core.structures import diagonal, kfac, woodbury
 
