@@ -41,8 +41,9 @@ def flag_table(config):
     """
     kfac = config.structure == "kfac"
     period = config.curvature_every
-    if kfac and inverse_period(config):
-        period = math.lcm(period, inverse_period(config))
+    every = inverse_period(config)
+    if kfac and every:
+        period = math.lcm(period, every)
     table = [flags(config, s) for s in range(period)]
     if not kfac:
         table = [(c, None) for c, _ in table]

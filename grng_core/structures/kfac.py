@@ -89,7 +89,7 @@ def match_stats(layers, stats_layers, container, partial: bool = False) -> list:
         raise ValueError("structure 'kfac' needs stats.layers (K-FAC layer statistics) on "
                          "curvature steps")
     by_weight = {index_of(container, s.weight): s for s in stats_layers}
-    out = []
+    out: list = []
     for layer in layers:
         L = layer.layout
         s = by_weight.get(L.weight)
