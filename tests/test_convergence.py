@@ -79,7 +79,7 @@ def test_gradient_descent_is_slow_on_least_squares(least_squares):
 LS_CASES = cases.select(structure="kfac", default_estimator=True, bare=True)
 
 
-@pytest.mark.parametrize("case", LS_CASES, ids=lambda c: c.optimizer)
+@pytest.mark.parametrize("case", LS_CASES, ids=lambda c: c.id)
 def test_least_squares_optimum(least_squares, case):
     mlp = MLP((20, 1), loss="mse", bias=False)
     opt = case.build(lr=1.0, rho=0.05, damping=1e-10, fisher="mc")
@@ -92,7 +92,7 @@ def test_least_squares_optimum(least_squares, case):
 # with its statistics kind
 LOGISTIC_CASES = [(cases.get(label, bare=True), kind) for label, kind in (
     ("reng/woodbury/double_bp", "per_example"), ("ring/woodbury/-", "per_example"),
-    ("rkalman/kfac/fin_diff", "layers"))]
+    ("ring/woodbury/adaptive", "per_example"), ("rkalman/kfac/fin_diff", "layers"))]
 
 
 def test_gradient_descent_is_slow_on_logistic(logistic):
@@ -109,7 +109,7 @@ def test_gradient_descent_is_slow_on_logistic(logistic):
     assert best > 1_000
 
 
-@pytest.mark.parametrize("case,kind", LOGISTIC_CASES, ids=[c.optimizer for c, _ in LOGISTIC_CASES])
+@pytest.mark.parametrize("case,kind", LOGISTIC_CASES, ids=[c.id for c, _ in LOGISTIC_CASES])
 def test_logistic_optimum(logistic, case, kind):
     p, loss_opt = logistic
     opt = case.build(lr=1.0, rho=0.05, damping=1e-8)

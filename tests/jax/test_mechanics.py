@@ -377,7 +377,7 @@ def test_errors_name_what_is_missing():
             grads, grng_jax.ring(0.1, fisher="mc").init(params), params,
             loss_fn=P.softmax_ce, batch=batch)
     with pytest.raises(ValueError, match="rho"):
-        grng_jax.ring(0.1, rho=10.0, damping=1.0)
+        grng_jax.ring(0.1, rho=10.0, damping=1.0, form="gauss_newton")
     with pytest.raises(ValueError, match="refresh"):
         grng_jax.ring(0.1, refresh="sometimes")
     with pytest.raises(ValueError, match="fallback"):
