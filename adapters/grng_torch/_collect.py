@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grng_core.concrete import branchable
+from grng_core.structures import factored
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module DistributedDataParallel / DataParallel wrap (the model itself otherwise)."""
@@ -94,6 +97,15 @@ def conv_rows(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         padding = 0
     cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def factored_pays(layer: HookedLayer, x: torch.Tensor) -> bool:
+    """Whether the core would precondition this call's layer in factored form (§2.1): rows it
+    can branch on without a device sync, and fewer multiply-adds than the dense product."""
+    if not branchable(x):
+        return False
+    d_out, d_in = layer.weight.shape[0], layer.weight[0].numel() + (layer.bias is not None)
+    return factored.cheaper(d_out, d_in, x.numel() // max(x.shape[-1], 1))
 
 
 def input_rows(layer: HookedLayer, x: torch.Tensor) -> torch.Tensor:
@@ -170,6 +182,7 @@ class Collector:
         self.s: dict[int, list] = {}
         self.z: dict[int, list] = {}
         self.examples: dict[int, int] = {}  # per layer: examples over its collected calls
+        self.rows_only: set[int] = set()  # layers collected only for the factored form
         self._handles = [self.root.register_forward_pre_hook(self._root_hook, with_kwargs=True)]
         for i, L in enumerate(self.layers):
             self._handles.append(L.module.register_forward_hook(self._layer_hook(i)))
@@ -213,6 +226,8 @@ class Collector:
             if self.mode is None or i not in self.active or not inputs:
                 return None
             x = inputs[0]
+            if i in self.rows_only and not factored_pays(layer, x):
+                return None  # rows the core would not use: keep nothing
             n = self.batch.size if self.batch.size is not None else x.shape[0]
             self.a.setdefault(i, []).append(input_rows(layer, x.detach()))
             self.examples[i] = self.examples.get(i, 0) + n
@@ -236,16 +251,18 @@ class Collector:
 
     # -------------------------------------------------------------- sessions
     @contextlib.contextmanager
-    def collect(self, mode: str | None, active=(), capture: bool = False) -> Iterator[None]:
+    def collect(self, mode: str | None, active=(), capture: bool = False,
+                rows_only=()) -> Iterator[None]:
         """Collect K-FAC rows of the layers numbered in `active` ("backward": s from the
         backward pass through tensor hooks; "outputs": keep the outputs z for an explicit
         autograd.grad), and the model inputs / loss targets when `capture`."""
-        old = (self.mode, self.active, self.capture)
+        old = (self.mode, self.active, self.capture, self.rows_only)
         self.mode, self.active, self.capture = mode, set(active), capture
+        self.rows_only = set(rows_only)
         try:
             yield
         finally:
-            self.mode, self.active, self.capture = old
+            self.mode, self.active, self.capture, self.rows_only = old
 
     def clear(self) -> None:
         self.a, self.s, self.z = {}, {}, {}

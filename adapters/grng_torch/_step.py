@@ -50,6 +50,7 @@ class StepPlan:
     groups: list[GroupPlan]
     emp: set = field(default_factory=set)  # hooked layers collected on the closure's backward
     mc: set = field(default_factory=set)  # hooked layers collected on the sampled-label pass
+    rows_only: set = field(default_factory=set)  # collected for the factored form only
     pe: dict = field(default_factory=lambda: {"empirical": [], "mc": []})
     hvp: bool = False
     fd: bool = False
@@ -81,8 +82,9 @@ def plan(opt) -> StepPlan:
             (sp.mc if r.fisher == "mc" else sp.emp).update(li for li, _, _ in gp.layers)
         elif r.layer_rows and not replicated:  # the factored form's rows (§2.1): hooks only
             gp.rows_only = True
-            sp.emp.update(li for li, _, _ in gp.layers
-                          if opt.collector.layers[li].kind == "linear")
+            linear = [li for li, _, _ in gp.layers if opt.collector.layers[li].kind == "linear"]
+            sp.emp.update(linear)
+            sp.rows_only.update(linear)
         if r.per_example_grads and gp.curvature:
             sp.pe[r.fisher].append(gp.index)
         sp.hvp |= r.hvp_fn
@@ -143,7 +145,8 @@ def _first_pass(opt, sp: StepPlan, closure, gb):
         stack.enter_context(torch.enable_grad())
         if coll is not None:
             coll.clear()
-            stack.enter_context(coll.collect("backward", sp.emp, capture=True))
+            stack.enter_context(coll.collect("backward", sp.emp, capture=True,
+                                             rows_only=sp.rows_only))
         if gb is not None:
             stack.enter_context(gb)
             stack.enter_context(_passes.twice_differentiable_attention())

@@ -72,3 +72,32 @@ def test_factored_steps_equal_dense_steps(monkeypatch, calls, kind, expect_facto
         assert used == 0
     for a, b in zip(factored_run, dense_run):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_rows_the_core_would_not_use_are_not_kept(monkeypatch):
+    """On a step that refreshes nothing the hooks keep a layer's rows only where the factored
+    form pays (§2.1): a Linear over long sequences (n = B·T rows) keeps nothing."""
+    import grng_torch._collect as collect
+
+    kept: list[int] = []
+    real = collect.input_rows
+    monkeypatch.setattr(collect, "input_rows",
+                        lambda layer, x: kept.append(x.shape[0]) or real(layer, x))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    opt = grng_torch.RING(model.parameters(), model=model, lr=0.1, curvature_every=5,
+                          inverse_every=5)
+    x = torch.randn(4, 256, 16, dtype=torch.float64)  # 1024 rows per layer call
+    y = torch.randint(0, 4, (4 * 256,))
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x).reshape(-1, 4), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # a curvature step: both layers' rows
+    assert len(kept) == 2
+    kept.clear()
+    opt.step(closure)  # refreshes nothing: n = 1024 rows, the dense product is cheaper
+    assert kept == []
