@@ -150,3 +150,15 @@ def test_every_backend_agrees_over_20_steps(structure):
     if "jax" in BACKEND_NAMES:
         got, _ = _train("jax", structure, jit=True)
         assert rel_err(got, ref) < 1e-10
+
+
+def test_rho_schedule_equals_the_constant(numpy_backend, problem):
+    """ρ may be a schedule (§3.2): ρ(t) = 0.7 gives the constant's steps exactly."""
+    mlp, params, batches = problem
+    flags = [(True, True), (False, False)]
+    const = _steps(numpy_backend, gc.ring(lr=1.0, rho=RHO, damping=LAM), mlp, params, batches,
+                   flags)
+    sched = _steps(numpy_backend, gc.ring(lr=1.0, rho=lambda t: RHO + 0.0 * t, damping=LAM),
+                   mlp, params, batches, flags)
+    for a, b in zip(const, sched):
+        assert rel_err(flat(a), flat(b)) < 1e-15
