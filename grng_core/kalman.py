@@ -24,6 +24,8 @@ from grng_core.linalg import (
 )
 from grng_core.state import Belief
 from grng_core.structures import diagonal, kfac, woodbury
+from grng_core.structures.factored import probes
+from grng_core.tree import device
 
 # p⁺ = p⁻ − p⁻²·diag(JᵀS⁻¹J) is positive in exact arithmetic; round-off must not flip it.
 P_FLOOR = 1e-12
@@ -91,11 +93,26 @@ def woodbury_step(p_state, ghat, per_example, beta, prior_var, ctx):
     return out, tuple(new)
 
 
+def _spectral_estimate(R, xp, iterations: int = 4):
+    """An estimate of ‖R‖₂ for the predict's convergence test: the larger of the RMS singular
+    value ‖R‖_F/√d and a few power iterations from fixed probe vectors (O(d²) each). ‖R‖_F
+    itself grows like √d with an error spread over every direction (a π move shifts them all)
+    and would send most predicts of a wide factor to the iterated path."""
+    d = R.shape[0]
+    V = probes(d, xp, R.dtype, device(R))
+    for _ in range(iterations):
+        V = V / xp.sqrt(xp.sum(V * V, axis=0, keepdims=True) + 1e-300)
+        V = R @ V
+    power = xp.max(xp.sqrt(xp.sum(V * V, axis=0)))
+    return xp.maximum(frobenius(R, xp) / math.sqrt(d), power)
+
+
 def _predict(F_prev, P_prev, shift, beta_t, steps, ctx, name):
     """Kalman predict of one factor, matmul only (§3.3 kfac step 1): M = βF + (1−β)shift·I,
     X₀ = P/β, then `steps` Newton–Schulz steps X ← X(2I − M X). At the first update
     (β_t = 0) X₀ = M⁻¹ = I/shift exactly. The bound ‖I − M X₀‖ ≤ (1−β)/β assumes π did not
-    move; where it moved so far that ‖I − M X₀‖_F ≥ 1/2 (or the product is not finite),
+    move; where it moved so far that ‖I − M X₀‖₂ ≥ 1/2 (estimated, `_spectral_estimate`; or
+    the product is not finite),
     Newton–Schulz is iterated from X₀ (cold started if X₀ is too far) until
     ‖I − M X‖_F ≤ ((1−β)/β)², so the belief stays positive definite. Returns (M, P⁻)."""
     xp = ctx.xp
@@ -104,7 +121,7 @@ def _predict(F_prev, P_prev, shift, beta_t, steps, ctx, name):
     safe_beta = xp.where(beta_t > 0, beta_t, xp.ones_like(beta_t))
     X = xp.where(beta_t > 0, P_prev / safe_beta, eye / shift)
     R = eye - M @ X
-    far = ~(frobenius(R, xp) < 0.5)
+    far = ~(_spectral_estimate(R, xp) < 0.5)
     X0 = X
     for _ in range(steps):
         X = X + X @ R  # = X(2I − M X)
