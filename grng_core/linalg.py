@@ -127,18 +127,25 @@ def newton_schulz_inverse(M, xp, *, warm=None, tol, max_iter, fallback=True, nam
     return xp.where(failed, xp.full_like(X, math.nan), X), r
 
 
+def eigh(M, xp, name="matrix"):
+    """(e, Q) with M = Q diag(e) Qᵀ for symmetric M. A non-finite M gives NaN (the guard skips
+    the step); a finite M whose decomposition fails raises InverseError naming it."""
+    try:
+        return xp.linalg.eigh(M)
+    except Exception as err:  # LinAlgError on non-finite input (numpy, torch)
+        if concrete_bool(xp.all(xp.isfinite(M))):
+            raise InverseError(f"{name}: eigendecomposition failed ({err})") from err
+        nan = xp.full_like(M, math.nan)
+        return nan[0, :], nan
+
+
 def eigh_inverse(M, xp, shift=0.0, name="matrix"):
     """(M + shift·I)⁻¹ = Q diag(1/(e + shift)) Qᵀ from M = Q diag(e) Qᵀ (§2.1, "eigh").
 
     Failures as for Cholesky: a non-finite M gives NaN (the guard skips the step); a finite
     M whose shifted eigenvalues are not all above d·eps·max|e + shift| raises InverseError
     naming the matrix (NaN under jit)."""
-    try:
-        e, Q = xp.linalg.eigh(M)
-    except Exception as err:  # LinAlgError on non-finite input (numpy, torch)
-        if concrete_bool(xp.all(xp.isfinite(M))):
-            raise InverseError(f"{name}: eigendecomposition failed ({err})") from err
-        return xp.full_like(M, math.nan)
+    e, Q = eigh(M, xp, name)
     lam = e + shift
     eps = xp.finfo(M.dtype).eps * M.shape[-1]
     ok = xp.min(lam) > eps * xp.max(xp.abs(lam))

@@ -224,24 +224,25 @@ def factored_rows(layers, batch_rows, ctx) -> list[LayerRows | None]:
             else None for layer, r in zip(layers, batch_rows)]
 
 
-def _precondition_one(layer: KfacLayer, G, r: LayerRows | None, xp):
-    """S⁻¹ G A⁻¹, factored when `r` is given, G is c·sᵀa/B and a branch costs no sync."""
-    def dense():
-        return layer.S_inv @ G @ layer.A_inv
-
-    if r is None or not branchable(G):
-        return dense()
-    c, ok = factored.product_scale(G, r, xp)
-    return branch(ok, lambda: factored.apply(r, layer.S_inv, layer.A_inv, c, xp), dense)
-
-
-def precondition(layers, leaves, xp, rows_of=None) -> dict:
+def precondition(layers, leaves, xp, rows_of=None, dense=None, factored_form=None) -> dict:
     """U = S_λ⁻¹ G A_λ⁻¹ for every layer: {position: preconditioned leaf}. `rows_of`: per
-    layer LayerRows or None (`layer_rows`): the factored form where G is their product."""
+    layer LayerRows or None (`factored_rows`): the factored form where G is c times their
+    product, checked on probes (§2.1), and a branch costs no device sync; else dense.
+    dense(layer, G) / factored_form(layer, rows, c): the products (default: with the explicit
+    inverses; `kfac_eigen` passes its eigenbasis ones)."""
+    dense = dense or (lambda layer, G: layer.S_inv @ G @ layer.A_inv)
+    factored_form = factored_form or (
+        lambda layer, r, c: factored.apply(r, layer.S_inv, layer.A_inv, c, xp))
     shapes = [tuple(x.shape) for x in leaves]
     rows_of = rows_of or [None] * len(layers)
     out = {}
     for layer, r in zip(layers, rows_of):
-        U = _precondition_one(layer, grad_matrix(layer.layout, leaves, xp), r, xp)
+        G = grad_matrix(layer.layout, leaves, xp)
+        if r is None or not branchable(G):
+            U = dense(layer, G)
+        else:
+            c, ok = factored.product_scale(G, r, xp)
+            U = branch(ok, lambda layer=layer, r=r, c=c: factored_form(layer, r, c),
+                       lambda layer=layer, G=G: dense(layer, G))
         out.update(split_matrix(layer.layout, U, shapes, xp))
     return out

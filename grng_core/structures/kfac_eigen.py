@@ -11,23 +11,16 @@ and in factored form (G = c'·sᵀa/B): (c'/B)·Q_S((Q_Sᵀsᵀ)/(e_S + δ_S)) �
 
 from __future__ import annotations
 
-from grng_core.concrete import branch, branchable, concrete_bool
 from grng_core.context import select
-from grng_core.linalg import InverseError
-from grng_core.structures import factored
-from grng_core.structures.kfac import grad_matrix, pi_split, split_matrix
+from grng_core.linalg import eigh
+from grng_core.structures import kfac
+from grng_core.structures.kfac import pi_split
 from grng_core.tree import device
 
 
 def _eigh(M, xp, name):
-    """(e ≥ 0, Q) of a symmetric PSD factor; NaN for a non-finite one (the guard skips)."""
-    try:
-        e, Q = xp.linalg.eigh(M)
-    except Exception as err:  # LinAlgError on non-finite input (numpy, torch)
-        if concrete_bool(xp.all(xp.isfinite(M))):
-            raise InverseError(f"{name}: eigendecomposition failed ({err})") from err
-        nan = xp.full_like(M, float("nan"))
-        return nan[0, :], nan
+    """(e ≥ 0, Q) of a symmetric PSD factor (rounding's negative eigenvalues clipped)."""
+    e, Q = eigh(M, xp, name)
     return xp.maximum(e, xp.zeros_like(e)), Q
 
 
@@ -55,14 +48,16 @@ def shifts(layer, damping, xp):
     return pi * root, root / pi
 
 
-def _dense(layer, G, dA, dS, xp):
+def _dense(layer, G, damping, xp):
+    dA, dS = shifts(layer, damping, xp)
     QA, QS = layer.A_vecs, layer.S_vecs
     inner = (xp.matrix_transpose(QS) @ G) @ QA
     scale = (layer.S_vals + dS)[:, None] * (layer.A_vals + dA)[None, :]
     return QS @ (inner / scale) @ xp.matrix_transpose(QA)
 
 
-def _factored(layer, r, c, dA, dS, xp):
+def _factored(layer, r, c, damping, xp):
+    dA, dS = shifts(layer, damping, xp)
     QA, QS = layer.A_vecs, layer.S_vecs
     left = QS @ ((xp.matrix_transpose(QS) @ xp.matrix_transpose(r.s))
                  * ((c / r.batch) / (layer.S_vals + dS))[:, None])
@@ -71,20 +66,9 @@ def _factored(layer, r, c, dA, dS, xp):
 
 
 def precondition(layers, leaves, damping, xp, rows_of=None) -> dict:
-    """U = S_δ⁻¹ G A_δ⁻¹ for the damping of this step: {position: preconditioned leaf};
-    factored where `rows_of` gives a layer's rows and its gradient is their product."""
-    shapes = [tuple(x.shape) for x in leaves]
-    rows_of = rows_of or [None] * len(layers)
-    out = {}
-    for layer, r in zip(layers, rows_of):
-        G = grad_matrix(layer.layout, leaves, xp)
-        dA, dS = shifts(layer, damping, xp)
-        if r is None or not branchable(G):
-            U = _dense(layer, G, dA, dS, xp)
-        else:
-            c, ok = factored.product_scale(G, r, xp)
-            U = branch(ok, lambda layer=layer, r=r, c=c, dA=dA, dS=dS:
-                       _factored(layer, r, c, dA, dS, xp),
-                       lambda layer=layer, G=G, dA=dA, dS=dS: _dense(layer, G, dA, dS, xp))
-        out.update(split_matrix(layer.layout, U, shapes, xp))
-    return out
+    """U = S_δ⁻¹ G A_δ⁻¹ for the damping of this step (`kfac.precondition` with the products
+    in the eigenbases): {position: preconditioned leaf}."""
+    return kfac.precondition(
+        layers, leaves, xp, rows_of,
+        dense=lambda layer, G: _dense(layer, G, damping, xp),
+        factored_form=lambda layer, r, c: _factored(layer, r, c, damping, xp))
