@@ -269,7 +269,7 @@ def _plan_group(opt, i: int, j: int, node, info: dict, source: str,
     core = _plan_core(opt, i, info, saved_hp, new_group, source)
     structure = core.config.structure
     layers = _plan_layers(opt, i, j, node, structure, source)
-    specs = [gc.LayerSpec(w, b) for w, b in layers] if structure == "kfac" else None
+    specs = opt.layer_specs(opt.match_layers(i, layers)) if structure == "kfac" else None
     params = [p.detach() for p in opt.param_groups[i]["params"]]
     try:
         with torch.no_grad():

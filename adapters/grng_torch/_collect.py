@@ -1,13 +1,14 @@
 """Module hooks that collect what the core's curvature structures need from a torch model.
 
-- K-FAC rows of every `nn.Linear` and `nn.Conv2d` (groups=1, zero padding): the layer inputs
-  a (n, d_in), without the ones column, and the output gradients s (n, d_out) with rows
-  B * dL/dz. A convolution's inputs are its unfolded patches (`torch.nn.functional.unfold`),
-  one row per (example, output position).
-- The model's own inputs (the positional and keyword arguments of its forward call) and the
-  autocast state they ran under, so the optimizer can re-run the model functionally
-  (per-example gradients through `torch.func`, the "mc" Fisher's sampled-label pass).
-- The targets given to the loss module, for per-example losses.
+- K-FAC rows of every layer `grng_torch.layers` hooks: the layer inputs a (n, d_in), without
+  the ones column, and the output gradients s (n, d_out) with rows E · dL/dz, E the examples
+  of every model call in the closure (so a closure that accumulates micro-batches, each loss
+  scaled by its share of the batch, gives the combined batch's rows; §2.1). A convolution's
+  inputs are its unfolded patches, one row per (example, output position).
+- Every call of the model in the closure (`Call`: positional and keyword arguments, batch
+  size, autocast state, and the loss module's input shape and targets), so the optimizer can
+  re-run the model functionally (per-example gradients through `torch.func`, the "mc"
+  Fisher's sampled-label pass) on each micro-batch.
 
 Nothing is collected unless the optimizer opened a collection (`Collector.collect`), so the
 hooks cost one attribute check on ordinary forward passes (evaluation, other code).
@@ -18,14 +19,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, cast
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from grng_core.concrete import branchable
 from grng_core.structures import factored
+from grng_torch.layers import HookedLayer, find_layers
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -35,104 +36,43 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-class HookedLayer(NamedTuple):
-    """A module the K-FAC structure can see: its kind, weight and bias parameters."""
-
-    name: str
-    module: nn.Module
-    kind: str  # "linear" | "conv2d"
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-
-
-def _conv_supported(m: nn.Conv2d) -> bool:
-    return m.groups == 1 and m.padding_mode == "zeros"
-
-
-def find_layers(model: nn.Module) -> list[HookedLayer]:
-    """The Linear and Conv2d modules of `model` (each weight at most once: tied weights and
-    grouped or non-zero-padded convolutions are left to the diagonal structure)."""
-    found = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and \
-                m.has_uninitialized_params():  # type: ignore[misc]
-            continue
-        if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
-            found.append(HookedLayer(name, m, "linear", m.weight, m.bias))
-        elif (isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward
-              and _conv_supported(m)):
-            found.append(HookedLayer(name, m, "conv2d", m.weight, m.bias))
-    counts: dict[int, int] = {}
-    for L in found:
-        for p in (L.weight, L.bias):
-            if p is not None:
-                counts[id(p)] = counts.get(id(p), 0) + 1
-    return [L for L in found
-            if counts[id(L.weight)] == 1 and (L.bias is None or counts[id(L.bias)] == 1)]
-
-
-def _conv_padding(m: nn.Conv2d) -> tuple[int, int, int, int] | None:
-    """(left, right, top, bottom) zero padding of the input, or None for symmetric padding."""
-    if m.padding == "valid":
-        return (0, 0, 0, 0)
-    if m.padding == "same":
-        pads = []
-        for k, d in zip(reversed(m.kernel_size), reversed(m.dilation)):
-            total = d * (k - 1)
-            pads += [total // 2, total - total // 2]
-        return (pads[0], pads[1], pads[2], pads[3])
-    return None
-
-
-def conv_rows(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Unfolded patches of a Conv2d input, one row per (example, output position)."""
-    if x.dim() == 3:  # unbatched input
-        x = x.unsqueeze(0)
-    pad = _conv_padding(m)
-    padding: Any
-    if pad is None:
-        padding = m.padding
-    else:
-        x = F.pad(x, pad)
-        padding = 0
-    cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-
 def factored_pays(layer: HookedLayer, x: torch.Tensor) -> bool:
     """Whether the core would precondition this call's layer in factored form (§2.1): rows it
     can branch on without a device sync, and fewer multiply-adds than the dense product."""
     if not branchable(x):
         return False
-    d_out, d_in = layer.weight.shape[0], layer.weight[0].numel() + (layer.bias is not None)
-    return factored.cheaper(d_out, d_in, x.numel() // max(x.shape[-1], 1))
+    return factored.cheaper(layer.d_out, layer.d_in + (layer.bias is not None),
+                            x.numel() // max(x.shape[-1], 1))
 
 
-def input_rows(layer: HookedLayer, x: torch.Tensor) -> torch.Tensor:
-    if layer.kind == "linear":
-        return x.reshape(-1, x.shape[-1])
-    return conv_rows(cast(nn.Conv2d, layer.module), x)
+@dataclass
+class Call:
+    """One call of the model in the closure (one micro-batch), and its loss module call."""
 
-
-def output_rows(layer: HookedLayer, g: torch.Tensor) -> torch.Tensor:
-    if layer.kind == "linear":
-        return g.reshape(-1, g.shape[-1])
-    if g.dim() == 3:
-        g = g.unsqueeze(0)
-    return g.movedim(1, -1).reshape(-1, g.shape[1])
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    size: int | None = None  # the leading axis of the first tensor argument
+    autocast: tuple = ()  # ((device_type, enabled, dtype), ...) at the forward call
+    targets: Any = None
+    has_targets: bool = False
+    loss_input_shape: tuple | None = None  # the loss module's input (output_fn's result)
 
 
 @dataclass
 class Batch:
-    """The model's inputs on the optimizer's batch, and the loss module's targets."""
+    """The model calls of the optimizer's closure (several when it accumulates micro-batches)."""
 
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-    size: int | None = None  # B: the leading axis of the first tensor argument
-    autocast: tuple = ()  # ((device_type, enabled, dtype), ...) at the forward call
-    targets: Any = None
-    has_targets: bool = False
-    called: bool = False
+    calls: list[Call] = field(default_factory=list)
+
+    @property
+    def called(self) -> bool:
+        return bool(self.calls)
+
+    @property
+    def size(self) -> int | None:
+        """E: the examples of every call (None when a call's batch size is unknown)."""
+        sizes = [c.size for c in self.calls]
+        return None if not sizes or None in sizes else sum(sizes)  # type: ignore[arg-type]
 
 
 def autocast_state() -> tuple:
@@ -173,15 +113,17 @@ class Collector:
     def __init__(self, model: nn.Module, loss_fn: nn.Module | None = None):
         self.model = model
         self.root = unwrap(model)
-        self.layers = find_layers(self.root)
+        self.registry = find_layers(self.root)
+        self.layers = self.registry.layers
         self.mode: str | None = None  # None | "backward" | "outputs"
         self.active: set[int] = set()
         self.capture = False
         self.batch = Batch()
         self.a: dict[int, list] = {}
-        self.s: dict[int, list] = {}
+        # per layer, per forward call k of it: (output-gradient rows, factor), factor None
+        # meaning "times E" (the closure's backward) or a number (explicit passes)
+        self.s: dict[int, dict[int, tuple]] = {}
         self.z: dict[int, list] = {}
-        self.examples: dict[int, int] = {}  # per layer: examples over its collected calls
         self.rows_only: set[int] = set()  # layers collected only for the factored form
         self._handles = [self.root.register_forward_pre_hook(self._root_hook, with_kwargs=True)]
         for i, L in enumerate(self.layers):
@@ -199,15 +141,13 @@ class Collector:
     def _root_hook(self, module, args, kwargs):
         if not self.capture:
             return None
-        b = self.batch
-        b.args, b.kwargs, b.called = tuple(args), dict(kwargs), True
         first = _first_tensor((args, kwargs))
-        b.size = None if first is None or first.dim() == 0 else int(first.shape[0])
-        b.autocast = autocast_state()
+        size = None if first is None or first.dim() == 0 else int(first.shape[0])
+        self.batch.calls.append(Call(tuple(args), dict(kwargs), size, autocast_state()))
         return None
 
     def _loss_hook(self, module, args, kwargs):
-        if not self.capture:
+        if not self.capture or not self.batch.calls:
             return None
         if len(args) >= 2:
             target = args[1]
@@ -215,8 +155,11 @@ class Collector:
             target = kwargs["target"]
         else:
             return None
-        self.batch.targets = target.detach() if isinstance(target, torch.Tensor) else target
-        self.batch.has_targets = True
+        call = self.batch.calls[-1]
+        call.targets = target.detach() if isinstance(target, torch.Tensor) else target
+        call.has_targets = True
+        inp = args[0] if args else kwargs.get("input")
+        call.loss_input_shape = tuple(inp.shape) if isinstance(inp, torch.Tensor) else None
         return None
 
     def _layer_hook(self, i: int):
@@ -228,23 +171,20 @@ class Collector:
             x = inputs[0]
             if i in self.rows_only and not factored_pays(layer, x):
                 return None  # rows the core would not use: keep nothing
-            n = self.batch.size if self.batch.size is not None else x.shape[0]
-            self.a.setdefault(i, []).append(input_rows(layer, x.detach()))
-            self.examples[i] = self.examples.get(i, 0) + n
+            chunks = self.a.setdefault(i, [])
+            chunks.append(layer.input_rows(x.detach()))
             if self.mode == "outputs":
-                self.z.setdefault(i, []).append(output)
+                self.z.setdefault(i, []).append((len(chunks) - 1, output))
             elif output.requires_grad:
-                output.register_hook(self._grad_hook(i, n))
+                output.register_hook(self._grad_hook(i, len(chunks) - 1))
             return None
 
         return hook
 
-    def _grad_hook(self, i: int, n: int):
-        layer = self.layers[i]
-
+    def _grad_hook(self, i: int, k: int):
         def hook(grad):
             if self.mode == "backward" and i in self.active:
-                self.s.setdefault(i, []).append(output_rows(layer, grad.detach()) * n)
+                self._add(i, k, grad.detach(), None)
             return None
 
         return hook
@@ -255,7 +195,7 @@ class Collector:
                 rows_only=()) -> Iterator[None]:
         """Collect K-FAC rows of the layers numbered in `active` ("backward": s from the
         backward pass through tensor hooks; "outputs": keep the outputs z for an explicit
-        autograd.grad), and the model inputs / loss targets when `capture`."""
+        autograd.grad), and the model calls / loss targets when `capture`."""
         old = (self.mode, self.active, self.capture, self.rows_only)
         self.mode, self.active, self.capture = mode, set(active), capture
         self.rows_only = set(rows_only)
@@ -266,28 +206,48 @@ class Collector:
 
     def clear(self) -> None:
         self.a, self.s, self.z = {}, {}, {}
-        self.examples = {}
         self.batch = Batch()
 
     def has_rows(self, i: int) -> bool:
         return bool(self.a.get(i)) and bool(self.s.get(i))
 
+    def _add(self, i: int, k: int, grad: torch.Tensor, factor) -> None:
+        rows = self.layers[i].output_rows(grad)
+        got = self.s.setdefault(i, {})
+        if k in got:  # a second backward through the same forward: gradients add up
+            rows = rows + got[k][0]
+        got[k] = (rows, factor)
+
+    def add_output_rows(self, i: int, k: int, grad: torch.Tensor, factor: float) -> None:
+        """Output-gradient rows of forward call k of layer i from an explicit pass ("mc"):
+        the gradient of a batch-mean loss, times `factor` (its batch size)."""
+        self._add(i, k, grad, factor)
+
     def rows(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(a, s, B) of layer i, every forward call of the layer concatenated; B counts the
-        examples of those calls (the rows are B·T for a convolution or a sequence)."""
+        """(a, s, E) of layer i, every forward call of the layer concatenated; E counts the
+        examples of the model calls (the rows are E·T for a convolution or a sequence)."""
         a, s = self.a.get(i), self.s.get(i)
-        name = self.layers[i].name or type(self.layers[i].module).__name__
         if not a or not s:
             raise RuntimeError(
-                f"no K-FAC statistics were collected for layer {name!r}: the closure must run "
-                "the model's forward and call loss.backward() (and the layer must take part)")
+                f"no K-FAC statistics were collected for layer {self.layers[i].label!r}: the "
+                "closure must run the model's forward and call loss.backward() (and the layer "
+                "must take part)")
+        E = self.scale()
+        chunks = []
+        for k, a_k in enumerate(a):  # paired with the inputs, call by call (factored form)
+            if k in s:
+                rows, f = s[k]
+                chunks.append(rows * (E if f is None else f))
+            else:  # that call's output took no part in the loss: its gradient is zero
+                chunks.append(a_k.new_zeros((a_k.shape[0], self.layers[i].d_out)))
         a_rows = a[0] if len(a) == 1 else torch.cat(a)
-        s_rows = s[0] if len(s) == 1 else torch.cat(s[::-1])
-        return a_rows, s_rows, self.examples[i]
+        s_rows = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        return a_rows, s_rows, E
 
     def scale(self) -> int:
-        """B, the batch size the output gradients are multiplied by."""
-        if self.batch.size is None:
+        """E, the examples of the model calls the output gradients are multiplied by."""
+        size = self.batch.size
+        if size is None:
             raise RuntimeError("the model's batch size is unknown: the closure did not call "
-                               "the model given to the optimizer")
-        return self.batch.size
+                               "the model given to the optimizer (with a batched tensor first)")
+        return size

@@ -32,9 +32,56 @@ def _one(tree, dims):
     return pytree.tree_map(lambda x, d: x.unsqueeze(0) if d == 0 else x, tree, dims)
 
 
+def default_output(out):
+    """The tensor the loss is computed from: the output itself, a `ModelOutput`'s or dict's
+    `logits`, or the first element of a tuple / list (Hugging Face's conventions)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(
+        f"the model returned {type(out).__name__}, not a tensor, and it has no 'logits': pass "
+        "output_fn=lambda out: <the tensor your loss_fn takes> to the optimizer")
+
+
+def loss_view(loss_shape: tuple | None, size: int) -> tuple | None:
+    """One example's loss-input shape when the closure reshaped the output before the loss
+    (nanoGPT's logits.view(-1, V): (B·T, V) -> (T, V)); None when its first axis is B."""
+    if loss_shape is None or not loss_shape or loss_shape[0] == size:
+        return None
+    if loss_shape[0] % size:
+        raise ValueError(
+            f"the loss module's input has shape {loss_shape}, whose first axis is not a "
+            f"multiple of the batch size {size}: per-example losses cannot be formed; pass "
+            "output_fn= and call loss_fn on the model output's (B, ...) layout")
+    return (loss_shape[0] // size, *loss_shape[1:])
+
+
+def check_batchnorm(root: nn.Module) -> None:
+    """Per-example gradients cannot run BatchNorm in training mode (a batch of one example
+    has no batch statistics; torch.func refuses its in-place running-stat update)."""
+    bn = [n or type(m).__name__ for n, m in root.named_modules()
+          if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if bn:
+        raise RuntimeError(
+            f"per-example gradients (structure='woodbury', or 'diagonal' with fisher='mc') "
+            f"cannot run BatchNorm in training mode (modules {bn[:5]}): use structure='kfac' "
+            "(it needs no per-example gradients), GroupNorm/LayerNorm, or BatchNorm in eval "
+            "mode")
+
+
 def per_example_grads(root: nn.Module, names: list[str], args: tuple, kwargs: dict,
-                      targets, size: int, loss_fn: Callable) -> dict[str, torch.Tensor]:
-    """{name: (B, *shape)}: the gradients of the per-example losses w.r.t. the named params."""
+                      targets, size: int, loss_fn: Callable, output_fn: Callable = default_output,
+                      loss_shape: tuple | None = None) -> dict[str, torch.Tensor]:
+    """{name: (B, *shape)}: the gradients of the per-example losses w.r.t. the named params.
+    `loss_shape`: the loss module's input shape at the closure's call (see `loss_view`)."""
+    check_batchnorm(root)
+    view = loss_view(loss_shape, size)
+    if view is not None and isinstance(targets, torch.Tensor):
+        targets = targets.reshape(size, view[0], *targets.shape[1:])
     params = {k: p.detach() for k, p in root.named_parameters()}
     buffers = {k: b.detach() for k, b in root.named_buffers()}
     missing = [n for n in names if n not in params]
@@ -46,23 +93,17 @@ def per_example_grads(root: nn.Module, names: list[str], args: tuple, kwargs: di
         _batched(targets, size)
 
     def loss_one(sub, a, kw, y):
-        out = torch.func.functional_call(
+        out = output_fn(torch.func.functional_call(
             root, ({**rest, **sub}, buffers), _one(a, arg_dims), _one(kw, kwarg_dims),
-            tie_weights=True, strict=False)
+            tie_weights=True, strict=False))
+        if view is not None:
+            return loss_fn(out.reshape(view), y)
         return loss_fn(out, _one(y, target_dims))
 
     fn = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, arg_dims, kwarg_dims,
                                                              target_dims),
                          randomness="different")
-    try:
-        grads = fn(wanted, args, kwargs, targets)
-    except RuntimeError as e:
-        if "batch_norm" in str(e).lower() or "batchnorm" in str(e).lower():
-            raise RuntimeError(
-                "per-example gradients (structure='woodbury', R-Kalman) cannot run a model with "
-                "BatchNorm in training mode through torch.func.vmap; use GroupNorm/LayerNorm, "
-                "eval-mode BatchNorm or structure='kfac'/'diagonal'") from e
-        raise
+    grads = fn(wanted, args, kwargs, targets)
     return {k: v.detach() for k, v in grads.items()}
 
 

@@ -13,7 +13,7 @@ import contextlib
 import torch
 from torch import nn
 
-from grng_torch._collect import autocast_as, output_rows
+from grng_torch._collect import autocast_as
 from grng_torch._functional import per_example_grads
 
 
@@ -29,48 +29,65 @@ class BufferSnapshot:
                 b.copy_(v)
 
 
+def _loss_input(out, call, output_fn):
+    """The tensor the closure's loss module took: output_fn(model output), reshaped as the
+    closure reshaped it (nanoGPT's logits.view(-1, V))."""
+    x = output_fn(out)
+    if call.loss_input_shape is not None and tuple(x.shape) != call.loss_input_shape:
+        x = x.reshape(call.loss_input_shape)
+    return x
+
+
 def mc_pass(opt, active: list[int], want_targets: bool):
-    """Forward on the batch, targets sampled from the outputs, and (for the K-FAC layers
-    in `active`) the output gradients of the sampled-label loss."""
+    """Forward on every micro-batch of the closure, targets sampled from the outputs, and (for
+    the K-FAC layers in `active`) the output gradients of the sampled-label loss. Returns the
+    sampled targets per call (or None)."""
     coll = opt.collector
-    b = coll.batch
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.enable_grad() if active else torch.no_grad())
-        stack.enter_context(coll.collect("outputs", active))
-        stack.enter_context(autocast_as(b.autocast))
-        out = coll.root(*b.args, **b.kwargs)
-        with torch.no_grad():
-            y = opt.sample_targets(out.detach())
-        loss = opt.loss_fn(out, y) if active else None
-    if active:
-        zs = [(li, z) for li in active for z in coll.z.get(li, [])]
-        assert loss is not None
-        got = torch.autograd.grad(loss, [z for _, z in zs], allow_unused=True)
-        n = coll.scale()
-        for (li, z), g in reversed(list(zip(zs, got))):
-            g = torch.zeros_like(z) if g is None else g.detach()
-            coll.s.setdefault(li, []).append(output_rows(coll.layers[li], g) * n)
-        coll.z = {}
-    return y if want_targets else None
+    sampled = []
+    for call in coll.batch.calls:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.enable_grad() if active else torch.no_grad())
+            stack.enter_context(coll.collect("outputs", active))
+            stack.enter_context(autocast_as(call.autocast))
+            out = _loss_input(coll.root(*call.args, **call.kwargs), call, opt.output_fn)
+            with torch.no_grad():
+                y = opt.sample_targets(out.detach())
+            loss = opt.loss_fn(out, y) if active else None
+        sampled.append(y)
+        if active:
+            zs = [(li, k, z) for li in active for k, z in coll.z.get(li, [])]
+            assert loss is not None
+            got = torch.autograd.grad(loss, [z for _, _, z in zs], allow_unused=True)
+            for (li, k, z), g in zip(zs, got):
+                g = torch.zeros_like(z) if g is None else g.detach()
+                coll.add_output_rows(li, k, g, call.size)
+            coll.z = {}
+    return sampled if want_targets else None
 
 
 def per_example(opt, gis: list[int], sampled) -> dict[int, torch.Tensor]:
+    """Per-example gradients of the params of groups `gis` over every micro-batch (the
+    closure's targets, or the "mc" pass's sampled ones), concatenated."""
     coll = opt.collector
-    b = coll.batch
-    if sampled is None and not b.has_targets:
+    calls = coll.batch.calls
+    if sampled is None and not all(c.has_targets for c in calls):
         raise RuntimeError(
             "per-example gradients need the targets: the closure must call the loss_fn "
-            "given to the optimizer as loss_fn(output, target)")
+            "given to the optimizer as loss_fn(output, target) after each model call")
     params = [p for i in gis for p in opt.param_groups[i]["params"]]
     missing = [tuple(p.shape) for p in params if id(p) not in opt.param_names]
     if missing:
         raise ValueError(f"parameters of shapes {missing} are not in the model given to the "
                          "optimizer: per-example gradients need them there")
     names = [opt.param_names[id(p)] for p in params]
-    with torch.enable_grad(), coll.collect(None), autocast_as(b.autocast):
-        out = per_example_grads(coll.root, names, b.args, b.kwargs,
-                                b.targets if sampled is None else sampled, coll.scale(),
-                                opt.loss_fn)
+    parts = []
+    for k, call in enumerate(calls):
+        with torch.enable_grad(), coll.collect(None), autocast_as(call.autocast):
+            parts.append(per_example_grads(
+                coll.root, names, call.args, call.kwargs,
+                call.targets if sampled is None else sampled[k], call.size, opt.loss_fn,
+                opt.output_fn, call.loss_input_shape))
+    out = parts[0] if len(parts) == 1 else {n: torch.cat([p[n] for p in parts]) for n in names}
     return {id(p): out[n] for p, n in zip(params, names)}
 
 

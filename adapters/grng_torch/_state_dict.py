@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-import grng_core as gc
 from grng_core import codec
 from grng_core.config import TITLES, upgrade_saved
 from grng_core.state import map_arrays
@@ -95,7 +94,7 @@ def _entry(opt, i: int, saved_group: dict, blob: dict) -> GroupState:
         core = opt.build_core({**group, **{n: saved_group[n] for n in opt.hp_names}},
                               blob["structure"])
         layers = opt.match_layers(i, blob["layers"])
-        specs = [gc.LayerSpec(w, b) for _, w, b in layers] or None
+        specs = opt.layer_specs(layers) or None
         with torch.no_grad():
             fresh = core.init([p.detach() for p in group["params"]], layers=specs)
     except (ValueError, TypeError, KeyError) as e:

@@ -25,9 +25,13 @@ from grng_torch._collect import autocast_off, autocast_state
 from grng_torch._groups import STATE_KEY, GroupState
 from grng_torch.distributed import is_distributed, torch_collective
 
-_CLOSURE_HELP = ("the optimizer re-evaluates the loss where the algorithm needs it. Write\n"
-                 "    def closure():\n        opt.zero_grad()\n        loss = loss_fn(model(x), y)"
-                 "\n        loss.backward()\n        return loss\n    opt.step(closure)")
+_CLOSURE_HELP = ("the optimizer re-evaluates the loss where the algorithm needs it, and its "
+                 "statistics come from the forward and backward passes inside the closure. "
+                 "Write\n    def closure():\n        opt.zero_grad()\n        loss = "
+                 "loss_fn(model(x), y)\n        loss.backward()\n        return loss\n"
+                 "    opt.step(closure)\nTo accumulate gradients over micro-batches, run all of "
+                 "them inside the closure (each forward and backward, each loss scaled by its "
+                 "share of the batch): backward() calls made before step() are not seen")
 
 
 @dataclass
@@ -178,7 +182,8 @@ def _layer_stats(opt, layers) -> list[gc.LayerStats]:
     out = []
     for li, w, b in layers:
         a, s, examples = opt.collector.rows(li)
-        out.append(gc.LayerStats(w, b, a, s, batch_size=examples))
+        out.append(gc.LayerStats(w, b, a, s, transposed=opt.collector.layers[li].transposed,
+                                 batch_size=examples))
     return out
 
 

@@ -21,7 +21,7 @@ from grng_core.algorithms import build
 from grng_core.config import CONFIGS, TITLES
 from grng_torch import _checkpoint, _state_dict, _step
 from grng_torch._collect import Collector, unwrap
-from grng_torch._functional import LossModule, default_sampler
+from grng_torch._functional import LossModule, default_output, default_sampler
 from grng_torch._groups import STATE_KEY, GroupState
 from grng_torch._requirements import check_needs
 from grng_torch._skips import SkipMonitor
@@ -57,6 +57,11 @@ class GRNGOptimizer(torch.optim.Optimizer):
         sample_targets: `fn(output) -> targets` drawn from the model's predictive
             distribution, for fisher="mc" (defaults exist for CrossEntropyLoss, NLLLoss,
             BCEWithLogitsLoss and MSELoss).
+        output_fn: `fn(model output) -> the tensor loss_fn takes`, for the passes that re-run
+            the model (per-example gradients, fisher="mc"). Default: the output itself, a
+            Hugging Face `ModelOutput`'s `logits`, or a tuple's first element. A closure that
+            reshapes it (nanoGPT's `logits.view(-1, V)`) is followed: the loss module's input
+            shape is recorded at the closure's call.
         collective: "auto" (torch.distributed all_reduce / all_gather when a process group of
             more than one rank is initialised), None (never), or a `grng_core.Collective`.
         **hyperparameters: the fields of the core's config record (`grng_core.RENGConfig`,
@@ -67,7 +72,8 @@ class GRNGOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float | None = None, *, model: nn.Module | None = None,
                  loss_fn: Callable | None = None, sample_targets: Callable | None = None,
-                 collective: Any = "auto", **hyperparameters):
+                 output_fn: Callable | None = None, collective: Any = "auto",
+                 **hyperparameters):
         title = type(self).__name__
         names = hyperparameter_names(self._algorithm)
         unknown = sorted(set(hyperparameters) - set(names))
@@ -87,6 +93,9 @@ class GRNGOptimizer(torch.optim.Optimizer):
         self.model = model
         self.loss_fn = loss_fn
         self.sample_targets = sample_targets or (default_sampler(loss_fn) if loss_fn else None)
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"output_fn must be callable, got {type(output_fn).__name__}")
+        self.output_fn = output_fn or default_output
         self.collective_arg = collective
         self.hp_names = names
         self._cores: list[tuple[tuple, gc.Optimizer | None]] = []
@@ -182,14 +191,21 @@ class GRNGOptimizer(torch.optim.Optimizer):
         for w, b in specs:
             if not (0 <= w < len(params)) or id(params[w]) not in by_weight:
                 raise ValueError(f"param group {i}: the saved state has a K-FAC layer with its "
-                                 f"weight at position {w}, which is not a Linear/Conv2d weight "
-                                 "of this optimizer's model")
+                                 f"weight at position {w}, which is not the weight of a layer "
+                                 "this optimizer's model hooks (opt.describe() lists them)")
             li = by_weight[id(params[w])]
             if b is not None and (not (0 <= b < len(params)) or params[b] is not layers[li].bias):
                 raise ValueError(f"param group {i}: the saved K-FAC layer at position {w} has "
                                  f"its bias at position {b}, which is not that layer's bias")
             out.append((li, w, b))
         return out
+
+    def layer_specs(self, found) -> list[gc.LayerSpec]:
+        """The core's LayerSpecs of (hooked layer number, weight position, bias position)
+        triples, oriented as the layers store their weights."""
+        assert self.collector is not None or not found
+        return [gc.LayerSpec(w, b, self.collector.layers[li].transposed)  # type: ignore
+                for li, w, b in found]
 
     def fresh_group_state(self, i: int, present=None) -> tuple[GroupState, gc.Optimizer]:
         """The state group i starts from, with the K-FAC layers `present` (default: every
@@ -198,7 +214,7 @@ class GRNGOptimizer(torch.optim.Optimizer):
         core = self.core(i) if self.group_state(i) is None else self.build_core(group)
         if present is None:
             present = self.layer_candidates(i) if core.requirements.layer_stats else []
-        specs = [gc.LayerSpec(w, b) for _, w, b in present]
+        specs = self.layer_specs(present)
         core = core.resolve(specs)
         with torch.no_grad():
             state = core.init([p.detach() for p in group["params"]],

@@ -113,7 +113,7 @@ def test_statistics_only_on_curvature_steps():
     assert [c["curvature"] for c in calls] == [True, False, False, True, False, False, True]
     assert [c["inverse"] for c in calls] == [True, False, True, False, True, False, True]
     assert counts == [2, 1, 1, 2, 1, 1, 2]  # the sampled-label pass only when refreshing
-    assert opt.collector.a == {} and opt.collector.batch.args == ()  # nothing kept
+    assert opt.collector.a == {} and opt.collector.batch.calls == []  # nothing kept
 
 
 def test_kfac_group_without_layers_and_other_modules_use_the_diagonal():

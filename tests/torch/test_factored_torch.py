@@ -77,11 +77,11 @@ def test_factored_steps_equal_dense_steps(monkeypatch, calls, kind, expect_facto
 def test_rows_the_core_would_not_use_are_not_kept(monkeypatch):
     """On a step that refreshes nothing the hooks keep a layer's rows only where the factored
     form pays (§2.1): a Linear over long sequences (n = B·T rows) keeps nothing."""
-    import grng_torch._collect as collect
+    import grng_torch.layers.base as base
 
     kept: list[int] = []
-    real = collect.input_rows
-    monkeypatch.setattr(collect, "input_rows",
+    real = base.HookedLayer.input_rows
+    monkeypatch.setattr(base.HookedLayer, "input_rows",
                         lambda layer, x: kept.append(x.shape[0]) or real(layer, x))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)).double()

@@ -1,0 +1,49 @@
+"""One hooked layer: its module, parameters, orientation and how its rows are read (§2.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class HookedLayer:
+    """A module the K-FAC structure sees.
+
+    name: module path; kind: "linear" (one row per example or position: `nn.Linear`,
+    transformers' `Conv1D`) or "conv" (one row per (example, output position));
+    transposed: the weight is stored (d_in, d_out); inputs(module, x) -> a (n, d_in) and
+    outputs(module, g) -> rows (n, d_out) of the output gradient.
+    """
+
+    name: str
+    module: nn.Module
+    kind: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    transposed: bool
+    inputs: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    outputs: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+    @property
+    def d_out(self) -> int:
+        w = self.weight
+        return w.shape[-1] if self.transposed else w.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        """Input width without the bias column."""
+        return self.weight.numel() // self.d_out
+
+    @property
+    def label(self) -> str:
+        return self.name or type(self.module).__name__
+
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inputs(self.module, x)
+
+    def output_rows(self, g: torch.Tensor) -> torch.Tensor:
+        return self.outputs(self.module, g)

@@ -1,0 +1,68 @@
+"""`nn.Conv1d` / `nn.Conv2d` (groups = 1, zero padding): a = unfolded input patches, s = output
+gradients, one row per (example, output position); B is the example count (§2.1 "expand").
+A Conv1d is unfolded as a Conv2d of height 1."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def supported(m: nn.Module) -> str | None:
+    """None when the convolution gets K-FAC, else why not."""
+    if not isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        return "no K-FAC helper for this convolution type (Conv1d and Conv2d have one)"
+    if type(m).forward not in (nn.Conv1d.forward, nn.Conv2d.forward):
+        return "its class overrides forward"
+    if m.groups != 1:
+        return f"groups={m.groups}"
+    if m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r}"
+    return None
+
+
+def _as_2d(m: nn.Module):
+    """(kernel, dilation, stride, padding) as 2-d tuples (Conv1d: height 1)."""
+    if isinstance(m, nn.Conv2d):
+        return m.kernel_size, m.dilation, m.stride, m.padding
+    pad = m.padding if isinstance(m.padding, str) else (0, m.padding[0])
+    return (1, m.kernel_size[0]), (1, m.dilation[0]), (1, m.stride[0]), pad
+
+
+def _explicit_padding(kernel, dilation, padding) -> tuple[int, int, int, int] | None:
+    """(left, right, top, bottom) for 'valid' / 'same' (asymmetric allowed), else None."""
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        pads: list[int] = []
+        for k, d in zip(reversed(kernel), reversed(dilation)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return (pads[0], pads[1], pads[2], pads[3])
+    return None
+
+
+def input_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Unfolded patches, one row per (example, output position), columns (c, kh, kw)."""
+    spatial = 2 if isinstance(m, nn.Conv2d) else 1
+    if x.dim() == spatial + 1:  # unbatched input
+        x = x.unsqueeze(0)
+    if spatial == 1:
+        x = x.unsqueeze(-2)
+    kernel, dilation, stride, padding = _as_2d(m)
+    pad = _explicit_padding(kernel, dilation, padding)
+    p: Any = padding
+    if pad is not None:
+        x, p = F.pad(x, pad), 0
+    cols = F.unfold(x, kernel, dilation=dilation, padding=p, stride=stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def output_rows(m: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    spatial = 2 if isinstance(m, nn.Conv2d) else 1
+    if g.dim() == spatial + 1:
+        g = g.unsqueeze(0)
+    return g.movedim(1, -1).reshape(-1, g.shape[1])

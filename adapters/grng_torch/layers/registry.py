@@ -1,0 +1,95 @@
+"""Which modules get K-FAC, and a record of every parameterised module saying why or why not.
+
+Each weight is preconditioned from the statistics of every use or not at all: a parameter
+shared by two modules (tied embeddings, GPT-2's `lm_head` and `wte`) stays on the diagonal
+structure, reported as tied (its gradient holds both uses; one use's factors would be wrong).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import nn
+
+from grng_torch.layers import conv, linear
+from grng_torch.layers.base import HookedLayer
+
+
+class LayerRecord(NamedTuple):
+    """One module that owns parameters: its path, type, parameter names, "kfac" or "diagonal",
+    and the reason when diagonal."""
+
+    path: str
+    type: str
+    params: tuple[str, ...]
+    structure: str
+    reason: str | None = None
+
+
+class Registry(NamedTuple):
+    layers: list[HookedLayer]
+    records: list[LayerRecord]
+
+
+def _hook_of(m: nn.Module, name: str) -> tuple[HookedLayer | None, str | None]:
+    """(hooked layer, None) for a supported module, else (None, reason)."""
+    if linear.is_linear(m):
+        return HookedLayer(name, m, "linear", m.weight, m.bias, False, linear.rows,
+                           linear.rows), None
+    if linear.is_hf_conv1d(m):
+        return HookedLayer(name, m, "linear", m.weight, getattr(m, "bias", None), True,
+                           linear.rows, linear.rows), None
+    if isinstance(m, nn.modules.conv._ConvNd):
+        why = conv.supported(m)
+        if why is None:
+            return HookedLayer(name, m, "conv", m.weight, m.bias, False, conv.input_rows,
+                               conv.output_rows), None
+        return None, why
+    if isinstance(m, nn.MultiheadAttention):
+        return None, ("nn.MultiheadAttention uses its packed projection weights directly "
+                      "(no Linear module is called): not hooked")
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        return None, "no K-FAC helper for embeddings (their gradients are sparse rows)"
+    if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
+        return None, "normalisation scale and shift (1-d)"
+    return None, f"no K-FAC helper for {type(m).__name__}"
+
+
+def _owners(model: nn.Module) -> dict[int, dict[int, str]]:
+    """id(parameter) -> {id(module): path} of every module that holds it directly (a module
+    called at several places is one owner: its hooks see every use)."""
+    owners: dict[int, dict[int, str]] = {}
+    for path, m in model.named_modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), {})[id(m)] = path
+    return owners
+
+
+def find_layers(model: nn.Module) -> Registry:
+    """The K-FAC layers of `model` and the registration log of all its modules."""
+    owners = _owners(model)
+    inside_mha = {f"{path}.{child}" if path else child
+                  for path, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+                  for child, _ in m.named_modules() if child}
+    layers, records = [], []
+    for path, m in model.named_modules():
+        own = [(n, p) for n, p in m._parameters.items() if p is not None]
+        if not own or (isinstance(m, nn.modules.lazy.LazyModuleMixin)
+                       and m.has_uninitialized_params()):  # type: ignore[misc]
+            continue
+        names = tuple(f"{path}.{n}" if path else n for n, _ in own)
+        layer, why = _hook_of(m, path)
+        if path in inside_mha:
+            layer, why = None, ("inside nn.MultiheadAttention, which uses the weight directly "
+                                "(the module's forward is never called): not hooked")
+        tied = sorted({o for _, p in own for k, o in owners[id(p)].items() if k != id(m)})
+        if layer is not None and tied:
+            layer, why = None, f"tied: its weight is also used by {tied} (K-FAC from one use " \
+                               "would be wrong)"
+        if layer is None:
+            records.append(LayerRecord(path, type(m).__name__, names, "diagonal", why))
+        else:
+            layers.append(layer)
+            records.append(LayerRecord(path, type(m).__name__, names, "kfac"))
+    return Registry(layers, records)
