@@ -24,7 +24,7 @@ def supported(m: nn.Module) -> str | None:
     return None
 
 
-def _as_2d(m: nn.Module):
+def _as_2d(m: Any):
     """(kernel, dilation, stride, padding) as 2-d tuples (Conv1d: height 1)."""
     if isinstance(m, nn.Conv2d):
         return m.kernel_size, m.dilation, m.stride, m.padding

@@ -18,7 +18,6 @@ def is_linear(m: nn.Module) -> bool:
 
 def is_hf_conv1d(m: nn.Module) -> bool:
     """transformers.pytorch_utils.Conv1D (recognised without importing transformers)."""
-    t = type(m)
+    t, w = type(m), getattr(m, "weight", None)
     return (t.__name__ == "Conv1D" and t.__module__.startswith("transformers")
-            and isinstance(getattr(m, "weight", None), torch.Tensor)
-            and m.weight.dim() == 2)
+            and isinstance(w, torch.Tensor) and w.dim() == 2)

@@ -7,7 +7,7 @@ structure, reported as tied (its gradient holds both uses; one use's factors wou
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -31,7 +31,7 @@ class Registry(NamedTuple):
     records: list[LayerRecord]
 
 
-def _hook_of(m: nn.Module, name: str) -> tuple[HookedLayer | None, str | None]:
+def _hook_of(m: Any, name: str) -> tuple[HookedLayer | None, str | None]:
     """(hooked layer, None) for a supported module, else (None, reason)."""
     if linear.is_linear(m):
         return HookedLayer(name, m, "linear", m.weight, m.bias, False, linear.rows,
