@@ -12,7 +12,8 @@ class StepContext(NamedTuple):
     first: bool array, true on the first curvature update (EMA starts from the batch);
     curvature / inverse: Python bool, or a bool array when decided in-graph;
     mean / gather: collectives (identity when None); tol, max_iter, method: inverse settings;
-    replicated: True when a collective mean exists (data-parallel replicas).
+    replicated: True when a collective mean exists (data-parallel replicas);
+    incidents: the host-side `Incidents` log extra damping is reported to.
     """
 
     xp: Any
@@ -28,6 +29,7 @@ class StepContext(NamedTuple):
     max_iter: int
     method: str
     replicated: bool = False
+    incidents: Any = None
 
 
 def select(flag, new, old, xp):

@@ -36,18 +36,27 @@ def has_linalg(xp) -> bool:
     return hasattr(xp, "linalg") and hasattr(xp.linalg, "cholesky")
 
 
-def cholesky_inverse(M, xp, name="matrix", strict=True):
+RESCUE_SHIFTS = (1e-6, 1e-4, 1e-2, 1.0)  # extra damping, relative to tr(M)/d
+
+
+def cholesky_inverse(M, xp, name="matrix", strict=True, rescue=None):
     """M^{-1} from the Cholesky factor L (M = L L^T): X = L^{-T} L^{-1}.
 
     When the factorisation fails: non-finite M gives NaN (as jax does), so the optimizer's
-    non-finite guard skips the step and leaves the state untouched; a finite M that is not
-    numerically positive definite (damping below the dtype's precision) raises InverseError
-    naming the matrix. Under jit jax returns NaN for both and the step is skipped.
+    non-finite guard skips the step and leaves the state untouched. A finite M that is not
+    numerically positive definite (damping below the dtype's precision): with `rescue` (a
+    callable taking the extra damping τ), M + τI is inverted for the first τ of
+    `RESCUE_SHIFTS`·tr(M)/d that factorises and `rescue(τ)` reports it, NaN when none does
+    (the step is skipped); without it InverseError names the matrix (strict) or NaN.
+    Under jit jax returns NaN for both and the step is skipped.
     """
     try:
         L = xp.linalg.cholesky(M)
     except Exception as e:  # numpy LinAlgError, torch _LinAlgError: M not positive definite
-        if strict and concrete_bool(xp.all(xp.isfinite(M))):
+        finite = concrete_bool(xp.all(xp.isfinite(M)))
+        if finite and rescue is not None:
+            return _rescued(M, xp, rescue)
+        if strict and finite:
             raise InverseError(
                 f"{name} ({M.shape[-1]} x {M.shape[-1]}, {M.dtype}) is not numerically "
                 "positive definite (Cholesky failed): raise damping or use state_dtype="
@@ -55,6 +64,22 @@ def cholesky_inverse(M, xp, name="matrix", strict=True):
             ) from e
         return xp.full_like(M, math.nan)
     return symmetrize(inverse_from_cholesky(L, eye_like(M, xp), xp), xp)
+
+
+def _rescued(M, xp, rescue):
+    """(M + τI)⁻¹ for the smallest τ in RESCUE_SHIFTS·tr(M)/d that factorises (host only)."""
+    d = M.shape[-1]
+    eye = eye_like(M, xp)
+    scale = abs(float(xp.sum(xp.abs(M) * eye))) / d or float(xp.finfo(M.dtype).tiny)
+    for rel in RESCUE_SHIFTS:
+        tau = rel * scale
+        try:
+            L = xp.linalg.cholesky(M + tau * eye)
+        except Exception:  # try the next, larger shift
+            continue
+        rescue(tau)
+        return symmetrize(inverse_from_cholesky(L, eye, xp), xp)
+    return xp.full_like(M, math.nan)
 
 
 def symmetrize(X, xp):
@@ -93,11 +118,13 @@ def _iterate(M, X, eye, xp, d, tol, max_iter):
     return X
 
 
-def newton_schulz_inverse(M, xp, *, warm=None, tol, max_iter, fallback=True, name="matrix"):
+def newton_schulz_inverse(M, xp, *, warm=None, tol, max_iter, fallback=True, name="matrix",
+                          rescue=None):
     """(X ≈ M^{-1}, residual ‖I − M X‖_F / √d) for symmetric positive definite M (§2.1).
 
     warm: a previous inverse; used when ‖I − M warm‖_F < 1 (so the iteration converges),
-    else the cold start X₀ = I / ‖M‖_F. fallback: Cholesky where xp has linalg, else raise.
+    else the cold start X₀ = I / ‖M‖_F. fallback: Cholesky where xp has linalg (with
+    `rescue`, see `cholesky_inverse`), else raise.
     """
     d = M.shape[-1]
     eye = eye_like(M, xp)
@@ -115,7 +142,7 @@ def newton_schulz_inverse(M, xp, *, warm=None, tol, max_iter, fallback=True, nam
     if host_failed is False:
         return X, r
     if has_linalg(xp):
-        X = xp.where(failed, cholesky_inverse(M, xp, name), X)
+        X = xp.where(failed, cholesky_inverse(M, xp, name, rescue=rescue), X)
         return X, r
     if host_failed and concrete_bool(xp.all(xp.isfinite(M))):
         cond = float(frobenius(M, xp) * frobenius(X, xp)) / d
@@ -139,18 +166,20 @@ def eigh(M, xp, name="matrix"):
         return nan[0, :], nan
 
 
-def eigh_inverse(M, xp, shift=0.0, name="matrix"):
+def eigh_inverse(M, xp, shift=0.0, name="matrix", rescue=None):
     """(M + shift·I)⁻¹ = Q diag(1/(e + shift)) Qᵀ from M = Q diag(e) Qᵀ (§2.1, "eigh").
 
     Failures as for Cholesky: a non-finite M gives NaN (the guard skips the step); a finite
-    M whose shifted eigenvalues are not all above d·eps·max|e + shift| raises InverseError
-    naming the matrix (NaN under jit)."""
+    M whose shifted eigenvalues are not all above d·eps·max|e + shift| gets extra damping with
+    `rescue`, else raises InverseError naming the matrix (NaN under jit)."""
     e, Q = eigh(M, xp, name)
     lam = e + shift
     eps = xp.finfo(M.dtype).eps * M.shape[-1]
     ok = xp.min(lam) > eps * xp.max(xp.abs(lam))
     X = symmetrize((Q / lam) @ xp.matrix_transpose(Q), xp)
     if concrete_bool(ok) is False and concrete_bool(xp.all(xp.isfinite(M))):
+        if rescue is not None:  # shift the spectrum up as Cholesky's rescue does
+            return _rescued(M + shift * eye_like(M, xp), xp, rescue)
         raise InverseError(
             f"{name} ({M.shape[-1]} x {M.shape[-1]}, {M.dtype}) is not numerically positive "
             "definite (smallest eigenvalue below the dtype's resolution): raise damping or use "
@@ -171,15 +200,17 @@ def resolve_method(method: str, xp, reused_across_dampings: bool = False) -> str
     return method
 
 
-def spd_inverse(M, xp, *, method, warm=None, tol, max_iter, name="matrix"):
+def spd_inverse(M, xp, *, method, warm=None, tol, max_iter, name="matrix", rescue=None):
     """Inverse of an SPD matrix by `method` ("newton_schulz", "cholesky", "eigh" or "auto");
-    exactly symmetric whatever the method."""
+    exactly symmetric whatever the method. `rescue`: extra damping for a matrix that is not
+    numerically positive definite, reported to the callable (`cholesky_inverse`)."""
     method = resolve_method(method, xp)
     if method == "cholesky":
-        return cholesky_inverse(M, xp, name)
+        return cholesky_inverse(M, xp, name, rescue=rescue)
     if method == "eigh":
-        return eigh_inverse(M, xp, name=name)
-    return newton_schulz_inverse(M, xp, warm=warm, tol=tol, max_iter=max_iter, name=name)[0]
+        return eigh_inverse(M, xp, name=name, rescue=rescue)
+    return newton_schulz_inverse(M, xp, warm=warm, tol=tol, max_iter=max_iter, name=name,
+                                 rescue=rescue)[0]
 
 
 def small_spd_inverse(M, xp, *, tol, max_iter, name="batch system", strict=True):

@@ -18,6 +18,7 @@ from grng_core.concrete import host_bool
 from grng_core.config import Config, value_at
 from grng_core.context import StepContext
 from grng_core.direction import Env
+from grng_core.incidents import Incidents
 from grng_core.linalg import default_tol
 from grng_core.requirements import requirements
 from grng_core.state import OptState, ensure_pytrees
@@ -102,10 +103,14 @@ class Optimizer:
 
     # ---- the step
     def update(self, grads, state: OptState, params, stats: Stats | None = None, oracle=None,
-               *, collective: Collective | None = None, curvature=None, inverse=None):
+               *, collective: Collective | None = None, curvature=None, inverse=None,
+               incidents: Incidents | None = None):
+        """(updates, new state). `incidents`: the host-side log a K-FAC factor that needs extra
+        damping is reported to (`grng_core.incidents`; default: a fresh one, which warns)."""
         ensure_pytrees()
         env, layer_arrays = self._env(grads, state, params, stats or Stats(), oracle,
-                                      collective, curvature, inverse)
+                                      collective, curvature, inverse,
+                                      incidents if incidents is not None else Incidents())
         h, ctx, xp = self.config, env.ctx, env.ctx.xp
         d, ghat, new_curv = self.algorithm.direction(env, state.curvature)
         lr = _scalar(value_at(h.lr, ctx.t), xp, ctx.sdtype)
@@ -126,7 +131,8 @@ class Optimizer:
         ups, out = guard.commit(updates, new_state, state, groups, ctx, h.on_nonfinite)
         return env.container.build(ups), out
 
-    def _env(self, grads, state, params, stats, oracle, collective, curvature, inverse):
+    def _env(self, grads, state, params, stats, oracle, collective, curvature, inverse,
+             incidents):
         """Checks the inputs and gathers what the direction reads (an `Env`)."""
         h = self.config
         p_leaves, container = flatten(params)
@@ -153,7 +159,8 @@ class Optimizer:
                           curvature=curvature, inverse=inverse, mean=mean, gather=gather,
                           tol=h.ns_tol if h.ns_tol is not None else default_tol(sdtype, xp),
                           max_iter=h.ns_max_iter, method=h.inverse_method,
-                          replicated=collective is not None and collective.mean is not None)
+                          replicated=collective is not None and collective.mean is not None,
+                          incidents=incidents)
         if curvature is not False:
             count = count + xp.astype(xp.asarray(curvature, device=dev), xp.int32, copy=False)
         g = [xp.astype(x, sdtype, copy=False) for x in g_leaves]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import grng_core as gc
-from grng_torch import _passes
+from grng_torch import _describe, _passes
 from grng_torch._backward import GraphBackward
 from grng_torch._collect import autocast_off, autocast_state
 from grng_torch._groups import STATE_KEY, GroupState
@@ -132,6 +132,8 @@ def run(opt, closure):
         with torch.no_grad(), autocast_off():
             results = [_group_update(opt, sp, gp, grads[gp.index], env) for gp in sp.groups]
         _apply(opt, sp, grads, results)
+        if any(gp.entry is None for gp in sp.groups):  # the first step fixed the layers
+            _describe.warn_if_mostly_diagonal(opt)
     finally:
         if snapshot is not None:
             snapshot.restore()
@@ -227,7 +229,8 @@ def _group_update(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any]):
     updates, new_core = core.update(g, entry.core, params,
                                     stats=_stats(opt, sp, gp, layers, env["pe"]),
                                     oracle=oracle, collective=env["collective"],
-                                    curvature=gp.curvature, inverse=gp.inverse)
+                                    curvature=gp.curvature, inverse=gp.inverse,
+                                    incidents=opt.incidents(gp.index))
     return updates, GroupState(entry.host_step + 1, entry.structure, new_core)
 
 

@@ -19,7 +19,9 @@ from torch import nn
 import grng_core as gc
 from grng_core.algorithms import build
 from grng_core.config import CONFIGS, TITLES
-from grng_torch import _checkpoint, _state_dict, _step
+from grng_core.describe import StructureReport
+from grng_core.incidents import Incidents
+from grng_torch import _checkpoint, _describe, _state_dict, _step
 from grng_torch._collect import Collector, unwrap
 from grng_torch._functional import LossModule, default_output, default_sampler
 from grng_torch._groups import STATE_KEY, GroupState
@@ -105,7 +107,10 @@ class GRNGOptimizer(torch.optim.Optimizer):
             weakref.finalize(self, self.collector.remove)
         root = unwrap(model) if model is not None else None
         self.param_names = {} if root is None else {id(p): n for n, p in root.named_parameters()}
+        self._incidents: dict[int, Incidents] = {}
+        self._warned_diagonal = False
         super().__init__(params, defaults)
+        _describe.warn_if_mostly_diagonal(self)
 
     @staticmethod
     def _check_args(model, loss_fn, collective) -> None:
@@ -220,6 +225,17 @@ class GRNGOptimizer(torch.optim.Optimizer):
             state = core.init([p.detach() for p in group["params"]],
                               layers=specs if core.config.structure == "kfac" else None)
         return GroupState(host_step=0, structure=core.config.structure, core=state), core
+
+    def incidents(self, i: int = 0) -> Incidents:
+        """Param group i's log of K-FAC factors that needed extra damping (host side)."""
+        return _describe.incidents_for(self, i)
+
+    def describe(self) -> StructureReport:
+        """Which structure and layer (module path) each parameter is preconditioned with, the
+        share of weight-matrix elements under K-FAC, factors that needed extra damping and
+        skipped steps; `print(opt.describe())` shows the table. Before the first step the
+        K-FAC layers are the candidates; the first step drops those the loss did not reach."""
+        return _describe.report(self)
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

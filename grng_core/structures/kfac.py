@@ -176,11 +176,15 @@ def refresh(layers, matrices, ctx, keys) -> tuple[KfacLayer, ...]:
     xp = ctx.xp
     kw = dict(method=ctx.method, tol=ctx.tol, max_iter=ctx.max_iter)
     new = []
+    log = ctx.incidents
     for layer in layers:
         A_m, S_m = matrices(layer)
-        name = f"layer {keys[layer.layout.weight]!r}"
-        A_inv = spd_inverse(A_m, xp, warm=layer.A_inv, name=f"A of {name}", **kw)
-        S_inv = spd_inverse(S_m, xp, warm=layer.S_inv, name=f"S of {name}", **kw)
+        w = layer.layout.weight
+        name = f"layer {keys[w]!r}"
+        A_inv = spd_inverse(A_m, xp, warm=layer.A_inv, name=f"A of {name}",
+                            rescue=None if log is None else log.rescue(w, "A", keys[w]), **kw)
+        S_inv = spd_inverse(S_m, xp, warm=layer.S_inv, name=f"S of {name}",
+                            rescue=None if log is None else log.rescue(w, "S", keys[w]), **kw)
         new.append(layer._replace(A_inv=select(ctx.inverse, A_inv, layer.A_inv, xp),
                                   S_inv=select(ctx.inverse, S_inv, layer.S_inv, xp)))
     return tuple(new)

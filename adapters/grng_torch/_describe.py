@@ -1,0 +1,95 @@
+"""`opt.describe()` and the warning when most weight matrices fall to the diagonal.
+
+Names are module paths (`model.named_parameters()`); the reasons come from the layer
+registry (`grng_torch.layers`: type not supported, tied, inside MultiheadAttention) and from
+the first step (a hooked layer the loss did not reach).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from grng_core.describe import StructureReport, describe, merge
+from grng_core.incidents import Incidents
+
+NOT_REACHED = "not reached by the loss at the first step (no statistics)"
+
+
+def _reasons_by_param(opt) -> dict[int, str]:
+    """id(param) -> why it is not under K-FAC (every module that holds it: a tied weight
+    gets the reasons of each use)."""
+    if opt.collector is None:
+        return {}
+    by_name = dict(opt.collector.root.named_parameters(remove_duplicate=False))
+    out: dict[int, list[str]] = {}
+    for r in opt.collector.registry.records:
+        for n in r.params:
+            if r.reason and n in by_name:
+                why = out.setdefault(id(by_name[n]), [])
+                if f"{r.path}: {r.reason}" not in why:
+                    why.append(f"{r.path or type(opt.collector.root).__name__}: {r.reason}")
+    return {k: "; ".join(v) for k, v in out.items()}
+
+
+def _names(opt, i: int) -> list[str]:
+    return [opt.param_names.get(id(p), f"group {i} param {j}")
+            for j, p in enumerate(opt.param_groups[i]["params"])]
+
+
+def group_report(opt, i: int) -> StructureReport:
+    group = opt.param_groups[i]
+    entry = opt.group_state(i)
+    names = _names(opt, i)
+    kfac = group["structure"] == "kfac"
+    candidates = opt.layer_candidates(i) if kfac else []
+    if entry is None:
+        pairs = [(w, b) for _, w, b in candidates]
+    else:
+        pairs = [(w, b) for w, b in entry.layers]
+    why = _reasons_by_param(opt)
+    reasons = {j: why[id(p)] for j, p in enumerate(group["params"]) if id(p) in why}
+    if entry is not None:
+        used = {w for w, _ in pairs}
+        for _, w, b in candidates:
+            if w not in used:
+                reasons.update({j: NOT_REACHED for j in (w, b) if j is not None})
+    layer_names = {w: opt.collector.layers[li].label for li, w, _ in candidates}
+    return describe(opt.algorithm, group["structure"],
+                    [tuple(p.shape) for p in group["params"]], pairs, names, layer_names,
+                    reasons, opt.incidents(i).entries(),
+                    None if entry is None else int(entry.core.skipped))
+
+
+def report(opt) -> StructureReport:
+    return merge([group_report(opt, i) for i in range(len(opt.param_groups))
+                  if opt.param_groups[i]["params"]])
+
+
+def incidents_for(opt, i: int) -> Incidents:
+    """Group i's extra-damping log, naming layers by module path."""
+    log = opt._incidents.get(i)
+    if log is None:
+        names = _names(opt, i)
+        paths = {w: opt.collector.layers[li].label for li, w, _ in opt.layer_candidates(i)}
+        log = Incidents(name_of=lambda w: repr(paths.get(w, names[w])))
+        opt._incidents[i] = log
+    return log
+
+
+def warn_if_mostly_diagonal(opt) -> None:
+    """Warn once when most weight matrices of the "kfac" groups are on the diagonal."""
+    if opt._warned_diagonal or opt.collector is None:
+        return
+    reports = [group_report(opt, i) for i, g in enumerate(opt.param_groups)
+               if g["params"] and g["structure"] == "kfac"]
+    matrices = [e for r in reports for e in r.matrices()]
+    off = [e for e in matrices if e.structure != "kfac"]
+    if not matrices or 2 * len(off) <= len(matrices):
+        return
+    opt._warned_diagonal = True
+    shown = "; ".join(f"{e.name} ({e.reason or 'no K-FAC layer'})" for e in off[:6])
+    more = f"; and {len(off) - 6} more" if len(off) > 6 else ""
+    warnings.warn(
+        f"{type(opt).__name__}: {len(off)} of {len(matrices)} weight matrices are on the "
+        f"diagonal structure, not K-FAC: {shown}{more}. opt.describe() lists every parameter.",
+        UserWarning, stacklevel=3)

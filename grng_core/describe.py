@@ -1,0 +1,104 @@
+"""A structure report: which structure and layer each parameter leaf is preconditioned with.
+
+`describe(config, shapes, kfac_layers, ...)` builds a `StructureReport` from what any
+backend knows (leaf shapes, the K-FAC layers' (weight, bias) positions); `describe_state`
+reads the layers from an `OptState`. Adapters add names (module paths), reasons a weight is
+on the diagonal (its layer type, tied, not reached by the loss) and the extra-damping
+incidents (`grng_core.incidents`). `str(report)` is the table users read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+from grng_core.incidents import FactorIncident
+from grng_core.state import OptState, layouts
+
+
+class LeafEntry(NamedTuple):
+    """One parameter leaf: its name, shape, structure ("kfac", "diagonal", "woodbury"), the
+    K-FAC layer it belongs to (None otherwise) and why it is not under K-FAC."""
+
+    name: str
+    shape: tuple[int, ...]
+    structure: str
+    layer: str | None = None
+    reason: str | None = None
+
+
+class StructureReport(NamedTuple):
+    """entries: every leaf; kfac_share: the share of weight-matrix elements (leaves with ≥ 2
+    axes) preconditioned by K-FAC; incidents: factors that needed extra damping; skipped:
+    steps skipped as non-finite (None before the first step)."""
+
+    algorithm: str
+    entries: tuple[LeafEntry, ...]
+    kfac_share: float
+    incidents: tuple[FactorIncident, ...] = ()
+    skipped: int | None = None
+
+    def matrices(self) -> list[LeafEntry]:
+        return [e for e in self.entries if len(e.shape) >= 2]
+
+    def __str__(self) -> str:
+        lines = [f"{self.algorithm}: {len(self.entries)} parameter leaves, "
+                 f"{self.kfac_share:.0%} of weight-matrix elements under K-FAC"
+                 + ("" if self.skipped is None else f", {self.skipped} steps skipped")]
+        for e in self.entries:
+            where = f"  layer {e.layer}" if e.layer else ""
+            why = f"  ({e.reason})" if e.reason else ""
+            lines.append(f"  {e.name:<40} {str(e.shape):<16} {e.structure:<9}{where}{why}")
+        for inc in self.incidents:
+            lines.append(f"  extra damping: factor {inc.factor} of {inc.layer}: "
+                         f"{inc.refreshes} refreshes, last {inc.extra_damping:.3g}")
+        return "\n".join(lines)
+
+
+def kfac_share(entries: Sequence[LeafEntry]) -> float:
+    """Elements of ≥ 2-axis leaves under K-FAC over all elements of ≥ 2-axis leaves."""
+    total = sum(math.prod(e.shape) for e in entries if len(e.shape) >= 2)
+    under = sum(math.prod(e.shape) for e in entries
+                if len(e.shape) >= 2 and e.structure == "kfac")
+    return under / total if total else 0.0
+
+
+def describe(algorithm: str, structure: str, shapes: Sequence[tuple[int, ...]],
+             kfac_layers: Sequence[tuple[int, int | None]], names: Sequence[str] | None = None,
+             layer_names: Mapping[int, str] | None = None,
+             reasons: Mapping[int, str] | None = None, incidents=(),
+             skipped: int | None = None) -> StructureReport:
+    """The report of one parameter container. structure: the configured one ("kfac" leaves
+    outside `kfac_layers` run "diagonal"); kfac_layers: (weight, bias) positions; names /
+    layer_names / reasons: per position (defaults: the position)."""
+    names = names or [str(i) for i in range(len(shapes))]
+    layer_of = {}
+    for w, b in kfac_layers:
+        label = (layer_names or {}).get(w, names[w])
+        layer_of[w] = label
+        if b is not None:
+            layer_of[b] = label
+    fallback = "diagonal" if structure == "kfac" else structure
+    entries = tuple(
+        LeafEntry(names[i], tuple(shape), "kfac" if i in layer_of else fallback,
+                  layer_of.get(i), None if i in layer_of else (reasons or {}).get(i))
+        for i, shape in enumerate(shapes))
+    return StructureReport(algorithm, entries, kfac_share(entries), tuple(incidents), skipped)
+
+
+def describe_state(algorithm: str, structure: str, state: OptState, shapes,
+                   **kw) -> StructureReport:
+    """`describe` with the K-FAC layers read from a state (and its skipped-step count)."""
+    pairs = [(L.weight, L.bias) for L in layouts(state)]
+    kw.setdefault("skipped", int(state.skipped))
+    return describe(algorithm, structure, shapes, pairs, **kw)
+
+
+def merge(reports: Sequence[StructureReport]) -> StructureReport:
+    """One report over several param groups."""
+    entries = tuple(e for r in reports for e in r.entries)
+    skipped = [r.skipped for r in reports if r.skipped is not None]
+    return StructureReport(reports[0].algorithm if reports else "", entries,
+                           kfac_share(entries), tuple(i for r in reports for i in r.incidents),
+                           sum(skipped) if skipped else None)
