@@ -116,10 +116,15 @@ class Optimizer:
         lr = _scalar(value_at(h.lr, ctx.t), xp, ctx.sdtype)
         if h.kl_clip is not None:
             d = tail.kl_clip(d, ghat, lr, h.kl_clip, xp)
-        momentum = state.momentum
-        if momentum is not None:
+        momentum = state.momentum  # created when momentum is switched on, dropped when off
+        if h.momentum != 0.0:
+            if momentum is None:
+                momentum = tuple(xp.zeros(x.shape, dtype=ctx.sdtype, device=ctx.device)
+                                 for x in d)
             d = tail.momentum(momentum, d, h.momentum)
             momentum = tuple(d)
+        else:
+            momentum = None
         updates = tail.updates(d, env.params, lr, h.weight_decay, xp, ctx.sdtype)
         new_state = OptState(step=ctx.t, skipped=state.skipped,
                              curvature_count=env.curvature_count, momentum=momentum,

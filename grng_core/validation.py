@@ -36,12 +36,7 @@ def check_state(state, opt, leaves) -> None:
     if not isinstance(state, OptState):
         raise TypeError("state must be the OptState returned by this optimizer's init, got "
                         f"{type(state).__name__}")
-    has_momentum = state.momentum is not None
-    if has_momentum != (opt.config.momentum != 0.0):
-        raise ValueError("state does not match this optimizer: momentum buffers "
-                         f"{'present' if has_momentum else 'absent'}, momentum="
-                         f"{opt.config.momentum}")
-    if state.momentum is not None:
+    if state.momentum is not None:  # absent / present buffers follow momentum at the step
         for m, p in zip(state.momentum, leaves):
             if tuple(m.shape) != tuple(p.shape):
                 raise ValueError(f"state does not match params: momentum buffer shape "

@@ -64,7 +64,8 @@ def load(opt, state_dict: dict[str, Any], torch_load) -> None:
 
 def _check_group(opt, i: int, group: dict, saved: dict) -> None:
     """The saved group fits: every hyperparameter present (an earlier version's absent ones
-    filled with what they meant then, `upgrade_saved`) and the same RING form."""
+    filled with what they meant then, `upgrade_saved`), the same RING form and structure
+    (torch's own load would copy them into the group silently)."""
     title = type(opt).__name__
     saved.update(upgrade_saved(opt.algorithm, saved))
     missing = [n for n in opt.hp_names if n not in saved]
@@ -76,6 +77,12 @@ def _check_group(opt, i: int, group: dict, saved: dict) -> None:
         raise ValueError(f"param group {i} of the loaded state dict is RING form="
                          f"{saved.get('form')!r}, this optimizer's is form={form!r}: build the "
                          f"optimizer with form={saved.get('form')!r} to resume it")
+    if saved.get("structure") != group["structure"]:
+        raise ValueError(f"param group {i} of the loaded state dict has structure="
+                         f"{saved.get('structure')!r}, this optimizer's has structure="
+                         f"{group['structure']!r}: the state of one structure cannot be used by "
+                         f"another; build the optimizer with structure={saved.get('structure')!r}"
+                         " to resume it")
     if len(saved["params"]) != len(group["params"]):
         raise ValueError(f"param group {i}: the loaded state dict has "
                          f"{len(saved['params'])} parameters, this optimizer has "

@@ -160,6 +160,31 @@ def test_every_scheduler_kind_runs():
     assert len(seen) == 5
 
 
+def test_momentum_switched_on_after_the_first_step_starts_from_zero_buffers():
+    """OneCycleLR-style: momentum 0 for two steps, then 0.9. The third step's buffers are
+    created as zeros, so its update is the plain direction (m = 0.9·0 + d) and the fourth is
+    0.9·d₃ + d₄: the same steps as an optimizer built with momentum 0.9 from the start whose
+    buffers were zero before step 3, compared with a twin that keeps momentum 0."""
+    model, opt = _make(entry("ring/kfac/-"), torch.float64)
+    twin, twin_opt = _make(entry("ring/kfac/-"), torch.float64)
+    train(opt, model, CRIT, PROBLEM, torch.float64, steps=2)
+    train(twin_opt, twin, CRIT, PROBLEM, torch.float64, steps=2)
+    opt.param_groups[0]["momentum"] = 0.9
+    before = [p.detach().clone() for p in model.parameters()]
+    train(opt, model, CRIT, PROBLEM, torch.float64, steps=1)
+    train(twin_opt, twin, CRIT, PROBLEM, torch.float64, steps=1)  # momentum 0: the plain step
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)  # zero buffers: m = d
+    assert opt.group_state(0).core.momentum is not None
+    d3 = [p.detach() - b for p, b in zip(model.parameters(), before)]
+    before = [p.detach().clone() for p in model.parameters()]
+    twin_before = [p.detach().clone() for p in twin.parameters()]
+    train(opt, model, CRIT, PROBLEM, torch.float64, steps=1)
+    train(twin_opt, twin, CRIT, PROBLEM, torch.float64, steps=1)
+    for p, b, q, qb, d in zip(model.parameters(), before, twin.parameters(), twin_before, d3):
+        assert torch.allclose(p - b, 0.9 * d + (q - qb), rtol=1e-9, atol=1e-12)
+
+
 def test_scheduler_can_change_any_hyperparameter():
     model, opt = _make(entry("ring/kfac/-"), momentum=0.5)
     train(opt, model, CRIT, PROBLEM, torch.float32, steps=2)
@@ -168,9 +193,9 @@ def test_scheduler_can_change_any_hyperparameter():
     train(opt, model, CRIT, PROBLEM, torch.float32, steps=1)
     assert opt.core(0).config.damping == 0.5
     assert opt.core(0).config.momentum == 0.9
-    opt.param_groups[0]["momentum"] = 0.0  # momentum buffers exist: the core refuses
-    with pytest.raises(ValueError, match="momentum"):
-        train(opt, model, CRIT, PROBLEM, torch.float32, steps=1)
+    opt.param_groups[0]["momentum"] = 0.0  # switched off: the buffers go
+    train(opt, model, CRIT, PROBLEM, torch.float32, steps=1)
+    assert opt.group_state(0).core.momentum is None
     opt.param_groups[0]["momentum"] = 0.9
     opt.param_groups[0]["damping"] = -1.0
     with pytest.raises(ValueError, match="damping"):
