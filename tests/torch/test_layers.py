@@ -1,0 +1,143 @@
+"""K-FAC for the layer types grng_torch hooks, each against a dense float64 reference of
+ALGORITHMS.md §2.1 with the shared-weight scale ("expand"): for a layer applied at T
+positions per example (a sequence's tokens, a convolution's output positions),
+A = Σ_{b,t} ã ãᵀ / (B·T) from explicitly built input patches (loops, no unfold) and
+S = Σ_{b,t} g gᵀ / B with g = ∂ℓ_b/∂z_{b,t}, the per-example loss's output gradient."""
+
+from __future__ import annotations
+
+import itertools
+
+import grng_torch as gt
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+B, CLASSES = 4, 3
+
+
+def _patches_2d(x, kh, kw, stride, pad, dil):
+    """Rows (B·T, C·kh·kw) of input patches, built position by position."""
+    x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
+    Bn, C, H, W = x.shape
+    oh = (H - dil[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (W - dil[1] * (kw - 1) - 1) // stride[1] + 1
+    rows = []
+    for b in range(Bn):
+        for i, j in itertools.product(range(oh), range(ow)):
+            patch = torch.stack([x[b, :, i * stride[0] + u * dil[0], j * stride[1] + v * dil[1]]
+                                 for u in range(kh) for v in range(kw)], dim=1)  # (C, kh·kw)
+            rows.append(patch.reshape(-1))
+    return torch.stack(rows)
+
+
+def _reference(layer, x, input_rows, out_rows, bias=True):
+    """(A, S) of `layer` inside layer -> flatten -> Linear head, per-example CE losses."""
+    torch.manual_seed(3)
+    z = layer(x)
+    head = nn.Linear(z[0].numel(), CLASSES).double()
+    y = torch.randint(0, CLASSES, (x.shape[0],))
+    losses = F.cross_entropy(head(z.reshape(x.shape[0], -1)), y, reduction="none")
+    (g,) = torch.autograd.grad(losses.sum(), z)  # ∂ℓ_b/∂z_b (ℓ_b depends on z_b only)
+    a = input_rows(x)
+    if bias:
+        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+    s = out_rows(g)
+    return a.T @ a / a.shape[0], s.T @ s / x.shape[0], head, y
+
+
+def _grng_factors(layer, head, x, y):
+    model = nn.Sequential(layer, nn.Flatten(), head)
+    opt = gt.RING(model.parameters(), model=model, lr=0.0, damping=1e-2)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    first = opt.group_state(0).core.curvature.kfac[0]
+    return first.A, first.S, opt
+
+
+CONV2D = [dict(kernel_size=3, stride=1, padding=1), dict(kernel_size=(2, 3), stride=2, padding=0),
+          dict(kernel_size=3, stride=1, padding="same", dilation=2)]
+
+
+@pytest.mark.parametrize("kw", CONV2D, ids=["pad1", "stride2", "same-dil2"])
+def test_conv2d_factors_follow_the_expand_formula(kw):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, **kw).double()
+    x = torch.randn(B, 2, 6, 7, dtype=torch.float64)
+    k = conv.kernel_size
+    pad = conv.padding if not isinstance(conv.padding, str) else tuple(
+        conv.dilation[i] * (k[i] - 1) // 2 for i in range(2))
+    A, S, head, y = _reference(
+        conv, x, lambda x: _patches_2d(x, *k, conv.stride, pad, conv.dilation),
+        lambda g: g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]))
+    A_g, S_g, _ = _grng_factors(conv, head, x, y)
+    assert torch.allclose(A_g, A, rtol=1e-10, atol=1e-13)
+    assert torch.allclose(S_g, S, rtol=1e-10, atol=1e-13)
+
+
+def test_conv1d_factors_follow_the_expand_formula():
+    torch.manual_seed(0)
+    conv = nn.Conv1d(3, 4, kernel_size=3, stride=2, padding=1, dilation=1).double()
+    x = torch.randn(B, 3, 9, dtype=torch.float64)
+    A, S, head, y = _reference(
+        conv, x, lambda x: _patches_2d(x.unsqueeze(2), 1, 3, (1, 2), (0, 1), (1, 1)),
+        lambda g: g.permute(0, 2, 1).reshape(-1, g.shape[1]))
+    A_g, S_g, _ = _grng_factors(conv, head, x, y)
+    assert torch.allclose(A_g, A, rtol=1e-10, atol=1e-13)
+    assert torch.allclose(S_g, S, rtol=1e-10, atol=1e-13)
+
+
+def test_linear_over_positions_follows_the_expand_formula():
+    """nn.Linear on (B, T1, T2, d): one row per position, S scaled by the B examples."""
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 4).double()
+    x = torch.randn(B, 3, 2, 5, dtype=torch.float64)
+    A, S, head, y = _reference(lin, x, lambda x: x.reshape(-1, 5),
+                               lambda g: g.reshape(-1, 4))
+    A_g, S_g, _ = _grng_factors(lin, head, x, y)
+    assert torch.allclose(A_g, A, rtol=1e-10, atol=1e-13)
+    assert torch.allclose(S_g, S, rtol=1e-10, atol=1e-13)
+    T = 6  # the dense-rows scale sᵀs/(B·T) would be T times smaller: the test can tell
+    assert not torch.allclose(S_g, S / T, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["RING", "RENG", "RKalman"])
+def test_transformers_conv1d_steps_as_the_transposed_linear(name):
+    """GPT-2's Conv1D (weight stored (in, out)) gets K-FAC: its steps are those of an
+    nn.Linear holding the transposed weight, over (B, T, d) inputs."""
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(0)
+    conv = pytorch_utils.Conv1D(6, 5).double()  # nf=6 outputs, nx=5 inputs
+    lin = nn.Linear(5, 6).double()
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.T)
+        lin.bias.copy_(conv.bias)
+    w0 = lin.weight.detach().clone()
+    x = torch.randn(B, 7, 5, dtype=torch.float64)
+    y = torch.randint(0, CLASSES, (B,))
+    runs = []
+    for layer in (conv, lin):
+        torch.manual_seed(1)
+        model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.Linear(42, CLASSES)).double()
+        opt = getattr(gt, name)(model.parameters(), model=model, lr=0.1, damping=1e-2)
+        assert opt.describe().entries[0].structure == "kfac"
+
+        def closure(model=model, opt=opt):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            opt.step(closure)
+        runs.append(layer)
+    assert torch.allclose(conv.weight.T, lin.weight, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(conv.bias, lin.bias, rtol=1e-10, atol=1e-12)
+    assert (lin.weight - w0).abs().max() > 1e-3  # the steps moved the weights
