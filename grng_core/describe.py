@@ -51,8 +51,8 @@ class StructureReport(NamedTuple):
             why = f"  ({e.reason})" if e.reason else ""
             lines.append(f"  {e.name:<40} {str(e.shape):<16} {e.structure:<9}{where}{why}")
         for inc in self.incidents:
-            lines.append(f"  extra damping: factor {inc.factor} of {inc.layer}: "
-                         f"{inc.refreshes} refreshes, last {inc.extra_damping:.3g}")
+            lines.append(f"  {inc.kind}: factor {inc.factor} of {inc.layer}: "
+                         f"{inc.refreshes} times, last extra damping {inc.extra_damping:.3g}")
         return "\n".join(lines)
 
 

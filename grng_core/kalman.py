@@ -16,6 +16,7 @@ import math
 from grng_core.concrete import branch, branchable, concrete_bool
 from grng_core.context import select
 from grng_core.linalg import (
+    cholesky_inverse,
     frobenius,
     has_linalg,
     newton_schulz_inverse,
@@ -107,7 +108,7 @@ def _spectral_estimate(R, xp, iterations: int = 4):
     return xp.maximum(frobenius(R, xp) / math.sqrt(d), power)
 
 
-def _predict(F_prev, P_prev, shift, beta_t, steps, ctx, name):
+def _predict(F_prev, P_prev, shift, beta_t, steps, ctx, name, rescue=None):
     """Kalman predict of one factor, matmul only (§3.3 kfac step 1): M = βF + (1−β)shift·I,
     X₀ = P/β, then `steps` Newton–Schulz steps X ← X(2I − M X). At the first update
     (β_t = 0) X₀ = M⁻¹ = I/shift exactly. The bound ‖I − M X₀‖ ≤ (1−β)/β assumes π did not
@@ -132,7 +133,7 @@ def _predict(F_prev, P_prev, shift, beta_t, steps, ctx, name):
 
     def iterate():
         return newton_schulz_inverse(M, xp, warm=X0, tol=target, max_iter=ctx.max_iter,
-                                     name=f"M of {name}")[0]
+                                     name=f"M of {name}", rescue=rescue)[0]
 
     if branchable(far):
         return M, branch(far, iterate, lambda: X)
@@ -165,12 +166,33 @@ def _correct(P, rows, c, ctx, name):
     return P
 
 
-def _predict_correct(F_prev, P_prev, rows, divisor, shift, beta_t, steps, ctx, name):
-    """One factor's predict and correct, c = (1−β)/divisor (n for A, B for S): (F_new, P⁺)."""
-    M, P_minus = _predict(F_prev, P_prev, shift, beta_t, steps, ctx, name)
+def _predict_correct(F_prev, P_prev, rows, divisor, shift, beta_t, steps, ctx, name,
+                     damped=None):
+    """One factor's predict and correct, c = (1−β)/divisor (n for A, B for S): (F_new, P⁺).
+    Where rounding made the belief indefinite (an innovation system that does not factorise:
+    float32, rows far larger than the damping) P⁺ is refreshed directly as F_new⁻¹ (§2.1,
+    the carried damped factor; extra damping reported as for K-FAC), so the filter goes on
+    instead of skipping every later step."""
+    xp = ctx.xp
+    M, P_minus = _predict(F_prev, P_prev, shift, beta_t, steps, ctx, name,
+                          damped and damped("extra damping"))
     c = (1.0 - beta_t) / divisor
-    F_new = M + c * (ctx.xp.matrix_transpose(rows) @ rows)
-    return F_new, _correct(P_minus, rows, c, ctx, name)
+    F_new = M + c * (xp.matrix_transpose(rows) @ rows)
+    P_plus = _correct(P_minus, rows, c, ctx, name)
+    failed = ~xp.all(xp.isfinite(P_plus))
+    if concrete_bool(failed) is False:
+        return F_new, P_plus
+
+    rescue = damped and damped("belief refreshed")
+
+    def refresh():
+        if rescue is not None:
+            rescue(0.0)
+        return cholesky_inverse(symmetrize(F_new, xp), xp, name, strict=False, rescue=rescue)
+
+    if branchable(failed):  # host or jit; an eager accelerator skips the step (NaN) instead
+        return F_new, branch(failed, refresh, lambda: P_plus)
+    return F_new, P_plus
 
 
 def kfac_step(layers, batch_rows, beta, damping, steps, ctx, keys):
@@ -199,10 +221,17 @@ def _observe(layer, r, beta_t, root, steps, ctx, keys):
     tr_s = beta_t * layer.trace_S + (1.0 - beta_t) * xp.sum(s * s) / batch
     pi = kfac.pi_split(tr_a, L.d_in_ext, tr_s, L.d_out, xp)
     name = f"layer {keys[L.weight]!r}"
+    log = ctx.incidents
+
+    def damped(factor):  # kind -> the callable extra damping is reported to
+        if log is None:
+            return None
+        return lambda kind: log.rescue(L.weight, factor, keys[L.weight], kind)
+
     A, PA = _predict_correct(layer.A, layer.A_inv, a, a.shape[0], pi * root, beta_t, steps,
-                             ctx, f"A of {name}")
+                             ctx, f"A of {name}", damped("A"))
     S, PS = _predict_correct(layer.S, layer.S_inv, s, batch, root / pi, beta_t, steps, ctx,
-                             f"S of {name}")
+                             f"S of {name}", damped("S"))
     fresh = layer._replace(A=A, S=S, A_inv=PA, S_inv=PS, trace_A=tr_a, trace_S=tr_s)
     return type(layer)(*(v if v is None or isinstance(v, type(L))
                          else select(ctx.curvature, v, o, xp) for v, o in zip(fresh, layer)))
