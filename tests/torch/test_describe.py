@@ -1,0 +1,149 @@
+"""The structure report and what it tells: K-FAC layers by module path, diagonal leaves with
+their reason (tied, layer type, MultiheadAttention, not reached), the one-time warning when most
+weight matrices are diagonal, and factors that needed extra damping (counted, named by module
+path) instead of an aborted run."""
+
+from __future__ import annotations
+
+import warnings
+
+import grng_torch as gt
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TiedLM(nn.Module):
+    def __init__(self, vocab=11, d=6):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.mid = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.wte.weight  # tied, as GPT-2's lm_head
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(self.wte(x))))
+
+
+def _closure(opt, model, x, y):
+    def closure():
+        opt.zero_grad()
+        out = model(x)
+        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_tied_weight_is_reported_not_given_one_use_kfac():
+    torch.manual_seed(0)
+    model = TiedLM()
+    opt = gt.RING(model.parameters(), model=model, lr=0.1)
+    x = torch.randint(0, 11, (4, 5))
+    opt.step(_closure(opt, model, x, x))
+    by = {e.name: e for e in opt.describe().entries}
+    assert by["mid.weight"].structure == "kfac" and by["mid.weight"].layer == "mid"
+    tied = by["wte.weight"]
+    assert tied.structure == "diagonal"
+    assert "tied" in tied.reason and "head" in tied.reason and "wte" in tied.reason
+    assert [w for w, _ in opt.group_state(0).layers] == [1]  # only mid's weight
+
+
+def test_a_module_called_twice_gets_statistics_from_both_calls():
+    """One Linear applied twice per forward (weight sharing by reuse): its hooks see both
+    calls, so K-FAC holds; A is the mean over both calls' rows (2B rows) and S sums
+    both calls' output gradients per example (expand: sᵀs/B over 2B rows)."""
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4).double()
+    head = nn.Linear(4, 2).double()
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), head)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 2, (6,))
+    opt = gt.RING(model.parameters(), model=model, lr=0.0)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert opt.describe().entries[0].structure == "kfac"
+    h1 = torch.tanh(shared(x))
+    a = torch.cat([x, h1])
+    a = torch.cat([a, torch.ones(12, 1, dtype=a.dtype)], 1)
+    layer = opt.group_state(0).core.curvature.kfac[0]
+    assert torch.allclose(layer.A, a.T @ a / 12, rtol=1e-12)
+    z1 = shared(x)
+    z2 = shared(torch.tanh(z1))
+    losses = F.cross_entropy(head(torch.tanh(z2)), y, reduction="none")
+    g1, g2 = torch.autograd.grad(losses.sum(), [z1, z2])
+    s = torch.cat([g1, g2])
+    assert torch.allclose(layer.S, s.T @ s / 6, rtol=1e-10)
+
+
+def test_multihead_attention_is_reported():
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    opt = gt.RING(layer.parameters(), model=layer)
+    by = {e.name: e for e in opt.describe().entries}
+    for n in ("self_attn.in_proj_weight", "self_attn.out_proj.weight"):
+        assert by[n].structure == "diagonal" and "MultiheadAttention" in by[n].reason
+    assert by["linear1.weight"].structure == "kfac"
+
+
+def test_mostly_diagonal_warns_once_with_reasons():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Flatten(), nn.Bilinear(8, 8, 3))
+    with pytest.warns(UserWarning, match=r"2 of 2 weight matrices.*embeddings.*Bilinear"):
+        gt.RING(model.parameters(), model=model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gt.RING(model.parameters(), model=model, structure="diagonal")  # chosen: no warning
+
+
+def test_layers_the_loss_does_not_reach_are_reported_after_the_first_step():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(3, 2)
+            self.spare1 = nn.Linear(3, 3)
+            self.spare2 = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model = Unused()
+    opt = gt.RING(model.parameters(), model=model, lr=0.1)
+    assert all(e.structure == "kfac" for e in opt.describe().matrices())  # candidates
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    with pytest.warns(UserWarning, match="2 of 3 weight matrices.*not reached by the loss"):
+        opt.step(_closure(opt, model, x, y))
+    by = {e.name: e for e in opt.describe().entries}
+    assert by["spare1.weight"].structure == "diagonal"
+    assert "not reached" in by["spare1.weight"].reason
+    assert by["used.weight"].structure == "kfac"
+
+
+def test_a_factor_that_is_not_positive_definite_gets_counted_extra_damping():
+    """float32 inputs of rank 2 in 16 columns (scaled copies, so rounding leaves noise of
+    either sign in the 14 null directions, far above the damping 1e-30): A + π√λ I is not
+    numerically positive definite. The step goes on with extra damping for that factor,
+    warns once naming the layer by module path, and describe() counts it."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(16, 3))
+    u = torch.randn(64, 2) * 1e4
+    x = torch.cat([u * c for c in (1, 3, 1 / 7, 1.1, 0.3, 2.9, 5.3, 0.77)], 1)
+    y = torch.randint(0, 3, (64,))
+    opt = gt.RING(model.parameters(), model=model, lr=0.01, damping=1e-30, rho=0.0,
+                  form="gauss_newton", inverse_method="cholesky")
+    with pytest.warns(RuntimeWarning, match=r"factor A of layer 'proj'.*extra damping"):
+        opt.step(_closure(opt, model, x, y))
+    report = opt.describe()
+    assert report.skipped == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    (inc,) = [i for i in report.incidents if i.factor == "A"]
+    assert inc.layer == "'proj'" and inc.kind == "extra damping" and inc.extra_damping > 0
+    assert "extra damping: factor A of 'proj'" in str(report)
