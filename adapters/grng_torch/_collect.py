@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from grng_core.concrete import branchable
 from grng_core.structures import factored
@@ -107,6 +109,40 @@ def _first_tensor(tree) -> torch.Tensor | None:
     return None
 
 
+class LinearCalls(TorchFunctionMode):
+    """Sees `F.linear` calls whose weight is a functional layer's (nn.MultiheadAttention's
+    packed in-projection and out-projection) and hands (input, output) to its layer hook."""
+
+    def __init__(self, collector: Collector):
+        super().__init__()
+        self.collector = collector
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.multi_head_attention_forward:
+            return self._attention(func, args, kwargs or {})
+        out = func(*args, **(kwargs or {}))
+        if func is F.linear:
+            weight = args[1] if len(args) > 1 else (kwargs or {}).get("weight")
+            i = self.collector.functional.get(id(weight))
+            if i is not None:
+                x = args[0] if args else (kwargs or {}).get("input")
+                self.collector._hooks[i](None, (x,), out)
+        return out
+
+
+    def _attention(self, func, args, kwargs):
+        """F.multi_head_attention_forward is itself dispatched as one torch function, so its
+        body runs without this mode: run the body with the mode active instead, its own
+        dispatch check (`F.has_torch_function`, its only one) bypassed for this call."""
+        saved = F.has_torch_function
+        F.has_torch_function = lambda *_: False
+        try:
+            with self:
+                return func(*args, **kwargs)
+        finally:
+            F.has_torch_function = saved
+
+
 class Collector:
     """Hooks on one model (and optionally its loss module); inert until `collect` opens."""
 
@@ -126,8 +162,12 @@ class Collector:
         self.z: dict[int, list] = {}
         self.rows_only: set[int] = set()  # layers collected only for the factored form
         self._handles = [self.root.register_forward_pre_hook(self._root_hook, with_kwargs=True)]
+        self._hooks = [self._layer_hook(i) for i in range(len(self.layers))]
         for i, L in enumerate(self.layers):
-            self._handles.append(L.module.register_forward_hook(self._layer_hook(i)))
+            if not L.functional:
+                self._handles.append(L.module.register_forward_hook(self._hooks[i]))
+        # layers whose module applies the weight with F.linear itself (MultiheadAttention)
+        self.functional = {id(L.weight): i for i, L in enumerate(self.layers) if L.functional}
         if loss_fn is not None:
             self._handles.append(loss_fn.register_forward_pre_hook(self._loss_hook,
                                                                    with_kwargs=True))
@@ -199,8 +239,10 @@ class Collector:
         old = (self.mode, self.active, self.capture, self.rows_only)
         self.mode, self.active, self.capture = mode, set(active), capture
         self.rows_only = set(rows_only)
+        calls = mode is not None and any(i in self.active for i in self.functional.values())
         try:
-            yield
+            with LinearCalls(self) if calls else contextlib.nullcontext():
+                yield
         finally:
             self.mode, self.active, self.capture, self.rows_only = old
 

@@ -84,13 +84,17 @@ def test_a_module_called_twice_gets_statistics_from_both_calls():
     assert torch.allclose(layer.S, s.T @ s / 6, rtol=1e-10)
 
 
-def test_multihead_attention_is_reported():
+def test_multihead_attention_projections_are_kfac_layers():
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
     opt = gt.RING(layer.parameters(), model=layer)
     by = {e.name: e for e in opt.describe().entries}
-    for n in ("self_attn.in_proj_weight", "self_attn.out_proj.weight"):
-        assert by[n].structure == "diagonal" and "MultiheadAttention" in by[n].reason
+    assert by["self_attn.in_proj_weight"].layer == "self_attn.in_proj"
+    assert by["self_attn.out_proj.weight"].layer == "self_attn.out_proj"
     assert by["linear1.weight"].structure == "kfac"
+    cross = nn.MultiheadAttention(8, 2, kdim=5, vdim=5)  # separate q/k/v weights
+    by = {e.name: e for e in gt.RING(cross.parameters(), model=cross).describe().entries}
+    assert by["q_proj_weight"].structure == "diagonal"
+    assert "separate q/k/v" in by["q_proj_weight"].reason
 
 
 def test_mostly_diagonal_warns_once_with_reasons():

@@ -141,3 +141,64 @@ def test_transformers_conv1d_steps_as_the_transposed_linear(name):
     assert torch.allclose(conv.weight.T, lin.weight, rtol=1e-10, atol=1e-12)
     assert torch.allclose(conv.bias, lin.bias, rtol=1e-10, atol=1e-12)
     assert (lin.weight - w0).abs().max() > 1e-3  # the steps moved the weights
+
+
+class ExplicitAttention(nn.Module):
+    """nn.MultiheadAttention's math with explicit Linear modules (the reference)."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        E, self.h = mha.embed_dim, mha.num_heads
+        self.qkv = nn.Linear(E, 3 * E).double()
+        self.out = nn.Linear(E, E).double()
+        with torch.no_grad():
+            self.qkv.weight.copy_(mha.in_proj_weight)
+            self.qkv.bias.copy_(mha.in_proj_bias)
+            self.out.weight.copy_(mha.out_proj.weight)
+            self.out.bias.copy_(mha.out_proj.bias)
+
+    def forward(self, x):  # (B, T, E), batch_first
+        Bn, T, E = x.shape
+        q, k, v = self.qkv(x).chunk(3, -1)
+        q, k, v = (t.reshape(Bn, T, self.h, E // self.h).transpose(1, 2) for t in (q, k, v))
+        att = torch.softmax(q @ k.transpose(-1, -2) / (E // self.h) ** 0.5, -1)
+        return self.out((att @ v).transpose(1, 2).reshape(Bn, T, E))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, mha):
+        super().__init__()
+        self.mha = mha
+
+    def forward(self, x):
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("name", ["RING", "RKalman"])
+def test_multihead_attention_steps_as_explicit_linear_projections(name):
+    """nn.MultiheadAttention's packed in-projection and out-projection are K-FAC layers (seen
+    through F.linear, no module rewrite): the steps equal those of the same attention written
+    with two nn.Linear modules."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).double()
+    ref = ExplicitAttention(mha)
+    x = torch.randn(B, 5, 8, dtype=torch.float64)
+    y = torch.randint(0, CLASSES, (B,))
+    w0 = mha.in_proj_weight.detach().clone()
+    for body in (SelfAttention(mha), ref):
+        torch.manual_seed(1)
+        model = nn.Sequential(body, nn.Flatten(), nn.Linear(40, CLASSES)).double()
+        opt = getattr(gt, name)(model.parameters(), model=model, lr=0.1, damping=1e-2)
+
+        def closure(model=model, opt=opt):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            opt.step(closure)
+        assert opt.describe().kfac_share == 1.0
+    assert torch.allclose(mha.in_proj_weight, ref.qkv.weight, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(mha.out_proj.weight, ref.out.weight, rtol=1e-9, atol=1e-12)
+    assert (mha.in_proj_weight - w0).abs().max() > 1e-3

@@ -16,7 +16,9 @@ class HookedLayer:
     name: module path; kind: "linear" (one row per example or position: `nn.Linear`,
     transformers' `Conv1D`) or "conv" (one row per (example, output position));
     transposed: the weight is stored (d_in, d_out); inputs(module, x) -> a (n, d_in) and
-    outputs(module, g) -> rows (n, d_out) of the output gradient.
+    outputs(module, g) -> rows (n, d_out) of the output gradient; functional: the module
+    applies the weight with `F.linear` itself (nn.MultiheadAttention's projections), so its
+    calls are seen by a torch-function mode during collection, not by a module hook.
     """
 
     name: str
@@ -27,6 +29,7 @@ class HookedLayer:
     transposed: bool
     inputs: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     outputs: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    functional: bool = False
 
     @property
     def d_out(self) -> int:

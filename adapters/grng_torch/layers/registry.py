@@ -46,8 +46,12 @@ def _hook_of(m: Any, name: str) -> tuple[HookedLayer | None, str | None]:
                                conv.output_rows), None
         return None, why
     if isinstance(m, nn.MultiheadAttention):
-        return None, ("nn.MultiheadAttention uses its packed projection weights directly "
-                      "(no Linear module is called): not hooked")
+        if m._qkv_same_embed_dim and m.in_proj_weight is not None:
+            return HookedLayer(f"{name}.in_proj" if name else "in_proj", m, "linear",
+                               m.in_proj_weight, m.in_proj_bias, False, linear.rows,
+                               linear.rows, functional=True), None
+        return None, ("nn.MultiheadAttention with separate q/k/v projection weights (kdim or "
+                      "vdim differ from embed_dim): not hooked")
     if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
         return None, "no K-FAC helper for embeddings (their gradients are sparse rows)"
     if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
@@ -80,9 +84,10 @@ def find_layers(model: nn.Module) -> Registry:
             continue
         names = tuple(f"{path}.{n}" if path else n for n, _ in own)
         layer, why = _hook_of(m, path)
-        if path in inside_mha:
-            layer, why = None, ("inside nn.MultiheadAttention, which uses the weight directly "
-                                "(the module's forward is never called): not hooked")
+        if path in inside_mha:  # out_proj: applied by the attention with F.linear
+            layer, why = (HookedLayer(path, m, "linear", m.weight, m.bias, False, linear.rows,
+                                      linear.rows, functional=True), None) \
+                if linear.is_linear(m) else (None, "inside nn.MultiheadAttention: not hooked")
         tied = sorted({o for _, p in own for k, o in owners[id(p)].items() if k != id(m)})
         if layer is not None and tied:
             layer, why = None, f"tied: its weight is also used by {tied} (K-FAC from one use " \
