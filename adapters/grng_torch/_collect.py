@@ -134,13 +134,14 @@ class LinearCalls(TorchFunctionMode):
         """F.multi_head_attention_forward is itself dispatched as one torch function, so its
         body runs without this mode: run the body with the mode active instead, its own
         dispatch check (`F.has_torch_function`, its only one) bypassed for this call."""
-        saved = F.has_torch_function
-        F.has_torch_function = lambda *_: False
+        functional: Any = F
+        saved = functional.has_torch_function
+        functional.has_torch_function = lambda *_: False
         try:
             with self:
                 return func(*args, **kwargs)
         finally:
-            F.has_torch_function = saved
+            functional.has_torch_function = saved
 
 
 class Collector:
