@@ -23,8 +23,10 @@ _FIELDS = tuple(f for f in KfacLayer._fields if f != "layout")
 
 
 def layer_key(L: LayerLayout) -> str:
-    """'<weight>/<bias or ->/<T or N>': the layer's key in the portable tree."""
-    return f"{L.weight}/{'-' if L.bias is None else L.bias}/{'T' if L.transposed else 'N'}"
+    """'<weight>/<bias or ->/<T or N>[D]': the layer's key in the portable tree (D: an
+    embedding's diagonal A)."""
+    return (f"{L.weight}/{'-' if L.bias is None else L.bias}/{'T' if L.transposed else 'N'}"
+            f"{'D' if L.a_diagonal else ''}")
 
 
 def encode(state: OptState) -> dict:
@@ -103,13 +105,14 @@ def parse_layer_key(key: str, entry: dict | None = None) -> LayerLayout:
     except ValueError:
         raise ValueError(f"invalid K-FAC layer key {key!r} (expected '<w>/<b or ->/<T or N>')"
                          ) from None
-    if tr not in ("T", "N"):
-        raise ValueError(f"invalid K-FAC layer key {key!r}: orientation must be T or N")
+    if tr not in ("T", "N", "TD", "ND"):
+        raise ValueError(f"invalid K-FAC layer key {key!r}: orientation must be T or N "
+                         "(D appended for an embedding's diagonal A)")
     d_out = d_in = 0
     if entry is not None:
         d_out = int(entry["S"].shape[0])
         d_in = int(entry["A"].shape[0]) - (bias is not None)
-    return LayerLayout(weight, bias, tr == "T", d_out, d_in)
+    return LayerLayout(weight, bias, tr[0] == "T", d_out, d_in, tr.endswith("D"))
 
 
 def _count_leaves(tree: dict, layers) -> int:

@@ -49,13 +49,18 @@ class Incidents:
         """The callable `linalg.cholesky_inverse` reports τ to, for one factor."""
 
         def record(tau: float) -> None:
-            name = self.name_of(position) if self.name_of else repr(key)
+            if position < 0:  # not a layer's factor (woodbury's batch system)
+                name = str(key)
+            else:
+                name = self.name_of(position) if self.name_of else repr(key)
             entry = self.log.setdefault((position, factor, kind), [name, 0, 0.0])
             entry[1] += 1
             entry[2] = tau
             if entry[1] == 1:
+                what = f"K-FAC factor {factor} of layer {name}" if position >= 0 else \
+                    f"the {name} {factor}"
                 warnings.warn(
-                    f"K-FAC factor {factor} of layer {name} {_WHAT[kind]} {tau:.3g} (counted; "
+                    f"{what} {_WHAT[kind]} {tau:.3g} (counted; "
                     "opt.describe() lists every such factor). Raise damping or use "
                     "state_dtype='float64' if it recurs.", RuntimeWarning, stacklevel=2)
 

@@ -195,6 +195,14 @@ def _predict_correct(F_prev, P_prev, rows, divisor, shift, beta_t, steps, ctx, n
     return F_new, P_plus
 
 
+def _diagonal_predict_correct(F_prev, freq, shift, beta_t):
+    """An embedding's diagonal A (§2.1, §3.3): predict M = βF + (1−β)shift, correct with the
+    one-hot rows F⁺ = M + (1−β)·freq, and P⁺ = 1/F⁺, exact elementwise (the RLS update of a
+    diagonal with one-hot rows)."""
+    F_new = beta_t * F_prev + (1.0 - beta_t) * (shift + freq)
+    return F_new, 1.0 / F_new
+
+
 def kfac_step(layers, batch_rows, beta, damping, steps, ctx, keys):
     """Kronecker belief (§3.3 kfac): on curvature steps predict (`steps` Newton–Schulz steps)
     and correct every layer's P_A, P_S, inverting no factor; on inverse steps (only with
@@ -215,9 +223,15 @@ def kfac_step(layers, batch_rows, beta, damping, steps, ctx, keys):
 def _observe(layer, r, beta_t, root, steps, ctx, keys):
     """One layer's predict + correct with this batch's rows (selected on curvature steps)."""
     xp, L = ctx.xp, layer.layout
-    a, s = ctx.gather(r.a), ctx.gather(r.s)
-    batch = r.batch * (a.shape[0] // r.a.shape[0])  # B over all replicas
-    tr_a = beta_t * layer.trace_A + (1.0 - beta_t) * xp.sum(a * a) / a.shape[0]
+    s = ctx.gather(r.s)
+    batch = r.batch * (s.shape[0] // r.s.shape[0])  # B over all replicas
+    if L.a_diagonal:  # token frequencies: Â itself, averaged over replicas
+        a = ctx.mean(r.a)
+        tr_a_hat = xp.sum(a)
+    else:
+        a = ctx.gather(r.a)
+        tr_a_hat = xp.sum(a * a) / a.shape[0]
+    tr_a = beta_t * layer.trace_A + (1.0 - beta_t) * tr_a_hat
     tr_s = beta_t * layer.trace_S + (1.0 - beta_t) * xp.sum(s * s) / batch
     pi = kfac.pi_split(tr_a, L.d_in_ext, tr_s, L.d_out, xp)
     name = f"layer {keys[L.weight]!r}"
@@ -228,8 +242,11 @@ def _observe(layer, r, beta_t, root, steps, ctx, keys):
             return None
         return lambda kind: log.rescue(L.weight, factor, keys[L.weight], kind)
 
-    A, PA = _predict_correct(layer.A, layer.A_inv, a, a.shape[0], pi * root, beta_t, steps,
-                             ctx, f"A of {name}", damped("A"))
+    if L.a_diagonal:
+        A, PA = _diagonal_predict_correct(layer.A, a, pi * root, beta_t)
+    else:
+        A, PA = _predict_correct(layer.A, layer.A_inv, a, a.shape[0], pi * root, beta_t,
+                                 steps, ctx, f"A of {name}", damped("A"))
     S, PS = _predict_correct(layer.S, layer.S_inv, s, batch, root / pi, beta_t, steps, ctx,
                              f"S of {name}", damped("S"))
     fresh = layer._replace(A=A, S=S, A_inv=PA, S_inv=PS, trace_A=tr_a, trace_S=tr_s)

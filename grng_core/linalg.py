@@ -187,6 +187,26 @@ def eigh_inverse(M, xp, shift=0.0, name="matrix", rescue=None):
     return xp.where(ok, X, xp.full_like(X, math.nan))
 
 
+def diagonal_inverse(v, xp, name="diagonal", rescue=None):
+    """1/v for a positive diagonal kept as a vector (an embedding's damped A, §2.1). Entries
+    not above d·eps·max(v) on the host: with `rescue`, v + τ for the first τ of
+    RESCUE_SHIFTS·mean(v) that clears it (reported), else InverseError; NaN under jit."""
+    eps = xp.finfo(v.dtype).eps * v.shape[-1]
+    ok = xp.min(v) > eps * xp.max(xp.abs(v))
+    if concrete_bool(ok) is False and concrete_bool(xp.all(xp.isfinite(v))):
+        if rescue is None:
+            raise InverseError(f"{name} ({v.shape[-1]} entries, {v.dtype}) is not numerically "
+                               "positive: raise damping or use state_dtype='float64'")
+        scale = abs(float(xp.mean(v))) or float(xp.finfo(v.dtype).tiny)
+        for rel in RESCUE_SHIFTS:
+            w = v + rel * scale
+            if float(xp.min(w)) > float(eps * xp.max(xp.abs(w))):
+                rescue(rel * scale)
+                return 1.0 / w
+        return xp.full_like(v, math.nan)
+    return xp.where(ok, 1.0 / v, xp.full_like(v, math.nan))
+
+
 def resolve_method(method: str, xp, reused_across_dampings: bool = False) -> str:
     """The inverse method that runs: "auto" is Cholesky (through the backend's triangular
     solve) where the namespace has linalg, else Newton–Schulz; when one decomposition serves
@@ -213,10 +233,12 @@ def spd_inverse(M, xp, *, method, warm=None, tol, max_iter, name="matrix", rescu
                                  rescue=rescue)[0]
 
 
-def small_spd_inverse(M, xp, *, tol, max_iter, name="batch system", strict=True):
+def small_spd_inverse(M, xp, *, tol, max_iter, name="batch system", strict=True,
+                      rescue=None):
     """Inverse of a small (B × B) SPD system: Cholesky where linalg exists, else Newton–Schulz.
     strict=False: a finite matrix that is not numerically positive definite gives NaN (the
-    step is skipped and counted) instead of raising InverseError."""
+    step is skipped and counted) instead of raising InverseError; `rescue`: extra damping
+    instead (`cholesky_inverse`)."""
     if has_linalg(xp):
-        return cholesky_inverse(M, xp, name, strict=strict)
+        return cholesky_inverse(M, xp, name, strict=strict, rescue=rescue)
     return newton_schulz_inverse(M, xp, tol=tol, max_iter=max_iter, name=name)[0]

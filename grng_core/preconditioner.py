@@ -54,7 +54,7 @@ def update_and_solve(env, state: Preconditioner, vectors,
         factored = vectors is env.g and factored_applies(h)
         use = kfac.factored_rows(layers, batch_rows if factored else None, ctx)
         keys = env.container.keys
-        if layers[0].A_vecs is not None:  # eigenbases: exact for this step's damping
+        if layers[0].S_vecs is not None:  # eigenbases: exact for this step's damping
             if ctx.inverse is not False:
                 layers = kfac_eigen.decompose(layers, ctx, keys)
             out.update(kfac_eigen.precondition(layers, vectors, damping, xp, use))

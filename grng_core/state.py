@@ -26,6 +26,8 @@ class LayerLayout:
 
     weight / bias: positions of the leaves in the flat params (bias None when absent).
     transposed: True when the weight is stored (d_in, d_out) as in JAX/Flax.
+    a_diagonal: an embedding (one-hot inputs): A is diag(token frequencies), kept as a
+        vector (d_in,), and its damped inverse is elementwise (§2.1); no bias.
     d_out, d_in: the weight's matrix sizes (d_in without the bias column).
     """
 
@@ -34,6 +36,7 @@ class LayerLayout:
     transposed: bool
     d_out: int
     d_in: int
+    a_diagonal: bool = False
 
     @property
     def d_in_ext(self) -> int:

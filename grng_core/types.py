@@ -14,11 +14,14 @@ class LayerSpec(NamedTuple):
 
     weight / bias: keys of the leaves (list index or dict key); bias None when absent.
     transposed: see LayerStats.
+    a_diagonal: an embedding (weight (vocab, d) transposed, or (d, vocab)): A is the diagonal
+        of token frequencies (§2.1 "Embeddings"); its LayerStats.inputs are token ids.
     """
 
     weight: Hashable
     bias: Hashable | None = None
     transposed: bool = False
+    a_diagonal: bool = False
 
 
 class LayerStats(NamedTuple):
@@ -27,7 +30,8 @@ class LayerStats(NamedTuple):
     weight: key of the weight leaf in the params container (list index or dict key).
     bias: key of the bias leaf, or None when the layer has none.
     inputs: a, shape (n, d_in): the layer's inputs (rows: examples, or positions/patches).
-        Do not append the column of ones for the bias: the core does it.
+        Do not append the column of ones for the bias: the core does it. For an embedding
+        (LayerSpec.a_diagonal) the token ids, shape (n,) integers (the one-hot rows' indices).
     output_grads: s, shape (n, d_out): rows = B * dL/dz_i (per-example gradients of l_i with
         respect to the layer output, B the batch size).
     transposed: False when the weight is stored (d_out, d_in) as in torch, True when it is

@@ -209,7 +209,8 @@ class GRNGOptimizer(torch.optim.Optimizer):
         """The core's LayerSpecs of (hooked layer number, weight position, bias position)
         triples, oriented as the layers store their weights."""
         assert self.collector is not None or not found
-        return [gc.LayerSpec(w, b, self.collector.layers[li].transposed)  # type: ignore
+        layers = self.collector.layers  # type: ignore[union-attr]
+        return [gc.LayerSpec(w, b, layers[li].transposed, layers[li].a_diagonal)
                 for li, w, b in found]
 
     def fresh_group_state(self, i: int, present=None) -> tuple[GroupState, gc.Optimizer]:

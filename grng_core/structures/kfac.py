@@ -12,7 +12,7 @@ import math
 
 from grng_core.concrete import branch, branchable
 from grng_core.context import select
-from grng_core.linalg import spd_inverse
+from grng_core.linalg import diagonal_inverse, spd_inverse
 from grng_core.state import KfacLayer, LayerLayout
 from grng_core.structures import factored
 from grng_core.structures.rows import LayerRows, rows
@@ -35,6 +35,9 @@ def resolve(specs, container, leaves) -> list[LayerLayout]:
             d_out, d_in = shape[-1], math.prod(shape[:-1])
         else:
             d_out, d_in = shape[0], math.prod(shape[1:])
+        if spec.a_diagonal and (b is not None or len(shape) != 2):
+            raise ValueError(f"embedding layer {spec.weight!r}: a_diagonal layers have a 2-d "
+                             f"weight and no bias (got shape {shape}, bias {spec.bias!r})")
         if b is not None and tuple(leaves[b].shape) != (d_out,):
             raise ValueError(
                 f"layer bias {spec.bias!r} has shape {tuple(leaves[b].shape)}, expected ({d_out},)"
@@ -43,7 +46,8 @@ def resolve(specs, container, leaves) -> list[LayerLayout]:
             if i is not None and i in used:
                 raise ValueError(f"leaf {container.keys[i]!r} is registered in two layers")
             used.add(i)
-        layouts.append(LayerLayout(w, b, bool(spec.transposed), d_out, d_in))
+        layouts.append(LayerLayout(w, b, bool(spec.transposed), d_out, d_in,
+                                   bool(getattr(spec, "a_diagonal", False))))
     return layouts
 
 
@@ -70,13 +74,18 @@ def init(layouts, xp, sdtype, device, traces: bool = False,
     out = []
     for L in layouts:
         a, s = L.d_in_ext, L.d_out
+        if L.a_diagonal:  # an embedding: A and its inverse as vectors, no eigenbasis
+            A = xp.zeros((a,), dtype=sdtype, device=device)
+            A_inv = None if eigen else xp.ones((a,), dtype=sdtype, device=device)
+            A_vecs = None
+        else:
+            A = xp.zeros((a, a), dtype=sdtype, device=device)
+            A_inv = None if eigen else eye(a)
+            A_vecs = eye(a) if eigen else None
         out.append(KfacLayer(
-            layout=L, A=xp.zeros((a, a), dtype=sdtype, device=device),
-            S=xp.zeros((s, s), dtype=sdtype, device=device),
-            A_inv=None if eigen else eye(a), S_inv=None if eigen else eye(s),
-            trace_A=zero(), trace_S=zero(),
-            A_vecs=eye(a) if eigen else None, A_vals=vals(a),
-            S_vecs=eye(s) if eigen else None, S_vals=vals(s)))
+            layout=L, A=A, S=xp.zeros((s, s), dtype=sdtype, device=device),
+            A_inv=A_inv, S_inv=None if eigen else eye(s), trace_A=zero(), trace_S=zero(),
+            A_vecs=A_vecs, A_vals=vals(a), S_vecs=eye(s) if eigen else None, S_vals=vals(s)))
     return tuple(out)
 
 
@@ -99,7 +108,8 @@ def match_stats(layers, stats_layers, container, partial: bool = False) -> list:
         if s is None:
             raise ValueError(f"stats.layers has no statistics for the layer of weight "
                              f"{container.keys[L.weight]!r} registered at init")
-        if s.inputs.shape[-1] != L.d_in or s.output_grads.shape[-1] != L.d_out:
+        if (not L.a_diagonal and s.inputs.shape[-1] != L.d_in) or \
+                s.output_grads.shape[-1] != L.d_out:
             raise ValueError(
                 f"layer {s.weight!r}: inputs (n, {s.inputs.shape[-1]}) and output_grads "
                 f"(n, {s.output_grads.shape[-1]}) do not match the weight's (d_in={L.d_in}, "
@@ -117,7 +127,10 @@ def batch_factors(r: LayerRows, ctx):
     """Â = aᵀa/n, Ŝ = sᵀs/B for one batch (B = n for a dense layer; shared weights keep the
     per-example scale, K-FAC "expand"), averaged over replicas (§2.1)."""
     xp = ctx.xp
-    A_hat = ctx.mean(xp.matrix_transpose(r.a) @ r.a / r.a.shape[0])
+    if r.a.ndim == 1:  # an embedding: the rows give the token frequencies directly
+        A_hat = ctx.mean(r.a)
+    else:
+        A_hat = ctx.mean(xp.matrix_transpose(r.a) @ r.a / r.a.shape[0])
     S_hat = ctx.mean(xp.matrix_transpose(r.s) @ r.s / r.batch)
     return A_hat, S_hat
 
@@ -155,6 +168,8 @@ def pi_split(trace_a, d_a, trace_s, d_s, xp):
 
 
 def trace(M, xp):
+    if M.ndim == 1:  # a diagonal kept as a vector
+        return xp.sum(M)
     if hasattr(xp, "linalg") and hasattr(xp.linalg, "trace"):
         return xp.linalg.trace(M)
     return xp.sum(M * xp.eye(M.shape[0], dtype=M.dtype, device=_dev(M)))
@@ -164,9 +179,14 @@ def damped(A, S, damping, xp):
     """(A + π√λ I, S + (√λ/π) I) — the π-corrected damping split (§2.1)."""
     pi = pi_split(trace(A, xp), A.shape[0], trace(S, xp), S.shape[0], xp)
     root = xp.sqrt(xp.asarray(damping, dtype=A.dtype, device=_dev(A)))
-    eye_a = xp.eye(A.shape[0], dtype=A.dtype, device=_dev(A))
-    eye_s = xp.eye(S.shape[0], dtype=S.dtype, device=_dev(S))
-    return A + (pi * root) * eye_a, S + (root / pi) * eye_s
+    return shifted(A, pi * root, xp), shifted(S, root / pi, xp)
+
+
+def shifted(M, shift, xp):
+    """M + shift·I (a diagonal kept as a vector: M + shift)."""
+    if M.ndim == 1:
+        return M + shift
+    return M + shift * xp.eye(M.shape[0], dtype=M.dtype, device=_dev(M))
 
 
 def refresh(layers, matrices, ctx, keys) -> tuple[KfacLayer, ...]:
@@ -181,8 +201,12 @@ def refresh(layers, matrices, ctx, keys) -> tuple[KfacLayer, ...]:
         A_m, S_m = matrices(layer)
         w = layer.layout.weight
         name = f"layer {keys[w]!r}"
-        A_inv = spd_inverse(A_m, xp, warm=layer.A_inv, name=f"A of {name}",
-                            rescue=None if log is None else log.rescue(w, "A", keys[w]), **kw)
+        rescue_A = None if log is None else log.rescue(w, "A", keys[w])
+        if A_m.ndim == 1:  # an embedding's diagonal A
+            A_inv = diagonal_inverse(A_m, xp, f"A of {name}", rescue_A)
+        else:
+            A_inv = spd_inverse(A_m, xp, warm=layer.A_inv, name=f"A of {name}",
+                                rescue=rescue_A, **kw)
         S_inv = spd_inverse(S_m, xp, warm=layer.S_inv, name=f"S of {name}",
                             rescue=None if log is None else log.rescue(w, "S", keys[w]), **kw)
         new.append(layer._replace(A_inv=select(ctx.inverse, A_inv, layer.A_inv, xp),
@@ -193,6 +217,13 @@ def refresh(layers, matrices, ctx, keys) -> tuple[KfacLayer, ...]:
 def refresh_inverses(layers, damping, ctx, keys) -> tuple[KfacLayer, ...]:
     """Inverses of the damped factors (A + π√λ I, S + (√λ/π) I), §2.1."""
     return refresh(layers, lambda layer: damped(layer.A, layer.S, damping, ctx.xp), ctx, keys)
+
+
+def right_multiply(M, A_inv, xp):
+    """M A⁻¹ (a diagonal A⁻¹ kept as a vector: columns scaled)."""
+    if A_inv.ndim == 1:
+        return M * A_inv[None, :]
+    return M @ A_inv
 
 
 def grad_matrix(L: LayerLayout, leaves, xp):
@@ -223,8 +254,8 @@ def factored_rows(layers, batch_rows, ctx) -> list[LayerRows | None]:
     replica's product)."""
     if batch_rows is None or ctx.replicated:
         return [None] * len(layers)
-    return [r if r is not None and factored.cheaper(layer.layout.d_out, layer.layout.d_in_ext,
-                                                    r.a.shape[0])
+    return [r if r is not None and not layer.layout.a_diagonal
+            and factored.cheaper(layer.layout.d_out, layer.layout.d_in_ext, r.a.shape[0])
             else None for layer, r in zip(layers, batch_rows)]
 
 
@@ -234,7 +265,7 @@ def precondition(layers, leaves, xp, rows_of=None, dense=None, factored_form=Non
     product, checked on probes (§2.1), and a branch costs no device sync; else dense.
     dense(layer, G) / factored_form(layer, rows, c): the products (default: with the explicit
     inverses; `kfac_eigen` passes its eigenbasis ones)."""
-    dense = dense or (lambda layer, G: layer.S_inv @ G @ layer.A_inv)
+    dense = dense or (lambda layer, G: right_multiply(layer.S_inv @ G, layer.A_inv, xp))
     factored_form = factored_form or (
         lambda layer, r, c: factored.apply(r, layer.S_inv, layer.A_inv, c, xp))
     shapes = [tuple(x.shape) for x in leaves]

@@ -30,10 +30,13 @@ def decompose(layers, ctx, keys) -> tuple:
     new = []
     for layer in layers:
         name = f"layer {keys[layer.layout.weight]!r}"
-        e_A, Q_A = _eigh(layer.A, xp, f"A of {name}")
+        if layer.A.ndim == 1:  # an embedding's diagonal A is its own eigendecomposition
+            e_A, Q_A = xp.maximum(layer.A, xp.zeros_like(layer.A)), None
+        else:
+            e_A, Q_A = _eigh(layer.A, xp, f"A of {name}")
         e_S, Q_S = _eigh(layer.S, xp, f"S of {name}")
         new.append(layer._replace(
-            A_vecs=select(ctx.inverse, Q_A, layer.A_vecs, xp),
+            A_vecs=None if Q_A is None else select(ctx.inverse, Q_A, layer.A_vecs, xp),
             A_vals=select(ctx.inverse, e_A, layer.A_vals, xp),
             S_vecs=select(ctx.inverse, Q_S, layer.S_vecs, xp),
             S_vals=select(ctx.inverse, e_S, layer.S_vals, xp)))
@@ -51,9 +54,12 @@ def shifts(layer, damping, xp):
 def _dense(layer, G, damping, xp):
     dA, dS = shifts(layer, damping, xp)
     QA, QS = layer.A_vecs, layer.S_vecs
-    inner = (xp.matrix_transpose(QS) @ G) @ QA
+    inner = xp.matrix_transpose(QS) @ G
+    if QA is not None:
+        inner = inner @ QA
     scale = (layer.S_vals + dS)[:, None] * (layer.A_vals + dA)[None, :]
-    return QS @ (inner / scale) @ xp.matrix_transpose(QA)
+    out = QS @ (inner / scale)
+    return out if QA is None else out @ xp.matrix_transpose(QA)
 
 
 def _factored(layer, r, c, damping, xp):

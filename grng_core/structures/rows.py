@@ -7,10 +7,20 @@ from typing import Any, NamedTuple
 from grng_core.state import LayerLayout
 
 
+def frequencies(ids, d: int, xp, dtype, device):
+    """counts(id = j)/n for j < d, from sorted ids (no n × d one-hot): the diagonal of Â."""
+    ordered = xp.sort(xp.astype(ids, xp.int64, copy=False))
+    edges = xp.searchsorted(ordered, xp.arange(d + 1, dtype=xp.int64, device=device))
+    counts = edges[1:] - edges[:-1]
+    return xp.astype(counts, dtype) / ids.shape[0]
+
+
 class LayerRows(NamedTuple):
     """a (n × d_in', the ones column appended for a bias), s (n × d_out, rows B·∂L/∂z) and
     B, the number of examples they come from (n = B for a dense layer, B·T for shared
-    weights): the layer's gradient is G = sᵀa/B, its factors Â = aᵀa/n and Ŝ = sᵀs/B."""
+    weights): the layer's gradient is G = sᵀa/B, its factors Â = aᵀa/n and Ŝ = sᵀs/B.
+    For an embedding (one-hot rows) `a` is Â's diagonal itself, the token frequencies
+    counts/n, a vector (d_in,)."""
 
     a: Any
     s: Any
@@ -20,8 +30,16 @@ class LayerRows(NamedTuple):
 def rows(L: LayerLayout, ls, ctx) -> LayerRows:
     """The rows of LayerStats `ls` for layout `L`, cast to the state dtype."""
     xp = ctx.xp
-    a = xp.astype(xp.reshape(ls.inputs, (-1, L.d_in)), ctx.sdtype, copy=False)
     s = xp.astype(xp.reshape(ls.output_grads, (-1, L.d_out)), ctx.sdtype, copy=False)
+    if L.a_diagonal:
+        ids = xp.reshape(ls.inputs, (-1,))
+        if ids.shape[0] != s.shape[0]:
+            raise ValueError(f"LayerStats of embedding {ls.weight!r}: {ids.shape[0]} token ids, "
+                             f"output_grads {s.shape[0]} rows: they must pair row for row")
+        batch = getattr(ls, "batch_size", None)
+        return LayerRows(frequencies(ids, L.d_in, xp, ctx.sdtype, ctx.device), s,
+                         ids.shape[0] if batch is None else int(batch))
+    a = xp.astype(xp.reshape(ls.inputs, (-1, L.d_in)), ctx.sdtype, copy=False)
     if a.shape[0] != s.shape[0]:
         raise ValueError(f"LayerStats of weight {ls.weight!r}: inputs have {a.shape[0]} rows, "
                          f"output_grads {s.shape[0]}: they must pair row for row")

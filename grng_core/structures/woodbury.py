@@ -42,7 +42,10 @@ def solve(J, vectors, damping, ctx) -> list:
     B = J[0].shape[0]
     eye = xp.eye(B, dtype=ctx.sdtype, device=ctx.device)
     K = (damping * B) * eye + gram(J, ctx)
-    K_inv = small_spd_inverse(K, xp, tol=ctx.tol, max_iter=ctx.max_iter, strict=False)
+    log = ctx.incidents  # a numerically singular system: extra damping, counted
+    K_inv = small_spd_inverse(K, xp, tol=ctx.tol, max_iter=ctx.max_iter, strict=False,
+                              rescue=None if log is None else log.rescue(
+                                  -1, "B x B system", "woodbury"))
     c = K_inv @ apply_J(J, vectors, ctx)
     JTc = apply_Jt(J, c, [tuple(v.shape) for v in vectors], ctx)
     return [(v - w) / damping for v, w in zip(vectors, JTc)]

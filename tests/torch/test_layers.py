@@ -202,3 +202,48 @@ def test_multihead_attention_steps_as_explicit_linear_projections(name):
     assert torch.allclose(mha.in_proj_weight, ref.qkv.weight, rtol=1e-9, atol=1e-12)
     assert torch.allclose(mha.out_proj.weight, ref.out.weight, rtol=1e-9, atol=1e-12)
     assert (mha.in_proj_weight - w0).abs().max() > 1e-3
+
+
+class OneHotLinear(nn.Module):
+    """An embedding written as a bias-free Linear on one-hot rows (the dense reference)."""
+
+    def __init__(self, emb: nn.Embedding):
+        super().__init__()
+        self.vocab = emb.num_embeddings
+        self.lin = nn.Linear(emb.num_embeddings, emb.embedding_dim, bias=False).double()
+        with torch.no_grad():
+            self.lin.weight.copy_(emb.weight.T)
+
+    def forward(self, ids):
+        return self.lin(F.one_hot(ids, self.vocab).double())
+
+
+@pytest.mark.parametrize("name, kw", [("RING", {}), ("RING", dict(form="gauss_newton")),
+                                      ("RKalman", dict(kalman_refresh_every=1))],
+                         ids=["RING", "RING-gn", "RKalman"])
+def test_embedding_steps_as_the_one_hot_linear(name, kw):
+    """nn.Embedding gets K-FAC with a diagonal A (token frequencies, §2.1): its steps equal
+    those of a Linear on explicit one-hot rows (dense A), over (B, T) token ids."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4).double()
+    ref = OneHotLinear(emb)
+    ids = torch.randint(0, 8, (B, 5))  # tokens 8, 9 never occur
+    y = torch.randint(0, CLASSES, (B,))
+    e0 = emb.weight.detach().clone()
+    for body in (emb, ref):
+        torch.manual_seed(1)
+        model = nn.Sequential(body, nn.Tanh(), nn.Flatten(), nn.Linear(20, CLASSES)).double()
+        opt = getattr(gt, name)(model.parameters(), model=model, lr=0.1, damping=1e-2, **kw)
+        assert opt.describe().kfac_share == 1.0
+
+        def closure(model=model, opt=opt):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(ids), y)
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            opt.step(closure)
+    assert torch.allclose(emb.weight, ref.lin.weight.T, rtol=1e-9, atol=1e-12)
+    assert (emb.weight - e0).abs().max() > 1e-3
+    assert torch.equal(emb.weight[8:], e0[8:])  # unseen tokens do not move

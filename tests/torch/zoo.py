@@ -22,7 +22,7 @@ class ZooModel:
     model: nn.Module
     batch: Callable[[int], tuple]  # step -> (inputs, targets)
     loss: Callable  # (model output, targets) -> scalar
-    kfac: tuple[str, ...]  # module-path suffixes that must be under K-FAC
+    kfac: tuple[str, ...]  # K-FAC layer-name suffixes that must be present
     diagonal: tuple[str, ...] = ()  # parameter names reported on the diagonal
 
 
@@ -55,8 +55,8 @@ def gpt2(vocab: int = 48, B: int = 8, T: int = 16) -> ZooModel:
     model = GPT2LMHeadModel(cfg)
     return ZooModel("gpt2", model, _lm_batches(vocab, B, T),
                     lambda out, y: F.cross_entropy(out.logits.reshape(-1, vocab), y.reshape(-1)),
-                    kfac=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-                    diagonal=("transformer.wte.weight", "transformer.wpe.weight"))
+                    kfac=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "wpe"),
+                    diagonal=("transformer.wte.weight",))  # tied with lm_head
 
 
 def _seq_classes(vocab: int, B: int, T: int):
@@ -83,8 +83,8 @@ def bert(vocab: int = 16, B: int = 8, T: int = 12) -> ZooModel:
                     lambda out, y: F.cross_entropy(out.logits, y),
                     kfac=("attention.self.query", "attention.self.key", "attention.self.value",
                           "attention.output.dense", "intermediate.dense", "output.dense",
-                          "pooler.dense", "classifier"),
-                    diagonal=("bert.embeddings.word_embeddings.weight",))
+                          "pooler.dense", "classifier", "word_embeddings",
+                          "position_embeddings", "token_type_embeddings"))
 
 
 class _Block(nn.Module):
@@ -156,8 +156,8 @@ class EncoderClassifier(nn.Module):
 def encoder(B: int = 8, T: int = 12) -> ZooModel:
     torch.manual_seed(0)
     return ZooModel("transformer_encoder", EncoderClassifier(), _seq_classes(16, B, T),
-                    F.cross_entropy, kfac=("linear1", "linear2", "head"),
-                    diagonal=("self_attn.in_proj_weight", "self_attn.out_proj.weight"))
+                    F.cross_entropy, kfac=("linear1", "linear2", "head", "embed",
+                                           "self_attn.in_proj", "self_attn.out_proj"))
 
 
 ZOO = {"gpt2": gpt2, "bert": bert, "resnet_bn": resnet, "transformer_encoder": encoder}

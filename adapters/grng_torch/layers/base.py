@@ -14,7 +14,8 @@ class HookedLayer:
     """A module the K-FAC structure sees.
 
     name: module path; kind: "linear" (one row per example or position: `nn.Linear`,
-    transformers' `Conv1D`) or "conv" (one row per (example, output position));
+    transformers' `Conv1D`), "conv" (one row per (example, output position)) or
+    "embedding" (one token id per row, `a_diagonal`);
     transposed: the weight is stored (d_in, d_out); inputs(module, x) -> a (n, d_in) and
     outputs(module, g) -> rows (n, d_out) of the output gradient; functional: the module
     applies the weight with `F.linear` itself (nn.MultiheadAttention's projections), so its
@@ -30,6 +31,7 @@ class HookedLayer:
     inputs: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     outputs: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     functional: bool = False
+    a_diagonal: bool = False  # an embedding: rows are token ids, A is diagonal (§2.1)
 
     @property
     def d_out(self) -> int:

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from grng_torch.layers import conv, linear
+from grng_torch.layers import conv, embedding, linear
 from grng_torch.layers.base import HookedLayer
 
 
@@ -52,8 +52,15 @@ def _hook_of(m: Any, name: str) -> tuple[HookedLayer | None, str | None]:
                                linear.rows, functional=True), None
         return None, ("nn.MultiheadAttention with separate q/k/v projection weights (kdim or "
                       "vdim differ from embed_dim): not hooked")
-    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-        return None, "no K-FAC helper for embeddings (their gradients are sparse rows)"
+    if isinstance(m, nn.Embedding):
+        why = embedding.supported(m)
+        if why is None:
+            return HookedLayer(name, m, "embedding", m.weight, None, True,
+                               embedding.input_rows, embedding.output_rows,
+                               a_diagonal=True), None
+        return None, why
+    if isinstance(m, nn.EmbeddingBag):
+        return None, "no K-FAC helper for nn.EmbeddingBag (pooled rows)"
     if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
         return None, "normalisation scale and shift (1-d)"
     return None, f"no K-FAC helper for {type(m).__name__}"
