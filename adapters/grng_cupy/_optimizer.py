@@ -16,6 +16,8 @@ import grng_core as gc
 from grng_core import checkpoint
 from grng_core.algorithms import BUILDERS
 from grng_core.config import CONFIGS, TITLES
+from grng_core.describe import StructureReport, describe_state
+from grng_core.incidents import Incidents
 from grng_core.state import host_step
 from grng_core.tree import flatten, library
 
@@ -72,6 +74,7 @@ class CupyOptimizer:
         with self._device():
             self.state = core.init(params, layers=self.layers)
         self.t = 0
+        self.incidents = Incidents()  # factors that needed extra damping (host side)
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -201,13 +204,23 @@ class CupyOptimizer:
         with self._device():
             updates, state = self.core.update(grads, self.state, self.params, stats, oracle,
                                               collective=collective, curvature=curvature,
-                                              inverse=inverse)
+                                              inverse=inverse, incidents=self.incidents)
             new = gc.apply_updates(self.params, updates)  # θ + u in each parameter's dtype
             for p, q in zip(flatten(self.params)[0], flatten(new)[0]):
                 p[...] = q  # in place: the training stack's references stay valid
         self.state = state
         self.t += 1
         return updates
+
+    def describe(self) -> StructureReport:
+        """Which structure each parameter (by its key) is preconditioned with, the K-FAC layers,
+        the share of weight-matrix elements under K-FAC, skipped steps and factors that needed
+        extra damping (`grng_core.describe`); `print(opt.describe())` shows the table."""
+        leaves, container = flatten(self.params)
+        names = [str(k) for k in container.keys]
+        return describe_state(self.core.name, self.core.config.structure, self.state,
+                              [tuple(x.shape) for x in leaves], names=names,
+                              incidents=self.incidents.entries())
 
     # ------------------------------------------------------------------ checkpoints
     def _extra(self) -> dict:

@@ -98,7 +98,7 @@ def layer_stats(loss_fn: Callable, treedef, leaves: list, batch,
         rows_a = a[0] if len(a) == 1 else jnp.concatenate(a, axis=0)
         rows_s = s[0] if len(s) == 1 else jnp.concatenate(s, axis=0)
         out.append(gc.LayerStats(weight=w, bias=b, inputs=rows_a, output_grads=rows_s,
-                                 transposed=True, batch_size=n * len(idx)))
+                                 transposed=True, batch_size=n))
     return out
 
 

@@ -134,6 +134,14 @@ def run(opt, closure):
         _apply(opt, sp, grads, results)
         if any(gp.entry is None for gp in sp.groups):  # the first step fixed the layers
             _describe.warn_if_mostly_diagonal(opt)
+    except RuntimeError as e:
+        if sp.hvp and "double backward" in str(e):
+            raise RuntimeError(
+                f"{title} with gr='double_backprop' needs a double backward through the model, "
+                "which this model cannot give (torch.compile's aot_autograd does not support "
+                "it): use gr='finite_difference' with a compiled model, or leave the model "
+                "uncompiled") from e
+        raise
     finally:
         if snapshot is not None:
             snapshot.restore()

@@ -309,3 +309,15 @@ def test_digits_example_runs(xp, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"on {xp.__name__}" in out and "test accuracy" in out
     assert 0.0 <= acc <= 1.0 and os.path.exists(tmp_path / "ex.npz")
+
+
+def test_describe_reports_structures(xp):
+    params = [xp.asarray(p) for p in MLP_.init(seed=1)]
+    opt, params = make(xp, RING_KFAC, params)
+    adapter_steps(opt, params, batches(xp, 2))
+    report = opt.describe()
+    assert [e.structure for e in report.entries] == ["kfac"] * len(params)
+    assert report.kfac_share == 1.0 and report.skipped == 0
+    diag = grng_cupy.RING(params, lr=0.1, fallback="diagonal")
+    assert {e.structure for e in diag.describe().entries} == {"diagonal"}
+    assert diag.describe().kfac_share == 0.0

@@ -309,3 +309,17 @@ def test_missing_model_or_loss_raises():
                 loss_fn=nn.CrossEntropyLoss(reduction="sum"))
     gt.RING(model.parameters(), structure="diagonal")  # needs nothing
     gt.RING(model, lr=0.1)  # the module itself
+
+
+def test_state_dict_of_another_structure_is_refused():
+    """torch's own load would copy the saved group's structure into this optimizer: refused,
+    whether or not a step was taken, with the optimizer unchanged."""
+    for steps in (0, 2):
+        model, opt = _make(entry("ring/kfac/-"))
+        train(opt, model, CRIT, PROBLEM, torch.float32, steps=steps)
+        saved = opt.state_dict()
+        other_model, other = _make(entry("ring/diagonal/-"))
+        with pytest.raises(ValueError, match="structure='kfac'.*structure='diagonal'"):
+            other.load_state_dict(saved)
+        assert other.param_groups[0]["structure"] == "diagonal"
+        assert other.group_state(0) is None
