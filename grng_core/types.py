@@ -16,12 +16,16 @@ class LayerSpec(NamedTuple):
     transposed: see LayerStats.
     a_diagonal: an embedding (weight (vocab, d) transposed, or (d, vocab)): A is the diagonal
         of token frequencies (§2.1 "Embeddings"); its LayerStats.inputs are token ids.
+    in_axes: how many of the weight's axes index its input: the leading ones when transposed
+        (a Flax DenseGeneral kernel (in..., out...)), the trailing ones otherwise; None: all
+        but the output axis (d_out is the last axis transposed, the first otherwise).
     """
 
     weight: Hashable
     bias: Hashable | None = None
     transposed: bool = False
     a_diagonal: bool = False
+    in_axes: int | None = None
 
 
 class LayerStats(NamedTuple):

@@ -6,6 +6,7 @@ the curvature math is in grng_core.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import grng_core as gc
-from grng_jax._layers import describe
+from grng_jax._layers import LayerRef, describe
 from grng_jax._tags import Collector, collecting
 
 
@@ -51,7 +52,7 @@ def _at_least_f32(x):
 
 
 def layer_stats(loss_fn: Callable, treedef, leaves: list, batch,
-                specs: Sequence[tuple[int, int | None]], params_for_names=None,
+                specs: Sequence[LayerRef], params_for_names=None,
                 key=None) -> list[gc.LayerStats]:
     """K-FAC statistics of the layers `specs` ((weight, bias) leaf indices) by the perturbation
     trick (see grng_jax._tags): one abstract trace finds the tagged calls and their output
@@ -69,16 +70,18 @@ def layer_stats(loss_fn: Callable, treedef, leaves: list, batch,
         return out, col
 
     found: list = []
+    other: dict = {}
 
     def discover(lv):
         out, col = loss_of(lv, None)
         found.extend(col.calls)
+        other.update(col.other_uses)
         return out
 
     jax.eval_shape(discover, leaves)
     names = params_for_names if params_for_names is not None else \
         jax.tree_util.tree_unflatten(treedef, leaves)
-    _check_calls(found, specs, names)
+    _check_calls(found, other, specs, names, leaves)
 
     perturbs = [jnp.zeros(c.out_shape, c.out_dtype) for c in found]
 
@@ -89,11 +92,14 @@ def layer_stats(loss_fn: Callable, treedef, leaves: list, batch,
     dz, inputs = jax.grad(f, has_aux=True)(perturbs)
     n = batch_size(batch)
     out = []
-    for w, b in specs:
+    for ref in specs:
+        w, b = ref.weight, ref.bias
         idx = [k for k, c in enumerate(found) if c.weight == w]
-        d_in = leaves[w].shape[0]
-        d_out = leaves[w].shape[1]
-        a = [jnp.reshape(inputs[k], (-1, d_in)) for k in idx]
+        shape = leaves[w].shape
+        k_in = ref.resolved_in_axes(len(shape))
+        d_in, d_out = math.prod(shape[:k_in]), math.prod(shape[k_in:])
+        a_shape = (-1,) if ref.embed else (-1, d_in)  # an embedding's rows: token ids
+        a = [jnp.reshape(inputs[k], a_shape) for k in idx]
         s = [jnp.reshape(_at_least_f32(dz[k]) * n, (-1, d_out)) for k in idx]
         rows_a = a[0] if len(a) == 1 else jnp.concatenate(a, axis=0)
         rows_s = s[0] if len(s) == 1 else jnp.concatenate(s, axis=0)
@@ -102,17 +108,37 @@ def layer_stats(loss_fn: Callable, treedef, leaves: list, batch,
     return out
 
 
-def _check_calls(found: list, specs, names) -> None:
-    """Every layer of `specs` is called through a tagged dense layer, with its declared bias."""
-    for w, b in specs:
+_FIX = ("call it through grng_jax.dense(x, kernel, bias) or a flax.linen Dense / DenseGeneral "
+        "/ Conv / Embed on the params leaves themselves, outside jax.vmap / nn.scan / "
+        "nn.remat, or leave it out with layers=[...] (layers=grng_jax.find_layers(loss_fn, "
+        "params, batch) lists the layers that qualify; layers=None: every leaf diagonal), or "
+        "use structure='diagonal' or 'woodbury'")
+
+
+def _check_calls(found: list, other: dict, specs, names, leaves) -> None:
+    """Every layer of `specs` is called through a tagged layer of its kind, with its declared
+    bias and input axes, and used nowhere else (a tied or uncovered use would be missed)."""
+    for ref in specs:
+        w, b = ref.weight, ref.bias
         mine = [c for c in found if c.weight == w]
+        name = describe(names, w)
+        if w in other:
+            raise ValueError(f"K-FAC layer {name!r} is also used by {other[w]}, which the "
+                             f"K-FAC statistics cannot see (a tied weight, or an uncovered "
+                             f"call): {_FIX}")
         if not mine:
-            raise ValueError(
-                f"K-FAC layer {describe(names, w)!r} was not called through a tagged dense layer "
-                "in loss_fn, so its inputs and output gradients cannot be collected: call it "
-                "with grng_jax.dense(x, kernel, bias) (or flax.linen.Dense) on the params leaves "
-                "themselves, or choose the layers with layers=[...] (layers=None: none, every "
-                "leaf diagonal), or use structure='diagonal' or 'woodbury'")
+            raise ValueError(f"K-FAC layer {name!r} was not called through a tagged layer in "
+                             f"loss_fn, so its inputs and output gradients cannot be "
+                             f"collected: {_FIX}")
+        k_in = ref.resolved_in_axes(leaves[w].ndim)
+        for c in mine:
+            if (c.kind == "embed") != ref.embed or c.in_axes != k_in:
+                raise ValueError(
+                    f"K-FAC layer {name!r} is registered as "
+                    f"{'an embedding' if ref.embed else f'a kernel with {k_in} input axes'} "
+                    f"but the model calls it as {'an embedding' if c.kind == 'embed' else ''}"
+                    f"{'' if c.kind == 'embed' else f'a {c.kind} with {c.in_axes} input axes'}:"
+                    " pass layers=grng_jax.find_layers(loss_fn, params, batch)")
         for c in mine:
             if c.bias != b:
                 got = "no bias" if c.bias is None else f"bias {describe(names, c.bias)!r}"

@@ -11,15 +11,32 @@ from grng_jax._tags import Collector, collecting
 
 
 class Layer(NamedTuple):
-    """One dense layer of a params pytree: the paths of its kernel (d_in, d_out) and bias.
+    """One K-FAC layer of a params pytree: the paths of its kernel (Flax layout: input axes
+    first, (d_in..., d_out...)) and bias.
 
     A path is a tuple of plain keys (``("Dense_0", "kernel")``), a ``"/"``-joined string
     (``"Dense_0/kernel"``) or a ``jax.tree_util.keystr`` string (``"['Dense_0']['kernel']"``).
+    embed: an embedding table (vocab, features) looked up by token ids (A diagonal, §2.1).
+    in_axes: how many leading kernel axes index the input (None: all but the last; a
+    DenseGeneral with several output axes, e.g. attention's query (d, heads, head_dim), has 1).
     """
 
     weight: Any
     bias: Any = None
+    embed: bool = False
+    in_axes: int | None = None
 
+
+class LayerRef(NamedTuple):
+    """A resolved layer: leaf indices and how the core reads the kernel."""
+
+    weight: int
+    bias: int | None
+    embed: bool = False
+    in_axes: int | None = None
+
+    def resolved_in_axes(self, ndim: int) -> int:
+        return ndim - 1 if self.in_axes is None else self.in_axes
 
 def _plain(entry) -> Any:
     for attr in ("key", "name", "idx"):
@@ -65,25 +82,37 @@ def _index(params, path, what: str) -> int:
     raise ValueError(f"layers: no params leaf at {what} path {path!r}; the leaves are: {names}")
 
 
-def auto_layers(params) -> list[tuple[int, int | None]]:
-    """Dense layers by name: a 2-D leaf named ``kernel`` (Flax layout, (d_in, d_out)), with a
-    1-D sibling ``bias`` of size d_out when there is one (``flax.linen.Dense``, :func:`init_dense`).
-    """
+def auto_layers(params) -> list[LayerRef]:
+    """Layers by name (flax.linen's and :func:`init_dense`'s): a leaf named ``kernel`` with at
+    least 2 axes (Dense, DenseGeneral, Conv; Flax layout, input axes first) with its sibling
+    ``bias`` when that matches the kernel's trailing (output) axes, whose count then fixes the
+    input axes; a 2-D leaf named ``embedding`` (Embed). Without a bias a kernel's output is
+    its last axis (a multi-output DenseGeneral without bias needs ``layers=find_layers(...)``:
+    the update says so)."""
     leaves = jax.tree_util.tree_leaves(params)
     paths = leaf_paths(params)
     where = {p: i for i, p in enumerate(paths)}
     out = []
     for i, (p, x) in enumerate(zip(paths, leaves)):
-        if not p or p[-1] != "kernel" or getattr(x, "ndim", 0) != 2:
+        ndim = getattr(x, "ndim", 0)
+        if p and p[-1] == "embedding" and ndim == 2:
+            out.append(LayerRef(i, None, embed=True))
+            continue
+        if not p or p[-1] != "kernel" or ndim < 2:
             continue
         b = where.get(p[:-1] + ("bias",))
-        if b is not None and not (leaves[b].ndim == 1 and leaves[b].shape[0] == x.shape[1]):
-            b = None
-        out.append((i, b))
+        in_axes = None
+        if b is not None:
+            tail = tuple(leaves[b].shape)
+            if 0 < len(tail) < ndim and tuple(x.shape[ndim - len(tail):]) == tail:
+                in_axes = ndim - len(tail)
+            else:
+                b = None
+        out.append(LayerRef(i, b, in_axes=in_axes))
     return out
 
 
-def resolve_layers(params, layers) -> list[tuple[int, int | None]]:
+def resolve_layers(params, layers) -> list[LayerRef]:
     """Leaf indices (weight, bias) of the K-FAC layers, from the optimizer's ``layers`` option.
 
     "auto": by name (:func:`auto_layers`); None or []: no layers (every leaf diagonal); a
@@ -102,19 +131,24 @@ def resolve_layers(params, layers) -> list[tuple[int, int | None]]:
     leaves = jax.tree_util.tree_leaves(params)
     out, seen = [], set()
     for entry in layers:
-        w_path, b_path = (entry.weight, entry.bias) if isinstance(entry, Layer) else (entry, None)
-        w = _index(params, w_path, "weight")
-        if leaves[w].ndim != 2:
-            raise ValueError(f"layers: the weight at {w_path!r} has shape {leaves[w].shape}; "
-                             "K-FAC dense layers need a 2-D kernel (d_in, d_out)")
-        b = None if b_path is None else _index(params, b_path, "bias")
-        if b is not None and (leaves[b].ndim != 1 or leaves[b].shape[0] != leaves[w].shape[1]):
-            raise ValueError(f"layers: the bias at {b_path!r} has shape {leaves[b].shape}, the "
-                             f"kernel {leaves[w].shape} needs ({leaves[w].shape[1]},)")
+        if not isinstance(entry, Layer):
+            entry = Layer(entry)
+        w = _index(params, entry.weight, "weight")
+        shape = tuple(leaves[w].shape)
+        k = len(shape) - 1 if entry.in_axes is None else entry.in_axes
+        if len(shape) < 2 or not 1 <= k < len(shape) or (entry.embed and len(shape) != 2):
+            raise ValueError(f"layers: the weight at {entry.weight!r} has shape {shape}; K-FAC "
+                             "needs a kernel with input axes first and at least one output axis "
+                             "(Flax layout (d_in..., d_out...)), in_axes between 1 and ndim-1")
+        b = None if entry.bias is None else _index(params, entry.bias, "bias")
+        if b is not None and tuple(leaves[b].shape) != shape[k:]:
+            raise ValueError(f"layers: the bias at {entry.bias!r} has shape "
+                             f"{tuple(leaves[b].shape)}, the kernel {shape} needs {shape[k:]} "
+                             "(its output axes)")
         if w in seen:
-            raise ValueError(f"layers: the weight at {w_path!r} is listed twice")
+            raise ValueError(f"layers: the weight at {entry.weight!r} is listed twice")
         seen.add(w)
-        out.append((w, b))
+        out.append(LayerRef(w, b, entry.embed, entry.in_axes))
     return out
 
 
@@ -147,6 +181,7 @@ def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:
         if c.weight in seen:
             continue
         seen.add(c.weight)
-        out.append(Layer(paths[c.weight], None if c.bias is None else paths[c.bias]))
+        out.append(Layer(paths[c.weight], None if c.bias is None else paths[c.bias],
+                         embed=c.kind == "embed", in_axes=c.in_axes))
     return out
 

@@ -47,13 +47,20 @@ def _trace_state():
 
 
 class Call(NamedTuple):
-    """One tagged dense call: params leaf indices, its input and output avals."""
+    """One tagged layer call: params leaf indices, its input rows' source and output avals.
+
+    inputs: what the K-FAC rows are read from (a tracer of the collecting pass): the input
+        with the contracted axes last (dense), the unfolded patches (conv) or the token ids
+        (embed). in_axes: how many leading kernel axes index the input (§2.1, LayerSpec).
+    """
 
     weight: int
     bias: int | None
-    inputs: Any  # the input array (a tracer of the collecting pass), or its aval
+    inputs: Any
     out_shape: tuple
     out_dtype: Any
+    kind: str = "dense"  # "dense" | "conv" | "embed"
+    in_axes: int = 1
 
 
 class Collector:
@@ -68,6 +75,7 @@ class Collector:
         self.ids = {id(x): i for i, x in enumerate(leaves)}
         self.perturbs = perturbs
         self.calls: list[Call] = []
+        self.other_uses: dict[int, str] = {}  # leaf index -> an untagged use (tied, config)
         self._trace = None
         self._token = None
 
@@ -81,9 +89,18 @@ class Collector:
             _ACTIVE.reset(self._token)
         return False
 
-    def tag(self, x, kernel, bias, z):
+    def used_otherwise(self, kernel, how: str) -> None:
+        """A registered leaf used by something other than a tagged call (Embed.attend: a tied
+        output layer; an uncovered layer configuration): its K-FAC rows would miss that use."""
         w = self.ids.get(id(kernel))
-        if w is None or getattr(kernel, "ndim", 0) != 2:
+        if w is not None:
+            self.other_uses.setdefault(w, how)
+
+    def tag(self, x, kernel, bias, z, kind: str = "dense", in_axes: int = 1):
+        """Record one call (x: the rows' source, see `Call`) and return z (+ its perturbation
+        in the collecting pass); an untagged call returns z unchanged."""
+        w = self.ids.get(id(kernel))
+        if w is None or getattr(kernel, "ndim", 0) < 2:
             return z
         b = None
         if bias is not None:
@@ -91,9 +108,11 @@ class Collector:
             if b is None:  # a computed bias: the layer cannot be registered
                 return z
         if self._trace is not None and _trace_state() != self._trace:
+            self.other_uses.setdefault(w, "a call inside a nested transformation of the loss "
+                                          "(jax.vmap, nn.scan, nn.remat, ...)")
             return z  # inside a nested transformation of the loss: untagged
         k = len(self.calls)
-        self.calls.append(Call(w, b, x, tuple(z.shape), z.dtype))
+        self.calls.append(Call(w, b, x, tuple(z.shape), z.dtype, kind, in_axes))
         if self.perturbs is not None:
             if k >= len(self.perturbs):
                 raise RuntimeError(
@@ -135,18 +154,29 @@ def init_dense(key, d_in: int, d_out: int, *, bias: bool = True, dtype=jnp.float
 
 
 def _flax_interceptor(col: Collector):
-    import flax.linen as nn
+    from grng_jax import _flax
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         mod = context.module
-        if (context.method_name == "__call__" and isinstance(mod, nn.Dense) and args
-                and mod.has_variable("params", "kernel")):
-            kernel: Any = mod.get_variable("params", "kernel")
-            bias = mod.get_variable("params", "bias") if mod.has_variable("params", "bias") \
-                else None
-            out = col.tag(args[0], kernel, bias, out)
-        return out
+        found = _flax.kernel_of(mod)
+        if found is None or not args:
+            return out
+        helper, name = found
+        if context.method_name == "attend" and helper == "embed":
+            col.used_otherwise(mod.get_variable("params", name), "Embed.attend")
+            return out
+        if context.method_name != "__call__" or not mod.has_variable("params", name):
+            return out
+        got = _flax.rows_of(helper, mod, args[0])
+        kernel: Any = mod.get_variable("params", name)
+        if got is None:
+            col.used_otherwise(kernel, f"{type(mod).__name__} configuration")
+            return out
+        rows, kind, in_axes = got
+        bias = mod.get_variable("params", "bias") if mod.has_variable("params", "bias") \
+            else None
+        return col.tag(rows, kernel, bias, out, kind, in_axes)
 
     return interceptor
 

@@ -31,17 +31,22 @@ def resolve(specs, container, leaves) -> list[LayerLayout]:
         shape = tuple(leaves[w].shape)
         if len(shape) < 2:
             raise ValueError(f"layer weight {spec.weight!r} has shape {shape}: needs >= 2 axes")
-        if spec.transposed:
-            d_out, d_in = shape[-1], math.prod(shape[:-1])
-        else:
-            d_out, d_in = shape[0], math.prod(shape[1:])
+        k = getattr(spec, "in_axes", None)
+        k = len(shape) - 1 if k is None else int(k)
+        if not 1 <= k < len(shape):
+            raise ValueError(f"layer weight {spec.weight!r} of shape {shape}: in_axes={k} must "
+                             f"leave at least one input and one output axis")
+        if spec.transposed:  # (in..., out...)
+            d_in, d_out = math.prod(shape[:k]), math.prod(shape[k:])
+        else:  # (out..., in...)
+            d_out, d_in = math.prod(shape[:len(shape) - k]), math.prod(shape[len(shape) - k:])
         if spec.a_diagonal and (b is not None or len(shape) != 2):
             raise ValueError(f"embedding layer {spec.weight!r}: a_diagonal layers have a 2-d "
                              f"weight and no bias (got shape {shape}, bias {spec.bias!r})")
-        if b is not None and tuple(leaves[b].shape) != (d_out,):
+        if b is not None and math.prod(leaves[b].shape) != d_out:
             raise ValueError(
-                f"layer bias {spec.bias!r} has shape {tuple(leaves[b].shape)}, expected ({d_out},)"
-            )
+                f"layer bias {spec.bias!r} has shape {tuple(leaves[b].shape)}, expected "
+                f"{d_out} elements (the weight's output axes)")
         for i in (w, b):
             if i is not None and i in used:
                 raise ValueError(f"leaf {container.keys[i]!r} is registered in two layers")

@@ -117,7 +117,8 @@ def test_statistics_only_on_curvature_steps():
 
 
 def test_kfac_group_without_layers_and_other_modules_use_the_diagonal():
-    """LayerNorm and Embedding parameters are not K-FAC layers: the core's diagonal."""
+    """LayerNorm parameters are not K-FAC layers (the core's diagonal); the Embedding is one
+    (A diagonal, §2.1), as is the Linear."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(20, 6), nn.LayerNorm(6), nn.Flatten(),
                           nn.Linear(18, 3))
@@ -126,8 +127,8 @@ def test_kfac_group_without_layers_and_other_modules_use_the_diagonal():
     losses = [float(opt.step(closure_for(opt, model, CRIT, x, y)).detach()) for _ in range(15)]
     assert losses[-1] < 0.5 * losses[0]
     entry = opt.state[model[0].weight]["grng"]
-    assert entry.layers == [[3, 4]]
-    assert set(gc.codec.encode(entry.core)["diag"]) == {"0", "1", "2"}
+    assert entry.layers == [[0, None], [3, 4]]
+    assert set(gc.codec.encode(entry.core)["diag"]) == {"1", "2"}
 
 
 # ----------------------------------------------------------------- closures
@@ -333,4 +334,4 @@ def test_double_backprop_through_scaled_dot_product_attention():
     opt = gt.RENG(model, lr=0.1, damping=0.1, gr="double_backprop")
     losses = [float(opt.step(closure_for(opt, model, CRIT, x, y)).detach()) for _ in range(8)]
     assert losses[-1] < losses[0]
-    assert opt.state[model.emb.weight]["grng"].layers == [[1, 2], [3, 4]]
+    assert opt.state[model.emb.weight]["grng"].layers == [[0, None], [1, 2], [3, 4]]

@@ -1,0 +1,92 @@
+"""flax.linen layers the K-FAC collection intercepts (`flax.linen.intercept_methods`), one
+helper per type: Dense, DenseGeneral (also the projections inside MultiHeadDotProductAttention),
+Conv (unfolded patches, any number of spatial dims) and Embed (token ids, A diagonal, §2.1).
+Each returns the rows' source, the kind and the kernel's input-axis count for `Collector.tag`;
+a configuration it does not cover (batch_dims, circular padding, input dilation, grouped
+convolutions, masks) returns None and the call stays untagged (its leaves: the diagonal).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax.numpy as jnp
+from jax import lax
+
+
+def _axes(axis, ndim: int) -> tuple[int, ...]:
+    axis = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(a % ndim for a in axis)
+
+
+def dense_general(mod, x) -> tuple[Any, str, int] | None:
+    """DenseGeneral: the contracted axes moved last (rows of d_in = their product)."""
+    if getattr(mod, "batch_dims", ()):
+        return None
+    axes = _axes(mod.axis, x.ndim)
+    rows = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
+    return rows, "dense", len(axes)
+
+
+def conv(mod, x) -> tuple[Any, str, int] | None:
+    """Conv: patches (B, *out_spatial, prod(kernel_size)·c_in), ordered as the kernel
+    (*kernel_size, c_in, c_out) flattens."""
+    from flax.linen.linear import canonicalize_padding
+
+    ks = tuple(mod.kernel_size)
+    n = len(ks)
+    if x.ndim != n + 2 or mod.feature_group_count != 1 or mod.mask is not None:
+        return None
+
+    def tup(v):
+        return (1,) * n if v is None else ((v,) * n if isinstance(v, int) else tuple(v))
+
+    if any(d != 1 for d in tup(mod.input_dilation)):
+        return None
+    padding = canonicalize_padding(mod.padding, n)
+    if isinstance(padding, str) and padding not in ("SAME", "VALID"):
+        return None  # CIRCULAR / CAUSAL pad outside the convolution
+    spatial = "DHW"[-n:] if n <= 3 else None
+    if spatial is None:
+        return None
+    dn = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+    patches = lax.conv_general_dilated_patches(
+        x, ks, tup(mod.strides), padding, rhs_dilation=tup(mod.kernel_dilation),
+        dimension_numbers=dn)
+    c_in, k = x.shape[-1], math.prod(ks)
+    patches = patches.reshape(*patches.shape[:-1], c_in, k)  # (c_in, *kernel) order
+    rows = jnp.swapaxes(patches, -1, -2).reshape(*patches.shape[:-2], k * c_in)
+    return rows, "conv", n + 1
+
+
+def embed(mod, ids) -> tuple[Any, str, int] | None:
+    """Embed: the token ids (one-hot rows, A diagonal)."""
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        return None
+    return ids, "embed", 1
+
+
+def kernel_of(mod) -> tuple[str, Any] | None:
+    """(kind of helper, the layer's own weight variable name) for a covered module type."""
+    import flax.linen as nn
+
+    if isinstance(mod, nn.Dense):
+        return "dense", "kernel"
+    if isinstance(mod, nn.DenseGeneral):
+        return "dense_general", "kernel"
+    if isinstance(mod, nn.Conv):
+        return "conv", "kernel"
+    if isinstance(mod, nn.Embed):
+        return "embed", "embedding"
+    return None
+
+
+def rows_of(helper: str, mod, x):
+    if helper == "dense":
+        return x, "dense", 1
+    if helper == "dense_general":
+        return dense_general(mod, x)
+    if helper == "conv":
+        return conv(mod, x)
+    return embed(mod, x)
