@@ -31,6 +31,7 @@ checkpointer saves it, and :func:`save` / :func:`load` write grng_core's portabl
 
 from grng_jax._builders import reng, ring, rkalman
 from grng_jax._checkpoint import load, save
+from grng_jax._describe import report as describe
 from grng_jax._layers import Layer, find_layers
 from grng_jax._optax import GRNGState, mc_softmax_cross_entropy, mc_squared_error
 from grng_jax._tags import dense, init_dense
@@ -39,6 +40,7 @@ __all__ = [
     "GRNGState",
     "Layer",
     "dense",
+    "describe",
     "find_layers",
     "init_dense",
     "load",

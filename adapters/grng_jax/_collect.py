@@ -62,6 +62,8 @@ def layer_stats(loss_fn: Callable, treedef, leaves: list, batch,
     A kernel called several times (shared weights, positions unrolled by hand) gets the rows of
     every call. Raises ValueError when a layer of `specs` is not called through a tagged layer.
     """
+    specs = [r if isinstance(r, LayerRef) else LayerRef(*r) for r in specs]
+
     def loss_of(lv, perturbs):
         p = jax.tree_util.tree_unflatten(treedef, lv)
         col = Collector(lv, perturbs)

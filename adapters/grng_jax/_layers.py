@@ -176,12 +176,14 @@ def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:
     convention of ``layers="auto"``.
     """
     paths = leaf_paths(params)
+    leaves = jax.tree_util.tree_leaves(params)
     out, seen = [], set()
     for c in trace_calls(loss_fn, params, batch):
         if c.weight in seen:
             continue
         seen.add(c.weight)
+        default = c.in_axes == leaves[c.weight].ndim - 1  # all but the last axis: implied
         out.append(Layer(paths[c.weight], None if c.bias is None else paths[c.bias],
-                         embed=c.kind == "embed", in_axes=c.in_axes))
+                         embed=c.kind == "embed", in_axes=None if default else c.in_axes))
     return out
 

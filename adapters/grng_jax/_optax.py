@@ -10,6 +10,7 @@ pass of grng_jax._tags), calls the core's pure ``update`` and rebuilds the pytre
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple, cast
 
 import jax
@@ -22,7 +23,8 @@ from grng_core.algorithms import BUILDERS
 from grng_core.config import CONFIGS
 from grng_core.schedule import flag_table
 from grng_core.state import ensure_pytrees
-from grng_jax import _collect
+from grng_jax import _collect, _masking
+from grng_jax._diagonal_reasons import warn_if_mostly_diagonal
 from grng_jax._hyper import concrete_number, core_kwargs
 from grng_jax._layers import resolve_layers
 
@@ -78,10 +80,13 @@ def transform(name: str, kwargs: dict, *, axis_name=None, layers="auto", refresh
 
     def init_fn(params):
         core, specs = _setup(core_main, params, opts)
+        if core_main.config.structure == "kfac":
+            covered = {i for r in specs or () for i in (r.weight, r.bias) if i is not None}
+            warn_if_mostly_diagonal(name, params, covered, layers)
         return _init(core, specs, params, seed)
 
     def update_fn(updates, state, params=None, *, loss_fn=None, batch=None, mc_loss_fn=None,
-                  key=None, **extra_args):
+                  key=None, full_params=None, **extra_args):
         del extra_args  # arguments meant for other transformations of an optax.chain
         if params is None:
             raise ValueError(f"grng_jax.{name} needs params: opt.update(grads, state, params, "
@@ -89,12 +94,14 @@ def transform(name: str, kwargs: dict, *, axis_name=None, layers="auto", refresh
         if not isinstance(state, GRNGState):
             raise TypeError(f"state must be the GRNGState returned by grng_jax.{name}(...).init")
         core, specs = _setup(core_main, params, opts)
+        loss_fn, mc_loss_fn = _masking.unmask(name, params, full_params, loss_fn, mc_loss_fn)
         return _update(core, specs, opts, updates, state, params,
                        _Batch(loss_fn, batch, mc_loss_fn, key))
 
     for fn in (init_fn, update_fn):
         setattr(fn, "grng_core", core_main)  # noqa: B010 (read by grng_jax.save / load)
         setattr(fn, "grng_fallback", fallback)  # noqa: B010
+        setattr(fn, "grng_layers", layers)  # noqa: B010 (read by grng_jax.describe)
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
@@ -186,8 +193,29 @@ def _update(core: gc.Optimizer, specs, opts: _Options, updates, state: GRNGState
                                collective=coll, curvature=curvature, inverse=inverse)
         return list(ups), new
 
-    ups, new_core = _refresh(step, core, opts.refresh, state.core.step)
+    # the schedule counts calls (taken + skipped), as grng_core and the other adapters do
+    ups, new_core = _refresh(step, core, opts.refresh, state.core.step + state.core.skipped)
+    _report_skip(opts.name, state.core, new_core)
     return treedef.unflatten(ups), GRNGState(core=new_core, key=new_key)
+
+
+def _warn_skip(name, step, skipped) -> None:
+    import warnings
+
+    warnings.warn(f"grng_jax.{name}: step {int(step) + int(skipped)} was skipped (non-finite "
+                  f"gradients, statistics or update; parameters and state unchanged); "
+                  f"{int(skipped)} skipped so far", RuntimeWarning, stacklevel=2)
+
+
+def _report_skip(name: str, old: gc.OptState, new: gc.OptState) -> None:
+    """Warn from inside jit when this step was skipped (`jax.debug.callback` under a
+    `lax.cond`: nothing runs on a step that was taken). Eager steps warn in the core."""
+    skipped_now = new.skipped > old.skipped
+    if not isinstance(skipped_now, jax.core.Tracer):
+        return
+    lax.cond(skipped_now,
+             lambda: jax.debug.callback(partial(_warn_skip, name), new.step, new.skipped),
+             lambda: None)
 
 
 def _refresh(step: Callable, core: gc.Optimizer, refresh: str, count):

@@ -1,0 +1,35 @@
+"""``grng_jax.describe(opt, state, params)``: the same report as the torch adapter's
+(`grng_core.describe`), leaves named by their pytree paths."""
+
+from __future__ import annotations
+
+import jax
+
+from grng_core.describe import StructureReport, describe_state
+from grng_jax._checkpoint import _split, _tagged, core_of
+from grng_jax._diagonal_reasons import why_diagonal
+from grng_jax._layers import leaf_paths
+
+
+def _names(params) -> list[str]:
+    return ["/".join(str(k) for k in p) or "<root>" for p in leaf_paths(params)]
+
+
+def report(opt, state, params) -> StructureReport:
+    """Which structure and K-FAC layer each params leaf is preconditioned with (by path), the
+    share of weight-matrix elements under K-FAC, skipped steps; call it outside jit."""
+    grng, _, _ = _split(state, "state")
+    core = core_of(opt, grng)
+    leaves = jax.tree_util.tree_leaves(params)
+    paths = leaf_paths(params)
+    names = _names(params)
+    covered = {i for L in (grng.core.curvature.kfac or ()) for i in L.layout.positions}
+    fns = _tagged(opt, set())
+    option = getattr(fns[0], "grng_layers", "auto") if fns else "auto"
+    reasons = {i: r for i, (p, x) in enumerate(zip(paths, leaves))
+               if i not in covered and (r := why_diagonal(p, x, option))}
+    layer_names = {L.layout.weight: "/".join(str(k) for k in paths[L.layout.weight][:-1])
+                   for L in (grng.core.curvature.kfac or ())}
+    return describe_state(core.name, core.config.structure, grng.core,
+                          [tuple(x.shape) for x in leaves], names=names,
+                          layer_names=layer_names, reasons=reasons)

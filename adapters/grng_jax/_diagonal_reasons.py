@@ -1,0 +1,45 @@
+"""Why a weight matrix is not a K-FAC layer in grng_jax, and the one-time warning at init when
+most of them are not (`grng_jax.describe` shows the same reasons per leaf)."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+
+from grng_jax._layers import leaf_paths
+
+_AUTO = ("layers='auto' registers flax.linen Dense / DenseGeneral / Conv kernels (named "
+         "'kernel', input axes first) and Embed tables (named 'embedding')")
+
+
+def why_diagonal(path: tuple, leaf, layers_option) -> str | None:
+    """Why a ≥ 2-axis leaf is not a K-FAC layer, or None for smaller leaves."""
+    if getattr(leaf, "ndim", 0) < 2:
+        return None
+    if layers_option is None:
+        return "layers=None"
+    last = str(path[-1]) if path else ""
+    if last == "weight":
+        return ("named 'weight' (an equinox / torch-layout (out, in) matrix): " + _AUTO +
+                "; equinox and flax.nnx layers are not intercepted")
+    if layers_option == "auto":
+        return f"not a layer by name: {_AUTO}; or pass layers=grng_jax.find_layers(...)"
+    return "not in the layers= given"
+
+
+def warn_if_mostly_diagonal(name: str, params, covered: set, option) -> None:
+    """At init of a kfac optimizer: warn when most ≥ 2-axis leaves are not K-FAC layers."""
+    leaves = jax.tree_util.tree_leaves(params)
+    paths = leaf_paths(params)
+    matrices = [i for i, x in enumerate(leaves) if getattr(x, "ndim", 0) >= 2]
+    off = [i for i in matrices if i not in covered]
+    if not matrices or 2 * len(off) <= len(matrices):
+        return
+    shown = "; ".join(f"{'/'.join(str(k) for k in paths[i])} "
+                      f"({why_diagonal(paths[i], leaves[i], option)})" for i in off[:4])
+    more = f"; and {len(off) - 4} more" if len(off) > 4 else ""
+    warnings.warn(
+        f"grng_jax.{name}: {len(off)} of {len(matrices)} weight matrices are on the diagonal "
+        f"structure, not K-FAC: {shown}{more}. grng_jax.describe(opt, state, params) lists "
+        "every leaf.", UserWarning, stacklevel=4)

@@ -1,0 +1,73 @@
+"""grng_jax.describe: every params leaf by path with its structure, K-FAC layer or the reason
+it is diagonal; a one-time warning at init when most weight matrices would be diagonal."""
+
+from __future__ import annotations
+
+import warnings
+
+import flax.linen as fnn
+import grng_jax
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+
+class CNN(fnn.Module):
+    @fnn.compact
+    def __call__(self, x):
+        h = fnn.Conv(4, (3, 3))(x)
+        return fnn.Dense(3)(h.mean((1, 2)))
+
+
+def test_describe_names_layers_and_works_inside_a_chain():
+    params = CNN().init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 2)))
+    opt = optax.chain(optax.clip_by_global_norm(1.0), grng_jax.ring(0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = opt.init(params)
+    report = grng_jax.describe(opt, state, params)
+    by = {e.name: e for e in report.entries}
+    assert by["params/Conv_0/kernel"].layer == "params/Conv_0"
+    assert by["params/Dense_0/bias"].structure == "kfac"
+    assert report.kfac_share == 1.0 and report.skipped == 0
+
+
+def test_equinox_style_weights_warn_and_are_reported():
+    params = {"layers": [{"weight": jnp.zeros((8, 4)), "bias": jnp.zeros(8)},
+                         {"weight": jnp.zeros((3, 8)), "bias": jnp.zeros(3)}]}
+    opt = grng_jax.ring(0.1)
+    with pytest.warns(UserWarning, match=r"2 of 2 weight matrices.*named 'weight'"):
+        state = opt.init(params)
+    report = grng_jax.describe(opt, state, params)
+    assert report.kfac_share == 0.0
+    assert all("equinox" in e.reason for e in report.matrices())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grng_jax.ring(0.1, structure="diagonal").init(params)  # chosen: no warning
+
+
+def test_a_step_skipped_under_jit_warns_and_advances_the_schedule():
+    """Under jit the skip is reported through jax.debug.callback, and the refresh schedule
+    counts calls: a batch that keeps failing on a refresh step does not refresh every call."""
+    params = {"l": grng_jax.init_dense(jax.random.PRNGKey(0), 3, 2, dtype=jnp.float64)}
+
+    def loss_fn(p, batch):
+        out = grng_jax.dense(batch[0], p["l"]["kernel"], p["l"]["bias"])
+        return optax.softmax_cross_entropy_with_integer_labels(out, batch[1]).mean()
+
+    opt = grng_jax.ring(0.1, curvature_every=3, inverse_every=3)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state, batch):
+        grads = jax.grad(loss_fn)(params, batch)
+        return opt.update(grads, state, params, loss_fn=loss_fn, batch=batch)
+
+    bad = (jnp.full((4, 3), jnp.nan), jnp.zeros(4, jnp.int32))
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        _, state = step(params, state, bad)
+        jax.effects_barrier()
+    assert int(state.core.skipped) == 1 and int(state.core.step) == 0
+    flags = [opt.update.grng_core.flags(int(state.core.step) + int(state.core.skipped))]
+    assert flags == [(False, False)]  # call 2 of a 3-step period refreshes nothing

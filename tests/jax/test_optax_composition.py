@@ -1,0 +1,88 @@
+"""grng_jax inside optax combinators: optax.masked and optax.multi_transform (grng_jax on
+the dense layers, adamw on the rest) with full_params=; without it a clear error. Reference:
+the masked run's grng leaves equal a grng_jax run on a model whose other leaves are constants
+(the same loss as a function of those leaves) to 1e-10."""
+
+from __future__ import annotations
+
+import grng_jax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+
+def _params(seed=0):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    return {"l1": grng_jax.init_dense(k1, 5, 8, dtype=jnp.float64),
+            "l2": grng_jax.init_dense(k2, 8, 3, dtype=jnp.float64),
+            "scale": jnp.ones((8,), jnp.float64)}
+
+
+def loss_fn(p, batch):
+    x, y = batch
+    h = jnp.tanh(grng_jax.dense(x, p["l1"]["kernel"], p["l1"]["bias"])) * p["scale"]
+    logits = grng_jax.dense(h, p["l2"]["kernel"], p["l2"]["bias"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _batch(k):
+    rs = np.random.default_rng(k)
+    return jnp.asarray(rs.normal(size=(16, 5))), jnp.asarray(rs.integers(0, 3, 16))
+
+
+MASK = {"l1": {"kernel": True, "bias": True}, "l2": {"kernel": True, "bias": True},
+        "scale": False}
+
+
+def _run(opt, steps=3, **kw):
+    params = _params()
+    state = opt.init(params)
+    for k in range(steps):
+        batch = _batch(k)
+        grads = jax.grad(loss_fn)(params, batch)
+        updates, state = opt.update(grads, state, params, loss_fn=loss_fn, batch=batch,
+                                    **({"full_params": params} if kw.get("full") else {}))
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+def test_masked_grng_equals_grng_on_its_leaves():
+    ring = grng_jax.ring(0.1, damping=1e-2)
+    frozen = jax.tree_util.tree_map(lambda m: not m, MASK)  # masked leaves pass raw updates
+    got = _run(optax.chain(optax.masked(ring, MASK), optax.masked(optax.set_to_zero(), frozen)),
+               full=True)
+    # reference: grng_jax over the dense layers only, `scale` held fixed inside the loss
+    fixed = _params()["scale"]
+    params = {k: v for k, v in _params().items() if k != "scale"}
+    state = ring.init(params)
+
+    def sub_loss(p, batch):
+        return loss_fn({**p, "scale": fixed}, batch)
+
+    for k in range(3):
+        batch = _batch(k)
+        grads = jax.grad(sub_loss)(params, batch)
+        updates, state = ring.update(grads, state, params, loss_fn=sub_loss, batch=batch)
+        params = optax.apply_updates(params, updates)
+    for name in ("l1", "l2"):
+        np.testing.assert_allclose(np.asarray(got[name]["kernel"]),
+                                   np.asarray(params[name]["kernel"]), rtol=1e-10)
+    np.testing.assert_array_equal(np.asarray(got["scale"]), np.asarray(fixed))
+    assert np.abs(np.asarray(got["l1"]["kernel"] - _params()["l1"]["kernel"])).max() > 1e-3
+
+
+def test_multi_transform_grng_and_adamw():
+    labels = {"l1": {"kernel": "grng", "bias": "grng"}, "l2": {"kernel": "grng", "bias": "grng"},
+              "scale": "adam"}
+    opt = optax.multi_transform({"grng": grng_jax.ring(0.1, damping=1e-2),
+                                 "adam": optax.adamw(1e-2)}, labels)
+    got = _run(opt, full=True)
+    assert np.abs(np.asarray(got["scale"]) - 1.0).max() > 1e-3  # adamw moved it
+    assert np.isfinite(np.asarray(got["l1"]["kernel"])).all()
+
+
+def test_masked_without_full_params_names_the_fix():
+    with pytest.raises(ValueError, match="full_params=params"):
+        _run(optax.masked(grng_jax.ring(0.1), MASK), steps=1)
