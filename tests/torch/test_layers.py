@@ -62,6 +62,21 @@ def _grng_factors(layer, head, x, y):
     return first.A, first.S, opt
 
 
+def _three_steps(model, name, x, y, **kw):
+    """Three steps of grng_torch.<name> on (x, y); returns the optimizer."""
+    opt = getattr(gt, name)(model.parameters(), model=model, lr=0.1, damping=1e-2, **kw)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    return opt
+
+
 CONV2D = [dict(kernel_size=3, stride=1, padding=1), dict(kernel_size=(2, 3), stride=2, padding=0),
           dict(kernel_size=3, stride=1, padding="same", dilation=2)]
 
@@ -122,22 +137,10 @@ def test_transformers_conv1d_steps_as_the_transposed_linear(name):
     w0 = lin.weight.detach().clone()
     x = torch.randn(B, 7, 5, dtype=torch.float64)
     y = torch.randint(0, CLASSES, (B,))
-    runs = []
     for layer in (conv, lin):
         torch.manual_seed(1)
         model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.Linear(42, CLASSES)).double()
-        opt = getattr(gt, name)(model.parameters(), model=model, lr=0.1, damping=1e-2)
-        assert opt.describe().entries[0].structure == "kfac"
-
-        def closure(model=model, opt=opt):
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        for _ in range(3):
-            opt.step(closure)
-        runs.append(layer)
+        assert _three_steps(model, name, x, y).describe().entries[0].structure == "kfac"
     assert torch.allclose(conv.weight.T, lin.weight, rtol=1e-10, atol=1e-12)
     assert torch.allclose(conv.bias, lin.bias, rtol=1e-10, atol=1e-12)
     assert (lin.weight - w0).abs().max() > 1e-3  # the steps moved the weights
@@ -188,17 +191,7 @@ def test_multihead_attention_steps_as_explicit_linear_projections(name):
     for body in (SelfAttention(mha), ref):
         torch.manual_seed(1)
         model = nn.Sequential(body, nn.Flatten(), nn.Linear(40, CLASSES)).double()
-        opt = getattr(gt, name)(model.parameters(), model=model, lr=0.1, damping=1e-2)
-
-        def closure(model=model, opt=opt):
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        for _ in range(3):
-            opt.step(closure)
-        assert opt.describe().kfac_share == 1.0
+        assert _three_steps(model, name, x, y).describe().kfac_share == 1.0
     assert torch.allclose(mha.in_proj_weight, ref.qkv.weight, rtol=1e-9, atol=1e-12)
     assert torch.allclose(mha.out_proj.weight, ref.out.weight, rtol=1e-9, atol=1e-12)
     assert (mha.in_proj_weight - w0).abs().max() > 1e-3
@@ -233,17 +226,7 @@ def test_embedding_steps_as_the_one_hot_linear(name, kw):
     for body in (emb, ref):
         torch.manual_seed(1)
         model = nn.Sequential(body, nn.Tanh(), nn.Flatten(), nn.Linear(20, CLASSES)).double()
-        opt = getattr(gt, name)(model.parameters(), model=model, lr=0.1, damping=1e-2, **kw)
-        assert opt.describe().kfac_share == 1.0
-
-        def closure(model=model, opt=opt):
-            opt.zero_grad()
-            loss = F.cross_entropy(model(ids), y)
-            loss.backward()
-            return loss
-
-        for _ in range(3):
-            opt.step(closure)
+        assert _three_steps(model, name, ids, y, **kw).describe().kfac_share == 1.0
     assert torch.allclose(emb.weight, ref.lin.weight.T, rtol=1e-9, atol=1e-12)
     assert (emb.weight - e0).abs().max() > 1e-3
     assert torch.equal(emb.weight[8:], e0[8:])  # unseen tokens do not move

@@ -69,3 +69,51 @@ def test_short_training_run(name, opt_name):
     assert all(torch.isfinite(torch.tensor(losses)))
     first, last = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
     assert last < first and max(losses) < 1.5 * losses[0], losses  # trains, never diverges
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_shared_weight_block_follows_the_expand_formula(name):
+    """float64: the K-FAC factors of a layer applied at T > 1 positions per example (a
+    transformer projection over tokens, a convolution over pixels) after one step (lr 0)
+    equal A = ãᵀã/(B·T) and S = sᵀs/B with s = B·∂L/∂z, from the layer's input and output
+    captured by a plain forward hook and retain_grad (§2.1, K-FAC "expand")."""
+    z = ZOO[name]()
+    model = z.model.double()
+    layer = model.get_submodule(z.probe)
+    x, y = z.batch(0)
+    x = x.double() if x.is_floating_point() else x
+    seen = {}
+    handle = layer.register_forward_hook(lambda m, i, o: seen.update(a=i[0], z=o))
+    model.zero_grad()
+    out = model(x)
+    seen["z"].retain_grad()
+    z.loss(out, y).backward()
+    handle.remove()
+    B = x.shape[0]
+    if isinstance(layer, torch.nn.Conv2d):
+        a = torch.nn.functional.unfold(seen["a"], layer.kernel_size, padding=layer.padding,
+                                       stride=layer.stride).transpose(1, 2)
+        s = seen["z"].grad.movedim(1, -1)
+    else:
+        a, s = seen["a"], seen["z"].grad
+    a = a.reshape(-1, a.shape[-1]).detach()
+    s = s.reshape(-1, s.shape[-1]) * B
+    if layer.bias is not None:
+        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+    assert a.shape[0] > B  # T > 1 positions per example
+    opt = gt.RING(model.parameters(), model=model, lr=0.0)
+
+    def closure():
+        opt.zero_grad()
+        loss = z.loss(model(x), y)
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step(closure)
+    weight_pos = [i for i, p in enumerate(opt.param_groups[0]["params"]) if p is layer.weight]
+    (kl,) = [L for L in opt.group_state(0).core.curvature.kfac
+             if L.layout.weight == weight_pos[0]]
+    assert torch.allclose(kl.A, a.T @ a / a.shape[0], rtol=1e-9, atol=1e-14)
+    assert torch.allclose(kl.S, s.T @ s / B, rtol=1e-9, atol=1e-14)

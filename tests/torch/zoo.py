@@ -24,6 +24,7 @@ class ZooModel:
     loss: Callable  # (model output, targets) -> scalar
     kfac: tuple[str, ...]  # K-FAC layer-name suffixes that must be present
     diagonal: tuple[str, ...] = ()  # parameter names reported on the diagonal
+    probe: str = ""  # a shared-weight layer (applied at T > 1 positions per example)
 
 
 def _text_tokens(vocab: int) -> torch.Tensor:
@@ -56,7 +57,8 @@ def gpt2(vocab: int = 48, B: int = 8, T: int = 16) -> ZooModel:
     return ZooModel("gpt2", model, _lm_batches(vocab, B, T),
                     lambda out, y: F.cross_entropy(out.logits.reshape(-1, vocab), y.reshape(-1)),
                     kfac=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "wpe"),
-                    diagonal=("transformer.wte.weight",))  # tied with lm_head
+                    diagonal=("transformer.wte.weight",),  # tied with lm_head
+                    probe="transformer.h.0.attn.c_attn")
 
 
 def _seq_classes(vocab: int, B: int, T: int):
@@ -84,7 +86,8 @@ def bert(vocab: int = 16, B: int = 8, T: int = 12) -> ZooModel:
                     kfac=("attention.self.query", "attention.self.key", "attention.self.value",
                           "attention.output.dense", "intermediate.dense", "output.dense",
                           "pooler.dense", "classifier", "word_embeddings",
-                          "position_embeddings", "token_type_embeddings"))
+                          "position_embeddings", "token_type_embeddings"),
+                    probe="bert.encoder.layer.0.attention.self.query")
 
 
 class _Block(nn.Module):
@@ -135,7 +138,7 @@ def _digits(B: int):
 def resnet(B: int = 32) -> ZooModel:
     torch.manual_seed(0)
     return ZooModel("resnet_bn", ResNet(), _digits(B), F.cross_entropy,
-                    kfac=("stem", "conv1", "conv2", "down", "fc"))
+                    kfac=("stem", "conv1", "conv2", "down", "fc"), probe="block1.conv1")
 
 
 class EncoderClassifier(nn.Module):
@@ -157,7 +160,8 @@ def encoder(B: int = 8, T: int = 12) -> ZooModel:
     torch.manual_seed(0)
     return ZooModel("transformer_encoder", EncoderClassifier(), _seq_classes(16, B, T),
                     F.cross_entropy, kfac=("linear1", "linear2", "head", "embed",
-                                           "self_attn.in_proj", "self_attn.out_proj"))
+                                           "self_attn.in_proj", "self_attn.out_proj"),
+                    probe="encoder.layers.0.linear1")
 
 
 ZOO = {"gpt2": gpt2, "bert": bert, "resnet_bn": resnet, "transformer_encoder": encoder}
