@@ -153,9 +153,7 @@ class Optimizer:
         check_state(state, self, p_leaves)
         sdtype = self.state_dtype(p_leaves, xp)
         dev = device(p_leaves[0])
-        # refresh flags count calls (taken + skipped steps), as the adapters' host counters
-        # do: a run that keeps skipping on a refresh step must not refresh on every call
-        auto_curv, auto_inv = (_host_flag(f) for f in self.flags(state.step + state.skipped))
+        auto_curv, auto_inv = (_host_flag(f) for f in self.flags(state.step))
         curvature = True if schedule.per_step_batch(h) else curvature
         curvature = auto_curv if curvature is None else curvature
         inverse = auto_inv if inverse is None else inverse

@@ -169,12 +169,6 @@ def test_non_refresh_steps_collect_nothing(form, decomposition, products, ratio)
     params, batch = P.mlp_params(SIZES), _batch()
     opt = grng_jax.ring(0.1, curvature_every=4, inverse_every=4, form=form)
     jaxpr = jax.make_jaxpr(P.make_step(opt, P.softmax_ce))(params, opt.init(params), batch)
-    conds = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
-    assert len(conds) == 1
-    # the flag pairs in order of the period: (True, True), then (False, False)
-    refresh, plain = conds[0].params["branches"]
-    # the inversions (Cholesky by default, inverse_method="auto") and the statistics pass are
-    # in the refresh branch only
     from jax.extend import core as jax_core
 
     def prims(jaxpr):
@@ -184,6 +178,17 @@ def test_non_refresh_steps_collect_nothing(form, decomposition, products, ratio)
             for sub in jax_core.jaxprs_in_params(e.params):
                 out |= prims(sub)
         return out
+
+    conds = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
+    # the refresh switch, and the skip report (a debug callback run only on a skipped step)
+    assert len(conds) == 2
+    report = [c for c in conds if "debug_callback" in prims(c.params["branches"][1].jaxpr)]
+    assert len(report) == 1
+    (switch,) = [c for c in conds if c is not report[0]]
+    # the flag pairs in order of the period: (True, True), then (False, False)
+    refresh, plain = switch.params["branches"]
+    # the inversions (Cholesky by default, inverse_method="auto") and the statistics pass are
+    # in the refresh branch only
 
     assert decomposition in prims(refresh.jaxpr)
     assert decomposition not in prims(plain.jaxpr)
