@@ -29,6 +29,7 @@ checkpointer saves it, and :func:`save` / :func:`load` write grng_core's portabl
 (see :mod:`grng_jax._checkpoint`). Examples: :mod:`grng_jax.examples`.
 """
 
+from grng_jax._accumulate import MultiStepsState, multi_steps
 from grng_jax._builders import reng, ring, rkalman
 from grng_jax._checkpoint import load, save
 from grng_jax._describe import report as describe
@@ -38,6 +39,7 @@ from grng_jax._tags import dense, init_dense
 
 __all__ = [
     "GRNGState",
+    "MultiStepsState",
     "Layer",
     "dense",
     "describe",
@@ -46,6 +48,7 @@ __all__ = [
     "load",
     "mc_softmax_cross_entropy",
     "mc_squared_error",
+    "multi_steps",
     "reng",
     "ring",
     "rkalman",

@@ -86,3 +86,28 @@ def test_multi_transform_grng_and_adamw():
 def test_masked_without_full_params_names_the_fix():
     with pytest.raises(ValueError, match="full_params=params"):
         _run(optax.masked(grng_jax.ring(0.1), MASK), steps=1)
+
+
+def test_multi_steps_runs_the_optimizer_once_per_real_step():
+    """grng_jax.multi_steps(opt, 2): the first micro-step returns zeros and leaves the inner
+    state alone; the second equals opt on the mean gradient with that micro-batch's
+    statistics. The update sits in a lax.cond (no statistics or inverse on micro-steps)."""
+    ring = grng_jax.ring(0.1, damping=1e-2)
+    opt = grng_jax.multi_steps(ring, 2)
+    params = _params()
+    state = opt.init(params)
+    b1, b2 = _batch(1), _batch(2)
+    g1, g2 = jax.grad(loss_fn)(params, b1), jax.grad(loss_fn)(params, b2)
+    u1, state = opt.update(g1, state, params, loss_fn=loss_fn, batch=b1)
+    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree_util.tree_leaves(u1))
+    assert int(state.inner.core.step) == 0
+    u2, state = opt.update(g2, state, params, loss_fn=loss_fn, batch=b2)
+    mean = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, g1, g2)
+    want, inner = ring.update(mean, ring.init(params), params, loss_fn=loss_fn, batch=b2)
+    for a, b in zip(jax.tree_util.tree_leaves(u2), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12)
+    assert int(state.inner.core.step) == 1 and int(state.mini_step) == 0
+    jaxpr = jax.make_jaxpr(lambda g, s: opt.update(g, s, params, loss_fn=loss_fn, batch=b1))(
+        g1, state)
+    top = {e.primitive.name for e in jaxpr.jaxpr.eqns}
+    assert "cond" in top and "cholesky" not in top  # the inverse only inside the cond
