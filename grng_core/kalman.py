@@ -170,9 +170,9 @@ def _predict_correct(F_prev, P_prev, rows, divisor, shift, beta_t, steps, ctx, n
                      damped=None):
     """One factor's predict and correct, c = (1−β)/divisor (n for A, B for S): (F_new, P⁺).
     Where rounding made the belief indefinite (an innovation system that does not factorise:
-    float32, rows far larger than the damping) P⁺ is refreshed directly as F_new⁻¹ (§2.1,
-    the carried damped factor; extra damping reported as for K-FAC), so the filter goes on
-    instead of skipping every later step."""
+    float32, rows far larger than the damping) P⁺ is refreshed directly as F_new⁻¹ on the host
+    (§2.1, the carried damped factor; extra damping reported as for K-FAC), so the filter goes
+    on instead of skipping every later step; traced, the step is skipped (NaN)."""
     xp = ctx.xp
     M, P_minus = _predict(F_prev, P_prev, shift, beta_t, steps, ctx, name,
                           damped and damped("extra damping"))
@@ -185,13 +185,13 @@ def _predict_correct(F_prev, P_prev, rows, divisor, shift, beta_t, steps, ctx, n
 
     rescue = damped and damped("belief refreshed")
 
-    def refresh():
+    if concrete_bool(failed):  # on the host only: under jit (and on eager accelerators) the
+        # step is skipped and counted instead (an in-graph refresh branch deadlocked XLA:CPU
+        # under jit(vmap) over 8 seeds)
         if rescue is not None:
             rescue(0.0)
-        return cholesky_inverse(symmetrize(F_new, xp), xp, name, strict=False, rescue=rescue)
-
-    if branchable(failed):  # host or jit; an eager accelerator skips the step (NaN) instead
-        return F_new, branch(failed, refresh, lambda: P_plus)
+        return F_new, cholesky_inverse(symmetrize(F_new, xp), xp, name, strict=False,
+                                       rescue=rescue)
     return F_new, P_plus
 
 

@@ -199,12 +199,21 @@ def _update(core: gc.Optimizer, specs, opts: _Options, updates, state: GRNGState
     return treedef.unflatten(ups), GRNGState(core=new_core, key=new_key)
 
 
-def _warn_skip(name, step, skipped) -> None:
+def _warn_skip(name, now, step, skipped) -> None:
+    """The host side of the skip report; under vmap the values may be batched (and a
+    lax.cond becomes a select, so the callback also runs for runs that were not skipped)."""
     import warnings
 
-    warnings.warn(f"grng_jax.{name}: step {int(step) + int(skipped)} was skipped (non-finite "
-                  f"gradients, statistics or update; parameters and state unchanged); "
-                  f"{int(skipped)} skipped so far", RuntimeWarning, stacklevel=2)
+    import numpy as np
+
+    now, step, skipped = np.asarray(now), np.asarray(step), np.asarray(skipped)
+    if not now.any():
+        return
+    where = "" if now.ndim == 0 else f" ({int(now.sum())} of {now.size} vmapped runs)"
+    call = int(np.max(step + skipped))
+    warnings.warn(f"grng_jax.{name}: call {call} was skipped{where} (non-finite gradients, "
+                  f"statistics or update; parameters and state unchanged); "
+                  f"{int(np.max(skipped))} skipped so far", RuntimeWarning, stacklevel=2)
 
 
 def _report_skip(name: str, old: gc.OptState, new: gc.OptState) -> None:
@@ -214,7 +223,8 @@ def _report_skip(name: str, old: gc.OptState, new: gc.OptState) -> None:
     if not isinstance(skipped_now, jax.core.Tracer):
         return
     lax.cond(skipped_now,
-             lambda: jax.debug.callback(partial(_warn_skip, name), new.step, new.skipped),
+             lambda: jax.debug.callback(partial(_warn_skip, name), skipped_now, new.step,
+                                        new.skipped),
              lambda: None)
 
 
