@@ -41,7 +41,7 @@ for s in (0, 5):
     for _ in range(4):
         p, st = one(p, st, (x[s], y[s]))
     for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b[s]), rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b[s]), rtol=1e-3, atol=2e-4)
 print("ok", int(state.core.skipped.sum()))
 '''
 
