@@ -94,6 +94,7 @@ def transform(name: str, kwargs: dict, *, axis_name=None, layers="auto", refresh
         if not isinstance(state, GRNGState):
             raise TypeError(f"state must be the GRNGState returned by grng_jax.{name}(...).init")
         core, specs = _setup(core_main, params, opts)
+        _check_vma(name, opts.axis_name, batch)
         loss_fn, mc_loss_fn = _masking.unmask(name, params, full_params, loss_fn, mc_loss_fn)
         return _update(core, specs, opts, updates, state, params,
                        _Batch(loss_fn, batch, mc_loss_fn, key))
@@ -103,6 +104,27 @@ def transform(name: str, kwargs: dict, *, axis_name=None, layers="auto", refresh
         setattr(fn, "grng_fallback", fallback)  # noqa: B010
         setattr(fn, "grng_layers", layers)  # noqa: B010 (read by grng_jax.describe)
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_vma(name: str, axis_name, batch) -> None:
+    """Refuse shard_map's default check_vma=True: there jax.grad sums the gradients of
+    replicated parameters over the devices, so the optimizer would get a sum where it
+    averages (silently off by the device count). Seen from the batch: its leaves vary along
+    `axis_name` only when varying-axis types are tracked."""
+    if axis_name is None or batch is None or not hasattr(jax, "typeof"):
+        return
+    names = set(axis_name) if isinstance(axis_name, (tuple, list)) else {axis_name}
+    for x in jax.tree_util.tree_leaves(batch):
+        aval = jax.typeof(x)  # the varying axes: `.vma` (JAX 0.6-0.9), `.mat.varying` (0.10)
+        vma = getattr(aval, "vma", None) or getattr(getattr(aval, "mat", None), "varying",
+                                                    None) or ()
+        if names & set(vma):
+            raise ValueError(
+                f"grng_jax.{name}(axis_name={axis_name!r}) runs under jax.shard_map with "
+                "check_vma=True (the default): there jax.grad sums the gradients of replicated "
+                "parameters over the devices, and the optimizer, which averages gradients and "
+                "statistics over axis_name itself, would be off by the device count. Use "
+                "jax.shard_map(..., check_vma=False)")
 
 
 def _setup(core_main: gc.Optimizer, params, opts: _Options):

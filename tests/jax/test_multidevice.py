@@ -84,6 +84,16 @@ SCRIPT = textwrap.dedent(r'''
         ("rkalman/kfac/double_bp", CH, ["pmap"]),
     ]
     results = {label: run(cases.get(label, bare=True), kw, modes) for label, kw, modes in CASES}
+    # shard_map's default check_vma=True: jax.grad sums over devices; refused, not silently off
+    two = cases.get("ring/kfac/-", bare=True).jax(0.1, axis_name="data", **CH)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    f = jax.jit(jax.shard_map(step_fn(two), mesh=mesh, in_specs=(PS(), PS(), PS("data")),
+                              out_specs=(PS(), PS())))
+    try:
+        f(params, two.init(params), (x, y))
+        results["check_vma"] = "ran"
+    except ValueError as e:
+        results["check_vma"] = "refused" if "check_vma=False" in str(e) else str(e)
     print("RESULTS" + json.dumps(results))
 ''')
 
@@ -101,6 +111,7 @@ def test_two_devices_equal_one_device_on_the_combined_batch():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")][-1]
     results = json.loads(line[len("RESULTS"):])
+    assert results.pop("check_vma") == "refused"
     assert len(results) == 4
     for case, modes in results.items():
         for mode, (rel_err, state_err) in modes.items():
