@@ -8,15 +8,16 @@ pass (training, evaluation, per-example gradients, oracles) a tagged layer is a 
 ``x @ kernel + bias``.
 
 A layer is tagged by calling it through :func:`dense` (plain ``jax.numpy`` models) or by using
-``flax.linen.Dense`` (intercepted automatically, no model change). The weight is recognised by
+a flax.linen layer (intercepted automatically, no model change). The weight is recognised by
 identity: ``kernel`` (and ``bias``) must be the leaves of the params pytree handed to the
 optimizer, not arrays computed from them (no cast, no transpose), and the call must not sit
 inside a nested transformation (``vmap``, ``scan``, ``remat``) of the loss. A call that does not
 qualify is left untagged: its leaves are preconditioned by the diagonal unless the layer was
 registered for K-FAC, in which case the update raises a ValueError saying how to fix it.
 
-Flax NNX and Equinox layers are not intercepted: write their dense layers with :func:`dense`.
-Convolutions are not registered (their kernels use the diagonal).
+flax.linen's Dense, DenseGeneral, Conv and Embed are intercepted (`grng_jax._flax`: the rows'
+source, kind and input-axis count of each). Flax NNX and Equinox layers are not: write their
+dense layers with :func:`dense`.
 """
 
 from __future__ import annotations
