@@ -35,6 +35,7 @@ from grng_jax._builders import reng, ring, rkalman
 from grng_jax._checkpoint import load, save
 from grng_jax._describe import report as describe
 from grng_jax._layers import Layer, find_layers
+from grng_jax._nnx import loss_fn_of as nnx_loss_fn
 from grng_jax._optax import GRNGState, mc_softmax_cross_entropy, mc_squared_error
 from grng_jax._tags import dense, init_dense
 
@@ -50,6 +51,7 @@ __all__ = [
     "mc_softmax_cross_entropy",
     "mc_squared_error",
     "multi_steps",
+    "nnx_loss_fn",
     "reng",
     "ring",
     "rkalman",

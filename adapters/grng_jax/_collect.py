@@ -73,17 +73,19 @@ def layer_stats(loss_fn: Callable, treedef, leaves: list, batch,
 
     found: list = []
     other: dict = {}
+    nested: dict = {}
 
     def discover(lv):
         out, col = loss_of(lv, None)
         found.extend(col.calls)
         other.update(col.other_uses)
+        nested.update(col.nested)
         return out
 
     jax.eval_shape(discover, leaves)
     names = params_for_names if params_for_names is not None else \
         jax.tree_util.tree_unflatten(treedef, leaves)
-    _check_calls(found, other, specs, names, leaves)
+    _check_calls(found, other, specs, names, leaves, nested)
 
     perturbs = [jnp.zeros(c.out_shape, c.out_dtype) for c in found]
 
@@ -98,26 +100,37 @@ def layer_stats(loss_fn: Callable, treedef, leaves: list, batch,
         w, b = ref.weight, ref.bias
         idx = [k for k, c in enumerate(found) if c.weight == w]
         shape = leaves[w].shape
-        k_in = ref.resolved_in_axes(len(shape))
-        d_in, d_out = math.prod(shape[:k_in]), math.prod(shape[k_in:])
+        d_out = math.prod(ref.out_shape(shape))
+        d_in = math.prod(shape) // d_out
         a_shape = (-1,) if ref.embed else (-1, d_in)  # an embedding's rows: token ids
         a = [jnp.reshape(inputs[k], a_shape) for k in idx]
         s = [jnp.reshape(_at_least_f32(dz[k]) * n, (-1, d_out)) for k in idx]
         rows_a = a[0] if len(a) == 1 else jnp.concatenate(a, axis=0)
         rows_s = s[0] if len(s) == 1 else jnp.concatenate(s, axis=0)
         out.append(gc.LayerStats(weight=w, bias=b, inputs=rows_a, output_grads=rows_s,
-                                 transposed=True, batch_size=n))
+                                 transposed=ref.transposed, batch_size=n))
     return out
 
 
-_FIX = ("call it through grng_jax.dense(x, kernel, bias) or a flax.linen Dense / DenseGeneral "
-        "/ Conv / Embed on the params leaves themselves, outside jax.vmap / nn.scan / "
-        "nn.remat, or leave it out with layers=[...] (layers=grng_jax.find_layers(loss_fn, "
-        "params, batch) lists the layers that qualify; layers=None: every leaf diagonal), or "
+_FIX = ("call it through grng_jax.dense(x, kernel, bias) or a covered layer (flax.linen Dense / "
+        "DenseGeneral / Conv / Embed, flax.nnx Linear / LinearGeneral / Conv / Embed, equinox "
+        "nn.Linear / nn.Conv) on the params leaves themselves, outside nn.scan / nn.remat / "
+        "lax.scan / jax.checkpoint (jax.vmap is fine), or leave it out with layers=[...] "
+        "(layers=grng_jax.find_layers(loss_fn, params, batch) lists the layers that qualify; "
+        "layers=None: every leaf diagonal), or "
         "use structure='diagonal' or 'woodbury'")
 
 
-def _check_calls(found: list, other: dict, specs, names, leaves) -> None:
+def _nested_note(nested: dict) -> str:
+    if not nested:
+        return ""
+    parts = [f"{how} ({', '.join(sorted(set(layers))[:4])})" for how, layers in nested.items()]
+    return (" (the loss calls covered layers inside " + "; ".join(parts) + ": there the "
+            "layer's parameters are lifted into the transformation and its statistics cannot "
+            "be collected)")
+
+
+def _check_calls(found: list, other: dict, specs, names, leaves, nested=None) -> None:
     """Every layer of `specs` is called through a tagged layer of its kind, with its declared
     bias and input axes, and used nowhere else (a tied or uncovered use would be missed)."""
     for ref in specs:
@@ -130,10 +143,18 @@ def _check_calls(found: list, other: dict, specs, names, leaves) -> None:
                              f"call): {_FIX}")
         if not mine:
             raise ValueError(f"K-FAC layer {name!r} was not called through a tagged layer in "
-                             f"loss_fn, so its inputs and output gradients cannot be "
-                             f"collected: {_FIX}")
+                             f"loss_fn{_nested_note(nested or {})}, so its inputs and output "
+                             f"gradients cannot be collected: {_FIX}")
         k_in = ref.resolved_in_axes(leaves[w].ndim)
         for c in mine:
+            if c.transposed != ref.transposed:
+                how = "in the Flax layout (input axes first)" if ref.transposed else \
+                    "output axis first (transposed=False)"
+                raise ValueError(
+                    f"K-FAC layer {name!r} is registered {how} "
+                    f"but the model's {c.kind} layer stores it the other way: pass "
+                    "layers=grng_jax.find_layers(loss_fn, params, batch), or "
+                    f"grng_jax.Layer(..., transposed={c.transposed})")
             if (c.kind == "embed") != ref.embed or c.in_axes != k_in:
                 raise ValueError(
                     f"K-FAC layer {name!r} is registered as "

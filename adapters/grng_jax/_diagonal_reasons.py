@@ -9,8 +9,9 @@ import jax
 
 from grng_jax._layers import leaf_paths
 
-_AUTO = ("layers='auto' registers flax.linen Dense / DenseGeneral / Conv kernels (named "
-         "'kernel', input axes first) and Embed tables (named 'embedding')")
+_AUTO = ("layers='auto' registers flax.linen / flax.nnx kernels (named 'kernel', input axes "
+         "first), Embed tables (named 'embedding') and equinox weights (named 'weight', output "
+         "axis first) that have a 'bias'")
 
 
 def why_diagonal(path: tuple, leaf, layers_option) -> str | None:
@@ -21,8 +22,9 @@ def why_diagonal(path: tuple, leaf, layers_option) -> str | None:
         return "layers=None"
     last = str(path[-1]) if path else ""
     if last == "weight":
-        return ("named 'weight' (an equinox / torch-layout (out, in) matrix): " + _AUTO +
-                "; equinox and flax.nnx layers are not intercepted")
+        return ("named 'weight' without a 'bias' of its first axis's size (a bias-less "
+                "equinox layer, or an embedding): " + _AUTO + "; pass "
+                "layers=grng_jax.find_layers(loss_fn, params, batch)")
     if layers_option == "auto":
         return f"not a layer by name: {_AUTO}; or pass layers=grng_jax.find_layers(...)"
     return "not in the layers= given"

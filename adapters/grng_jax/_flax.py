@@ -24,7 +24,11 @@ def dense_general(mod, x) -> tuple[Any, str, int] | None:
     """DenseGeneral: the contracted axes moved last (rows of d_in = their product)."""
     if getattr(mod, "batch_dims", ()):
         return None
-    axes = _axes(mod.axis, x.ndim)
+    return dense_general_rows(x, _axes(mod.axis, x.ndim))
+
+
+def dense_general_rows(x, axes: tuple[int, ...]) -> tuple[Any, str, int]:
+    """The input with its contracted `axes` moved last, in order."""
     rows = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
     return rows, "dense", len(axes)
 

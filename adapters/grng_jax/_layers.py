@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -17,14 +19,18 @@ class Layer(NamedTuple):
     A path is a tuple of plain keys (``("Dense_0", "kernel")``), a ``"/"``-joined string
     (``"Dense_0/kernel"``) or a ``jax.tree_util.keystr`` string (``"['Dense_0']['kernel']"``).
     embed: an embedding table (vocab, features) looked up by token ids (A diagonal, §2.1).
-    in_axes: how many leading kernel axes index the input (None: all but the last; a
+    in_axes: how many kernel axes index the input (None: all but the output axis; a
     DenseGeneral with several output axes, e.g. attention's query (d, heads, head_dim), has 1).
+    transposed: True for the Flax layout (input axes first: ``kernel`` of flax.linen, flax.nnx,
+    :func:`dense`), False for the equinox / torch layout (output axis first: equinox's
+    ``weight`` (out, in) or (out, in, *kernel_size)).
     """
 
     weight: Any
     bias: Any = None
     embed: bool = False
     in_axes: int | None = None
+    transposed: bool = True
 
 
 class LayerRef(NamedTuple):
@@ -34,9 +40,27 @@ class LayerRef(NamedTuple):
     bias: int | None
     embed: bool = False
     in_axes: int | None = None
+    transposed: bool = True
 
     def resolved_in_axes(self, ndim: int) -> int:
         return ndim - 1 if self.in_axes is None else self.in_axes
+
+    def out_shape(self, shape: tuple) -> tuple:
+        """The kernel's output axes (what its bias must hold)."""
+        k = self.resolved_in_axes(len(shape))
+        return tuple(shape[k:]) if self.transposed else tuple(shape[:len(shape) - k])
+
+
+def plain_arrays(params):
+    """`params` with flax.nnx Variables replaced by their arrays (``nnx.Optimizer`` hands
+    ``init`` a State of Variables and ``update`` a State of arrays: both must give the same
+    leaves and paths)."""
+    if "flax.nnx" not in sys.modules:
+        return params
+    from flax import nnx
+
+    return nnx.as_pure(params)
+
 
 def _plain(entry) -> Any:
     for attr in ("key", "name", "idx"):
@@ -46,13 +70,14 @@ def _plain(entry) -> Any:
 
 
 def leaf_paths(params) -> list[tuple]:
-    """The path of every leaf, as a tuple of plain keys, in ``tree_flatten`` order."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    """The path of every leaf, as a tuple of plain keys, in ``tree_flatten`` order (a flax.nnx
+    Variable's leaf is named by the Variable's path)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(plain_arrays(params))
     return [tuple(_plain(e) for e in path) for path, _ in flat]
 
 
 def _keystrs(params) -> list[str]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    flat, _ = jax.tree_util.tree_flatten_with_path(plain_arrays(params))
     return [jax.tree_util.keystr(path) for path, _ in flat]
 
 
@@ -83,12 +108,15 @@ def _index(params, path, what: str) -> int:
 
 
 def auto_layers(params) -> list[LayerRef]:
-    """Layers by name (flax.linen's and :func:`init_dense`'s): a leaf named ``kernel`` with at
-    least 2 axes (Dense, DenseGeneral, Conv; Flax layout, input axes first) with its sibling
-    ``bias`` when that matches the kernel's trailing (output) axes, whose count then fixes the
-    input axes; a 2-D leaf named ``embedding`` (Embed). Without a bias a kernel's output is
-    its last axis (a multi-output DenseGeneral without bias needs ``layers=find_layers(...)``:
-    the update says so)."""
+    """Layers by name. Flax (flax.linen, flax.nnx, :func:`init_dense`): a leaf named ``kernel``
+    with at least 2 axes (Dense, DenseGeneral, Conv; input axes first) with its sibling ``bias``
+    when that matches the kernel's trailing (output) axes, whose count then fixes the input
+    axes; a 2-D leaf named ``embedding`` (Embed). Without a bias a kernel's output is its last
+    axis (a multi-output DenseGeneral without bias needs ``layers=find_layers(...)``: the update
+    says so). Equinox (``nn.Linear``, ``nn.Conv``): a leaf named ``weight`` with at least 2 axes
+    and a sibling ``bias`` of as many elements as its first (output) axis; a bias-less equinox
+    layer (and ``nn.Embedding``'s ``weight``) is not registered by name:
+    ``layers=find_layers(...)`` reads it from the model's calls."""
     leaves = jax.tree_util.tree_leaves(params)
     paths = leaf_paths(params)
     where = {p: i for i, p in enumerate(paths)}
@@ -97,6 +125,11 @@ def auto_layers(params) -> list[LayerRef]:
         ndim = getattr(x, "ndim", 0)
         if p and p[-1] == "embedding" and ndim == 2:
             out.append(LayerRef(i, None, embed=True))
+            continue
+        if p and p[-1] == "weight" and ndim >= 2:
+            b = where.get(p[:-1] + ("bias",))
+            if b is not None and math.prod(leaves[b].shape) == x.shape[0]:
+                out.append(LayerRef(i, b, transposed=False))
             continue
         if not p or p[-1] != "kernel" or ndim < 2:
             continue
@@ -138,17 +171,21 @@ def resolve_layers(params, layers) -> list[LayerRef]:
         k = len(shape) - 1 if entry.in_axes is None else entry.in_axes
         if len(shape) < 2 or not 1 <= k < len(shape) or (entry.embed and len(shape) != 2):
             raise ValueError(f"layers: the weight at {entry.weight!r} has shape {shape}; K-FAC "
-                             "needs a kernel with input axes first and at least one output axis "
-                             "(Flax layout (d_in..., d_out...)), in_axes between 1 and ndim-1")
+                             "needs a kernel with input and output axes (Flax layout "
+                             "(d_in..., d_out...), or transposed=False: (d_out, d_in...)), "
+                             "in_axes between 1 and ndim-1")
         b = None if entry.bias is None else _index(params, entry.bias, "bias")
-        if b is not None and tuple(leaves[b].shape) != shape[k:]:
+        ref = LayerRef(w, b, entry.embed, entry.in_axes, bool(entry.transposed))
+        want = ref.out_shape(shape)
+        if b is not None and math.prod(leaves[b].shape) != math.prod(want):
             raise ValueError(f"layers: the bias at {entry.bias!r} has shape "
-                             f"{tuple(leaves[b].shape)}, the kernel {shape} needs {shape[k:]} "
-                             "(its output axes)")
+                             f"{tuple(leaves[b].shape)}, the kernel {shape} "
+                             f"({'Flax layout' if ref.transposed else 'output axis first'}) "
+                             f"needs {want} (its output axes)")
         if w in seen:
             raise ValueError(f"layers: the weight at {entry.weight!r} is listed twice")
         seen.add(w)
-        out.append(LayerRef(w, b, entry.embed, entry.in_axes))
+        out.append(ref)
     return out
 
 
@@ -182,8 +219,9 @@ def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:
         if c.weight in seen:
             continue
         seen.add(c.weight)
-        default = c.in_axes == leaves[c.weight].ndim - 1  # all but the last axis: implied
+        default = c.in_axes == leaves[c.weight].ndim - 1  # all but the output axis: implied
         out.append(Layer(paths[c.weight], None if c.bias is None else paths[c.bias],
-                         embed=c.kind == "embed", in_axes=None if default else c.in_axes))
+                         embed=c.kind == "embed", in_axes=None if default else c.in_axes,
+                         transposed=c.transposed))
     return out
 

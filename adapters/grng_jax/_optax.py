@@ -140,7 +140,7 @@ def _setup(core_main: gc.Optimizer, params, opts: _Options):
 def _init(core: gc.Optimizer, specs, params, seed: int) -> GRNGState:
     leaves = jax.tree_util.tree_leaves(params)
     lspecs = None if specs is None else [
-        gc.LayerSpec(r.weight, r.bias, True, a_diagonal=r.embed, in_axes=r.in_axes)
+        gc.LayerSpec(r.weight, r.bias, r.transposed, a_diagonal=r.embed, in_axes=r.in_axes)
         for r in specs]
 
     # Under jit the state's arrays are placed (committed or not) like the params: a state

@@ -8,16 +8,16 @@ pass (training, evaluation, per-example gradients, oracles) a tagged layer is a 
 ``x @ kernel + bias``.
 
 A layer is tagged by calling it through :func:`dense` (plain ``jax.numpy`` models) or by using
-a flax.linen layer (intercepted automatically, no model change). The weight is recognised by
-identity: ``kernel`` (and ``bias``) must be the leaves of the params pytree handed to the
-optimizer, not arrays computed from them (no cast, no transpose), and the call must not sit
-inside a nested transformation (``vmap``, ``scan``, ``remat``) of the loss. A call that does not
-qualify is left untagged: its leaves are preconditioned by the diagonal unless the layer was
-registered for K-FAC, in which case the update raises a ValueError saying how to fix it.
-
-flax.linen's Dense, DenseGeneral, Conv and Embed are intercepted (`grng_jax._flax`: the rows'
-source, kind and input-axis count of each). Flax NNX and Equinox layers are not: write their
-dense layers with :func:`dense`.
+a layer of a covered library (intercepted automatically, no model change): flax.linen's Dense,
+DenseGeneral, Conv and Embed (`grng_jax._flax`), flax.nnx's Linear, LinearGeneral, Conv and
+Embed (`grng_jax._nnx`), equinox's nn.Linear and nn.Conv (`grng_jax._equinox`). The weight is
+recognised by identity: ``kernel`` (and ``bias``) must be the leaves of the params pytree
+handed to the optimizer, not arrays computed from them (no cast, no transpose). A call inside
+``jax.vmap`` is collected with the whole batch; one inside another nested transformation of
+the loss (``scan``, ``remat``, a nested ``jit``) cannot be (`grng_jax._nested`). A call that
+does not qualify is left untagged: its leaves are preconditioned by the diagonal unless the
+layer was registered for K-FAC, in which case the update raises a ValueError saying why (with
+the transformation's name) and how to fix it.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from grng_jax import _nested
 
 try:  # an explicit import: `jax.extend` is not an attribute of `jax` until imported
     from jax.extend.core import get_opaque_trace_state as _opaque_trace_state
@@ -62,6 +64,7 @@ class Call(NamedTuple):
     out_dtype: Any
     kind: str = "dense"  # "dense" | "conv" | "embed"
     in_axes: int = 1
+    transposed: bool = True  # Flax layout (input axes first); False: equinox's (out, in...)
 
 
 class Collector:
@@ -77,6 +80,7 @@ class Collector:
         self.perturbs = perturbs
         self.calls: list[Call] = []
         self.other_uses: dict[int, str] = {}  # leaf index -> an untagged use (tied, config)
+        self.nested: dict[str, list[str]] = {}  # transformation -> layers called inside it
         self._trace = None
         self._token = None
 
@@ -90,6 +94,11 @@ class Collector:
             _ACTIVE.reset(self._token)
         return False
 
+    def _nested_elsewhere(self) -> bool:
+        """Inside a nested transformation of the loss other than jax.vmap."""
+        return (self._trace is not None and _trace_state() != self._trace
+                and not _nested.in_vmap())
+
     def used_otherwise(self, kernel, how: str) -> None:
         """A registered leaf used by something other than a tagged call (Embed.attend: a tied
         output layer; an uncovered layer configuration): its K-FAC rows would miss that use."""
@@ -97,10 +106,15 @@ class Collector:
         if w is not None:
             self.other_uses.setdefault(w, how)
 
-    def tag(self, x, kernel, bias, z, kind: str = "dense", in_axes: int = 1):
-        """Record one call (x: the rows' source, see `Call`) and return z (+ its perturbation
-        in the collecting pass); an untagged call returns z unchanged."""
+    def tag(self, x, kernel, bias, z, kind: str = "dense", in_axes: int = 1,
+            transposed: bool = True, name: str = ""):
+        """Record one call (x: the rows' source, see `Call`; z: the output, its last axis the
+        layer's output features) and return z (+ its perturbation in the collecting pass); an
+        untagged call returns z unchanged. Under ``jax.vmap`` the call is recorded with the
+        whole batch (`grng_jax._nested`). name: the layer's module path, for messages."""
         w = self.ids.get(id(kernel))
+        if w is None and self._nested_elsewhere():  # e.g. nn.scan / nn.remat lift the params
+            self.nested.setdefault(_nested.transformation(), []).append(name or kind)
         if w is None or getattr(kernel, "ndim", 0) < 2:
             return z
         b = None
@@ -109,11 +123,13 @@ class Collector:
             if b is None:  # a computed bias: the layer cannot be registered
                 return z
         if self._trace is not None and _trace_state() != self._trace:
-            self.other_uses.setdefault(w, "a call inside a nested transformation of the loss "
-                                          "(jax.vmap, nn.scan, nn.remat, ...)")
+            if _nested.in_vmap():
+                return _nested.through_vmap(
+                    lambda x, z: self.tag(x, kernel, bias, z, kind, in_axes, transposed), x, z)
+            self.other_uses.setdefault(w, f"a call inside {_nested.transformation()}")
             return z  # inside a nested transformation of the loss: untagged
         k = len(self.calls)
-        self.calls.append(Call(w, b, x, tuple(z.shape), z.dtype, kind, in_axes))
+        self.calls.append(Call(w, b, x, tuple(z.shape), z.dtype, kind, in_axes, transposed))
         if self.perturbs is not None:
             if k >= len(self.perturbs):
                 raise RuntimeError(
@@ -122,6 +138,11 @@ class Collector:
                     "same layers in the same order on every evaluation")
             z = z + self.perturbs[k].astype(z.dtype)
         return z
+
+
+def active() -> Collector | None:
+    """The collector of the collecting pass being traced, or None."""
+    return _ACTIVE.get()
 
 
 def dense(x, kernel, bias=None, *, precision=None):
@@ -177,14 +198,24 @@ def _flax_interceptor(col: Collector):
         rows, kind, in_axes = got
         bias = mod.get_variable("params", "bias") if mod.has_variable("params", "bias") \
             else None
-        return col.tag(rows, kernel, bias, out, kind, in_axes)
+        return col.tag(rows, kernel, bias, out, kind, in_axes,
+                       name="/".join(str(k) for k in getattr(mod, "path", ()) or ()))
 
     return interceptor
 
 
 @contextlib.contextmanager
 def collecting(col: Collector):
-    """Activate `col` for :func:`dense` and, when Flax is loaded, for ``flax.linen.Dense``."""
+    """Activate `col` for :func:`dense` and the layers of the covered libraries that are
+    loaded (flax.linen through its method interceptor, flax.nnx and equinox through hooks)."""
+    if "flax.nnx" in sys.modules:
+        from grng_jax import _nnx
+
+        _nnx.install()
+    if "equinox" in sys.modules:
+        from grng_jax import _equinox
+
+        _equinox.install()
     with col, contextlib.ExitStack() as stack:
         if "flax.linen" in sys.modules:
             import flax.linen as nn

@@ -1,0 +1,44 @@
+"""equinox layers the K-FAC collection hooks (`grng_jax._patch`): ``nn.Linear`` and ``nn.Conv``
+(``Conv1d``/``Conv2d``/``Conv3d``). Their weights are stored output axis first, (out, in) and
+(out, in, *kernel_size) (tagged ``transposed=False``), and they are called on one example,
+usually under ``jax.vmap`` (collected with the whole batch, `grng_jax._nested`). A convolution's
+rows are its patches, ordered (c_in, *kernel) as the weight flattens, and its channels-first
+output is tagged channels last. Grouped convolutions and non-zero padding modes are left
+untagged (another use of the weight)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+
+def _linear(col, mod, x, out):
+    rows = jnp.reshape(x, (-1,))  # in_features="scalar": x of shape ()
+    z = col.tag(rows, mod.weight, mod.bias, jnp.reshape(out, (-1,)), "dense", 1,
+                transposed=False)
+    return jnp.reshape(z, jnp.shape(out))
+
+
+def _conv(col, mod, x, out):
+    n = mod.num_spatial_dims
+    if mod.groups != 1 or mod.padding_mode != "ZEROS" or n > 3 or x.ndim != n + 1:
+        col.used_otherwise(mod.weight, "an eqx.nn.Conv with groups or a padding_mode (not "
+                                       "covered)")
+        return out
+    sp = "DHW"[-n:]
+    patches = lax.conv_general_dilated_patches(
+        x[None], tuple(mod.kernel_size), tuple(mod.stride), mod.padding,
+        rhs_dilation=tuple(mod.dilation), dimension_numbers=(f"NC{sp}", f"OI{sp}", f"NC{sp}"))
+    rows = jnp.moveaxis(patches[0], 0, -1)  # (*out_spatial, c_in * prod(kernel))
+    z = col.tag(rows, mod.weight, mod.bias, jnp.moveaxis(out, 0, -1), "conv", n + 1,
+                transposed=False)
+    return jnp.moveaxis(z, -1, 0)
+
+
+def install() -> None:
+    import equinox as eqx
+
+    from grng_jax._patch import hook_method
+
+    hook_method(eqx.nn.Linear, "__call__", _linear)
+    hook_method(eqx.nn.Conv, "__call__", _conv)

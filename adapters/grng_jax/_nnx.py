@@ -1,0 +1,75 @@
+"""flax.nnx layers the K-FAC collection hooks (`grng_jax._patch`): Linear, LinearGeneral
+(also the projections inside nnx.MultiHeadAttention), Conv and Embed, with the row helpers
+of flax.linen's equivalents (`grng_jax._flax`; the attributes have the same names). A
+configuration they do not cover (LinearGeneral batch_axis, grouped / masked / circular
+convolutions) leaves the call untagged; ``Embed.attend`` (a tied output layer) is recorded as
+another use of the table."""
+
+from __future__ import annotations
+
+from grng_jax import _flax
+from grng_jax._patch import hook_method
+
+
+def _value(var):
+    return None if var is None else var[...]
+
+
+def _tag(col, mod, got, out, name: str, attr: str = "kernel"):
+    kernel = _value(getattr(mod, attr))
+    if got is None:
+        col.used_otherwise(kernel, f"nnx.{name} configuration")
+        return out
+    rows, kind, in_axes = got
+    return col.tag(rows, kernel, _value(getattr(mod, "bias", None)), out, kind, in_axes)
+
+
+def _linear(col, mod, x, out):
+    return _tag(col, mod, (x, "dense", 1), out, "Linear")
+
+
+def _linear_general(col, mod, x, out):
+    got = None
+    if not mod.batch_axis:
+        axes = _flax._axes(mod.axis, x.ndim)
+        got = _flax.dense_general_rows(x, axes)
+    return _tag(col, mod, got, out, "LinearGeneral")
+
+
+def _conv(col, mod, x, out):
+    return _tag(col, mod, _flax.conv(mod, x), out, "Conv")
+
+
+def _embed(col, mod, ids, out):
+    return _tag(col, mod, _flax.embed(mod, ids), out, "Embed", "embedding")
+
+
+def _attend(col, mod, query, out):
+    col.used_otherwise(_value(mod.embedding), "nnx.Embed.attend")
+    return out
+
+
+def install() -> None:
+    from flax import nnx
+
+    hook_method(nnx.Linear, "__call__", _linear)
+    hook_method(nnx.LinearGeneral, "__call__", _linear_general)
+    hook_method(nnx.Conv, "__call__", _conv)
+    hook_method(nnx.Embed, "__call__", _embed)
+    hook_method(nnx.Embed, "attend", _attend)
+
+
+def loss_fn_of(model, loss, wrt=None):
+    """``loss_fn(params, batch[, key])`` for a flax.nnx model: ``loss(model, batch[, key])``
+    evaluated on ``nnx.merge(graphdef, params, rest)``, with the graph and the variables
+    outside `wrt` (default ``nnx.Param``, as in ``nnx.Optimizer(model, tx, wrt=nnx.Param)``)
+    taken from `model` now. Build it inside the train step (after ``nnx.jit``), so that the
+    non-parameter state (batch statistics, RNG counts) is the step's own."""
+    from flax import nnx
+
+    graphdef, _, rest = nnx.split(model, nnx.Param if wrt is None else wrt, ...)
+
+    def loss_fn(params, batch, *key):
+        return loss(nnx.merge(graphdef, params, rest), batch, *key)
+
+    return loss_fn
