@@ -7,6 +7,8 @@ another use of the table."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from grng_jax import _flax
 from grng_jax._patch import hook_method
 
@@ -67,7 +69,8 @@ def loss_fn_of(model, loss, wrt=None):
     non-parameter state (batch statistics, RNG counts) is the step's own."""
     from flax import nnx
 
-    graphdef, _, rest = nnx.split(model, nnx.Param if wrt is None else wrt, ...)
+    parts: Any = nnx.split(model, nnx.Param if wrt is None else wrt, ...)
+    graphdef, rest = parts[0], parts[2]
 
     def loss_fn(params, batch, *key):
         return loss(nnx.merge(graphdef, params, rest), batch, *key)

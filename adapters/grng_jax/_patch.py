@@ -9,13 +9,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+from grng_jax._active import active
+
 _HOOKED = "__grng_jax_hook__"
 
 
 def hook_method(cls, name: str, hook: Callable) -> None:
     """Wrap ``cls.<name>``: ``hook(collector, module, first_arg, output) -> output``."""
-    from grng_jax._tags import active
-
     orig = cls.__dict__.get(name)
     if orig is None or getattr(orig, _HOOKED, False):
         return

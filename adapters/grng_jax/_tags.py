@@ -23,7 +23,6 @@ the transformation's name) and how to fix it.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import sys
 from typing import Any, NamedTuple
 
@@ -31,13 +30,13 @@ import jax
 import jax.numpy as jnp
 
 from grng_jax import _nested
+from grng_jax._active import ACTIVE
 
 try:  # an explicit import: `jax.extend` is not an attribute of `jax` until imported
     from jax.extend.core import get_opaque_trace_state as _opaque_trace_state
 except ImportError:  # pragma: no cover - older JAX without it: the check is skipped
     _opaque_trace_state = None  # type: ignore[assignment]
 
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("grng_jax_collector", default=None)
 
 
 def _trace_state():
@@ -86,12 +85,12 @@ class Collector:
 
     def __enter__(self):
         self._trace = _trace_state()
-        self._token = _ACTIVE.set(self)
+        self._token = ACTIVE.set(self)
         return self
 
     def __exit__(self, *exc):
         if self._token is not None:
-            _ACTIVE.reset(self._token)
+            ACTIVE.reset(self._token)
         return False
 
     def _nested_elsewhere(self) -> bool:
@@ -140,11 +139,6 @@ class Collector:
         return z
 
 
-def active() -> Collector | None:
-    """The collector of the collecting pass being traced, or None."""
-    return _ACTIVE.get()
-
-
 def dense(x, kernel, bias=None, *, precision=None):
     """``x @ kernel + bias`` (kernel of shape (d_in, d_out), Flax layout), tagged for K-FAC.
 
@@ -155,7 +149,7 @@ def dense(x, kernel, bias=None, *, precision=None):
     z = jnp.matmul(x, kernel, precision=precision)
     if bias is not None:
         z = z + bias
-    col = _ACTIVE.get()
+    col = ACTIVE.get()
     if col is not None:
         z = col.tag(x, kernel, bias, z)
     return z

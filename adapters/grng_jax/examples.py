@@ -29,7 +29,7 @@ statistics are collected, and its ``kernel``/``bias`` params are found by name::
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,10 +75,19 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+class Trained(NamedTuple):
+    """What :func:`train` returns."""
+
+    params: Any
+    accuracy: float  # on the test split, after the last epoch run
+    losses: list[float]  # per-epoch mean training loss
+    state: Any  # the optimizer state
+
+
 def train(logits_fn: Callable, params, optimizer: optax.GradientTransformation, data, *,
           epochs: int = 20, batch_size: int = 64, seed: int = 0, mc: bool = False,
-          until: float | None = None) -> tuple[Any, float, list[float]]:
-    """Minibatch training; returns (params, test accuracy, per-epoch mean losses).
+          until: float | None = None) -> Trained:
+    """Minibatch training; returns the params, test accuracy, losses and optimizer state.
 
     logits_fn(params, x) -> logits. One jitted function runs a whole epoch (lax.scan over the
     shuffled minibatches); it compiles once. With `until`, training stops after the first
@@ -121,7 +130,7 @@ def train(logits_fn: Callable, params, optimizer: optax.GradientTransformation, 
         acc = float(accuracy(params))
         if until is not None and acc >= until:
             break
-    return params, acc, losses
+    return Trained(params, acc, losses, state)
 
 
 def mlp_digits(algorithm: str = "ring", *, epochs: int = 20, seed: int = 0,
@@ -131,9 +140,9 @@ def mlp_digits(algorithm: str = "ring", *, epochs: int = 20, seed: int = 0,
     hp = {**DIGITS_HP[algorithm], **hyperparams}
     opt = getattr(grng_jax, algorithm)(**hp)
     params = mlp_init(jax.random.PRNGKey(seed), dtype=dtype)
-    _, acc, losses = train(mlp_logits, params, opt, digits(dtype=dtype), epochs=epochs,
-                           seed=seed, mc=hp.get("fisher") == "mc", until=until)
-    return acc, len(losses)
+    run = train(mlp_logits, params, opt, digits(dtype=dtype), epochs=epochs, seed=seed,
+                mc=hp.get("fisher") == "mc", until=until)
+    return run.accuracy, len(run.losses)
 
 
 def flax_mlp(hidden: int = 64, classes: int = 10):
@@ -161,8 +170,8 @@ def flax_digits(algorithm: str = "ring", *, epochs: int = 20, seed: int = 0,
     def logits_fn(p, x):
         return model.apply({"params": p}, x)
 
-    _, acc, losses = train(logits_fn, params, opt, data, epochs=epochs, seed=seed, until=until)
-    return acc, len(losses)
+    run = train(logits_fn, params, opt, data, epochs=epochs, seed=seed, until=until)
+    return run.accuracy, len(run.losses)
 
 
 def main() -> None:  # pragma: no cover - a demo

@@ -33,15 +33,22 @@ def test_describe_names_layers_and_works_inside_a_chain():
     assert report.kfac_share == 1.0 and report.skipped == 0
 
 
-def test_equinox_style_weights_warn_and_are_reported():
-    params = {"layers": [{"weight": jnp.zeros((8, 4)), "bias": jnp.zeros(8)},
-                         {"weight": jnp.zeros((3, 8)), "bias": jnp.zeros(3)}]}
+def test_equinox_style_weights_are_layers_with_a_bias_and_reported_without():
+    """'weight' (out, in) with a 'bias' of its first axis: an equinox layer, registered output
+    axis first; without a bias (a bias-less layer or an embedding) it is not, with the reason."""
+    with_bias = {"layers": [{"weight": jnp.zeros((8, 4)), "bias": jnp.zeros(8)},
+                            {"weight": jnp.zeros((3, 8)), "bias": jnp.zeros(3)}]}
+    state = grng_jax.ring(0.1).init(with_bias)
+    assert [L.layout.transposed for L in state.core.curvature.kfac] == [False, False]
+    assert [(L.layout.d_out, L.layout.d_in) for L in state.core.curvature.kfac] == [(8, 4),
+                                                                                    (3, 8)]
+    params = {"layers": [{"weight": jnp.zeros((8, 4))}, {"weight": jnp.zeros((3, 8))}]}
     opt = grng_jax.ring(0.1)
-    with pytest.warns(UserWarning, match=r"2 of 2 weight matrices.*named 'weight'"):
+    with pytest.warns(UserWarning, match=r"2 of 2 weight matrices.*named 'weight' without"):
         state = opt.init(params)
     report = grng_jax.describe(opt, state, params)
     assert report.kfac_share == 0.0
-    assert all("equinox" in e.reason for e in report.matrices())
+    assert all("find_layers" in e.reason for e in report.matrices())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         grng_jax.ring(0.1, structure="diagonal").init(params)  # chosen: no warning

@@ -293,20 +293,39 @@ def test_shared_kernel_and_sequence_rows_are_concatenated():
     assert losses[-1] < losses[0]
 
 
-def test_dense_inside_a_nested_transformation_is_not_tagged():
+def test_dense_under_vmap_is_collected_and_under_scan_refused_by_name():
     params, batch = P.mlp_params(SIZES), _batch()
     leaves, treedef = jax.tree_util.tree_flatten(params)
 
-    def loss_fn(p, batch):  # the first layer runs under vmap: its call is not tagged
+    def plain(p, batch):
+        h = jnp.tanh(grng_jax.dense(batch[0], p[0]["kernel"], p[0]["bias"]))
+        z = grng_jax.dense(h, p[1]["kernel"], p[1]["bias"])
+        return optax.softmax_cross_entropy_with_integer_labels(z, batch[1]).mean()
+
+    def vmapped(p, batch):  # the first layer runs one example at a time under vmap
         h = jax.vmap(lambda x: jnp.tanh(grng_jax.dense(x, p[0]["kernel"], p[0]["bias"])))(
             batch[0])
         z = grng_jax.dense(h, p[1]["kernel"], p[1]["bias"])
         return optax.softmax_cross_entropy_with_integer_labels(z, batch[1]).mean()
 
-    stats = _collect.layer_stats(loss_fn, treedef, leaves, batch, [(3, 2)])
+    def scanned(p, batch):  # the first layer inside lax.scan: cannot be collected
+        def body(c, x):
+            return c, jnp.tanh(grng_jax.dense(x, p[0]["kernel"], p[0]["bias"]))
+
+        _, h = jax.lax.scan(body, 0.0, batch[0])
+        z = grng_jax.dense(h, p[1]["kernel"], p[1]["bias"])
+        return optax.softmax_cross_entropy_with_integer_labels(z, batch[1]).mean()
+
+    want = _collect.layer_stats(plain, treedef, leaves, batch, [(1, 0), (3, 2)])
+    got = _collect.layer_stats(vmapped, treedef, leaves, batch, [(1, 0), (3, 2)])
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(np.asarray(g.inputs), np.asarray(w.inputs), rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(g.output_grads), np.asarray(w.output_grads),
+                                   rtol=1e-10, atol=1e-14)
+    stats = _collect.layer_stats(scanned, treedef, leaves, batch, [(3, 2)])
     assert stats[0].inputs.shape == (B, SIZES[1])
-    with pytest.raises(ValueError, match="inside a nested transformation.*jax.vmap"):
-        _collect.layer_stats(loss_fn, treedef, leaves, batch, [(1, 0)])
+    with pytest.raises(ValueError, match="used by a call inside lax.scan"):
+        _collect.layer_stats(scanned, treedef, leaves, batch, [(1, 0)])
 
 
 # --------------------------------------------------------------------------- Flax

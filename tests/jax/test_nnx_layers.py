@@ -24,7 +24,6 @@ from tests.jax.test_flax_layers import (
     H,
     _ce,
     _jax_run,
-    f64,
 )
 
 nnx = pytest.importorskip("flax.nnx")
