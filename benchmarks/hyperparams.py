@@ -24,11 +24,19 @@ KFAC_LR, KFAC_DAMPING = 0.1, 0.3
 ADAMW_WD = 1e-4
 
 
+#: The KL trust region of the GRNG rows: off (inf, which every adapter reads as off), as in the
+#: K-FAC peers they are compared with at the same base settings and sweep, and as when the
+#: README's suite and step-cost figures were made; the recommended defaults (kl_clip 1e-3) are
+#: measured by benchmarks/defaults_sweep.py.
+KL_CLIP = float("inf")
+
+
 def common_hp(lr: float, damping: float) -> dict:
-    """Keyword arguments every GRNG optimizer shares (refresh intervals, EMA, momentum)."""
+    """Keyword arguments every GRNG optimizer shares (refresh intervals, EMA, momentum, the KL
+    trust region)."""
     return {"lr": lr, "damping": damping, "momentum": MOMENTUM,
             "curvature_every": REFRESH_EVERY, "inverse_every": REFRESH_EVERY,
-            "ema_decay": EMA_DECAY}
+            "ema_decay": EMA_DECAY, "kl_clip": KL_CLIP}
 
 
 #: RING's two forms, each run as its own row (adaptive_damping: the default form).

@@ -146,8 +146,9 @@ class _Common:
     inverse_method: str = hp("auto", "'auto' (Cholesky where the namespace has linalg, else "
                              "Newton–Schulz), 'newton_schulz', 'cholesky' or 'eigh' (§2.1)",
                              _choice(INVERSE_METHODS))
-    kl_clip: float | None = hp(None, "KL trust region κ > 0, or None (§3 tail)",
-                               _optional(lambda n, v: check_range(n, v, 0.0, low_open=True)))
+    kl_clip: float | None = hp(1e-3, "KL trust region κ > 0 (§3 tail); None or inf: off",
+                               _optional(lambda n, v: v if v == math.inf else
+                                         check_range(n, v, 0.0, low_open=True)))
     state_dtype: str | None = hp(None, "dtype of the state: None (float64 if any parameter is, "
                                  "else float32), 'float32' or 'float64'", _choice(STATE_DTYPES))
     on_nonfinite: str = hp("skip", "a non-finite step: 'skip' (warn, count) or 'raise'",
@@ -263,7 +264,7 @@ class RKalmanConfig(_Common):
     kalman_decay: float = hp(0.95, "fading memory β_K in [0, 1) (§3.3)", _unit)
     prior_var: float = hp(1.0, "prior variance σ₀² > 0 (§3.3)",
                           lambda n, v: check_range(n, v, 0.0, low_open=True))
-    damping: Scalar = hp(1e-3, "damping λ of the kfac belief (§3.3)", _positive,
+    damping: Scalar = hp(1e-2, "damping λ of the kfac belief (§3.3)", _positive,
                          schedulable=True)
     inverse_every: int = hp(1, "unused by R-Kalman (its kfac belief inverts no factor; see "
                             "kalman_refresh_every)", check_int)

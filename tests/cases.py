@@ -4,8 +4,11 @@
 structure x estimator, RING x form (6 RING + 6 RENG + 6 R-Kalman), each with the consistency suite's
 hyperparameters. A suite picks its rows with `select(...)` (or `get(label)`), widens them with
 `variants(...)` (finite-difference scheme, Fisher), and sets its own hyperparameters as data
-with `case.using(**hp)` (or `case.bare`: the builders' defaults). One case builds every
-library's optimizer:
+with `case.using(**hp)` (or `case.bare`: the builders' defaults). The suites check the math of
+§2–§3 against references that have no trust region, so every case turns the default KL clip
+off (`kl_clip=None`) unless it sets one; the defaults themselves are tested on the model zoo
+(tests/torch/test_zoo.py, tests/jax/test_zoo_flax.py). One case builds every library's
+optimizer:
 
     case.build(**overrides)                    # grng_core.reng / ring / rkalman
     case.torch(params, **overrides)            # grng_torch.RENG / RING / RKalman
@@ -126,7 +129,7 @@ class Case:
     def options(self, **overrides) -> dict[str, Any]:
         """The keywords of this optimizer's builder: structure, estimator, scheme, Fisher,
         hyperparameters, then `overrides`; keywords of other optimizers dropped."""
-        kw: dict[str, Any] = {"structure": self.structure}
+        kw: dict[str, Any] = {"structure": self.structure, "kl_clip": None}
         if self.estimator is not None:
             kw["gr"] = self.estimator
         if self.fd_scheme is not None:
@@ -158,6 +161,8 @@ class Case:
 
         kw = self.options(**overrides)
         lr = kw.pop("lr", None)
+        if kw.get("kl_clip", 0.0) is None:
+            kw["kl_clip"] = float("inf")  # grng_jax: None keeps the default; inf is off
         return getattr(grng_jax, self.optimizer)(lr if learning_rate is None else learning_rate,
                                                  **kw)
 

@@ -121,6 +121,28 @@ def test_update_tail_momentum_weight_decay_and_kl_clip(small):
     assert nu < 1.0  # the clip was active
 
 
+@pytest.mark.parametrize("name", ["reng", "ring", "rkalman"])
+def test_the_kl_clip_is_on_by_default_and_none_or_inf_turn_it_off(small, name):
+    """The recommended defaults (README "Defaults"): κ = 1e-3 unless given; None and inf are
+    the same update as no clip (the closed form of the test above with ν = 1); R-Kalman's belief
+    damping defaults to 1e-2, RENG's and RING's to 1e-3."""
+    mlp, params, x, y = small
+    build = getattr(gc, name)
+    assert build().config.kl_clip == 1e-3
+    assert build().config.damping == (1e-2 if name == "rkalman" else 1e-3)
+    g = mlp.grad(params, x, y)
+    kw = dict(lr=0.3, rho=0.0, damping=0.5, structure="diagonal", ema_decay=0.0)
+    default, _ = build(**kw).update(g, build(**kw).init(params), params)
+    off = [build(**kw, kl_clip=k).update(g, build(**kw).init(params), params)[0]
+           for k in (None, float("inf"))]
+    d = [-u / 0.3 for u in off[0]]  # the unclipped direction (ĝ = g at rho = 0)
+    nu = min(1.0, np.sqrt(1e-3 / (0.3**2 * abs(sum(np.sum(a * b) for a, b in zip(d, g))))))
+    assert nu < 1.0
+    for u0, u1, u2 in zip(default, *off):
+        assert rel_err(u2, u1) < 1e-15
+        assert rel_err(u0, nu * u1) < 1e-13
+
+
 def test_ring_rejects_rho_damping_above_one():
     with pytest.raises(ValueError, match=r"rho\*damping.*0 <= rho\*damping <= 1"):
         gc.ring(rho=10.0, damping=0.5, form="gauss_newton")

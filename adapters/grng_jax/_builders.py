@@ -76,6 +76,8 @@ def docstring(name: str) -> str:
         doc = docs[field]
         if field == "lr":
             doc += "; an optax schedule is called with the update count, 0 first"
+        if field == "kl_clip":
+            doc += " (here None keeps the default: pass float('inf') to turn it off)"
         rows.append(f"      {LR if field == 'lr' else field} ({defaults[field]!r}): {doc}")
     return (f"{SUMMARIES[name]}\n\n    Hyperparameters (grng_core.config.{cls.__name__}, the "
             f"core's {TITLES[name]}); None keeps\n    the default shown:\n" + "\n".join(rows)

@@ -1,0 +1,92 @@
+"""Which settings train the model zoo out of the box: every GRNG optimizer (and AdamW for
+scale) on every zoo model (tests/torch/zoo.py) for a fixed number of steps, per candidate
+setting; reports skipped steps, factor incidents, non-finite or diverged runs and the loss
+drop. The evidence behind the recommended defaults (README "Defaults").
+
+    python -m benchmarks.defaults_sweep [--steps 60] [--settings defaults,...] [--models ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import warnings
+
+import torch
+
+CANDIDATES = {
+    "defaults": {},
+    "old": dict(lr=0.1, damping=1e-3, kl_clip=None),
+    "kl": dict(kl_clip=1e-3),
+    "kl_d2": dict(kl_clip=1e-3, damping=1e-2),
+    "zoo": dict(lr=0.05, damping=1e-2, kl_clip=1e-3),
+}
+OPTIMIZERS = {"RING": {}, "RING-gn": dict(form="gauss_newton"), "RENG": {}, "RKalman": {}}
+
+
+def _run(z, make, steps: int) -> dict:
+    opt = make(z.model)
+    losses, skipped, incidents = [], 0, 0
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in range(steps):
+            x, y = z.batch(k)
+
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                loss = z.loss(z.model(x), y)
+                loss.backward()
+                return loss
+
+            out = opt.step(closure)
+            losses.append(float(out.detach()) if out is not None else math.nan)
+            if not math.isfinite(losses[-1]) or losses[-1] > 1e3 * max(losses[0], 1.0):
+                break
+    if hasattr(opt, "describe"):
+        rep = opt.describe()
+        skipped, incidents = rep.skipped, len(rep.incidents)
+    first = sum(losses[:5]) / len(losses[:5])
+    last = sum(losses[-10:]) / len(losses[-10:])
+    ok = len(losses) == steps and all(map(math.isfinite, losses)) and \
+        max(losses) < 1.5 * losses[0] and last < first
+    return dict(first=first, last=last, skipped=skipped, incidents=incidents, ok=ok,
+                steps=len(losses), seconds=time.perf_counter() - t0)
+
+
+def main(argv=None) -> None:
+    import grng_torch as gt
+
+    from tests.torch.zoo import ZOO
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--settings", default=",".join(CANDIDATES))
+    ap.add_argument("--models", default=",".join(ZOO))
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"{'model':20s} {'optimizer':9s} {'setting':9s} {'first':>7s} {'last':>7s} "
+          f"{'skip':>4s} {'inc':>3s} ok")
+    for model in args.models.split(","):
+        torch.manual_seed(0)
+        z = ZOO[model]()
+        base = {k: v.clone() for k, v in z.model.state_dict().items()}
+        z.model.load_state_dict(base)
+        r = _run(z, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3), args.steps)
+        print(f"{model:20s} {'AdamW':9s} {'1e-3':9s} {r['first']:7.3f} {r['last']:7.3f}")
+        for setting in args.settings.split(","):
+            for name in args.optimizers.split(","):
+                z.model.load_state_dict(base)
+                cls = getattr(gt, name.split("-")[0])
+                kw = {**CANDIDATES[setting], **OPTIMIZERS[name]}
+                r = _run(z, lambda m, cls=cls, kw=kw: cls(m.parameters(), model=m, **kw),
+                         args.steps)
+                print(f"{model:20s} {name:9s} {setting:9s} {r['first']:7.3f} {r['last']:7.3f} "
+                      f"{r['skipped']:4d} {r['incidents']:3d} {'yes' if r['ok'] else 'NO'}"
+                      f"{'' if r['steps'] == args.steps else ' (stopped)'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
