@@ -5,8 +5,7 @@ curvature needs: the loss and the batch::
 
     import grng_jax, optax, jax
 
-    opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      grng_jax.ring(1e-1, rho=0.05, damping=1e-3))   # structure="kfac"
+    opt = grng_jax.ring()   # the recommended defaults (README "Defaults"); structure="kfac"
     state = opt.init(params)
 
     @jax.jit

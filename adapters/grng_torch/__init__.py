@@ -10,9 +10,8 @@ per-example gradients or sampled labels) and that `step` takes a closure, as for
 
     model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 10))
     criterion = nn.CrossEntropyLoss()
-    opt = grng_torch.RING(model.parameters(), lr=0.1, rho=0.05, damping=1e-3,
-                          structure="kfac", model=model, loss_fn=criterion)
-    # or: grng_torch.RING(model, lr=0.1, ...)  -- the module's parameters, one group
+    opt = grng_torch.RING(model.parameters(), model=model, loss_fn=criterion)  # the defaults
+    # or: grng_torch.RING(model, lr=0.05, ...)  -- the module's parameters, one group
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
 
     for epoch in range(100):
