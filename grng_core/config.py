@@ -147,7 +147,7 @@ class _Common:
                              "Newton–Schulz), 'newton_schulz', 'cholesky' or 'eigh' (§2.1)",
                              _choice(INVERSE_METHODS))
     kl_clip: float | None = hp(1e-3, "KL trust region κ > 0 (§3 tail); None or inf: off",
-                               _optional(lambda n, v: v if v == math.inf else
+                               _optional(lambda n, v: None if v == math.inf else
                                          check_range(n, v, 0.0, low_open=True)))
     state_dtype: str | None = hp(None, "dtype of the state: None (float64 if any parameter is, "
                                  "else float32), 'float32' or 'float64'", _choice(STATE_DTYPES))

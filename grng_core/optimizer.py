@@ -114,7 +114,7 @@ class Optimizer:
         h, ctx, xp = self.config, env.ctx, env.ctx.xp
         d, ghat, new_curv = self.algorithm.direction(env, state.curvature)
         lr = _scalar(value_at(h.lr, ctx.t), xp, ctx.sdtype)
-        if h.kl_clip is not None and h.kl_clip != float("inf"):
+        if h.kl_clip is not None:  # inf is read as None (off) by the config
             d = tail.kl_clip(d, ghat, lr, h.kl_clip, xp)
         momentum = state.momentum  # created when momentum is switched on, dropped when off
         if h.momentum != 0.0:

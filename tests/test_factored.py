@@ -12,6 +12,8 @@ import grng_core as gc
 from grng_core.structures import factored
 from tests.helpers import rel_err
 
+NO_CLIP = dict(kl_clip=None)  # single steps against references without the §3 trust region
+
 
 def _problem(rs, d_out, d_in, n, batch, bias, transposed):
     """A one-layer params dict, its LayerSpec, rows and the gradient sᵀa/B in its layout."""
@@ -44,7 +46,7 @@ def _stats(spec, rows, batch, backend):
 def _run(backend, params, grads, spec, rows, batch, calls):
     """Two RING steps (rho = 0: d = (F + λI)⁻¹ g): a refresh with a first batch, then a step
     that refreshes nothing, given the rows of `grads` (factored) and not (dense)."""
-    opt = gc.ring(kl_clip=None, lr=1.0, rho=0.0, damping=0.3, inverse_method="cholesky")
+    opt = gc.ring(**NO_CLIP, lr=1.0, rho=0.0, damping=0.3, inverse_method="cholesky")
     p = backend.tree(params)
     rs = np.random.default_rng(7)
     first = (rs.normal(size=rows[0].shape), rs.normal(size=rows[1].shape))
@@ -158,7 +160,7 @@ def test_under_jit_both_paths_agree_with_the_reference(change):
     params, grads, spec, rows = _problem(rs, 30, 40, 8, 8, True, True)
     if change is not None:
         grads = change(grads, params)
-    opt = gc.ring(kl_clip=None, lr=1.0, rho=0.0, damping=0.3)
+    opt = gc.ring(**NO_CLIP, lr=1.0, rho=0.0, damping=0.3)
     # keys in sorted order: jit rebuilds dicts sorted, the layout's positions must agree
     p = {k: jnp.asarray(params[k]) for k in sorted(params)}
     g = {k: jnp.asarray(grads[k]) for k in sorted(grads)}

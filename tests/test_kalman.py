@@ -7,6 +7,8 @@ import grng_core as gc
 from grng_core.reference import MLP
 from tests.helpers import mlp_layers, rel_err
 
+NO_CLIP = dict(kl_clip=None)  # single steps against references without the §3 trust region
+
 
 def flat(leaves):
     return np.concatenate([np.ravel(v) for v in leaves])
@@ -32,7 +34,8 @@ def problem():
 def test_woodbury_belief_equals_dense_kalman(backend, problem):
     mlp, params, x, y = problem
     beta, prior, lr = 0.9, 0.5, 1.0
-    opt = gc.rkalman(kl_clip=None, lr=lr, rho=0.0, structure="woodbury", kalman_decay=beta, prior_var=prior)
+    opt = gc.rkalman(**NO_CLIP, lr=lr, rho=0.0, structure="woodbury", kalman_decay=beta,
+                     prior_var=prior)
     p = backend.tree(params)
     xb, yb = backend.asarray(x), backend.asarray(y)
     state = opt.init(p)
@@ -65,7 +68,8 @@ def test_woodbury_belief_equals_dense_kalman(backend, problem):
 def test_diagonal_belief(numpy_backend, problem):
     mlp, params, x, y = problem
     beta, prior = 0.8, 2.0
-    opt = gc.rkalman(kl_clip=None, lr=1.0, rho=0.0, structure="diagonal", kalman_decay=beta, prior_var=prior)
+    opt = gc.rkalman(**NO_CLIP, lr=1.0, rho=0.0, structure="diagonal", kalman_decay=beta,
+                     prior_var=prior)
     state = opt.init(params)
     pvar = [np.full(v.shape, prior) for v in params]
     p = params
@@ -88,7 +92,7 @@ def test_kfac_belief_tracks_the_inverse_of_its_factors(numpy_backend):
     rs = np.random.default_rng(5)
     mlp = MLP((6, 8, 3), activation="tanh", loss="softmax_ce")
     params = mlp.init(seed=0)
-    opt = gc.rkalman(kl_clip=None, lr=0.0, rho=0.0, structure="kfac", damping=1e-2, ema_decay=0.95,
+    opt = gc.rkalman(**NO_CLIP, lr=0.0, rho=0.0, structure="kfac", damping=1e-2, ema_decay=0.95,
                      inverse_every=10_000, ns_tol=1e-13, ns_max_iter=100)
     state = opt.init(params, layers=mlp_layers(mlp))
     worst = 0.0
@@ -107,7 +111,7 @@ def test_kfac_belief_tracks_the_inverse_of_its_factors(numpy_backend):
 def test_kfac_belief_first_step_is_exact(numpy_backend, problem):
     mlp, params, x, y = problem
     lam = 1e-2
-    opt = gc.rkalman(kl_clip=None, lr=1.0, rho=0.0, structure="kfac", damping=lam, ns_tol=1e-13)
+    opt = gc.rkalman(**NO_CLIP, lr=1.0, rho=0.0, structure="kfac", damping=lam, ns_tol=1e-13)
     state = opt.init(params, layers=mlp_layers(mlp))
     upd, state = opt.update(mlp.grad(params, x, y), state, params,
                             stats=mlp.stats(params, x, y, kind="layers"), curvature=True,

@@ -14,6 +14,8 @@ from grng_core.reference import MLP
 from tests.backends import BACKEND_NAMES, get_backend
 from tests.helpers import mlp_layers, rel_err
 
+NO_CLIP = dict(kl_clip=None)  # single steps against references without the §3 trust region
+
 LAM, RHO = 1e-2, 0.7
 
 
@@ -63,7 +65,7 @@ def _kfac_reference(mlp, params, x, y, g, factors):
 @pytest.mark.parametrize("method", ["eigh", "cholesky", "newton_schulz"])
 def test_kfac_adaptive_damping_every_step(backend, problem, method):
     mlp, params, batches = problem
-    opt = gc.ring(kl_clip=None, lr=1.0, rho=RHO, damping=LAM, structure="kfac", ns_tol=1e-13,
+    opt = gc.ring(**NO_CLIP, lr=1.0, rho=RHO, damping=LAM, structure="kfac", ns_tol=1e-13,
                   ns_max_iter=100, inverse_method=method, curvature_every=2, inverse_every=2)
     flags = [(True, True), (False, False)]
     d = _steps(backend, opt, mlp, params, batches, flags)
@@ -81,7 +83,7 @@ def test_kfac_adaptive_damping_every_step(backend, problem, method):
 
 def test_woodbury_adaptive_damping(backend, problem):
     mlp, params, batches = problem
-    opt = gc.ring(kl_clip=None, lr=1.0, rho=RHO, damping=LAM, structure="woodbury")
+    opt = gc.ring(**NO_CLIP, lr=1.0, rho=RHO, damping=LAM, structure="woodbury")
     d = _steps(backend, opt, mlp, params, batches, [(True, True)] * 2)
     for got, (x, y) in zip(d, batches):
         b = mlp.batch(params, x, y, per_example=True)
@@ -93,7 +95,7 @@ def test_woodbury_adaptive_damping(backend, problem):
 
 def test_diagonal_adaptive_damping(backend, problem):
     mlp, params, batches = problem
-    opt = gc.ring(kl_clip=None, lr=1.0, rho=RHO, damping=LAM, structure="diagonal", curvature_every=2)
+    opt = gc.ring(**NO_CLIP, lr=1.0, rho=RHO, damping=LAM, structure="diagonal", curvature_every=2)
     d = _steps(backend, opt, mlp, params, batches, [(True, True), (False, False)])
     x1, y1 = batches[0]
     q = [np.mean(j * j, axis=0) for j in mlp.batch(params, x1, y1, per_example=True)
@@ -106,8 +108,10 @@ def test_diagonal_adaptive_damping(backend, problem):
 def test_rho_zero_is_ngd(backend, problem):
     mlp, params, batches = problem
     flags = [(True, True)] * 2
-    ring = _steps(backend, gc.ring(kl_clip=None, lr=1.0, rho=0.0, damping=LAM), mlp, params, batches, flags)
-    ngd = _steps(backend, gc.reng(kl_clip=None, lr=1.0, rho=0.0, damping=LAM), mlp, params, batches, flags)
+    ring = _steps(backend, gc.ring(**NO_CLIP, lr=1.0, rho=0.0, damping=LAM), mlp, params,
+                  batches, flags)
+    ngd = _steps(backend, gc.reng(**NO_CLIP, lr=1.0, rho=0.0, damping=LAM), mlp, params,
+                 batches, flags)
     for a, b in zip(ring, ngd):
         assert rel_err(flat(a), flat(b)) < 1e-13
 
@@ -115,7 +119,7 @@ def test_rho_zero_is_ngd(backend, problem):
 def _train(backend_name, structure, steps=20, jit=False):
     be = get_backend(backend_name)
     mlp = MLP((4, 5, 3), activation="tanh", loss="softmax_ce")
-    opt = gc.ring(kl_clip=None, lr=0.5, rho=RHO, damping=LAM, structure=structure, momentum=0.5,
+    opt = gc.ring(**NO_CLIP, lr=0.5, rho=RHO, damping=LAM, structure=structure, momentum=0.5,
                   curvature_every=2, inverse_every=3)
     rs = np.random.default_rng(5)
     p = be.tree(mlp.init(seed=1))
@@ -156,9 +160,9 @@ def test_rho_schedule_equals_the_constant(numpy_backend, problem):
     """ρ may be a schedule (§3.2): ρ(t) = 0.7 gives the constant's steps exactly."""
     mlp, params, batches = problem
     flags = [(True, True), (False, False)]
-    const = _steps(numpy_backend, gc.ring(kl_clip=None, lr=1.0, rho=RHO, damping=LAM), mlp, params, batches,
-                   flags)
-    sched = _steps(numpy_backend, gc.ring(kl_clip=None, lr=1.0, rho=lambda t: RHO + 0.0 * t, damping=LAM),
-                   mlp, params, batches, flags)
+    const = _steps(numpy_backend, gc.ring(**NO_CLIP, lr=1.0, rho=RHO, damping=LAM), mlp,
+                   params, batches, flags)
+    sched = _steps(numpy_backend, gc.ring(**NO_CLIP, lr=1.0, rho=lambda t: RHO + 0.0 * t,
+                                          damping=LAM), mlp, params, batches, flags)
     for a, b in zip(const, sched):
         assert rel_err(flat(a), flat(b)) < 1e-15
