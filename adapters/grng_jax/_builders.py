@@ -33,10 +33,12 @@ ADAPTER_DOC = """
       axis_name: a pmap / shard_map axis name: gradients, oracle results and curvature
         statistics are averaged (per-example rows gathered) over it. None: one device.
       layers: which params leaves form K-FAC layers (structure "kfac"): "auto" (leaves named
-        ``kernel`` with their sibling ``bias``, whose shape gives the output axes: flax.linen
-        Dense / DenseGeneral / Conv and grng_jax.init_dense; 2-D leaves named ``embedding``:
-        Embed), a sequence of grng_jax.Layer (grng_jax.find_layers(loss_fn, params, batch)
-        lists them from a trace), a callable params -> sequence, or None. Leaves outside the
+        ``kernel`` with their sibling ``bias``, whose shape gives the output axes: flax.linen /
+        flax.nnx Dense / Linear / DenseGeneral / LinearGeneral / Conv and grng_jax.init_dense;
+        2-D leaves named ``embedding``: Embed; leaves named ``weight`` with a ``bias`` of their
+        first axis's size: equinox nn.Linear / nn.Conv, output axis first), a sequence of
+        grng_jax.Layer (grng_jax.find_layers(loss_fn, params, batch) lists them from a trace,
+        orientation included), a callable params -> sequence, or None. Leaves outside the
         layers use the diagonal.
       fallback: the structure used instead of "kfac" when the model has no layer at all
         (``grng_core.Optimizer.resolve``): "diagonal" (default; no per-example gradients) or
