@@ -20,8 +20,9 @@ curvature needs: the loss and the batch::
 ``loss_fn(params, batch)`` returns the mean loss over the batch's leading axis. From it the
 adapter derives per-example gradients (``vmap`` of ``grad``), Hessian-vector products (``jvp``
 of ``grad``), gradients at shifted parameters (finite differences) and, for K-FAC, the inputs
-and output gradients of the layers the model calls through :func:`dense` or flax.linen's
-Dense / DenseGeneral / Conv / Embed (see :mod:`grng_jax._tags`; models that expose none
+and output gradients of the layers the model calls through :func:`dense`, flax.linen's
+Dense / DenseGeneral / Conv / Embed, flax.nnx's Linear / LinearGeneral / Conv / Embed or
+equinox's nn.Linear / nn.Conv (see :mod:`grng_jax._tags`; models that expose none
 fall back to the diagonal structure; :func:`describe` lists what each leaf got). The
 factories' keywords are the fields of grng_core's config records
 (``help(grng_jax.ring)``). The state is a pytree of arrays (:class:`GRNGState`): any pytree
