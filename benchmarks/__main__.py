@@ -1,6 +1,8 @@
 """``python -m benchmarks``: the GRNG benchmark suite (run from the repository root).
 
-    python -m benchmarks            # default: digits MLP, every optimizer, sweep, 5 seeds
+    python -m benchmarks            # default: digits MLP (every optimizer, sweep, 5 seeds),
+                                    # ResNet-BN and GPT-2 char LM (GRNG at its defaults,
+                                    # AdamW and ASDL K-FAC swept; 2 seeds)
     python -m benchmarks --quick    # smoke run, under 2 minutes on a 2-core CPU
     python -m benchmarks --full     # every task, heavyball peers, bigger sweep, 5 seeds
     python -m benchmarks --stepcost # also the step-cost microbenchmark (benchmarks.stepcost)
@@ -19,13 +21,21 @@ import time
 from pathlib import Path
 
 from benchmarks.environment import environment, load_average, quiet_peer_warnings
+from benchmarks.tasks import TASK_NAMES
+
+#: The rows of the default suite's real tasks (ResNet-BN, GPT-2; 2 seeds, to stay under 10
+#: minutes on 2 cores): the GRNG optimizers at their recommended setting and the two
+#: optimizers issue #15's targets compare them with, swept. ``--full`` runs every row, 5 seeds.
+DEFAULT_REAL_ROWS = ("reng_rec", "ring_rec", "ring_rec_gn", "rkalman_rec", "adamw", "asdl_kfac")
 
 PRESETS = {
-    # tasks, seeds, epochs override (None = the task's own)
+    # tasks, seeds, epochs override (None = the task's own), and the real tasks' seeds and rows
+    # (None: every row, the preset's seeds)
     "quick": {"tasks": ["digits_mlp"], "seeds": 2, "epochs": 6},
-    "default": {"tasks": ["digits_mlp"], "seeds": 5, "epochs": None},
-    "full": {"tasks": ["digits_mlp", "digits_cnn", "logreg", "char_lm"], "seeds": 5,
-             "epochs": None},
+    "default": {"tasks": ["digits_mlp", "resnet_bn", "gpt2_char"], "seeds": 5, "epochs": None,
+                "real_seeds": 2, "real_rows": DEFAULT_REAL_ROWS},
+    "full": {"tasks": ["digits_mlp", "digits_cnn", "resnet_bn", "logreg", "char_lm",
+                       "gpt2_char"], "seeds": 5, "epochs": None},
 }
 
 
@@ -35,7 +45,7 @@ def parse_args(argv=None):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="smoke run (< 2 min)")
     g.add_argument("--full", action="store_true", help="every task and peer")
-    p.add_argument("--tasks", nargs="+", help="task names (digits_mlp digits_cnn logreg char_lm)")
+    p.add_argument("--tasks", nargs="+", help="task names (" + " ".join(TASK_NAMES) + ")")
     p.add_argument("--optimizers", nargs="+", help="optimizer keys (default: the preset's)")
     p.add_argument("--seeds", type=int, help="number of seeds")
     p.add_argument("--epochs", type=int, help="epochs per run (default: the task's)")
@@ -69,12 +79,16 @@ def main(argv=None) -> int:
         from benchmarks.optimizers import select_specs
         from benchmarks.report import write_report
         from benchmarks.suite import run_suite
-        from benchmarks.tasks import make_task
+        from benchmarks.tasks import REAL_TASKS, make_task
 
         tasks = [make_task(t, subset=args.subset) for t in (args.tasks or cfg["tasks"])]
         for t in tasks:
             if args.epochs or cfg["epochs"]:
                 t.epochs = args.epochs or cfg["epochs"]
+            if t.name in REAL_TASKS and cfg.get("real_rows") and not args.optimizers:
+                t.rows = cfg["real_rows"]
+            if t.name in REAL_TASKS and cfg.get("real_seeds") and not args.seeds:
+                t.seeds = cfg["real_seeds"]
         specs = select_specs(preset, args.optimizers)
         seeds = args.seeds or cfg["seeds"]
         print(f"GRNG benchmark [{preset}]: {len(tasks)} task(s) x {len(specs)} optimizers x "

@@ -52,8 +52,9 @@ def _three_way(n: int, rng: np.random.Generator, valid: float, test: float):
     return perm[n_test + n_valid:], perm[n_test:n_test + n_valid], perm[:n_test]
 
 
-def digits(image: bool = False, split_seed: int = 0) -> Split:
-    """scikit-learn digits, pixels scaled to [0, 1]; 64-dim vectors or (1, 8, 8) images.
+def digits(image: bool = False, split_seed: int = 0, size: int = 8) -> Split:
+    """scikit-learn digits, pixels scaled to [0, 1]; 64-dim vectors or (1, size, size) images
+    (``size`` a multiple of 8: each pixel repeated, nearest-neighbour upsampling).
 
     Split 70 / 10 / 20 (train / validation / test).
     """
@@ -64,6 +65,10 @@ def digits(image: bool = False, split_seed: int = 0) -> Split:
     y = y.astype(np.int64)
     if image:
         x = x.reshape(-1, 1, 8, 8)
+        if size != 8:
+            if size % 8:
+                raise ValueError(f"digits image size {size} is not a multiple of 8")
+            x = np.kron(x, np.ones((1, 1, size // 8, size // 8), np.float32))
     tr, va, te = _three_way(len(x), np.random.default_rng(split_seed), 0.1, 0.2)
     return Split(x[tr], y[tr], x[va], y[va], x[te], y[te], 10,
                  {"name": "sklearn digits", "n": len(x)})

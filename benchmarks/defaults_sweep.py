@@ -17,10 +17,16 @@ import torch
 
 CANDIDATES = {
     "defaults": {},
-    "old": dict(lr=0.1, damping=1e-3, kl_clip=None),
+    # the defaults before session 5 (refreshing every step, no trust region)
+    "old": dict(lr=0.1, damping=1e-3, kl_clip=None, curvature_every=1, inverse_every=1),
+    # session 5's defaults: the trust region, refreshing every step
+    "every_step": dict(kl_clip=1e-3, curvature_every=1, inverse_every=1),
     "kl": dict(kl_clip=1e-3),
     "kl_d2": dict(kl_clip=1e-3, damping=1e-2),
     "zoo": dict(lr=0.05, damping=1e-2, kl_clip=1e-3),
+    "c1_i10": dict(curvature_every=1, inverse_every=10),
+    "c5": dict(curvature_every=5, inverse_every=5),
+    "lr05": dict(lr=0.05),
 }
 OPTIMIZERS = {"RING": {}, "RING-gn": dict(form="gauss_newton"), "RENG": {}, "RKalman": {}}
 

@@ -29,8 +29,14 @@ class TorchView:
     def logits(self, x):
         import torch
 
-        with torch.no_grad():
-            return self.stepper.model(x).numpy()
+        model = self.stepper.model
+        training = model.training
+        model.eval()  # BatchNorm's running statistics, as a user evaluates
+        try:
+            with torch.no_grad():
+                return model(x).numpy()
+        finally:
+            model.train(training)
 
     def grad_norm(self, x, y):
         import torch

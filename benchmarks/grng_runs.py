@@ -93,6 +93,25 @@ def ring_rows(key: str, framework: str, base: dict, build, structure: str | None
             for form in RING_FORMS]
 
 
+#: Key suffix of the rows that run a GRNG optimizer at its recommended setting.
+REC_SUFFIX = "_rec"
+
+
+def recommended_rows(requires) -> list[OptSpec]:
+    """RENG, RING (both forms) and R-Kalman at their recommended setting (the library's
+    defaults, README "Defaults"; only the task's structure is passed): not swept, as a user
+    runs them out of the box. Keys ``reng_rec``, ``ring_rec``, ``ring_rec_gn``,
+    ``rkalman_rec``. Issue #15's wall-time targets are judged on these rows."""
+    rows = [("reng", "RENG", {}), ("ring", "RING", {"form": "adaptive_damping"}),
+            ("ring", "RING", {"form": "gauss_newton"}), ("rkalman", "R-Kalman", {})]
+    return [OptSpec(key + REC_SUFFIX + (GN_SUFFIX if base.get("form") == "gauss_newton"
+                                        else ""),
+                    label, "torch", "grng", base, _builder(key), requires=requires, fixed=True,
+                    extra={"algo": key, "variant": "defaults"},
+                    note="the library's defaults, not swept (the form named explicitly)")
+            for key, label, base in rows]
+
+
 def specs() -> list[OptSpec]:
     req = ("grng_torch", "grng_core")
     base = GRNG_BASE
@@ -109,6 +128,7 @@ def specs() -> list[OptSpec]:
         OptSpec("ngd", "NGD", "torch", "grng", dict(base["ngd"]),
                 _builder("ngd"), requires=req, extra={"algo": "ngd"},
                 note="RENG with rho=0: damped natural gradient, the paper's baseline"),
+        *recommended_rows(req),
         # --full variants
         OptSpec("reng_fd", "RENG", "torch", "grng",
                 dict(base["reng"], gr="finite_difference"), _builder("reng"), requires=req,

@@ -32,11 +32,11 @@ KL_CLIP = float("inf")
 
 
 def common_hp(lr: float, damping: float) -> dict:
-    """Keyword arguments every GRNG optimizer shares (refresh intervals, EMA, momentum, the KL
-    trust region)."""
+    """Keyword arguments every GRNG optimizer shares (refresh intervals with no warm-up, as
+    the K-FAC peers refresh, EMA, momentum, the KL trust region)."""
     return {"lr": lr, "damping": damping, "momentum": MOMENTUM,
             "curvature_every": REFRESH_EVERY, "inverse_every": REFRESH_EVERY,
-            "ema_decay": EMA_DECAY, "kl_clip": KL_CLIP}
+            "refresh_warmup": 0, "ema_decay": EMA_DECAY, "kl_clip": KL_CLIP}
 
 
 #: RING's two forms, each run as its own row (adaptive_damping: the default form).

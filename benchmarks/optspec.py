@@ -24,6 +24,7 @@ class OptSpec:
     note: str = ""
     extra: dict = field(default_factory=dict)
     valid: Callable | None = None  # hp -> bool: settings of the sweep the optimizer allows
+    fixed: bool = False  # run ``base`` as it is, no sweep (the GRNG rows at their defaults)
 
     def label_for(self, task) -> str:
         """The row label; a GRNG row names its structure (``extra["structure"]`` or the
@@ -41,7 +42,10 @@ class OptSpec:
     def sweep_grid(self, preset: str, task=None) -> list[dict]:
         """Hyperparameter settings of the sweep: base values times the grid's multipliers
         (a task may narrow the grid: ``Task.sweep``, e.g. the char LM's damping); settings
-        that ``valid`` rejects are left out (RING gauss_newton: rho * damping <= 1)."""
+        that ``valid`` rejects are left out (RING gauss_newton: rho * damping <= 1). A
+        ``fixed`` row has one setting, its base."""
+        if self.fixed:
+            return [dict(self.base)]
         grid = dict(SWEEPS[preset])
         if task is not None and task.sweep:
             grid.update(task.sweep)

@@ -148,7 +148,8 @@ def _grng_ring(params0, batch) -> _Runner:
     # the hand-written reference's math: RING's gauss_newton form, d = (1 − ρλ)U + ρg
     tx = grng_jax.ring(LR, rho=RHO, damping=DAMPING, structure="kfac", momentum=MOMENTUM,
                        curvature_every=REFRESH_EVERY, inverse_every=REFRESH_EVERY,
-                       ema_decay=EMA_DECAY, kl_clip=float("inf"), **gauss_newton_form())
+                       ema_decay=EMA_DECAY, kl_clip=float("inf"), refresh_warmup=0,
+                       **gauss_newton_form())
     return _optax(tx, True, params0, batch, spread=True)
 
 

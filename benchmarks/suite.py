@@ -26,7 +26,14 @@ def best_of(task, runs: list[RunResult]) -> RunResult | None:
     return min(ok, key=lambda r: (sign * r.select_valid, r.final_loss))
 
 
+def runs_here(task, spec) -> bool:
+    """Whether ``spec`` runs on ``task`` (its own task list, and the task's preset rows)."""
+    return (spec.tasks is None or task.name in spec.tasks) and \
+        (task.rows is None or spec.key in task.rows)
+
+
 def steps_for(task, spec, preset, seeds) -> int:
+    seeds = task.seeds or seeds
     return (len(spec.sweep_grid(preset, task)) + max(0, seeds - 1)) * task.epochs * \
         task.n_steps_per_epoch()
 
@@ -34,22 +41,23 @@ def steps_for(task, spec, preset, seeds) -> int:
 def run_suite(tasks, specs, preset: str, seeds: int, log=print, progress=True):
     """All runs; returns (results: list[RunResult], info: dict)."""
     info = {"unavailable": {}, "preset": preset, "seeds": seeds, "selected": {}}
-    plan = [(t, s) for t in tasks for s in specs if s.tasks is None or t.name in s.tasks]
+    plan = [(t, s) for t in tasks for s in specs if runs_here(t, s)]
     total = sum(steps_for(t, s, preset, seeds) for t, s in plan)
     bar = progress_bar(total=total, unit="step", disable=not progress)
     mem = PeakRSS()
     results: list[RunResult] = []
     for task in tasks:
         chosen = []
+        task_seeds = task.seeds or seeds
         for spec in specs:
-            if spec.tasks is not None and task.name not in spec.tasks:
+            if not runs_here(task, spec):
                 continue
-            hp = _sweep_and_select(task, spec, preset, seeds, bar, mem, info, results)
+            hp = _sweep_and_select(task, spec, preset, task_seeds, bar, mem, info, results)
             if hp is not None:
                 chosen.append((spec, hp))
         # the other seeds round-robin over the optimizers (seed-major), so that a burst of
         # other work on a shared machine does not land on one optimizer's runs only
-        for seed in range(1, seeds):
+        for seed in range(1, task_seeds):
             for spec, hp in chosen:
                 bar.set_postfix_str(f"{task.name} seed {seed} {spec.key}", refresh=False)
                 results.append(run_one(task, spec, hp, seed, task.epochs, progress=bar,

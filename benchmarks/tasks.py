@@ -13,7 +13,9 @@ import numpy as np
 
 from benchmarks import data as D
 
-TASK_NAMES = ("digits_mlp", "digits_cnn", "logreg", "char_lm")
+TASK_NAMES = ("digits_mlp", "digits_cnn", "resnet_bn", "logreg", "char_lm", "gpt2_char")
+#: One vision and one language task of the paper's kinds (issue #15), in the default suite.
+REAL_TASKS = ("resnet_bn", "gpt2_char")
 
 
 @dataclass
@@ -34,6 +36,8 @@ class Task:
     mlp_sizes: tuple = ()
     activation: str = "tanh"
     sweep: dict = field(default_factory=dict)  # overrides of the sweep grid's multipliers
+    seeds: int | None = None  # a preset's seed count for this task (None: the suite's)
+    rows: tuple | None = None  # a preset's optimizer rows for this task (None: all selected)
     meta: dict = field(default_factory=dict)
 
     @property
@@ -101,59 +105,71 @@ class Task:
         return float(-np.mean(logp[np.arange(len(y)), y]) / np.log(2.0))
 
 
+_KFAC = {"reng": "kfac", "ring": "kfac", "rkalman": "kfac", "ngd": "kfac"}
+
+
+def _seeded(build):
+    def make(seed):
+        import torch
+
+        torch.manual_seed(seed)
+        return build()
+    return make
+
+
 def make_task(name: str, subset: int | None = None) -> Task:
     """The named task with its data loaded (``subset``: first n training examples only)."""
-    import torch
-
+    if name in ("char_lm", "gpt2_char"):
+        return _language_task(name, subset)
     from benchmarks import models as M
-
-    def seeded(build):
-        def make(seed):
-            torch.manual_seed(seed)
-            return build()
-        return make
+    from benchmarks import models_real as MR
 
     if name == "digits_mlp":
         sizes = (64, 128, 64, 10)
-        arr = D.digits().subset(subset)
-        return Task(name, "digits MLP 64-128-64-10 (tanh)", seeded(lambda: M.mlp(sizes)),
+        return Task(name, "digits MLP 64-128-64-10 (tanh)", _seeded(lambda: M.mlp(sizes)),
                     batch_size=64, epochs=15, metric="accuracy", target=0.95,
-                    structures={"reng": "kfac", "ring": "kfac", "rkalman": "kfac",
-                                "ngd": "kfac"},
-                    arrays=arr, evals_per_epoch=4, jax_model="mlp", mlp_sizes=sizes,
+                    structures=_KFAC, arrays=D.digits().subset(subset), evals_per_epoch=4,
+                    jax_model="mlp", mlp_sizes=sizes,
                     meta={"data": "scikit-learn digits, 70/10/20 split"})
     if name == "digits_cnn":
-        arr = D.digits(image=True).subset(subset)
-        return Task(name, "digits CNN conv8-conv16-pool-dense", seeded(M.small_cnn),
+        return Task(name, "digits CNN conv8-conv16-pool-dense", _seeded(M.small_cnn),
                     batch_size=64, epochs=15, metric="accuracy", target=0.95,
-                    structures={"reng": "kfac", "ring": "kfac", "rkalman": "kfac",
-                                "ngd": "kfac"},
-                    arrays=arr, evals_per_epoch=2,
-                    meta={"data": "scikit-learn digits as 1x8x8 images"})
+                    structures=_KFAC, arrays=D.digits(image=True).subset(subset),
+                    evals_per_epoch=2, meta={"data": "scikit-learn digits as 1x8x8 images"})
+    if name == "resnet_bn":
+        return Task(name, "ResNet-style CNN with BatchNorm (digits 16x16)",
+                    _seeded(lambda: MR.ResNetBN(16)), batch_size=64, epochs=5,
+                    metric="accuracy", target=0.95, structures=_KFAC,
+                    arrays=D.digits(image=True, size=16).subset(subset), evals_per_epoch=4,
+                    meta={"data": "scikit-learn digits as 1x16x16 images (pixels repeated)"})
     if name == "logreg":
         arr = D.ill_conditioned_logreg().subset(subset)
         d = arr.x_train.shape[1]
         bayes = arr.meta["bayes_accuracy"]
         return Task(name, f"ill-conditioned logistic regression (d={d}, cond 1e4)",
-                    seeded(lambda: M.logistic_regression(d)), batch_size=128, epochs=15,
+                    _seeded(lambda: M.logistic_regression(d)), batch_size=128, epochs=15,
                     metric="accuracy", target=round(bayes - 0.03, 3),
-                    structures={"reng": "woodbury", "ring": "woodbury",
-                                "rkalman": "woodbury", "ngd": "woodbury"},
+                    structures={k: "woodbury" for k in _KFAC},
                     arrays=arr, evals_per_epoch=2, jax_model="mlp", mlp_sizes=(d, 2),
-                    meta={"data": arr.meta["name"],
-                          "bayes_accuracy": bayes})
-    if name == "char_lm":
-        corpus = D.char_corpus()
-        seq_len = 64
-        v = corpus.n_classes
-        return Task(name, "char-level tiny transformer (2 layers, d=64)",
-                    seeded(lambda: M.TinyTransformer(v, d=64, layers=2, heads=4,
-                                                     seq_len=seq_len)),
-                    batch_size=32, epochs=6, metric="bpc", target=3.0,
-                    structures={"reng": "kfac", "ring": "kfac", "rkalman": "kfac",
-                                "ngd": "kfac"},
-                    arrays=corpus, steps_per_epoch=50 if subset is None else 5,
-                    seq_len=seq_len, evals_per_epoch=1,
-                    sweep={"damping": (1.0,)},  # lr only: each run is ~100x a digits run
-                    meta={"data": corpus.description})
+                    meta={"data": arr.meta["name"], "bayes_accuracy": bayes})
     raise ValueError(f"unknown task {name!r}: choose from {', '.join(TASK_NAMES)}")
+
+
+def _language_task(name: str, subset: int | None) -> Task:
+    """The char-level LMs on the corpus: windows of 64 characters; an "epoch" is 50 steps
+    (5 with ``subset``); the sweep is over lr only (each run is ~100x a digits run)."""
+    from benchmarks import models as M
+    from benchmarks import models_real as MR
+
+    corpus = D.char_corpus()
+    v = corpus.n_classes
+    common = dict(metric="bpc", structures=_KFAC, arrays=corpus, seq_len=64,
+                  steps_per_epoch=50 if subset is None else 5, epochs=6,
+                  sweep={"damping": (1.0,)}, meta={"data": corpus.description})
+    if name == "char_lm":
+        return Task(name, "char-level tiny transformer (2 layers, d=64)",
+                    _seeded(lambda: M.TinyTransformer(v, d=64, layers=2, heads=4, seq_len=64)),
+                    batch_size=32, target=3.0, evals_per_epoch=1, **common)
+    return Task(name, "tiny GPT-2 char LM (transformers; 2 layers, d=64)",
+                _seeded(lambda: MR.GPT2Char(v, d=64, layers=2, heads=4, seq_len=64)),
+                batch_size=16, target=3.3, evals_per_epoch=5, **common)

@@ -137,8 +137,14 @@ class _Common:
     weight_decay: float = hp(0.0, "decoupled weight decay ω >= 0 (§3 tail)",
                              lambda n, v: check_range(n, v, 0.0))
     ema_decay: float = hp(0.95, "β of the curvature EMAs in [0, 1) (§2.1, §2.2)", _unit)
-    curvature_every: int = hp(1, "statistics every this many steps", check_int)
-    inverse_every: int = hp(1, "K-FAC inverses every this many steps", check_int)
+    curvature_every: int = hp(10, "statistics every this many steps (README \"Defaults\")",
+                              check_int)
+    inverse_every: int = hp(10, "K-FAC inverses (RING adaptive_damping: eigendecompositions) "
+                            "every this many steps", check_int)
+    refresh_warmup: int | None = hp(
+        None, "the first steps refresh statistics and inverses on every step; None: "
+        "⌈1/(1 − ema_decay)⌉ (the EMA's horizon: 20 at 0.95), 0: no warm-up (§2.1)",
+        _optional(lambda n, v: check_int(n, v, low=0)))
     ns_tol: float | None = hp(None, "Newton–Schulz tolerance (None: 1e-6 float64, 1e-4 float32)",
                               _optional(lambda n, v: check_range(n, v, 0.0, 1.0, low_open=True,
                                                                  high_open=True)))
@@ -266,7 +272,7 @@ class RKalmanConfig(_Common):
                           lambda n, v: check_range(n, v, 0.0, low_open=True))
     damping: Scalar = hp(1e-2, "damping λ of the kfac belief (§3.3)", _positive,
                          schedulable=True)
-    inverse_every: int = hp(1, "unused by R-Kalman (its kfac belief inverts no factor; see "
+    inverse_every: int = hp(10, "unused by R-Kalman (its kfac belief inverts no factor; see "
                             "kalman_refresh_every)", check_int)
     kalman_predict_steps: int = hp(1, "Newton–Schulz steps of the kfac belief's predict "
                                    "(§3.3)", check_int)
@@ -291,11 +297,12 @@ TITLES = {"reng": "RENG", "ring": "RING", "rkalman": "RKalman"}
 
 def upgrade_saved(algorithm: str, saved: dict) -> dict:
     """Hyperparameters recorded by an earlier version, with what their absent keys meant
-    then: RING had only form "gauss_newton"; R-Kalman's kfac belief was refreshed directly
-    every `inverse_every` steps with one predict step."""
+    then: no refresh warm-up; RING had only form "gauss_newton"; R-Kalman's kfac belief was
+    refreshed directly every `inverse_every` steps with one predict step."""
     out = dict(saved)
     if algorithm == "ring":
         out.setdefault("form", "gauss_newton")
+    out.setdefault("refresh_warmup", 0)  # no warm-up before it existed
     if algorithm == "rkalman":
         if "kalman_refresh_every" not in out:
             out["kalman_refresh_every"] = out.get("inverse_every")

@@ -153,10 +153,11 @@ class Optimizer:
         check_state(state, self, p_leaves)
         sdtype = self.state_dtype(p_leaves, xp)
         dev = device(p_leaves[0])
-        auto_curv, auto_inv = (_host_flag(f) for f in self.flags(state.step))
         curvature = True if schedule.per_step_batch(h) else curvature
-        curvature = auto_curv if curvature is None else curvature
-        inverse = auto_inv if inverse is None else inverse
+        if curvature is None or inverse is None:  # the adapter left them to the schedule
+            auto_curv, auto_inv = (_host_flag(f) for f in self.flags(state.step))
+            curvature = auto_curv if curvature is None else curvature
+            inverse = auto_inv if inverse is None else inverse
         mean = _identity if collective is None or collective.mean is None else collective.mean
         gather = _identity if collective is None or collective.gather is None else collective.gather
         count = state.curvature_count

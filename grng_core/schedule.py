@@ -15,12 +15,22 @@ def per_step_batch(config) -> bool:
     return config.structure == "woodbury"
 
 
+def warmup_steps(config) -> int:
+    """Steps at the start that refresh statistics and inverses on every step (§2.1):
+    `refresh_warmup`, or None: ⌈1/(1 − β)⌉, the horizon of the factors' EMA, so that the
+    factors have averaged that many batches before refreshes thin out."""
+    if config.refresh_warmup is not None:
+        return config.refresh_warmup
+    return math.ceil(round(1.0 / (1.0 - config.ema_decay), 9))
+
+
 def flags(config, step):
     """(curvature, inverse) at `step` (steps already taken): bools for an int, bool arrays
-    for an array."""
-    curvature = True if per_step_batch(config) else (step % config.curvature_every) == 0
+    for an array. Every step of the warm-up refreshes both."""
+    warm = step < warmup_steps(config)
+    curvature = True if per_step_batch(config) else ((step % config.curvature_every) == 0) | warm
     period = inverse_period(config)
-    return curvature, (step % period == 0) if period else False
+    return curvature, ((step % period == 0) | warm) if period else False
 
 
 def inverse_period(config) -> int | None:
@@ -33,7 +43,8 @@ def inverse_period(config) -> int | None:
 
 def flag_table(config):
     """The distinct (curvature, inverse) pairs and, per step of one period, which applies:
-    (pairs, index) with pairs[index[step % len(index)]] the flags at `step`.
+    (pairs, index) with pairs[index[step % len(index)]] the flags at `step` after the
+    warm-up (`warmup_steps`); during it the flags are pairs[index[0]] (both refreshed).
 
     Only K-FAC keeps inverses: for the other structures the inverse flag is None (an unused
     in-graph flag), so that inverse_every does not multiply traced branches (grng_jax runs one
@@ -44,7 +55,8 @@ def flag_table(config):
     every = inverse_period(config)
     if kfac and every:
         period = math.lcm(period, every)
-    table = [flags(config, s) for s in range(period)]
+    after = config.replace(refresh_warmup=0)
+    table = [flags(after, s) for s in range(period)]
     if not kfac:
         table = [(c, None) for c, _ in table]
     pairs = list(dict.fromkeys(table))

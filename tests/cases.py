@@ -5,8 +5,10 @@ structure x estimator, RING x form (6 RING + 6 RENG + 6 R-Kalman), each with the
 hyperparameters. A suite picks its rows with `select(...)` (or `get(label)`), widens them with
 `variants(...)` (finite-difference scheme, Fisher), and sets its own hyperparameters as data
 with `case.using(**hp)` (or `case.bare`: the builders' defaults). The suites check the math of
-§2–§3 against references that have no trust region, so every case turns the default KL clip
-off (`kl_clip=None`) unless it sets one; the defaults themselves are tested on the model zoo
+§2–§3 against references that have no trust region and refresh on every step, so every case
+turns the default KL clip off (`kl_clip=None`) and refreshes statistics and inverses on every
+step with no warm-up (`curvature_every=1, inverse_every=1, refresh_warmup=0`) unless it sets
+its own; the defaults themselves are tested on the model zoo
 (tests/torch/test_zoo.py, tests/jax/test_zoo_flax.py). One case builds every library's
 optimizer:
 
@@ -129,7 +131,8 @@ class Case:
     def options(self, **overrides) -> dict[str, Any]:
         """The keywords of this optimizer's builder: structure, estimator, scheme, Fisher,
         hyperparameters, then `overrides`; keywords of other optimizers dropped."""
-        kw: dict[str, Any] = {"structure": self.structure, "kl_clip": None}
+        kw: dict[str, Any] = {"structure": self.structure, "kl_clip": None,
+                              "curvature_every": 1, "inverse_every": 1, "refresh_warmup": 0}
         if self.estimator is not None:
             kw["gr"] = self.estimator
         if self.fd_scheme is not None:

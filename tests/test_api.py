@@ -105,7 +105,7 @@ def test_update_tail_momentum_weight_decay_and_kl_clip(small):
     mlp, params, x, y = small
     lr, mu, wd, lam, kappa = 0.3, 0.9, 0.01, 0.5, 1e-4
     opt = gc.ring(lr=lr, rho=0.0, damping=lam, structure="diagonal", momentum=mu,
-                  weight_decay=wd, ema_decay=0.0, kl_clip=kappa)
+                  weight_decay=wd, ema_decay=0.0, kl_clip=kappa, curvature_every=1)
     state = opt.init(params)
     m = [np.zeros_like(p) for p in params]
     p = params

@@ -288,7 +288,7 @@ def test_hand_written_jax_ring_matches_grng_jax():
     hp = ref.RefHyper(0.05, 0.05, 0.1, 0.9, 0.95, 3, "relu")
     tx = grng_jax.ring(0.05, rho=0.05, damping=0.1, structure="kfac", momentum=0.9,
                        curvature_every=3, inverse_every=3, ema_decay=0.95, kl_clip=float("inf"),
-                       **gauss_newton_form())
+                       refresh_warmup=0, **gauss_newton_form())
 
     def loss(p, bt):
         return jax_xent(jax_mlp_apply(p, bt[0], "relu"), bt[1])

@@ -145,3 +145,33 @@ def test_schedule_checked_at_first_step(name):
                          ids=["lr-float32", "damping-float32", "curvature_every-int64"])
 def test_numpy_scalars_are_numbers(kw):
     gc.reng(**kw)
+
+
+def test_refresh_defaults_every_10_after_a_warm_up_of_the_ema_horizon():
+    """§2.1 / README "Defaults": statistics and inverses every 10 steps, every step during
+    the first ⌈1/(1 − β)⌉ (20 at β = 0.95); `refresh_warmup` sets it, 0 turns it off; the
+    flags of a step-count array are the same as of the ints."""
+    from grng_core.schedule import flag_table, warmup_steps
+
+    opt = gc.ring()
+    assert (opt.config.curvature_every, opt.config.inverse_every) == (10, 10)
+    assert warmup_steps(opt.config) == 20
+    assert all(opt.flags(t) == (True, True) for t in range(20))
+    assert [t for t in range(20, 60) if any(opt.flags(t))] == [20, 30, 40, 50]
+    steps = np.arange(60)
+    cur, inv = opt.flags(steps)
+    np.testing.assert_array_equal(cur, [opt.flags(int(t))[0] for t in steps])
+    np.testing.assert_array_equal(inv, [opt.flags(int(t))[1] for t in steps])
+    assert warmup_steps(gc.ring(ema_decay=0.9).config) == 10
+    off = gc.ring(refresh_warmup=0)
+    assert off.flags(1) == (False, False) and off.flags(10) == (True, True)
+    assert gc.ring(refresh_warmup=3).flags(2) == (True, True)
+    # the periodic table describes the steps after the warm-up
+    pairs, index = flag_table(opt.config)
+    assert [pairs[index[t % len(index)]] for t in range(20, 40)] == \
+        [opt.flags(t) for t in range(20, 40)]
+    # R-Kalman: its belief's predict follows the curvature flag; no inverse unless asked
+    rk = gc.rkalman()
+    assert rk.flags(5) == (True, False) and rk.flags(25) == (False, False)
+    with pytest.raises(ValueError, match="refresh_warmup"):
+        gc.ring(refresh_warmup=-1)

@@ -329,7 +329,8 @@ def test_a_step_that_refreshes_nothing_reads_nothing_from_the_device(monkeypatch
     (array-api-strict's device1 stands for a GPU); a non-finite step there is still skipped
     bit-identically and counted, with no warning from the core (adapters report later)."""
     xps, mlp, x, y, params, layers = _strict_device1_problem()
-    opt = gc.ring(lr=0.1, damping=1e-2, momentum=0.5, curvature_every=10, inverse_every=10)
+    opt = gc.ring(lr=0.1, damping=1e-2, momentum=0.5, curvature_every=10, inverse_every=10,
+                  refresh_warmup=0)
     state = opt.init(params, layers=layers)
     upd, state = opt.update(mlp.grad(params, x, y), state, params,
                             stats=mlp.stats(params, x, y, kind="both"))  # step 1 refreshes

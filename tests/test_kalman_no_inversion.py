@@ -70,7 +70,7 @@ def test_belief_tracks_the_exact_inverse_without_inverting(calls, shape, batch, 
 def test_direct_refresh_is_optional(calls):
     mlp = MLP((6, 7, 3), activation="tanh", loss="softmax_ce")
     opt = gc.rkalman(lr=0.05, rho=0.0, damping=1e-2, kalman_refresh_every=5,
-                     inverse_method="cholesky")
+                     inverse_method="cholesky", curvature_every=1, refresh_warmup=0)
     assert opt.flags(5) == (True, True) and opt.flags(6) == (True, False)
     params = mlp.init(seed=2)
     state = opt.init(params, layers=mlp_layers(mlp))

@@ -21,7 +21,7 @@ from jax import lax
 import grng_core as gc
 from grng_core.algorithms import BUILDERS
 from grng_core.config import CONFIGS
-from grng_core.schedule import flag_table
+from grng_core.schedule import flag_table, warmup_steps
 from grng_core.state import ensure_pytrees
 from grng_jax import _collect, _masking
 from grng_jax._diagonal_reasons import warn_if_mostly_diagonal
@@ -260,6 +260,9 @@ def _refresh(step: Callable, core: gc.Optimizer, refresh: str, count):
     if len(pairs) == 1:
         return step(*pairs[0])
     which = jnp.asarray(index, jnp.int32)[count % len(index)]
+    warm = warmup_steps(core.config)
+    if warm:  # the warm-up refreshes both: step 0's pair
+        which = jnp.where(count < warm, index[0], which)
     return lax.switch(which, [lambda p=p: step(*p) for p in pairs])
 
 

@@ -63,7 +63,7 @@ def test_a_step_skipped_under_jit_warns_and_advances_the_schedule():
         out = grng_jax.dense(batch[0], p["l"]["kernel"], p["l"]["bias"])
         return optax.softmax_cross_entropy_with_integer_labels(out, batch[1]).mean()
 
-    opt = grng_jax.ring(0.1, curvature_every=3, inverse_every=3)
+    opt = grng_jax.ring(0.1, curvature_every=3, inverse_every=3, refresh_warmup=0)
     state = opt.init(params)
 
     @jax.jit

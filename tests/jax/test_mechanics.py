@@ -147,10 +147,13 @@ REFRESH_CASES = cases.select(optimizer=("ring", "rkalman"), structure="kfac",
                              default_estimator=True, bare=True)
 
 
+@pytest.mark.parametrize("warmup,count", [(0, 4), (3, 5)])
 @pytest.mark.parametrize("case", REFRESH_CASES, ids=[c.optimizer for c in REFRESH_CASES])
-def test_switch_and_where_refresh_give_the_same_steps(case):
+def test_switch_and_where_refresh_give_the_same_steps(case, warmup, count):
+    """The refresh warm-up (§2.1: every step refreshes during it) in both refresh modes."""
     params, batch = P.mlp_params(SIZES), _batch()
-    kw = dict(curvature_every=2, inverse_every=3, inverse_method="cholesky")
+    kw = dict(curvature_every=2, inverse_every=3, inverse_method="cholesky",
+              refresh_warmup=warmup)
     make = case.jax
     pa, sa, _ = _train(make(0.1, refresh="switch", **kw), params, batch, 7)
     pb, sb, _ = _train(make(0.1, refresh="where", **kw), params, batch, 7)
@@ -158,7 +161,8 @@ def test_switch_and_where_refresh_give_the_same_steps(case):
     # rounding-level agreement, an order above float64's resolution after 8 steps
     assert _max_diff(pa, pb) < 1e-11
     assert _max_diff(sa, sb) < 1e-11
-    assert int(sa.core.curvature_count) == 4  # steps 1, 3, 5, 7
+    # steps 1, 3, 5, 7; with a warm-up of 3: 1, 2, 3, 5, 7
+    assert int(sa.core.curvature_count) == int(sb.core.curvature_count) == count
 
 
 @pytest.mark.parametrize("form,decomposition,products,ratio", [
