@@ -24,9 +24,8 @@ CANDIDATES = {
     "kl": dict(kl_clip=1e-3),
     "kl_d2": dict(kl_clip=1e-3, damping=1e-2),
     "zoo": dict(lr=0.05, damping=1e-2, kl_clip=1e-3),
-    "c1_i10": dict(curvature_every=1, inverse_every=10),
-    "c5": dict(curvature_every=5, inverse_every=5),
-    "lr05": dict(lr=0.05),
+    # the defaults without the refresh warm-up (every 10 steps from the first)
+    "no_warmup": dict(refresh_warmup=0),
 }
 OPTIMIZERS = {"RING": {}, "RING-gn": dict(form="gauss_newton"), "RENG": {}, "RKalman": {}}
 
