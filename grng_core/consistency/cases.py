@@ -43,7 +43,7 @@ _BASE: dict[str, tuple[tuple[str, float | None], ...]] = {
              ("inverse_every", 2), *_EVERY),
     "reng": (("lr", 0.1), ("rho", 0.05), ("damping", 1e-2), ("momentum", 0.5),
              ("inverse_every", 2), *_EVERY),
-    "rkalman": (("lr", 0.2), ("rho", 0.05), ("damping", 1e-2), *_EVERY),
+    "rkalman": (("lr", 0.2), ("rho", 0.05), ("damping", 1e-2), ("inverse_every", 1), *_EVERY),
 }
 
 

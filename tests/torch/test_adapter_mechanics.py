@@ -101,7 +101,7 @@ def test_statistics_only_on_curvature_steps():
     forwards = []
     model.register_forward_pre_hook(lambda m, a: forwards.append(1))
     opt = gt.RING(model, lr=0.1, fisher="mc", loss_fn=CRIT, curvature_every=3,
-                  inverse_every=2)
+                  inverse_every=2, refresh_warmup=0)
     calls = spy(opt)
     counts = []
     for _ in range(7):

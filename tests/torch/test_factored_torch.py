@@ -86,7 +86,7 @@ def test_rows_the_core_would_not_use_are_not_kept(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)).double()
     opt = grng_torch.RING(model.parameters(), model=model, lr=0.1, curvature_every=5,
-                          inverse_every=5)
+                          inverse_every=5, refresh_warmup=0)
     x = torch.randn(4, 256, 16, dtype=torch.float64)  # 1024 rows per layer call
     y = torch.randint(0, 4, (4 * 256,))
 
