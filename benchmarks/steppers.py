@@ -48,12 +48,16 @@ class TorchStepper:
 
 
 class SophiaStepper(TorchStepper):
-    """SophiaH estimates the Hessian diagonal by Hutchinson: the backward keeps its graph."""
+    """SophiaH estimates the Hessian diagonal by Hutchinson: the backward keeps its graph
+    (attention on SDPA's math kernel, the one with a double backward, as GRNG's RENG does)."""
 
     def step(self, x, y) -> float:
+        from grng_torch._passes import twice_differentiable_attention
+
         self.opt.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(x), y)
-        loss.backward(create_graph=True)
+        with twice_differentiable_attention():
+            loss = self.loss_fn(self.model(x), y)
+            loss.backward(create_graph=True)
         self.probe()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)  # breaks the grad <-> graph reference cycle
