@@ -31,7 +31,7 @@ class GPT2Char(nn.Module):
         return self.gpt2(idx).logits.reshape(-1, self.vocab)
 
 
-class _Block(nn.Module):
+class ResidualBlock(nn.Module):
     """conv-BN-ReLU-conv-BN plus the identity, ReLU."""
 
     def __init__(self, c: int):
@@ -53,10 +53,10 @@ class ResNetBN(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(1, c, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(c)
-        self.block1 = _Block(c)
+        self.block1 = ResidualBlock(c)
         self.down = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False)
         self.bn_down = nn.BatchNorm2d(2 * c)
-        self.block2 = _Block(2 * c)
+        self.block2 = ResidualBlock(2 * c)
         self.fc = nn.Linear(2 * c, classes)
 
     def forward(self, x):

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.models_real import ResidualBlock  # conv-BN-ReLU-conv-BN + identity
+
 
 @dataclass
 class ZooModel:
@@ -90,18 +92,6 @@ def bert(vocab: int = 16, B: int = 8, T: int = 12) -> ZooModel:
                     probe="bert.encoder.layer.0.attention.self.query")
 
 
-class _Block(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
-
-
 class ResNet(nn.Module):
     """ResNet-style CNN with BatchNorm for 8x8 digits."""
 
@@ -109,9 +99,9 @@ class ResNet(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(1, c, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(c)
-        self.block1 = _Block(c)
+        self.block1 = ResidualBlock(c)
         self.down = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
-        self.block2 = _Block(2 * c)
+        self.block2 = ResidualBlock(2 * c)
         self.fc = nn.Linear(2 * c, classes)
 
     def forward(self, x):
