@@ -92,7 +92,9 @@ def main(argv=None) -> int:
         specs = select_specs(preset, args.optimizers)
         seeds = args.seeds or cfg["seeds"]
         print(f"GRNG benchmark [{preset}]: {len(tasks)} task(s) x {len(specs)} optimizers x "
-              f"{seeds} seed(s) -> {outdir}", flush=True)
+              f"{seeds} seed(s) (" + ", ".join(
+                  f"{t.name}: {len(t.rows)} rows x {t.seeds} seeds" for t in tasks
+                  if t.rows and t.seeds) + f") -> {outdir}", flush=True)
         results, info = run_suite(tasks, specs, preset, seeds,
                                   progress=not args.no_progress)
         env["suite wall time"] = f"{time.perf_counter() - t_start:.1f} s"

@@ -52,7 +52,7 @@ def _torch_setup(dtype: str, device: str, algo: str):
     model = mlp(SIZES, "tanh").to(device=device, dtype=getattr(torch, dtype))
     loss_fn = torch.nn.CrossEntropyLoss()
     hp = dict(lr=0.1, rho=0.05, damping=0.1, structure="kfac", curvature_every=2,
-              inverse_every=2)
+              inverse_every=2, refresh_warmup=0)  # steps that refresh nothing, too
     opt = getattr(grng_torch, algo)(model.parameters(), model=model, loss_fn=loss_fn, **hp)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, SIZES[0], generator=g).to(device=device, dtype=getattr(torch, dtype))
@@ -134,7 +134,7 @@ def _jax_run(dtype: str, device, n: int, start=None):
         batch = (jax.numpy.asarray(rng.standard_normal((32, SIZES[0])), dtype),
                  jax.numpy.asarray(rng.integers(0, SIZES[-1], 32)))
         tx = grng_jax.ring(0.1, rho=0.05, damping=0.1, structure="kfac", curvature_every=2,
-                           inverse_every=2)
+                           inverse_every=2, refresh_warmup=0)
 
         def loss(p, bt):
             return jax_xent(jax_mlp_apply(p, bt[0], "tanh"), bt[1])

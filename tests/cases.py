@@ -4,7 +4,8 @@
 structure x estimator, RING x form (6 RING + 6 RENG + 6 R-Kalman), each with the consistency suite's
 hyperparameters. A suite picks its rows with `select(...)` (or `get(label)`), widens them with
 `variants(...)` (finite-difference scheme, Fisher), and sets its own hyperparameters as data
-with `case.using(**hp)` (or `case.bare`: the builders' defaults). The suites check the math of
+with `case.using(**hp)` (or `case.bare`: the builders' defaults, but for the refresh and
+trust-region settings below). The suites check the math of
 §2–§3 against references that have no trust region and refresh on every step, so every case
 turns the default KL clip off (`kl_clip=None`) and refreshes statistics and inverses on every
 step with no warm-up (`curvature_every=1, inverse_every=1, refresh_warmup=0`) unless it sets

@@ -120,7 +120,7 @@ def _train(backend_name, structure, steps=20, jit=False):
     be = get_backend(backend_name)
     mlp = MLP((4, 5, 3), activation="tanh", loss="softmax_ce")
     opt = gc.ring(**NO_CLIP, lr=0.5, rho=RHO, damping=LAM, structure=structure, momentum=0.5,
-                  curvature_every=2, inverse_every=3)
+                  curvature_every=2, inverse_every=3, refresh_warmup=0)
     rs = np.random.default_rng(5)
     p = be.tree(mlp.init(seed=1))
     state = opt.init(p, layers=mlp_layers(mlp) if structure == "kfac" else None)

@@ -44,7 +44,8 @@ def _run(opt, params, batch, steps, **extra):
 def test_state_checkpoint_roundtrip_resumes_identically(tmp_path):
     ocp = pytest.importorskip("orbax.checkpoint")
     params, batch = P.mlp_params(SIZES), _batch()
-    opt = grng_jax.ring(0.1, momentum=0.5, inverse_every=2, **CH)
+    opt = grng_jax.ring(0.1, momentum=0.5, curvature_every=1, inverse_every=2, refresh_warmup=0,
+                        **CH)
     step, p, s = _run(opt, params, batch, 3)
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(tmp_path / "state", s)
