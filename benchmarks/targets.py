@@ -71,8 +71,8 @@ def recommended_lines(rows: list[dict], task) -> list[str]:
                                if r["ok"] < r["n"]) + ")" if failed else "")]
     adam, asdl = by.get("adamw"), by.get("asdl_kfac")
     if adam is None or asdl is None:
-        return out + ["- AdamW or K-FAC (ASDL) did not run: issue #15's target cannot be "
-                      "judged."]
+        return out + [f"- Issue #15 target ({task.name}): cannot be judged, AdamW or K-FAC "
+                      "(ASDL) did not run."]
     a_t, k_t, a_v = time_to_target(adam), time_to_target(asdl), mean(adam["valid"])
 
     def verdict(r):
