@@ -25,15 +25,7 @@ def moved(make, steps: int = 5) -> list[float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for k in range(steps):
-            x, y = z.batch(k)
-
-            def closure(x=x, y=y):
-                opt.zero_grad()
-                loss = z.loss(z.model(x), y)
-                loss.backward()
-                return loss
-
-            opt.step(closure)
+            z.step(opt, k)
     rel = {n: float((p.detach() - before[n]).norm() / before[n].norm())
            for n, p in z.model.named_parameters()}
     return [next(v for n, v in rel.items() if n.endswith(part)) for part in PARTS]

@@ -37,15 +37,7 @@ def _run(z, make, steps: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for k in range(steps):
-            x, y = z.batch(k)
-
-            def closure(x=x, y=y):
-                opt.zero_grad()
-                loss = z.loss(z.model(x), y)
-                loss.backward()
-                return loss
-
-            out = opt.step(closure)
+            out = z.step(opt, k)
             losses.append(float(out.detach()) if out is not None else math.nan)
             if not math.isfinite(losses[-1]) or losses[-1] > 1e3 * max(losses[0], 1.0):
                 break

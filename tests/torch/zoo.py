@@ -28,6 +28,19 @@ class ZooModel:
     diagonal: tuple[str, ...] = ()  # parameter names reported on the diagonal
     probe: str = ""  # a shared-weight layer (applied at T > 1 positions per example)
 
+    def step(self, opt, k: int):
+        """One `opt.step` on batch k with the usual closure; returns what step returns (the
+        loss tensor for GRNG and torch.optim)."""
+        x, y = self.batch(k)
+
+        def closure():
+            opt.zero_grad()
+            loss = self.loss(self.model(x), y)
+            loss.backward()
+            return loss
+
+        return opt.step(closure)
+
 
 def _text_tokens(vocab: int) -> torch.Tensor:
     """Characters of CPython's `inspect` module source, folded into `vocab` ids."""
