@@ -56,6 +56,14 @@ class StructureReport(NamedTuple):
         return "\n".join(lines)
 
 
+def mostly_diagonal(kfac_sizes: Sequence[int], other_sizes: Sequence[int]) -> bool:
+    """The adapters' warning criterion: at least one weight matrix and more than half of the
+    weight-matrix elements (sizes of the ≥ 2-axis leaves under K-FAC / not) off K-FAC, the
+    complement of `kfac_share` (a large embedding or LSTM left diagonal counts by its size)."""
+    off, total = sum(other_sizes), sum(kfac_sizes) + sum(other_sizes)
+    return bool(other_sizes) and 2 * off > total
+
+
 def kfac_share(entries: Sequence[LeafEntry]) -> float:
     """Elements of ≥ 2-axis leaves under K-FAC over all elements of ≥ 2-axis leaves."""
     total = sum(math.prod(e.shape) for e in entries if len(e.shape) >= 2)

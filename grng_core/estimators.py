@@ -11,7 +11,7 @@ computed as g + (ρ/ε)(g⁺ − g) etc. (the same numbers with less cancellatio
 
 from __future__ import annotations
 
-from grng_core.tree import flatten
+from grng_core.tree import flatten, tree_inner
 
 
 def _need(oracle, field: str, why: str):
@@ -27,7 +27,7 @@ def _call(fn, container, args, ctx) -> list:
 
 
 def global_norm(leaves, xp):
-    return xp.sqrt(sum(xp.sum(x * x) for x in leaves))
+    return xp.sqrt(tree_inner(leaves, leaves, xp))
 
 
 def double_backprop(g, params, rho, oracle, container, ctx) -> list:

@@ -63,7 +63,7 @@ def cholesky_inverse(M, xp, name="matrix", strict=True, rescue=None):
                 "'float64'"
             ) from e
         return xp.full_like(M, math.nan)
-    return symmetrize(inverse_from_cholesky(L, eye_like(M, xp), xp), xp)
+    return inverse_from_cholesky(L, xp)
 
 
 def _rescued(M, xp, rescue):
@@ -78,7 +78,7 @@ def _rescued(M, xp, rescue):
         except Exception:  # try the next, larger shift
             continue
         rescue(tau)
-        return symmetrize(inverse_from_cholesky(L, eye, xp), xp)
+        return inverse_from_cholesky(L, xp)
     return xp.full_like(M, math.nan)
 
 

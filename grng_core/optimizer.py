@@ -114,18 +114,19 @@ class Optimizer:
         h, ctx, xp = self.config, env.ctx, env.ctx.xp
         d, ghat, new_curv = self.algorithm.direction(env, state.curvature)
         lr = _scalar(value_at(h.lr, ctx.t), xp, ctx.sdtype)
-        if h.kl_clip is not None:  # inf is read as None (off) by the config
-            d = tail.kl_clip(d, ghat, lr, h.kl_clip, xp)
+        nu = None  # the trust region's ν (inf is read as None, off, by the config)
+        if h.kl_clip is not None:
+            nu = tail.kl_scale(d, ghat, lr, h.kl_clip, xp)
         momentum = state.momentum  # created when momentum is switched on, dropped when off
         if h.momentum != 0.0:
             if momentum is None:
                 momentum = tuple(xp.zeros(x.shape, dtype=ctx.sdtype, device=ctx.device)
                                  for x in d)
-            d = tail.momentum(momentum, d, h.momentum)
-            momentum = tuple(d)
+            d = tail.momentum(momentum, d if nu is None else [nu * x for x in d], h.momentum)
+            momentum, nu = tuple(d), None
         else:
             momentum = None
-        updates = tail.updates(d, env.params, lr, h.weight_decay, xp, ctx.sdtype)
+        updates = tail.updates(d, env.params, lr, h.weight_decay, xp, ctx.sdtype, scale=nu)
         new_state = OptState(step=ctx.t, skipped=state.skipped,
                              curvature_count=env.curvature_count, momentum=momentum,
                              curvature=new_curv)

@@ -3,19 +3,20 @@
 1. trust region (K-FAC's KL clip): ν = min(1, √(κ / (η² |⟨d, ĝ⟩|))), d ← νd;
 2. momentum: m ← μm + d;
 3. θ ← θ − η m − η ω θ  (returned as the update −η m − η ω θ, in the parameter's dtype).
+Without momentum m = νd, and ν is applied together with η (one pass over the leaves).
 """
 
 from __future__ import annotations
 
+from grng_core.tree import tree_inner
 
-def kl_clip(d, ghat, lr, kappa, xp):
-    """d scaled by ν = min(1, √(κ / (η²|⟨d, ĝ⟩|))); ⟨d, ĝ⟩ = 0 gives ν = 1."""
-    inner = xp.abs(sum(xp.sum(a * b) for a, b in zip(d, ghat)))
-    quad = (lr * lr) * inner
-    positive = quad > 0
-    nu = xp.sqrt(kappa / xp.where(positive, quad, xp.ones_like(quad)))
-    nu = xp.where(positive, xp.minimum(nu, xp.ones_like(nu)), xp.ones_like(nu))
-    return [nu * x for x in d]
+
+def kl_scale(d, ghat, lr, kappa, xp):
+    """ν = min(1, √(κ / (η²|⟨d, ĝ⟩|))) = √(κ / max(η²|⟨d, ĝ⟩|, κ)), a 0-d array; ⟨d, ĝ⟩ = 0
+    gives ν = 1, a non-finite ⟨d, ĝ⟩ a non-finite ν (the step is then skipped, §4)."""
+    quad = (lr * lr) * xp.abs(tree_inner(d, ghat, xp))
+    return xp.sqrt(kappa / xp.clip(quad, min=kappa))
+
 
 
 def momentum(m, d, mu):
@@ -23,11 +24,13 @@ def momentum(m, d, mu):
     return [mu * mi + di for mi, di in zip(m, d)]
 
 
-def updates(direction, params, lr, weight_decay, xp, sdtype):
-    """−η m − η ω θ, cast back to each parameter's dtype."""
+def updates(direction, params, lr, weight_decay, xp, sdtype, scale=None):
+    """−η·scale·m − η ω θ (scale: ν where m = d, else 1), cast back to each parameter's
+    dtype."""
     out = []
+    step = -lr if scale is None else -lr * scale
     for m, p in zip(direction, params):
-        u = -lr * m
+        u = step * m
         if weight_decay:
             u = u - (lr * weight_decay) * xp.astype(p, sdtype, copy=False)
         out.append(xp.astype(u, p.dtype, copy=False))

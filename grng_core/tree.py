@@ -90,3 +90,10 @@ def namespace(*groups: tuple[str, list]):
 
 def device(x):
     return array_api_compat.device(x)
+
+
+def tree_inner(xs, ys, xp):
+    """Σ over leaves of Σᵢ xᵢyᵢ (a 0-d array): one sum per leaf, the partial sums stacked and
+    summed once (fewer dispatched operations than a chain of additions)."""
+    parts = [xp.sum(x * y) for x, y in zip(xs, ys)]
+    return parts[0] if len(parts) == 1 else xp.sum(xp.stack(parts))

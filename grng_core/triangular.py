@@ -5,7 +5,8 @@ on the factor costs an LU factorisation more. This table maps each namespace to 
 routine, imported lazily (no framework import at module level): torch's `cholesky_inverse`
 (LAPACK potri), `jax.scipy.linalg.solve_triangular`, `cupyx.scipy.linalg.solve_triangular`
 and SciPy's `solve_triangular` for NumPy where SciPy is installed; any other namespace uses
-the general `linalg.solve`. The caller symmetrises the result.
+the general `linalg.solve`. The result is symmetrised here, so it is exactly symmetric
+whatever the BLAS.
 """
 
 from __future__ import annotations
@@ -32,11 +33,14 @@ def _lower_inverse_solve(L, eye, xp):
     return xp.linalg.solve(L, eye)
 
 
-def inverse_from_cholesky(L, eye, xp):
-    """M⁻¹ = L⁻ᵀ L⁻¹ for M = L Lᵀ (not yet symmetrised)."""
+def inverse_from_cholesky(L, xp):
+    """M⁻¹ = L⁻ᵀ L⁻¹ for M = L Lᵀ, exactly symmetric."""
     if array_api_compat.is_torch_namespace(xp):
         import torch
 
-        return torch.cholesky_inverse(L)
-    Linv = _lower_inverse_solve(L, eye, xp)
-    return xp.matrix_transpose(Linv) @ Linv
+        X = torch.cholesky_inverse(L)
+    else:
+        eye = xp.eye(L.shape[-1], dtype=L.dtype, device=array_api_compat.device(L))
+        Linv = _lower_inverse_solve(L, eye, xp)
+        X = xp.matrix_transpose(Linv) @ Linv
+    return 0.5 * (X + xp.matrix_transpose(X))  # whatever the BLAS or LAPACK did

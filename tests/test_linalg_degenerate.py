@@ -55,7 +55,7 @@ def check_kfac_inverses(opt, state, dtype):
         if opt.name == "rkalman":  # the carried factors are already damped (§3.3)
             pairs = ((A, e["A_inv"]), (S, e["S_inv"]))
         else:
-            A_l, S_l = kfac.damped(A, S, damping, np)
+            A_l, S_l = kfac.damped(A, S, np.sqrt(damping), np)
             pairs = ((np.asarray(A_l), e["A_inv"]), (np.asarray(S_l), e["S_inv"]))
         for M, X in pairs:
             X = to_np(X).astype(np.float64)

@@ -151,3 +151,20 @@ def test_kfac_ema_and_refresh_schedule(numpy_backend, problem):
     assert np.array_equal(seen[1], seen[0])
     assert rel_err(seen[2], beta * A1 + (1 - beta) * A2) < 1e-14
     assert int(state.curvature_count) == 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_pi_split_formula_and_clamps(dtype):
+    """π = √((tr A/d_A)/(tr S/d_S)) (§2.1), clamped to [1e-4, 1e4]; tr S = 0 gives 1e4."""
+    from grng_core.structures.kfac import PI_MAX, PI_MIN, pi_split
+
+    def pi(ta, da, ts, ds):
+        return float(pi_split(np.asarray(ta, dtype=dtype), da, np.asarray(ts, dtype=dtype),
+                              ds, np))
+
+    assert pi(6.0, 3, 8.0, 2) == pytest.approx(np.sqrt((6 / 3) / (8 / 2)), rel=1e-6)
+    clamp = dict(rel=1e-6)  # the clamps in the dtype
+    assert pi(1e12, 1, 1.0, 1) == pytest.approx(PI_MAX, **clamp)
+    assert pi(1e-12, 1, 1.0, 1) == pytest.approx(PI_MIN, **clamp)
+    assert pi(1.0, 4, 0.0, 2) == pytest.approx(PI_MAX, **clamp)
+    assert np.isfinite(pi(0.0, 4, 0.0, 2))  # A = S = 0: A_λ ⊗ S_λ = λI for any π

@@ -91,12 +91,23 @@ def make(name: str):
     sig = signature(name)
 
     def factory(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
-        bound = sig.bind(*args, **kwargs)
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as e:
+            hint = " (the learning rate is `learning_rate`, optax's name)" if "lr" in kwargs \
+                else ""
+            raise TypeError(f"grng_jax.{name}: {e}{hint}; its arguments: "
+                            f"{', '.join(sig.parameters)}") from None
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         options = {n: arguments.pop(n) for n, _ in OPTIONS}
         arguments["lr"] = arguments.pop(LR)
-        return transform(name, arguments, **options)
+        try:
+            return transform(name, arguments, **options)
+        except ValueError as e:  # the core's records call it lr
+            if str(e).startswith("invalid lr="):
+                raise ValueError(f"invalid {LR}=" + str(e)[len("invalid lr="):]) from None
+            raise
 
     factory.__name__ = factory.__qualname__ = name
     factory.__module__ = "grng_jax"

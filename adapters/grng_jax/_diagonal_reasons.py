@@ -3,10 +3,12 @@ most of them are not (`grng_jax.describe` shows the same reasons per leaf)."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import jax
 
+from grng_core.describe import mostly_diagonal
 from grng_jax._layers import leaf_paths
 
 _AUTO = ("layers='auto' registers flax.linen / flax.nnx kernels (named 'kernel', input axes "
@@ -36,12 +38,15 @@ def warn_if_mostly_diagonal(name: str, params, covered: set, option) -> None:
     paths = leaf_paths(params)
     matrices = [i for i, x in enumerate(leaves) if getattr(x, "ndim", 0) >= 2]
     off = [i for i in matrices if i not in covered]
-    if not matrices or 2 * len(off) <= len(matrices):
+    sizes = [math.prod(leaves[i].shape) for i in off]
+    if not mostly_diagonal([math.prod(leaves[i].shape) for i in matrices if i in covered],
+                           sizes):
         return
     shown = "; ".join(f"{'/'.join(str(k) for k in paths[i])} "
                       f"({why_diagonal(paths[i], leaves[i], option)})" for i in off[:4])
     more = f"; and {len(off) - 4} more" if len(off) > 4 else ""
+    share = sum(sizes) / sum(math.prod(leaves[i].shape) for i in matrices)
     warnings.warn(
-        f"grng_jax.{name}: {len(off)} of {len(matrices)} weight matrices are on the diagonal "
-        f"structure, not K-FAC: {shown}{more}. grng_jax.describe(opt, state, params) lists "
-        "every leaf.", UserWarning, stacklevel=4)
+        f"grng_jax.{name}: {len(off)} of {len(matrices)} weight matrices ({share:.0%} of their "
+        f"elements) are on the diagonal structure, not K-FAC: {shown}{more}. "
+        "grng_jax.describe(opt, state, params) lists every leaf.", UserWarning, stacklevel=4)

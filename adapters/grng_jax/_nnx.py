@@ -66,13 +66,16 @@ def loss_fn_of(model, loss, wrt=None):
     evaluated on ``nnx.merge(graphdef, params, rest)``, with the graph and the variables
     outside `wrt` (default ``nnx.Param``, as in ``nnx.Optimizer(model, tx, wrt=nnx.Param)``)
     taken from `model` now. Build it inside the train step (after ``nnx.jit``), so that the
-    non-parameter state (batch statistics, RNG counts) is the step's own."""
+    non-parameter state (batch statistics, RNG counts) is the step's own. Each call merges a
+    copy (``copy=True``): the optimizer's passes run under its own transformations, where
+    flax refuses to mutate the model's BatchNorm statistics or Dropout RNG counts, and those
+    passes must not change the model's state anyway."""
     from flax import nnx
 
     parts: Any = nnx.split(model, nnx.Param if wrt is None else wrt, ...)
     graphdef, rest = parts[0], parts[2]
 
     def loss_fn(params, batch, *key):
-        return loss(nnx.merge(graphdef, params, rest), batch, *key)
+        return loss(nnx.merge(graphdef, params, rest, copy=True), batch, *key)
 
     return loss_fn

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from grng_core.concrete import branchable
 from grng_core.structures import factored
 from grng_torch.layers import HookedLayer, find_layers
 
@@ -40,8 +39,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def factored_pays(layer: HookedLayer, x: torch.Tensor) -> bool:
     """Whether the core would precondition this call's layer in factored form (§2.1): rows it
-    can branch on without a device sync, and fewer multiply-adds than the dense product."""
-    if not branchable(x):
+    can branch on without a device sync (host tensors: `grng_core.concrete.branchable` for a
+    torch tensor, asked of torch directly so that a torch.compile'd forward traces no
+    array-api-compat helper), and fewer multiply-adds than the dense product."""
+    if x.device.type != "cpu":
         return False
     return factored.cheaper(layer.d_out, layer.d_in + (layer.bias is not None),
                             x.numel() // max(x.shape[-1], 1))

@@ -7,9 +7,10 @@ the first step (a hooked layer the loss did not reach).
 
 from __future__ import annotations
 
+import math
 import warnings
 
-from grng_core.describe import StructureReport, describe, merge
+from grng_core.describe import StructureReport, describe, merge, mostly_diagonal
 from grng_core.incidents import Incidents
 
 NOT_REACHED = "not reached by the loss at the first step (no statistics)"
@@ -84,12 +85,15 @@ def warn_if_mostly_diagonal(opt) -> None:
                if g["params"] and g["structure"] == "kfac"]
     matrices = [e for r in reports for e in r.matrices()]
     off = [e for e in matrices if e.structure != "kfac"]
-    if not matrices or 2 * len(off) <= len(matrices):
+    sizes = [math.prod(e.shape) for e in off]
+    if not mostly_diagonal([math.prod(e.shape) for e in matrices if e.structure == "kfac"],
+                           sizes):
         return
     opt._warned_diagonal = True
     shown = "; ".join(f"{e.name} ({e.reason or 'no K-FAC layer'})" for e in off[:6])
     more = f"; and {len(off) - 6} more" if len(off) > 6 else ""
+    share = sum(sizes) / sum(math.prod(e.shape) for e in matrices)
     warnings.warn(
-        f"{type(opt).__name__}: {len(off)} of {len(matrices)} weight matrices are on the "
-        f"diagonal structure, not K-FAC: {shown}{more}. opt.describe() lists every parameter.",
-        UserWarning, stacklevel=3)
+        f"{type(opt).__name__}: {len(off)} of {len(matrices)} weight matrices ({share:.0%} of "
+        f"their elements) are on the diagonal structure, not K-FAC: {shown}{more}. "
+        "opt.describe() lists every parameter.", UserWarning, stacklevel=3)

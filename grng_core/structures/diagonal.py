@@ -43,6 +43,8 @@ def update(state, grads, per_example, beta, ctx) -> tuple:
 
 def solve(state, vectors, damping, beta, count, ctx) -> dict:
     """{position: x / (v / (1 − β^count) + λ)}."""
+    if all(v is None for v in state):  # K-FAC covers every leaf
+        return {}
     correction = 1.0 - beta ** ctx.xp.astype(count, ctx.sdtype, copy=False)
     return {i: vectors[i] / (v / correction + damping) for i, v in enumerate(state)
             if v is not None}

@@ -164,12 +164,14 @@ def update_factors(layers, batch_rows, beta, ctx) -> tuple[KfacLayer, ...]:
 
 
 def pi_split(trace_a, d_a, trace_s, d_s, xp):
-    """π = √((tr A / d_A) / (tr S / d_S)), clamped to [1e-4, 1e4] (§2.1)."""
+    """π = √((tr A / d_A) / (tr S / d_S)), clamped to [1e-4, 1e4] (§2.1). The denominator is
+    floored where the clamp would act anyway (so no division overflows or divides by zero): tr S
+    = 0 gives the upper clamp (tr A not vanishing); with tr A = 0 too, π is moot (A_λ ⊗ S_λ =
+    λI for any π)."""
     num = trace_a / d_a
-    den = trace_s / d_s
-    ratio = num / xp.where(den > 0, den, xp.ones_like(den))
-    ratio = xp.where(den > 0, ratio, xp.full_like(ratio, PI_MAX**2))
-    return xp.clip(xp.sqrt(ratio), PI_MIN, PI_MAX)
+    den = xp.maximum(trace_s / d_s, num / PI_MAX**2)
+    den = xp.clip(den, min=float(xp.finfo(den.dtype).smallest_normal))
+    return xp.clip(xp.sqrt(num / den), PI_MIN, PI_MAX)
 
 
 def trace(M, xp):
@@ -180,10 +182,9 @@ def trace(M, xp):
     return xp.sum(M * xp.eye(M.shape[0], dtype=M.dtype, device=_dev(M)))
 
 
-def damped(A, S, damping, xp):
-    """(A + π√λ I, S + (√λ/π) I) — the π-corrected damping split (§2.1)."""
+def damped(A, S, root, xp):
+    """(A + π√λ I, S + (√λ/π) I) — the π-corrected damping split (§2.1); root = √λ."""
     pi = pi_split(trace(A, xp), A.shape[0], trace(S, xp), S.shape[0], xp)
-    root = xp.sqrt(xp.asarray(damping, dtype=A.dtype, device=_dev(A)))
     return shifted(A, pi * root, xp), shifted(S, root / pi, xp)
 
 
@@ -221,7 +222,9 @@ def refresh(layers, matrices, ctx, keys) -> tuple[KfacLayer, ...]:
 
 def refresh_inverses(layers, damping, ctx, keys) -> tuple[KfacLayer, ...]:
     """Inverses of the damped factors (A + π√λ I, S + (√λ/π) I), §2.1."""
-    return refresh(layers, lambda layer: damped(layer.A, layer.S, damping, ctx.xp), ctx, keys)
+    xp = ctx.xp
+    root = xp.sqrt(xp.asarray(damping, dtype=ctx.sdtype, device=ctx.device))
+    return refresh(layers, lambda layer: damped(layer.A, layer.S, root, xp), ctx, keys)
 
 
 def right_multiply(M, A_inv, xp):

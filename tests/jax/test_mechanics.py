@@ -417,3 +417,14 @@ def test_errors_name_what_is_missing():
     diag = grng_jax.ring(0.1, structure="diagonal")
     updates, _ = diag.update(grads, diag.init(params), params)
     assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+
+def test_builder_errors_name_the_keywords_of_grng_jax():
+    """grng_jax spells the learning rate `learning_rate` (optax's name): `lr=` is refused with
+    that hint and the list of arguments; a bad value is reported under the name passed."""
+    with pytest.raises(TypeError, match=r"'lr'.*learning_rate.*its arguments: learning_rate, "):
+        grng_jax.ring(lr=0.05)
+    with pytest.raises(ValueError, match=r"^invalid learning_rate=-1: "):
+        grng_jax.ring(learning_rate=-1)
+    with pytest.raises(ValueError, match=r"^invalid rho=-1"):
+        grng_jax.reng(rho=-1)

@@ -212,3 +212,67 @@ def test_scan_and_remat_are_refused_by_name(build, words):
     u, state = opt.update(g, state, params, loss_fn=loss_fn, batch=(x, y))
     assert len(state.core.curvature.kfac) == 1
     assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree_util.tree_leaves(u))
+
+
+class _NnxBatchNormDropout(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(6, 8, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.drop = nnx.Dropout(0.2, rngs=rngs)
+        self.l2 = nnx.Linear(8, CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(self.drop(jax.nn.relu(self.bn(self.l1(x)))))
+
+
+def _nnx_train_step(model, tx, batch, grng: bool):
+    """One nnx.Optimizer step as the README writes it; the model's non-parameter state
+    (BatchNorm statistics, Dropout RNG counts) after it."""
+    import optax
+
+    def loss(m, b):
+        return optax.softmax_cross_entropy_with_integer_labels(m(b[0]), b[1]).mean()
+
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, batch):
+        value, grads = nnx.value_and_grad(loss)(model, batch)
+        kw = {"loss_fn": grng_jax.nnx_loss_fn(model, loss), "batch": batch} if grng else {}
+        optimizer.update(model, grads, **kw)
+        return value
+
+    return float(step(model, optimizer, batch)), nnx.state(model, nnx.Not(nnx.Param))
+
+
+@pytest.mark.parametrize("algorithm", ["reng", "ring", "rkalman"])
+def test_nnx_batchnorm_dropout_through_nnx_optimizer(algorithm):
+    """BatchNorm and Dropout in training mode: the optimizer's own passes run on a merged copy
+    (flax refuses to mutate the model's BatchStat / RngCount from them), so the step trains and
+    the model's batch statistics and RNG counts move exactly as under plain optax."""
+    import optax
+
+    rs = np.random.default_rng(2)
+    batch = (jnp.asarray(rs.normal(size=(B, 6)), dtype=jnp.float32),
+             jnp.asarray(rs.integers(0, CLASSES, B)))
+    model = _NnxBatchNormDropout(nnx.Rngs(0))
+    model.train()
+    before = nnx.state(model, nnx.Param)
+    before = jax.tree.map(np.asarray, before)
+    loss, rest = _nnx_train_step(model, getattr(grng_jax, algorithm)(), batch, grng=True)
+    assert np.isfinite(loss)
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
+                         nnx.state(model, nnx.Param), before)
+    assert max(jax.tree.leaves(moved)) > 0
+    plain = _NnxBatchNormDropout(nnx.Rngs(0))
+    plain.train()
+    _, rest_plain = _nnx_train_step(plain, optax.sgd(0.0), batch, grng=False)
+
+    def raw(x):
+        return np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                          else x)
+
+    leaves, leaves_plain = jax.tree.leaves(rest), jax.tree.leaves(rest_plain)
+    assert len(leaves) == len(leaves_plain) >= 3  # mean, var, the dropout RNG count
+    for a, b in zip(leaves, leaves_plain):
+        np.testing.assert_array_equal(raw(a), raw(b))

@@ -153,3 +153,33 @@ def test_a_factor_that_is_not_positive_definite_gets_counted_extra_damping():
     (inc,) = [i for i in report.incidents if i.factor == "A"]
     assert inc.layer == "'proj'" and inc.kind == "extra damping" and inc.extra_damping > 0
     assert "extra damping: factor A of 'proj'" in str(report)
+
+
+def test_mostly_diagonal_counts_elements_not_matrices():
+    """An LSTM LM: 2 of 4 weight matrices off K-FAC but most of the elements (the LSTM's):
+    warned, with the element share, as describe()'s summary counts them."""
+
+    class LSTMLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Linear(5, 8)
+            self.lstm = nn.LSTM(8, 32, batch_first=True)
+            self.head = nn.Linear(32, 5)
+
+        def forward(self, x):
+            return self.head(self.lstm(self.emb(x))[0])
+
+    with pytest.warns(UserWarning, match=r"2 of 4 weight matrices \(9\d% of their elements\)"):
+        model = LSTMLM()
+        opt = gt.RING(model.parameters(), model=model)
+    assert opt.describe().kfac_share < 0.5
+
+
+def test_mostly_diagonal_criterion():
+    from grng_core.describe import mostly_diagonal
+
+    assert mostly_diagonal([10, 10], [30])  # 1 of 3 matrices, 60% of the elements
+    assert not mostly_diagonal([30], [10, 10])  # 2 of 3 matrices, 40% of the elements
+    assert not mostly_diagonal([10], [10])  # half: not more than half
+    assert not mostly_diagonal([10], [])
+    assert not mostly_diagonal([], [])
