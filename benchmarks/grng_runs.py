@@ -130,6 +130,12 @@ def specs() -> list[OptSpec]:
                 note="RENG with rho=0: damped natural gradient, the paper's baseline"),
         *recommended_rows(req),
         # --full variants
+        OptSpec("ring_w0" + GN_SUFFIX, "RING", "torch", "grng",
+                {"form": "gauss_newton", "refresh_warmup": 0}, _builder("ring"), requires=req,
+                fixed=True, full_only=True,
+                extra={"algo": "ring", "variant": "defaults, refresh_warmup=0"},
+                note="the defaults without the refresh warm-up (README \"Choosing an "
+                     "optimizer\"); not judged as a recommended setting"),
         OptSpec("reng_fd", "RENG", "torch", "grng",
                 dict(base["reng"], gr="finite_difference"), _builder("reng"), requires=req,
                 full_only=True, extra={"algo": "reng", "variant": "finite diff."},

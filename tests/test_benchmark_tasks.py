@@ -91,6 +91,11 @@ def test_recommended_rows_run_the_defaults_unswept():
             {"form", "structure"}
     assert rows["ring_rec"].label_for(task) == "RING (kfac, defaults, adaptive_damping)"
     assert R.format_hp({}) == "defaults"
+    w0 = select_specs("full", ["ring_w0_gn"])[0]  # the defaults without the warm-up
+    assert w0.full_only and w0.sweep_grid("default", task) == [
+        {"form": "gauss_newton", "refresh_warmup": 0}]
+    from benchmarks.grng_runs import REC_SUFFIX
+    assert not w0.key.removesuffix("_gn").endswith(REC_SUFFIX)  # not judged for issue #15
 
 
 def test_default_preset_runs_a_vision_and_a_language_task_with_the_target_rows():
