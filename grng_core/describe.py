@@ -56,12 +56,12 @@ class StructureReport(NamedTuple):
         return "\n".join(lines)
 
 
-def mostly_diagonal(kfac_sizes: Sequence[int], other_sizes: Sequence[int]) -> bool:
-    """The adapters' warning criterion: at least one weight matrix and more than half of the
-    weight-matrix elements (sizes of the ≥ 2-axis leaves under K-FAC / not) off K-FAC, the
-    complement of `kfac_share` (a large embedding or LSTM left diagonal counts by its size)."""
+def mostly_diagonal(kfac_sizes: Sequence[int], other_sizes: Sequence[int]) -> float | None:
+    """The adapters' warning criterion: the share of weight-matrix elements (sizes of the ≥ 2-axis
+    leaves under K-FAC / not) off K-FAC when it is more than half (the complement of
+    `kfac_share`: a large embedding or LSTM left diagonal counts by its size), else None."""
     off, total = sum(other_sizes), sum(kfac_sizes) + sum(other_sizes)
-    return bool(other_sizes) and 2 * off > total
+    return off / total if other_sizes and 2 * off > total else None
 
 
 def kfac_share(entries: Sequence[LeafEntry]) -> float:

@@ -38,14 +38,13 @@ def warn_if_mostly_diagonal(name: str, params, covered: set, option) -> None:
     paths = leaf_paths(params)
     matrices = [i for i, x in enumerate(leaves) if getattr(x, "ndim", 0) >= 2]
     off = [i for i in matrices if i not in covered]
-    sizes = [math.prod(leaves[i].shape) for i in off]
-    if not mostly_diagonal([math.prod(leaves[i].shape) for i in matrices if i in covered],
-                           sizes):
+    share = mostly_diagonal([math.prod(leaves[i].shape) for i in matrices if i in covered],
+                            [math.prod(leaves[i].shape) for i in off])
+    if share is None:
         return
     shown = "; ".join(f"{'/'.join(str(k) for k in paths[i])} "
                       f"({why_diagonal(paths[i], leaves[i], option)})" for i in off[:4])
     more = f"; and {len(off) - 4} more" if len(off) > 4 else ""
-    share = sum(sizes) / sum(math.prod(leaves[i].shape) for i in matrices)
     warnings.warn(
         f"grng_jax.{name}: {len(off)} of {len(matrices)} weight matrices ({share:.0%} of their "
         f"elements) are on the diagonal structure, not K-FAC: {shown}{more}. "

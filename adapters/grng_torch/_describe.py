@@ -85,14 +85,13 @@ def warn_if_mostly_diagonal(opt) -> None:
                if g["params"] and g["structure"] == "kfac"]
     matrices = [e for r in reports for e in r.matrices()]
     off = [e for e in matrices if e.structure != "kfac"]
-    sizes = [math.prod(e.shape) for e in off]
-    if not mostly_diagonal([math.prod(e.shape) for e in matrices if e.structure == "kfac"],
-                           sizes):
+    share = mostly_diagonal([math.prod(e.shape) for e in matrices if e.structure == "kfac"],
+                            [math.prod(e.shape) for e in off])
+    if share is None:
         return
     opt._warned_diagonal = True
     shown = "; ".join(f"{e.name} ({e.reason or 'no K-FAC layer'})" for e in off[:6])
     more = f"; and {len(off) - 6} more" if len(off) > 6 else ""
-    share = sum(sizes) / sum(math.prod(e.shape) for e in matrices)
     warnings.warn(
         f"{type(opt).__name__}: {len(off)} of {len(matrices)} weight matrices ({share:.0%} of "
         f"their elements) are on the diagonal structure, not K-FAC: {shown}{more}. "

@@ -178,8 +178,8 @@ def test_mostly_diagonal_counts_elements_not_matrices():
 def test_mostly_diagonal_criterion():
     from grng_core.describe import mostly_diagonal
 
-    assert mostly_diagonal([10, 10], [30])  # 1 of 3 matrices, 60% of the elements
-    assert not mostly_diagonal([30], [10, 10])  # 2 of 3 matrices, 40% of the elements
-    assert not mostly_diagonal([10], [10])  # half: not more than half
-    assert not mostly_diagonal([10], [])
-    assert not mostly_diagonal([], [])
+    assert mostly_diagonal([10, 10], [30]) == 0.6  # 1 of 3 matrices, 60% of the elements
+    assert mostly_diagonal([30], [10, 10]) is None  # 2 of 3 matrices, 40% of the elements
+    assert mostly_diagonal([10], [10]) is None  # half: not more than half
+    assert mostly_diagonal([10], []) is None
+    assert mostly_diagonal([], []) is None
