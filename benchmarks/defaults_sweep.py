@@ -4,6 +4,7 @@ setting; reports skipped steps, factor incidents, non-finite or diverged runs an
 drop. The evidence behind the recommended defaults (README "Defaults").
 
     python -m benchmarks.defaults_sweep [--steps 60] [--settings defaults,...] [--models ...]
+                                        [--seeds 0,1,2]   # the models' initialisations
 """
 
 from __future__ import annotations
@@ -62,27 +63,31 @@ def main(argv=None) -> None:
     ap.add_argument("--settings", default=",".join(CANDIDATES))
     ap.add_argument("--models", default=",".join(ZOO))
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    ap.add_argument("--seeds", default="0", help="model initialisation seeds, e.g. 0,1,2")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    print(f"{'model':20s} {'optimizer':9s} {'setting':9s} {'first':>7s} {'last':>7s} "
-          f"{'skip':>4s} {'inc':>3s} ok")
+    print(f"{'model':20s} {'seed':>4s} {'optimizer':9s} {'setting':9s} {'first':>7s} "
+          f"{'last':>7s} {'skip':>4s} {'inc':>3s} ok")
     for model in args.models.split(","):
-        torch.manual_seed(0)
-        z = ZOO[model]()
-        base = {k: v.clone() for k, v in z.model.state_dict().items()}
-        z.model.load_state_dict(base)
-        r = _run(z, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3), args.steps)
-        print(f"{model:20s} {'AdamW':9s} {'1e-3':9s} {r['first']:7.3f} {r['last']:7.3f}")
-        for setting in args.settings.split(","):
-            for name in args.optimizers.split(","):
-                z.model.load_state_dict(base)
-                cls = getattr(gt, name.split("-")[0])
-                kw = {**CANDIDATES[setting], **OPTIMIZERS[name]}
-                r = _run(z, lambda m, cls=cls, kw=kw: cls(m.parameters(), model=m, **kw),
-                         args.steps)
-                print(f"{model:20s} {name:9s} {setting:9s} {r['first']:7.3f} {r['last']:7.3f} "
-                      f"{r['skipped']:4d} {r['incidents']:3d} {'yes' if r['ok'] else 'NO'}"
-                      f"{'' if r['steps'] == args.steps else ' (stopped)'}", flush=True)
+        for seed in (int(x) for x in args.seeds.split(",")):
+            _model_rows(gt, ZOO[model](seed=seed), f"{model:20s} {seed:4d}", args)
+
+
+def _model_rows(gt, z, head: str, args) -> None:
+    """AdamW for scale, then every setting x optimizer from the same initial weights."""
+    base = {k: v.clone() for k, v in z.model.state_dict().items()}
+    r = _run(z, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3), args.steps)
+    print(f"{head} {'AdamW':9s} {'1e-3':9s} {r['first']:7.3f} {r['last']:7.3f}")
+    for setting in args.settings.split(","):
+        for name in args.optimizers.split(","):
+            z.model.load_state_dict(base)
+            cls = getattr(gt, name.split("-")[0])
+            kw = {**CANDIDATES[setting], **OPTIMIZERS[name]}
+            r = _run(z, lambda m, cls=cls, kw=kw: cls(m.parameters(), model=m, **kw),
+                     args.steps)
+            print(f"{head} {name:9s} {setting:9s} {r['first']:7.3f} {r['last']:7.3f} "
+                  f"{r['skipped']:4d} {r['incidents']:3d} {'yes' if r['ok'] else 'NO'}"
+                  f"{'' if r['steps'] == args.steps else ' (stopped)'}", flush=True)
 
 
 if __name__ == "__main__":

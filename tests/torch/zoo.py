@@ -61,10 +61,10 @@ def _lm_batches(vocab: int, B: int, T: int):
     return batch
 
 
-def gpt2(vocab: int = 48, B: int = 8, T: int = 16) -> ZooModel:
+def gpt2(vocab: int = 48, B: int = 8, T: int = 16, seed: int = 0) -> ZooModel:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)  # the initialisation; the batches do not depend on it
     cfg = GPT2Config(vocab_size=vocab, n_positions=T, n_embd=32, n_layer=2, n_head=2,
                      bos_token_id=0, eos_token_id=0, attn_pdrop=0.0, embd_pdrop=0.0,
                      resid_pdrop=0.0)
@@ -88,10 +88,10 @@ def _seq_classes(vocab: int, B: int, T: int):
     return batch
 
 
-def bert(vocab: int = 16, B: int = 8, T: int = 12) -> ZooModel:
+def bert(vocab: int = 16, B: int = 8, T: int = 12, seed: int = 0) -> ZooModel:
     from transformers import BertConfig, BertForSequenceClassification
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)  # the initialisation; the batches do not depend on it
     cfg = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=T,
                      num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -138,8 +138,8 @@ def _digits(B: int):
     return batch
 
 
-def resnet(B: int = 32) -> ZooModel:
-    torch.manual_seed(0)
+def resnet(B: int = 32, seed: int = 0) -> ZooModel:
+    torch.manual_seed(seed)  # the initialisation; the batches do not depend on it
     return ZooModel("resnet_bn", ResNet(), _digits(B), F.cross_entropy,
                     kfac=("stem", "conv1", "conv2", "down", "fc"), probe="block1.conv1")
 
@@ -159,8 +159,8 @@ class EncoderClassifier(nn.Module):
         return self.head(self.encoder(self.embed(x)).mean(1))
 
 
-def encoder(B: int = 8, T: int = 12) -> ZooModel:
-    torch.manual_seed(0)
+def encoder(B: int = 8, T: int = 12, seed: int = 0) -> ZooModel:
+    torch.manual_seed(seed)  # the initialisation; the batches do not depend on it
     return ZooModel("transformer_encoder", EncoderClassifier(), _seq_classes(16, B, T),
                     F.cross_entropy, kfac=("linear1", "linear2", "head", "embed",
                                            "self_attn.in_proj", "self_attn.out_proj"),
