@@ -2,7 +2,7 @@
 CNN on digits, a character transformer) with grng_jax's optimizers per candidate setting and
 optax.adamw for scale, jitted; reports skipped steps, divergence and the loss drop.
 
-    python -m benchmarks.defaults_sweep_jax [--steps 60] [--settings defaults,...]
+    python -m benchmarks.defaults_sweep_jax [--steps 60] [--settings defaults,...] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -63,25 +63,28 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--settings", default=",".join(CANDIDATES))
+    ap.add_argument("--seeds", default="0", help="model initialisation seeds, e.g. 0,1,2")
     args = ap.parse_args(argv)
     digits, (x, _) = Z.digits_batches()
     text = Z.text_batches()
     models = {"flax_cnn": (Z.CNN(), digits, x[:1]),
               "flax_char_transformer": (Z.CharTransformer(), text, text(0)[0])}
-    print(f"{'model':22s} {'optimizer':9s} {'setting':9s} {'first':>7s} {'last':>7s} "
-          f"{'skip':>4s} ok")
+    print(f"{'model':22s} {'seed':>4s} {'optimizer':9s} {'setting':9s} {'first':>7s} "
+          f"{'last':>7s} {'skip':>4s} ok")
     for name, (model, batch, example) in models.items():
-        params = Z.init(model, example)
-        r = _run(model, params, batch, optax.adamw(1e-3), args.steps)
-        print(f"{name:22s} {'adamw':9s} {'1e-3':9s} {r['first']:7.3f} {r['last']:7.3f}")
-        for setting in args.settings.split(","):
-            for opt_name, extra in OPTIMIZERS.items():
-                kw = _jax_kw({**CANDIDATES[setting], **extra})
-                opt = getattr(grng_jax, opt_name.split("-")[0])(**kw)
-                r = _run(model, params, batch, opt, args.steps)
-                print(f"{name:22s} {opt_name:9s} {setting:9s} {r['first']:7.3f} "
-                      f"{r['last']:7.3f} {r['skipped']:4d} {'yes' if r['ok'] else 'NO'}"
-                      f"{'' if r['steps'] == args.steps else ' (stopped)'}", flush=True)
+        for seed in (int(v) for v in args.seeds.split(",")):
+            params = Z.init(model, example, seed)
+            head = f"{name:22s} {seed:4d}"
+            r = _run(model, params, batch, optax.adamw(1e-3), args.steps)
+            print(f"{head} {'adamw':9s} {'1e-3':9s} {r['first']:7.3f} {r['last']:7.3f}")
+            for setting in args.settings.split(","):
+                for opt_name, extra in OPTIMIZERS.items():
+                    kw = _jax_kw({**CANDIDATES[setting], **extra})
+                    opt = getattr(grng_jax, opt_name.split("-")[0])(**kw)
+                    r = _run(model, params, batch, opt, args.steps)
+                    print(f"{head} {opt_name:9s} {setting:9s} {r['first']:7.3f} "
+                          f"{r['last']:7.3f} {r['skipped']:4d} {'yes' if r['ok'] else 'NO'}"
+                          f"{'' if r['steps'] == args.steps else ' (stopped)'}", flush=True)
 
 
 if __name__ == "__main__":

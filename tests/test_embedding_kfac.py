@@ -81,3 +81,13 @@ def test_embedding_checkpoint_key_and_checks(tmp_path):
     with pytest.raises(ValueError, match="no bias"):
         opt.init([params[0], BE.asarray(np.zeros(DIM))],
                  layers=[gc.LayerSpec(0, 1, True, a_diagonal=True)])
+
+
+def test_token_frequencies_keep_or_widen_the_id_dtype():
+    """Â's diagonal from ids of any integer dtype: int32 ids are used as they are (JAX without
+    x64 has no int64 to cast to), uint8 ids of a 300-token table are widened first."""
+    for ids, d in [(np.array([0, 2, 2, 5], dtype=np.int32), 6),
+                   (np.array([0, 2, 2, 255], dtype=np.uint8), 300)]:
+        f = frequencies(ids, d, np, np.float64, None)
+        want = np.bincount(ids.astype(np.int64), minlength=d) / ids.shape[0]
+        np.testing.assert_array_equal(f, want)

@@ -8,9 +8,12 @@ from grng_core.state import LayerLayout
 
 
 def frequencies(ids, d: int, xp, dtype, device):
-    """counts(id = j)/n for j < d, from sorted ids (no n × d one-hot): the diagonal of Â."""
-    ordered = xp.sort(xp.astype(ids, xp.int64, copy=False))
-    edges = xp.searchsorted(ordered, xp.arange(d + 1, dtype=xp.int64, device=device))
+    """counts(id = j)/n for j < d, from sorted ids (no n × d one-hot): the diagonal of Â. The
+    ids keep their integer dtype where it holds d (JAX without x64 has no int64 to cast to)."""
+    if not xp.isdtype(ids.dtype, "integral") or xp.iinfo(ids.dtype).max < d:
+        ids = xp.astype(ids, xp.int64)
+    ordered = xp.sort(ids)
+    edges = xp.searchsorted(ordered, xp.arange(d + 1, dtype=ordered.dtype, device=device))
     counts = edges[1:] - edges[:-1]
     return xp.astype(counts, dtype) / ids.shape[0]
 
