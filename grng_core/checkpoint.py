@@ -34,7 +34,7 @@ import numpy as np
 
 from grng_core import codec
 from grng_core._version import __version__
-from grng_core.config import UNUSED, upgrade_saved
+from grng_core.config import unused, upgrade_saved
 from grng_core.npz_io import read_archive, write_atomic
 from grng_core.npz_tree import META_KEY, build, describe_tree, dtype_name, entry_names, to_host
 from grng_core.tree import library
@@ -145,7 +145,7 @@ def _check_opt(meta: dict, opt, source: str) -> None:
                          f"loading into {opt.name!r}")
     saved = upgrade_saved(opt.name, meta.get("hyperparams") or {})
     now = hyperparams_json(opt)
-    for k in UNUSED.get(opt.name, ()):
+    for k in unused(opt.name, saved) + unused(opt.name, now):
         saved.pop(k, None)
         now.pop(k, None)
     # format-1 files of RING recorded gr, fd_scheme and fd_radius as None: absent now

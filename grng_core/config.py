@@ -145,6 +145,10 @@ class _Common:
         None, "the first steps refresh statistics and inverses on every step; None: "
         "⌈1/(1 − ema_decay)⌉ (the EMA's horizon: 20 at 0.95), 0: no warm-up (§2.1)",
         _optional(lambda n, v: check_int(n, v, low=0)))
+    warmup_rows: float | None = hp(
+        10.0, "a K-FAC layer given at least this many rows per step per dimension of its larger "
+        "factor (n >= warmup_rows·max(d_A, d_S)) skips the warm-up; None: every layer warms up "
+        "(§2.1)", _optional(lambda n, v: check_range(n, v, 0.0, low_open=True)))
     ns_tol: float | None = hp(None, "Newton–Schulz tolerance (None: 1e-6 float64, 1e-4 float32)",
                               _optional(lambda n, v: check_range(n, v, 0.0, 1.0, low_open=True,
                                                                  high_open=True)))
@@ -297,12 +301,14 @@ TITLES = {"reng": "RENG", "ring": "RING", "rkalman": "RKalman"}
 
 def upgrade_saved(algorithm: str, saved: dict) -> dict:
     """Hyperparameters recorded by an earlier version, with what their absent keys meant
-    then: no refresh warm-up; RING had only form "gauss_newton"; R-Kalman's kfac belief was
-    refreshed directly every `inverse_every` steps with one predict step."""
+    then: no refresh warm-up (once it existed: for every layer); RING had only form
+    "gauss_newton"; R-Kalman's kfac belief was refreshed directly every `inverse_every` steps
+    with one predict step."""
     out = dict(saved)
     if algorithm == "ring":
         out.setdefault("form", "gauss_newton")
     out.setdefault("refresh_warmup", 0)  # no warm-up before it existed
+    out.setdefault("warmup_rows", None)  # every layer took the warm-up
     if algorithm == "rkalman":
         if "kalman_refresh_every" not in out:
             out["kalman_refresh_every"] = out.get("inverse_every")
@@ -313,6 +319,13 @@ def upgrade_saved(algorithm: str, saved: dict) -> dict:
 # hyperparameters an algorithm has (common fields) but does not use: they cannot make two
 # checkpoints of it differ
 UNUSED = {"rkalman": ("inverse_every",)}
+
+
+def unused(algorithm: str, hyper: dict) -> tuple[str, ...]:
+    """The hyperparameters that cannot change these (JSON) hyperparameters' steps: UNUSED, and
+    `warmup_rows` without a warm-up or K-FAC."""
+    moot = hyper.get("refresh_warmup") == 0 or hyper.get("structure", "kfac") != "kfac"
+    return UNUSED.get(algorithm, ()) + (("warmup_rows",) if moot else ())
 
 
 def per_step_damping(config: Config) -> bool:

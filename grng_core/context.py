@@ -11,6 +11,8 @@ class StepContext(NamedTuple):
     xp: the array namespace; sdtype: the state dtype; t: the 1-based step (int array);
     first: bool array, true on the first curvature update (EMA starts from the batch);
     curvature / inverse: Python bool, or a bool array when decided in-graph;
+    steady: (curvature, inverse) of the K-FAC layers that skip the warm-up, or None: every
+        layer follows curvature / inverse (`grng_core.schedule.layer_flags`);
     mean / gather: collectives (identity when None); tol, max_iter, method: inverse settings;
     replicated: True when a collective mean exists (data-parallel replicas);
     incidents: the host-side `Incidents` log extra damping is reported to.
@@ -30,6 +32,7 @@ class StepContext(NamedTuple):
     method: str
     replicated: bool = False
     incidents: Any = None
+    steady: Any = None
 
 
 def select(flag, new, old, xp):

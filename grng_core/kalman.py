@@ -203,25 +203,28 @@ def _diagonal_predict_correct(F_prev, freq, shift, beta_t):
     return F_new, 1.0 / F_new
 
 
-def kfac_step(layers, batch_rows, beta, damping, steps, ctx, keys):
-    """Kronecker belief (§3.3 kfac): on curvature steps predict (`steps` Newton–Schulz steps)
-    and correct every layer's P_A, P_S, inverting no factor; on inverse steps (only with
-    `kalman_refresh_every`) refresh them directly from the carried damped factors (§2.1).
-    batch_rows: the layers' LayerRows (None off curvature)."""
+def kfac_step(layers, batch_rows, beta, damping, steps, ctx, keys, flags):
+    """Kronecker belief (§3.3 kfac): on a layer's curvature steps predict (`steps`
+    Newton–Schulz steps) and correct its P_A, P_S, inverting no factor; on its inverse steps
+    (only with `kalman_refresh_every`) refresh them directly from the carried damped factors
+    (§2.1). batch_rows: the layers' LayerRows (None off curvature); flags: (curvature,
+    inverse) per layer (`grng_core.schedule.layer_flags`)."""
     xp = ctx.xp
     if ctx.curvature is not False:
         beta_t = xp.where(ctx.first, xp.zeros((), dtype=ctx.sdtype, device=ctx.device),
                           xp.full((), beta, dtype=ctx.sdtype, device=ctx.device))
         root = xp.sqrt(xp.asarray(damping, dtype=ctx.sdtype, device=ctx.device))
-        layers = tuple(_observe(layer, r, beta_t, root, steps, ctx, keys)
-                       for layer, r in zip(layers, batch_rows))
+        layers = tuple(layer if curvature is False
+                       else _observe(layer, r, beta_t, root, steps, ctx, keys, curvature)
+                       for layer, r, (curvature, _) in zip(layers, batch_rows, flags))
     if ctx.inverse is not False:
-        layers = kfac.refresh(layers, lambda layer: (layer.A, layer.S), ctx, keys)
+        layers = kfac.refresh(layers, lambda layer: (layer.A, layer.S), ctx, keys,
+                              [inverse for _, inverse in flags])
     return layers
 
 
-def _observe(layer, r, beta_t, root, steps, ctx, keys):
-    """One layer's predict + correct with this batch's rows (selected on curvature steps)."""
+def _observe(layer, r, beta_t, root, steps, ctx, keys, curvature):
+    """One layer's predict + correct with this batch's rows (selected on `curvature`)."""
     xp, L = ctx.xp, layer.layout
     s = ctx.gather(r.s)
     batch = r.batch * (s.shape[0] // r.s.shape[0])  # B over all replicas
@@ -251,4 +254,4 @@ def _observe(layer, r, beta_t, root, steps, ctx, keys):
                              f"S of {name}", damped("S"))
     fresh = layer._replace(A=A, S=S, A_inv=PA, S_inv=PS, trace_A=tr_a, trace_S=tr_s)
     return type(layer)(*(v if v is None or isinstance(v, type(L))
-                         else select(ctx.curvature, v, o, xp) for v, o in zip(fresh, layer)))
+                         else select(curvature, v, o, xp) for v, o in zip(fresh, layer)))

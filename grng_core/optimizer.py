@@ -68,6 +68,11 @@ class Optimizer:
         """(curvature, inverse) refresh flags at `step` steps taken (`grng_core.schedule`)."""
         return schedule.flags(self.config, step)
 
+    def steady_flags(self, step):
+        """The flags of the K-FAC layers that skip the warm-up, or None (every layer follows
+        `flags`): pass them as `update(steady=)` beside explicit flags (`grng_core.schedule`)."""
+        return schedule.steady_flags(self.config, step)
+
     # ---- state
     def state_dtype(self, leaves, xp):
         name = self.config.state_dtype
@@ -104,12 +109,15 @@ class Optimizer:
     # ---- the step
     def update(self, grads, state: OptState, params, stats: Stats | None = None, oracle=None,
                *, collective: Collective | None = None, curvature=None, inverse=None,
-               incidents: Incidents | None = None):
-        """(updates, new state). `incidents`: the host-side log a K-FAC factor that needs extra
-        damping is reported to (`grng_core.incidents`; default: a fresh one, which warns)."""
+               steady=None, incidents: Incidents | None = None):
+        """(updates, new state). curvature / inverse: refresh flags (None: the schedule's at
+        the state's step); steady: the flags of the K-FAC layers that skip the warm-up (None:
+        the schedule's when the flags are left to it, else the flags themselves).
+        `incidents`: the host-side log a K-FAC factor that needs extra damping is reported to
+        (`grng_core.incidents`; default: a fresh one, which warns)."""
         ensure_pytrees()
         env, layer_arrays = self._env(grads, state, params, stats or Stats(), oracle,
-                                      collective, curvature, inverse,
+                                      collective, (curvature, inverse, steady),
                                       incidents if incidents is not None else Incidents())
         h, ctx, xp = self.config, env.ctx, env.ctx.xp
         d, ghat, new_curv = self.algorithm.direction(env, state.curvature)
@@ -137,8 +145,7 @@ class Optimizer:
         ups, out = guard.commit(updates, new_state, state, groups, ctx, h.on_nonfinite)
         return env.container.build(ups), out
 
-    def _env(self, grads, state, params, stats, oracle, collective, curvature, inverse,
-             incidents):
+    def _env(self, grads, state, params, stats, oracle, collective, refresh, incidents):
         """Checks the inputs and gathers what the direction reads (an `Env`)."""
         h = self.config
         p_leaves, container = flatten(params)
@@ -154,16 +161,13 @@ class Optimizer:
         check_state(state, self, p_leaves)
         sdtype = self.state_dtype(p_leaves, xp)
         dev = device(p_leaves[0])
-        curvature = True if schedule.per_step_batch(h) else curvature
-        if curvature is None or inverse is None:  # the adapter left them to the schedule
-            auto_curv, auto_inv = (_host_flag(f) for f in self.flags(state.step))
-            curvature = auto_curv if curvature is None else curvature
-            inverse = auto_inv if inverse is None else inverse
+        curvature, inverse, steady = self._flags(state.step, *refresh)
         mean = _identity if collective is None or collective.mean is None else collective.mean
         gather = _identity if collective is None or collective.gather is None else collective.gather
         count = state.curvature_count
         ctx = StepContext(xp=xp, sdtype=sdtype, device=dev, t=state.step + 1, first=count == 0,
-                          curvature=curvature, inverse=inverse, mean=mean, gather=gather,
+                          curvature=curvature, inverse=inverse, steady=steady, mean=mean,
+                          gather=gather,
                           tol=h.ns_tol if h.ns_tol is not None else default_tol(sdtype, xp),
                           max_iter=h.ns_max_iter, method=h.inverse_method,
                           replicated=collective is not None and collective.mean is not None,
@@ -176,6 +180,19 @@ class Optimizer:
                   rho=_scalar(value_at(h.rho, ctx.t), xp, sdtype),
                   damping=_scalar(value_at(h.damping, ctx.t), xp, sdtype))
         return env, layer_arrays
+
+    def _flags(self, step, curvature, inverse, steady):
+        """The refresh flags of this call: the adapter's, else the schedule's at `step`."""
+        if schedule.per_step_batch(self.config):
+            curvature = True
+        if curvature is None or inverse is None:  # the adapter left them to the schedule
+            auto_curv, auto_inv = (_host_flag(f) for f in self.flags(step))
+            curvature = auto_curv if curvature is None else curvature
+            inverse = auto_inv if inverse is None else inverse
+            if steady is None:
+                steady = self.steady_flags(step)
+                steady = None if steady is None else tuple(_host_flag(f) for f in steady)
+        return curvature, inverse, steady
 
 
 def _host_flag(flag):

@@ -6,6 +6,7 @@ covers all leaves; `woodbury` uses the current batch's per-example gradients (no
 
 from __future__ import annotations
 
+from grng_core import schedule
 from grng_core.config import per_step_damping
 from grng_core.linalg import resolve_method
 from grng_core.requirements import factored_applies
@@ -49,20 +50,23 @@ def update_and_solve(env, state: Preconditioner, vectors,
     layers = state.kfac
     if layers:
         batch_rows = layer_rows(env, layers)
+        flags = schedule.layer_flags(h, (ctx.curvature, ctx.inverse), ctx.steady,
+                                     [layer.layout for layer in layers], batch_rows)
         if ctx.curvature is not False:
-            layers = kfac.update_factors(layers, batch_rows, beta, ctx)
+            layers = kfac.update_factors(layers, batch_rows, beta, ctx, flags)
         factored = vectors is env.g and factored_applies(h)
         use = kfac.factored_rows(layers, batch_rows if factored else None, ctx)
         keys = env.container.keys
+        which = [inverse for _, inverse in flags]
         if layers[0].S_vecs is not None:  # eigenbases: exact for this step's damping
             if ctx.inverse is not False:
-                layers = kfac_eigen.decompose(layers, ctx, keys)
+                layers = kfac_eigen.decompose(layers, ctx, keys, which)
             out.update(kfac_eigen.precondition(layers, vectors, damping, xp, use))
         else:
-            inverse = True if per_step_damping(h) else ctx.inverse
-            if inverse is not False:
-                layers = kfac.refresh_inverses(layers, damping, ctx._replace(inverse=inverse),
-                                               keys)
+            if per_step_damping(h):
+                which = [True] * len(layers)
+            if any(inverse is not False for inverse in which):
+                layers = kfac.refresh_inverses(layers, damping, ctx, keys, which)
             out.update(kfac.precondition(layers, vectors, xp, use))
     return [out[i] for i in range(len(vectors))], Preconditioner(diagonal=diag, kfac=layers)
 
@@ -72,5 +76,7 @@ def layer_rows(env, layers) -> list | None:
     only_precondition = env.ctx.curvature is False
     if only_precondition and env.stats.layers is None:
         return None
-    stats = kfac.match_stats(layers, env.stats.layers, env.container, only_precondition)
+    # on a warm-up step the adapter may leave out the layers that skip the warm-up
+    partial = only_precondition or (env.ctx.steady is not None and env.ctx.steady[0] is False)
+    stats = kfac.match_stats(layers, env.stats.layers, env.container, partial)
     return kfac.all_rows(layers, stats, env.ctx)

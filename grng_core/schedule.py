@@ -33,6 +33,36 @@ def flags(config, step):
     return curvature, ((step % period == 0) | warm) if period else False
 
 
+def steady_flags(config, step):
+    """The (curvature, inverse) flags of the K-FAC layers that skip the warm-up
+    (`layer_warms` false): the schedule without it. None where every layer takes the
+    warm-up's refreshes (no warm-up, `warmup_rows=None`, or past the warm-up on a host step)."""
+    warm = warmup_steps(config)
+    if not warm or config.warmup_rows is None or config.structure != "kfac":
+        return None
+    if isinstance(step, int) and step >= warm:
+        return None
+    return flags(config.replace(refresh_warmup=0), step)
+
+
+def layer_warms(config, rows: int, d_a: int, d_s: int) -> bool:
+    """Whether a K-FAC layer takes the warm-up's refreshes (§2.1): unless one step gives it
+    `rows` >= warmup_rows·max(d_A, d_S) rows (a convolution's patches, a long sequence's
+    tokens), whose single-batch factors are already estimated from many rows per dimension."""
+    return config.warmup_rows is None or rows < config.warmup_rows * max(d_a, d_s)
+
+
+def layer_flags(config, flags_now, steady, layouts, rows) -> list:
+    """(curvature, inverse) per K-FAC layer: `flags_now` for the layers that take the warm-up,
+    `steady` for the others (and for a layer without rows on this step: an adapter leaves out
+    the rows the layer would not use). `rows`: the layers' LayerRows, or None."""
+    if steady is None:
+        return [flags_now] * len(layouts)
+    rows = rows or [None] * len(layouts)
+    return [flags_now if r is not None and layer_warms(config, r.s.shape[0], L.d_in_ext, L.d_out)
+            else steady for L, r in zip(layouts, rows)]
+
+
 def inverse_period(config) -> int | None:
     """Steps between K-FAC inverse refreshes; R-Kalman's belief: its optional direct refresh
     (`kalman_refresh_every`, None: never, §3.3)."""

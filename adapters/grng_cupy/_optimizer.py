@@ -204,7 +204,9 @@ class CupyOptimizer:
         with self._device():
             updates, state = self.core.update(grads, self.state, self.params, stats, oracle,
                                               collective=collective, curvature=curvature,
-                                              inverse=inverse, incidents=self.incidents)
+                                              inverse=inverse,
+                                              steady=self.core.steady_flags(self.t),
+                                              incidents=self.incidents)
             new = gc.apply_updates(self.params, updates)  # θ + u in each parameter's dtype
             for p, q in zip(flatten(self.params)[0], flatten(new)[0]):
                 p[...] = q  # in place: the training stack's references stay valid

@@ -209,10 +209,11 @@ def _update(core: gc.Optimizer, specs, opts: _Options, updates, state: GRNGState
                                               params, sub)
         return gc.Stats(per_example_grads=pe, layers=layer_list)
 
-    def step(curvature, inverse):
+    def step(curvature, inverse, steady=None):
         st = stats() if need_stats and curvature is not False else None
         ups, new = core.update(grads, state.core, leaves, stats=st, oracle=oracle,
-                               collective=coll, curvature=curvature, inverse=inverse)
+                               collective=coll, curvature=curvature, inverse=inverse,
+                               steady=steady)
         return list(ups), new
 
     # the schedule counts calls (taken + skipped), as grng_core and the other adapters do
@@ -251,19 +252,29 @@ def _report_skip(name: str, old: gc.OptState, new: gc.OptState) -> None:
 
 
 def _refresh(step: Callable, core: gc.Optimizer, refresh: str, count):
-    """Run `step(curvature, inverse)`: "where" leaves the flags to the core (both branches
-    computed, selected in-graph); "switch" runs, by ``lax.switch``, only the branch of the
-    flag pair that `grng_core.schedule.flag_table` gives this step."""
+    """Run `step(curvature, inverse, steady)`: "where" leaves the flags to the core (both
+    branches computed, selected in-graph); "switch" runs, by ``lax.switch``, only the branch
+    of the flag pair that `grng_core.schedule.flag_table` gives this step. The warm-up
+    refreshes both (step 0's pair), with the other layers on the pair of the schedule without
+    it (`steady`, where `grng_core.schedule.steady_flags` has them): one more branch per pair."""
     if refresh == "where":
         return step(None, None)
     pairs, index = flag_table(core.config)
     if len(pairs) == 1:
         return step(*pairs[0])
+    branches = [lambda p=p: step(*p) for p in pairs]
     which = jnp.asarray(index, jnp.int32)[count % len(index)]
     warm = warmup_steps(core.config)
-    if warm:  # the warm-up refreshes both: step 0's pair
+    if warm and core.steady_flags(0) is not None:  # per-layer warm-up: (both, steady=pair)
+        both = pairs[index[0]]
+        extra = {p: len(pairs) + k for k, p in enumerate(q for q in pairs if q != both)}
+        branches += [lambda p=p: step(*both, steady=p) for p in extra]
+        during = [extra.get(pairs[i], index[0]) for i in index]
+        which = jnp.where(count < warm, jnp.asarray(during, jnp.int32)[count % len(index)],
+                          which)
+    elif warm:  # the warm-up refreshes both: step 0's pair
         which = jnp.where(count < warm, index[0], which)
-    return lax.switch(which, [lambda p=p: step(*p) for p in pairs])
+    return lax.switch(which, branches)
 
 
 def mc_softmax_cross_entropy(logits_fn: Callable[[Any, Any], Any]) -> Callable:

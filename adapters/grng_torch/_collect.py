@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from grng_core import schedule
 from grng_core.structures import factored
 from grng_torch.layers import HookedLayer, find_layers
 
@@ -163,6 +164,10 @@ class Collector:
         self.s: dict[int, dict[int, tuple]] = {}
         self.z: dict[int, list] = {}
         self.rows_only: set[int] = set()  # layers collected only for the factored form
+        # on a step whose refresh is the warm-up's only: layer -> its group's config, and per
+        # layer the first call's decision, kept for the step's other calls (`warms`)
+        self.warmup_only: dict[int, Any] = {}
+        self.warming: dict[int, bool] = {}
         self._handles = [self.root.register_forward_pre_hook(self._root_hook, with_kwargs=True)]
         self._hooks = [self._layer_hook(i) for i in range(len(self.layers))]
         for i, L in enumerate(self.layers):
@@ -213,6 +218,8 @@ class Collector:
             x = inputs[0]
             if i in self.rows_only and not factored_pays(layer, x):
                 return None  # rows the core would not use: keep nothing
+            if i in self.warmup_only and not self.warms(i, output):
+                return None  # the layer skips the warm-up: the core refreshes it not now
             chunks = self.a.setdefault(i, [])
             chunks.append(layer.input_rows(x.detach()))
             if self.mode == "outputs":
@@ -222,6 +229,16 @@ class Collector:
             return None
 
         return hook
+
+    def warms(self, i: int, output: torch.Tensor) -> bool:
+        """Whether layer i takes this warm-up step's refresh (`grng_core.schedule.layer_warms`
+        on the rows of its first call this step: one per output element of width d_out)."""
+        if i not in self.warming:
+            layer = self.layers[i]
+            rows = output.numel() // max(layer.d_out, 1)
+            d_a = layer.d_in + (layer.bias is not None)
+            self.warming[i] = schedule.layer_warms(self.warmup_only[i], rows, d_a, layer.d_out)
+        return self.warming[i]
 
     def _grad_hook(self, i: int, k: int):
         def hook(grad):
@@ -234,10 +251,13 @@ class Collector:
     # -------------------------------------------------------------- sessions
     @contextlib.contextmanager
     def collect(self, mode: str | None, active=(), capture: bool = False,
-                rows_only=()) -> Iterator[None]:
+                rows_only=(), warmup_only=None) -> Iterator[None]:
         """Collect K-FAC rows of the layers numbered in `active` ("backward": s from the
         backward pass through tensor hooks; "outputs": keep the outputs z for an explicit
-        autograd.grad), and the model calls / loss targets when `capture`."""
+        autograd.grad), and the model calls / loss targets when `capture`. `warmup_only`
+        (layer -> config, kept until `clear`): layers that may skip this step's refresh."""
+        if warmup_only is not None:
+            self.warmup_only = dict(warmup_only)
         old = (self.mode, self.active, self.capture, self.rows_only)
         self.mode, self.active, self.capture = mode, set(active), capture
         self.rows_only = set(rows_only)
@@ -250,6 +270,7 @@ class Collector:
 
     def clear(self) -> None:
         self.a, self.s, self.z = {}, {}, {}
+        self.warmup_only, self.warming = {}, {}
         self.batch = Batch()
 
     def has_rows(self, i: int) -> bool:

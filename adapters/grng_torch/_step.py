@@ -47,6 +47,7 @@ class GroupPlan:
     layers: list  # (hooked layer number, weight position, bias position)
     offset: int = 0  # where the group starts among all parameters
     rows_only: bool = False  # no curvature update: K-FAC rows for the factored form only
+    steady: tuple | None = None  # flags of the K-FAC layers that skip the warm-up (core's)
 
 
 @dataclass
@@ -55,6 +56,9 @@ class StepPlan:
     emp: set = field(default_factory=set)  # hooked layers collected on the closure's backward
     mc: set = field(default_factory=set)  # hooked layers collected on the sampled-label pass
     rows_only: set = field(default_factory=set)  # collected for the factored form only
+    # hooked layer -> its group's config, on a step whose refresh is the warm-up's only: the
+    # hook keeps no rows where one call gives the layer enough to skip it (`layer_warms`)
+    warmup_only: dict = field(default_factory=dict)
     pe: dict = field(default_factory=lambda: {"empirical": [], "mc": []})
     hvp: bool = False
     fd: bool = False
@@ -66,12 +70,14 @@ class StepPlan:
 
 def _group_plan(opt, i: int, group: dict) -> GroupPlan:
     core, entry = opt.core(i), opt.group_state(i)
-    curvature, inverse = core.flags(entry.host_step if entry else 0)
+    step = entry.host_step if entry else 0
+    curvature, inverse = core.flags(step)
     layers: list = []
     if core.requirements.layer_stats:
         layers = (opt.match_layers(i, entry.layers) if entry is not None
                   else opt.layer_candidates(i))
-    return GroupPlan(i, group, core, entry, bool(curvature), bool(inverse), layers)
+    return GroupPlan(i, group, core, entry, bool(curvature), bool(inverse), layers,
+                     steady=core.steady_flags(step))
 
 
 def plan(opt) -> StepPlan:
@@ -84,6 +90,8 @@ def plan(opt) -> StepPlan:
         r = gp.core.requirements
         if r.layer_stats and gp.curvature:
             (sp.mc if r.fisher == "mc" else sp.emp).update(li for li, _, _ in gp.layers)
+            if gp.steady is not None and gp.steady[0] is False:
+                sp.warmup_only.update((li, gp.core.config) for li, _, _ in gp.layers)
         elif r.layer_rows and not replicated:  # the factored form's rows (§2.1): hooks only
             gp.rows_only = True
             linear = [li for li, _, _ in gp.layers if opt.collector.layers[li].kind == "linear"]
@@ -160,7 +168,8 @@ def _first_pass(opt, sp: StepPlan, closure, gb):
         if coll is not None:
             coll.clear()
             stack.enter_context(coll.collect("backward", sp.emp, capture=True,
-                                             rows_only=sp.rows_only))
+                                             rows_only=sp.rows_only,
+                                             warmup_only=sp.warmup_only))
         if gb is not None:
             stack.enter_context(gb)
             stack.enter_context(_passes.twice_differentiable_attention())
@@ -204,6 +213,8 @@ def _stats(opt, sp: StepPlan, gp: GroupPlan, layers, pe) -> gc.Stats | None:
         return gc.Stats(layers=_layer_stats(opt, seen)) if seen else None
     if not gp.curvature or not (r.layer_stats or r.per_example_grads):
         return None
+    if gp.steady is not None and gp.steady[0] is False:  # layers skipping the warm-up: none
+        layers = [L for L in layers if opt.collector.has_rows(L[0])]
     use_pe = gp.index in sp.pe["empirical"] + sp.pe["mc"]
     return gc.Stats(
         per_example_grads=[pe[id(p)] for p in gp.group["params"]] if use_pe else None,
@@ -226,7 +237,7 @@ def _group_update(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any]):
         entry, core = opt.fresh_group_state(gp.index, present)
         layers = present if core.config.structure == "kfac" else []
         gp = GroupPlan(gp.index, gp.group, core, entry, gp.curvature, gp.inverse, layers,
-                       gp.offset)
+                       gp.offset, steady=gp.steady)
     r = core.requirements
     oracle = gc.Oracle(
         grad_fn=_passes.grad_fn(opt, gp.index, env["closure"], env["saved_grads"],
@@ -238,6 +249,7 @@ def _group_update(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any]):
                                     stats=_stats(opt, sp, gp, layers, env["pe"]),
                                     oracle=oracle, collective=env["collective"],
                                     curvature=gp.curvature, inverse=gp.inverse,
+                                    steady=gp.steady,
                                     incidents=opt.incidents(gp.index))
     return updates, GroupState(entry.host_step + 1, entry.structure, new_core)
 

@@ -151,15 +151,19 @@ def all_rows(layers, stats, ctx) -> list:
             for layer, ls in zip(layers, stats)]
 
 
-def update_factors(layers, batch_rows, beta, ctx) -> tuple[KfacLayer, ...]:
-    """EMA of every layer's factors with this batch's rows (selected on curvature steps)."""
+def update_factors(layers, batch_rows, beta, ctx, flags) -> tuple[KfacLayer, ...]:
+    """EMA of every layer's factors with this batch's rows, selected on the layer's curvature
+    flag (`flags`: (curvature, inverse) per layer, `grng_core.schedule.layer_flags`)."""
     new = []
-    for layer, r in zip(layers, batch_rows):
+    for layer, r, (curvature, _) in zip(layers, batch_rows, flags):
+        if curvature is False:
+            new.append(layer)
+            continue
         A_hat, S_hat = batch_factors(r, ctx)
         A = ema(layer.A, A_hat, beta, ctx)
         S = ema(layer.S, S_hat, beta, ctx)
-        new.append(layer._replace(A=select(ctx.curvature, A, layer.A, ctx.xp),
-                                  S=select(ctx.curvature, S, layer.S, ctx.xp)))
+        new.append(layer._replace(A=select(curvature, A, layer.A, ctx.xp),
+                                  S=select(curvature, S, layer.S, ctx.xp)))
     return tuple(new)
 
 
@@ -195,15 +199,19 @@ def shifted(M, shift, xp):
     return M + shift * xp.eye(M.shape[0], dtype=M.dtype, device=_dev(M))
 
 
-def refresh(layers, matrices, ctx, keys) -> tuple[KfacLayer, ...]:
+def refresh(layers, matrices, ctx, keys, which) -> tuple[KfacLayer, ...]:
     """A_inv, S_inv of every layer: the inverses of `matrices(layer) -> (A', S')` by the
-    configured method, warm started from the current ones, selected on inverse steps.
-    K-FAC inverts its damped factors (§2.1); R-Kalman's direct refresh its carried ones."""
+    configured method, warm started from the current ones, selected on the layer's inverse
+    flag (`which`, one per layer). K-FAC inverts its damped factors (§2.1); R-Kalman's direct
+    refresh its carried ones."""
     xp = ctx.xp
     kw = dict(method=ctx.method, tol=ctx.tol, max_iter=ctx.max_iter)
     new = []
     log = ctx.incidents
-    for layer in layers:
+    for layer, inverse in zip(layers, which):
+        if inverse is False:
+            new.append(layer)
+            continue
         A_m, S_m = matrices(layer)
         w = layer.layout.weight
         name = f"layer {keys[w]!r}"
@@ -215,16 +223,16 @@ def refresh(layers, matrices, ctx, keys) -> tuple[KfacLayer, ...]:
                                 rescue=rescue_A, **kw)
         S_inv = spd_inverse(S_m, xp, warm=layer.S_inv, name=f"S of {name}",
                             rescue=None if log is None else log.rescue(w, "S", keys[w]), **kw)
-        new.append(layer._replace(A_inv=select(ctx.inverse, A_inv, layer.A_inv, xp),
-                                  S_inv=select(ctx.inverse, S_inv, layer.S_inv, xp)))
+        new.append(layer._replace(A_inv=select(inverse, A_inv, layer.A_inv, xp),
+                                  S_inv=select(inverse, S_inv, layer.S_inv, xp)))
     return tuple(new)
 
 
-def refresh_inverses(layers, damping, ctx, keys) -> tuple[KfacLayer, ...]:
-    """Inverses of the damped factors (A + π√λ I, S + (√λ/π) I), §2.1."""
+def refresh_inverses(layers, damping, ctx, keys, which) -> tuple[KfacLayer, ...]:
+    """Inverses of the damped factors (A + π√λ I, S + (√λ/π) I), §2.1, where `which`."""
     xp = ctx.xp
     root = xp.sqrt(xp.asarray(damping, dtype=ctx.sdtype, device=ctx.device))
-    return refresh(layers, lambda layer: damped(layer.A, layer.S, root, xp), ctx, keys)
+    return refresh(layers, lambda layer: damped(layer.A, layer.S, root, xp), ctx, keys, which)
 
 
 def right_multiply(M, A_inv, xp):

@@ -24,11 +24,15 @@ def _eigh(M, xp, name):
     return xp.maximum(e, xp.zeros_like(e)), Q
 
 
-def decompose(layers, ctx, keys) -> tuple:
-    """Eigendecompositions of every layer's EMA factors, selected on inverse steps."""
+def decompose(layers, ctx, keys, which) -> tuple:
+    """Eigendecompositions of every layer's EMA factors, selected on the layer's inverse flag
+    (`which`, one per layer)."""
     xp = ctx.xp
     new = []
-    for layer in layers:
+    for layer, inverse in zip(layers, which):
+        if inverse is False:
+            new.append(layer)
+            continue
         name = f"layer {keys[layer.layout.weight]!r}"
         if layer.A.ndim == 1:  # an embedding's diagonal A is its own eigendecomposition
             e_A, Q_A = xp.maximum(layer.A, xp.zeros_like(layer.A)), None
@@ -36,10 +40,10 @@ def decompose(layers, ctx, keys) -> tuple:
             e_A, Q_A = _eigh(layer.A, xp, f"A of {name}")
         e_S, Q_S = _eigh(layer.S, xp, f"S of {name}")
         new.append(layer._replace(
-            A_vecs=None if Q_A is None else select(ctx.inverse, Q_A, layer.A_vecs, xp),
-            A_vals=select(ctx.inverse, e_A, layer.A_vals, xp),
-            S_vecs=select(ctx.inverse, Q_S, layer.S_vecs, xp),
-            S_vals=select(ctx.inverse, e_S, layer.S_vals, xp)))
+            A_vecs=None if Q_A is None else select(inverse, Q_A, layer.A_vecs, xp),
+            A_vals=select(inverse, e_A, layer.A_vals, xp),
+            S_vecs=select(inverse, Q_S, layer.S_vecs, xp),
+            S_vals=select(inverse, e_S, layer.S_vals, xp)))
     return tuple(new)
 
 

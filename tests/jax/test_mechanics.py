@@ -147,16 +147,22 @@ REFRESH_CASES = cases.select(optimizer=("ring", "rkalman"), structure="kfac",
                              default_estimator=True, bare=True)
 
 
-@pytest.mark.parametrize("warmup,count", [(0, 4), (3, 5)])
+# warmup_rows=2: the first layer (12 rows >= 2·6) skips the warm-up, the second (2·7) not
+@pytest.mark.parametrize("warmup,count,rows", [(0, 4, 10.0), (3, 5, None), (3, 5, 2.0)])
 @pytest.mark.parametrize("case", REFRESH_CASES, ids=[c.optimizer for c in REFRESH_CASES])
-def test_switch_and_where_refresh_give_the_same_steps(case, warmup, count):
-    """The refresh warm-up (§2.1: every step refreshes during it) in both refresh modes."""
+def test_switch_and_where_refresh_give_the_same_steps(case, warmup, count, rows):
+    """The refresh warm-up (§2.1: every step refreshes during it; with warmup_rows, only for
+    the layers with few rows) in both refresh modes."""
     params, batch = P.mlp_params(SIZES), _batch()
     kw = dict(curvature_every=2, inverse_every=3, inverse_method="cholesky",
-              refresh_warmup=warmup)
+              refresh_warmup=warmup, warmup_rows=rows)
     make = case.jax
     pa, sa, _ = _train(make(0.1, refresh="switch", **kw), params, batch, 7)
     pb, sb, _ = _train(make(0.1, refresh="where", **kw), params, batch, 7)
+    if rows == 2.0:  # the first layer's S (its A: the same batch) differs from all warming
+        _, sc, _ = _train(make(0.1, refresh="where", **{**kw, "warmup_rows": None}), params,
+                          batch, 7)
+        assert _max_diff(sa.core.curvature.kfac[0].S, sc.core.curvature.kfac[0].S) > 1e-6
     # two compiled programs (XLA fuses the in-graph Newton–Schulz loop of "where" differently):
     # rounding-level agreement, an order above float64's resolution after 8 steps
     assert _max_diff(pa, pb) < 1e-11
