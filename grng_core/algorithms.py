@@ -11,7 +11,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from grng_core import kalman, preconditioner, schedule
+from grng_core import kalman, preconditioner
 from grng_core.config import CONFIGS, Config, RENGConfig, RINGConfig, RKalmanConfig
 from grng_core.config import is_static_zero as _static_zero
 from grng_core.optimizer import Optimizer
@@ -70,8 +70,7 @@ def _rkalman_direction(env, state: Belief):
     layers = state.kfac
     if layers:
         batch_rows = preconditioner.layer_rows(env, layers)
-        flags = schedule.layer_flags(h, (ctx.curvature, ctx.inverse), ctx.steady,
-                                     [layer.layout for layer in layers], batch_rows)
+        flags = preconditioner.layer_flags(env, layers, batch_rows)
         layers = kalman.kfac_step(layers, batch_rows, h.ema_decay, env.damping,
                                   h.kalman_predict_steps, ctx, env.container.keys, flags)
         factored = ghat is env.g and factored_applies(h)

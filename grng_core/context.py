@@ -14,7 +14,8 @@ class StepContext(NamedTuple):
     steady: (curvature, inverse) of the K-FAC layers that skip the warm-up, or None: every
         layer follows curvature / inverse (`grng_core.schedule.layer_flags`);
     mean / gather: collectives (identity when None); tol, max_iter, method: inverse settings;
-    replicated: True when a collective mean exists (data-parallel replicas);
+    replicated: True when a collective mean exists (data-parallel replicas); replicas: their
+        number (`Collective.replicas`);
     incidents: the host-side `Incidents` log extra damping is reported to.
     """
 
@@ -33,6 +34,7 @@ class StepContext(NamedTuple):
     replicated: bool = False
     incidents: Any = None
     steady: Any = None
+    replicas: int = 1
 
 
 def select(flag, new, old, xp):

@@ -171,7 +171,8 @@ class Optimizer:
                           tol=h.ns_tol if h.ns_tol is not None else default_tol(sdtype, xp),
                           max_iter=h.ns_max_iter, method=h.inverse_method,
                           replicated=collective is not None and collective.mean is not None,
-                          incidents=incidents)
+                          incidents=incidents,
+                          replicas=1 if collective is None else int(collective.replicas))
         if curvature is not False:
             count = count + xp.astype(xp.asarray(curvature, device=dev), xp.int32, copy=False)
         g = [xp.astype(x, sdtype, copy=False) for x in g_leaves]

@@ -50,8 +50,7 @@ def update_and_solve(env, state: Preconditioner, vectors,
     layers = state.kfac
     if layers:
         batch_rows = layer_rows(env, layers)
-        flags = schedule.layer_flags(h, (ctx.curvature, ctx.inverse), ctx.steady,
-                                     [layer.layout for layer in layers], batch_rows)
+        flags = layer_flags(env, layers, batch_rows)
         if ctx.curvature is not False:
             layers = kfac.update_factors(layers, batch_rows, beta, ctx, flags)
         factored = vectors is env.g and factored_applies(h)
@@ -80,3 +79,11 @@ def layer_rows(env, layers) -> list | None:
     partial = only_precondition or (env.ctx.steady is not None and env.ctx.steady[0] is False)
     stats = kfac.match_stats(layers, env.stats.layers, env.container, partial)
     return kfac.all_rows(layers, stats, env.ctx)
+
+
+def layer_flags(env, layers, batch_rows) -> list:
+    """(curvature, inverse) of each K-FAC layer on this step (`schedule.layer_flags`: the
+    per-layer warm-up, §2.1)."""
+    ctx = env.ctx
+    return schedule.layer_flags(env.h, (ctx.curvature, ctx.inverse), ctx.steady,
+                                [layer.layout for layer in layers], batch_rows, ctx.replicas)

@@ -52,14 +52,16 @@ def layer_warms(config, rows: int, d_a: int, d_s: int) -> bool:
     return config.warmup_rows is None or rows < config.warmup_rows * max(d_a, d_s)
 
 
-def layer_flags(config, flags_now, steady, layouts, rows) -> list:
+def layer_flags(config, flags_now, steady, layouts, rows, replicas: int = 1) -> list:
     """(curvature, inverse) per K-FAC layer: `flags_now` for the layers that take the warm-up,
     `steady` for the others (and for a layer without rows on this step: an adapter leaves out
-    the rows the layer would not use). `rows`: the layers' LayerRows, or None."""
+    the rows the layer would not use). `rows`: the layers' LayerRows on this replica, or None;
+    a layer's rows per step are theirs times `replicas`."""
     if steady is None:
         return [flags_now] * len(layouts)
     rows = rows or [None] * len(layouts)
-    return [flags_now if r is not None and layer_warms(config, r.s.shape[0], L.d_in_ext, L.d_out)
+    return [flags_now if r is not None and layer_warms(config, r.s.shape[0] * replicas,
+                                                       L.d_in_ext, L.d_out)
             else steady for L, r in zip(layouts, rows)]
 
 

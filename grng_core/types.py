@@ -87,11 +87,14 @@ class Collective(NamedTuple):
         (K-FAC's a^T a / n and s^T s / n, the diagonal's q).
     gather(x) -> x concatenated over replicas along axis 0: used on per-example rows
         (woodbury's J, the Kalman K-FAC correction's a and s rows).
+    replicas: their number (a Python int): a layer's rows per step for the per-layer warm-up
+        (§2.1) are its rows on one replica times this (equal batches per replica assumed).
     Gradients are expected already averaged (DDP and pmean do that).
     """
 
     mean: Callable[[Any], Any] | None = None
     gather: Callable[[Any], Any] | None = None
+    replicas: int = 1
 
 
 class Requirements(NamedTuple):

@@ -181,7 +181,8 @@ def collective(axis_name) -> gc.Collective | None:
     if axis_name is None:
         return None
     return gc.Collective(mean=lambda x: lax.pmean(x, axis_name),
-                         gather=lambda x: lax.all_gather(x, axis_name, tiled=True))
+                         gather=lambda x: lax.all_gather(x, axis_name, tiled=True),
+                         replicas=lax.axis_size(axis_name))
 
 
 def oracle(loss_fn: Callable, treedef, batch, axis_name, need_grad: bool,

@@ -164,8 +164,8 @@ class Collector:
         self.s: dict[int, dict[int, tuple]] = {}
         self.z: dict[int, list] = {}
         self.rows_only: set[int] = set()  # layers collected only for the factored form
-        # on a step whose refresh is the warm-up's only: layer -> its group's config, and per
-        # layer the first call's decision, kept for the step's other calls (`warms`)
+        # on a step whose refresh is the warm-up's only: layer -> (its group's config, replicas),
+        # and per layer the first call's decision, kept for the step's other calls (`warms`)
         self.warmup_only: dict[int, Any] = {}
         self.warming: dict[int, bool] = {}
         self._handles = [self.root.register_forward_pre_hook(self._root_hook, with_kwargs=True)]
@@ -232,12 +232,13 @@ class Collector:
 
     def warms(self, i: int, output: torch.Tensor) -> bool:
         """Whether layer i takes this warm-up step's refresh (`grng_core.schedule.layer_warms`
-        on the rows of its first call this step: one per output element of width d_out)."""
+        on the rows of its first call this step, one per output element of width d_out, times
+        the replicas)."""
         if i not in self.warming:
-            layer = self.layers[i]
-            rows = output.numel() // max(layer.d_out, 1)
+            layer, (config, replicas) = self.layers[i], self.warmup_only[i]
+            rows = output.numel() // max(layer.d_out, 1) * replicas
             d_a = layer.d_in + (layer.bias is not None)
-            self.warming[i] = schedule.layer_warms(self.warmup_only[i], rows, d_a, layer.d_out)
+            self.warming[i] = schedule.layer_warms(config, rows, d_a, layer.d_out)
         return self.warming[i]
 
     def _grad_hook(self, i: int, k: int):

@@ -56,8 +56,8 @@ class StepPlan:
     emp: set = field(default_factory=set)  # hooked layers collected on the closure's backward
     mc: set = field(default_factory=set)  # hooked layers collected on the sampled-label pass
     rows_only: set = field(default_factory=set)  # collected for the factored form only
-    # hooked layer -> its group's config, on a step whose refresh is the warm-up's only: the
-    # hook keeps no rows where one call gives the layer enough to skip it (`layer_warms`)
+    # hooked layer -> (its group's config, replicas), on a step whose refresh is the warm-up's
+    # only: the hook keeps no rows where one call gives the layer enough to skip it
     warmup_only: dict = field(default_factory=dict)
     pe: dict = field(default_factory=lambda: {"empirical": [], "mc": []})
     hvp: bool = False
@@ -81,7 +81,9 @@ def _group_plan(opt, i: int, group: dict) -> GroupPlan:
 
 
 def plan(opt) -> StepPlan:
-    replicated = _collective(opt) is not None
+    coll = _collective(opt)
+    replicated = coll is not None
+    replicas = 1 if coll is None else int(coll.replicas)
     sp = StepPlan([_group_plan(opt, i, g) for i, g in enumerate(opt.param_groups)
                    if g["params"]])
     n = 0
@@ -91,7 +93,7 @@ def plan(opt) -> StepPlan:
         if r.layer_stats and gp.curvature:
             (sp.mc if r.fisher == "mc" else sp.emp).update(li for li, _, _ in gp.layers)
             if gp.steady is not None and gp.steady[0] is False:
-                sp.warmup_only.update((li, gp.core.config) for li, _, _ in gp.layers)
+                sp.warmup_only.update((li, (gp.core.config, replicas)) for li, _, _ in gp.layers)
         elif r.layer_rows and not replicated:  # the factored form's rows (§2.1): hooks only
             gp.rows_only = True
             linear = [li for li, _, _ in gp.layers if opt.collector.layers[li].kind == "linear"]

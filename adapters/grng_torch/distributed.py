@@ -35,4 +35,4 @@ def torch_collective(group=None) -> gc.Collective:
         dist.all_gather(parts, x, group=group)
         return torch.cat(parts, dim=0)
 
-    return gc.Collective(mean=mean, gather=gather)
+    return gc.Collective(mean=mean, gather=gather, replicas=dist.get_world_size(group))

@@ -196,12 +196,13 @@ def test_non_refresh_steps_collect_nothing(form, decomposition, products, ratio)
     report = [c for c in conds if "debug_callback" in prims(c.params["branches"][1].jaxpr)]
     assert len(report) == 1
     (switch,) = [c for c in conds if c is not report[0]]
-    # the flag pairs in order of the period: (True, True), then (False, False)
-    refresh, plain = switch.params["branches"]
+    # the flag pairs in order of the period: (True, True), then (False, False), then the
+    # warm-up's (True, True) with the layers that skip it on (False, False) (§2.1)
+    refresh, plain, warm = switch.params["branches"]
     # the inversions (Cholesky by default, inverse_method="auto") and the statistics pass are
-    # in the refresh branch only
+    # in the refresh branches only
 
-    assert decomposition in prims(refresh.jaxpr)
+    assert decomposition in prims(refresh.jaxpr) and decomposition in prims(warm.jaxpr)
     assert decomposition not in prims(plain.jaxpr)
     assert len(plain.jaxpr.eqns) * ratio < len(refresh.jaxpr.eqns)
     dots = [e for e in plain.jaxpr.eqns if e.primitive.name == "dot_general"]

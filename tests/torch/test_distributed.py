@@ -32,6 +32,11 @@ CONFIGS = [(f"{case.id}-{model}" if model != "mlp" else case.id, case, model)
     (cases.get("rkalman/woodbury/fin_diff").using(lr=0.5), "mlp"),
     (cases.get("rkalman/kfac/fin_diff:central").using(lr=0.2, damping=1e-2), "mlp"),
 )]
+# the per-layer warm-up (§2.1) counts a layer's rows on all replicas: the convolution's
+# 2 x 96 rows >= 15·10 skip it as the combined batch's 192 do, the head's 12 take it
+CONFIGS.append(("ring/kfac/-conv-warmup", cases.get("ring/kfac/-").using(
+    lr=0.2, damping=1e-2, refresh_warmup=3, curvature_every=2, inverse_every=2,
+    warmup_rows=15), "conv"))
 
 
 def _model(kind: str) -> nn.Module:
