@@ -31,13 +31,15 @@ class LeafEntry(NamedTuple):
 class StructureReport(NamedTuple):
     """entries: every leaf; kfac_share: the share of weight-matrix elements (leaves with ≥ 2
     axes) preconditioned by K-FAC; incidents: factors that needed extra damping; skipped:
-    steps skipped as non-finite (None before the first step)."""
+    steps skipped as non-finite (None before the first step); no_warmup: the K-FAC layers seen
+    to skip the refresh warm-up (enough rows a step, §2.1; where the adapter reports it)."""
 
     algorithm: str
     entries: tuple[LeafEntry, ...]
     kfac_share: float
     incidents: tuple[FactorIncident, ...] = ()
     skipped: int | None = None
+    no_warmup: tuple[str, ...] = ()
 
     def matrices(self) -> list[LeafEntry]:
         return [e for e in self.entries if len(e.shape) >= 2]
@@ -53,6 +55,9 @@ class StructureReport(NamedTuple):
         for inc in self.incidents:
             lines.append(f"  {inc.kind}: factor {inc.factor} of {inc.layer}: "
                          f"{inc.refreshes} times, last extra damping {inc.extra_damping:.3g}")
+        if self.no_warmup:
+            lines.append("  refresh warm-up skipped (warmup_rows rows a step per factor "
+                         f"dimension or more): {', '.join(self.no_warmup)}")
         return "\n".join(lines)
 
 
@@ -76,7 +81,7 @@ def describe(algorithm: str, structure: str, shapes: Sequence[tuple[int, ...]],
              kfac_layers: Sequence[tuple[int, int | None]], names: Sequence[str] | None = None,
              layer_names: Mapping[int, str] | None = None,
              reasons: Mapping[int, str] | None = None, incidents=(),
-             skipped: int | None = None) -> StructureReport:
+             skipped: int | None = None, no_warmup: Sequence[str] = ()) -> StructureReport:
     """The report of one parameter container. structure: the configured one ("kfac" leaves
     outside `kfac_layers` run "diagonal"); kfac_layers: (weight, bias) positions; names /
     layer_names / reasons: per position (defaults: the position)."""
@@ -92,7 +97,8 @@ def describe(algorithm: str, structure: str, shapes: Sequence[tuple[int, ...]],
         LeafEntry(names[i], tuple(shape), "kfac" if i in layer_of else fallback,
                   layer_of.get(i), None if i in layer_of else (reasons or {}).get(i))
         for i, shape in enumerate(shapes))
-    return StructureReport(algorithm, entries, kfac_share(entries), tuple(incidents), skipped)
+    return StructureReport(algorithm, entries, kfac_share(entries), tuple(incidents), skipped,
+                           tuple(no_warmup))
 
 
 def describe_state(algorithm: str, structure: str, state: OptState, shapes,
@@ -109,4 +115,5 @@ def merge(reports: Sequence[StructureReport]) -> StructureReport:
     skipped = [r.skipped for r in reports if r.skipped is not None]
     return StructureReport(reports[0].algorithm if reports else "", entries,
                            kfac_share(entries), tuple(i for r in reports for i in r.incidents),
-                           sum(skipped) if skipped else None)
+                           sum(skipped) if skipped else None,
+                           tuple(n for r in reports for n in r.no_warmup))

@@ -168,6 +168,7 @@ class Collector:
         # and per layer the first call's decision, kept for the step's other calls (`warms`)
         self.warmup_only: dict[int, Any] = {}
         self.warming: dict[int, bool] = {}
+        self.no_warmup: set[int] = set()  # layers seen to skip the warm-up (describe())
         self._handles = [self.root.register_forward_pre_hook(self._root_hook, with_kwargs=True)]
         self._hooks = [self._layer_hook(i) for i in range(len(self.layers))]
         for i, L in enumerate(self.layers):
@@ -239,6 +240,8 @@ class Collector:
             rows = output.numel() // max(layer.d_out, 1) * replicas
             d_a = layer.d_in + (layer.bias is not None)
             self.warming[i] = schedule.layer_warms(config, rows, d_a, layer.d_out)
+            if not self.warming[i]:
+                self.no_warmup.add(i)
         return self.warming[i]
 
     def _grad_hook(self, i: int, k: int):

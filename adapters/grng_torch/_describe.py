@@ -58,7 +58,9 @@ def group_report(opt, i: int) -> StructureReport:
     return describe(opt.algorithm, group["structure"],
                     [tuple(p.shape) for p in group["params"]], pairs, names, layer_names,
                     reasons, opt.incidents(i).entries(),
-                    None if entry is None else int(entry.core.skipped))
+                    None if entry is None else int(entry.core.skipped),
+                    [layer_names[w] for li, w, _ in candidates
+                     if opt.collector is not None and li in opt.collector.no_warmup])
 
 
 def report(opt) -> StructureReport:

@@ -55,6 +55,8 @@ def test_the_convolution_skips_the_warm_up_and_keeps_no_rows(name, kw):
     conv, head = 4, 3  # layers by d_out
     names = [L.name for L in opt.collector.layers]
     assert [[names[i] for i in k] for k in kept] == [["0", "3"], ["3"], ["3"]]
+    report = opt.describe()  # tells which layers skipped it
+    assert report.no_warmup == ("0",) and "refresh warm-up skipped" in str(report)
     # the convolution's factors are step 0's; the head's took steps 1 and 2
     for f in ("A", "S"):
         torch.testing.assert_close(getattr(skip[conv], f), getattr(first[conv], f), rtol=0,
