@@ -192,7 +192,8 @@ class Optimizer:
             inverse = auto_inv if inverse is None else inverse
             if steady is None:
                 steady = self.steady_flags(step)
-                steady = None if steady is None else tuple(_host_flag(f) for f in steady)
+        if steady is not None:
+            steady = tuple(_host_flag(f) for f in steady)
         return curvature, inverse, steady
 
 

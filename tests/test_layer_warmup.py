@@ -97,6 +97,12 @@ def test_a_layer_that_skips_may_come_without_rows_on_a_warm_up_step():
     _, after = opt.update(mlp.grad(params, x2, y), state, params, stats=only_last)
     np.testing.assert_array_equal(after.curvature.kfac[0].A, state.curvature.kfac[0].A)
     assert not np.array_equal(after.curvature.kfac[1].A, state.curvature.kfac[1].A)
+    # explicit flags as NumPy bools (an adapter's own schedule), no K-FAC rows at all
+    _, again = opt.update(mlp.grad(params, x2, y), after, params, stats=gc.Stats(),
+                          curvature=np.bool_(True), inverse=np.bool_(True),
+                          steady=(np.bool_(False), np.bool_(False)))
+    np.testing.assert_array_equal(again.curvature.kfac[0].A, after.curvature.kfac[0].A)
+    np.testing.assert_array_equal(again.curvature.kfac[1].A, after.curvature.kfac[1].A)
     _, after2 = opt.update(mlp.grad(params, x, y), after, params, stats=full)
     with pytest.raises(ValueError, match="no statistics for the layer"):
         opt.update(mlp.grad(params, x, y), after2, params, stats=only_last)  # step 3: all

@@ -182,7 +182,7 @@ def collective(axis_name) -> gc.Collective | None:
         return None
     return gc.Collective(mean=lambda x: lax.pmean(x, axis_name),
                          gather=lambda x: lax.all_gather(x, axis_name, tiled=True),
-                         replicas=lax.axis_size(axis_name))
+                         replicas=lax.psum(1, axis_name))  # the axis size, a Python int
 
 
 def oracle(loss_fn: Callable, treedef, batch, axis_name, need_grad: bool,

@@ -164,8 +164,8 @@ class Collector:
         self.s: dict[int, dict[int, tuple]] = {}
         self.z: dict[int, list] = {}
         self.rows_only: set[int] = set()  # layers collected only for the factored form
-        # on a step whose refresh is the warm-up's only: layer -> (its group's config, replicas),
-        # and per layer the first call's decision, kept for the step's other calls (`warms`)
+        # on a step whose refresh is the warm-up's only: layer -> its group's config, and per
+        # layer the first call's decision, kept for the step's other calls (`warms`)
         self.warmup_only: dict[int, Any] = {}
         self.warming: dict[int, bool] = {}
         self.no_warmup: set[int] = set()  # layers seen to skip the warm-up (describe())
@@ -233,11 +233,11 @@ class Collector:
 
     def warms(self, i: int, output: torch.Tensor) -> bool:
         """Whether layer i takes this warm-up step's refresh (`grng_core.schedule.layer_warms`
-        on the rows of its first call this step, one per output element of width d_out, times
-        the replicas)."""
+        on the rows of its first call this step: one per output element of width d_out). Not
+        under torch.distributed: there every layer takes it (`_step.plan`)."""
         if i not in self.warming:
-            layer, (config, replicas) = self.layers[i], self.warmup_only[i]
-            rows = output.numel() // max(layer.d_out, 1) * replicas
+            layer, config = self.layers[i], self.warmup_only[i]
+            rows = output.numel() // max(layer.d_out, 1)
             d_a = layer.d_in + (layer.bias is not None)
             self.warming[i] = schedule.layer_warms(config, rows, d_a, layer.d_out)
             if not self.warming[i]:

@@ -56,8 +56,8 @@ class StepPlan:
     emp: set = field(default_factory=set)  # hooked layers collected on the closure's backward
     mc: set = field(default_factory=set)  # hooked layers collected on the sampled-label pass
     rows_only: set = field(default_factory=set)  # collected for the factored form only
-    # hooked layer -> (its group's config, replicas), on a step whose refresh is the warm-up's
-    # only: the hook keeps no rows where one call gives the layer enough to skip it
+    # hooked layer -> its group's config, on a step whose refresh is the warm-up's only: the
+    # hook keeps no rows where one call gives the layer enough to skip it (`layer_warms`)
     warmup_only: dict = field(default_factory=dict)
     pe: dict = field(default_factory=lambda: {"empirical": [], "mc": []})
     hvp: bool = False
@@ -81,19 +81,19 @@ def _group_plan(opt, i: int, group: dict) -> GroupPlan:
 
 
 def plan(opt) -> StepPlan:
-    coll = _collective(opt)
-    replicated = coll is not None
-    replicas = 1 if coll is None else int(coll.replicas)
+    replicated = _collective(opt) is not None
     sp = StepPlan([_group_plan(opt, i, g) for i, g in enumerate(opt.param_groups)
                    if g["params"]])
     n = 0
     for gp in sp.groups:
         gp.offset, n = n, n + len(gp.group["params"])
+        if replicated:  # ranks may see different rows (dynamic padding) and must issue the
+            gp.steady = None  # same collectives: every layer takes the warm-up (§2.1)
         r = gp.core.requirements
         if r.layer_stats and gp.curvature:
             (sp.mc if r.fisher == "mc" else sp.emp).update(li for li, _, _ in gp.layers)
             if gp.steady is not None and gp.steady[0] is False:
-                sp.warmup_only.update((li, (gp.core.config, replicas)) for li, _, _ in gp.layers)
+                sp.warmup_only.update((li, gp.core.config) for li, _, _ in gp.layers)
         elif r.layer_rows and not replicated:  # the factored form's rows (§2.1): hooks only
             gp.rows_only = True
             linear = [li for li, _, _ in gp.layers if opt.collector.layers[li].kind == "linear"]
@@ -216,7 +216,7 @@ def _stats(opt, sp: StepPlan, gp: GroupPlan, layers, pe) -> gc.Stats | None:
     if not gp.curvature or not (r.layer_stats or r.per_example_grads):
         return None
     if gp.steady is not None and gp.steady[0] is False:  # layers skipping the warm-up: none
-        layers = [L for L in layers if opt.collector.has_rows(L[0])]
+        layers = [L for L in layers if opt.collector.warming.get(L[0], True)]
     use_pe = gp.index in sp.pe["empirical"] + sp.pe["mc"]
     return gc.Stats(
         per_example_grads=[pe[id(p)] for p in gp.group["params"]] if use_pe else None,

@@ -99,6 +99,8 @@ def match_stats(layers, stats_layers, container, partial: bool = False) -> list:
     `partial` (steps that only precondition): None for a layer without statistics."""
     if not layers:
         return []
+    if stats_layers is None and partial:
+        return [None] * len(layers)
     if stats_layers is None:
         raise ValueError("structure 'kfac' needs stats.layers (K-FAC layer statistics) on "
                          "curvature steps")

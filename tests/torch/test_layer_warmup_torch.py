@@ -68,3 +68,28 @@ def test_the_convolution_skips_the_warm_up_and_keeps_no_rows(name, kw):
         torch.testing.assert_close(getattr(skip2[head], f), getattr(every[head], f),
                                    rtol=1e-12, atol=1e-14)
         assert not torch.equal(getattr(every[conv], f), getattr(first[conv], f))
+
+
+def test_a_group_whose_layers_all_skip_the_warm_up():
+    """A large-batch MLP: every K-FAC layer skips the warm-up (64 rows >= 10·5), so the
+    warm-up steps carry no K-FAC rows at all; the factors stay step 0's until step 10."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    opt = grng_torch.RING(model.parameters(), model=model)
+    g = torch.Generator().manual_seed(1)
+    factors = []
+    for _ in range(12):
+        x = torch.randn(64, 4, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (64,), generator=g)
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        factors.append(opt.group_state(0).core.curvature.kfac[0].A.clone())
+    assert all(torch.equal(f, factors[0]) for f in factors[:10])
+    assert not torch.equal(factors[10], factors[0])
+    assert opt.describe().no_warmup == ("0",)
