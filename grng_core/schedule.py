@@ -28,9 +28,16 @@ def flags(config, step):
     """(curvature, inverse) at `step` (steps already taken): bools for an int, bool arrays
     for an array. Every step of the warm-up refreshes both."""
     warm = step < warmup_steps(config)
-    curvature = True if per_step_batch(config) else ((step % config.curvature_every) == 0) | warm
+    curvature, inverse = regular_flags(config, step)
+    return curvature | warm, (inverse | warm) if inverse_period(config) else False
+
+
+def regular_flags(config, step):
+    """(curvature, inverse) of the schedule without the warm-up: every `curvature_every` and
+    `inverse_period` steps from step 0 (woodbury: curvature on every step)."""
+    curvature = True if per_step_batch(config) else (step % config.curvature_every) == 0
     period = inverse_period(config)
-    return curvature, ((step % period == 0) | warm) if period else False
+    return curvature, (step % period == 0) if period else False
 
 
 def steady_flags(config, step):
@@ -42,7 +49,7 @@ def steady_flags(config, step):
         return None
     if isinstance(step, int) and step >= warm:
         return None
-    return flags(config.replace(refresh_warmup=0), step)
+    return regular_flags(config, step)
 
 
 def layer_warms(config, rows: int, d_a: int, d_s: int) -> bool:
@@ -87,8 +94,7 @@ def flag_table(config):
     every = inverse_period(config)
     if kfac and every:
         period = math.lcm(period, every)
-    after = config.replace(refresh_warmup=0)
-    table = [flags(after, s) for s in range(period)]
+    table = [regular_flags(config, s) for s in range(period)]
     if not kfac:
         table = [(c, None) for c, _ in table]
     pairs = list(dict.fromkeys(table))
