@@ -29,7 +29,8 @@ def flags(config, step):
     for an array. Every step of the warm-up refreshes both."""
     warm = step < warmup_steps(config)
     curvature, inverse = regular_flags(config, step)
-    return curvature | warm, (inverse | warm) if inverse_period(config) else False
+    curvature = True if curvature is True else curvature | warm  # woodbury: a Python True
+    return curvature, (inverse | warm) if inverse_period(config) else False
 
 
 def regular_flags(config, step):
