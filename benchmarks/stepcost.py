@@ -11,7 +11,8 @@ own work per step are counted from the shapes of the products that ran
 the machine's measured float32 matmul throughput at those same shapes: efficiency =
 (time those products take at the measured throughput) / (step time - forward+backward time).
 The K-FAC rows list their layers and whether the core takes the factored form for them at
-that batch size (``grng_core.structures.factored.cheaper(d_out, d_in + 1, batch)``).
+that batch size (``grng_core.structures.factored.cheaper(d_out, d_in + 1, n)``, n the batch
+size, times 2 or 3 where a finite-difference ĝ stacks the shifted passes' rows).
 
 Also: the width sweep (MLP d-d-10, batch 128, ``--widths``: RING kfac, ASDL K-FAC and AdamW;
 a log-log plot stepcost_widths.png) and the default suite's digits MLP 64-128-64-10 (tanh,

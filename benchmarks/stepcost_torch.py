@@ -164,9 +164,22 @@ def factored_applies(key: str, stepper) -> bool | None:
         return None
     try:
         core = stepper.opt.core(0)
-        return bool(core.config.structure == "kfac" and core.requirements.layer_rows)
+        r = core.requirements
+        return bool(core.config.structure == "kfac" and (r.layer_rows or r.fd_rows))
     except (AttributeError, IndexError, TypeError):
         return None
+
+
+def passes_preconditioned(stepper) -> int:
+    """Gradients whose rows the preconditioned vector stacks: 1 (g itself), 2 or 3 for a
+    finite-difference ĝ with the shifted passes' rows (forward/backward, central; §2.1)."""
+    try:
+        core = stepper.opt.core(0)
+    except (AttributeError, IndexError, TypeError):
+        return 1
+    if not core.requirements.fd_rows:
+        return 1
+    return 3 if core.config.fd_scheme == "central" else 2
 
 
 def _prepare_row(key, label, build, data, tp, fb_ops):
@@ -188,7 +201,7 @@ def _prepare_row(key, label, build, data, tp, fb_ops):
         applies = factored_applies(key, stepper)
         if applies is not None:
             row["factored_applies"] = applies
-            row["kfac_layers"] = kfac_layers(net.sizes, b)
+            row["kfac_layers"] = kfac_layers(net.sizes, b * passes_preconditioned(stepper))
         if key in GRNG_KEYS or key == "asdl_kfac":
             with MatmulRecorder() as rec:  # one refresh period: the amortised work
                 for _ in range(REFRESH_EVERY):

@@ -15,7 +15,6 @@ from grng_core import kalman, preconditioner
 from grng_core.config import CONFIGS, Config, RENGConfig, RINGConfig, RKalmanConfig
 from grng_core.config import is_static_zero as _static_zero
 from grng_core.optimizer import Optimizer
-from grng_core.requirements import factored_applies
 from grng_core.state import Belief
 from grng_core.structures import kfac
 from grng_core.tree import tree_inner
@@ -30,9 +29,9 @@ class Algorithm(NamedTuple):
 
 def _reng_direction(env, state):
     """§3.1: d = (F + λI)⁻¹ ĝ."""
-    ghat = env.regularized_gradient()
-    d, new = preconditioner.update_and_solve(env, state, ghat)
-    return d, ghat, new
+    reg = env.regularized_gradient()
+    d, new = preconditioner.update_and_solve(env, state, reg.leaves, passes=reg.passes)
+    return d, reg.leaves, new
 
 
 def _ring_direction(env, state):
@@ -56,7 +55,8 @@ def _ring_direction(env, state):
 def _rkalman_direction(env, state: Belief):
     """§3.3: the mean moves along P⁺ ĝ; the belief is updated by the Kalman filter."""
     h, ctx = env.h, env.ctx
-    ghat = env.regularized_gradient()
+    reg = env.regularized_gradient()
+    ghat = reg.leaves
     beta, prior = h.kalman_decay, h.prior_var
     if h.structure == "woodbury":
         if env.per_example is None:
@@ -73,8 +73,7 @@ def _rkalman_direction(env, state: Belief):
         flags = preconditioner.layer_flags(env, layers, batch_rows)
         layers = kalman.kfac_step(layers, batch_rows, h.ema_decay, env.damping,
                                   h.kalman_predict_steps, ctx, env.container.keys, flags)
-        factored = ghat is env.g and factored_applies(h)
-        use = kfac.factored_rows(layers, batch_rows if factored else None, ctx)
+        use = preconditioner.vector_rows(env, layers, batch_rows, ghat, reg.passes)
         out.update(kfac.precondition(layers, ghat, ctx.xp, use))
     return [out[i] for i in range(len(ghat))], ghat, Belief(diagonal=diag, kfac=layers)
 

@@ -37,14 +37,15 @@ class Env:
     def h(self) -> Config:
         return self.config
 
-    def regularized_gradient(self) -> list:
-        """ĝ by the configured estimator (§1); ρ = 0 (constant) needs no oracle."""
+    def regularized_gradient(self) -> estimators.Regularized:
+        """ĝ by the configured estimator (§1); ρ = 0 (constant) needs no oracle: then ĝ is
+        g itself, a single pass (the batch's own rows)."""
         h = self.config
         if is_static_zero(h.rho) or isinstance(h, RINGConfig):  # RING has no estimator
-            return self.g
+            return estimators.Regularized(self.g)
         if h.gr == "double_backprop":
-            return estimators.double_backprop(self.g, self.params, self.rho, self.oracle,
-                                              self.container, self.ctx)
+            return estimators.Regularized(estimators.double_backprop(
+                self.g, self.params, self.rho, self.oracle, self.container, self.ctx))
         return estimators.finite_difference(self.g, self.params, self.rho, h.fd_radius,
                                             h.fd_scheme, self.oracle, self.container,
                                             self.ctx)

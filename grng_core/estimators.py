@@ -6,12 +6,26 @@
   backward ĝ = (1 + ρ/ε) g − (ρ/ε) g⁻,  g⁻ = ∇L(θ − εg)
   central  ĝ = g + ρ (g⁺ − g⁻)/(2ε)
 computed as g + (ρ/ε)(g⁺ − g) etc. (the same numbers with less cancellation). ‖g‖ = 0 gives
-ĝ = g (selected with `where`, so it traces).
+ĝ = g (selected with `where`, so it traces). Where the oracle gives its passes' K-FAC rows
+(`Oracle.grad_rows_fn`), ĝ also comes as Σ cᵢ·(pass i's gradient) with each pass's Stats
+(`Regularized.passes`), which the factored form reads (§2.1).
 """
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 from grng_core.tree import flatten, tree_inner
+from grng_core.types import Stats
+
+
+class Regularized(NamedTuple):
+    """ĝ per leaf; `passes`: ((cᵢ, Statsᵢ), ...) with ĝ = Σ cᵢ·(gradient of pass i), Stats
+    None for the batch's own pass (the step's stats), or None where the passes' rows are
+    unknown."""
+
+    leaves: list
+    passes: tuple[tuple[Any, Stats | None], ...] | None = None
 
 
 def _need(oracle, field: str, why: str):
@@ -22,7 +36,11 @@ def _need(oracle, field: str, why: str):
 
 
 def _call(fn, container, args, ctx) -> list:
-    leaves, _ = flatten(fn(*[container.build(a) for a in args]), f"the oracle's {fn!r} result")
+    return _leaves(fn(*[container.build(a) for a in args]), fn, ctx)
+
+
+def _leaves(result, fn, ctx) -> list:
+    leaves, _ = flatten(result, f"the oracle's {fn!r} result")
     return [ctx.xp.astype(x, ctx.sdtype, copy=False) for x in leaves]
 
 
@@ -38,17 +56,24 @@ def double_backprop(g, params, rho, oracle, container, ctx) -> list:
     return [gi + rho * h for gi, h in zip(g, Hg)]
 
 
-def finite_difference(g, params, rho, radius, scheme, oracle, container, ctx) -> list:
-    """ĝ by forward, backward or central differences of the gradient along g (§1)."""
+def finite_difference(g, params, rho, radius, scheme, oracle, container, ctx) -> Regularized:
+    """ĝ by forward, backward or central differences of the gradient along g (§1), with its
+    passes' coefficients where the oracle gives their rows."""
     xp = ctx.xp
-    grad_fn = _need(oracle, "grad_fn", "gr='finite_difference'")
+    with_rows = getattr(oracle, "grad_rows_fn", None)
+    grad_fn = with_rows or _need(oracle, "grad_fn", "gr='finite_difference'")
     norm = global_norm(g, xp)
     positive = norm > 0
     eps = radius / xp.where(positive, norm, xp.ones_like(norm))
+    stats: list = []
 
     def shifted(sign):
         moved = [p + xp.astype(sign * eps * gi, p.dtype, copy=False) for p, gi in zip(params, g)]
-        return _call(grad_fn, container, (moved,), ctx)
+        if with_rows is None:
+            return _call(grad_fn, container, (moved,), ctx)
+        grads, pass_stats = with_rows(container.build(moved))
+        stats.append(pass_stats)
+        return _leaves(grads, with_rows, ctx)
 
     if scheme == "forward":
         gp = shifted(1.0)
@@ -59,4 +84,10 @@ def finite_difference(g, params, rho, radius, scheme, oracle, container, ctx) ->
     else:
         gp, gm = shifted(1.0), shifted(-1.0)
         diff = [(a - b) / (2.0 * eps) for a, b in zip(gp, gm)]
-    return [xp.where(positive, gi + rho * di, gi) for gi, di in zip(g, diff)]
+    leaves = [xp.where(positive, gi + rho * di, gi) for gi, di in zip(g, diff)]
+    if with_rows is None:
+        return Regularized(leaves)
+    k = xp.where(positive, rho / eps, xp.zeros_like(eps))  # ĝ = g + k·(difference)
+    coefs = {"forward": (1.0 - k, k), "backward": (1.0 + k, -k),
+             "central": (xp.ones_like(k), 0.5 * k, -0.5 * k)}[scheme]
+    return Regularized(leaves, tuple(zip(coefs, [None, *stats])))

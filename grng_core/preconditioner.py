@@ -9,7 +9,7 @@ from __future__ import annotations
 from grng_core import schedule
 from grng_core.config import per_step_damping
 from grng_core.linalg import resolve_method
-from grng_core.requirements import factored_applies
+from grng_core.requirements import factored_applies, fd_rows_apply
 from grng_core.state import Preconditioner
 from grng_core.structures import diagonal, kfac, kfac_eigen, woodbury
 
@@ -32,11 +32,12 @@ def init(config, layouts, leaves, xp, sdtype, dev) -> Preconditioner:
     return Preconditioner(diagonal=diag, kfac=layers)
 
 
-def update_and_solve(env, state: Preconditioner, vectors,
-                     damping=None) -> tuple[list, Preconditioner]:
+def update_and_solve(env, state: Preconditioner, vectors, damping=None,
+                     passes=None) -> tuple[list, Preconditioner]:
     """Refresh the curvature on curvature/inverse steps, then (F + cI)⁻¹ vectors, c the
     damping λ unless given (RING's c_t, §3.2: then K-FAC's inverses follow it every step);
-    K-FAC layers in factored form (§2.1) where `vectors` is the batch gradient."""
+    K-FAC layers in factored form (§2.1) where `vectors` is the batch gradient or a
+    combination of passes whose rows are known (`passes`, `vector_rows`)."""
     h, ctx, xp = env.h, env.ctx, env.ctx.xp
     damping = env.damping if damping is None else damping
     if h.structure == "woodbury":
@@ -53,8 +54,7 @@ def update_and_solve(env, state: Preconditioner, vectors,
         flags = layer_flags(env, layers, batch_rows)
         if ctx.curvature is not False:
             layers = kfac.update_factors(layers, batch_rows, beta, ctx, flags)
-        factored = vectors is env.g and factored_applies(h)
-        use = kfac.factored_rows(layers, batch_rows if factored else None, ctx)
+        use = vector_rows(env, layers, batch_rows, vectors, passes)
         keys = env.container.keys
         which = [inverse for _, inverse in flags]
         if layers[0].S_vecs is not None:  # eigenbases: exact for this step's damping
@@ -79,6 +79,23 @@ def layer_rows(env, layers) -> list | None:
     partial = only_precondition or (env.ctx.steady is not None and env.ctx.steady[0] is False)
     stats = kfac.match_stats(layers, env.stats.layers, env.container, partial)
     return kfac.all_rows(layers, stats, env.ctx)
+
+
+def vector_rows(env, layers, batch_rows, vectors, passes) -> list:
+    """Per K-FAC layer, rows whose product `vectors` is, where the factored form is cheaper
+    for their shapes (§2.1), else None: the batch's own for the batch gradient g
+    (`factored_applies`); for a finite-difference ĝ = Σ cᵢ gᵢ (`estimators.Regularized`),
+    every pass's rows, its a rows times cᵢ, stacked (`fd_rows_apply`)."""
+    h, ctx = env.h, env.ctx
+    if passes is None:
+        own = vectors is env.g and factored_applies(h)
+        return kfac.factored_rows(layers, batch_rows if own else None, ctx)
+    if batch_rows is None or not fd_rows_apply(h):
+        return [None] * len(layers)
+    per_pass = [batch_rows if st is None else kfac.all_rows(
+        layers, kfac.match_stats(layers, st.layers, env.container, partial=True), ctx)
+        for _, st in passes]
+    return kfac.stacked_rows(layers, per_pass, [c for c, _ in passes], ctx)
 
 
 def layer_flags(env, layers, batch_rows) -> list:

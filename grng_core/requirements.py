@@ -17,7 +17,8 @@ def requirements(config: Config) -> Requirements:
     return Requirements(layer_stats=s == "kfac", per_example_grads=per_example,
                         grad_fn=gr_on and gr == "finite_difference",
                         hvp_fn=gr_on and gr == "double_backprop", fisher=config.fisher,
-                        layer_rows=factored_applies(config))
+                        layer_rows=factored_applies(config),
+                        fd_rows=fd_rows_apply(config))
 
 
 def factored_applies(config: Config) -> bool:
@@ -26,3 +27,11 @@ def factored_applies(config: Config) -> bool:
     gradient's own (the empirical Fisher)."""
     return (config.structure == "kfac" and config.fisher == "empirical"
             and (config.algorithm == "ring" or is_static_zero(config.rho)))
+
+
+def fd_rows_apply(config: Config) -> bool:
+    """A finite-difference ĝ = Σ cᵢ gᵢ over passes whose rows the adapter can keep is a
+    product of stacked rows (§1, §2.1): K-FAC with the empirical Fisher (the batch's own rows
+    are the gradient's) and ρ not the constant 0."""
+    return (config.structure == "kfac" and config.fisher == "empirical"
+            and uses_estimator(config) and getattr(config, "gr", None) == "finite_difference")

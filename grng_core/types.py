@@ -74,10 +74,15 @@ class Oracle(NamedTuple):
     grad_fn(params) -> grads: the batch gradient at other parameters (finite-difference GR).
     hvp_fn(params, vector) -> H @ vector, the Hessian-vector product of the batch loss
         (double backprop). Both take and return the same container as params.
+    grad_rows_fn(params) -> (grads, Stats): grad_fn that also gives the K-FAC rows of its
+        pass (`Stats.layers`, empirical: the closure's own labels), so that a
+        finite-difference ĝ, a combination of the passes' gradients, is preconditioned in
+        factored form (§2.1). Used instead of grad_fn where given (`Requirements.fd_rows`).
     """
 
     grad_fn: Callable[[Any], Any] | None = None
     hvp_fn: Callable[[Any, Any], Any] | None = None
+    grad_rows_fn: Callable[[Any], Any] | None = None
 
 
 class Collective(NamedTuple):
@@ -108,6 +113,9 @@ class Requirements(NamedTuple):
         steps: the direction preconditions the batch gradient itself, so the core can use the
         factored form (§2.1) where the rows are the empirical Fisher's (free from the
         gradient's own backward pass).
+    fd_rows: the finite-difference ĝ can be preconditioned in factored form when the oracle
+        gives its passes' rows (`Oracle.grad_rows_fn`); the batch's own rows are then worth
+        handing over on every step too.
     """
 
     layer_stats: bool
@@ -116,3 +124,4 @@ class Requirements(NamedTuple):
     hvp_fn: bool
     fisher: str
     layer_rows: bool = False
+    fd_rows: bool = False

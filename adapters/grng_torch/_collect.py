@@ -272,6 +272,18 @@ class Collector:
         finally:
             self.mode, self.active, self.capture, self.rows_only = old
 
+    @contextlib.contextmanager
+    def side_pass(self) -> Iterator[None]:
+        """A pass whose rows and model calls are kept apart from the step's own (restored
+        after it): the finite-difference oracle's shifted pass (§1, §2.1)."""
+        saved = (self.a, self.s, self.z, self.batch, self.warmup_only, self.warming)
+        self.a, self.s, self.z, self.batch = {}, {}, {}, Batch()
+        self.warmup_only, self.warming = {}, {}
+        try:
+            yield
+        finally:
+            self.a, self.s, self.z, self.batch, self.warmup_only, self.warming = saved
+
     def clear(self) -> None:
         self.a, self.s, self.z = {}, {}, {}
         self.warmup_only, self.warming = {}, {}

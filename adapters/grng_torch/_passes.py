@@ -92,13 +92,32 @@ def per_example(opt, gis: list[int], sampled) -> dict[int, torch.Tensor]:
 
 
 def grad_fn(opt, i, closure, saved_grads, all_params, rng_before, devices, outer_autocast,
-            snapshot):
+            snapshot, rows_of=None):
     """grad_fn(params) -> the batch gradient of group i at other values of its params,
-    from the closure (same batch, same random numbers as the first evaluation)."""
+    from the closure (same batch, same random numbers as the first evaluation). With
+    `rows_of` (hooked layer numbers, and a function of the collector giving their Stats):
+    grad_rows_fn(params) -> (grads, Stats), the pass's K-FAC rows kept where the factored
+    form pays (`Oracle.grad_rows_fn`, §2.1)."""
     group_params = opt.param_groups[i]["params"]
     coll = opt.collector
+    rows: list = []
 
-    def grad_fn(new_params):
+    def collecting(stack):
+        if coll is None:
+            return
+        if rows_of is None:
+            stack.enter_context(coll.collect(None))
+            return
+        stack.enter_context(coll.side_pass())
+        layers, _ = rows_of
+        stack.enter_context(coll.collect("backward", layers, capture=True, rows_only=layers))
+
+    def grad_rows_fn(new_params):
+        rows.clear()
+        grads = gradient(new_params)
+        return grads, rows[0]
+
+    def gradient(new_params):
         new = list(new_params)
         with torch.no_grad():
             backup = [p.detach().clone() for p in group_params]
@@ -110,11 +129,12 @@ def grad_fn(opt, i, closure, saved_grads, all_params, rng_before, devices, outer
             with contextlib.ExitStack() as stack:
                 stack.enter_context(torch.enable_grad())
                 stack.enter_context(autocast_as(outer_autocast))
-                if coll is not None:
-                    stack.enter_context(coll.collect(None))
+                collecting(stack)
                 stack.enter_context(torch.random.fork_rng(devices=devices))
                 set_rng_state(rng_before, devices)
                 closure()
+                if rows_of is not None:
+                    rows.append(rows_of[1]())
             with torch.no_grad():
                 return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
                         for p in group_params]
@@ -127,7 +147,7 @@ def grad_fn(opt, i, closure, saved_grads, all_params, rng_before, devices, outer
             if snapshot is not None:
                 snapshot.restore()
 
-    return grad_fn
+    return gradient if rows_of is None else grad_rows_fn
 
 
 def hvp_fn(opt, i, gb, start, collective):

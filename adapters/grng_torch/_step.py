@@ -94,7 +94,7 @@ def plan(opt) -> StepPlan:
             (sp.mc if r.fisher == "mc" else sp.emp).update(li for li, _, _ in gp.layers)
             if gp.steady is not None and gp.steady[0] is False:
                 sp.warmup_only.update((li, gp.core.config) for li, _, _ in gp.layers)
-        elif r.layer_rows and not replicated:  # the factored form's rows (§2.1): hooks only
+        elif (r.layer_rows or r.fd_rows) and not replicated:  # factored form's rows: hooks only
             gp.rows_only = True
             linear = [li for li, _, _ in gp.layers if opt.collector.layers[li].kind == "linear"]
             sp.emp.update(linear)
@@ -208,6 +208,15 @@ def _layer_stats(opt, layers) -> list[gc.LayerStats]:
     return out
 
 
+def _pass_rows(opt, layers):
+    """(hooked layer numbers, the Stats of the rows a pass left) for the shifted passes of a
+    finite-difference ĝ (`Oracle.grad_rows_fn`)."""
+    def stats():
+        seen = [L for L in layers if opt.collector.has_rows(L[0])]
+        return gc.Stats(layers=_layer_stats(opt, seen) or None)
+    return [li for li, _, _ in layers], stats
+
+
 def _stats(opt, sp: StepPlan, gp: GroupPlan, layers, pe) -> gc.Stats | None:
     r = gp.core.requirements
     if gp.rows_only:
@@ -241,10 +250,13 @@ def _group_update(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any]):
         gp = GroupPlan(gp.index, gp.group, core, entry, gp.curvature, gp.inverse, layers,
                        gp.offset, steady=gp.steady)
     r = core.requirements
+    passes = (env["closure"], env["saved_grads"], sp.all_params, env["rng_before"],
+              env["devices"], env["outer_autocast"], env["snapshot"])
+    fd_rows = r.fd_rows and bool(layers) and env["collective"] is None
     oracle = gc.Oracle(
-        grad_fn=_passes.grad_fn(opt, gp.index, env["closure"], env["saved_grads"],
-                                sp.all_params, env["rng_before"], env["devices"],
-                                env["outer_autocast"], env["snapshot"]) if r.grad_fn else None,
+        grad_fn=_passes.grad_fn(opt, gp.index, *passes) if r.grad_fn else None,
+        grad_rows_fn=_passes.grad_fn(opt, gp.index, *passes, rows_of=_pass_rows(opt, layers))
+        if r.grad_fn and fd_rows else None,
         hvp_fn=_passes.hvp_fn(opt, gp.index, env["gb"], gp.offset, env["collective"])
         if r.hvp_fn else None)
     updates, new_core = core.update(g, entry.core, params,

@@ -305,10 +305,16 @@ class MLP:
         layers = self._layer_stats(cache, s) if kind in ("layers", "both") else None
         return Stats(per_example_grads=pe, layers=layers)
 
-    def oracle(self, x, y) -> Oracle:
-        """grad_fn and hvp_fn on this batch."""
+    def oracle(self, x, y, rows: bool = False) -> Oracle:
+        """grad_fn and hvp_fn on this batch; `rows`: also grad_rows_fn, the gradient with
+        its pass's K-FAC rows (the factored finite-difference ĝ, ALGORITHMS.md §2.1)."""
+        def grad_rows(p):
+            b = self.batch(p, x, y, layer_stats=True)
+            return b.grads, Stats(layers=b.layers)
+
         return Oracle(grad_fn=lambda p: self.grad(p, x, y),
-                      hvp_fn=lambda p, v: self.hvp(p, x, y, v))
+                      hvp_fn=lambda p, v: self.hvp(p, x, y, v),
+                      grad_rows_fn=grad_rows if rows else None)
 
     def sample_targets(self, params, x, seed: int):
         """Targets drawn from the model's predictive distribution (host RNG, not traceable).

@@ -56,3 +56,11 @@ def apply(r: LayerRows, S_inv, A_inv, c, xp):
     """c·(S⁻¹sᵀ)(aA⁻¹)/B (the scalar applied to the small d_out × n factor)."""
     left = (c / r.batch) * (S_inv @ xp.matrix_transpose(r.s))
     return left @ (r.a @ A_inv)
+
+
+def stack(parts: list[LayerRows], coefs, xp) -> LayerRows:
+    """The rows of Σᵢ cᵢ·sᵢᵀaᵢ/B as one LayerRows: [c₁a₁; c₂a₂; ...] and [s₁; s₂; ...] (a
+    finite-difference ĝ's passes, §1 and §2.1)."""
+    a = xp.concat([c * r.a for c, r in zip(coefs, parts)], axis=0)
+    s = xp.concat([r.s for r in parts], axis=0)
+    return LayerRows(a, s, parts[0].batch)

@@ -277,6 +277,21 @@ def factored_rows(layers, batch_rows, ctx) -> list[LayerRows | None]:
             else None for layer, r in zip(layers, batch_rows)]
 
 
+def stacked_rows(layers, per_pass, coefs, ctx) -> list[LayerRows | None]:
+    """Per layer, the rows of Σᵢ cᵢ·sᵢᵀaᵢ/B (`per_pass[i]`: pass i's rows per layer) stacked
+    (`factored.stack`) where every pass has them from the same B and the factored form is
+    cheaper for the stacked count (§2.1), else None (as `factored_rows`)."""
+    out: list[LayerRows | None] = []
+    for j, layer in enumerate(layers):
+        parts = [rows_of[j] for rows_of in per_pass]
+        L = layer.layout
+        usable = (not ctx.replicated and not L.a_diagonal and None not in parts
+                  and len({r.batch for r in parts}) == 1
+                  and factored.cheaper(L.d_out, L.d_in_ext, sum(r.a.shape[0] for r in parts)))
+        out.append(factored.stack(parts, coefs, ctx.xp) if usable else None)
+    return out
+
+
 def precondition(layers, leaves, xp, rows_of=None, dense=None, factored_form=None) -> dict:
     """U = S_λ⁻¹ G A_λ⁻¹ for every layer: {position: preconditioned leaf}. `rows_of`: per
     layer LayerRows or None (`factored_rows`): the factored form where G is c times their
