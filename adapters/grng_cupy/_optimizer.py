@@ -145,7 +145,8 @@ class CupyOptimizer:
             if req.layer_stats and (stats is None or not stats.layers):
                 raise ValueError(f"{name} needs stats=grng_core.Stats(layers=[LayerStats(...)]) "
                                  f"on step {self.t + 1} (a curvature step)")
-        if req.grad_fn and (oracle is None or oracle.grad_fn is None):
+        if req.grad_fn and (oracle is None or (oracle.grad_fn is None
+                                               and oracle.grad_rows_fn is None)):
             raise ValueError(f"{name} with gr='finite_difference' needs grad_fn=f(params) -> "
                              "grads (the batch gradient at other parameters) on every step")
         if req.hvp_fn and (oracle is None or oracle.hvp_fn is None):
@@ -175,7 +176,10 @@ class CupyOptimizer:
         `step`); the core's `flags`. Statistics are needed only where curvature is True (every
         step for 'woodbury'); K-FAC rows given on the other steps serve the factored form
         (`requirements.layer_rows`, ALGORITHMS.md §2.1; NumPy arrays only: on a GPU choosing
-        it would need a device-to-host read, so CuPy preconditions densely)."""
+        it would need a device-to-host read, so CuPy preconditions densely). A
+        finite-difference ĝ takes it too when the oracle gives its passes' rows
+        (`oracle=gc.Oracle(grad_rows_fn=...)`, `requirements.fd_rows`) and every step's rows
+        are given."""
         return self.core.flags(self.t if step is None else step)
 
     def needs_stats(self) -> bool:
