@@ -2,10 +2,10 @@
 finite-difference ĝ is then preconditioned in factored form on NumPy arrays (ALGORITHMS.md
 §2.1), with the same parameters as the dense run."""
 
+import grng_cupy
 import numpy as np
 
 import grng_core as gc
-import grng_cupy
 from grng_core.reference import MLP
 from grng_core.structures import factored
 
