@@ -171,15 +171,14 @@ def factored_applies(key: str, stepper) -> bool | None:
 
 
 def passes_preconditioned(stepper) -> int:
-    """Gradients whose rows the preconditioned vector stacks: 1 (g itself), 2 or 3 for a
-    finite-difference ĝ with the shifted passes' rows (forward/backward, central; §2.1)."""
+    """Gradients whose rows the preconditioned vector stacks (`stacked_passes`): 1 (g itself),
+    2 or 3 for a finite-difference ĝ with the shifted passes' rows (§2.1)."""
     try:
-        core = stepper.opt.core(0)
-    except (AttributeError, IndexError, TypeError):
+        from grng_core.requirements import stacked_passes
+
+        return stacked_passes(stepper.opt.core(0).config)
+    except (AttributeError, IndexError, TypeError, ImportError):
         return 1
-    if not core.requirements.fd_rows:
-        return 1
-    return 3 if core.config.fd_scheme == "central" else 2
 
 
 def _prepare_row(key, label, build, data, tp, fb_ops):

@@ -92,10 +92,9 @@ def vector_rows(env, layers, batch_rows, vectors, passes) -> list:
         return kfac.factored_rows(layers, batch_rows if own else None, ctx)
     if batch_rows is None or not fd_rows_apply(h):
         return [None] * len(layers)
-    per_pass = [batch_rows if st is None else kfac.all_rows(
-        layers, kfac.match_stats(layers, st.layers, env.container, partial=True), ctx)
-        for _, st in passes]
-    return kfac.stacked_rows(layers, per_pass, [c for c, _ in passes], ctx)
+    matched = [None if st is None else kfac.match_stats(layers, st.layers, env.container,
+                                                         partial=True) for _, st in passes]
+    return kfac.stacked_rows(layers, batch_rows, matched, [c for c, _ in passes], ctx)
 
 
 def layer_flags(env, layers, batch_rows) -> list:

@@ -35,3 +35,11 @@ def fd_rows_apply(config: Config) -> bool:
     are the gradient's) and ρ not the constant 0."""
     return (config.structure == "kfac" and config.fisher == "empirical"
             and uses_estimator(config) and getattr(config, "gr", None) == "finite_difference")
+
+
+def stacked_passes(config: Config) -> int:
+    """The gradient passes whose rows the factored form stacks (§2.1): 1 (g itself), 2 for a
+    forward or backward finite-difference ĝ (`fd_rows_apply`), 3 for a central one."""
+    if not fd_rows_apply(config):
+        return 1
+    return 3 if getattr(config, "fd_scheme", None) == "central" else 2

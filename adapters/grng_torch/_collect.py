@@ -38,15 +38,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def factored_pays(layer: HookedLayer, x: torch.Tensor) -> bool:
+def factored_pays(layer: HookedLayer, x: torch.Tensor, passes: int = 1) -> bool:
     """Whether the core would precondition this call's layer in factored form (§2.1): rows it
     can branch on without a device sync (host tensors: `grng_core.concrete.branchable` for a
     torch tensor, asked of torch directly so that a torch.compile'd forward traces no
-    array-api-compat helper), and fewer multiply-adds than the dense product."""
+    array-api-compat helper), and fewer multiply-adds than the dense product for the rows of
+    `passes` such calls (2 or 3 for a finite-difference ĝ, whose passes' rows are stacked)."""
     if x.device.type != "cpu":
         return False
     return factored.cheaper(layer.d_out, layer.d_in + (layer.bias is not None),
-                            x.numel() // max(x.shape[-1], 1))
+                            passes * (x.numel() // max(x.shape[-1], 1)))
 
 
 @dataclass
@@ -163,7 +164,8 @@ class Collector:
         # meaning "times E" (the closure's backward) or a number (explicit passes)
         self.s: dict[int, dict[int, tuple]] = {}
         self.z: dict[int, list] = {}
-        self.rows_only: set[int] = set()  # layers collected only for the factored form
+        # layers collected only for the factored form -> the passes whose rows it stacks
+        self.rows_only: dict[int, int] = {}
         # on a step whose refresh is the warm-up's only: layer -> its group's config, and per
         # layer the first call's decision, kept for the step's other calls (`warms`)
         self.warmup_only: dict[int, Any] = {}
@@ -217,7 +219,7 @@ class Collector:
             if self.mode is None or i not in self.active or not inputs:
                 return None
             x = inputs[0]
-            if i in self.rows_only and not factored_pays(layer, x):
+            if i in self.rows_only and not factored_pays(layer, x, self.rows_only[i]):
                 return None  # rows the core would not use: keep nothing
             if i in self.warmup_only and not self.warms(i, output):
                 return None  # the layer skips the warm-up: the core refreshes it not now
@@ -255,16 +257,18 @@ class Collector:
     # -------------------------------------------------------------- sessions
     @contextlib.contextmanager
     def collect(self, mode: str | None, active=(), capture: bool = False,
-                rows_only=(), warmup_only=None) -> Iterator[None]:
+                rows_only=None, warmup_only=None) -> Iterator[None]:
         """Collect K-FAC rows of the layers numbered in `active` ("backward": s from the
         backward pass through tensor hooks; "outputs": keep the outputs z for an explicit
-        autograd.grad), and the model calls / loss targets when `capture`. `warmup_only`
-        (layer -> config, kept until `clear`): layers that may skip this step's refresh."""
+        autograd.grad), and the model calls / loss targets when `capture`. `rows_only`
+        (layer -> passes): layers whose rows only the factored form reads, kept where it pays
+        (`factored_pays`). `warmup_only` (layer -> config, kept until `clear`): layers that
+        may skip this step's refresh."""
         if warmup_only is not None:
             self.warmup_only = dict(warmup_only)
         old = (self.mode, self.active, self.capture, self.rows_only)
         self.mode, self.active, self.capture = mode, set(active), capture
-        self.rows_only = set(rows_only)
+        self.rows_only = dict(rows_only or {})
         calls = mode is not None and any(i in self.active for i in self.functional.values())
         try:
             with LinearCalls(self) if calls else contextlib.nullcontext():

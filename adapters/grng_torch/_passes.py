@@ -95,7 +95,7 @@ def grad_fn(opt, i, closure, saved_grads, all_params, rng_before, devices, outer
             snapshot, rows_of=None):
     """grad_fn(params) -> the batch gradient of group i at other values of its params,
     from the closure (same batch, same random numbers as the first evaluation). With
-    `rows_of` (hooked layer numbers, and a function of the collector giving their Stats):
+    `rows_of` ({hooked layer: passes stacked}, and a function giving their rows' Stats):
     grad_rows_fn(params) -> (grads, Stats), the pass's K-FAC rows kept where the factored
     form pays (`Oracle.grad_rows_fn`, §2.1)."""
     group_params = opt.param_groups[i]["params"]
@@ -110,7 +110,8 @@ def grad_fn(opt, i, closure, saved_grads, all_params, rng_before, devices, outer
             return
         stack.enter_context(coll.side_pass())
         layers, _ = rows_of
-        stack.enter_context(coll.collect("backward", layers, capture=True, rows_only=layers))
+        stack.enter_context(coll.collect("backward", list(layers), capture=True,
+                                         rows_only=layers))
 
     def grad_rows_fn(new_params):
         rows.clear()

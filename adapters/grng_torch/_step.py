@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import grng_core as gc
+from grng_core.requirements import stacked_passes
 from grng_torch import _describe, _passes
 from grng_torch._backward import GraphBackward
 from grng_torch._collect import autocast_off, autocast_state
@@ -55,7 +56,9 @@ class StepPlan:
     groups: list[GroupPlan]
     emp: set = field(default_factory=set)  # hooked layers collected on the closure's backward
     mc: set = field(default_factory=set)  # hooked layers collected on the sampled-label pass
-    rows_only: set = field(default_factory=set)  # collected for the factored form only
+    # layer -> the passes whose rows its factored form stacks (1; 2 or 3 for a
+    # finite-difference ĝ): collected for the factored form only
+    rows_only: dict = field(default_factory=dict)
     # hooked layer -> its group's config, on a step whose refresh is the warm-up's only: the
     # hook keeps no rows where one call gives the layer enough to skip it (`layer_warms`)
     warmup_only: dict = field(default_factory=dict)
@@ -98,7 +101,8 @@ def plan(opt) -> StepPlan:
             gp.rows_only = True
             linear = [li for li, _, _ in gp.layers if opt.collector.layers[li].kind == "linear"]
             sp.emp.update(linear)
-            sp.rows_only.update(linear)
+            passes = stacked_passes(gp.core.config)
+            sp.rows_only.update((li, passes) for li in linear)
         if r.per_example_grads and gp.curvature:
             sp.pe[r.fisher].append(gp.index)
         sp.hvp |= r.hvp_fn
@@ -208,13 +212,16 @@ def _layer_stats(opt, layers) -> list[gc.LayerStats]:
     return out
 
 
-def _pass_rows(opt, layers):
-    """(hooked layer numbers, the Stats of the rows a pass left) for the shifted passes of a
-    finite-difference ĝ (`Oracle.grad_rows_fn`)."""
+def _pass_rows(opt, config, layers):
+    """({hooked layer: passes stacked}, the Stats of the rows a pass left) for the shifted
+    passes of a finite-difference ĝ (`Oracle.grad_rows_fn`): the `nn.Linear`-type layers, as
+    on the steps that refresh nothing (no convolution's unfolded patches)."""
+    layers = [L for L in layers if opt.collector.layers[L[0]].kind == "linear"]
+
     def stats():
         seen = [L for L in layers if opt.collector.has_rows(L[0])]
         return gc.Stats(layers=_layer_stats(opt, seen) or None)
-    return [li for li, _, _ in layers], stats
+    return {li: stacked_passes(config) for li, _, _ in layers}, stats
 
 
 def _stats(opt, sp: StepPlan, gp: GroupPlan, layers, pe) -> gc.Stats | None:
@@ -255,7 +262,8 @@ def _group_update(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any]):
     fd_rows = r.fd_rows and bool(layers) and env["collective"] is None
     oracle = gc.Oracle(
         grad_fn=_passes.grad_fn(opt, gp.index, *passes) if r.grad_fn else None,
-        grad_rows_fn=_passes.grad_fn(opt, gp.index, *passes, rows_of=_pass_rows(opt, layers))
+        grad_rows_fn=_passes.grad_fn(opt, gp.index, *passes, rows_of=_pass_rows(opt, core.config,
+                                                                   layers))
         if r.grad_fn and fd_rows else None,
         hvp_fn=_passes.hvp_fn(opt, gp.index, env["gb"], gp.offset, env["collective"])
         if r.hvp_fn else None)

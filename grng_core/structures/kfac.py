@@ -277,16 +277,24 @@ def factored_rows(layers, batch_rows, ctx) -> list[LayerRows | None]:
             else None for layer, r in zip(layers, batch_rows)]
 
 
-def stacked_rows(layers, per_pass, coefs, ctx) -> list[LayerRows | None]:
-    """Per layer, the rows of Σᵢ cᵢ·sᵢᵀaᵢ/B (`per_pass[i]`: pass i's rows per layer) stacked
-    (`factored.stack`) where every pass has them from the same B and the factored form is
-    cheaper for the stacked count (§2.1), else None (as `factored_rows`)."""
+def stacked_rows(layers, own, matched, coefs, ctx) -> list[LayerRows | None]:
+    """Per layer, the rows of Σᵢ cᵢ·sᵢᵀaᵢ/B stacked (`factored.stack`): pass i's rows are the
+    step's own (`own`, LayerRows per layer) where `matched[i]` is None, else its LayerStats
+    per layer (`match_stats`). None (dense, as `factored_rows`) where a pass lacks the layer,
+    the passes' B differ, or the factored form is not cheaper for the stacked count (§2.1);
+    rows are cast only for the layers that take it."""
     out: list[LayerRows | None] = []
     for j, layer in enumerate(layers):
-        parts = [rows_of[j] for rows_of in per_pass]
-        L = layer.layout
-        usable = (not ctx.replicated and not L.a_diagonal and None not in parts
-                  and len({r.batch for r in parts}) == 1
+        L, mine = layer.layout, own[j]
+        if (ctx.replicated or L.a_diagonal or mine is None
+                or not factored.cheaper(L.d_out, L.d_in_ext, len(coefs) * mine.a.shape[0])):
+            out.append(None)
+            continue
+        if any(m is not None and m[j] is None for m in matched):
+            out.append(None)  # a pass without this layer's rows
+            continue
+        parts = [mine if m is None else rows(L, m[j], ctx) for m in matched]
+        usable = (len({r.batch for r in parts}) == 1
                   and factored.cheaper(L.d_out, L.d_in_ext, sum(r.a.shape[0] for r in parts)))
         out.append(factored.stack(parts, coefs, ctx.xp) if usable else None)
     return out

@@ -94,3 +94,36 @@ def test_the_shifted_pass_leaves_the_steps_own_rows_alone(monkeypatch, calls):
     ref = _train(two_groups, "plain")
     for a, b in zip(got, ref):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_rows_kept_only_where_the_stacked_count_pays(monkeypatch):
+    """A 128 × 65 layer at batch 40 pays in factored form with its own 40 rows (RING) but not
+    with the 80 of a forward-difference ĝ: on a step that refreshes nothing RENG's hooks keep
+    none of its rows, in the closure's pass or the shifted one."""
+    import grng_torch.layers.base as base
+
+    kept: list[int] = []
+    real = base.HookedLayer.input_rows
+    monkeypatch.setattr(base.HookedLayer, "input_rows",
+                        lambda layer, x: kept.append(x.shape[0]) or real(layer, x))
+    x = torch.randn(40, 64, dtype=torch.float64)
+    y = torch.randint(0, 128, (40,))
+    got = {}
+    for name, cls, kw in (("ring", grng_torch.RING, {}),
+                          ("reng", grng_torch.RENG, dict(gr="finite_difference"))):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128)).double()
+        opt = cls(model.parameters(), model=model, lr=0.1, rho=0.05, curvature_every=5,
+                  inverse_every=5, refresh_warmup=0, **kw)
+
+        def closure(opt=opt, model=model):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)  # a curvature step: the rows of the closure's pass
+        kept.clear()
+        opt.step(closure)  # refreshes nothing
+        got[name] = list(kept)
+    assert got == {"ring": [40], "reng": []}
