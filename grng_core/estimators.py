@@ -72,7 +72,7 @@ def finite_difference(g, params, rho, radius, scheme, oracle, container, ctx) ->
         if with_rows is None:
             return _call(grad_fn, container, (moved,), ctx)
         grads, pass_stats = with_rows(container.build(moved))
-        stats.append(pass_stats)
+        stats.append(Stats() if pass_stats is None else pass_stats)  # None: no rows
         return _leaves(grads, with_rows, ctx)
 
     if scheme == "forward":

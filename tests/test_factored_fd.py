@@ -98,6 +98,24 @@ def test_rows_that_are_not_the_passes_fall_back_to_dense(backend, calls):
     assert _max_err(got, dense) < 1e-12
 
 
+def test_a_pass_without_rows_is_preconditioned_densely(numpy_backend, calls):
+    """grad_rows_fn may return no Stats for a pass (None): that pass has no rows, so ĝ is not
+    a product of known rows and goes dense (never the batch's own rows in its place)."""
+    mlp = MLP(SIZES, activation="tanh", loss="softmax_ce")
+    kw = dict(**NO_CLIP, lr=0.5, rho=0.05, damping=0.1, gr="finite_difference",
+              fd_radius=1e-2, structure="kfac")
+
+    def no_rows(x, y, rows):
+        oracle = mlp.oracle(x, y)
+        return oracle._replace(grad_rows_fn=(lambda p: (mlp.grad(p, x, y), None))
+                               if rows else None)
+
+    dense = _steps(gc.reng(**kw), mlp, numpy_backend, False, _batches(3))
+    got = _steps(gc.reng(**kw), mlp, numpy_backend, True, _batches(3), oracle_of=no_rows)
+    assert calls[0] == 0
+    assert _max_err(got, dense) < 1e-12
+
+
 def test_mc_fisher_and_double_backprop_precondition_densely(numpy_backend, calls):
     """Rows of sampled labels are not the gradient's, and a Hessian-vector product has no
     rows: neither may use the factored form."""

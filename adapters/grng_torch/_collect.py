@@ -42,10 +42,11 @@ def factored_pays(layer: HookedLayer, x: torch.Tensor, passes: int = 1) -> bool:
     """Whether the core would precondition this call's layer in factored form (§2.1): rows it
     can branch on without a device sync (host tensors: `grng_core.concrete.branchable` for a
     torch tensor, asked of torch directly so that a torch.compile'd forward traces no
-    array-api-compat helper), and fewer multiply-adds than the dense product for the rows of
-    `passes` such calls (2 or 3 for a finite-difference ĝ, whose passes' rows are stacked)."""
-    if x.device.type != "cpu":
-        return False
+    array-api-compat helper), in float32 or wider, and fewer multiply-adds than the dense
+    product for the rows of `passes` such calls (2 or 3 for a finite-difference ĝ, whose
+    passes' rows are stacked)."""
+    if x.device.type != "cpu" or x.dtype.itemsize < 4:
+        return False  # 16-bit rows (autocast, half params) never pass the check at √eps
     return factored.cheaper(layer.d_out, layer.d_in + (layer.bias is not None),
                             passes * (x.numel() // max(x.shape[-1], 1)))
 

@@ -97,7 +97,8 @@ def plan(opt) -> StepPlan:
             (sp.mc if r.fisher == "mc" else sp.emp).update(li for li, _, _ in gp.layers)
             if gp.steady is not None and gp.steady[0] is False:
                 sp.warmup_only.update((li, gp.core.config) for li, _, _ in gp.layers)
-        elif (r.layer_rows or r.fd_rows) and not replicated:  # factored form's rows: hooks only
+        elif (r.layer_rows or r.fd_rows) and not replicated and _on_host(gp):
+            # the factored form's rows (§2.1): hooks only, and only where it can be chosen
             gp.rows_only = True
             linear = [li for li, _, _ in gp.layers if opt.collector.layers[li].kind == "linear"]
             sp.emp.update(linear)
@@ -108,6 +109,13 @@ def plan(opt) -> StepPlan:
         sp.hvp |= r.hvp_fn
         sp.fd |= r.grad_fn
     return sp
+
+
+def _on_host(gp: GroupPlan) -> bool:
+    """The group's parameters are CPU tensors: the core can choose the factored form without a
+    device-to-host read (`grng_core.concrete.branchable`); on an accelerator it preconditions
+    densely, so no rows are kept for it."""
+    return all(p.device.type == "cpu" for p in gp.group["params"])
 
 
 def _collective(opt):
@@ -259,7 +267,7 @@ def _group_update(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any]):
     r = core.requirements
     passes = (env["closure"], env["saved_grads"], sp.all_params, env["rng_before"],
               env["devices"], env["outer_autocast"], env["snapshot"])
-    fd_rows = r.fd_rows and bool(layers) and env["collective"] is None
+    fd_rows = r.fd_rows and bool(layers) and env["collective"] is None and _on_host(gp)
     oracle = gc.Oracle(
         grad_fn=_passes.grad_fn(opt, gp.index, *passes) if r.grad_fn else None,
         grad_rows_fn=_passes.grad_fn(opt, gp.index, *passes, rows_of=_pass_rows(opt, core.config,

@@ -23,7 +23,10 @@ def _run(xp, rows: bool):
         x = xp.asarray(rng.standard_normal((B, SIZES[0])))
         y = xp.asarray(np.eye(SIZES[-1])[rng.integers(0, SIZES[-1], B)])
         b = MLP_.batch(params, x, y, layer_stats=True)
-        opt.step(b.grads, stats=gc.Stats(layers=b.layers), oracle=MLP_.oracle(x, y, rows=rows))
+        oracle = MLP_.oracle(x, y, rows=rows)
+        if rows:  # the rows oracle alone (no grad_fn) must serve
+            oracle = gc.Oracle(grad_rows_fn=oracle.grad_rows_fn)
+        opt.step(b.grads, stats=gc.Stats(layers=b.layers), oracle=oracle)
     return [np.asarray(p.get() if hasattr(p, "get") else p) for p in params]
 
 

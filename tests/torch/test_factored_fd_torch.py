@@ -127,3 +127,17 @@ def test_rows_kept_only_where_the_stacked_count_pays(monkeypatch):
         opt.step(closure)  # refreshes nothing
         got[name] = list(kept)
     assert got == {"ring": [40], "reng": []}
+
+
+def test_16_bit_rows_are_not_kept():
+    """Rows in bfloat16 / float16 (autocast, half parameters) never pass the probe check at
+    the state's √eps: the hooks keep none for the factored form."""
+    from grng_torch._collect import factored_pays
+    from grng_torch.layers import find_layers
+
+    layer = find_layers(nn.Sequential(nn.Linear(64, 128))).layers[0]
+    x = torch.randn(16, 64)
+    assert factored_pays(layer, x)
+    assert not factored_pays(layer, x.to(torch.bfloat16))
+    assert not factored_pays(layer, x.half())
+    assert not factored_pays(layer, x, passes=4)  # 64 rows: the dense product is cheaper
