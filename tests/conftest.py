@@ -29,3 +29,20 @@ def numpy_backend():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def factored_calls(monkeypatch):
+    """[n]: how many times `grng_core.structures.factored.apply` (the factored K-FAC product,
+    §2.1) ran in the test, counted by a spy around the real function."""
+    from grng_core.structures import factored
+
+    count = [0]
+    real = factored.apply
+
+    def spy(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(factored, "apply", spy)
+    return count

@@ -12,25 +12,11 @@ import pytest
 
 import grng_core as gc
 from grng_core.reference import MLP
-from grng_core.structures import factored
 from tests.helpers import mlp_layers, rel_err
 
 NO_CLIP = dict(kl_clip=None)
 # layer 0 (24 × 31 with its bias) is factored with 2·4 or 3·4 rows; layer 1 (3 × 25) is not
 SIZES, BATCH = (30, 24, 3), 4
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    count = [0]
-    real = factored.apply
-
-    def spy(*args, **kwargs):
-        count[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(factored, "apply", spy)
-    return count
 
 
 def _batches(n_steps, seed=0):
@@ -62,20 +48,20 @@ def _max_err(got, ref):
 
 @pytest.mark.parametrize("scheme", ["forward", "backward", "central"])
 @pytest.mark.parametrize("algorithm", ["reng", "rkalman"])
-def test_factored_fd_equals_the_dense_product(backend, calls, scheme, algorithm):
+def test_factored_fd_equals_the_dense_product(backend, factored_calls, scheme, algorithm):
     mlp = MLP(SIZES, activation="tanh", loss="softmax_ce")
     build = getattr(gc, algorithm)
     kw = dict(**NO_CLIP, lr=0.5, rho=0.05, damping=0.1, gr="finite_difference",
               fd_scheme=scheme, fd_radius=1e-2, structure="kfac")
     batches = _batches(3)
     dense = _steps(build(**kw), mlp, backend, False, batches)
-    assert calls[0] == 0
+    assert factored_calls[0] == 0
     got = _steps(build(**kw), mlp, backend, True, batches)
-    assert calls[0] == 3  # layer 0 on every step; layer 1 stays dense (not cheaper)
+    assert factored_calls[0] == 3  # layer 0 on every step; layer 1 stays dense (not cheaper)
     assert _max_err(got, dense) < 1e-12
 
 
-def test_rows_that_are_not_the_passes_fall_back_to_dense(backend, calls):
+def test_rows_that_are_not_the_passes_fall_back_to_dense(backend, factored_calls):
     """A pass whose rows come from another batch: the probe check sends the layer to the
     dense product, which still equals the reference."""
     mlp = MLP(SIZES, activation="tanh", loss="softmax_ce")
@@ -98,7 +84,7 @@ def test_rows_that_are_not_the_passes_fall_back_to_dense(backend, calls):
     assert _max_err(got, dense) < 1e-12
 
 
-def test_a_pass_without_rows_is_preconditioned_densely(numpy_backend, calls):
+def test_a_pass_without_rows_is_preconditioned_densely(numpy_backend, factored_calls):
     """grad_rows_fn may return no Stats for a pass (None): that pass has no rows, so ĝ is not
     a product of known rows and goes dense (never the batch's own rows in its place)."""
     mlp = MLP(SIZES, activation="tanh", loss="softmax_ce")
@@ -112,18 +98,18 @@ def test_a_pass_without_rows_is_preconditioned_densely(numpy_backend, calls):
 
     dense = _steps(gc.reng(**kw), mlp, numpy_backend, False, _batches(3))
     got = _steps(gc.reng(**kw), mlp, numpy_backend, True, _batches(3), oracle_of=no_rows)
-    assert calls[0] == 0
+    assert factored_calls[0] == 0
     assert _max_err(got, dense) < 1e-12
 
 
-def test_mc_fisher_and_double_backprop_precondition_densely(numpy_backend, calls):
+def test_mc_fisher_and_double_backprop_precondition_densely(numpy_backend, factored_calls):
     """Rows of sampled labels are not the gradient's, and a Hessian-vector product has no
     rows: neither may use the factored form."""
     mlp = MLP(SIZES, activation="tanh", loss="softmax_ce")
     base = dict(**NO_CLIP, lr=0.5, rho=0.05, damping=0.1, structure="kfac")
     for kw in (dict(gr="finite_difference", fisher="mc"), dict(gr="double_backprop")):
         _steps(gc.reng(**base, **kw), mlp, numpy_backend, True, _batches(2))
-    assert calls[0] == 0
+    assert factored_calls[0] == 0
 
 
 def test_requirements_ask_for_the_passes_rows():
@@ -135,7 +121,7 @@ def test_requirements_ask_for_the_passes_rows():
     assert not gc.ring().requirements.fd_rows
 
 
-def test_under_jit_the_factored_fd_agrees_with_dense(calls):
+def test_under_jit_the_factored_fd_agrees_with_dense(factored_calls):
     jax = pytest.importorskip("jax")
     jax.config.update("jax_enable_x64", True)
     jnp = jax.numpy
@@ -153,7 +139,7 @@ def test_under_jit_the_factored_fd_agrees_with_dense(calls):
                           oracle=mlp.oracle(x, y, rows=rows), curvature=True, inverse=True)
 
     ref, _ = jax.jit(lambda p, s: step(False, p, s))(params, state)
-    assert calls[0] == 0
+    assert factored_calls[0] == 0
     got, _ = jax.jit(lambda p, s: step(True, p, s))(params, state)
-    assert calls[0] == 1  # traced once, in the lax.cond that checks the rows
+    assert factored_calls[0] == 1  # traced once, in the lax.cond that checks the rows
     assert max(rel_err(np.asarray(g), np.asarray(r)) for g, r in zip(got, ref)) < 1e-12

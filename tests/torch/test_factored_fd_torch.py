@@ -35,19 +35,6 @@ def _train(build, kind: str, steps: int = 6):
     return [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    count = [0]
-    real = factored.apply
-
-    def spy(*args, **kwargs):
-        count[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(factored, "apply", spy)
-    return count
-
-
 BUILDS = {
     "reng_forward": lambda m: grng_torch.RENG(m.parameters(), model=m, lr=0.1, rho=0.05,
                                               damping=0.1, gr="finite_difference",
@@ -64,13 +51,14 @@ BUILDS = {
 @pytest.mark.parametrize("name", sorted(BUILDS))
 @pytest.mark.parametrize("kind,expect_factored", [("plain", True), ("accumulate", True),
                                                   ("l2", False)])
-def test_factored_fd_steps_equal_dense_steps(monkeypatch, calls, name, kind, expect_factored):
+def test_factored_fd_steps_equal_dense_steps(monkeypatch, factored_calls, name, kind,
+                                             expect_factored):
     build = BUILDS[name]
     got = _train(build, kind)
-    used = calls[0]
+    used = factored_calls[0]
     monkeypatch.setattr(factored, "cheaper", lambda *a: False)  # dense everywhere
     ref = _train(build, kind)
-    assert calls[0] == used
+    assert factored_calls[0] == used
     if expect_factored:
         assert used >= 6  # at least the first layer on every step
     else:
@@ -79,7 +67,7 @@ def test_factored_fd_steps_equal_dense_steps(monkeypatch, calls, name, kind, exp
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_the_shifted_pass_leaves_the_steps_own_rows_alone(monkeypatch, calls):
+def test_the_shifted_pass_leaves_the_steps_own_rows_alone(monkeypatch, factored_calls):
     """The step's own rows and model calls survive the oracle's pass (`Collector.side_pass`):
     the second param group, updated after the first group's oracle ran, gets its own rows
     (the run equals the dense one)."""
@@ -89,7 +77,7 @@ def test_the_shifted_pass_leaves_the_steps_own_rows_alone(monkeypatch, calls):
                                curvature_every=3, inverse_every=3)
 
     got = _train(two_groups, "plain")
-    assert calls[0] >= 6
+    assert factored_calls[0] >= 6
     monkeypatch.setattr(factored, "cheaper", lambda *a: False)
     ref = _train(two_groups, "plain")
     for a, b in zip(got, ref):
