@@ -223,8 +223,10 @@ def _layer_stats(opt, layers) -> list[gc.LayerStats]:
 def _pass_rows(opt, config, layers):
     """({hooked layer: passes stacked}, the Stats of the rows a pass left) for the shifted
     passes of a finite-difference ĝ (`Oracle.grad_rows_fn`): the `nn.Linear`-type layers, as
-    on the steps that refresh nothing (no convolution's unfolded patches)."""
+    on the steps that refresh nothing (no convolution's unfolded patches); None without any."""
     layers = [L for L in layers if opt.collector.layers[L[0]].kind == "linear"]
+    if not layers:
+        return None
 
     def stats():
         seen = [L for L in layers if opt.collector.has_rows(L[0])]
@@ -265,14 +267,15 @@ def _group_update(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any]):
         gp = GroupPlan(gp.index, gp.group, core, entry, gp.curvature, gp.inverse, layers,
                        gp.offset, steady=gp.steady)
     r = core.requirements
-    passes = (env["closure"], env["saved_grads"], sp.all_params, env["rng_before"],
-              env["devices"], env["outer_autocast"], env["snapshot"])
-    fd_rows = r.fd_rows and bool(layers) and env["collective"] is None and _on_host(gp)
+    closure_pass = (env["closure"], env["saved_grads"], sp.all_params, env["rng_before"],
+                    env["devices"], env["outer_autocast"], env["snapshot"])
+    rows_of = (_pass_rows(opt, core.config, layers)
+               if r.grad_fn and r.fd_rows and env["collective"] is None and _on_host(gp)
+               else None)
     oracle = gc.Oracle(
-        grad_fn=_passes.grad_fn(opt, gp.index, *passes) if r.grad_fn else None,
-        grad_rows_fn=_passes.grad_fn(opt, gp.index, *passes, rows_of=_pass_rows(opt, core.config,
-                                                                   layers))
-        if r.grad_fn and fd_rows else None,
+        grad_fn=_passes.grad_fn(opt, gp.index, *closure_pass) if r.grad_fn else None,
+        grad_rows_fn=_passes.grad_fn(opt, gp.index, *closure_pass, rows_of=rows_of)
+        if rows_of is not None else None,
         hvp_fn=_passes.hvp_fn(opt, gp.index, env["gb"], gp.offset, env["collective"])
         if r.hvp_fn else None)
     updates, new_core = core.update(g, entry.core, params,
