@@ -232,7 +232,9 @@ class Collector:
                 output.register_hook(self._grad_hook(i, len(chunks) - 1))
             return None
 
-        return hook
+        # bookkeeping only: under torch.compile it runs eagerly instead of being traced once
+        # per layer and per state of the collector (which hit Dynamo's recompile limit)
+        return torch.compiler.disable(hook)
 
     def warms(self, i: int, output: torch.Tensor) -> bool:
         """Whether layer i takes this warm-up step's refresh (`grng_core.schedule.layer_warms`

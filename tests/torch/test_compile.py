@@ -49,3 +49,32 @@ def test_double_backprop_on_a_compiled_model_names_the_fix():
     with pytest.raises(RuntimeError, match="gr='finite_difference'"):
         opt.step(closure)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("name", ["RING", "RKalman"])
+def test_hooks_are_not_traced_per_layer(name):
+    """The K-FAC hooks are bookkeeping: under torch.compile they run eagerly. Traced, Dynamo
+    compiled one graph per layer and per state of the collector and hit its recompile limit
+    (8) on a 6-layer MLP; the model's own graphs are all that is compiled now."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    layers: list = []
+    for _ in range(6):
+        layers += [nn.Linear(8, 8), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(8, 3))
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = getattr(gt, name)(model.parameters(), model=compiled, lr=0.1)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(compiled(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(12):
+        opt.step(closure)
+    assert counters["stats"]["unique_graphs"] <= 4  # Linear's variants; was 11 with the hooks
