@@ -40,14 +40,15 @@ def probes(d: int, xp, dtype, device):
 
 def product_scale(G, r: LayerRows, xp):
     """(c, ok): the least-squares scalar with G·U ≈ c·(sᵀ(aU))/B on the probes U, and whether
-    the residual is within `tolerance`·‖G·U‖ (a 0-d bool array)."""
+    the residual is within `tolerance`·‖G·U‖ (a 0-d bool array; float32's where the rows
+    arrived in float32 for a wider state, `LayerRows.tol`)."""
     U = probes(G.shape[1], xp, G.dtype, device(G))
     GU = G @ U
     PU = xp.matrix_transpose(r.s) @ (r.a @ U) / r.batch
     pp = xp.sum(PU * PU)
     c = xp.sum(GU * PU) / xp.where(pp > 0, pp, xp.ones_like(pp))
     res = GU - c * PU
-    tol = tolerance(G.dtype, xp)
+    tol = max(tolerance(G.dtype, xp), r.tol)
     ok = xp.sum(res * res) <= (tol * tol) * xp.sum(GU * GU)
     return c, ok
 
@@ -63,4 +64,4 @@ def stack(parts: list[LayerRows], coefs, xp) -> LayerRows:
     finite-difference ĝ's passes, §1 and §2.1)."""
     a = xp.concat([c * r.a for c, r in zip(coefs, parts)], axis=0)
     s = xp.concat([r.s for r in parts], axis=0)
-    return LayerRows(a, s, parts[0].batch)
+    return LayerRows(a, s, parts[0].batch, max(r.tol for r in parts))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 from grng_core.state import LayerLayout
@@ -23,11 +24,13 @@ class LayerRows(NamedTuple):
     B, the number of examples they come from (n = B for a dense layer, B·T for shared
     weights): the layer's gradient is G = sᵀa/B, its factors Â = aᵀa/n and Ŝ = sᵀs/B.
     For an embedding (one-hot rows) `a` is Â's diagonal itself, the token frequencies
-    counts/n, a vector (d_in,)."""
+    counts/n, a vector (d_in,). `tol`: the factored form's check tolerance where the rows
+    arrived in float32 and the state is wider (√eps of float32; 0: the state's own)."""
 
     a: Any
     s: Any
     batch: int
+    tol: float = 0.0
 
 
 def rows(L: LayerLayout, ls, ctx) -> LayerRows:
@@ -52,4 +55,17 @@ def rows(L: LayerLayout, ls, ctx) -> LayerRows:
         raise ValueError(f"LayerStats of weight {ls.weight!r}: batch_size={batch} must be >= 1")
     if L.bias is not None:
         a = xp.concat([a, xp.ones((a.shape[0], 1), dtype=ctx.sdtype, device=ctx.device)], axis=1)
-    return LayerRows(a, s, batch)
+    return LayerRows(a, s, batch, _arrival_tol((ls.inputs, ls.output_grads), ctx))
+
+
+def _arrival_tol(arrays, ctx) -> float:
+    """√eps of float32 where rows that arrived in float32 were cast to a wider state dtype
+    (float32 parameters with `state_dtype="float64"`): their product matches the gradient to
+    float32's rounding only. Narrower rows (16-bit) keep the state's tolerance, so the check
+    sends them to the dense product rather than admit a 16-bit-sized difference."""
+    xp = ctx.xp
+    if xp.finfo(ctx.sdtype).eps >= xp.finfo(xp.float32).eps:
+        return 0.0
+    if any(x.dtype == xp.float32 for x in arrays):
+        return math.sqrt(float(xp.finfo(xp.float32).eps))
+    return 0.0

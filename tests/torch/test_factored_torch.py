@@ -101,3 +101,33 @@ def test_rows_the_core_would_not_use_are_not_kept(monkeypatch):
     kept.clear()
     opt.step(closure)  # refreshes nothing: n = 1024 rows, the dense product is cheaper
     assert kept == []
+
+
+def test_float32_rows_for_a_float64_state_stay_factored(monkeypatch, factored_calls):
+    """float32 parameters with state_dtype="float64": the rows and the gradient agree to
+    float32's rounding, so the check uses float32's √eps (`LayerRows.tol`) and the factored
+    form serves; it equals the dense product to float32 precision."""
+    def train():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 10))
+        opt = grng_torch.RING(model.parameters(), model=model, lr=0.1, state_dtype="float64",
+                              form="gauss_newton", refresh_warmup=0)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            x, y = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        return [p.detach().clone() for p in model.parameters()]
+
+    got = train()
+    assert factored_calls[0] >= 6
+    monkeypatch.setattr(factored, "cheaper", lambda *a: False)
+    ref = train()
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
