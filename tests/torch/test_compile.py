@@ -13,9 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _setup(name, **kw):
+def _setup(name, hidden=(16,), **kw):
+    """A compiled MLP 8-hidden…-3 (tanh), its optimizer and a closure on a fixed batch."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    widths = (8, *hidden)
+    layers: list = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(widths[-1], 3))
     compiled = torch.compile(model, backend="aot_eager")
     opt = getattr(gt, name)(model.parameters(), model=compiled, lr=0.1, **kw)
     x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
@@ -60,21 +65,7 @@ def test_hooks_are_not_traced_per_layer(name):
 
     torch._dynamo.reset()
     counters.clear()
-    torch.manual_seed(0)
-    layers: list = []
-    for _ in range(6):
-        layers += [nn.Linear(8, 8), nn.Tanh()]
-    model = nn.Sequential(*layers, nn.Linear(8, 3))
-    compiled = torch.compile(model, backend="aot_eager")
-    opt = getattr(gt, name)(model.parameters(), model=compiled, lr=0.1)
-    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(compiled(x), y)
-        loss.backward()
-        return loss
-
+    _, opt, closure = _setup(name, hidden=(8,) * 6)
     for _ in range(12):
         opt.step(closure)
     assert counters["stats"]["unique_graphs"] <= 4  # Linear's variants; was 11 with the hooks
