@@ -65,10 +65,19 @@ class StepPlan:
     pe: dict = field(default_factory=lambda: {"empirical": [], "mc": []})
     hvp: bool = False
     fd: bool = False
+    # trainable parameters of `model=` in no param group (e.g. a tied embedding left to
+    # another optimizer), on a step with extra passes: their `.grad` is kept as well
+    bystanders: list = field(default_factory=list)
 
     @property
     def all_params(self) -> list:
         return [p for g in self.groups for p in g.group["params"]]
+
+    @property
+    def graded(self) -> list:
+        """Every parameter whose `.grad` the step keeps as the closure's first pass left it:
+        the groups' (first, in order), then the bystanders."""
+        return self.all_params + self.bystanders
 
 
 def _group_plan(opt, i: int, group: dict) -> GroupPlan:
@@ -108,7 +117,18 @@ def plan(opt) -> StepPlan:
             sp.pe[r.fisher].append(gp.index)
         sp.hvp |= r.hvp_fn
         sp.fd |= r.grad_fn
+    if (sp.hvp or sp.fd) and opt.model is not None:
+        sp.bystanders = _bystanders(opt.model, sp.all_params)
     return sp
+
+
+def _bystanders(model: nn.Module, owned: list) -> list:
+    """The model's trainable parameters that no param group holds. The extra passes of a
+    finite-difference or double-backprop step re-run the closure; without this their `.grad`
+    would end as a shifted point's (or None), and another optimizer stepping them after this
+    one (e.g. AdamW on a tied embedding) would read a wrong gradient."""
+    ids = {id(p) for p in owned}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
 
 
 def _on_host(gp: GroupPlan) -> bool:
@@ -139,12 +159,12 @@ def run(opt, closure):
     if sp.hvp:
         real = isinstance(opt.model, nn.parallel.DistributedDataParallel)
         quiet = (lambda: coll.collect(None)) if coll is not None else contextlib.nullcontext
-        gb = GraphBackward(sp.all_params, real_backward=real, quiet=quiet)
+        gb = GraphBackward(sp.graded, real_backward=real, quiet=quiet)
     snapshot = None
     try:
         loss = _first_pass(opt, sp, closure, gb)
         grads = {gp.index: [p.grad for p in gp.group["params"]] for gp in sp.groups}
-        saved_grads = [p.grad for p in sp.all_params]
+        saved_grads = [p.grad for p in sp.graded]
         if coll is not None and (sp.mc or any(sp.pe.values()) or sp.fd):
             snapshot = _passes.BufferSnapshot(coll.root)  # after the closure's own update
         pe = _extra_passes(opt, sp)
@@ -267,7 +287,7 @@ def _group_update(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any]):
         gp = GroupPlan(gp.index, gp.group, core, entry, gp.curvature, gp.inverse, layers,
                        gp.offset, steady=gp.steady)
     r = core.requirements
-    closure_pass = (env["closure"], env["saved_grads"], sp.all_params, env["rng_before"],
+    closure_pass = (env["closure"], env["saved_grads"], sp.graded, env["rng_before"],
                     env["devices"], env["outer_autocast"], env["snapshot"])
     rows_of = (_pass_rows(opt, core.config, layers)
                if r.grad_fn and r.fd_rows and env["collective"] is None and _on_host(gp)
