@@ -27,6 +27,9 @@ CANDIDATES = {
     "zoo": dict(lr=0.05, damping=1e-2, kl_clip=1e-3),
     # the defaults without the refresh warm-up (every 10 steps from the first)
     "no_warmup": dict(refresh_warmup=0),
+    # session 10: heavy-ball momentum with a tighter trust region
+    "m5kl03": dict(momentum=0.5, kl_clip=3e-4),
+    "m8kl003": dict(momentum=0.8, kl_clip=3e-5),
 }
 OPTIMIZERS = {"RING": {}, "RING-gn": dict(form="gauss_newton"), "RENG": {}, "RKalman": {}}
 

@@ -63,7 +63,7 @@ def test_ring_with_adamw_on_the_tied_embedding_trains():
     for k in range(30):
         x, y = z.batch(k)
 
-        def closure():
+        def closure(x=x, y=y):
             model.zero_grad()
             loss = _loss(model, x, y)
             loss.backward()
