@@ -74,6 +74,11 @@ def _builder(algo: str, structure: str | None = None):
     return build
 
 
+def _tied_hybrid(model, task, hp, seed):
+    from benchmarks.tied_hybrid import build
+    return build(model, task, hp, seed)
+
+
 def gauss_newton_ok(hp: dict) -> bool:
     """RING form='gauss_newton' needs 0 <= rho * damping <= 1 (adaptive_damping: no bound)."""
     return hp.get("form") != "gauss_newton" or hp["rho"] * hp["damping"] <= 1.0
@@ -136,6 +141,12 @@ def specs() -> list[OptSpec]:
                 extra={"algo": "ring", "variant": "defaults, refresh_warmup=0"},
                 note="the defaults without the refresh warm-up (README \"Choosing an "
                      "optimizer\"); not judged as a recommended setting"),
+        OptSpec("ring_tied_adamw" + GN_SUFFIX, "RING", "torch", "grng",
+                {"form": "gauss_newton"}, _tied_hybrid, requires=req, fixed=True,
+                full_only=True, tasks=("gpt2_char",),
+                extra={"algo": "ring", "variant": "defaults, tied weights on AdamW"},
+                note="RING at its defaults on every parameter but the tied embedding, AdamW "
+                     "(lr 1/600) on it (README \"Tied embeddings\")"),
         OptSpec("reng_fd", "RENG", "torch", "grng",
                 dict(base["reng"], gr="finite_difference"), _builder("reng"), requires=req,
                 full_only=True, extra={"algo": "reng", "variant": "finite diff."},
