@@ -193,3 +193,25 @@ def test_tiny_run_of_the_real_tasks_writes_their_verdicts(tmp_path):
     for task in ("resnet_bn", "gpt2_char"):
         assert f"Issue #15 target ({task}): " in report
     assert "| RING (kfac, defaults, gauss_newton) | defaults |" in report
+
+
+@pytest.mark.skipif(not _has("transformers"), reason="transformers not installed")
+def test_tied_hybrid_row_puts_only_the_tied_embedding_on_adamw():
+    from benchmarks.optimizers import select_specs
+    from benchmarks.tasks import make_task
+    from benchmarks.tied_hybrid import tied_parameters
+
+    task = make_task("gpt2_char", subset=1)
+    model = task.make_model(0)
+    tied = tied_parameters(model)
+    assert [p is model.gpt2.transformer.wte.weight for p in tied] == [True]
+    spec = select_specs("full", ["ring_tied_adamw_gn"])[0]
+    assert spec.full_only and spec.tasks == ("gpt2_char",)
+    stepper = spec.build(model, task, spec.sweep_grid("default", task)[0], 0)
+    assert [p for g in stepper.adamw.param_groups for p in g["params"]] == tied
+    owned = {id(p) for g in stepper.opt.param_groups for p in g["params"]}
+    assert id(tied[0]) not in owned and len(owned) == len(list(model.parameters())) - 1
+    x, y = next(task.epoch_batches(np.random.default_rng(0)))
+    before = tied[0].detach().clone()
+    loss = stepper.step(torch.as_tensor(x), torch.as_tensor(y))
+    assert np.isfinite(loss) and not torch.equal(tied[0].detach(), before)
