@@ -76,7 +76,8 @@ def _builder(algo: str, structure: str | None = None):
 
 def _tied_hybrid(model, task, hp, seed):
     from benchmarks.tied_hybrid import build
-    return build(model, task, hp, seed)
+    return build(model, grng_hyperparameters("ring", task.structures["ring"], hp),
+                 bool(task.seq_len))
 
 
 def gauss_newton_ok(hp: dict) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from benchmarks.grng_runs import GRNGStepper, grng_hyperparameters
+from benchmarks.steppers import TorchStepper
 
 ADAMW_LR = 1 / 600
 
@@ -20,13 +20,14 @@ def tied_parameters(model) -> list:
     return [p for p in model.parameters() if counts[id(p)] > 1]
 
 
-class TiedHybridStepper(GRNGStepper):
-    """GRNGStepper whose closure zeroes every gradient (the model's), then AdamW's step on
-    the tied parameters with the gradient the GRNG step left them (the first pass's)."""
+class TiedHybridStepper(TorchStepper):
+    """``opt.step(closure)`` as the GRNG rows run it, the closure zeroing every gradient (the
+    model's), then AdamW's step on the tied parameters with the gradient the GRNG step left
+    them (the first pass's)."""
 
     def __init__(self, model, loss_mod, opt, adamw, flatten_targets: bool):
-        super().__init__(model, loss_mod, opt, flatten_targets)
-        self.adamw = adamw
+        super().__init__(model, loss_mod, opt)
+        self.adamw, self.flatten = adamw, flatten_targets
 
     def step(self, x, y) -> float:
         if self.flatten:
@@ -47,7 +48,8 @@ class TiedHybridStepper(GRNGStepper):
         return out
 
 
-def build(model, task, hp, seed):
+def build(model, ring_kwargs: dict, flatten_targets: bool):
+    """The stepper: RING(**ring_kwargs) on the untied parameters, AdamW on the tied ones."""
     import grng_torch
     import torch
     from torch import nn
@@ -56,7 +58,6 @@ def build(model, task, hp, seed):
     ids = {id(p) for p in tied}
     rest = [p for p in model.parameters() if id(p) not in ids]
     loss_mod = nn.CrossEntropyLoss()
-    opt = grng_torch.RING(rest, model=model, loss_fn=loss_mod,
-                          **grng_hyperparameters("ring", task.structures["ring"], hp))
+    opt = grng_torch.RING(rest, model=model, loss_fn=loss_mod, **ring_kwargs)
     adamw = torch.optim.AdamW(tied, lr=ADAMW_LR)
-    return TiedHybridStepper(model, loss_mod, opt, adamw, bool(task.seq_len))
+    return TiedHybridStepper(model, loss_mod, opt, adamw, flatten_targets)
