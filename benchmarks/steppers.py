@@ -115,3 +115,34 @@ class ASDLKfacStepper(TorchStepper):
         _, loss = self.gm.forward_and_backward()
         self.opt.step()
         return loss.item()
+
+
+class GRNGStepper(TorchStepper):
+    """``opt.step(closure)``: the closure zeroes the grads, runs the model and the loss module
+    and calls ``backward``; the optimizer calls it again where its algorithm needs to (the
+    gradient norm is read after its first call: the minibatch gradient at the current point)."""
+
+    def __init__(self, model, loss_mod, opt, flatten_targets: bool):
+        super().__init__(model, loss_mod, opt)
+        self.flatten = flatten_targets
+
+    def step(self, x, y) -> float:
+        if self.flatten:
+            y = y.reshape(-1)
+        model, loss_mod, opt = self.model, self.loss_fn, self.opt
+        calls = []
+
+        def closure():
+            self.zero_grad()
+            loss = loss_mod(model(x), y)
+            loss.backward()
+            if not calls:
+                self.probe()
+            calls.append(1)
+            return loss
+
+        return float(opt.step(closure).detach())
+
+    def zero_grad(self) -> None:
+        """What the closure zeroes: the optimizer's parameters' gradients."""
+        self.opt.zero_grad()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from benchmarks.steppers import TorchStepper
+from benchmarks.steppers import GRNGStepper
 
 ADAMW_LR = 1 / 600
 
@@ -20,32 +20,21 @@ def tied_parameters(model) -> list:
     return [p for p in model.parameters() if counts[id(p)] > 1]
 
 
-class TiedHybridStepper(TorchStepper):
-    """``opt.step(closure)`` as the GRNG rows run it, the closure zeroing every gradient (the
-    model's), then AdamW's step on the tied parameters with the gradient the GRNG step left
-    them (the first pass's)."""
+class TiedHybridStepper(GRNGStepper):
+    """GRNGStepper whose closure zeroes every gradient (the model's), then AdamW's step on
+    the tied parameters with the gradient the GRNG step left them (the first pass's)."""
 
     def __init__(self, model, loss_mod, opt, adamw, flatten_targets: bool):
-        super().__init__(model, loss_mod, opt)
-        self.adamw, self.flatten = adamw, flatten_targets
+        super().__init__(model, loss_mod, opt, flatten_targets)
+        self.adamw = adamw
 
     def step(self, x, y) -> float:
-        if self.flatten:
-            y = y.reshape(-1)
-        model, loss_mod, calls = self.model, self.loss_fn, []
-
-        def closure():
-            model.zero_grad()
-            loss = loss_mod(model(x), y)
-            loss.backward()
-            if not calls:
-                self.probe()
-            calls.append(1)
-            return loss
-
-        out = float(self.opt.step(closure).detach())
+        out = super().step(x, y)
         self.adamw.step()
         return out
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad()
 
 
 def build(model, ring_kwargs: dict, flatten_targets: bool):
