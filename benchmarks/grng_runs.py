@@ -121,6 +121,13 @@ def specs() -> list[OptSpec]:
                 extra={"algo": "ring", "variant": "defaults, tied weights on AdamW"},
                 note="RING at its defaults on every parameter but the tied embedding, AdamW "
                      "(lr 1/600) on it (README \"Tied embeddings\")"),
+        OptSpec("ring_m5kl03" + GN_SUFFIX, "RING", "torch", "grng",
+                {"form": "gauss_newton", "momentum": 0.5, "kl_clip": 3e-4}, _builder("ring"),
+                requires=req, fixed=True, full_only=True,
+                extra={"algo": "ring", "variant": "defaults, momentum=0.5, kl_clip=3e-4"},
+                note="heavy-ball momentum with a tighter trust region (README \"Tied "
+                     "embeddings\"); not the defaults: the torch zoo's batch-8 transformers "
+                     "pass fewer of benchmarks.defaults_sweep's runs with it"),
         OptSpec("reng_fd", "RENG", "torch", "grng",
                 dict(base["reng"], gr="finite_difference"), _builder("reng"), requires=req,
                 full_only=True, extra={"algo": "reng", "variant": "finite diff."},
