@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from grng_core.structures import factored, kfac_eigen
+from tests.torch._util import closure_for
 
 
 def _model():
@@ -115,14 +116,7 @@ def test_float32_rows_for_a_float64_state_stay_factored(monkeypatch, factored_ca
         g = torch.Generator().manual_seed(1)
         for _ in range(6):
             x, y = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
-
-            def closure(x=x, y=y):
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(x), y)
-                loss.backward()
-                return loss
-
-            opt.step(closure)
+            opt.step(closure_for(opt, model, nn.functional.cross_entropy, x, y))
         return [p.detach().clone() for p in model.parameters()]
 
     got = train()

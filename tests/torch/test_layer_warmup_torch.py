@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from tests.torch._util import closure_for
+
 B = 8  # conv: 8·8·8 = 512 rows >= 10·max(10, 4); head: 8 rows < 10·257
 
 
@@ -81,14 +83,7 @@ def test_a_group_whose_layers_all_skip_the_warm_up():
     for _ in range(12):
         x = torch.randn(64, 4, generator=g, dtype=torch.float64)
         y = torch.randint(0, 3, (64,), generator=g)
-
-        def closure(x=x, y=y):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        opt.step(closure_for(opt, model, nn.functional.cross_entropy, x, y))
         factors.append(opt.group_state(0).core.curvature.kfac[0].A.clone())
     assert all(torch.equal(f, factors[0]) for f in factors[:10])
     assert not torch.equal(factors[10], factors[0])
