@@ -34,12 +34,12 @@ def sums_finite(arrays, xp):
     a finite array whose sum overflows reads as non-finite too."""
     by_dtype: dict = {}
     for x in arrays:
-        if not xp.isdtype(x.dtype, ("real floating", "complex floating")):
-            continue  # integer counters are always finite
-        by_dtype.setdefault(x.dtype, []).append(xp.sum(x))
+        by_dtype.setdefault(x.dtype, []).append(x)
     ok = None
-    for sums in by_dtype.values():
-        f = xp.all(xp.isfinite(xp.stack(sums)))
+    for dtype, xs in by_dtype.items():
+        if not xp.isdtype(dtype, ("real floating", "complex floating")):
+            continue  # integer counters are always finite
+        f = xp.all(xp.isfinite(xp.stack([xp.sum(x) for x in xs])))
         ok = f if ok is None else (ok & f)
     return ok
 

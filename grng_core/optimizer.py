@@ -10,6 +10,7 @@ see `concrete`). What differs between the three algorithms is the `Algorithm` re
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +48,9 @@ class Optimizer:
     def name(self) -> str:
         return self.config.algorithm
 
-    @property
+    @functools.cached_property
     def requirements(self) -> Requirements:
+        """What the adapter collects (a function of the frozen config: computed once)."""
         return requirements(self.config)
 
     def replace(self, **changes) -> Optimizer:

@@ -148,8 +148,8 @@ def map_arrays(fn, a, b):
 def changed_arrays(new, old) -> list:
     """Arrays of `new` that are not the very objects of `old` (the ones this step computed;
     the others were checked when they were made)."""
-    if isinstance(new, LayerLayout) or new is None:
-        return []
+    if new is old or isinstance(new, LayerLayout) or new is None:
+        return []  # an untouched subtree (a layer this step did not refresh) holds nothing new
     if isinstance(new, (tuple, list)):
         olds = old if isinstance(old, (tuple, list)) and len(old) == len(new) else [None] * len(new)
         return [x for v, o in zip(new, olds) for x in changed_arrays(v, o)]

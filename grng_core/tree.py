@@ -68,17 +68,22 @@ def library(x) -> str:
 def namespace(*groups: tuple[str, list]):
     """The one array namespace of all arrays in `groups` ((name, leaves) pairs).
 
-    Raises TypeError naming the libraries when arrays of several libraries are mixed.
+    Raises TypeError naming the libraries when arrays of several libraries are mixed. Each
+    array type is classified once (a step's leaves share one or two types).
     """
     seen: dict[str, str] = {}
+    kinds: dict[type, str] = {}
     arrays = []
     for name, leaves in groups:
         for x in leaves:
             if x is None:
                 continue
-            if not array_api_compat.is_array_api_obj(x):
-                raise TypeError(f"{name} holds a {type(x).__name__}, which is not an array")
-            seen.setdefault(library(x), name)
+            kind = kinds.get(type(x))
+            if kind is None:
+                if not array_api_compat.is_array_api_obj(x):
+                    raise TypeError(f"{name} holds a {type(x).__name__}, which is not an array")
+                kind = kinds[type(x)] = library(x)
+            seen.setdefault(kind, name)
             arrays.append(x)
     if len(seen) > 1:
         desc = ", ".join(f"{lib} (in {name})" for lib, name in seen.items())

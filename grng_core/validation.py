@@ -7,14 +7,19 @@ from grng_core.state import OptState
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
-def _is_real_float(dtype, xp) -> bool:
-    return any(hasattr(xp, n) and dtype == getattr(xp, n) for n in _FLOAT_NAMES) or str(
-        dtype).endswith("bfloat16")
+def _real_floats(xp) -> tuple:
+    """The namespace's real floating dtypes (those of `_FLOAT_NAMES` it has)."""
+    return tuple(getattr(xp, n) for n in _FLOAT_NAMES if hasattr(xp, n))
+
+
+def _is_real_float(dtype, floats) -> bool:
+    return dtype in floats or str(dtype).endswith("bfloat16")
 
 
 def check_params(container, leaves, xp) -> None:
+    floats = _real_floats(xp)
     for k, x in zip(container.keys, leaves):
-        if not _is_real_float(x.dtype, xp):
+        if not _is_real_float(x.dtype, floats):
             raise TypeError(f"params leaf {k!r} has dtype {x.dtype}: GRNG needs real "
                             "floating-point parameters (float16, bfloat16, float32, float64)")
 

@@ -99,14 +99,19 @@ def autocast_as(state: tuple) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def autocast_off() -> Iterator[None]:
-    """Autocast disabled on every device (the core's math runs in its own dtypes)."""
-    with autocast_as(tuple((dev, False, dtype) for dev, _, dtype in autocast_state())):
-        yield
+def autocast_off() -> contextlib.AbstractContextManager:
+    """Autocast disabled on every device (the core's math runs in its own dtypes); nothing to
+    do where it is off already."""
+    state = autocast_state()
+    if not any(enabled for _, enabled, _ in state):
+        return contextlib.nullcontext()
+    return autocast_as(tuple((dev, False, dtype) for dev, _, dtype in state))
 
 
 def _first_tensor(tree) -> torch.Tensor | None:
+    args = tree[0] if isinstance(tree, tuple) and tree else ()
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]  # the usual model(x, ...) call: no tree walk
     for leaf in torch.utils._pytree.tree_leaves(tree):
         if isinstance(leaf, torch.Tensor):
             return leaf
