@@ -77,7 +77,8 @@ def layer_rows(env, layers) -> list | None:
         return None
     # on a warm-up step the adapter may leave out the layers that skip the warm-up
     partial = only_precondition or (env.ctx.steady is not None and env.ctx.steady[0] is False)
-    stats = kfac.match_stats(layers, env.stats.layers, env.container, partial)
+    stats = kfac.match_stats(layers, env.stats.layers, env.container, partial,
+                             env.stats.absent)
     return kfac.all_rows(layers, stats, env.ctx)
 
 
@@ -101,5 +102,9 @@ def layer_flags(env, layers, batch_rows) -> list:
     """(curvature, inverse) of each K-FAC layer on this step (`schedule.layer_flags`: the
     per-layer warm-up, §2.1)."""
     ctx = env.ctx
-    return schedule.layer_flags(env.h, (ctx.curvature, ctx.inverse), ctx.steady,
-                                [layer.layout for layer in layers], batch_rows, ctx.replicas)
+    flags = schedule.layer_flags(env.h, (ctx.curvature, ctx.inverse), ctx.steady,
+                                 [layer.layout for layer in layers], batch_rows, ctx.replicas)
+    if env.stats.absent and batch_rows is not None:  # layers that took no part: factors kept
+        flags = [(False, inv) if r is None else (curv, inv)
+                 for (curv, inv), r in zip(flags, batch_rows)]
+    return flags

@@ -62,10 +62,15 @@ class Stats(NamedTuple):
         grad l_i (the per-example loss gradients, whose mean is the batch gradient g).
         Needed by `woodbury`; used by `diagonal` when present.
     layers: sequence of LayerStats, needed by `kfac`.
+    absent: weight keys of registered K-FAC layers that took no part in this batch (a branch
+        the model did not run, a multi-task head without a loss term): on a curvature step
+        their factors are kept as they are, instead of the error a layer missing from
+        `layers` otherwise raises.
     """
 
     per_example_grads: Any = None
     layers: Sequence[LayerStats] | None = None
+    absent: tuple = ()
 
 
 class Oracle(NamedTuple):

@@ -164,6 +164,10 @@ def run(opt, closure):
     try:
         loss = _first_pass(opt, sp, closure, gb)
         grads = {gp.index: [p.grad for p in gp.group["params"]] for gp in sp.groups}
+        if sp.groups and all(x is None for gs in grads.values() for x in gs):
+            raise RuntimeError(f"{title}.step(): no parameter of this optimizer received a "
+                               "gradient from the closure (nothing was changed): "
+                               + _CLOSURE_HELP)
         saved_grads = [p.grad for p in sp.graded]
         if coll is not None and (sp.mc or any(sp.pe.values()) or sp.fd):
             snapshot = _passes.BufferSnapshot(coll.root)  # after the closure's own update
@@ -263,10 +267,18 @@ def _stats(opt, sp: StepPlan, gp: GroupPlan, layers, pe) -> gc.Stats | None:
         return None
     if gp.steady is not None and gp.steady[0] is False:  # layers skipping the warm-up: none
         layers = [L for L in layers if opt.collector.warming.get(L[0], True)]
+    # a layer whose forward did not run or whose output took no part in the loss this step
+    # (a branch, a multi-task head): its factors are kept (`Stats.absent`); none of them
+    # taking part is a closure that ran no backward through the model: `rows` says so
+    absent = tuple(w for li, w, _ in layers if not opt.collector.has_rows(li))
+    if absent and len(absent) == len(layers):
+        opt.collector.rows(layers[0][0])  # raises
+    if absent:
+        layers = [L for L in layers if L[1] not in absent]
     use_pe = gp.index in sp.pe["empirical"] + sp.pe["mc"]
     return gc.Stats(
         per_example_grads=[pe[id(p)] for p in gp.group["params"]] if use_pe else None,
-        layers=_layer_stats(opt, layers) or None)
+        layers=_layer_stats(opt, layers) or None, absent=absent)
 
 
 def _present(opt, gp: GroupPlan) -> list:

@@ -94,12 +94,15 @@ def init(layouts, xp, sdtype, device, traces: bool = False,
     return tuple(out)
 
 
-def match_stats(layers, stats_layers, container, partial: bool = False) -> list:
+def match_stats(layers, stats_layers, container, partial: bool = False,
+                absent=()) -> list:
     """The LayerStats of every registered layer, in the layers' order (checked widths);
-    `partial` (steps that only precondition): None for a layer without statistics."""
+    None for a layer without statistics where `partial` (steps that only precondition) or
+    where the adapter names its weight `absent` (`Stats.absent`: it took no part)."""
     if not layers:
         return []
-    if stats_layers is None and partial:
+    gone = {index_of(container, k) for k in absent}
+    if stats_layers is None and (partial or len(gone) == len(layers)):
         return [None] * len(layers)
     if stats_layers is None:
         raise ValueError("structure 'kfac' needs stats.layers (K-FAC layer statistics) on "
@@ -109,7 +112,7 @@ def match_stats(layers, stats_layers, container, partial: bool = False) -> list:
     for layer in layers:
         L = layer.layout
         s = by_weight.get(L.weight)
-        if s is None and partial:
+        if s is None and (partial or L.weight in gone):
             out.append(None)
             continue
         if s is None:

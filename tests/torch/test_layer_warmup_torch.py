@@ -88,32 +88,3 @@ def test_a_group_whose_layers_all_skip_the_warm_up():
     assert all(torch.equal(f, factors[0]) for f in factors[:10])
     assert not torch.equal(factors[10], factors[0])
     assert opt.describe().no_warmup == ("0",)
-
-
-def test_a_layer_left_out_of_a_warm_up_step_is_still_an_error():
-    """Only the layers the hook decided to skip may come without rows on a warm-up step: a
-    head the closure stopped calling is reported as before."""
-    class TwoHeads(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body, self.head1, self.head2 = nn.Linear(4, 5), nn.Linear(5, 3), nn.Linear(5, 3)
-
-        def forward(self, x, both=True):
-            h = torch.tanh(self.body(x))
-            return self.head1(h) + (self.head2(h) if both else 0)
-
-    torch.manual_seed(0)
-    model = TwoHeads().double()
-    opt = grng_torch.RING(model.parameters(), model=model)
-    x = torch.randn(8, 4, dtype=torch.float64)
-    y = torch.randint(0, 3, (8,))
-
-    def closure(both=True):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x, both), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with pytest.raises(RuntimeError, match="no K-FAC statistics were collected"):
-        opt.step(lambda: closure(both=False))
