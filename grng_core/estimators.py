@@ -60,7 +60,10 @@ def finite_difference(g, params, rho, radius, scheme, oracle, container, ctx) ->
     """ĝ by forward, backward or central differences of the gradient along g (§1), with its
     passes' coefficients where the oracle gives their rows."""
     xp = ctx.xp
-    with_rows = getattr(oracle, "grad_rows_fn", None)
+    own_base = bool(getattr(oracle, "own_base", False)) and scheme != "central"
+    # the factored form's coefficients assume the passed g is the base pass (no rows for
+    # another base): with an own base ĝ is preconditioned densely
+    with_rows = None if own_base else getattr(oracle, "grad_rows_fn", None)
     grad_fn = with_rows or _need(oracle, "grad_fn", "gr='finite_difference'")
     norm = global_norm(g, xp)
     positive = norm > 0
@@ -75,12 +78,13 @@ def finite_difference(g, params, rho, radius, scheme, oracle, container, ctx) ->
         stats.append(Stats() if pass_stats is None else pass_stats)  # None: no rows
         return _leaves(grads, with_rows, ctx)
 
+    base = _call(grad_fn, container, (params,), ctx) if own_base else g
     if scheme == "forward":
         gp = shifted(1.0)
-        diff = [(a - b) / eps for a, b in zip(gp, g)]
+        diff = [(a - b) / eps for a, b in zip(gp, base)]
     elif scheme == "backward":
         gm = shifted(-1.0)
-        diff = [(b - a) / eps for a, b in zip(gm, g)]
+        diff = [(b - a) / eps for a, b in zip(gm, base)]
     else:
         gp, gm = shifted(1.0), shifted(-1.0)
         diff = [(a - b) / (2.0 * eps) for a, b in zip(gp, gm)]

@@ -43,6 +43,22 @@ class Incidents:
 
     name_of: Callable[[int], str] | None = None
     log: dict[tuple[int, str, str], list] = field(default_factory=dict)
+    quiet: bool = False  # a step's staging log (`staged`): it warns when merged
+
+    def staged(self) -> Incidents:
+        """An empty log for one step's records, kept apart until `merge` (a step skipped as
+        non-finite discards them: its NaN, not rounding, broke the factorisation)."""
+        return Incidents(name_of=self.name_of, quiet=True)
+
+    def merge(self, step: Incidents) -> None:
+        """Add a committed step's records (warning for each factor seen the first time)."""
+        for key, (name, count, tau) in step.log.items():
+            entry = self.log.setdefault(key, [name, 0, 0.0])
+            first = entry[1] == 0
+            entry[1] += count
+            entry[2] = tau
+            if first and not self.quiet:
+                _warn(key, name, tau)
 
     def rescue(self, position: int, factor: str, key,
                kind: str = "extra damping") -> Callable[[float], None]:
@@ -56,16 +72,19 @@ class Incidents:
             entry = self.log.setdefault((position, factor, kind), [name, 0, 0.0])
             entry[1] += 1
             entry[2] = tau
-            if entry[1] == 1:
-                what = f"K-FAC factor {factor} of layer {name}" if position >= 0 else \
-                    f"the {name} {factor}"
-                warnings.warn(
-                    f"{what} {_WHAT[kind]} {tau:.3g} (counted; "
-                    "opt.describe() lists every such factor). Raise damping or use "
-                    "state_dtype='float64' if it recurs.", RuntimeWarning, stacklevel=2)
+            if entry[1] == 1 and not self.quiet:
+                _warn((position, factor, kind), name, tau)
 
         return record
 
     def entries(self) -> tuple[FactorIncident, ...]:
         return tuple(FactorIncident(name, factor, kind, count, tau)
                      for (_, factor, kind), (name, count, tau) in sorted(self.log.items()))
+
+
+def _warn(key: tuple[int, str, str], name: str, tau: float) -> None:
+    position, factor, kind = key
+    what = f"K-FAC factor {factor} of layer {name}" if position >= 0 else f"the {name} {factor}"
+    warnings.warn(f"{what} {_WHAT[kind]} {tau:.3g} (counted; opt.describe() lists every such "
+                  "factor). Raise damping or use state_dtype='float64' if it recurs.",
+                  RuntimeWarning, stacklevel=4)

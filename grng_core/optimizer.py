@@ -118,9 +118,10 @@ class Optimizer:
         `incidents`: the host-side log a K-FAC factor that needs extra damping is reported to
         (`grng_core.incidents`; default: a fresh one, which warns)."""
         ensure_pytrees()
+        log = incidents if incidents is not None else Incidents()
+        stage = log.staged()  # merged once the step is known not to be skipped
         env, layer_arrays = self._env(grads, state, params, stats or Stats(), oracle,
-                                      collective, (curvature, inverse, steady),
-                                      incidents if incidents is not None else Incidents())
+                                      collective, (curvature, inverse, steady), stage)
         h, ctx, xp = self.config, env.ctx, env.ctx.xp
         d, ghat, new_curv = self.algorithm.direction(env, state.curvature)
         lr = _scalar(value_at(h.lr, ctx.t), xp, ctx.sdtype)
@@ -145,6 +146,8 @@ class Optimizer:
                   "the regularized gradient (oracle results)": [] if ghat is env.g else ghat,
                   "curvature statistics": used_stats, "the update": updates}
         ups, out = guard.commit(updates, new_state, state, groups, ctx, h.on_nonfinite)
+        if stage.log and host_bool(out.skipped == state.skipped) is not False:
+            log.merge(stage)  # a skipped step's records are dropped (its NaN broke them)
         return env.container.build(ups), out
 
     def _env(self, grads, state, params, stats, oracle, collective, refresh, incidents):

@@ -83,11 +83,18 @@ class Oracle(NamedTuple):
         pass (`Stats.layers`, empirical: the closure's own labels), so that a
         finite-difference ĝ, a combination of the passes' gradients, is preconditioned in
         factored form (§2.1). Used instead of grad_fn where given (`Requirements.fd_rows`).
+    own_base: True when the gradient passed to `update` need not be grad_fn's at the
+        params (optax transformations chained before the optimizer: clipping, scaling; a
+        model whose grad_fn draws other dropout masks than the caller's gradient): the
+        forward and backward differences are then taken against grad_fn(params), one more
+        pass, so that they differentiate one function (§1). False (torch's closure, which
+        reproduces the first pass, RNG included): against the passed gradient.
     """
 
     grad_fn: Callable[[Any], Any] | None = None
     hvp_fn: Callable[[Any, Any], Any] | None = None
     grad_rows_fn: Callable[[Any], Any] | None = None
+    own_base: bool = False
 
 
 class Collective(NamedTuple):

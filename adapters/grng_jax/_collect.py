@@ -202,5 +202,7 @@ def oracle(loss_fn: Callable, treedef, batch, axis_name, need_grad: bool,
         _, hv = jax.jvp(grad_leaves, (lv,), (v,))
         return pmean(hv, axis_name)
 
+    # the update's gradient may come through other optax transformations (clipping, scaling)
+    # or other dropout masks than `loss_fn`'s: differences are taken against its own gradient
     return gc.Oracle(grad_fn=grad_fn if need_grad else None,
-                     hvp_fn=hvp_fn if need_hvp else None)
+                     hvp_fn=hvp_fn if need_hvp else None, own_base=True)

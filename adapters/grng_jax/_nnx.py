@@ -65,15 +65,18 @@ def loss_fn_of(model, loss, wrt=None):
     """``loss_fn(params, batch[, key])`` for a flax.nnx model: ``loss(model, batch[, key])``
     evaluated on ``nnx.merge(graphdef, params, rest)``, with the graph and the variables
     outside `wrt` (default ``nnx.Param``, as in ``nnx.Optimizer(model, tx, wrt=nnx.Param)``)
-    taken from `model` now. Build it inside the train step (after ``nnx.jit``), so that the
-    non-parameter state (batch statistics, RNG counts) is the step's own. Each call merges a
-    copy (``copy=True``): the optimizer's passes run under its own transformations, where
-    flax refuses to mutate the model's BatchNorm statistics or Dropout RNG counts, and those
-    passes must not change the model's state anyway."""
+    taken from `model` now, as values (a snapshot: the model's later calls advance its RNG
+    counts, not this). Build it inside the train step (after ``nnx.jit``) *before* the
+    gradient pass, so that the optimizer's passes draw the dropout masks of that pass. Each
+    call merges a copy (``copy=True``): the optimizer's passes run under its own
+    transformations, where flax refuses to mutate the model's BatchNorm statistics or Dropout
+    RNG counts, and those passes must not change the model's state anyway."""
+    import jax
     from flax import nnx
 
     parts: Any = nnx.split(model, nnx.Param if wrt is None else wrt, ...)
-    graphdef, rest = parts[0], parts[2]
+    graphdef = parts[0]
+    rest = jax.tree_util.tree_map(lambda x: x, parts[2])  # new Variables: today's values
 
     def loss_fn(params, batch, *key):
         return loss(nnx.merge(graphdef, params, rest, copy=True), batch, *key)

@@ -38,8 +38,9 @@ def _nnx_run(model, x, y, lr=0.1):
 
     @nnx.jit
     def step(model, opt, b):
+        loss_fn = grng_jax.nnx_loss_fn(model, loss)  # before the gradient pass (README)
         g = nnx.grad(loss)(model, b)
-        opt.update(model, g, loss_fn=grng_jax.nnx_loss_fn(model, loss), batch=b)
+        opt.update(model, g, loss_fn=loss_fn, batch=b)
 
     for _ in range(STEPS):
         step(model, opt, (x, y))
@@ -237,8 +238,8 @@ def _nnx_train_step(model, tx, batch, grng: bool):
 
     @nnx.jit
     def step(model, optimizer, batch):
-        value, grads = nnx.value_and_grad(loss)(model, batch)
         kw = {"loss_fn": grng_jax.nnx_loss_fn(model, loss), "batch": batch} if grng else {}
+        value, grads = nnx.value_and_grad(loss)(model, batch)
         optimizer.update(model, grads, **kw)
         return value
 

@@ -77,8 +77,9 @@ def test_nnx_mlp_through_nnx_optimizer():
 
     @nnx.jit
     def train_step(model, optimizer, batch):
+        loss_fn = grng_jax.nnx_loss_fn(model, loss)  # before the gradient pass (README)
         value, grads = nnx.value_and_grad(loss)(model, batch)
-        optimizer.update(model, grads, loss_fn=grng_jax.nnx_loss_fn(model, loss), batch=batch)
+        optimizer.update(model, grads, loss_fn=loss_fn, batch=batch)
         return value
 
     rng, acc = np.random.default_rng(0), 0.0

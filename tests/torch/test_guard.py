@@ -132,3 +132,32 @@ def test_gpu_skip_reports_arrive_one_step_later_without_a_wait():
         mon.poll()  # no new skip since the last report
     mon.after_step(0, torch.tensor(3))  # a CPU counter: the core already warned, nothing kept
     assert mon.pending == []
+
+
+@pytest.mark.parametrize("name", ["RKalman", "RING", "RENG"])
+def test_a_nan_batch_leaves_no_factor_incident(name):
+    """The NaN of a skipped step, not rounding, breaks its factorisations: the step's
+    incident records (extra damping, a refreshed R-Kalman belief) are dropped with it, so the
+    only warning is the skip's and `describe()` lists no incident (before, R-Kalman warned six
+    factors 'lost positive definiteness to rounding' and used up their one warning)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = getattr(grng_torch, name)(model.parameters(), model=model)
+    x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+    bad = x.clone()
+    bad[3, 2] = float("nan")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for t in range(4):
+            xb = bad if t == 2 else x
+
+            def closure(xb=xb):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(xb), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+    messages = [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "non-finite" in messages[0], messages
+    assert int(opt.group_state(0).core.skipped) == 1
+    assert opt.incidents(0).entries() == ()
