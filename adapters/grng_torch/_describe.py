@@ -80,7 +80,9 @@ def incidents_for(opt, i: int) -> Incidents:
 
 
 def warn_if_mostly_diagonal(opt) -> None:
-    """Warn once when most weight matrices of the "kfac" groups are on the diagonal."""
+    """Warn once when most weight matrices of the "kfac" groups are on the diagonal; else,
+    once, when a K-FAC layer the loss did not reach at the first step was put on it (a head
+    or branch left out of that step: the diagonal is kept for the whole run)."""
     if opt._warned_diagonal or opt.collector is None:
         return
     reports = [group_report(opt, i) for i, g in enumerate(opt.param_groups)
@@ -90,6 +92,15 @@ def warn_if_mostly_diagonal(opt) -> None:
     share = mostly_diagonal([math.prod(e.shape) for e in matrices if e.structure == "kfac"],
                             [math.prod(e.shape) for e in off])
     if share is None:
+        missed = [e.name for e in off if e.reason == NOT_REACHED]
+        if missed:
+            opt._warned_diagonal = True
+            warnings.warn(
+                f"{type(opt).__name__}: {', '.join(missed)} {'was' if len(missed) == 1 else 'were'}"
+                " not reached by the loss at the first step, so the diagonal structure, not "
+                "K-FAC, preconditions them for the whole run. Take the first step with every "
+                "head or branch in play to have them on K-FAC (opt.describe() lists every "
+                "parameter).", UserWarning, stacklevel=3)
         return
     opt._warned_diagonal = True
     shown = "; ".join(f"{e.name} ({e.reason or 'no K-FAC layer'})" for e in off[:6])

@@ -3,6 +3,8 @@ without a loss term) keeps its factors on that step, warm-up and scheduled refre
 (`Stats.absent`); the other layers refresh as usual; a closure that runs no backward at all
 is an error before anything changes."""
 
+import warnings
+
 import grng_torch
 import pytest
 import torch
@@ -106,3 +108,16 @@ def test_a_closure_without_backward_is_an_error_that_changes_nothing(name, kw, s
     assert opt.group_state(0).host_step == steps
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
     assert opt.state_dict()["state"].keys() == state["state"].keys()
+
+
+def test_a_layer_not_reached_at_the_first_step_is_named_in_a_warning():
+    """It stays on the diagonal for the run: a warning names it even though most matrices
+    are on K-FAC (no warning when every layer takes part)."""
+    model, opt, closure = _setup("RING", {})
+    with pytest.warns(UserWarning, match=r"head2\.weight was not reached by the loss"):
+        opt.step(lambda: closure(both=False))
+    assert "not reached" in str(opt.describe())
+    model, opt, closure = _setup("RING", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure)
