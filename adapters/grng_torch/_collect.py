@@ -177,6 +177,9 @@ class Collector:
         self.warmup_only: dict[int, Any] = {}
         self.warming: dict[int, bool] = {}
         self.no_warmup: set[int] = set()  # layers seen to skip the warm-up (describe())
+        # between closure-free steps the hooks stay open for the next step's needs (`arm`):
+        # then only the passes that build a graph count (not evaluation under no_grad)
+        self.armed = False
         self._handles = [self.root.register_forward_pre_hook(self._root_hook, with_kwargs=True)]
         self._hooks = [self._layer_hook(i) for i in range(len(self.layers))]
         for i, L in enumerate(self.layers):
@@ -195,7 +198,7 @@ class Collector:
 
     # ------------------------------------------------------------------ hooks
     def _root_hook(self, module, args, kwargs):
-        if not self.capture:
+        if not self.capture or (self.armed and not torch.is_grad_enabled()):
             return None
         first = _first_tensor((args, kwargs))
         size = None if first is None or first.dim() == 0 else int(first.shape[0])
@@ -224,6 +227,8 @@ class Collector:
         def hook(module, inputs, output):
             if self.mode is None or i not in self.active or not inputs:
                 return None
+            if self.armed and not torch.is_grad_enabled():
+                return None  # an evaluation pass between closure-free steps
             x = inputs[0]
             if i in self.rows_only and not factored_pays(layer, x, self.rows_only[i]):
                 return None  # rows the core would not use: keep nothing
@@ -283,6 +288,22 @@ class Collector:
                 yield
         finally:
             self.mode, self.active, self.capture, self.rows_only = old
+
+    def arm(self, active, rows_only=None, warmup_only=None) -> None:
+        """Collect from the user's own forward and backward passes until the next step (a
+        `step()` without a closure): as `collect("backward", active, capture=True, ...)`, left
+        open; passes without gradients (evaluation) are not collected."""
+        self.clear()
+        self.mode, self.active, self.capture = "backward", set(active), True
+        self.rows_only = dict(rows_only or {})
+        self.warmup_only = dict(warmup_only or {})
+        self.armed = True
+
+    def disarm(self) -> None:
+        if self.armed:
+            self.mode, self.active, self.capture, self.rows_only = None, set(), False, {}
+            self.armed = False
+            self.clear()
 
     @contextlib.contextmanager
     def side_pass(self) -> Iterator[None]:

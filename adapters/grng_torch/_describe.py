@@ -14,6 +14,8 @@ from grng_core.describe import StructureReport, describe, merge, mostly_diagonal
 from grng_core.incidents import Incidents
 
 NOT_REACHED = "not reached by the loss at the first step (no statistics)"
+CLOSURE_ONLY = ("nn.MultiheadAttention's projections are collected inside step(closure) only; "
+                "the first step had no closure")
 
 
 def _reasons_by_param(opt) -> dict[int, str]:
@@ -51,9 +53,11 @@ def group_report(opt, i: int) -> StructureReport:
     reasons = {j: why[id(p)] for j, p in enumerate(group["params"]) if id(p) in why}
     if entry is not None:
         used = {w for w, _ in pairs}
-        for _, w, b in candidates:
+        for li, w, b in candidates:
             if w not in used:
-                reasons.update({j: NOT_REACHED for j in (w, b) if j is not None})
+                reason = (CLOSURE_ONLY if opt.collector.layers[li].functional
+                          and opt.collector.armed else NOT_REACHED)
+                reasons.update({j: reason for j in (w, b) if j is not None})
     layer_names = {w: opt.collector.layers[li].label for li, w, _ in candidates}
     return describe(opt.algorithm, group["structure"],
                     [tuple(p.shape) for p in group["params"]], pairs, names, layer_names,
@@ -92,14 +96,14 @@ def warn_if_mostly_diagonal(opt) -> None:
     share = mostly_diagonal([math.prod(e.shape) for e in matrices if e.structure == "kfac"],
                             [math.prod(e.shape) for e in off])
     if share is None:
-        missed = [e.name for e in off if e.reason == NOT_REACHED]
+        missed = [f"{e.name} ({e.reason})" for e in off if e.reason in (NOT_REACHED,
+                                                                           CLOSURE_ONLY)]
         if missed:
             opt._warned_diagonal = True
             warnings.warn(
-                f"{type(opt).__name__}: {', '.join(missed)} {'was' if len(missed) == 1 else 'were'}"
-                " not reached by the loss at the first step, so the diagonal structure, not "
-                "K-FAC, preconditions them for the whole run. Take the first step with every "
-                "head or branch in play to have them on K-FAC (opt.describe() lists every "
+                f"{type(opt).__name__}: the diagonal structure, not K-FAC, preconditions "
+                f"{'; '.join(missed)} for the whole run. Take the first step with every head "
+                "or branch in play to have them on K-FAC (opt.describe() lists every "
                 "parameter).", UserWarning, stacklevel=3)
         return
     opt._warned_diagonal = True

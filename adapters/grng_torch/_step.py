@@ -147,11 +147,15 @@ def _collective(opt):
 
 def run(opt, closure):
     title = type(opt).__name__
-    if closure is None or not callable(closure):
+    if closure is not None and not callable(closure):
         raise TypeError(f"{title}.step() needs a closure (got {closure!r}): {_CLOSURE_HELP}")
     opt.skips.poll()  # skips of earlier steps on a GPU, now that their copies have landed
     sp = plan(opt)
     coll = opt.collector
+    if closure is None:
+        _check_closure_free(opt, sp)
+    elif coll is not None:
+        coll.disarm()  # a closure user: collection happens inside the closure only
     outer_autocast = autocast_state()
     devices = sorted({p.device.index or 0 for p in sp.all_params if p.is_cuda})
     rng_before = _passes.rng_state(devices) if sp.fd else None
@@ -162,12 +166,13 @@ def run(opt, closure):
         gb = GraphBackward(sp.graded, real_backward=real, quiet=quiet)
     snapshot = None
     try:
-        loss = _first_pass(opt, sp, closure, gb)
+        loss = _first_pass(opt, sp, closure, gb) if closure is not None else None
         grads = {gp.index: [p.grad for p in gp.group["params"]] for gp in sp.groups}
         if sp.groups and all(x is None for gs in grads.values() for x in gs):
-            raise RuntimeError(f"{title}.step(): no parameter of this optimizer received a "
-                               "gradient from the closure (nothing was changed): "
-                               + _CLOSURE_HELP)
+            raise RuntimeError(f"{title}.step(): no parameter of this optimizer has a "
+                               "gradient (nothing was changed): "
+                               + (_CLOSURE_HELP if closure is not None else
+                                  "call loss.backward() before a step() without a closure"))
         saved_grads = [p.grad for p in sp.graded]
         if coll is not None and (sp.mc or any(sp.pe.values()) or sp.fd):
             snapshot = _passes.BufferSnapshot(coll.root)  # after the closure's own update
@@ -193,9 +198,44 @@ def run(opt, closure):
             snapshot.restore()
         if coll is not None:
             coll.clear()
+            if closure is None:  # the user's next forward and backward feed the next step
+                nxt = plan(opt)
+                coll.arm(nxt.emp, nxt.rows_only, nxt.warmup_only)
         if gb is not None:
             gb.grads = None  # frees the gradient's graph
     return loss
+
+
+def arm_for_closure_free(opt) -> None:
+    """Open the hooks for a first step without a closure (the user's own backward feeds it);
+    a step with a closure closes them again (`Collector.disarm`)."""
+    if opt.collector is not None and any(g["params"] for g in opt.param_groups):
+        sp = plan(opt)
+        opt.collector.arm(sp.emp, sp.rows_only, sp.warmup_only)
+
+
+def _check_closure_free(opt, sp: StepPlan) -> None:
+    """A step without a closure (Hugging Face's Trainer, Lightning, accelerate call
+    `optimizer.step()` after their own backward) can use only what that backward gave: the
+    gradients and the K-FAC rows the hooks kept (`Collector.arm`, opened after each such step
+    and at construction). Anything that re-evaluates the loss needs the closure."""
+    needs = [what for what, on in (
+        ("a regularized gradient (rho > 0: gr='double_backprop' / 'finite_difference' "
+         "re-evaluate the loss)", sp.hvp or sp.fd),
+        ("sampled labels (fisher='mc')", bool(sp.mc) or bool(sp.pe["mc"])),
+        ("per-example gradients (structure 'woodbury', or 'diagonal' with fisher='mc')",
+         bool(sp.pe["empirical"]))) if on]
+    if needs:
+        raise TypeError(f"{type(opt).__name__}.step() without a closure cannot give "
+                        f"{'; '.join(needs)}. Pass a closure ({_CLOSURE_HELP}), or use RING "
+                        "(or rho=0), which needs only the gradient and the layer statistics "
+                        "of your own backward")
+    if opt.collector is not None and not opt.collector.armed:
+        opt.collector.arm(sp.emp, sp.rows_only, sp.warmup_only)
+        raise TypeError(f"{type(opt).__name__}.step() without a closure reads the K-FAC "
+                        "statistics of the backward passes since the previous step; this "
+                        "optimizer has been stepping with a closure, so there are none yet. "
+                        "Use one way throughout")
 
 
 def _first_pass(opt, sp: StepPlan, closure, gb):

@@ -111,6 +111,7 @@ class GRNGOptimizer(torch.optim.Optimizer):
         self._warned_diagonal = False
         super().__init__(params, defaults)
         _describe.warn_if_mostly_diagonal(self)
+        _step.arm_for_closure_free(self)
 
     @staticmethod
     def _check_args(model, loss_fn, collective) -> None:
@@ -264,7 +265,10 @@ class GRNGOptimizer(torch.optim.Optimizer):
     # --------------------------------------------------------------- step
     def step(self, closure: Callable[[], Any] | None = None):
         """One optimizer step. `closure` zeroes the gradients, runs the forward pass, calls
-        `loss.backward()` and returns the loss; it may be called more than once."""
+        `loss.backward()` and returns the loss; it may be called more than once. Without a
+        closure (a training loop that calls `backward()` itself, then `step()`: Hugging
+        Face's Trainer) the step uses the gradients and the K-FAC statistics of the backward
+        passes since the previous step; RENG and R-Kalman with rho > 0 then refuse it."""
         return _step.run(self, closure)
 
 

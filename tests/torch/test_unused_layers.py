@@ -114,7 +114,7 @@ def test_a_layer_not_reached_at_the_first_step_is_named_in_a_warning():
     """It stays on the diagonal for the run: a warning names it even though most matrices
     are on K-FAC (no warning when every layer takes part)."""
     model, opt, closure = _setup("RING", {})
-    with pytest.warns(UserWarning, match=r"head2\.weight was not reached by the loss"):
+    with pytest.warns(UserWarning, match=r"head2\.weight \(not reached by the loss"):
         opt.step(lambda: closure(both=False))
     assert "not reached" in str(opt.describe())
     model, opt, closure = _setup("RING", {})
