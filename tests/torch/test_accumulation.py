@@ -78,13 +78,26 @@ def test_sequence_micro_batches_of_a_shared_weight_layer():
         assert torch.allclose(a.A, b.A, rtol=1e-10) and torch.allclose(a.S, b.S, rtol=1e-10)
 
 
-def test_backward_before_a_closure_less_step_is_refused():
-    model = PROBLEM.model(torch.float64)
-    opt = gt.RING(model.parameters(), model=model, lr=0.1)
+def test_micro_batches_before_a_closure_free_step_equal_the_closure_run():
+    """Backward passes before a `step()` without a closure (a loop that accumulates itself,
+    each loss scaled by its share) give the step of the closure that runs the same
+    micro-batches (README "Loops that call backward() themselves")."""
     x, y = next(PROBLEM.batches(torch.float64))
-    for xs, ys in zip(x.chunk(2), y.chunk(2)):
-        (CRIT(model(xs), ys) / 2).backward()
-    before = flat(model)
-    with pytest.raises(TypeError, match="accumulate gradients over micro-batches"):
-        opt.step()
-    assert torch.equal(flat(model), before)
+    out = []
+    for closure_free in (False, True):
+        model = PROBLEM.model(torch.float64)
+        opt = gt.RING(model.parameters(), model=model, lr=0.1)
+        for _ in range(3):
+            if closure_free:
+                opt.zero_grad()
+                for xs, ys in zip(x.chunk(2), y.chunk(2)):
+                    (CRIT(model(xs), ys) / 2).backward()
+                opt.step()
+            else:
+                opt.step(_closure(opt, model, x, y, 2))
+        out.append((flat(model), opt.group_state(0).core.curvature.kfac))
+    (p1, k1), (p2, k2) = out
+    torch.testing.assert_close(p1, p2, rtol=1e-12, atol=1e-14)
+    for a, b in zip(k1, k2):
+        torch.testing.assert_close(a.A, b.A, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(a.S, b.S, rtol=1e-12, atol=1e-14)

@@ -287,12 +287,21 @@ def test_bad_hyperparameters_raise(info):
 
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
-def test_missing_closure_raises(info):
+def test_a_step_without_closure_runs_only_where_nothing_reevaluates_the_loss(info):
+    """Closure-free (README "Loops that call backward() themselves"): what needs the loss
+    again (ĝ, sampled labels, per-example gradients) refuses, unchanged; the rest steps."""
     model, opt = _make(info)
     x, y = next(PROBLEM.batches(torch.float32))
     CRIT(model(x), y).backward()
-    with pytest.raises(TypeError, match="closure"):
-        opt.step()
+    r = opt.core(0).requirements
+    before = [p.detach().clone() for p in model.parameters()]
+    if r.grad_fn or r.hvp_fn or r.fisher == "mc" or r.per_example_grads:
+        with pytest.raises(TypeError, match="closure"):
+            opt.step()
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    else:
+        assert opt.step() is None
+        assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
 def test_missing_model_or_loss_raises():
