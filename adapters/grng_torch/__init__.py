@@ -50,7 +50,10 @@ Contract
   and MSELoss) and backpropagates `loss_fn(output, sampled)` once more. A plain function is
   wrapped into `grng_torch.LossModule` (then the closure must call `opt.loss_fn`).
 - `step(closure)`: the closure zeroes the gradients, runs the forward pass, calls
-  `loss.backward()` and returns the loss (a missing closure raises TypeError). The optimizer
+  `loss.backward()` and returns the loss. Without a closure (a loop that calls backward()
+  itself, e.g. Hugging Face's Trainer) RING with the empirical Fisher steps on the gradients
+  and the rows the hooks kept since the previous step; whatever re-evaluates the loss raises
+  TypeError then (README "Loops that call backward() themselves"). The optimizer
   calls it again where the algorithm needs another gradient: gr="finite_difference" at
   θ ± εg (same batch, same random numbers, e.g. dropout masks; parameters, `.grad` and
   buffers are restored afterwards). For gr="double_backprop" the closure runs once, inside a
@@ -61,7 +64,9 @@ Contract
 - dtypes: float32, float64 and bfloat16 parameters (the core keeps its state in at least
   float32); `torch.autocast` inside the closure (or around `step`) works: the extra passes
   run under the autocast state of the original forward, the core's math runs outside it.
-  GradScaler is not supported (torch rejects closures with it; use bfloat16 autocast).
+  GradScaler is not supported (torch rejects closures with it, and a closure-free step
+  under `GradScaler.step` is refused: its K-FAC rows would carry the loss scale; use
+  bfloat16 autocast).
 - `state_dict()` / `load_state_dict()`: torch's own machinery. Each group's state is a
   `grng_torch.GroupState(host_step, structure, core)` in
   `opt.state[first_param_of_the_group]["grng"]` (also `opt.group_state(i)`), `core` the typed

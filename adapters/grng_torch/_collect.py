@@ -10,7 +10,9 @@
   re-run the model functionally (per-example gradients through `torch.func`, the "mc"
   Fisher's sampled-label pass) on each micro-batch.
 
-Nothing is collected unless the optimizer opened a collection (`Collector.collect`), so the
+Nothing is collected unless the optimizer opened a collection (`Collector.collect`, inside
+its closure) or armed the hooks for a step without a closure (`Collector.arm`: passes that
+build a graph, from the first forward after the gradients were cleared), so otherwise the
 hooks cost one attribute check on ordinary forward passes (evaluation, other code).
 """
 
@@ -154,7 +156,8 @@ class LinearCalls(TorchFunctionMode):
 
 
 class Collector:
-    """Hooks on one model (and optionally its loss module); inert until `collect` opens."""
+    """Hooks on one model (and optionally its loss module); inert until `collect` opens
+    or `arm` arms them."""
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module | None = None):
         self.model = model
@@ -200,6 +203,8 @@ class Collector:
     def _root_hook(self, module, args, kwargs):
         if not self.capture or (self.armed and not torch.is_grad_enabled()):
             return None
+        if self.armed and self.batch.calls and self._grads_cleared():
+            self.a, self.s, self.z, self.batch = {}, {}, {}, Batch()  # a step that never came
         first = _first_tensor((args, kwargs))
         size = None if first is None or first.dim() == 0 else int(first.shape[0])
         self.batch.calls.append(Call(tuple(args), dict(kwargs), size, autocast_state()))
@@ -298,6 +303,13 @@ class Collector:
         self.rows_only = dict(rows_only or {})
         self.warmup_only = dict(warmup_only or {})
         self.armed = True
+
+    def _grads_cleared(self) -> bool:
+        """The first trainable hooked weight has no `.grad`: the loop cleared the gradients
+        (`zero_grad()`, set_to_none) since the calls kept so far, which then belong to an
+        iteration whose step never came (a skipped step: GradScaler overflow, a NaN guard)."""
+        w = next((L.weight for L in self.layers if L.weight.requires_grad), None)
+        return w is not None and w.grad is None
 
     def disarm(self) -> None:
         if self.armed:

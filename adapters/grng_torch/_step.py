@@ -22,17 +22,12 @@ import grng_core as gc
 from grng_core.requirements import stacked_passes
 from grng_torch import _describe, _passes
 from grng_torch._backward import GraphBackward
+from grng_torch._closure_free import CLOSURE_HELP, check_closure_free, closure_needs
 from grng_torch._collect import autocast_off, autocast_state
 from grng_torch._groups import STATE_KEY, GroupState
 from grng_torch.distributed import is_distributed, torch_collective
 
-_CLOSURE_HELP = ("the optimizer re-evaluates the loss where the algorithm needs it, and its "
-                 "statistics come from the forward and backward passes inside the closure. "
-                 "Write\n    def closure():\n        opt.zero_grad()\n        loss = "
-                 "loss_fn(model(x), y)\n        loss.backward()\n        return loss\n"
-                 "    opt.step(closure)\nTo accumulate gradients over micro-batches, run all of "
-                 "them inside the closure (each forward and backward, each loss scaled by its "
-                 "share of the batch): backward() calls made before step() are not seen")
+_CLOSURE_HELP = CLOSURE_HELP
 
 
 @dataclass
@@ -153,7 +148,7 @@ def run(opt, closure):
     sp = plan(opt)
     coll = opt.collector
     if closure is None:
-        _check_closure_free(opt, sp)
+        check_closure_free(opt, sp)
     elif coll is not None:
         coll.disarm()  # a closure user: collection happens inside the closure only
     outer_autocast = autocast_state()
@@ -206,36 +201,21 @@ def run(opt, closure):
     return loss
 
 
-def arm_for_closure_free(opt) -> None:
-    """Open the hooks for a first step without a closure (the user's own backward feeds it);
-    a step with a closure closes them again (`Collector.disarm`)."""
-    if opt.collector is not None and any(g["params"] for g in opt.param_groups):
-        sp = plan(opt)
-        opt.collector.arm(sp.emp, sp.rows_only, sp.warmup_only)
-
-
-def _check_closure_free(opt, sp: StepPlan) -> None:
-    """A step without a closure (Hugging Face's Trainer, Lightning, accelerate call
-    `optimizer.step()` after their own backward) can use only what that backward gave: the
-    gradients and the K-FAC rows the hooks kept (`Collector.arm`, opened after each such step
-    and at construction). Anything that re-evaluates the loss needs the closure."""
-    needs = [what for what, on in (
-        ("a regularized gradient (rho > 0: gr='double_backprop' / 'finite_difference' "
-         "re-evaluate the loss)", sp.hvp or sp.fd),
-        ("sampled labels (fisher='mc')", bool(sp.mc) or bool(sp.pe["mc"])),
-        ("per-example gradients (structure 'woodbury', or 'diagonal' with fisher='mc')",
-         bool(sp.pe["empirical"]))) if on]
-    if needs:
-        raise TypeError(f"{type(opt).__name__}.step() without a closure cannot give "
-                        f"{'; '.join(needs)}. Pass a closure ({_CLOSURE_HELP}), or use RING "
-                        "(or rho=0), which needs only the gradient and the layer statistics "
-                        "of your own backward")
-    if opt.collector is not None and not opt.collector.armed:
-        opt.collector.arm(sp.emp, sp.rows_only, sp.warmup_only)
-        raise TypeError(f"{type(opt).__name__}.step() without a closure reads the K-FAC "
-                        "statistics of the backward passes since the previous step; this "
-                        "optimizer has been stepping with a closure, so there are none yet. "
-                        "Use one way throughout")
+def arm_for_closure_free(opt, only_if_armed: bool = False) -> None:
+    """Open the hooks for a step without a closure (the user's own backward feeds it), with
+    the plan of the optimizer's next step; not for an optimizer whose steps all need the
+    closure, nor (`only_if_armed`: after `load_state_dict` / `add_param_group`) for one that
+    steps with a closure, whose first closure step closes them (`Collector.disarm`)."""
+    coll = opt.collector
+    if coll is None or not any(g["params"] for g in opt.param_groups):
+        return
+    if only_if_armed and not coll.armed:
+        return
+    sp = plan(opt)
+    if closure_needs(sp):
+        coll.disarm()
+        return
+    coll.arm(sp.emp, sp.rows_only, sp.warmup_only)
 
 
 def _first_pass(opt, sp: StepPlan, closure, gb):
@@ -298,7 +278,8 @@ def _pass_rows(opt, config, layers):
     return {li: stacked_passes(config) for li, _, _ in layers}, stats
 
 
-def _stats(opt, sp: StepPlan, gp: GroupPlan, layers, pe) -> gc.Stats | None:
+def _stats(opt, sp: StepPlan, gp: GroupPlan, layers, pe,
+           replicated: bool = False) -> gc.Stats | None:
     r = gp.core.requirements
     if gp.rows_only:
         seen = [L for L in layers if opt.collector.has_rows(L[0])]
@@ -311,8 +292,10 @@ def _stats(opt, sp: StepPlan, gp: GroupPlan, layers, pe) -> gc.Stats | None:
     # (a branch, a multi-task head): its factors are kept (`Stats.absent`); none of them
     # taking part is a closure that ran no backward through the model: `rows` says so
     absent = tuple(w for li, w, _ in layers if not opt.collector.has_rows(li))
-    if absent and len(absent) == len(layers):
-        opt.collector.rows(layers[0][0])  # raises
+    if absent and (len(absent) == len(layers) or replicated):
+        # every rank must refresh the same layers (their collectives pair up): there a layer
+        # without rows is the error it always was
+        opt.collector.rows(next(li for li, w, _ in layers if w in absent))  # raises
     if absent:
         layers = [L for L in layers if L[1] not in absent]
     use_pe = gp.index in sp.pe["empirical"] + sp.pe["mc"]
@@ -351,7 +334,8 @@ def _group_update(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any]):
         hvp_fn=_passes.hvp_fn(opt, gp.index, env["gb"], gp.offset, env["collective"])
         if r.hvp_fn else None)
     updates, new_core = core.update(g, entry.core, params,
-                                    stats=_stats(opt, sp, gp, layers, env["pe"]),
+                                    stats=_stats(opt, sp, gp, layers, env["pe"],
+                                                 env["collective"] is not None),
                                     oracle=oracle, collective=env["collective"],
                                     curvature=gp.curvature, inverse=gp.inverse,
                                     steady=gp.steady,

@@ -139,6 +139,8 @@ class GRNGOptimizer(torch.optim.Optimizer):
         if not hasattr(self, "_cores"):
             self._cores = []
         self._cores.append(((), None))
+        if getattr(self, "collector", None) is not None:  # not during __init__
+            _step.arm_for_closure_free(self, only_if_armed=True)  # the new group's layers
 
     def build_core(self, group: dict, structure: str | None = None) -> gc.Optimizer:
         """The core optimizer of a group's values (validated), with `structure` overriding."""
@@ -245,6 +247,7 @@ class GRNGOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         _state_dict.load(self, state_dict, super().load_state_dict)
+        _step.arm_for_closure_free(self, only_if_armed=True)  # the loaded step's needs
 
     def save(self, path, group: int | None = None) -> None:
         """Write the optimizer state to `path` as a framework-neutral checkpoint (one .npz, no

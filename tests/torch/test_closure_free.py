@@ -56,6 +56,7 @@ def test_closure_free_ring_equals_the_closure_run(kw, clip):
 def test_what_needs_the_loss_again_refuses_a_step_without_a_closure(name, kw):
     model = _model()
     opt = getattr(grng_torch, name)(model.parameters(), model=model, **kw)
+    assert not opt.collector.armed  # its hooks keep nothing between steps
     x, y = _batches(1)[0]
     nn.functional.cross_entropy(model(x), y).backward()
     before = [p.detach().clone() for p in model.parameters()]
@@ -105,3 +106,136 @@ def test_hugging_face_trainer_trains_with_ring():
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     assert int(opt.group_state(0).core.skipped) == 0
     assert opt.describe().kfac_share > 0.9
+
+
+def _run(batches, closure_free, events=None, **kw):
+    """RING over `batches`; `events`: {step index: callable(model, opt)} run before it."""
+    model = _model()
+    opt = grng_torch.RING(model.parameters(), model=model, **kw)
+    for t, (x, y) in enumerate(batches):
+        if events and t in events:
+            events[t](model, opt)
+
+        def backward(opt=opt, model=model, x=x, y=y):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        if closure_free:
+            backward()
+            opt.step()
+        else:
+            opt.step(backward)
+    return model, opt
+
+
+def test_a_rollback_by_load_state_dict_between_closure_free_steps():
+    """The hooks re-arm for the loaded step (a rollback from a scheduled step into the
+    warm-up): the run equals the closure run with the same rollback."""
+    saved = {}
+
+    def save(model, opt):
+        saved["opt"] = opt.state_dict()
+
+    def load(model, opt):
+        opt.load_state_dict(saved["opt"])
+    batches = _batches(30)
+    runs = [_run(batches, cf, {19: save, 25: load}) for cf in (False, True)]
+    for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_a_param_group_added_mid_run_is_collected_closure_free():
+    """A group added after construction (layers unfrozen during fine-tuning) gets K-FAC as
+    with a closure."""
+    def unfreeze(model, opt):
+        model[2].weight.requires_grad_(True)
+        model[2].bias.requires_grad_(True)
+        opt.add_param_group({"params": list(model[2].parameters())})
+
+    def build(closure_free):
+        model = _model()
+        model[2].weight.requires_grad_(False)
+        model[2].bias.requires_grad_(False)
+        opt = grng_torch.RING(list(model[0].parameters()), model=model)
+        for t, (x, y) in enumerate(_batches(8)):
+            if t == 3:
+                unfreeze(model, opt)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            if closure_free:
+                loss.backward()
+                opt.step()
+            else:
+                opt.step(lambda x=x, y=y: _closure_of(opt, model, x, y))
+        return model, opt
+    (m1, o1), (m2, o2) = build(False), build(True)
+    assert o2.describe().kfac_share == o1.describe().kfac_share == 1.0
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def _closure_of(opt, model, x, y):
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return loss
+
+
+def test_a_step_that_never_came_leaves_no_rows_behind():
+    """An iteration whose step is skipped (a GradScaler overflow, a NaN guard) and whose
+    gradients are then cleared: the next step uses its own batch's rows only, as the closure
+    run that never saw the skipped batch."""
+    batches = _batches(8)
+    ref, _ = _run(batches[:3] + batches[4:], closure_free=False)
+    model = _model()
+    opt = grng_torch.RING(model.parameters(), model=model)
+    for t, (x, y) in enumerate(batches):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if t != 3:  # the loop skips this step
+            opt.step()
+    for a, b in zip(ref.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_grad_scaler_is_refused_before_anything_changes():
+    model = _model().float()
+    opt = grng_torch.RING(model.parameters(), model=model)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = _batches(1)[0]
+    scaler.scale(nn.functional.cross_entropy(model(x.float()), y)).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="GradScaler"):
+        scaler.step(opt)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.group_state(0) is None
+
+
+def test_a_layer_absent_on_one_replica_is_an_error_under_a_collective():
+    """Ranks must refresh the same layers (their collectives pair up): with a collective a
+    layer without rows stays the error it was (an identity collective, one process)."""
+    import grng_core as gc
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.h1, self.h2 = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+        def forward(self, x, both=True):
+            h = torch.tanh(self.body(x))
+            return self.h1(h) + (self.h2(h) if both else 0)
+    torch.manual_seed(0)
+    model = TwoHeads().double()
+    ident = gc.Collective(mean=lambda v: v, gather=lambda v: v, replicas=1)
+    opt = grng_torch.RING(model.parameters(), model=model, collective=ident)
+    x, y = _batches(1)[0]
+    opt.step(lambda: _closure_of(opt, model, x, y))
+
+    def one_head():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x, both=False), y)
+        loss.backward()
+        return loss
+    with pytest.raises(RuntimeError, match="no K-FAC statistics were collected for layer 'h2'"):
+        opt.step(one_head)
