@@ -110,6 +110,12 @@ def autocast_off() -> contextlib.AbstractContextManager:
     return autocast_as(tuple((dev, False, dtype) for dev, _, dtype in state))
 
 
+def _in_backward() -> bool:
+    """Inside autograd's backward (a graph task is running on this thread)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
 def _first_tensor(tree) -> torch.Tensor | None:
     args = tree[0] if isinstance(tree, tuple) and tree else ()
     if args and isinstance(args[0], torch.Tensor):
@@ -183,6 +189,7 @@ class Collector:
         # between closure-free steps the hooks stay open for the next step's needs (`arm`):
         # then only the passes that build a graph count (not evaluation under no_grad)
         self.armed = False
+        self.hooked: dict[int, set[int]] = {}  # layer -> its calls whose output has a grad hook
         self._handles = [self.root.register_forward_pre_hook(self._root_hook, with_kwargs=True)]
         self._hooks = [self._layer_hook(i) for i in range(len(self.layers))]
         for i, L in enumerate(self.layers):
@@ -205,6 +212,7 @@ class Collector:
             return None
         if self.armed and self.batch.calls and self._grads_cleared():
             self.a, self.s, self.z, self.batch = {}, {}, {}, Batch()  # a step that never came
+            self.hooked = {}
         first = _first_tensor((args, kwargs))
         size = None if first is None or first.dim() == 0 else int(first.shape[0])
         self.batch.calls.append(Call(tuple(args), dict(kwargs), size, autocast_state()))
@@ -232,8 +240,10 @@ class Collector:
         def hook(module, inputs, output):
             if self.mode is None or i not in self.active or not inputs:
                 return None
-            if self.armed and not torch.is_grad_enabled():
-                return None  # an evaluation pass between closure-free steps
+            if not torch.is_grad_enabled():
+                return None  # its output takes no part in a gradient (evaluation, no_grad)
+            if _in_backward() and self._awaiting(i):
+                return None  # activation checkpointing's recomputation of a collected call
             x = inputs[0]
             if i in self.rows_only and not factored_pays(layer, x, self.rows_only[i]):
                 return None  # rows the core would not use: keep nothing
@@ -245,6 +255,7 @@ class Collector:
                 self.z.setdefault(i, []).append((len(chunks) - 1, output))
             elif output.requires_grad:
                 output.register_hook(self._grad_hook(i, len(chunks) - 1))
+                self.hooked.setdefault(i, set()).add(len(chunks) - 1)
             return None
 
         # bookkeeping only: under torch.compile it runs eagerly instead of being traced once
@@ -304,6 +315,14 @@ class Collector:
         self.warmup_only = dict(warmup_only or {})
         self.armed = True
 
+    def _awaiting(self, i: int) -> bool:
+        """Layer i has a call of this pass whose output gradient has not arrived yet: a
+        forward of it now, inside the backward, recomputes that call (non-reentrant
+        activation checkpointing) and is not another batch."""
+        if self.mode == "outputs":
+            return bool(self.z.get(i))
+        return bool(self.hooked.get(i, set()) - set(self.s.get(i, {})))
+
     def _grads_cleared(self) -> bool:
         """The first trainable hooked weight has no `.grad`: the loop cleared the gradients
         (`zero_grad()`, set_to_none) since the calls kept so far, which then belong to an
@@ -321,16 +340,17 @@ class Collector:
     def side_pass(self) -> Iterator[None]:
         """A pass whose rows and model calls are kept apart from the step's own (restored
         after it): the finite-difference oracle's shifted pass (§1, §2.1)."""
-        saved = (self.a, self.s, self.z, self.batch, self.warmup_only, self.warming)
-        self.a, self.s, self.z, self.batch = {}, {}, {}, Batch()
+        saved = (self.a, self.s, self.z, self.batch, self.warmup_only, self.warming, self.hooked)
+        self.a, self.s, self.z, self.batch, self.hooked = {}, {}, {}, Batch(), {}
         self.warmup_only, self.warming = {}, {}
         try:
             yield
         finally:
-            self.a, self.s, self.z, self.batch, self.warmup_only, self.warming = saved
+            (self.a, self.s, self.z, self.batch, self.warmup_only, self.warming,
+             self.hooked) = saved
 
     def clear(self) -> None:
-        self.a, self.s, self.z = {}, {}, {}
+        self.a, self.s, self.z, self.hooked = {}, {}, {}, {}
         self.warmup_only, self.warming = {}, {}
         self.batch = Batch()
 
