@@ -11,7 +11,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
 # the block's layers (d ≤ 17) take the refresh warm-up below 10·17 = 170 rows a step: B rows
 # do, a double count (2B) would not, and the run would change (README "Defaults")
 B = 100
