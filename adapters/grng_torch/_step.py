@@ -27,8 +27,6 @@ from grng_torch._collect import autocast_off, autocast_state
 from grng_torch._groups import STATE_KEY, GroupState
 from grng_torch.distributed import is_distributed, torch_collective
 
-_CLOSURE_HELP = CLOSURE_HELP
-
 
 @dataclass
 class GroupPlan:
@@ -143,7 +141,7 @@ def _collective(opt):
 def run(opt, closure):
     title = type(opt).__name__
     if closure is not None and not callable(closure):
-        raise TypeError(f"{title}.step() needs a closure (got {closure!r}): {_CLOSURE_HELP}")
+        raise TypeError(f"{title}.step() needs a closure (got {closure!r}): {CLOSURE_HELP}")
     opt.skips.poll()  # skips of earlier steps on a GPU, now that their copies have landed
     sp = plan(opt)
     coll = opt.collector
@@ -166,7 +164,7 @@ def run(opt, closure):
         if sp.groups and all(x is None for gs in grads.values() for x in gs):
             raise RuntimeError(f"{title}.step(): no parameter of this optimizer has a "
                                "gradient (nothing was changed): "
-                               + (_CLOSURE_HELP if closure is not None else
+                               + (CLOSURE_HELP if closure is not None else
                                   "call loss.backward() before a step() without a closure"))
         saved_grads = [p.grad for p in sp.graded]
         if coll is not None and (sp.mc or any(sp.pe.values()) or sp.fd):
@@ -194,8 +192,7 @@ def run(opt, closure):
         if coll is not None:
             coll.clear()
             if closure is None:  # the user's next forward and backward feed the next step
-                nxt = plan(opt)
-                coll.arm(nxt.emp, nxt.rows_only, nxt.warmup_only)
+                arm_for_closure_free(opt)
         if gb is not None:
             gb.grads = None  # frees the gradient's graph
     return loss
