@@ -143,3 +143,30 @@ def state_tensors(tree: Any) -> list[torch.Tensor]:
     from torch.utils import _pytree as pytree
 
     return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+def step_on(opt, model, x, y, closure_free: bool = False):
+    """One cross-entropy step on (x, y): through the closure, or closure-free (the loop's own
+    backward, then `opt.step()`, as Hugging Face's Trainer does)."""
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    if closure_free:
+        closure()
+        return opt.step()
+    return opt.step(closure)
+
+
+class TwoHeads(nn.Module):
+    """A body and two heads; `forward(x, both=False)` leaves head2 out of the step."""
+
+    def __init__(self, d_in: int = 4, hidden: int = 5, d_out: int = 3):
+        super().__init__()
+        self.body = nn.Linear(d_in, hidden)
+        self.head1, self.head2 = nn.Linear(hidden, d_out), nn.Linear(hidden, d_out)
+
+    def forward(self, x, both=True):
+        h = torch.tanh(self.body(x))
+        return self.head1(h) + (self.head2(h) if both else 0)

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tests.torch._util import step_on
+
 # the block's layers (d ≤ 17) take the refresh warm-up below 10·17 = 170 rows a step: B rows
 # do, a double count (2B) would not, and the run would change (README "Defaults")
 B = 100
@@ -41,17 +43,7 @@ def _run(mode, closure_free, steps=22):
     for _ in range(steps):  # the warm-up (every step refreshes) and past it
         x = torch.randn(B, 6, dtype=torch.float64, generator=g)
         y = torch.randint(0, 3, (B,), generator=g)
-
-        def closure(x=x, y=y):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        if closure_free:
-            closure()
-            opt.step()
-        else:
-            opt.step(closure)
+        step_on(opt, model, x, y, closure_free)
     return model, opt
 
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from tests.torch._util import TwoHeads, step_on
+
 
 def _model():
     torch.manual_seed(0)
@@ -115,17 +117,7 @@ def _run(batches, closure_free, events=None, **kw):
     for t, (x, y) in enumerate(batches):
         if events and t in events:
             events[t](model, opt)
-
-        def backward(opt=opt, model=model, x=x, y=y):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        if closure_free:
-            backward()
-            opt.step()
-        else:
-            opt.step(backward)
+        step_on(opt, model, x, y, closure_free)
     return model, opt
 
 
@@ -161,25 +153,12 @@ def test_a_param_group_added_mid_run_is_collected_closure_free():
         for t, (x, y) in enumerate(_batches(8)):
             if t == 3:
                 unfreeze(model, opt)
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            if closure_free:
-                loss.backward()
-                opt.step()
-            else:
-                opt.step(lambda x=x, y=y: _closure_of(opt, model, x, y))
+            step_on(opt, model, x, y, closure_free)
         return model, opt
     (m1, o1), (m2, o2) = build(False), build(True)
     assert o2.describe().kfac_share == o1.describe().kfac_share == 1.0
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-
-
-def _closure_of(opt, model, x, y):
-    opt.zero_grad()
-    loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    return loss
 
 
 def test_a_step_that_never_came_leaves_no_rows_behind():
@@ -217,25 +196,17 @@ def test_a_layer_absent_on_one_replica_is_an_error_under_a_collective():
     layer without rows stays the error it was (an identity collective, one process)."""
     import grng_core as gc
 
-    class TwoHeads(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body, self.h1, self.h2 = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)
-
-        def forward(self, x, both=True):
-            h = torch.tanh(self.body(x))
-            return self.h1(h) + (self.h2(h) if both else 0)
     torch.manual_seed(0)
-    model = TwoHeads().double()
+    model = TwoHeads(6, 8, 3).double()
     ident = gc.Collective(mean=lambda v: v, gather=lambda v: v, replicas=1)
     opt = grng_torch.RING(model.parameters(), model=model, collective=ident)
     x, y = _batches(1)[0]
-    opt.step(lambda: _closure_of(opt, model, x, y))
+    step_on(opt, model, x, y)
 
     def one_head():
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x, both=False), y)
         loss.backward()
         return loss
-    with pytest.raises(RuntimeError, match="no K-FAC statistics were collected for layer 'h2'"):
+    with pytest.raises(RuntimeError, match="no K-FAC statistics were collected for layer 'head2'"):
         opt.step(one_head)

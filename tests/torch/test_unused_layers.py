@@ -10,17 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from tests.torch._util import TwoHeads
+
 OPTS = [("RING", {}), ("RENG", {}), ("RKalman", {})]
-
-
-class TwoHeads(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body, self.head1, self.head2 = nn.Linear(4, 5), nn.Linear(5, 3), nn.Linear(5, 3)
-
-    def forward(self, x, both=True):
-        h = torch.tanh(self.body(x))
-        return self.head1(h) + (self.head2(h) if both else 0)
 
 
 def _setup(name, kw):
