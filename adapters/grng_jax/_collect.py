@@ -14,19 +14,8 @@ import jax.numpy as jnp
 from jax import lax
 
 import grng_core as gc
-from grng_jax._layers import LayerRef, describe
+from grng_jax._layers import LayerRef, batch_size, describe, shared_reason
 from grng_jax._tags import Collector, collecting
-
-
-def batch_size(batch) -> int:
-    leaves = jax.tree_util.tree_leaves(batch)
-    if not leaves:
-        raise ValueError("batch holds no arrays")
-    sizes = {x.shape[0] if x.ndim else None for x in leaves}
-    if len(sizes) != 1 or None in sizes:
-        raise ValueError("every leaf of batch needs the same leading batch axis, got shapes "
-                         f"{[tuple(x.shape) for x in leaves]}")
-    return int(sizes.pop())  # type: ignore[arg-type]
 
 
 def per_example_grads(loss_fn: Callable, treedef, leaves: list, batch, key=None) -> list:
@@ -85,7 +74,7 @@ def layer_stats(loss_fn: Callable, treedef, leaves: list, batch,
     jax.eval_shape(discover, leaves)
     names = params_for_names if params_for_names is not None else \
         jax.tree_util.tree_unflatten(treedef, leaves)
-    _check_calls(found, other, specs, names, leaves, nested)
+    _check_calls(found, other, specs, names, leaves, nested, batch_size(batch))
 
     perturbs = [jnp.zeros(c.out_shape, c.out_dtype) for c in found]
 
@@ -130,9 +119,11 @@ def _nested_note(nested: dict) -> str:
             "be collected)")
 
 
-def _check_calls(found: list, other: dict, specs, names, leaves, nested=None) -> None:
+def _check_calls(found: list, other: dict, specs, names, leaves, nested=None,
+                 examples: int | None = None) -> None:
     """Every layer of `specs` is called through a tagged layer of its kind, with its declared
-    bias and input axes, and used nowhere else (a tied or uncovered use would be missed)."""
+    bias and input axes, on inputs with an example axis (`shared_reason`), and used nowhere
+    else (a tied or uncovered use would be missed)."""
     for ref in specs:
         w, b = ref.weight, ref.bias
         mine = [c for c in found if c.weight == w]
@@ -146,6 +137,11 @@ def _check_calls(found: list, other: dict, specs, names, leaves, nested=None) ->
                              f"loss_fn{_nested_note(nested or {})}, so its inputs and output "
                              f"gradients cannot be collected: {_FIX}")
         k_in = ref.resolved_in_axes(leaves[w].ndim)
+        shared = next((why for c in mine if (why := shared_reason(c, examples))), None)
+        if shared:
+            raise ValueError(f"K-FAC layer {name!r} is {shared}: leave it to the diagonal with "
+                             "layers=grng_jax.find_layers(loss_fn, params, batch), which skips "
+                             "such layers, or a layers=[...] without it")
         for c in mine:
             if c.transposed != ref.transposed:
                 how = "in the Flax layout (input axes first)" if ref.transposed else \

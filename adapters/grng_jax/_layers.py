@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from grng_core.structures.rows import shared_by_batch
 from grng_jax._tags import Collector, collecting
 
 
@@ -189,6 +190,26 @@ def resolve_layers(params, layers) -> list[LayerRef]:
     return out
 
 
+def batch_size(batch) -> int:
+    leaves = jax.tree_util.tree_leaves(batch)
+    if not leaves:
+        raise ValueError("batch holds no arrays")
+    sizes = {x.shape[0] if x.ndim else None for x in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError("every leaf of batch needs the same leading batch axis, got shapes "
+                         f"{[tuple(x.shape) for x in leaves]}")
+    return int(sizes.pop())  # type: ignore[arg-type]
+
+
+def shared_reason(call, examples: int | None) -> str | None:
+    """Why a tagged call's input gives no per-example K-FAC rows (its input is shared by the
+    batch and its output broadcast over it: a position embedding of ids (1, T); ALGORITHMS.md
+    §2.1), or None. Its rows' feature axes: none for token ids, the patch for a convolution,
+    the contracted axes for a dense call."""
+    features = 0 if call.kind == "embed" else 1 if call.kind == "conv" else call.in_axes
+    return shared_by_batch(tuple(call.inputs.shape), features, examples)
+
+
 def trace_calls(loss_fn: Callable, params, batch) -> list:
     """The tagged dense calls of ``loss_fn(params, batch)``, from an abstract evaluation."""
     treedef = jax.tree_util.tree_structure(params)
@@ -210,12 +231,16 @@ def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:
 
     Traces the loss abstractly (no computation) and returns one :class:`Layer` per distinct
     kernel, to pass as ``layers=`` when the names do not follow the ``kernel``/``bias``
-    convention of ``layers="auto"``.
+    convention of ``layers="auto"``. A kernel called on an input the batch shares (position
+    ids of shape (1, T): `shared_reason`) is left out: it stays on the diagonal.
     """
     paths = leaf_paths(params)
     leaves = jax.tree_util.tree_leaves(params)
     out, seen = [], set()
-    for c in trace_calls(loss_fn, params, batch):
+    calls = trace_calls(loss_fn, params, batch)
+    examples = batch_size(batch)
+    seen = {c.weight for c in calls if shared_reason(c, examples)}  # left to the diagonal
+    for c in calls:
         if c.weight in seen:
             continue
         seen.add(c.weight)

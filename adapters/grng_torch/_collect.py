@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from grng_core import schedule
 from grng_core.structures import factored
+from grng_core.structures.rows import shared_by_batch
+from grng_torch._autocast import autocast_state
+from grng_torch._linear_calls import LinearCalls
 from grng_torch.layers import HookedLayer, find_layers
 
 
@@ -83,33 +84,6 @@ class Batch:
         return None if not sizes or None in sizes else sum(sizes)  # type: ignore[arg-type]
 
 
-def autocast_state() -> tuple:
-    out = []
-    for dev in ("cpu", "cuda"):
-        if dev == "cuda" and not torch.cuda.is_available():
-            continue
-        out.append((dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)))
-    return tuple(out)
-
-
-@contextlib.contextmanager
-def autocast_as(state: tuple) -> Iterator[None]:
-    """Re-enter the autocast state recorded by `_autocast_state`."""
-    with contextlib.ExitStack() as stack:
-        for dev, enabled, dtype in state:
-            stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled))
-        yield
-
-
-def autocast_off() -> contextlib.AbstractContextManager:
-    """Autocast disabled on every device (the core's math runs in its own dtypes); nothing to
-    do where it is off already."""
-    state = autocast_state()
-    if not any(enabled for _, enabled, _ in state):
-        return contextlib.nullcontext()
-    return autocast_as(tuple((dev, False, dtype) for dev, _, dtype in state))
-
-
 def _in_backward() -> bool:
     """Inside autograd's backward (a graph task is running on this thread)."""
     current = getattr(torch._C, "_current_graph_task_id", None)
@@ -124,41 +98,6 @@ def _first_tensor(tree) -> torch.Tensor | None:
         if isinstance(leaf, torch.Tensor):
             return leaf
     return None
-
-
-class LinearCalls(TorchFunctionMode):
-    """Sees `F.linear` calls whose weight is a functional layer's (nn.MultiheadAttention's
-    packed in-projection and out-projection) and hands (input, output) to its layer hook."""
-
-    def __init__(self, collector: Collector):
-        super().__init__()
-        self.collector = collector
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.multi_head_attention_forward:
-            return self._attention(func, args, kwargs or {})
-        out = func(*args, **(kwargs or {}))
-        if func is F.linear:
-            weight = args[1] if len(args) > 1 else (kwargs or {}).get("weight")
-            i = self.collector.functional.get(id(weight))
-            if i is not None:
-                x = args[0] if args else (kwargs or {}).get("input")
-                self.collector._hooks[i](None, (x,), out)
-        return out
-
-
-    def _attention(self, func, args, kwargs):
-        """F.multi_head_attention_forward is itself dispatched as one torch function, so its
-        body runs without this mode: run the body with the mode active instead, its own
-        dispatch check (`F.has_torch_function`, its only one) bypassed for this call."""
-        functional: Any = F
-        saved = functional.has_torch_function
-        functional.has_torch_function = lambda *_: False
-        try:
-            with self:
-                return func(*args, **kwargs)
-        finally:
-            functional.has_torch_function = saved
 
 
 class Collector:
@@ -186,6 +125,9 @@ class Collector:
         self.warmup_only: dict[int, Any] = {}
         self.warming: dict[int, bool] = {}
         self.no_warmup: set[int] = set()  # layers seen to skip the warm-up (describe())
+        # layers called on an input shared by the batch (`shared_over_batch`) -> why: never
+        # collected again, so they are absent from every step (diagonal from the first)
+        self.broadcast: dict[int, str] = {}
         # between closure-free steps the hooks stay open for the next step's needs (`arm`):
         # then only the passes that build a graph count (not evaluation under no_grad)
         self.armed = False
@@ -245,6 +187,8 @@ class Collector:
             if _in_backward() and self._awaiting(i):
                 return None  # activation checkpointing's recomputation of a collected call
             x = inputs[0]
+            if self.shared_over_batch(i, x):
+                return None  # per-example rows cannot be read: the layer stays off K-FAC
             if i in self.rows_only and not factored_pays(layer, x, self.rows_only[i]):
                 return None  # rows the core would not use: keep nothing
             if i in self.warmup_only and not self.warms(i, output):
@@ -262,6 +206,21 @@ class Collector:
         # per layer and per state of the collector (which hit Dynamo's recompile limit)
         return torch.compiler.disable(hook)
 
+    def shared_over_batch(self, i: int, x: torch.Tensor) -> bool:
+        """Whether layer i is called on an input the model call's examples share (GPT-2's and
+        BERT's position ids, (1, T): `grng_core.structures.rows.shared_by_batch`); then its
+        rows are dropped and it is never collected again (its reason in `broadcast`)."""
+        if i in self.broadcast:
+            return True
+        size = self.batch.calls[-1].size if self.batch.calls else None
+        why = shared_by_batch(tuple(x.shape), 0 if self.layers[i].a_diagonal else 1, size)
+        if why is None:
+            return False
+        self.broadcast[i] = why
+        for kept in (self.a, self.s, self.z, self.hooked):
+            kept.pop(i, None)
+        return True
+
     def warms(self, i: int, output: torch.Tensor) -> bool:
         """Whether layer i takes this warm-up step's refresh (`grng_core.schedule.layer_warms`
         on the rows of its first call this step: one per output element of width d_out). Not
@@ -277,7 +236,7 @@ class Collector:
 
     def _grad_hook(self, i: int, k: int):
         def hook(grad):
-            if self.mode == "backward" and i in self.active:
+            if self.mode == "backward" and i in self.active and i not in self.broadcast:
                 self._add(i, k, grad.detach(), None)
             return None
 
@@ -355,7 +314,7 @@ class Collector:
         self.batch = Batch()
 
     def has_rows(self, i: int) -> bool:
-        return bool(self.a.get(i)) and bool(self.s.get(i))
+        return i not in self.broadcast and bool(self.a.get(i)) and bool(self.s.get(i))
 
     def _add(self, i: int, k: int, grad: torch.Tensor, factor) -> None:
         rows = self.layers[i].output_rows(grad)

@@ -2,7 +2,8 @@
 
 Names are module paths (`model.named_parameters()`); the reasons come from the layer
 registry (`grng_torch.layers`: type not supported, tied, inside MultiheadAttention) and from
-the first step (a hooked layer the loss did not reach).
+the first step (a hooked layer the loss did not reach, or one called on an input the batch
+shares).
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def group_report(opt, i: int) -> StructureReport:
         used = {w for w, _ in pairs}
         for li, w, b in candidates:
             if w not in used:
-                reason = (CLOSURE_ONLY if opt.collector.layers[li].functional
-                          and opt.collector.armed else NOT_REACHED)
+                reason = opt.collector.broadcast.get(li) or (
+                    CLOSURE_ONLY if opt.collector.layers[li].functional
+                    and opt.collector.armed else NOT_REACHED)
                 reasons.update({j: reason for j in (w, b) if j is not None})
     layer_names = {w: opt.collector.layers[li].label for li, w, _ in candidates}
     return describe(opt.algorithm, group["structure"],

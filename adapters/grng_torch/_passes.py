@@ -13,7 +13,7 @@ import contextlib
 import torch
 from torch import nn
 
-from grng_torch._collect import autocast_as
+from grng_torch._autocast import autocast_as
 from grng_torch._functional import per_example_grads
 
 

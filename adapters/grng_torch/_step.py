@@ -21,9 +21,9 @@ from torch import nn
 import grng_core as gc
 from grng_core.requirements import stacked_passes
 from grng_torch import _describe, _passes
+from grng_torch._autocast import autocast_off, autocast_state
 from grng_torch._backward import GraphBackward
 from grng_torch._closure_free import CLOSURE_HELP, check_closure_free, closure_needs
-from grng_torch._collect import autocast_off, autocast_state
 from grng_torch._groups import STATE_KEY, GroupState
 from grng_torch.distributed import is_distributed, torch_collective
 

@@ -19,6 +19,23 @@ def frequencies(ids, d: int, xp, dtype, device):
     return xp.astype(counts, dtype) / ids.shape[0]
 
 
+def shared_by_batch(shape: tuple, feature_axes: int, examples: int | None) -> str | None:
+    """Why a layer call's input cannot give per-example K-FAC rows (ALGORITHMS.md §2.1, "This
+    project": inputs the batch shares), or None. `shape`: the call's input (token ids for an
+    embedding, `feature_axes` = 0; a dense input with its `feature_axes` contracted axes last);
+    `examples`: the model call's batch size. Shared: a leading axis of 1, or fewer rows than
+    examples, in a call of more than one example (GPT-2's and BERT's position ids, (1, T)); its
+    output is broadcast over the examples, so its output gradient is already their sum."""
+    if examples is None or examples <= 1 or len(shape) < feature_axes:
+        return None
+    rows = math.prod(shape[:len(shape) - feature_axes])
+    if not ((len(shape) >= 2 and shape[0] == 1) or rows < examples):
+        return None
+    return (f"called on an input of shape {tuple(shape)} shared by a batch of {examples} "
+            "examples (its output is broadcast over them, so its output gradient is summed over "
+            "the examples: no per-example K-FAC rows)")
+
+
 class LayerRows(NamedTuple):
     """a (n × d_in', the ones column appended for a bias), s (n × d_out, rows B·∂L/∂z) and
     B, the number of examples they come from (n = B for a dense layer, B·T for shared

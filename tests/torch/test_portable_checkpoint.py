@@ -33,7 +33,9 @@ from tests import cases
 SIZES = (5, 7, 6, 3)
 B = 9
 N1, N2 = 10, 10
-RTOL = 1e-10
+# torch's BLAS and XLA's round differently, and 20 steps with eigendecompositions amplify it:
+# 1.1e-10 was measured for RING's momentum on an AMD EPYC (below 1e-10 on an Intel Xeon)
+RTOL = 1e-9
 MLP_ = MLP(SIZES, activation="tanh", loss="softmax_ce")
 LAYERS = [gc.LayerSpec(*MLP_.layer_keys(k)) for k in range(MLP_.n_layers)]
 HAS_JAX = importlib.util.find_spec("jax") is not None

@@ -1,0 +1,124 @@
+"""A layer called on an input the batch shares (GPT-2's and BERT's position embeddings take ids
+of shape (1, T), broadcast over the examples afterwards): its hook sees the output gradient
+summed over the examples, so per-example K-FAC rows (ALGORITHMS.md §2.1) cannot be read. Such a
+layer goes to the diagonal structure at the first step, with the reason in describe(), and the
+steps then equal the combined batch's under gradient accumulation (with K-FAC on that layer they
+depended on how the batch was split)."""
+
+from __future__ import annotations
+
+import grng_torch as gt
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.torch._util import flat
+
+V, T, D = 11, 6, 8
+
+
+class PositionLM(nn.Module):
+    """Token and position embeddings (positions of shape `pos_shape`: (1, T) or (T,)), one
+    hidden layer, a next-token head."""
+
+    def __init__(self, pos_ids: str = "row"):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(V, D), nn.Embedding(T, D)
+        self.hidden, self.head = nn.Linear(D, D), nn.Linear(D, V)
+        self.pos_ids = pos_ids
+
+    def forward(self, x):
+        ids = torch.arange(x.shape[1])
+        ids = ids[None] if self.pos_ids == "row" else ids
+        return self.head(torch.tanh(self.hidden(self.tok(x) + self.pos(ids))))
+
+
+def _batches(B: int, steps: int):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g))
+            for _ in range(steps)]
+
+
+def _accumulating(opt, model, loss_fn, x, y, parts: int):
+    """A closure over `parts` micro-batches, each loss scaled by its share of the batch."""
+
+    def closure():
+        opt.zero_grad()
+        total = 0.0
+        for xs, ys in zip(x.chunk(parts), y.chunk(parts)):
+            loss = loss_fn(model(xs), ys) * (xs.shape[0] / x.shape[0])
+            loss.backward()
+            total = total + loss.detach()
+        return total
+
+    return closure
+
+
+def _lm_loss(logits, y):
+    return F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
+
+
+def _run(parts: int, B: int = 8, steps: int = 12, pos_ids: str = "row", **kw):
+    torch.manual_seed(0)
+    model = PositionLM(pos_ids).double()
+    opt = gt.RING(model.parameters(), model=model, lr=0.1, damping=0.1, **kw)
+    for x, y in _batches(B, steps):
+        opt.step(_accumulating(opt, model, _lm_loss, x, y, parts))
+    return model, opt
+
+
+def _entries(opt, prefix: str):
+    return [e for e in opt.describe().entries if e.name.startswith(prefix)]
+
+
+@pytest.mark.parametrize("form", ["adaptive_damping", "gauss_newton"])
+def test_a_layer_shared_by_the_batch_is_diagonal_and_accumulation_is_exact(form):
+    """Position ids of shape (1, T): a leading axis of 1 in a call of 8 examples."""
+    combined, opt = _run(1, form=form)
+    (pos,) = _entries(opt, "pos.")
+    assert pos.structure == "diagonal" and "shared by a batch of 8" in pos.reason, pos
+    assert all(e.structure == "kfac" for e in _entries(opt, "hidden."))
+    assert all(e.structure == "kfac" for e in _entries(opt, "tok."))
+    start = flat(PositionLM().double())
+    for parts in (2, 4):
+        split, _ = _run(parts, form=form)
+        moved = (flat(combined) - start).norm()
+        assert moved > 1e-2
+        assert (flat(split) - flat(combined)).norm() <= 1e-9 * moved, parts
+
+
+def test_position_ids_without_a_batch_axis_and_fewer_than_the_examples_are_detected():
+    """Ids of shape (T,) with T = 6 < 8 examples: fewer rows than examples. (With T at least
+    the call's examples such ids are not told apart from an example axis: README.)"""
+    _, opt = _run(1, pos_ids="vector", steps=2)
+    (pos,) = _entries(opt, "pos.")
+    assert pos.structure == "diagonal" and "shape (6,) shared by a batch of 8" in pos.reason
+
+
+def test_a_batch_of_one_example_keeps_the_position_embedding_on_kfac():
+    """With one example per call nothing is shared: the (1, T) ids are that example's rows."""
+    _, opt = _run(1, B=1, steps=3)
+    assert all(e.structure == "kfac" for e in _entries(opt, "pos."))
+
+
+def test_gpt2_accumulation_equals_the_combined_batch():
+    """The README's accumulation bullet: a 2-layer GPT-2 from transformers, 2 × 4 against 8
+    (before, its `wpe` on K-FAC made the split run differ by ~1e-3)."""
+    pytest.importorskip("transformers")
+    from tests.torch.zoo import gpt2
+
+    def run(parts: int):
+        z = gpt2(B=8)
+        z.model.double()
+        opt = gt.RING(z.model.parameters(), model=z.model)
+        for k in range(12):
+            opt.step(_accumulating(opt, z.model, z.loss, *z.batch(k), parts))
+        return z, opt
+
+    (z1, opt), (z2, _) = run(1), run(2)
+    (wpe,) = _entries(opt, "transformer.wpe.")
+    assert wpe.structure == "diagonal" and "shared by a batch" in wpe.reason, wpe
+    moved = (flat(z1.model) - flat(gpt2(B=8).model.double())).norm()
+    assert moved > 1e-2
+    assert (flat(z2.model) - flat(z1.model)).norm() <= 1e-9 * moved
