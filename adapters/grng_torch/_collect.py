@@ -128,6 +128,8 @@ class Collector:
         # layers called on an input shared by the batch (`shared_over_batch`) -> why: never
         # collected again, so they are absent from every step (diagonal from the first)
         self.broadcast: dict[int, str] = {}
+        self.broadcast_warned: set[int] = set()  # found shared after their first step
+        self.frozen: set[int] = set()  # layers left out at the first step: weight frozen
         # between closure-free steps the hooks stay open for the next step's needs (`arm`):
         # then only the passes that build a graph count (not evaluation under no_grad)
         self.armed = False
@@ -213,7 +215,7 @@ class Collector:
         if i in self.broadcast:
             return True
         size = self.batch.calls[-1].size if self.batch.calls else None
-        why = shared_by_batch(tuple(x.shape), 0 if self.layers[i].a_diagonal else 1, size)
+        why = shared_by_batch(tuple(x.shape), size)
         if why is None:
             return False
         self.broadcast[i] = why
@@ -332,6 +334,9 @@ class Collector:
         """(a, s, E) of layer i, every forward call of the layer concatenated; E counts the
         examples of the model calls (the rows are E·T for a convolution or a sequence)."""
         a, s = self.a.get(i), self.s.get(i)
+        if i in self.broadcast:
+            raise RuntimeError(f"no K-FAC statistics for layer {self.layers[i].label!r}: it was "
+                               f"{self.broadcast[i]}")
         if not a or not s:
             raise RuntimeError(
                 f"no K-FAC statistics were collected for layer {self.layers[i].label!r}: the "

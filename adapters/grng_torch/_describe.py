@@ -15,6 +15,7 @@ from grng_core.describe import StructureReport, describe, merge, mostly_diagonal
 from grng_core.incidents import Incidents
 
 NOT_REACHED = "not reached by the loss at the first step (no statistics)"
+FROZEN = "frozen (requires_grad=False) at the first step: no K-FAC statistics for the run"
 CLOSURE_ONLY = ("nn.MultiheadAttention's projections are collected inside step(closure) only; "
                 "the first step had no closure")
 
@@ -47,16 +48,23 @@ def group_report(opt, i: int) -> StructureReport:
     kfac = group["structure"] == "kfac"
     candidates = opt.layer_candidates(i) if kfac else []
     if entry is None:
-        pairs = [(w, b) for _, w, b in candidates]
+        pairs = [(w, b) for li, w, b in candidates
+                 if opt.collector.layers[li].weight.requires_grad]
+        reasons_frozen = {j: FROZEN for li, w, b in candidates
+                          if not opt.collector.layers[li].weight.requires_grad
+                          for j in (w, b) if j is not None}
     else:
         pairs = [(w, b) for w, b in entry.layers]
+        reasons_frozen = {}
     why = _reasons_by_param(opt)
     reasons = {j: why[id(p)] for j, p in enumerate(group["params"]) if id(p) in why}
+    reasons.update(reasons_frozen)
     if entry is not None:
         used = {w for w, _ in pairs}
         for li, w, b in candidates:
             if w not in used:
                 reason = opt.collector.broadcast.get(li) or (
+                    FROZEN if li in opt.collector.frozen else
                     CLOSURE_ONLY if opt.collector.layers[li].functional
                     and opt.collector.armed else NOT_REACHED)
                 reasons.update({j: reason for j in (w, b) if j is not None})
@@ -93,7 +101,7 @@ def warn_if_mostly_diagonal(opt) -> None:
         return
     reports = [group_report(opt, i) for i, g in enumerate(opt.param_groups)
                if g["params"] and g["structure"] == "kfac"]
-    matrices = [e for r in reports for e in r.matrices()]
+    matrices = [e for r in reports for e in r.matrices() if e.reason != FROZEN]
     off = [e for e in matrices if e.structure != "kfac"]
     share = mostly_diagonal([math.prod(e.shape) for e in matrices if e.structure == "kfac"],
                             [math.prod(e.shape) for e in off])
@@ -115,3 +123,19 @@ def warn_if_mostly_diagonal(opt) -> None:
         f"{type(opt).__name__}: {len(off)} of {len(matrices)} weight matrices ({share:.0%} of "
         f"their elements) are on the diagonal structure, not K-FAC: {shown}{more}. "
         "opt.describe() lists every parameter.", UserWarning, stacklevel=3)
+
+
+def warn_if_shared_late(opt, absent: list[int]) -> None:
+    """Warn once per layer when a K-FAC layer (hooked layer numbers `absent`: no rows this
+    step) is found called on an input the batch shares after its first step (that step's calls
+    had one example each, or did not share it): its factors are kept, not refreshed again."""
+    coll = opt.collector
+    for li in absent:
+        if li in coll.broadcast and li not in coll.broadcast_warned:
+            coll.broadcast_warned.add(li)
+            warnings.warn(
+                f"{type(opt).__name__}: K-FAC layer {coll.layers[li].label!r} was "
+                f"{coll.broadcast[li]}. It took K-FAC at the first step, so its factors are now "
+                "kept as they are, no longer refreshed. Take the first step with the batches "
+                "you train with to leave it to the diagonal structure.", UserWarning,
+                stacklevel=4)

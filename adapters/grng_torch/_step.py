@@ -80,7 +80,7 @@ def _group_plan(opt, i: int, group: dict) -> GroupPlan:
     layers: list = []
     if core.requirements.layer_stats:
         layers = (opt.match_layers(i, entry.layers) if entry is not None
-                  else opt.layer_candidates(i))
+                  else opt.first_step_layers(i))
     return GroupPlan(i, group, core, entry, bool(curvature), bool(inverse), layers,
                      steady=core.steady_flags(step))
 
@@ -294,6 +294,7 @@ def _stats(opt, sp: StepPlan, gp: GroupPlan, layers, pe,
         # without rows is the error it always was
         opt.collector.rows(next(li for li, w, _ in layers if w in absent))  # raises
     if absent:
+        _describe.warn_if_shared_late(opt, [li for li, w, _ in layers if w in absent])
         layers = [L for L in layers if L[1] not in absent]
     use_pe = gp.index in sp.pe["empirical"] + sp.pe["mc"]
     return gc.Stats(

@@ -190,6 +190,19 @@ class GRNGOptimizer(torch.optim.Optimizer):
         return [(li, pos[id(L.weight)], None if L.bias is None else pos.get(id(L.bias)))
                 for li, L in enumerate(self.collector.layers) if id(L.weight) in pos]
 
+    def first_step_layers(self, i: int) -> list[tuple[int, int, int | None]]:
+        """The candidates of group i that can take K-FAC at its first step: a layer whose
+        weight is frozen (requires_grad=False) is left to the diagonal for the run (recorded
+        in `collector.frozen` for describe()): it has no gradient to precondition, and its
+        statistics would cost a refresh for nothing."""
+        out = []
+        for li, w, b in self.layer_candidates(i):
+            if self.collector.layers[li].weight.requires_grad:  # type: ignore[union-attr]
+                out.append((li, w, b))
+            else:
+                self.collector.frozen.add(li)  # type: ignore[union-attr]
+        return out
+
     def match_layers(self, i: int, specs) -> list[tuple[int, int, int | None]]:
         """(weight, bias) positions of group i mapped back to this model's hooked layers."""
         params = self.param_groups[i]["params"]

@@ -88,12 +88,58 @@ def test_a_layer_shared_by_the_batch_is_diagonal_and_accumulation_is_exact(form)
         assert (flat(split) - flat(combined)).norm() <= 1e-9 * moved, parts
 
 
-def test_position_ids_without_a_batch_axis_and_fewer_than_the_examples_are_detected():
-    """Ids of shape (T,) with T = 6 < 8 examples: fewer rows than examples. (With T at least
-    the call's examples such ids are not told apart from an example axis: README.)"""
-    _, opt = _run(1, pos_ids="vector", steps=2)
-    (pos,) = _entries(opt, "pos.")
-    assert pos.structure == "diagonal" and "shape (6,) shared by a batch of 8" in pos.reason
+class SequenceFirst(nn.Module):
+    """Ids (T, B) through a sequence-first encoder, a head on (B, d), and a layer applied to
+    one example's vector at a time: every input is per example, none has a leading axis of 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(V, D)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, 2, 16, dropout=0.0), 1,
+                                         enable_nested_tensor=False)
+        self.each, self.head = nn.Linear(D, D), nn.Linear(D, V)
+
+    def forward(self, x):
+        h = self.enc(self.tok(x)).mean(0)  # (B, d)
+        h = torch.stack([torch.tanh(self.each(v)) for v in h])  # (d,) inputs, one per example
+        return self.head(h)
+
+
+def test_per_example_inputs_without_the_batch_first_stay_on_kfac():
+    torch.manual_seed(0)
+    model = SequenceFirst().double()
+    x, y = torch.randint(0, V, (T + 6, 8)), torch.randint(0, V, (8,))  # 12 positions > 8
+    opt = gt.RING(model.parameters(), model=model)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert not opt.collector.broadcast
+    for prefix in ("tok.", "each.", "head.", "enc.layers.0.linear1."):
+        assert all(e.structure == "kfac" for e in _entries(opt, prefix)), prefix
+
+
+def test_a_layer_found_shared_after_its_first_step_keeps_its_factors_and_warns():
+    """The first step with one example per call gives the position table per-example rows
+    (K-FAC); batches of 8 later share its input: a warning, and its factors stay as they were
+    while the other layers' refresh."""
+    torch.manual_seed(0)
+    model = PositionLM().double()
+    opt = gt.RING(model.parameters(), model=model, curvature_every=1)
+    steps = [_batches(1, 1)[0]] + _batches(8, 3)
+    kfac = []
+    with pytest.warns(UserWarning, match=r"K-FAC layer 'pos' was called on an input of shape "
+                                         r"\(1, 6\) shared by a batch of 8"):
+        for x, y in steps:
+            opt.step(_accumulating(opt, model, _lm_loss, x, y, 1))
+            kfac.append([f.A.clone() for f in opt.group_state(0).core.curvature.kfac])
+    pos = [w for w, _ in opt.group_state(0).layers].index(1)  # pos.weight is parameter 1
+    assert all(torch.equal(k[pos], kfac[0][pos]) for k in kfac[1:])
+    assert not torch.equal(kfac[-1][pos - 1], kfac[0][pos - 1])  # the token table refreshes
 
 
 def test_a_batch_of_one_example_keeps_the_position_embedding_on_kfac():

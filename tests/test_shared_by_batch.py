@@ -1,0 +1,40 @@
+"""`grng_core.structures.rows.shared_by_batch`: which layer calls give no per-example K-FAC
+rows (ALGORITHMS.md §2.1, "This project": an input the batch shares, its output broadcast)."""
+
+from __future__ import annotations
+
+import pytest
+
+from grng_core.structures.rows import shared_by_batch
+
+B, T, D = 8, 16, 32
+
+
+@pytest.mark.parametrize("shape", [
+    (1, T),  # GPT-2's / BERT's position ids
+    (1, T, D),  # a Linear on a (1, T, d) tensor broadcast afterwards
+    (1, D),  # a learned query token
+    (1, 3, 3, 9),  # convolution patches of one image
+])
+def test_shared_inputs_are_recognised(shape):
+    why = shared_by_batch(shape, B)
+    assert why is not None and f"shape {shape}" in why and f"batch of {B} examples" in why
+
+
+@pytest.mark.parametrize("shape", [
+    (B, T),  # token ids
+    (B * T,),  # flattened token ids
+    (B, T, D),
+    (B * T, D),  # flattened positions
+    (T, B, D),  # sequence first
+    (B, D),
+    (T, 1),  # sequence-first position ids: not told from a batch of one (README)
+    (4,), (D,),  # one example's vector (a model that loops over its examples)
+])
+def test_per_example_or_unrecognisable_inputs_are_not(shape):
+    assert shared_by_batch(shape, B) is None
+
+
+@pytest.mark.parametrize("examples", [None, 0, 1])
+def test_a_call_of_one_example_or_an_unknown_batch_shares_nothing(examples):
+    assert shared_by_batch((1, T), examples) is None

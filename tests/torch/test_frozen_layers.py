@@ -1,0 +1,91 @@
+"""Frozen layers (requires_grad=False at the first step: fine-tuning a head, LoRA's base
+weights) passed to the optimizer with `model.parameters()`: they take no K-FAC (no statistics
+collected for them), describe() says they are frozen, no warning counts them as layers left to
+the diagonal, they stay bit-identical, and the others' steps equal the run that was given the
+trainable parameters only."""
+
+from __future__ import annotations
+
+import warnings
+
+import grng_torch as gt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.torch._util import flat
+
+
+class LoRA(nn.Module):
+    """A frozen base Linear plus a trainable low-rank update."""
+
+    def __init__(self, d_in: int, d_out: int, r: int = 2):
+        super().__init__()
+        self.base = nn.Linear(d_in, d_out).requires_grad_(False)
+        self.down, self.up = nn.Linear(d_in, r, bias=False), nn.Linear(r, d_out, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12).requires_grad_(False), nn.Tanh(), LoRA(12, 12),
+                         nn.Tanh(), nn.Linear(12, 4)).double()
+
+
+def _run(trainable_only: bool, steps: int = 12):
+    model = _model()
+    params = [p for p in model.parameters() if p.requires_grad] if trainable_only \
+        else model.parameters()
+    opt = gt.RING(params, model=model, lr=0.1, damping=0.1)
+    g = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no layer counted as left to the diagonal
+        for _ in range(steps):
+            x, y = torch.randn(16, 6, generator=g).double(), torch.randint(0, 4, (16,), generator=g)
+
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+    return model, opt
+
+
+def test_frozen_layers_take_no_kfac_and_the_step_is_the_trainable_ones():
+    model, opt = _run(False)
+    frozen = {n: p for n, p in _model().named_parameters() if not p.requires_grad}
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    by_name = {e.name: e for e in opt.describe().entries}
+    for n in ("0.weight", "2.base.weight"):
+        assert by_name[n].structure == "diagonal" and "frozen" in by_name[n].reason, by_name[n]
+    for n in ("2.down.weight", "2.up.weight", "4.weight"):
+        assert by_name[n].structure == "kfac", by_name[n]
+    assert len(opt.group_state(0).core.curvature.kfac) == 3
+    reference, _ = _run(True)
+    moved = (flat(reference) - flat(_model())).norm()
+    assert moved > 1e-2
+    assert (flat(model) - flat(reference)).norm() <= 1e-12 * moved
+
+
+def test_a_layer_unfrozen_later_trains_on_the_diagonal_and_says_why():
+    model, opt = _run(False, steps=3)
+    model[0].requires_grad_(True)
+    before = model[0].weight.detach().clone()
+    x, y = torch.randn(16, 6).double(), torch.randint(0, 4, (16,))
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert not torch.equal(model[0].weight, before)
+    (e,) = [e for e in opt.describe().entries if e.name == "0.weight"]
+    assert e.structure == "diagonal" and "frozen" in e.reason
