@@ -81,10 +81,12 @@ def describe(algorithm: str, structure: str, shapes: Sequence[tuple[int, ...]],
              kfac_layers: Sequence[tuple[int, int | None]], names: Sequence[str] | None = None,
              layer_names: Mapping[int, str] | None = None,
              reasons: Mapping[int, str] | None = None, incidents=(),
-             skipped: int | None = None, no_warmup: Sequence[str] = ()) -> StructureReport:
+             skipped: int | None = None, no_warmup: Sequence[str] = (),
+             notes: Mapping[int, str] | None = None) -> StructureReport:
     """The report of one parameter container. structure: the configured one ("kfac" leaves
     outside `kfac_layers` run "diagonal"); kfac_layers: (weight, bias) positions; names /
-    layer_names / reasons: per position (defaults: the position)."""
+    layer_names / reasons: per position (defaults: the position); reasons explain leaves off
+    K-FAC, `notes` K-FAC leaves (e.g. factors no longer refreshed)."""
     names = names or [str(i) for i in range(len(shapes))]
     layer_of = {}
     for w, b in kfac_layers:
@@ -95,7 +97,7 @@ def describe(algorithm: str, structure: str, shapes: Sequence[tuple[int, ...]],
     fallback = "diagonal" if structure == "kfac" else structure
     entries = tuple(
         LeafEntry(names[i], tuple(shape), "kfac" if i in layer_of else fallback,
-                  layer_of.get(i), None if i in layer_of else (reasons or {}).get(i))
+                  layer_of.get(i), ((notes or {}) if i in layer_of else (reasons or {})).get(i))
         for i, shape in enumerate(shapes))
     return StructureReport(algorithm, entries, kfac_share(entries), tuple(incidents), skipped,
                            tuple(no_warmup))

@@ -16,6 +16,7 @@ from grng_core.incidents import Incidents
 
 NOT_REACHED = "not reached by the loss at the first step (no statistics)"
 FROZEN = "frozen (requires_grad=False) at the first step: no K-FAC statistics for the run"
+STALE = "factors kept from before, not refreshed: found "
 CLOSURE_ONLY = ("nn.MultiheadAttention's projections are collected inside step(closure) only; "
                 "the first step had no closure")
 
@@ -69,12 +70,16 @@ def group_report(opt, i: int) -> StructureReport:
                     and opt.collector.armed else NOT_REACHED)
                 reasons.update({j: reason for j in (w, b) if j is not None})
     layer_names = {w: opt.collector.layers[li].label for li, w, _ in candidates}
+    stale = {j: STALE + opt.collector.broadcast[li] for li, w, b in candidates
+             if li in opt.collector.broadcast and (w, b) in pairs
+             for j in (w, b) if j is not None}
     return describe(opt.algorithm, group["structure"],
                     [tuple(p.shape) for p in group["params"]], pairs, names, layer_names,
                     reasons, opt.incidents(i).entries(),
                     None if entry is None else int(entry.core.skipped),
                     [layer_names[w] for li, w, _ in candidates
-                     if opt.collector is not None and li in opt.collector.no_warmup])
+                     if opt.collector is not None and li in opt.collector.no_warmup],
+                    notes=stale)
 
 
 def report(opt) -> StructureReport:

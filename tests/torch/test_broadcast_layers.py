@@ -140,6 +140,8 @@ def test_a_layer_found_shared_after_its_first_step_keeps_its_factors_and_warns()
     pos = [w for w, _ in opt.group_state(0).layers].index(1)  # pos.weight is parameter 1
     assert all(torch.equal(k[pos], kfac[0][pos]) for k in kfac[1:])
     assert not torch.equal(kfac[-1][pos - 1], kfac[0][pos - 1])  # the token table refreshes
+    (e,) = _entries(opt, "pos.")
+    assert e.structure == "kfac" and e.reason.startswith("factors kept from before"), e
 
 
 def test_a_batch_of_one_example_keeps_the_position_embedding_on_kfac():
