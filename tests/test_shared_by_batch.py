@@ -38,3 +38,14 @@ def test_per_example_or_unrecognisable_inputs_are_not(shape):
 @pytest.mark.parametrize("examples", [None, 0, 1])
 def test_a_call_of_one_example_or_an_unknown_batch_shares_nothing(examples):
     assert shared_by_batch((1, T), examples) is None
+
+
+@pytest.mark.parametrize("shape,features,shared", [
+    ((T, 1), 0, True),  # sequence-first position ids
+    ((T, 1, D), 1, True),  # their embedding output through a Linear
+    ((T, B, D), 1, False),
+    ((B, 1), 1, False),  # a Linear of one input feature: axis 1 is its features
+    ((B, D), 1, False),  # a head after pooling over the sequence
+])
+def test_a_sequence_first_batch_axis(shape, features, shared):
+    assert (shared_by_batch(shape, B, axis=1, features=features) is not None) == shared

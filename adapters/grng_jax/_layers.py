@@ -205,7 +205,8 @@ def shared_reason(call, examples: int | None) -> str | None:
     """Why a tagged call's input gives no per-example K-FAC rows (its input is shared by the
     batch and its output broadcast over it: a position embedding of ids (1, T); ALGORITHMS.md
     §2.1, `grng_core.structures.rows.shared_by_batch`), or None."""
-    return shared_by_batch(tuple(call.inputs.shape), examples)
+    features = 0 if call.kind == "embed" else 1 if call.kind == "conv" else call.in_axes
+    return shared_by_batch(tuple(call.inputs.shape), examples, features=features)
 
 
 def trace_calls(loss_fn: Callable, params, batch) -> list:

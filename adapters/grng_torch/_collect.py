@@ -60,7 +60,7 @@ class Call:
 
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
-    size: int | None = None  # the leading axis of the first tensor argument
+    size: int | None = None  # the first tensor argument's batch axis (`batch_axis`)
     autocast: tuple = ()  # ((device_type, enabled, dtype), ...) at the forward call
     targets: Any = None
     has_targets: bool = False
@@ -104,8 +104,10 @@ class Collector:
     """Hooks on one model (and optionally its loss module); inert until `collect` opens
     or `arm` arms them."""
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module | None = None):
+    def __init__(self, model: nn.Module, loss_fn: nn.Module | None = None,
+                 batch_axis: int = 0):
         self.model = model
+        self.batch_axis = batch_axis  # the examples' axis of the model call's first tensor
         self.root = unwrap(model)
         self.registry = find_layers(self.root)
         self.layers = self.registry.layers
@@ -158,7 +160,8 @@ class Collector:
             self.a, self.s, self.z, self.batch = {}, {}, {}, Batch()  # a step that never came
             self.hooked = {}
         first = _first_tensor((args, kwargs))
-        size = None if first is None or first.dim() == 0 else int(first.shape[0])
+        size = None if first is None or first.dim() <= self.batch_axis \
+            else int(first.shape[self.batch_axis])
         self.batch.calls.append(Call(tuple(args), dict(kwargs), size, autocast_state()))
         return None
 
@@ -215,7 +218,8 @@ class Collector:
         if i in self.broadcast:
             return True
         size = self.batch.calls[-1].size if self.batch.calls else None
-        why = shared_by_batch(tuple(x.shape), size)
+        why = shared_by_batch(tuple(x.shape), size, self.batch_axis,
+                              0 if self.layers[i].a_diagonal else 1)
         if why is None:
             return False
         self.broadcast[i] = why

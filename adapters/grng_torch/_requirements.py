@@ -18,6 +18,12 @@ def check_needs(opt, core: gc.Optimizer, i: int) -> None:
         raise ValueError(
             f"{title} with structure={structure!r} (param group {i}) needs per-example "
             "gradients: pass model= and loss_fn= (the loss module the closure calls)")
+    if r.per_example_grads and opt.batch_axis != 0:
+        raise ValueError(
+            f"{title} with structure={structure!r} (param group {i}) needs per-example "
+            f"gradients, which slice the model's inputs on axis 0, but batch_axis="
+            f"{opt.batch_axis}: call the model batch-first (batch_axis=0), or use "
+            "structure='kfac'")
     if r.fisher == "mc" and (r.layer_stats or r.per_example_grads):
         if opt.model is None or opt.loss_fn is None:
             raise ValueError(f"{title} with fisher='mc' (param group {i}) needs model= and "

@@ -64,6 +64,10 @@ class GRNGOptimizer(torch.optim.Optimizer):
             Hugging Face `ModelOutput`'s `logits`, or a tuple's first element. A closure that
             reshapes it (nanoGPT's `logits.view(-1, V)`) is followed: the loss module's input
             shape is recorded at the closure's call.
+        batch_axis: the examples' axis of the model call's first tensor argument (default
+            0; 1 for a sequence-first model called with ids (T, B)): the output-gradient rows
+            are scaled by its size (§2.1's B). Per-example gradients (structure "woodbury",
+            "diagonal" with fisher="mc") need 0.
         collective: "auto" (torch.distributed all_reduce / all_gather when a process group of
             more than one rank is initialised), None (never), or a `grng_core.Collective`.
         **hyperparameters: the fields of the core's config record (`grng_core.RENGConfig`,
@@ -75,7 +79,7 @@ class GRNGOptimizer(torch.optim.Optimizer):
     def __init__(self, params, lr: float | None = None, *, model: nn.Module | None = None,
                  loss_fn: Callable | None = None, sample_targets: Callable | None = None,
                  output_fn: Callable | None = None, collective: Any = "auto",
-                 **hyperparameters):
+                 batch_axis: int = 0, **hyperparameters):
         title = type(self).__name__
         names = hyperparameter_names(self._algorithm)
         unknown = sorted(set(hyperparameters) - set(names))
@@ -89,7 +93,7 @@ class GRNGOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{title}(module, model=other): pass the parameters or the "
                                  "module, and the model once")
             model, params = params, params.parameters()
-        self._check_args(model, loss_fn, collective)
+        self._check_args(model, loss_fn, collective, batch_axis)
         if loss_fn is not None and not isinstance(loss_fn, nn.Module):
             loss_fn = LossModule(loss_fn)
         self.model = model
@@ -102,7 +106,8 @@ class GRNGOptimizer(torch.optim.Optimizer):
         self.hp_names = names
         self._cores: list[tuple[tuple, gc.Optimizer | None]] = []
         self.skips = SkipMonitor()
-        self.collector = Collector(model, loss_fn) if model is not None else None
+        self.batch_axis = batch_axis
+        self.collector = Collector(model, loss_fn, batch_axis) if model is not None else None
         if self.collector is not None:  # the hooks go when the optimizer goes
             weakref.finalize(self, self.collector.remove)
         root = unwrap(model) if model is not None else None
@@ -114,7 +119,10 @@ class GRNGOptimizer(torch.optim.Optimizer):
         _step.arm_for_closure_free(self)
 
     @staticmethod
-    def _check_args(model, loss_fn, collective) -> None:
+    def _check_args(model, loss_fn, collective, batch_axis) -> None:
+        if isinstance(batch_axis, bool) or not isinstance(batch_axis, int) or batch_axis < 0:
+            raise ValueError(f"batch_axis must be an axis number >= 0 (the examples' axis of "
+                             f"the model's first tensor argument), got {batch_axis!r}")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if loss_fn is not None and not callable(loss_fn):

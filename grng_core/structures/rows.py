@@ -19,15 +19,18 @@ def frequencies(ids, d: int, xp, dtype, device):
     return xp.astype(counts, dtype) / ids.shape[0]
 
 
-def shared_by_batch(shape: tuple, examples: int | None) -> str | None:
+def shared_by_batch(shape: tuple, examples: int | None, axis: int = 0,
+                    features: int = 1) -> str | None:
     """Why a layer call's input cannot give per-example K-FAC rows (ALGORITHMS.md §2.1, "This
-    project": inputs the batch shares), or None. `shape`: the call's input; `examples`: the
-    model call's batch size. Shared: a leading axis of 1 on an input of two or more axes in a
-    call of more than one example (GPT-2's and BERT's position ids, (1, T)); its output is
+    project": inputs the batch shares), or None. `shape`: the call's input, its last `features`
+    axes the layer's features (0 for token ids); `examples`: the model call's batch size, on
+    axis `axis` of its inputs. Shared: that axis is 1 on an input of two or more axes in a call
+    of more than one example (GPT-2's and BERT's position ids, (1, T)); its output is
     broadcast over the examples, so its output gradient is already their sum. Inputs without
-    that axis (ids of shape (T,); a sequence-first (T, 1)) cannot be told from an example or
-    position axis and are not recognised."""
-    if examples is None or examples <= 1 or len(shape) < 2 or shape[0] != 1:
+    that axis (ids of shape (T,)) cannot be told from an example or position axis and are not
+    recognised."""
+    if (examples is None or examples <= 1 or len(shape) < 2
+            or len(shape) - features <= axis or shape[axis] != 1):
         return None
     return (f"called on an input of shape {tuple(shape)} shared by a batch of {examples} "
             "examples (its output is broadcast over them, so its output gradient is summed over "
