@@ -207,6 +207,7 @@ class GRNGOptimizer(torch.optim.Optimizer):
         for li, w, b in self.layer_candidates(i):
             if self.collector.layers[li].weight.requires_grad:  # type: ignore[union-attr]
                 out.append((li, w, b))
+                self.collector.frozen.discard(li)  # type: ignore[union-attr]
             else:
                 self.collector.frozen.add(li)  # type: ignore[union-attr]
         return out

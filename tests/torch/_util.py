@@ -145,6 +145,22 @@ def state_tensors(tree: Any) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 
+def accumulating_closure(opt, model, loss_fn, x, y, parts: int):
+    """A closure over `parts` micro-batches of (x, y), each forward and backward, each loss
+    scaled by its share of the batch (gradient accumulation)."""
+
+    def closure():
+        opt.zero_grad()
+        total = 0.0
+        for xs, ys in zip(x.chunk(parts), y.chunk(parts)):
+            loss = loss_fn(model(xs), ys) * (xs.shape[0] / x.shape[0])
+            loss.backward()
+            total = total + loss.detach()
+        return total
+
+    return closure
+
+
 def step_on(opt, model, x, y, closure_free: bool = False):
     """One cross-entropy step on (x, y): through the closure, or closure-free (the loop's own
     backward, then `opt.step()`, as Hugging Face's Trainer does)."""

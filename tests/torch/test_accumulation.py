@@ -12,25 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from tests.torch._util import OPTIMIZERS, Problem, flat, ids
+from tests.torch._util import OPTIMIZERS, Problem, accumulating_closure, flat, ids
 
 PROBLEM = Problem()
 CRIT = nn.CrossEntropyLoss()
 # "mc" draws labels: two draws of 16 are not one draw of 32, so those entries are not exact
 EXACT = [i for i in OPTIMIZERS if dict(i.case.kwargs).get("fisher") != "mc"]
-
-
-def _closure(opt, model, x, y, parts: int):
-    def closure():
-        opt.zero_grad()
-        total = 0.0
-        for xs, ys in zip(x.chunk(parts), y.chunk(parts)):
-            loss = CRIT(model(xs), ys) * (xs.shape[0] / x.shape[0])
-            loss.backward()
-            total = total + loss.detach()
-        return total
-
-    return closure
 
 
 def _run(info, parts: int, steps: int = 3) -> torch.Tensor:
@@ -40,7 +27,7 @@ def _run(info, parts: int, steps: int = 3) -> torch.Tensor:
     for k in range(steps):
         torch.manual_seed(k)
         x, y = batches[k % len(batches)]
-        opt.step(_closure(opt, model, x, y, parts))
+        opt.step(accumulating_closure(opt, model, CRIT, x, y, parts))
     return flat(model)
 
 
@@ -69,8 +56,8 @@ def test_sequence_micro_batches_of_a_shared_weight_layer():
     out = []
     for parts in (1, 2):
         m, opt = make()
-        opt.step(_closure(opt, m, x, y, parts))
-        opt.step(_closure(opt, m, x, y, parts))
+        opt.step(accumulating_closure(opt, m, CRIT, x, y, parts))
+        opt.step(accumulating_closure(opt, m, CRIT, x, y, parts))
         out.append((flat(m), opt.group_state(0).core.curvature.kfac))
     (p1, k1), (p2, k2) = out
     assert torch.allclose(p1, p2, rtol=1e-9, atol=1e-12)
@@ -94,7 +81,7 @@ def test_micro_batches_before_a_closure_free_step_equal_the_closure_run():
                     (CRIT(model(xs), ys) / 2).backward()
                 opt.step()
             else:
-                opt.step(_closure(opt, model, x, y, 2))
+                opt.step(accumulating_closure(opt, model, CRIT, x, y, 2))
         out.append((flat(model), opt.group_state(0).core.curvature.kfac))
     (p1, k1), (p2, k2) = out
     torch.testing.assert_close(p1, p2, rtol=1e-12, atol=1e-14)

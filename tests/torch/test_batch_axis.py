@@ -9,10 +9,9 @@ from __future__ import annotations
 import grng_torch as gt
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from tests.torch._util import flat
+from tests.torch._util import flat, step_on
 
 V, B, T, D = 20, 4, 12, 8
 
@@ -42,14 +41,7 @@ def _run(seq_first: bool, steps: int = 12, **kw):
     for _ in range(steps):
         x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B * T,),
                                                                        generator=g)
-
-        def closure(x=x, y=y):
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x.t() if seq_first else x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        step_on(opt, model, x.t() if seq_first else x, y)
     return model, opt
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.torch._util import flat
+from tests.torch._util import accumulating_closure, flat, step_on
 
 V, T, D = 11, 6, 8
 
@@ -40,21 +40,6 @@ def _batches(B: int, steps: int):
             for _ in range(steps)]
 
 
-def _accumulating(opt, model, loss_fn, x, y, parts: int):
-    """A closure over `parts` micro-batches, each loss scaled by its share of the batch."""
-
-    def closure():
-        opt.zero_grad()
-        total = 0.0
-        for xs, ys in zip(x.chunk(parts), y.chunk(parts)):
-            loss = loss_fn(model(xs), ys) * (xs.shape[0] / x.shape[0])
-            loss.backward()
-            total = total + loss.detach()
-        return total
-
-    return closure
-
-
 def _lm_loss(logits, y):
     return F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
 
@@ -64,7 +49,7 @@ def _run(parts: int, B: int = 8, steps: int = 12, pos_ids: str = "row", **kw):
     model = PositionLM(pos_ids).double()
     opt = gt.RING(model.parameters(), model=model, lr=0.1, damping=0.1, **kw)
     for x, y in _batches(B, steps):
-        opt.step(_accumulating(opt, model, _lm_loss, x, y, parts))
+        opt.step(accumulating_closure(opt, model, _lm_loss, x, y, parts))
     return model, opt
 
 
@@ -110,14 +95,7 @@ def test_per_example_inputs_without_the_batch_first_stay_on_kfac():
     model = SequenceFirst().double()
     x, y = torch.randint(0, V, (T + 6, 8)), torch.randint(0, V, (8,))  # 12 positions > 8
     opt = gt.RING(model.parameters(), model=model)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    step_on(opt, model, x, y)
     assert not opt.collector.broadcast
     for prefix in ("tok.", "each.", "head.", "enc.layers.0.linear1."):
         assert all(e.structure == "kfac" for e in _entries(opt, prefix)), prefix
@@ -135,7 +113,7 @@ def test_a_layer_found_shared_after_its_first_step_keeps_its_factors_and_warns()
     with pytest.warns(UserWarning, match=r"K-FAC layer 'pos' was called on an input of shape "
                                          r"\(1, 6\) shared by a batch of 8"):
         for x, y in steps:
-            opt.step(_accumulating(opt, model, _lm_loss, x, y, 1))
+            opt.step(accumulating_closure(opt, model, _lm_loss, x, y, 1))
             kfac.append([f.A.clone() for f in opt.group_state(0).core.curvature.kfac])
     pos = [w for w, _ in opt.group_state(0).layers].index(1)  # pos.weight is parameter 1
     assert all(torch.equal(k[pos], kfac[0][pos]) for k in kfac[1:])
@@ -161,7 +139,7 @@ def test_gpt2_accumulation_equals_the_combined_batch():
         z.model.double()
         opt = gt.RING(z.model.parameters(), model=z.model)
         for k in range(12):
-            opt.step(_accumulating(opt, z.model, z.loss, *z.batch(k), parts))
+            opt.step(accumulating_closure(opt, z.model, z.loss, *z.batch(k), parts))
         return z, opt
 
     (z1, opt), (z2, _) = run(1), run(2)

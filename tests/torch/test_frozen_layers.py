@@ -10,10 +10,9 @@ import warnings
 
 import grng_torch as gt
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from tests.torch._util import flat
+from tests.torch._util import flat, step_on
 
 
 class LoRA(nn.Module):
@@ -44,14 +43,7 @@ def _run(trainable_only: bool, steps: int = 12):
         warnings.simplefilter("error")  # no layer counted as left to the diagonal
         for _ in range(steps):
             x, y = torch.randn(16, 6, generator=g).double(), torch.randint(0, 4, (16,), generator=g)
-
-            def closure(x=x, y=y):
-                opt.zero_grad()
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                return loss
-
-            opt.step(closure)
+            step_on(opt, model, x, y)
     return model, opt
 
 
@@ -77,15 +69,7 @@ def test_a_layer_unfrozen_later_trains_on_the_diagonal_and_says_why():
     model, opt = _run(False, steps=3)
     model[0].requires_grad_(True)
     before = model[0].weight.detach().clone()
-    x, y = torch.randn(16, 6).double(), torch.randint(0, 4, (16,))
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    step_on(opt, model, torch.randn(16, 6).double(), torch.randint(0, 4, (16,)))
     assert not torch.equal(model[0].weight, before)
     (e,) = [e for e in opt.describe().entries if e.name == "0.weight"]
     assert e.structure == "diagonal" and "frozen" in e.reason
