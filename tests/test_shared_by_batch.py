@@ -46,6 +46,7 @@ def test_a_call_of_one_example_or_an_unknown_batch_shares_nothing(examples):
     ((T, B, D), 1, False),
     ((B, 1), 1, False),  # a Linear of one input feature: axis 1 is its features
     ((B, D), 1, False),  # a head after pooling over the sequence
+    ((B, 1), 0, False),  # per-example conditioning ids, batch-first inside the model
 ])
 def test_a_sequence_first_batch_axis(shape, features, shared):
     assert (shared_by_batch(shape, B, axis=1, features=features) is not None) == shared

@@ -148,21 +148,35 @@ def _kfac_keys(node, source, where: str) -> list[str]:
     return [str(k) for k in _dict_node(sub, source, f"{where}/kfac")]
 
 
-def _parse_layer(key: str, source, i: int) -> tuple[int, int | None]:
+def _parse_layer(key: str, source) -> tuple[int, int | None, str]:
+    """(weight, bias, layout) of a K-FAC layer key 'weight/bias/layout' (`grng_core.codec`:
+    layout "N" or "T", the weight stored (out, in) or (in, out), with "D" for an embedding's
+    diagonal A)."""
     parts = key.split("/")
     try:
-        if len(parts) != 3 or parts[2] not in ("N", "T"):
+        if len(parts) != 3 or parts[2] not in ("N", "T", "ND", "TD"):
             raise ValueError
         w, b = int(parts[0]), None if parts[1] == "-" else int(parts[1])
     except ValueError:
         raise ValueError(f"{source}: K-FAC layer key {key!r} is not 'weight/bias/N' "
                          "(corrupted checkpoint)") from None
-    if parts[2] == "T":
-        raise ValueError(
-            f"{source}: param group {i}: the K-FAC layer {key!r} has a transposed weight "
-            "(stored (in, out), as JAX/Flax kernels are); torch Linear/Conv2d weights are "
-            "(out, in): the state does not fit this model's layout")
-    return w, b
+    return w, b, parts[2]
+
+
+def _check_layouts(opt, i: int, parsed, found, source) -> None:
+    """Each saved layer's layout is the matched hooked layer's: its weight's orientation (a
+    JAX/Flax kernel is stored (in, out), a torch Linear's (out, in); an nn.Embedding's table is
+    (vocab, dim)) and whether its A is diagonal (an embedding)."""
+    layers = opt.collector.layers
+    for (w, b, layout), (li, _, _) in zip(parsed, found, strict=True):
+        L = layers[li]
+        want = ("T" if L.transposed else "N") + ("D" if L.a_diagonal else "")
+        if layout != want:
+            raise ValueError(
+                f"{source}: param group {i}: the K-FAC layer {w}/{'-' if b is None else b} "
+                f"was saved with layout {layout!r} but this model's layer {L.label!r} is "
+                f"{want!r} ('T': weight stored (in, out), as JAX/Flax kernels are; 'D': an "
+                "embedding): the state does not fit this model's layout")
 
 
 def _hp_diff(saved: dict, now: dict) -> list[str]:
@@ -247,11 +261,13 @@ def _plan_layers(opt, i: int, j: int, node, structure: str, source: str) -> list
                              f"{structure!r}, this optimizer runs {entry.structure!r}")
         return []
     keys = _kfac_keys(node, source, "<root>" if j < 0 else f"groups/{j}")
-    layers = sorted(_parse_layer(k, source, i) for k in keys)
+    parsed = sorted(_parse_layer(k, source) for k in keys)
+    layers = [(w, b) for w, b, _ in parsed]
     try:
-        opt.match_layers(i, layers)
+        found = opt.match_layers(i, layers)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+    _check_layouts(opt, i, parsed, found, source)
     if entry is not None:
         have = sorted((w, b) for w, b in entry.layers)
         if have != layers:

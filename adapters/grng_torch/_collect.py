@@ -217,6 +217,8 @@ class Collector:
         rows are dropped and it is never collected again (its reason in `broadcast`)."""
         if i in self.broadcast:
             return True
+        if self.layers[i].functional:
+            return False  # MultiheadAttention's projections: inputs laid out (T, B, E) inside
         size = self.batch.calls[-1].size if self.batch.calls else None
         why = shared_by_batch(tuple(x.shape), size, self.batch_axis,
                               0 if self.layers[i].a_diagonal else 1)

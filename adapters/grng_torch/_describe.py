@@ -15,7 +15,8 @@ from grng_core.describe import StructureReport, describe, merge, mostly_diagonal
 from grng_core.incidents import Incidents
 
 NOT_REACHED = "not reached by the loss at the first step (no statistics)"
-FROZEN = "frozen (requires_grad=False) at the first step: no K-FAC statistics for the run"
+FROZEN = ("frozen (requires_grad=False: weight and bias) at the first step: no K-FAC "
+          "statistics for the run")
 STALE = "factors kept from before, not refreshed: found "
 CLOSURE_ONLY = ("nn.MultiheadAttention's projections are collected inside step(closure) only; "
                 "the first step had no closure")
@@ -49,10 +50,9 @@ def group_report(opt, i: int) -> StructureReport:
     kfac = group["structure"] == "kfac"
     candidates = opt.layer_candidates(i) if kfac else []
     if entry is None:
-        pairs = [(w, b) for li, w, b in candidates
-                 if opt.collector.layers[li].weight.requires_grad]
+        pairs = [(w, b) for li, w, b in candidates if opt.collector.layers[li].trainable]
         reasons_frozen = {j: FROZEN for li, w, b in candidates
-                          if not opt.collector.layers[li].weight.requires_grad
+                          if not opt.collector.layers[li].trainable
                           for j in (w, b) if j is not None}
     else:
         pairs = [(w, b) for w, b in entry.layers]

@@ -73,21 +73,24 @@ class StepPlan:
         return self.all_params + self.bystanders
 
 
-def _group_plan(opt, i: int, group: dict) -> GroupPlan:
+def _group_plan(opt, i: int, group: dict, arming: bool = False) -> GroupPlan:
     core, entry = opt.core(i), opt.group_state(i)
     step = entry.host_step if entry else 0
     curvature, inverse = core.flags(step)
     layers: list = []
     if core.requirements.layer_stats:
         layers = (opt.match_layers(i, entry.layers) if entry is not None
+                  else opt.layer_candidates(i) if arming  # frozen or not: decided at the step
                   else opt.first_step_layers(i))
     return GroupPlan(i, group, core, entry, bool(curvature), bool(inverse), layers,
                      steady=core.steady_flags(step))
 
 
-def plan(opt) -> StepPlan:
+def plan(opt, arming: bool = False) -> StepPlan:
+    """The next step's plan (`arming`: for the hooks of a step without a closure, which
+    collect every candidate layer of a group's first step)."""
     replicated = _collective(opt) is not None
-    sp = StepPlan([_group_plan(opt, i, g) for i, g in enumerate(opt.param_groups)
+    sp = StepPlan([_group_plan(opt, i, g, arming) for i, g in enumerate(opt.param_groups)
                    if g["params"]])
     n = 0
     for gp in sp.groups:
@@ -208,7 +211,7 @@ def arm_for_closure_free(opt, only_if_armed: bool = False) -> None:
         return
     if only_if_armed and not coll.armed:
         return
-    sp = plan(opt)
+    sp = plan(opt, arming=True)
     if closure_needs(sp):
         coll.disarm()
         return
@@ -289,10 +292,12 @@ def _stats(opt, sp: StepPlan, gp: GroupPlan, layers, pe,
     # (a branch, a multi-task head): its factors are kept (`Stats.absent`); none of them
     # taking part is a closure that ran no backward through the model: `rows` says so
     absent = tuple(w for li, w, _ in layers if not opt.collector.has_rows(li))
-    if absent and (len(absent) == len(layers) or replicated):
-        # every rank must refresh the same layers (their collectives pair up): there a layer
-        # without rows is the error it always was
-        opt.collector.rows(next(li for li, w, _ in layers if w in absent))  # raises
+    # every rank must refresh the same layers (their collectives pair up): there a layer
+    # without rows is the error it always was, unless it is shared by the batch (its input's
+    # shape, alike on every rank, says so: `Collector.shared_over_batch`)
+    missing = [li for li, w, _ in layers if w in absent and li not in opt.collector.broadcast]
+    if missing and (len(absent) == len(layers) or replicated):
+        opt.collector.rows(missing[0])  # raises
     if absent:
         _describe.warn_if_shared_late(opt, [li for li, w, _ in layers if w in absent])
         layers = [L for L in layers if L[1] not in absent]

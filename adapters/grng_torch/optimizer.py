@@ -200,12 +200,12 @@ class GRNGOptimizer(torch.optim.Optimizer):
 
     def first_step_layers(self, i: int) -> list[tuple[int, int, int | None]]:
         """The candidates of group i that can take K-FAC at its first step: a layer whose
-        weight is frozen (requires_grad=False) is left to the diagonal for the run (recorded
-        in `collector.frozen` for describe()): it has no gradient to precondition, and its
-        statistics would cost a refresh for nothing."""
+        weight and bias are frozen (requires_grad=False) is left to the diagonal for the run
+        (recorded in `collector.frozen` for describe()): it has no gradient to precondition,
+        and its statistics would cost a refresh for nothing."""
         out = []
         for li, w, b in self.layer_candidates(i):
-            if self.collector.layers[li].weight.requires_grad:  # type: ignore[union-attr]
+            if self.collector.layers[li].trainable:  # type: ignore[union-attr]
                 out.append((li, w, b))
                 self.collector.frozen.discard(li)  # type: ignore[union-attr]
             else:

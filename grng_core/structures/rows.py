@@ -30,7 +30,8 @@ def shared_by_batch(shape: tuple, examples: int | None, axis: int = 0,
     that axis (ids of shape (T,)) cannot be told from an example or position axis and are not
     recognised."""
     if (examples is None or examples <= 1 or len(shape) < 2
-            or len(shape) - features <= axis or shape[axis] != 1):
+            or len(shape) - features <= axis or shape[axis] != 1
+            or (axis != 0 and shape[0] == examples)):  # a batch-first input inside the model
         return None
     return (f"called on an input of shape {tuple(shape)} shared by a batch of {examples} "
             "examples (its output is broadcast over them, so its output gradient is summed over "

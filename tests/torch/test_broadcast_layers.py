@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import grng_core as gc
 from tests.torch._util import accumulating_closure, flat, step_on
 
 V, T, D = 11, 6, 8
@@ -101,13 +102,37 @@ def test_per_example_inputs_without_the_batch_first_stay_on_kfac():
         assert all(e.structure == "kfac" for e in _entries(opt, prefix)), prefix
 
 
-def test_a_layer_found_shared_after_its_first_step_keeps_its_factors_and_warns():
+def test_attention_on_sequences_of_one_token_stays_on_kfac():
+    """nn.MultiheadAttention(batch_first=True) lays its input out (T, B, E) inside: its packed
+    projection on T = 1 is not an input the batch shares."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, D), nn.MultiheadAttention(D, 2, batch_first=True))
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.att, self.out = model[0], model[1], nn.Linear(D, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.out(self.att(h, h, h)[0][:, 0])
+
+    net = Head().double()
+    opt = gt.RING(net.parameters(), model=net)
+    step_on(opt, net, torch.randn(8, 1, 4, dtype=torch.float64), torch.randint(0, 3, (8,)))
+    assert all(e.structure == "kfac" for e in _entries(opt, "att.in_proj"))
+
+
+@pytest.mark.parametrize("replicated", [False, True])
+def test_a_layer_found_shared_after_its_first_step_keeps_its_factors_and_warns(replicated):
     """The first step with one example per call gives the position table per-example rows
     (K-FAC); batches of 8 later share its input: a warning, and its factors stay as they were
     while the other layers' refresh."""
     torch.manual_seed(0)
     model = PositionLM().double()
-    opt = gt.RING(model.parameters(), model=model, curvature_every=1)
+    ident = gc.Collective(mean=lambda v: v, gather=lambda v: v, replicas=1)  # one process
+    opt = gt.RING(model.parameters(), model=model, curvature_every=1,
+                  collective=ident if replicated else None)
     steps = [_batches(1, 1)[0]] + _batches(8, 3)
     kfac = []
     with pytest.warns(UserWarning, match=r"K-FAC layer 'pos' was called on an input of shape "

@@ -73,3 +73,32 @@ def test_a_layer_unfrozen_later_trains_on_the_diagonal_and_says_why():
     assert not torch.equal(model[0].weight, before)
     (e,) = [e for e in opt.describe().entries if e.name == "0.weight"]
     assert e.structure == "diagonal" and "frozen" in e.reason
+
+
+def test_a_layer_unfrozen_before_the_first_closure_free_step_takes_kfac():
+    """The hooks are armed at construction for a step without a closure; whether a layer is
+    frozen is decided at the first step, as with a closure."""
+    model = _model()
+    opt = gt.RING(model.parameters(), model=model)
+    model[0].requires_grad_(True)
+    step_on(opt, model, torch.randn(16, 6).double(), torch.randint(0, 4, (16,)),
+            closure_free=True)
+    (e,) = [e for e in opt.describe().entries if e.name == "0.weight"]
+    assert e.structure == "kfac", e
+
+
+def test_bias_only_fine_tuning_keeps_kfac_and_the_frozen_weights():
+    """BitFit: the weights frozen, the biases trained: the layers keep K-FAC (the biases are
+    preconditioned by their factors) and the weights stay bit-identical."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4)).double()
+    for m in (model[0], model[2]):
+        m.weight.requires_grad_(False)
+    frozen = [model[0].weight.clone(), model[2].weight.clone()]
+    bias = model[0].bias.detach().clone()
+    opt = gt.RING(model.parameters(), model=model)
+    for _ in range(3):
+        step_on(opt, model, torch.randn(16, 6).double(), torch.randint(0, 4, (16,)))
+    assert all(e.structure == "kfac" for e in opt.describe().entries)
+    assert torch.equal(model[0].weight, frozen[0]) and torch.equal(model[2].weight, frozen[1])
+    assert not torch.equal(model[0].bias, bias)

@@ -489,7 +489,7 @@ def test_kfac_layout_checked(tmp_path, live):
     # a transposed weight (a JAX/Flax kernel layout) does not fit a torch Linear
     tr = core.init(params, layers=[gc.LayerSpec(0, None, transposed=True)])
     gc.save_state(tmp_path / "tr.npz", tr, opt=core)
-    with pytest.raises(ValueError, match="transposed weight"):
+    with pytest.raises(ValueError, match="does not fit this model.s layout"):
         opt.load(tmp_path / "tr.npz")
     # a "layer" whose weight is a bias vector position is no Linear weight of the model
     two = gc.codec.encode(two)
@@ -574,3 +574,67 @@ def test_save_is_atomic(tmp_path, live, monkeypatch):
     monkeypatch.undo()
     assert good.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.npz"]
+
+
+class _TokenTagger(nn.Module):
+    """An nn.Embedding on token ids (B, T) under K-FAC (layout "TD") and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.head = nn.Embedding(11, 6), nn.Linear(6, 11)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.tok(x))).reshape(-1, 11)
+
+
+def _zoo_or_tagger(name):
+    """(model, step(opt, k)) for GPT-2 (Conv1D weights stored (in, out): layout "T") or the
+    tagger (an embedding: "TD")."""
+    if name == "gpt2":
+        pytest.importorskip("transformers")
+        from tests.torch.zoo import gpt2
+
+        z = gpt2(vocab=48, B=4, T=8)
+        return z.model.double(), z.step
+    torch.manual_seed(0)
+    model = _TokenTagger().double()
+
+    def step(opt, k):
+        g = torch.Generator().manual_seed(k)
+        x, y = torch.randint(0, 11, (4, 5), generator=g), torch.randint(0, 11, (20,), generator=g)
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        return opt.step(closure)
+
+    return model, step
+
+
+@pytest.mark.parametrize("name,layout", [("gpt2", "/T/"), ("tagger", "/TD/")])
+def test_transposed_and_embedding_layers_resume_bit_identically(tmp_path, name, layout):
+    """`opt.save` / `opt.load` of K-FAC layers whose weights are stored (in, out) (GPT-2's
+    Conv1D) or are embedding tables: the file's layouts are this model's, so it loads (both
+    were refused as "transposed" before), and the resumed run equals the uninterrupted one."""
+    model, step = _zoo_or_tagger(name)
+    opt = gt.RING(model.parameters(), model=model)
+    for k in range(6):
+        step(opt, k)
+    want = [p.detach().clone() for p in model.parameters()]
+    model, step = _zoo_or_tagger(name)
+    opt = gt.RING(model.parameters(), model=model)
+    for k in range(3):
+        step(opt, k)
+    opt.save(tmp_path / "c.npz")
+    assert any(layout in k for k in np.load(tmp_path / "c.npz").files)
+    model2, step2 = _zoo_or_tagger(name)
+    model2.load_state_dict(model.state_dict())
+    opt2 = gt.RING(model2.parameters(), model=model2)
+    opt2.load(tmp_path / "c.npz")
+    for k in range(3, 6):
+        step2(opt2, k)
+    for p, w in zip(model2.parameters(), want, strict=True):
+        assert torch.equal(p, w)

@@ -44,6 +44,12 @@ class HookedLayer:
         return self.weight.numel() // self.d_out
 
     @property
+    def trainable(self) -> bool:
+        """Its weight or its bias requires a gradient (else it is frozen: no K-FAC)."""
+        return self.weight.requires_grad or (self.bias is not None
+                                             and self.bias.requires_grad)
+
+    @property
     def label(self) -> str:
         return self.name or type(self.module).__name__
 
