@@ -26,9 +26,10 @@ def shared_by_batch(shape: tuple, examples: int | None, axis: int = 0,
     axes the layer's features (0 for token ids); `examples`: the model call's batch size, on
     axis `axis` of its inputs. Shared: that axis is 1 on an input of two or more axes in a call
     of more than one example (GPT-2's and BERT's position ids, (1, T)); its output is
-    broadcast over the examples, so its output gradient is already their sum. Inputs without
-    that axis (ids of shape (T,)) cannot be told from an example or position axis and are not
-    recognised."""
+    broadcast over the examples, so its output gradient is already their sum. With `axis` > 0
+    (a sequence-first model) an input whose axis 0 has the examples' size is a batch-first one
+    inside the model, not shared. Inputs without that axis (ids of shape (T,)) cannot be told
+    from an example or position axis and are not recognised."""
     if (examples is None or examples <= 1 or len(shape) < 2
             or len(shape) - features <= axis or shape[axis] != 1
             or (axis != 0 and shape[0] == examples)):  # a batch-first input inside the model
