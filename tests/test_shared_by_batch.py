@@ -50,3 +50,25 @@ def test_a_call_of_one_example_or_an_unknown_batch_shares_nothing(examples):
 ])
 def test_a_sequence_first_batch_axis(shape, features, shared):
     assert (shared_by_batch(shape, B, axis=1, features=features) is not None) == shared
+
+
+@pytest.mark.parametrize("shape,features,shared", [
+    ((T,), 0, True),  # nanoGPT's position ids arange(T) for token ids (B, T)
+    ((T, D), 1, False),  # dense: also a sequence-first (B, d) head read with axis 0
+    ((B, T), 0, False),  # the token ids themselves
+    ((B * T,), 0, False),  # flattened token ids
+    ((B, T, D), 1, False),
+    ((B, D), 1, False),  # a head after pooling
+    ((D,), 1, False),  # one vector (no axis before the features): a per-example loop's
+])
+def test_an_input_of_one_examples_shape(shape, features, shared):
+    """The model call's inputs are (B, T): an input shaped like one example is shared."""
+    got = shared_by_batch(shape, B, features=features, example_shapes=((T,),))
+    assert (got is not None) == shared
+
+
+def test_one_examples_shape_equal_to_the_batch_size_is_not_recognised():
+    """T = B: arange(T) cannot be told from a batch of B ids; an MLP's input (B, D) with
+    D = B is one example's shape only by coincidence: neither is taken for shared."""
+    assert shared_by_batch((B,), B, features=0, example_shapes=((B,),)) is None
+    assert shared_by_batch((B, B), B, features=1, example_shapes=((B,),)) is None

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import grng_core as gc
-from grng_jax._layers import LayerRef, batch_size, describe, shared_reason
+from grng_jax._layers import LayerRef, batch_size, describe, example_shapes, shared_reason
 from grng_jax._tags import Collector, collecting
 
 
@@ -74,7 +74,8 @@ def layer_stats(loss_fn: Callable, treedef, leaves: list, batch,
     jax.eval_shape(discover, leaves)
     names = params_for_names if params_for_names is not None else \
         jax.tree_util.tree_unflatten(treedef, leaves)
-    _check_calls(found, other, specs, names, leaves, nested, batch_size(batch))
+    _check_calls(found, other, specs, names, leaves, nested, batch_size(batch),
+                 example_shapes(batch))
 
     perturbs = [jnp.zeros(c.out_shape, c.out_dtype) for c in found]
 
@@ -120,7 +121,7 @@ def _nested_note(nested: dict) -> str:
 
 
 def _check_calls(found: list, other: dict, specs, names, leaves, nested=None,
-                 examples: int | None = None) -> None:
+                 examples: int | None = None, shapes: tuple = ()) -> None:
     """Every layer of `specs` is called through a tagged layer of its kind, with its declared
     bias and input axes, on inputs with an example axis (`shared_reason`), and used nowhere
     else (a tied or uncovered use would be missed)."""
@@ -137,7 +138,7 @@ def _check_calls(found: list, other: dict, specs, names, leaves, nested=None,
                              f"loss_fn{_nested_note(nested or {})}, so its inputs and output "
                              f"gradients cannot be collected: {_FIX}")
         k_in = ref.resolved_in_axes(leaves[w].ndim)
-        shared = next((why for c in mine if (why := shared_reason(c, examples))), None)
+        shared = next((why for c in mine if (why := shared_reason(c, examples, shapes))), None)
         if shared:
             raise ValueError(f"K-FAC layer {name!r} is {shared}: leave it to the diagonal with "
                              "layers=grng_jax.find_layers(loss_fn, params, batch), which skips "

@@ -201,12 +201,19 @@ def batch_size(batch) -> int:
     return int(sizes.pop())  # type: ignore[arg-type]
 
 
-def shared_reason(call, examples: int | None) -> str | None:
+def example_shapes(batch) -> tuple:
+    """The shapes of one example of the batch's leaves (without their leading batch axis)."""
+    return tuple({tuple(x.shape[1:]) for x in jax.tree_util.tree_leaves(batch) if x.ndim})
+
+
+def shared_reason(call, examples: int | None, examples_shapes: tuple = ()) -> str | None:
     """Why a tagged call's input gives no per-example K-FAC rows (its input is shared by the
-    batch and its output broadcast over it: a position embedding of ids (1, T); ALGORITHMS.md
-    §2.1, `grng_core.structures.rows.shared_by_batch`), or None."""
+    batch and its output broadcast over it: a position embedding of ids (1, T), or of
+    `arange(T)` for inputs (B, T); ALGORITHMS.md §2.1,
+    `grng_core.structures.rows.shared_by_batch`), or None."""
     features = 0 if call.kind == "embed" else 1 if call.kind == "conv" else call.in_axes
-    return shared_by_batch(tuple(call.inputs.shape), examples, features=features)
+    return shared_by_batch(tuple(call.inputs.shape), examples, features=features,
+                           example_shapes=examples_shapes)
 
 
 def trace_calls(loss_fn: Callable, params, batch) -> list:
@@ -237,8 +244,8 @@ def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:
     leaves = jax.tree_util.tree_leaves(params)
     out, seen = [], set()
     calls = trace_calls(loss_fn, params, batch)
-    examples = batch_size(batch)
-    seen = {c.weight for c in calls if shared_reason(c, examples)}  # left to the diagonal
+    examples, shapes = batch_size(batch), example_shapes(batch)
+    seen = {c.weight for c in calls if shared_reason(c, examples, shapes)}  # left to the diagonal
     for c in calls:
         if c.weight in seen:
             continue

@@ -375,3 +375,4 @@ def load(opt, path, group: int | None = None, set_hyperparams: bool = False) -> 
             for k in opt.hp_names:
                 opt.param_groups[p.i][k] = p.group[k]
         opt.set_group_state(p.i, entry)
+        opt.loaded_groups.add(p.i)

@@ -5,10 +5,12 @@
   of every model call in the closure (so a closure that accumulates micro-batches, each loss
   scaled by its share of the batch, gives the combined batch's rows; §2.1). A convolution's
   inputs are its unfolded patches, one row per (example, output position).
-- Every call of the model in the closure (`Call`: positional and keyword arguments, batch
-  size, autocast state, and the loss module's input shape and targets), so the optimizer can
-  re-run the model functionally (per-example gradients through `torch.func`, the "mc"
-  Fisher's sampled-label pass) on each micro-batch.
+- Every call of the model in the closure (`_model_calls.Call`: positional and keyword
+  arguments, batch size, autocast state, and the loss module's input shape and targets), so
+  the optimizer can re-run the model functionally (per-example gradients through
+  `torch.func`, the "mc" Fisher's sampled-label pass) on each micro-batch. A call whose
+  hooked layer outputs no gradient reached took no part in the loss and is left out
+  (`unused_calls`).
 
 Nothing is collected unless the optimizer opened a collection (`Collector.collect`, inside
 its closure) or armed the hooks for a step without a closure (`Collector.arm`: passes that
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from grng_core.structures import factored
 from grng_core.structures.rows import shared_by_batch
 from grng_torch._autocast import autocast_state
 from grng_torch._linear_calls import LinearCalls
+from grng_torch._model_calls import Batch, Call, first_tensor
 from grng_torch.layers import HookedLayer, find_layers
 
 
@@ -54,50 +56,10 @@ def factored_pays(layer: HookedLayer, x: torch.Tensor, passes: int = 1) -> bool:
                             passes * (x.numel() // max(x.shape[-1], 1)))
 
 
-@dataclass
-class Call:
-    """One call of the model in the closure (one micro-batch), and its loss module call."""
-
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-    size: int | None = None  # the first tensor argument's batch axis (`batch_axis`)
-    autocast: tuple = ()  # ((device_type, enabled, dtype), ...) at the forward call
-    targets: Any = None
-    has_targets: bool = False
-    loss_input_shape: tuple | None = None  # the loss module's input (output_fn's result)
-
-
-@dataclass
-class Batch:
-    """The model calls of the optimizer's closure (several when it accumulates micro-batches)."""
-
-    calls: list[Call] = field(default_factory=list)
-
-    @property
-    def called(self) -> bool:
-        return bool(self.calls)
-
-    @property
-    def size(self) -> int | None:
-        """E: the examples of every call (None when a call's batch size is unknown)."""
-        sizes = [c.size for c in self.calls]
-        return None if not sizes or None in sizes else sum(sizes)  # type: ignore[arg-type]
-
-
 def _in_backward() -> bool:
     """Inside autograd's backward (a graph task is running on this thread)."""
     current = getattr(torch._C, "_current_graph_task_id", None)
     return current is not None and current() != -1
-
-
-def _first_tensor(tree) -> torch.Tensor | None:
-    args = tree[0] if isinstance(tree, tuple) and tree else ()
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]  # the usual model(x, ...) call: no tree walk
-    for leaf in torch.utils._pytree.tree_leaves(tree):
-        if isinstance(leaf, torch.Tensor):
-            return leaf
-    return None
 
 
 class Collector:
@@ -120,6 +82,9 @@ class Collector:
         # meaning "times E" (the closure's backward) or a number (explicit passes)
         self.s: dict[int, dict[int, tuple]] = {}
         self.z: dict[int, list] = {}
+        # per layer, the model call (index into batch.calls) of each of its input chunks
+        self.call_of: dict[int, list[int]] = {}
+        self._unused: set[int] | None = None  # `unused_calls`, until something new arrives
         # layers collected only for the factored form -> the passes whose rows it stacks
         self.rows_only: dict[int, int] = {}
         # on a step whose refresh is the warm-up's only: layer -> its group's config, and per
@@ -158,11 +123,13 @@ class Collector:
             return None
         if self.armed and self.batch.calls and self._grads_cleared():
             self.a, self.s, self.z, self.batch = {}, {}, {}, Batch()  # a step that never came
-            self.hooked = {}
-        first = _first_tensor((args, kwargs))
-        size = None if first is None or first.dim() <= self.batch_axis \
-            else int(first.shape[self.batch_axis])
-        self.batch.calls.append(Call(tuple(args), dict(kwargs), size, autocast_state()))
+            self.hooked, self.call_of, self._unused = {}, {}, None
+        first = first_tensor((args, kwargs))
+        size, example = None, None
+        if first is not None and first.dim() > self.batch_axis:
+            size = int(first.shape[self.batch_axis])
+            example = tuple(first.shape[:self.batch_axis] + first.shape[self.batch_axis + 1:])
+        self.batch.calls.append(Call(tuple(args), dict(kwargs), size, example, autocast_state()))
         return None
 
     def _loss_hook(self, module, args, kwargs):
@@ -200,6 +167,8 @@ class Collector:
                 return None  # the layer skips the warm-up: the core refreshes it not now
             chunks = self.a.setdefault(i, [])
             chunks.append(layer.input_rows(x.detach()))
+            self.call_of.setdefault(i, []).append(len(self.batch.calls) - 1)
+            self._unused = None
             if self.mode == "outputs":
                 self.z.setdefault(i, []).append((len(chunks) - 1, output))
             elif output.requires_grad:
@@ -219,14 +188,16 @@ class Collector:
             return True
         if self.layers[i].functional:
             return False  # MultiheadAttention's projections: inputs laid out (T, B, E) inside
-        size = self.batch.calls[-1].size if self.batch.calls else None
-        why = shared_by_batch(tuple(x.shape), size, self.batch_axis,
-                              0 if self.layers[i].a_diagonal else 1)
+        call = self.batch.calls[-1] if self.batch.calls else None
+        why = None if call is None else shared_by_batch(
+            tuple(x.shape), call.size, self.batch_axis, 0 if self.layers[i].a_diagonal else 1,
+            () if call.example is None else (call.example,))
         if why is None:
             return False
         self.broadcast[i] = why
-        for kept in (self.a, self.s, self.z, self.hooked):
+        for kept in (self.a, self.s, self.z, self.hooked, self.call_of):
             kept.pop(i, None)
+        self._unused = None
         return True
 
     def warms(self, i: int, output: torch.Tensor) -> bool:
@@ -307,22 +278,56 @@ class Collector:
     def side_pass(self) -> Iterator[None]:
         """A pass whose rows and model calls are kept apart from the step's own (restored
         after it): the finite-difference oracle's shifted pass (§1, §2.1)."""
-        saved = (self.a, self.s, self.z, self.batch, self.warmup_only, self.warming, self.hooked)
-        self.a, self.s, self.z, self.batch, self.hooked = {}, {}, {}, Batch(), {}
-        self.warmup_only, self.warming = {}, {}
+        saved = (self.a, self.s, self.z, self.batch, self.warmup_only, self.warming, self.hooked,
+                 self.call_of)
+        self._reset()
         try:
             yield
         finally:
             (self.a, self.s, self.z, self.batch, self.warmup_only, self.warming,
-             self.hooked) = saved
+             self.hooked, self.call_of) = saved
+            self._unused = None
 
     def clear(self) -> None:
-        self.a, self.s, self.z, self.hooked = {}, {}, {}, {}
+        """Drop the rows and model calls kept (before and after each step)."""
+        self._reset()
+
+    def _reset(self) -> None:
+        self.a, self.s, self.z, self.hooked, self.call_of = {}, {}, {}, {}, {}
         self.warmup_only, self.warming = {}, {}
         self.batch = Batch()
+        self._unused = None
+
+    def unused_calls(self) -> set[int]:
+        """The model calls (indices into `batch.calls`) whose layer outputs were all hooked
+        and none reached by a gradient: a forward with gradients enabled that took no part in
+        the loss (an evaluation between `backward()` and a closure-free `step()`, an output
+        detached for a metric). They are no part of the batch: neither their examples (E)
+        nor their rows count."""
+        if self._unused is None:
+            reached: set[int] = set()
+            waited: set[int] = set()
+            for i, ks in self.hooked.items():
+                calls, got = self.call_of.get(i, ()), self.s.get(i, {})
+                for k in ks:
+                    (reached if k in got else waited).add(calls[k])
+            self._unused = waited - reached - {-1}
+        return self._unused
+
+    def used_calls(self) -> list[tuple[int, Call]]:
+        """(index, call) of the model calls that are part of the batch (`unused_calls`)."""
+        unused = self.unused_calls()
+        return [(c, call) for c, call in enumerate(self.batch.calls) if c not in unused]
+
+    def _used_chunks(self, i: int) -> list[int]:
+        unused = self.unused_calls()
+        calls = self.call_of.get(i, ())
+        return [k for k in range(len(self.a.get(i, ()))) if not unused or calls[k] not in unused]
 
     def has_rows(self, i: int) -> bool:
-        return i not in self.broadcast and bool(self.a.get(i)) and bool(self.s.get(i))
+        if i in self.broadcast or not self.a.get(i) or not self.s.get(i):
+            return False
+        return not self.unused_calls() or bool(self._used_chunks(i))
 
     def _add(self, i: int, k: int, grad: torch.Tensor, factor) -> None:
         rows = self.layers[i].output_rows(grad)
@@ -330,6 +335,7 @@ class Collector:
         if k in got:  # a second backward through the same forward: gradients add up
             rows = rows + got[k][0]
         got[k] = (rows, factor)
+        self._unused = None
 
     def add_output_rows(self, i: int, k: int, grad: torch.Tensor, factor: float) -> None:
         """Output-gradient rows of forward call k of layer i from an explicit pass ("mc"):
@@ -343,14 +349,18 @@ class Collector:
         if i in self.broadcast:
             raise RuntimeError(f"no K-FAC statistics for layer {self.layers[i].label!r}: it was "
                                f"{self.broadcast[i]}")
-        if not a or not s:
+        if not self.has_rows(i):
             raise RuntimeError(
                 f"no K-FAC statistics were collected for layer {self.layers[i].label!r}: the "
                 "closure must run the model's forward and call loss.backward() (and the layer "
                 "must take part)")
+        assert a is not None and s is not None
         E = self.scale()
+        keep = self._used_chunks(i)
+        if len(keep) < len(a):  # inputs of calls that took no part in the loss
+            a = [a[k] for k in keep]
         chunks = []
-        for k, a_k in enumerate(a):  # paired with the inputs, call by call (factored form)
+        for k, a_k in zip(keep, a):  # paired with the inputs, call by call (factored form)
             if k in s:
                 rows, f = s[k]
                 chunks.append(rows * (E if f is None else f))
@@ -362,7 +372,9 @@ class Collector:
 
     def scale(self) -> int:
         """E, the examples of the model calls the output gradients are multiplied by."""
-        size = self.batch.size
+        unused = self.unused_calls()
+        size = self.batch.size if not unused else Batch(
+            [c for _, c in self.used_calls()]).size
         if size is None:
             raise RuntimeError("the model's batch size is unknown: the closure did not call "
                                "the model given to the optimizer (with a batched tensor first)")

@@ -18,6 +18,8 @@ NOT_REACHED = "not reached by the loss at the first step (no statistics)"
 FROZEN = ("frozen (requires_grad=False: weight and bias) at the first step: no K-FAC "
           "statistics for the run")
 STALE = "factors kept from before, not refreshed: found "
+LOADED = ("on the diagonal in the loaded state: the run that saved it left the layer off "
+          "K-FAC at its first step")
 CLOSURE_ONLY = ("nn.MultiheadAttention's projections are collected inside step(closure) only; "
                 "the first step had no closure")
 
@@ -67,7 +69,8 @@ def group_report(opt, i: int) -> StructureReport:
                 reason = opt.collector.broadcast.get(li) or (
                     FROZEN if li in opt.collector.frozen else
                     CLOSURE_ONLY if opt.collector.layers[li].functional
-                    and opt.collector.armed else NOT_REACHED)
+                    and opt.collector.armed and i not in opt.loaded_groups else
+                    LOADED if i in opt.loaded_groups else NOT_REACHED)
                 reasons.update({j: reason for j in (w, b) if j is not None})
     layer_names = {w: opt.collector.layers[li].label for li, w, _ in candidates}
     stale = {j: STALE + opt.collector.broadcast[li] for li, w, b in candidates

@@ -44,7 +44,7 @@ def mc_pass(opt, active: list[int], want_targets: bool):
     sampled targets per call (or None)."""
     coll = opt.collector
     sampled = []
-    for call in coll.batch.calls:
+    for _, call in coll.used_calls():
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.enable_grad() if active else torch.no_grad())
             stack.enter_context(coll.collect("outputs", active))
@@ -69,7 +69,7 @@ def per_example(opt, gis: list[int], sampled) -> dict[int, torch.Tensor]:
     """Per-example gradients of the params of groups `gis` over every micro-batch (the
     closure's targets, or the "mc" pass's sampled ones), concatenated."""
     coll = opt.collector
-    calls = coll.batch.calls
+    calls = [call for _, call in coll.used_calls()]
     if sampled is None and not all(c.has_targets for c in calls):
         raise RuntimeError(
             "per-example gradients need the targets: the closure must call the loss_fn "

@@ -59,6 +59,7 @@ def load(opt, state_dict: dict[str, Any], torch_load) -> None:
     torch_load({**state_dict, "state": state})
     for i, entry in entries:
         opt.set_group_state(i, entry)
+        opt.loaded_groups.add(i)
     opt._cores = [((), None)] * len(opt.param_groups)
 
 

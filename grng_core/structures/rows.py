@@ -20,18 +20,27 @@ def frequencies(ids, d: int, xp, dtype, device):
 
 
 def shared_by_batch(shape: tuple, examples: int | None, axis: int = 0,
-                    features: int = 1) -> str | None:
+                    features: int = 1, example_shapes: tuple = ()) -> str | None:
     """Why a layer call's input cannot give per-example K-FAC rows (ALGORITHMS.md §2.1, "This
     project": inputs the batch shares), or None. `shape`: the call's input, its last `features`
     axes the layer's features (0 for token ids); `examples`: the model call's batch size, on
-    axis `axis` of its inputs. Shared: that axis is 1 on an input of two or more axes in a call
-    of more than one example (GPT-2's and BERT's position ids, (1, T)); its output is
-    broadcast over the examples, so its output gradient is already their sum. With `axis` > 0
-    (a sequence-first model) an input whose axis 0 has the examples' size is a batch-first one
-    inside the model, not shared. Inputs without that axis (ids of shape (T,)) cannot be told
-    from an example or position axis and are not recognised."""
-    if (examples is None or examples <= 1 or len(shape) < 2
-            or len(shape) - features <= axis or shape[axis] != 1
+    axis `axis` of its inputs; `example_shapes`: the shapes of one example of the model call's
+    inputs (their shapes without axis `axis`). In a call of more than one example, shared:
+    - that axis is 1 on an input of two or more axes (GPT-2's and BERT's position ids, (1, T));
+      with `axis` > 0 (a sequence-first model) an input whose axis 0 has the examples' size is
+      a batch-first one inside the model, not shared;
+    - or the input is ids (`features` 0) of one example's shape (at least one axis) that do not
+      hold the examples on `axis` (nanoGPT's position ids `arange(T)`, (T,), for inputs
+      (B, T)): T = B cannot be told from a batch and is not recognised. Only ids: a dense
+      input (T, d) is also a sequence-first model's (B, d) head read with the default axis.
+    Its output is broadcast over the examples, so its output gradient is already their sum."""
+    if examples is None or examples <= 1:
+        return None
+    positions = tuple(shape[:len(shape) - features])
+    one_example = (features == 0 and len(positions) >= 1 and positions in example_shapes
+                   and (len(positions) <= axis or positions[axis] != examples))
+    if not one_example and (
+            len(shape) < 2 or len(shape) - features <= axis or shape[axis] != 1
             or (axis != 0 and shape[0] == examples)):  # a batch-first input inside the model
         return None
     return (f"called on an input of shape {tuple(shape)} shared by a batch of {examples} "

@@ -132,36 +132,43 @@ def test_embed_steps_equal_the_torch_adapter():
 
 
 class FlaxPositions(fnn.Module):
-    """Token embedding plus a position embedding of ids (1, T), broadcast over the batch."""
+    """Token embedding plus a position embedding of ids (1, T) (`row`) or (T,), broadcast over
+    the batch."""
+
+    row: bool = True
 
     @fnn.compact
     def __call__(self, ids):
-        pos = fnn.Embed(5, 4, name="pos")(jnp.arange(ids.shape[1])[None])
+        pos_ids = jnp.arange(ids.shape[1])
+        pos = fnn.Embed(5, 4, name="pos")(pos_ids[None] if self.row else pos_ids)
         return fnn.Dense(CLASSES)(jnp.tanh(fnn.Embed(10, 4, name="tok")(ids) + pos).mean(1))
 
 
 class TorchPositions(tnn.Module):
-    def __init__(self):
+    def __init__(self, row: bool = True):
         super().__init__()
+        self.row = row
         self.tok, self.pos = tnn.Embedding(10, 4).double(), tnn.Embedding(5, 4).double()
         self.fc = tnn.Linear(4, CLASSES).double()
 
     def forward(self, ids):
-        pos = self.pos(torch.arange(ids.shape[1])[None])
+        pos_ids = torch.arange(ids.shape[1])
+        pos = self.pos(pos_ids[None] if self.row else pos_ids)
         return self.fc(torch.tanh(self.tok(ids) + pos).mean(1))
 
 
-def test_a_position_embedding_shared_by_the_batch_stays_on_the_diagonal():
+@pytest.mark.parametrize("row", [True, False])
+def test_a_position_embedding_shared_by_the_batch_stays_on_the_diagonal(row):
     """Its output gradient is summed over the examples (no per-example K-FAC rows, §2.1):
     layers="auto" refuses it by name at the first update; find_layers leaves it out, and the
     steps equal the torch adapter's, which puts it on the diagonal itself."""
     rs = np.random.default_rng(0)
     ids, y = rs.integers(0, 10, size=(B, 5)), rs.integers(0, CLASSES, B)
-    params = f64(FlaxPositions().init(jax.random.PRNGKey(0), jnp.asarray(ids)))
+    params = f64(FlaxPositions(row).init(jax.random.PRNGKey(0), jnp.asarray(ids)))
     batch = (jnp.asarray(ids), jnp.asarray(y))
 
     def loss_fn(p, b):
-        return _ce(FlaxPositions().apply(p, b[0]), b[1])
+        return _ce(FlaxPositions(row).apply(p, b[0]), b[1])
 
     opt = grng_jax.ring(0.1, **HP)
     with pytest.raises(ValueError, match=r"'params/pos/embedding'.*shared by a batch of 6"):
@@ -170,9 +177,9 @@ def test_a_position_embedding_shared_by_the_batch_stays_on_the_diagonal():
     layers = grng_jax.find_layers(loss_fn, params, batch)
     assert sorted("/".join(L.weight) for L in layers) == ["params/Dense_0/kernel",
                                                           "params/tok/embedding"]
-    out = _jax_run(FlaxPositions(), params, *batch, layers=layers, expect_layers=2)
+    out = _jax_run(FlaxPositions(row), params, *batch, layers=layers, expect_layers=2)
     p = params["params"]
-    tm = TorchPositions()
+    tm = TorchPositions(row)
     with torch.no_grad():
         for name in ("tok", "pos"):
             getattr(tm, name).weight.copy_(torch.tensor(np.asarray(p[name]["embedding"])))

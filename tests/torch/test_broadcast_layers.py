@@ -20,7 +20,7 @@ V, T, D = 11, 6, 8
 
 
 class PositionLM(nn.Module):
-    """Token and position embeddings (positions of shape `pos_shape`: (1, T) or (T,)), one
+    """Token and position embeddings (position ids (1, T) for "row", (T,) for "vector"), one
     hidden layer, a next-token head."""
 
     def __init__(self, pos_ids: str = "row"):
@@ -58,17 +58,20 @@ def _entries(opt, prefix: str):
     return [e for e in opt.describe().entries if e.name.startswith(prefix)]
 
 
-@pytest.mark.parametrize("form", ["adaptive_damping", "gauss_newton"])
-def test_a_layer_shared_by_the_batch_is_diagonal_and_accumulation_is_exact(form):
-    """Position ids of shape (1, T): a leading axis of 1 in a call of 8 examples."""
-    combined, opt = _run(1, form=form)
+@pytest.mark.parametrize("form,pos_ids", [("adaptive_damping", "row"),
+                                          ("gauss_newton", "row"),
+                                          ("adaptive_damping", "vector")])
+def test_a_layer_shared_by_the_batch_is_diagonal_and_accumulation_is_exact(form, pos_ids):
+    """Position ids of shape (1, T) (GPT-2, BERT): a leading axis of 1 in a call of 8
+    examples; of shape (T,) (nanoGPT's arange(T)): one example's shape."""
+    combined, opt = _run(1, form=form, pos_ids=pos_ids)
     (pos,) = _entries(opt, "pos.")
     assert pos.structure == "diagonal" and "shared by a batch of 8" in pos.reason, pos
     assert all(e.structure == "kfac" for e in _entries(opt, "hidden."))
     assert all(e.structure == "kfac" for e in _entries(opt, "tok."))
     start = flat(PositionLM().double())
     for parts in (2, 4):
-        split, _ = _run(parts, form=form)
+        split, _ = _run(parts, form=form, pos_ids=pos_ids)
         moved = (flat(combined) - start).norm()
         assert moved > 1e-2
         assert (flat(split) - flat(combined)).norm() <= 1e-9 * moved, parts
@@ -173,3 +176,21 @@ def test_gpt2_accumulation_equals_the_combined_batch():
     moved = (flat(z1.model) - flat(gpt2(B=8).model.double())).norm()
     assert moved > 1e-2
     assert (flat(z2.model) - flat(z1.model)).norm() <= 1e-9 * moved
+
+
+@pytest.mark.parametrize("how", ["state_dict", "file"])
+def test_a_resumed_run_says_why_the_shared_layer_is_on_the_diagonal(how, tmp_path):
+    """A fresh optimizer that loads the state has seen no step of its own: describe() names
+    the checkpoint, not "not reached by the loss" (as before), for the layer it left out."""
+    _, opt = _run(1, steps=2)
+    torch.manual_seed(0)
+    model = PositionLM().double()
+    fresh = gt.RING(model.parameters(), model=model, lr=0.1, damping=0.1)
+    if how == "file":
+        opt.save(tmp_path / "ckpt.npz")
+        fresh.load(tmp_path / "ckpt.npz")
+    else:
+        fresh.load_state_dict(opt.state_dict())
+    (pos,) = _entries(fresh, "pos.")
+    assert pos.structure == "diagonal" and "loaded state" in pos.reason, pos
+    assert all(e.structure == "kfac" for e in _entries(fresh, "hidden."))

@@ -25,31 +25,41 @@ def _batches(n):
 
 @pytest.mark.parametrize("kw", [{}, {"form": "gauss_newton"}, {"structure": "diagonal"}])
 @pytest.mark.parametrize("clip", [None, 0.05])
-def test_closure_free_ring_equals_the_closure_run(kw, clip):
+@pytest.mark.parametrize("evaluation", ["no_grad", "with_grad"])
+def test_closure_free_ring_equals_the_closure_run(kw, clip, evaluation):
+    """Reference: the closure run with nothing else in it. The closure-free run evaluates
+    between backward() and step(), and with "with_grad" does so with gradients enabled (its
+    calls reach no gradient: `Collector.unused_calls`); a third run's closure also calls the
+    model for a metric whose output it detaches. Before the calls were recognised, those
+    examples counted in the batch (E) and their inputs in A."""
     batches = _batches(25)  # the 20-step warm-up and refreshes at 20
+    x_eval = torch.randn(4, 6, dtype=torch.float64)
     runs = []
-    for closure_free in (False, True):
+    for how in ("closure", "closure_free", "closure_with_metric")[:2 + (evaluation != "no_grad")]:
         model = _model()
         opt = grng_torch.RING(model.parameters(), model=model, **kw)
         for x, y in batches:
-            def backward(opt=opt, model=model, x=x, y=y):
+            def backward(opt=opt, model=model, x=x, y=y, metric=how == "closure_with_metric"):
                 opt.zero_grad()
                 loss = nn.functional.cross_entropy(model(x), y)
+                if metric:
+                    model(x_eval).detach()
                 loss.backward()
                 if clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), clip)
                 return loss
-            if closure_free:
+            if how == "closure_free":
                 backward()
-                with torch.no_grad():  # an evaluation pass: not a training batch
-                    model(torch.randn(4, 6, dtype=torch.float64))
+                with torch.set_grad_enabled(evaluation == "with_grad"):
+                    model(x_eval)  # an evaluation pass: not a training batch
                 assert opt.step() is None
             else:
                 opt.step(backward)
         assert int(opt.group_state(0).core.skipped) == 0
         runs.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*runs):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("name,kw", [("RENG", {}), ("RKalman", {}),
