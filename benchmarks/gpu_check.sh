@@ -22,6 +22,13 @@
 # 5. writes OUTDIR/report.md: environment (nvidia-smi, versions), pass/fail counts, the GPU
 #    smoke lines and the step-cost targets and tables; logs and junit XML beside it.
 #
+# Offline (the device tool's lent GPU machine reaches no registry): with wheels in .whl/
+# (`bash benchmarks/gpu_wheels.sh` on a machine that reaches the registries; carry ".whl"), or
+# OFFLINE=1, no venv is made and nothing is fetched: the image's python3 (GPU_PYTHON to
+# change) with its torch, jax and cupy runs everything, the wheels installed into
+# /tmp/grng-site and the project put on PYTHONPATH. On the device tool:
+#   run(command="bash benchmarks/gpu_check.sh $OUT", carry=[".whl"], timeout_s=540)
+#
 # Every phase runs under `timeout` against one deadline (BUDGET_S, default 470 s); a phase that
 # fails or times out is reported and the script goes on. Exit status: 0 when every phase ran
 # and passed, 1 otherwise, 2 when there is no GPU.
@@ -91,8 +98,23 @@ nvidia-smi >"$OUTDIR/nvidia-smi.txt" 2>&1
 say "GPU: $(head -n 1 "$OUTDIR/nvidia-smi-L.txt")"
 
 # ---------------------------------------------------------------------------- 2. environment
-PY=$VENV/bin/python
-if [[ ! -x $PY ]]; then
+WHEELS=$ROOT/.whl
+if [[ ${OFFLINE:-0} == 1 ]] || compgen -G "$WHEELS/*.whl" >/dev/null; then
+    OFFLINE=1
+    PY=$(command -v "${GPU_PYTHON:-python3}")
+    VENV="the image's $PY (offline)"
+    SITE=/tmp/grng-site
+    if compgen -G "$WHEELS/*.whl" >/dev/null; then
+        say "offline: installing $(ls "$WHEELS" | tr '\n' ' ')into $SITE"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target "$SITE" "$WHEELS"/*.whl >>"$LOG" 2>&1 || say "offline: wheel install failed"
+    fi
+    export PYTHONPATH=$SITE:$ROOT:$ROOT/adapters${PYTHONPATH:+:$PYTHONPATH}
+else
+    OFFLINE=0
+    PY=$VENV/bin/python
+fi
+if [[ $OFFLINE == 0 && ! -x $PY ]]; then
     PYTHON=${PYTHON:-python3}
     say "creating $VENV with $($PYTHON --version 2>&1)"
     "$PYTHON" -m venv "$VENV" || { say "cannot create the venv"; exit 1; }
@@ -134,6 +156,10 @@ export PY TORCH_VERSION TORCH_CUDA_INDEXES START LOG BUDGET_S
 if [[ ${SKIP_INSTALL:-0} == 1 ]] || ready; then
     PHASE[install]="reused $VENV"
     say "install: reusing $VENV"
+elif [[ $OFFLINE == 1 ]]; then
+    PHASE[install]="offline, not ready: $("$PY" -c 'import cupy, jax, torch, grng_core, grng_torch, grng_jax, pytest, hypothesis, matplotlib; print("imports ok; torch cuda", torch.cuda.is_available(), "| jax", jax.default_backend())' 2>&1 | tail -n 1)"
+    STATUS=1
+    say "install: ${PHASE[install]}"
 else
     run_phase install 330 140 bash -c install_all
 fi
@@ -141,8 +167,9 @@ fi
 "$PY" - >"$OUTDIR/versions.txt" 2>&1 <<'EOF'
 import importlib.metadata as md, platform, sys
 print("python", platform.python_version(), sys.executable)
-for d in ("torch", "jax", "jaxlib", "jax-cuda12-plugin", "cupy-cuda12x", "numpy", "optax",
-          "grng", "asdfghjkl", "kfac-jax", "pytest"):
+for d in ("torch", "jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "cupy-cuda12x",
+          "cupy-cuda13x", "numpy", "array-api-compat", "optax", "flax", "grng", "asdfghjkl",
+          "kfac-jax", "pytest"):
     try:
         print(d, md.version(d))
     except md.PackageNotFoundError:
