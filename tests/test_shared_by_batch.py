@@ -72,3 +72,12 @@ def test_one_examples_shape_equal_to_the_batch_size_is_not_recognised():
     D = B is one example's shape only by coincidence: neither is taken for shared."""
     assert shared_by_batch((B,), B, features=0, example_shapes=((B,),)) is None
     assert shared_by_batch((B, B), B, features=1, example_shapes=((B,),)) is None
+
+
+def test_ids_as_long_as_the_batch_are_ambiguous():
+    from grng_core.structures.rows import ambiguous_ids
+
+    assert ambiguous_ids((B,), B, example_shapes=((B,),))
+    assert not ambiguous_ids((T,), B, example_shapes=((T,),))  # recognised as shared instead
+    assert not ambiguous_ids((B,), B, example_shapes=((T,),))  # not one example's shape
+    assert not ambiguous_ids((1,), 1, example_shapes=((1,),))  # one example: nothing shared

@@ -46,6 +46,7 @@ def warn_if_mostly_diagonal(name: str, params, covered: set, option) -> None:
                       f"({why_diagonal(paths[i], leaves[i], option)})" for i in off[:4])
     more = f"; and {len(off) - 4} more" if len(off) > 4 else ""
     warnings.warn(
-        f"grng_jax.{name}: {len(off)} of {len(matrices)} weight matrices ({share:.0%} of their "
-        f"elements) are on the diagonal structure, not K-FAC: {shown}{more}. "
+        f"grng_jax.{name}: {len(off)} of {len(matrices)} weight matrices, holding {share:.0%} "
+        f"of all weight-matrix elements, are on the diagonal structure, not K-FAC: "
+        f"{shown}{more}. "
         "grng_jax.describe(opt, state, params) lists every leaf.", UserWarning, stacklevel=4)

@@ -8,9 +8,9 @@
 - Every call of the model in the closure (`_model_calls.Call`: positional and keyword
   arguments, batch size, autocast state, and the loss module's input shape and targets), so
   the optimizer can re-run the model functionally (per-example gradients through
-  `torch.func`, the "mc" Fisher's sampled-label pass) on each micro-batch. A call whose
-  hooked layer outputs no gradient reached took no part in the loss and is left out
-  (`unused_calls`).
+  `torch.func`, the "mc" Fisher's sampled-label pass) on each micro-batch. A call without
+  gradients, or one whose outputs (the model's and the hooked layers') no gradient reached,
+  took no part in the loss and is left out (`used_calls`).
 
 Nothing is collected unless the optimizer opened a collection (`Collector.collect`, inside
 its closure) or armed the hooks for a step without a closure (`Collector.arm`: passes that
@@ -28,12 +28,11 @@ import torch
 from torch import nn
 
 from grng_core import schedule
-from grng_core.structures import factored
-from grng_core.structures.rows import shared_by_batch
 from grng_torch._autocast import autocast_state
+from grng_torch._layer_rows import factored_pays, in_backward, kept_rows, warn_ambiguous_ids
 from grng_torch._linear_calls import LinearCalls
 from grng_torch._model_calls import Batch, Call, first_tensor
-from grng_torch.layers import HookedLayer, find_layers
+from grng_torch.layers import find_layers
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -41,25 +40,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
-
-
-def factored_pays(layer: HookedLayer, x: torch.Tensor, passes: int = 1) -> bool:
-    """Whether the core would precondition this call's layer in factored form (§2.1): rows it
-    can branch on without a device sync (host tensors: `grng_core.concrete.branchable` for a
-    torch tensor, asked of torch directly so that a torch.compile'd forward traces no
-    array-api-compat helper), in float32 or wider, and fewer multiply-adds than the dense
-    product for the rows of `passes` such calls (2 or 3 for a finite-difference ĝ, whose
-    passes' rows are stacked)."""
-    if x.device.type != "cpu" or x.dtype.itemsize < 4:
-        return False  # 16-bit rows (autocast, half params) never pass the check at √eps
-    return factored.cheaper(layer.d_out, layer.d_in + (layer.bias is not None),
-                            passes * (x.numel() // max(x.shape[-1], 1)))
-
-
-def _in_backward() -> bool:
-    """Inside autograd's backward (a graph task is running on this thread)."""
-    current = getattr(torch._C, "_current_graph_task_id", None)
-    return current is not None and current() != -1
 
 
 class Collector:
@@ -84,24 +64,27 @@ class Collector:
         self.z: dict[int, list] = {}
         # per layer, the model call (index into batch.calls) of each of its input chunks
         self.call_of: dict[int, list[int]] = {}
-        self._unused: set[int] | None = None  # `unused_calls`, until something new arrives
+        self.replaying: int | None = None  # the call an extra pass runs again ("mc")
+        self.generation = 0  # bumped when the rows are dropped: older hooks keep nothing
         # layers collected only for the factored form -> the passes whose rows it stacks
         self.rows_only: dict[int, int] = {}
         # on a step whose refresh is the warm-up's only: layer -> its group's config, and per
-        # layer the first call's decision, kept for the step's other calls (`warms`)
+        # layer and model call the decision on that call's rows (`warms`, `warms_now`)
         self.warmup_only: dict[int, Any] = {}
-        self.warming: dict[int, bool] = {}
+        self.warming: dict[int, dict[int, bool]] = {}
         self.no_warmup: set[int] = set()  # layers seen to skip the warm-up (describe())
         # layers called on an input shared by the batch (`shared_over_batch`) -> why: never
         # collected again, so they are absent from every step (diagonal from the first)
         self.broadcast: dict[int, str] = {}
         self.broadcast_warned: set[int] = set()  # found shared after their first step
+        self.ambiguous: set[int] = set()  # warned: ids (T,) with T = B (`Call.ambiguous`)
         self.frozen: set[int] = set()  # layers left out at the first step: weight frozen
         # between closure-free steps the hooks stay open for the next step's needs (`arm`):
         # then only the passes that build a graph count (not evaluation under no_grad)
         self.armed = False
         self.hooked: dict[int, set[int]] = {}  # layer -> its calls whose output has a grad hook
-        self._handles = [self.root.register_forward_pre_hook(self._root_hook, with_kwargs=True)]
+        self._handles = [self.root.register_forward_pre_hook(self._root_hook, with_kwargs=True),
+                         self.root.register_forward_hook(self._root_out_hook, with_kwargs=True)]
         self._hooks = [self._layer_hook(i) for i in range(len(self.layers))]
         for i, L in enumerate(self.layers):
             if not L.functional:
@@ -121,31 +104,57 @@ class Collector:
     def _root_hook(self, module, args, kwargs):
         if not self.capture or (self.armed and not torch.is_grad_enabled()):
             return None
-        if self.armed and self.batch.calls and self._grads_cleared():
-            self.a, self.s, self.z, self.batch = {}, {}, {}, Batch()  # a step that never came
-            self.hooked, self.call_of, self._unused = {}, {}, None
+        if self.armed and self.s and self._grads_cleared():
+            # the calls kept had their backward, the gradients were cleared since: an
+            # iteration whose step never came (not a second forward before the backward)
+            self.a, self.s, self.z, self.batch = {}, {}, {}, Batch()
+            self.hooked, self.call_of, self.warming = {}, {}, {}
+            self.generation += 1
         first = first_tensor((args, kwargs))
         size, example = None, None
         if first is not None and first.dim() > self.batch_axis:
             size = int(first.shape[self.batch_axis])
             example = tuple(first.shape[:self.batch_axis] + first.shape[self.batch_axis + 1:])
-        self.batch.calls.append(Call(tuple(args), dict(kwargs), size, example, autocast_state()))
+        self.batch.add(Call(tuple(args), dict(kwargs), size, example, autocast_state()), first)
         return None
 
-    def _loss_hook(self, module, args, kwargs):
-        if not self.capture or not self.batch.calls:
-            return None
-        if len(args) >= 2:
-            target = args[1]
-        elif "target" in kwargs:
-            target = kwargs["target"]
-        else:
+    def _root_out_hook(self, module, args, kwargs, output):
+        """Watch the model call's outputs: a gradient reaching one makes the call part of the
+        batch (`Call.used`), whichever layers the optimizer hooks."""
+        if (not self.capture or self.mode != "backward" or not torch.is_grad_enabled()
+                or not self.batch.calls or in_backward()):
             return None
         call = self.batch.calls[-1]
-        call.targets = target.detach() if isinstance(target, torch.Tensor) else target
-        call.has_targets = True
-        inp = args[0] if args else kwargs.get("input")
-        call.loss_input_shape = tuple(inp.shape) if isinstance(inp, torch.Tensor) else None
+        for t in torch.utils._pytree.tree_leaves(output):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(self._reached_hook(len(self.batch.calls) - 1))
+                call.watched = True
+        return None
+
+    def _reached_hook(self, c: int):
+        generation = self.generation
+
+        def hook(grad):
+            if generation == self.generation and c < len(self.batch.calls):
+                self.batch.calls[c].reached = True
+            return None
+
+        return hook
+
+    def _call_index(self) -> int:
+        """The model call a layer call belongs to: the one an extra pass runs again; inside a
+        backward (reentrant checkpointing's recomputation), the latest call it has reached;
+        else the latest call."""
+        if self.replaying is not None:
+            return self.replaying
+        n = len(self.batch.calls)
+        if in_backward():
+            return next((c for c in range(n - 1, -1, -1) if self.batch.calls[c].reached), n - 1)
+        return n - 1
+
+    def _loss_hook(self, module, args, kwargs):
+        if self.capture and self.batch.calls:
+            self.batch.calls[-1].take_loss_call(args, kwargs)
         return None
 
     def _layer_hook(self, i: int):
@@ -156,7 +165,7 @@ class Collector:
                 return None
             if not torch.is_grad_enabled():
                 return None  # its output takes no part in a gradient (evaluation, no_grad)
-            if _in_backward() and self._awaiting(i):
+            if in_backward() and self._awaiting(i):
                 return None  # activation checkpointing's recomputation of a collected call
             x = inputs[0]
             if self.shared_over_batch(i, x):
@@ -166,14 +175,16 @@ class Collector:
             if i in self.warmup_only and not self.warms(i, output):
                 return None  # the layer skips the warm-up: the core refreshes it not now
             chunks = self.a.setdefault(i, [])
-            chunks.append(layer.input_rows(x.detach()))
-            self.call_of.setdefault(i, []).append(len(self.batch.calls) - 1)
-            self._unused = None
+            chunks.append(kept_rows(layer.input_rows(x.detach()), x))
+            c = self._call_index()
+            self.call_of.setdefault(i, []).append(c)
             if self.mode == "outputs":
                 self.z.setdefault(i, []).append((len(chunks) - 1, output))
             elif output.requires_grad:
                 output.register_hook(self._grad_hook(i, len(chunks) - 1))
                 self.hooked.setdefault(i, set()).add(len(chunks) - 1)
+                if 0 <= c < len(self.batch.calls):
+                    self.batch.calls[c].watched = True
             return None
 
         # bookkeeping only: under torch.compile it runs eagerly instead of being traced once
@@ -188,34 +199,51 @@ class Collector:
             return True
         if self.layers[i].functional:
             return False  # MultiheadAttention's projections: inputs laid out (T, B, E) inside
-        call = self.batch.calls[-1] if self.batch.calls else None
-        why = None if call is None else shared_by_batch(
-            tuple(x.shape), call.size, self.batch_axis, 0 if self.layers[i].a_diagonal else 1,
-            () if call.example is None else (call.example,))
+        c = self._call_index()
+        if not 0 <= c < len(self.batch.calls):
+            return False
+        call = self.batch.calls[c]
+        why = call.shares(x, self.batch_axis, self.layers[i].a_diagonal)
         if why is None:
+            if self.layers[i].a_diagonal and call.ambiguous(x, self.batch_axis):
+                warn_ambiguous_ids(self.ambiguous, i, self.layers[i].label, tuple(x.shape))
             return False
         self.broadcast[i] = why
         for kept in (self.a, self.s, self.z, self.hooked, self.call_of):
             kept.pop(i, None)
-        self._unused = None
         return True
 
     def warms(self, i: int, output: torch.Tensor) -> bool:
-        """Whether layer i takes this warm-up step's refresh (`grng_core.schedule.layer_warms`
-        on the rows of its first call this step: one per output element of width d_out). Not
-        under torch.distributed: there every layer takes it (`_step.plan`)."""
-        if i not in self.warming:
+        """On a step whose refresh is the warm-up's only, whether layer i keeps this model
+        call's rows (`grng_core.schedule.layer_warms` on the rows of its first use in the call:
+        one per output element of width d_out); `warms_now` decides for the step. Not under
+        torch.distributed: there every layer takes it (`_step.plan`)."""
+        decided = self.warming.setdefault(i, {})
+        c = self._call_index()
+        if c not in decided:
             layer, config = self.layers[i], self.warmup_only[i]
             rows = output.numel() // max(layer.d_out, 1)
             d_a = layer.d_in + (layer.bias is not None)
-            self.warming[i] = schedule.layer_warms(config, rows, d_a, layer.d_out)
-            if not self.warming[i]:
-                self.no_warmup.add(i)
-        return self.warming[i]
+            decided[c] = schedule.layer_warms(config, rows, d_a, layer.d_out)
+        return decided[c]
+
+    def warms_now(self, i: int) -> bool:
+        """Whether layer i takes this step's warm-up refresh: every model call of the batch
+        decided so (their rows were all kept); an evaluation call's decision does not count.
+        One that skips it is listed in `no_warmup` (describe())."""
+        used = {c for c, _ in self.batch.used()}
+        decided = [w for c, w in self.warming.get(i, {}).items() if c in used]
+        if decided and not all(decided):
+            self.no_warmup.add(i)
+            return False
+        return True
 
     def _grad_hook(self, i: int, k: int):
+        generation = self.generation
+
         def hook(grad):
-            if self.mode == "backward" and i in self.active and i not in self.broadcast:
+            if (self.mode == "backward" and i in self.active and i not in self.broadcast
+                    and generation == self.generation):
                 self._add(i, k, grad.detach(), None)
             return None
 
@@ -259,7 +287,11 @@ class Collector:
         activation checkpointing) and is not another batch."""
         if self.mode == "outputs":
             return bool(self.z.get(i))
-        return bool(self.hooked.get(i, set()) - set(self.s.get(i, {})))
+        pending = self.hooked.get(i, set()) - set(self.s.get(i, {}))
+        # of a call this backward has reached: not a forward that is no part of it (an
+        # evaluation with gradients), whose hooks never fire
+        calls, n = self.call_of.get(i, ()), len(self.batch.calls)
+        return any(not 0 <= calls[k] < n or self.batch.calls[calls[k]].reached for k in pending)
 
     def _grads_cleared(self) -> bool:
         """The first trainable hooked weight has no `.grad`: the loop cleared the gradients
@@ -286,7 +318,6 @@ class Collector:
         finally:
             (self.a, self.s, self.z, self.batch, self.warmup_only, self.warming,
              self.hooked, self.call_of) = saved
-            self._unused = None
 
     def clear(self) -> None:
         """Drop the rows and model calls kept (before and after each step)."""
@@ -296,38 +327,26 @@ class Collector:
         self.a, self.s, self.z, self.hooked, self.call_of = {}, {}, {}, {}, {}
         self.warmup_only, self.warming = {}, {}
         self.batch = Batch()
-        self._unused = None
-
-    def unused_calls(self) -> set[int]:
-        """The model calls (indices into `batch.calls`) whose layer outputs were all hooked
-        and none reached by a gradient: a forward with gradients enabled that took no part in
-        the loss (an evaluation between `backward()` and a closure-free `step()`, an output
-        detached for a metric). They are no part of the batch: neither their examples (E)
-        nor their rows count."""
-        if self._unused is None:
-            reached: set[int] = set()
-            waited: set[int] = set()
-            for i, ks in self.hooked.items():
-                calls, got = self.call_of.get(i, ()), self.s.get(i, {})
-                for k in ks:
-                    (reached if k in got else waited).add(calls[k])
-            self._unused = waited - reached - {-1}
-        return self._unused
+        self.generation += 1
 
     def used_calls(self) -> list[tuple[int, Call]]:
-        """(index, call) of the model calls that are part of the batch (`unused_calls`)."""
-        unused = self.unused_calls()
-        return [(c, call) for c, call in enumerate(self.batch.calls) if c not in unused]
+        """(index, call) of the model calls that are part of the batch (`Call.used`): not an
+        evaluation with gradients enabled between `backward()` and a closure-free `step()`,
+        nor a forward whose output was detached for a metric. The others' examples (E) and
+        rows do not count."""
+        return self.batch.used()
 
     def _used_chunks(self, i: int) -> list[int]:
-        unused = self.unused_calls()
-        calls = self.call_of.get(i, ())
-        return [k for k in range(len(self.a.get(i, ()))) if not unused or calls[k] not in unused]
+        """Layer i's input chunks from used calls (those of calls an extra pass ran again
+        belong to theirs; any other index is kept)."""
+        calls, n = self.call_of.get(i, ()), len(self.batch.calls)
+        return [k for k in range(len(self.a.get(i, ())))
+                if not 0 <= calls[k] < n or self.batch.calls[calls[k]].used]
 
     def has_rows(self, i: int) -> bool:
         if i in self.broadcast or not self.a.get(i) or not self.s.get(i):
             return False
-        return not self.unused_calls() or bool(self._used_chunks(i))
+        return bool(self._used_chunks(i))
 
     def _add(self, i: int, k: int, grad: torch.Tensor, factor) -> None:
         rows = self.layers[i].output_rows(grad)
@@ -335,7 +354,9 @@ class Collector:
         if k in got:  # a second backward through the same forward: gradients add up
             rows = rows + got[k][0]
         got[k] = (rows, factor)
-        self._unused = None
+        c = self.call_of.get(i, [])[k] if k < len(self.call_of.get(i, [])) else -1
+        if 0 <= c < len(self.batch.calls):
+            self.batch.calls[c].reached = True
 
     def add_output_rows(self, i: int, k: int, grad: torch.Tensor, factor: float) -> None:
         """Output-gradient rows of forward call k of layer i from an explicit pass ("mc"):
@@ -372,9 +393,7 @@ class Collector:
 
     def scale(self) -> int:
         """E, the examples of the model calls the output gradients are multiplied by."""
-        unused = self.unused_calls()
-        size = self.batch.size if not unused else Batch(
-            [c for _, c in self.used_calls()]).size
+        size = self.batch.size
         if size is None:
             raise RuntimeError("the model's batch size is unknown: the closure did not call "
                                "the model given to the optimizer (with a batched tensor first)")

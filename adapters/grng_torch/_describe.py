@@ -128,8 +128,9 @@ def warn_if_mostly_diagonal(opt) -> None:
     shown = "; ".join(f"{e.name} ({e.reason or 'no K-FAC layer'})" for e in off[:6])
     more = f"; and {len(off) - 6} more" if len(off) > 6 else ""
     warnings.warn(
-        f"{type(opt).__name__}: {len(off)} of {len(matrices)} weight matrices ({share:.0%} of "
-        f"their elements) are on the diagonal structure, not K-FAC: {shown}{more}. "
+        f"{type(opt).__name__}: {len(off)} of {len(matrices)} weight matrices, holding "
+        f"{share:.0%} of all weight-matrix elements, are on the diagonal structure, not K-FAC: "
+        f"{shown}{more}. "
         "opt.describe() lists every parameter.", UserWarning, stacklevel=3)
 
 

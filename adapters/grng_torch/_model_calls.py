@@ -10,6 +10,9 @@ from typing import Any
 
 import torch
 
+from grng_core.structures.rows import ambiguous_ids, shared_by_batch
+from grng_torch._layer_rows import storage_of
+
 
 @dataclass
 class Call:
@@ -23,6 +26,47 @@ class Call:
     targets: Any = None
     has_targets: bool = False
     loss_input_shape: tuple | None = None  # the loss module's input (output_fn's result)
+    # (id, version) of the first tensor: a later call with the same runs the same examples
+    # again (R-Drop, two heads' losses from two forwards); its storage's address
+    key: tuple | None = None
+    storage: int | None = None
+    grad: bool = True  # gradients were enabled
+    watched: bool = False  # an output of it (the model's, a hooked layer's) awaits a gradient
+    reached: bool = False  # a gradient reached one of them
+
+    def take_loss_call(self, args, kwargs) -> None:
+        """Keep the targets and input shape of the loss module's call after this one."""
+        if len(args) >= 2:
+            target = args[1]
+        elif "target" in kwargs:
+            target = kwargs["target"]
+        else:
+            return
+        self.targets = target.detach() if isinstance(target, torch.Tensor) else target
+        self.has_targets = True
+        inp = args[0] if args else kwargs.get("input")
+        self.loss_input_shape = tuple(inp.shape) if isinstance(inp, torch.Tensor) else None
+
+    def shares(self, x: torch.Tensor, axis: int, ids: bool) -> str | None:
+        """Why a layer input `x` (token ids where `ids`) of this call is shared by its examples
+        (`grng_core.structures.rows.shared_by_batch`), or None. One example's shape counts only
+        where `x` is not a slice of the call's input (a per-example loop's)."""
+        one = self.storage is not None and self.example is not None \
+            and storage_of(x) not in (self.storage, None)
+        return shared_by_batch(tuple(x.shape), self.size, axis, 0 if ids else 1,
+                               (self.example,) if one else ())
+
+    def ambiguous(self, x: torch.Tensor, axis: int) -> bool:
+        """Token ids `x` of one example's shape (T,) with T the batch size, not from the
+        call's input: shared position ids or per-example ids (`rows.ambiguous_ids`)."""
+        return (self.example is not None and storage_of(x) not in (self.storage, None)
+                and ambiguous_ids(tuple(x.shape), self.size, axis, (self.example,)))
+
+    @property
+    def used(self) -> bool:
+        """Part of the batch: it ran with gradients and a gradient reached it (or nothing
+        could tell). Not: an evaluation with gradients enabled, a metric's detached output."""
+        return self.grad and (self.reached or not self.watched)
 
 
 @dataclass
@@ -35,11 +79,33 @@ class Batch:
     def called(self) -> bool:
         return bool(self.calls)
 
+    def used(self) -> list[tuple[int, Call]]:
+        """(index, call) of the calls that are part of the batch (`Call.used`)."""
+        return [(c, call) for c, call in enumerate(self.calls) if call.used]
+
+    def repeats(self) -> bool:
+        """Whether a used call runs the examples of an earlier used one again."""
+        keys = [call.key for _, call in self.used() if call.key is not None]
+        return len(set(keys)) < len(keys)
+
     @property
     def size(self) -> int | None:
-        """E: the examples of every call (None when a call's batch size is unknown)."""
-        sizes = [c.size for c in self.calls]
+        """E: the examples of the used calls, those of calls on the same input tensor counted
+        once (None when a call's batch size is unknown)."""
+        seen, sizes = set(), []
+        for _, call in self.used():
+            if call.key is None or call.key not in seen:
+                seen.add(call.key)
+                sizes.append(call.size)
         return None if not sizes or None in sizes else sum(sizes)  # type: ignore[arg-type]
+
+    def add(self, call: Call, first: torch.Tensor | None) -> None:
+        """Append a model call whose first tensor argument is `first`."""
+        if first is not None:
+            call.key = (id(first), first._version)  # alive: `args` holds it
+            call.storage = storage_of(first)
+        call.grad = torch.is_grad_enabled()
+        self.calls.append(call)
 
 
 def first_tensor(tree) -> torch.Tensor | None:

@@ -44,8 +44,10 @@ def mc_pass(opt, active: list[int], want_targets: bool):
     sampled targets per call (or None)."""
     coll = opt.collector
     sampled = []
-    for _, call in coll.used_calls():
+    for c, call in coll.used_calls():
+        coll.replaying = c  # the rows this pass collects belong to call c
         with contextlib.ExitStack() as stack:
+            stack.callback(setattr, coll, "replaying", None)
             stack.enter_context(torch.enable_grad() if active else torch.no_grad())
             stack.enter_context(coll.collect("outputs", active))
             stack.enter_context(autocast_as(call.autocast))
@@ -70,6 +72,11 @@ def per_example(opt, gis: list[int], sampled) -> dict[int, torch.Tensor]:
     closure's targets, or the "mc" pass's sampled ones), concatenated."""
     coll = opt.collector
     calls = [call for _, call in coll.used_calls()]
+    if coll.batch.repeats():
+        raise RuntimeError(
+            "per-example gradients need each example in one model call: this closure calls "
+            "the model more than once on the same input tensor. Compute the outputs with one "
+            "call (or use structure='kfac')")
     if sampled is None and not all(c.has_targets for c in calls):
         raise RuntimeError(
             "per-example gradients need the targets: the closure must call the loss_fn "

@@ -287,7 +287,7 @@ def _stats(opt, sp: StepPlan, gp: GroupPlan, layers, pe,
     if not gp.curvature or not (r.layer_stats or r.per_example_grads):
         return None
     if gp.steady is not None and gp.steady[0] is False:  # layers skipping the warm-up: none
-        layers = [L for L in layers if opt.collector.warming.get(L[0], True)]
+        layers = [L for L in layers if opt.collector.warms_now(L[0])]
     # a layer whose forward did not run or whose output took no part in the loss this step
     # (a branch, a multi-task head): its factors are kept (`Stats.absent`); none of them
     # taking part is a closure that ran no backward through the model: `rows` says so

@@ -48,6 +48,15 @@ def shared_by_batch(shape: tuple, examples: int | None, axis: int = 0,
             "the examples: no per-example K-FAC rows)")
 
 
+def ambiguous_ids(shape: tuple, examples: int | None, axis: int = 0,
+                  example_shapes: tuple = ()) -> bool:
+    """Token ids of one example's shape whose axis `axis` equals the examples' count (T = B):
+    position ids shared by the batch (`arange(T)`, `shared_by_batch`'s case) or per-example ids
+    (B,), which shapes cannot tell apart. The adapters warn: such a layer stays on K-FAC."""
+    return (examples is not None and examples > 1 and len(shape) > axis
+            and tuple(shape) in example_shapes and shape[axis] == examples)
+
+
 class LayerRows(NamedTuple):
     """a (n × d_in', the ones column appended for a bias), s (n × d_out, rows B·∂L/∂z) and
     B, the number of examples they come from (n = B for a dense layer, B·T for shared

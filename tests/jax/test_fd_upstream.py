@@ -6,8 +6,8 @@ forward difference equals the exact Hessian-vector product, so a finite-differen
 `optax.scale` / `clip_by_global_norm` must match double-backprop RENG after the same
 transformation (float64). The central scheme differences two passes of `loss_fn` by its
 definition (ĝ = g + ρ(g⁺ − g⁻)/(2ε)) and needs no own base: its cases are the control that
-the transformed g still enters as the base gradient, not a test of `own_base`. And `nnx_loss_fn` built before the gradient pass draws that pass's
-dropout mask."""
+the transformed g still enters as the base gradient, not a test of `own_base`. And
+`nnx_loss_fn` built before the gradient pass draws that pass's dropout mask."""
 
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ depended on how the batch was split)."""
 
 from __future__ import annotations
 
+import warnings
+
 import grng_torch as gt
 import pytest
 import torch
@@ -194,3 +196,40 @@ def test_a_resumed_run_says_why_the_shared_layer_is_on_the_diagonal(how, tmp_pat
     (pos,) = _entries(fresh, "pos.")
     assert pos.structure == "diagonal" and "loaded state" in pos.reason, pos
     assert all(e.structure == "kfac" for e in _entries(fresh, "hidden."))
+
+
+def test_an_embedding_called_per_example_in_a_loop_stays_on_kfac():
+    """ids of one example's shape (T,) that are slices of the model's input (a loop over the
+    examples) are that example's own, not shared like nanoGPT's arange(T)."""
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.head = nn.Embedding(V, D), nn.Linear(D, V)
+
+        def forward(self, x):
+            return self.head(torch.stack([self.tok(x[b]) for b in range(x.shape[0])]))
+
+    torch.manual_seed(0)
+    model = Loop().double()
+    opt = gt.RING(model.parameters(), model=model)
+    x, y = _batches(4, 1)[0]
+    opt.step(accumulating_closure(opt, model, _lm_loss, x, y, 1))
+    assert not opt.collector.broadcast
+    assert all(e.structure == "kfac" for e in opt.describe().entries)
+
+
+def test_position_ids_as_long_as_the_batch_warn_that_they_cannot_be_told_apart():
+    """nanoGPT's arange(T) with T = B has the shape of B per-example ids: the layer stays on
+    K-FAC (as before), with a warning naming the fix (before: silently)."""
+    torch.manual_seed(0)
+    model = PositionLM("vector").double()
+    opt = gt.RING(model.parameters(), model=model)
+    x, y = _batches(T, 1)[0]  # B = T = 6
+    with pytest.warns(UserWarning, match=r"'pos' is called on ids of shape \(6,\).*arange"):
+        opt.step(accumulating_closure(opt, model, _lm_loss, x, y, 1))
+    (pos,) = _entries(opt, "pos.")
+    assert pos.structure == "kfac"
+    x, y = _batches(T, 1)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per layer
+        opt.step(accumulating_closure(opt, model, _lm_loss, x, y, 1))

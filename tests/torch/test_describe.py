@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.torch._util import closure_for
+
 
 class TiedLM(nn.Module):
     def __init__(self, vocab=11, d=6):
@@ -169,7 +171,7 @@ def test_mostly_diagonal_counts_elements_not_matrices():
         def forward(self, x):
             return self.head(self.lstm(self.emb(x))[0])
 
-    with pytest.warns(UserWarning, match=r"2 of 4 weight matrices \(9\d% of their elements\)"):
+    with pytest.warns(UserWarning, match=r"2 of 4 weight matrices, holding 9\d% of all "):
         model = LSTMLM()
         opt = gt.RING(model.parameters(), model=model)
     assert opt.describe().kfac_share < 0.5
@@ -183,3 +185,26 @@ def test_mostly_diagonal_criterion():
     assert mostly_diagonal([10], [10]) is None  # half: not more than half
     assert mostly_diagonal([10], []) is None
     assert mostly_diagonal([], []) is None
+
+
+@pytest.mark.parametrize("wrap", ["parametrizations.weight_norm", "parametrizations.spectral_norm",
+                                  "parametrizations.orthogonal", "weight_norm"])
+def test_a_computed_weight_is_reported_as_such(wrap):
+    """torch.nn.utils.parametrize (and the older weight_norm hook) compute the layer's weight
+    from other parameters: the layer stays on the diagonal, and describe() says why for every
+    parameter of it (before: "no K-FAC helper for ParametrizationList", the bias blank)."""
+    import functools
+
+    fn = functools.reduce(getattr, wrap.split("."), torch.nn.utils)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the older weight_norm is deprecated; mostly diagonal
+        model = nn.Sequential(fn(nn.Linear(6, 6)), nn.Tanh(), nn.Linear(6, 3))
+        opt = gt.RING(model.parameters(), model=model)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    opt.step(closure_for(opt, model, F.cross_entropy, x, y))
+    entries = {e.name: e for e in opt.describe().entries}
+    first = [e for n, e in entries.items() if n.startswith("0.")]
+    assert len(first) >= 2 and all(e.structure == "diagonal" for e in first)
+    assert all("computed" in e.reason for e in first), [e.reason for e in first]
+    assert entries["2.weight"].structure == entries["2.bias"].structure == "kfac"

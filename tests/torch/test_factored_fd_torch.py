@@ -120,7 +120,7 @@ def test_rows_kept_only_where_the_stacked_count_pays(monkeypatch):
 def test_16_bit_rows_are_not_kept():
     """Rows in bfloat16 / float16 (autocast, half parameters) never pass the probe check at
     the state's √eps: the hooks keep none for the factored form."""
-    from grng_torch._collect import factored_pays
+    from grng_torch._layer_rows import factored_pays
     from grng_torch.layers import find_layers
 
     layer = find_layers(nn.Sequential(nn.Linear(64, 128))).layers[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from grng_torch.layers import conv, embedding, linear
 from grng_torch.layers.base import HookedLayer
@@ -31,8 +32,31 @@ class Registry(NamedTuple):
     records: list[LayerRecord]
 
 
+COMPUTED = ("K-FAC would precondition the computed weight, not the parameters it is computed "
+            "from")
+
+
+def _computed_weight(m: Any) -> str | None:
+    """Why a layer whose weight is computed from other parameters is not hooked, or None."""
+    if parametrize.is_parametrized(m):
+        which = ", ".join(sorted(m.parametrizations.keys()))
+        return (f"{type(m).__name__}: its {which} is computed by torch.nn.utils.parametrize "
+                f"(weight_norm, spectral_norm, orthogonal, ...): {COMPUTED}")
+    if isinstance(m, parametrize.ParametrizationList):
+        return ("the trainable originals of a tensor computed by torch.nn.utils.parametrize: "
+                f"{COMPUTED}")
+    hooks = {type(h).__name__ for h in m._forward_pre_hooks.values()}
+    if hooks & {"WeightNorm", "SpectralNorm"}:  # the older torch.nn.utils functions
+        return (f"{type(m).__name__}: its weight is computed from other parameters by a hook "
+                f"({', '.join(sorted(hooks & {'WeightNorm', 'SpectralNorm'}))}): {COMPUTED}")
+    return None
+
+
 def _hook_of(m: Any, name: str) -> tuple[HookedLayer | None, str | None]:
     """(hooked layer, None) for a supported module, else (None, reason)."""
+    computed = _computed_weight(m)
+    if computed is not None:
+        return None, computed
     if linear.is_linear(m):
         return HookedLayer(name, m, "linear", m.weight, m.bias, False, linear.rows,
                            linear.rows), None

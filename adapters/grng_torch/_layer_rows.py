@@ -1,0 +1,65 @@
+"""What a layer hook keeps of a call: whether the factored form would read its rows
+(`factored_pays`), the rows themselves, copied where the loop may overwrite their input
+(`kept_rows`), and whether the call is autograd's recomputation inside a backward
+(`in_backward`)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from grng_core.structures import factored
+from grng_torch.layers import HookedLayer
+
+
+def factored_pays(layer: HookedLayer, x: torch.Tensor, passes: int = 1) -> bool:
+    """Whether the core would precondition this call's layer in factored form (§2.1): rows it
+    can branch on without a device sync (host tensors: `grng_core.concrete.branchable` for a
+    torch tensor, asked of torch directly so that a torch.compile'd forward traces no
+    array-api-compat helper), in float32 or wider, and fewer multiply-adds than the dense
+    product for the rows of `passes` such calls (2 or 3 for a finite-difference ĝ, whose
+    passes' rows are stacked)."""
+    if x.device.type != "cpu" or x.dtype.itemsize < 4:
+        return False  # 16-bit rows (autocast, half params) never pass the check at √eps
+    return factored.cheaper(layer.d_out, layer.d_in + (layer.bias is not None),
+                            passes * (x.numel() // max(x.shape[-1], 1)))
+
+
+def in_backward() -> bool:
+    """Inside autograd's backward (a graph task is running on this thread)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
+def kept_rows(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input rows, copied where they are a view of a leaf input (the batch itself,
+    token ids) that the loop may overwrite in place before the step (one buffer refilled for
+    each micro-batch); autograd forbids that for the activations it saved."""
+    if x.grad_fn is None and storage_of(rows) == storage_of(x) is not None:
+        return rows.clone()
+    return rows
+
+
+def storage_of(t: torch.Tensor) -> int | None:
+    """The address of a tensor's storage (None for a tensor without one: torch.func's
+    wrappers under vmap or grad)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
+def warn_ambiguous_ids(warned: set, i: int, label: str, shape: tuple) -> None:
+    """Ids of one example's shape (T,) with T equal to the batch size
+    (`grng_core.structures.rows.ambiguous_ids`): warn once per layer `i` (`warned`)."""
+    if i in warned:
+        return
+    warned.add(i)
+    warnings.warn(
+        f"embedding {label!r} is called on ids of shape {shape}, one example's shape, with "
+        f"{shape[0]} = the batch size: they may be position ids the batch shares (arange(T), "
+        "whose per-example K-FAC rows cannot be read) or per-example ids; the shapes cannot "
+        "tell, and the layer stays on K-FAC. If they are positions, give them the batch's "
+        "axis (arange(T)[None], as transformers does) to leave the layer to the diagonal "
+        "structure", UserWarning, stacklevel=4)
