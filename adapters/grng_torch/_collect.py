@@ -96,9 +96,8 @@ class Collector:
                                                                    with_kwargs=True))
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        while self._handles:
+            self._handles.pop().remove()
 
     # ------------------------------------------------------------------ hooks
     def _root_hook(self, module, args, kwargs):
@@ -124,11 +123,13 @@ class Collector:
         if (not self.capture or self.mode != "backward" or not torch.is_grad_enabled()
                 or not self.batch.calls or in_backward()):
             return None
-        call = self.batch.calls[-1]
-        for t in torch.utils._pytree.tree_leaves(output):
+        c = len(self.batch.calls) - 1
+        outs = (output,) if isinstance(output, torch.Tensor) else \
+            torch.utils._pytree.tree_leaves(output)
+        for t in outs:
             if isinstance(t, torch.Tensor) and t.requires_grad:
-                t.register_hook(self._reached_hook(len(self.batch.calls) - 1))
-                call.watched = True
+                t.register_hook(self._reached_hook(c))
+                self.batch.calls[c].watched = True
         return None
 
     def _reached_hook(self, c: int):
@@ -143,8 +144,7 @@ class Collector:
 
     def _call_index(self) -> int:
         """The model call a layer call belongs to: the one an extra pass runs again; inside a
-        backward (reentrant checkpointing's recomputation), the latest call it has reached;
-        else the latest call."""
+        backward (a checkpoint's recomputation), the latest it has reached; else the latest."""
         if self.replaying is not None:
             return self.replaying
         n = len(self.batch.calls)

@@ -50,8 +50,8 @@ class Call:
     def shares(self, x: torch.Tensor, axis: int, ids: bool) -> str | None:
         """Why a layer input `x` (token ids where `ids`) of this call is shared by its examples
         (`grng_core.structures.rows.shared_by_batch`), or None. One example's shape counts only
-        where `x` is not a slice of the call's input (a per-example loop's)."""
-        one = self.storage is not None and self.example is not None \
+        for ids, and where `x` is not a slice of the call's input (a per-example loop's)."""
+        one = ids and self.storage is not None and self.example is not None \
             and storage_of(x) not in (self.storage, None)
         return shared_by_batch(tuple(x.shape), self.size, axis, 0 if ids else 1,
                                (self.example,) if one else ())
