@@ -103,7 +103,7 @@ class Collector:
     def _root_hook(self, module, args, kwargs):
         if not self.capture or (self.armed and not torch.is_grad_enabled()):
             return None
-        if self.armed and self.s and self._grads_cleared():
+        if self.armed and self.s and not in_backward() and self._grads_cleared():
             # the calls kept had their backward, the gradients were cleared since: an
             # iteration whose step never came (not a second forward before the backward)
             self.a, self.s, self.z, self.batch = {}, {}, {}, Batch()
@@ -127,7 +127,7 @@ class Collector:
         outs = (output,) if isinstance(output, torch.Tensor) else \
             torch.utils._pytree.tree_leaves(output)
         for t in outs:
-            if isinstance(t, torch.Tensor) and t.requires_grad:
+            if isinstance(t, torch.Tensor) and t.grad_fn is not None:  # not a parameter
                 t.register_hook(self._reached_hook(c))
                 self.batch.calls[c].watched = True
         return None
@@ -294,10 +294,10 @@ class Collector:
         return any(not 0 <= calls[k] < n or self.batch.calls[calls[k]].reached for k in pending)
 
     def _grads_cleared(self) -> bool:
-        """The first trainable hooked weight has no `.grad`: the loop cleared the gradients
-        (`zero_grad()`, set_to_none) since the calls kept so far, which then belong to an
+        """A trainable weight the kept calls' backward reached has no `.grad`: the loop cleared
+        the gradients (`zero_grad()`, set_to_none) since, so those calls belong to an
         iteration whose step never came (a skipped step: GradScaler overflow, a NaN guard)."""
-        w = next((L.weight for L in self.layers if L.weight.requires_grad), None)
+        w = next((L.weight for i in self.s if (L := self.layers[i]).weight.requires_grad), None)
         return w is not None and w.grad is None
 
     def disarm(self) -> None:

@@ -26,8 +26,8 @@ class Call:
     targets: Any = None
     has_targets: bool = False
     loss_input_shape: tuple | None = None  # the loss module's input (output_fn's result)
-    # (id, version) of the first tensor: a later call with the same runs the same examples
-    # again (R-Drop, two heads' losses from two forwards); its storage's address
+    # (id, version) of every tensor argument: a later call with the same runs the same
+    # examples again (R-Drop, two heads' losses from two forwards); the first's storage
     key: tuple | None = None
     storage: int | None = None
     grad: bool = True  # gradients were enabled
@@ -102,10 +102,27 @@ class Batch:
     def add(self, call: Call, first: torch.Tensor | None) -> None:
         """Append a model call whose first tensor argument is `first`."""
         if first is not None:
-            call.key = (id(first), first._version)  # alive: `args` holds it
+            call.key = tensor_key(call)
             call.storage = storage_of(first)
         call.grad = torch.is_grad_enabled()
         self.calls.append(call)
+
+
+def tensor_key(call: Call) -> tuple:
+    """(id, version) of each tensor argument of `call` (alive: the call holds them)."""
+    return tuple((id(t), t._version) for t in torch.utils._pytree.tree_leaves(
+        (call.args, call.kwargs)) if isinstance(t, torch.Tensor))
+
+
+def check_unchanged(calls: list[Call], what: str) -> None:
+    """Refuse to re-run calls whose input tensors were modified in place since their forward
+    (one buffer refilled for every micro-batch): `what` would see the last micro-batch's."""
+    if any(c.key is not None and tensor_key(c) != c.key for c in calls):
+        raise RuntimeError(
+            f"{what} re-runs the model on the inputs of each call in the closure, and an input "
+            "tensor was modified in place after its call (a buffer refilled for each "
+            "micro-batch): pass a new tensor to each call (or use fisher='empirical' with "
+            "structure='kfac', which needs no re-run)")
 
 
 def first_tensor(tree) -> torch.Tensor | None:

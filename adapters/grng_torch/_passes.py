@@ -15,6 +15,7 @@ from torch import nn
 
 from grng_torch._autocast import autocast_as
 from grng_torch._functional import per_example_grads
+from grng_torch._model_calls import check_unchanged
 
 
 class BufferSnapshot:
@@ -44,6 +45,7 @@ def mc_pass(opt, active: list[int], want_targets: bool):
     sampled targets per call (or None)."""
     coll = opt.collector
     sampled = []
+    check_unchanged([call for _, call in coll.used_calls()], "the sampled-label pass (fisher='mc')")
     for c, call in coll.used_calls():
         coll.replaying = c  # the rows this pass collects belong to call c
         with contextlib.ExitStack() as stack:
@@ -72,6 +74,7 @@ def per_example(opt, gis: list[int], sampled) -> dict[int, torch.Tensor]:
     closure's targets, or the "mc" pass's sampled ones), concatenated."""
     coll = opt.collector
     calls = [call for _, call in coll.used_calls()]
+    check_unchanged(calls, "per-example gradients")
     if coll.batch.repeats():
         raise RuntimeError(
             "per-example gradients need each example in one model call: this closure calls "

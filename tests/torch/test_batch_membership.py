@@ -193,3 +193,104 @@ def test_reentrant_checkpointing_with_an_evaluation_before_the_backward():
         return _flat(model.parameters())
 
     _close(run(False), run(True))
+
+
+class WithLogVar(nn.Module):
+    """Returns a trainable parameter beside the logits (uncertainty-weighted losses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = nn.Linear(6, 3)  # registered first, used by no loss
+        self.body, self.head = nn.Linear(6, 12), nn.Linear(12, 3)
+        self.log_var = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x))), self.log_var
+
+
+def _run_log_var(evaluate, closure_free, parts=1, whole_checkpoint=False):
+    torch.manual_seed(0)
+    model = WithLogVar().double()
+    opt = gt.RING(model.parameters(), model=model, lr=0.1, damping=0.1)
+    call = (lambda x: checkpoint(model, x, use_reentrant=False)) if whole_checkpoint else model
+    for x, y in _data(4):
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            for xs, ys in zip(x.chunk(parts), y.chunk(parts)):
+                logits, log_var = call(xs)
+                loss = (F.cross_entropy(logits, ys) * torch.exp(-log_var) + log_var) / parts
+                loss.backward()
+            if evaluate:
+                model(X_EVAL)  # evaluation with gradients: log_var's hook would fire
+        if closure_free:
+            closure()
+            opt.step()
+        else:
+            opt.step(closure)
+    return _flat(model.parameters())
+
+
+@pytest.mark.parametrize("closure_free", [False, True])
+def test_a_returned_parameter_does_not_make_an_evaluation_part_of_the_batch(closure_free):
+    """Only outputs computed by the call are watched: a parameter's hook fires on every
+    backward through it (the evaluation counted 5 examples, and the hooks piled up)."""
+    _close(_run_log_var(False, closure_free), _run_log_var(True, closure_free))
+
+
+@pytest.mark.parametrize("closure_free", [False, True])
+def test_checkpointing_the_whole_model_in_micro_batches(closure_free):
+    """The recomputation inside the backward calls the model again; closure-free, it was
+    taken for a new iteration and the rows were dropped (a crash, or E of the last micro-batch);
+    the unused head registered first no longer decides whether the gradients were cleared."""
+    ref = _run_log_var(False, False, parts=2)
+    _close(ref, _run_log_var(False, closure_free, parts=2, whole_checkpoint=True))
+
+
+def test_a_constant_first_argument_does_not_make_micro_batches_repeats():
+    """model(ctx, x) with one ctx tensor for every micro-batch: calls are told apart by all
+    their tensor arguments (with the first alone, 4 + 4 counted E = 4)."""
+    class WithContext(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+
+        def forward(self, ctx, x):
+            return self.net(x + ctx)
+
+    ctx4 = torch.randn(4, 6, dtype=torch.float64)  # the first tensor: it holds the batch axis
+    ctx8 = torch.cat([ctx4, ctx4])
+
+    def run(parts):
+        torch.manual_seed(0)
+        model = WithContext().double()
+        opt = gt.RING(model.parameters(), model=model, lr=0.1, damping=0.1)
+        for x, y in _data(3):
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                for xs, ys in zip(x.chunk(parts), y.chunk(parts)):
+                    ctx = ctx8 if parts == 1 else ctx4  # the same tensor in every micro-batch
+                    (F.cross_entropy(model(ctx, xs), ys) / parts).backward()
+            opt.step(closure)
+        return _flat(model.parameters())
+
+    _close(run(1), run(2))
+
+
+def test_a_buffer_refilled_in_place_is_refused_where_the_model_is_run_again():
+    """fisher="mc" re-runs each call on its inputs: a buffer refilled for every micro-batch
+    holds the last one by then (silently wrong before); refused before anything changes."""
+    model = _mlp()
+    opt = gt.RING(model.parameters(), model=model, fisher="mc", loss_fn=nn.CrossEntropyLoss())
+    (x, y), = _data(1)
+    buf = torch.empty(4, 6, dtype=torch.float64)
+    before = _flat(model.parameters())
+
+    def closure():
+        opt.zero_grad()
+        for k in range(2):
+            buf.copy_(x[4 * k:4 * k + 4])
+            (opt.loss_fn(model(buf), y[4 * k:4 * k + 4]) / 2).backward()
+
+    with pytest.raises(RuntimeError, match="modified in place after its call"):
+        opt.step(closure)
+    assert torch.equal(_flat(model.parameters()), before)
