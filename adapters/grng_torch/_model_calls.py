@@ -110,8 +110,9 @@ class Batch:
 
 def tensor_key(call: Call) -> tuple:
     """(id, version) of each tensor argument of `call` (alive: the call holds them)."""
-    return tuple((id(t), t._version) for t in torch.utils._pytree.tree_leaves(
-        (call.args, call.kwargs)) if isinstance(t, torch.Tensor))
+    plain = not call.kwargs and all(isinstance(a, torch.Tensor) for a in call.args)
+    leaves = call.args if plain else torch.utils._pytree.tree_leaves((call.args, call.kwargs))
+    return tuple((id(t), t._version) for t in leaves if isinstance(t, torch.Tensor))
 
 
 def check_unchanged(calls: list[Call], what: str) -> None:
