@@ -90,8 +90,8 @@ class Batch:
 
     @property
     def size(self) -> int | None:
-        """E: the examples of the used calls, those of calls on the same input tensor counted
-        once (None when a call's batch size is unknown)."""
+        """E: the examples of the used calls, a call with the same tensor arguments (`key`) as
+        an earlier one counted once (None when a call's batch size is unknown)."""
         seen, sizes = set(), []
         for _, call in self.used():
             if call.key is None or call.key not in seen:

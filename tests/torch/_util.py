@@ -186,3 +186,12 @@ class TwoHeads(nn.Module):
     def forward(self, x, both=True):
         h = torch.tanh(self.body(x))
         return self.head1(h) + (self.head2(h) if both else 0)
+
+
+def take_step(opt, closure, closure_free: bool = False):
+    """One step: `opt.step(closure)`, or (closure_free) the closure's forward and backward run
+    by the loop, then `opt.step()` as Hugging Face's Trainer does."""
+    if closure_free:
+        closure()
+        return opt.step()
+    return opt.step(closure)

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tests.torch._util import take_step
+
 
 def _mlp():
     torch.manual_seed(0)
@@ -152,11 +154,7 @@ def test_two_calls_in_one_loss_closure_free_equal_the_closure():
                 loss = (model(x1) - model(x2)).pow(2).mean()
                 loss.backward()
                 return loss
-            if closure_free:
-                closure()
-                opt.step()
-            else:
-                opt.step(closure)
+            take_step(opt, closure, closure_free)
         return _flat(model.parameters())
 
     _close(run(False), run(True))
@@ -222,11 +220,7 @@ def _run_log_var(evaluate, closure_free, parts=1, whole_checkpoint=False):
                 loss.backward()
             if evaluate:
                 model(X_EVAL)  # evaluation with gradients: log_var's hook would fire
-        if closure_free:
-            closure()
-            opt.step()
-        else:
-            opt.step(closure)
+        take_step(opt, closure, closure_free)
     return _flat(model.parameters())
 
 

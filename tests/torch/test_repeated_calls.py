@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.torch._util import flat
+from tests.torch._util import flat, take_step
 
 
 class Net(nn.Module):
@@ -60,11 +60,7 @@ def _run(inside: bool, closure_free: bool = False, **kw):
             loss = F.cross_entropy(logits, y) + 0.5 * F.mse_loss(aux, t)
             loss.backward()
             return loss
-        if closure_free:
-            closure()
-            opt.step()
-        else:
-            opt.step(closure)
+        take_step(opt, closure, closure_free)
     assert int(opt.group_state(0).core.skipped) == 0
     return net, opt
 
