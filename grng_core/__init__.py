@@ -19,7 +19,7 @@ from grng_core.config import RENGConfig, RINGConfig, RKalmanConfig
 from grng_core.linalg import InverseError
 from grng_core.optimizer import Optimizer
 from grng_core.state import Belief, KfacLayer, LayerLayout, OptState, Preconditioner
-from grng_core.types import Collective, LayerSpec, LayerStats, Oracle, Requirements, Stats
+from grng_core.types import Collective, LayerSpec, LayerStats, Oracle, Requirements, Stats, Whole
 
 __all__ = [
     "__version__",
@@ -39,6 +39,7 @@ __all__ = [
     "Oracle",
     "Requirements",
     "Stats",
+    "Whole",
     "apply_updates",
     "load_state",
     "read_metadata",

@@ -17,7 +17,6 @@ from grng_core.config import is_static_zero as _static_zero
 from grng_core.optimizer import Optimizer
 from grng_core.state import Belief
 from grng_core.structures import kfac
-from grng_core.tree import tree_inner
 
 
 class Algorithm(NamedTuple):
@@ -42,7 +41,7 @@ def _ring_direction(env, state):
         if _static_zero(env.h.rho):
             damping = env.damping
         else:
-            damping = env.damping + env.rho * tree_inner(env.g, env.g, env.ctx.xp)
+            damping = env.damping + env.rho * env.grad_sq_norm()
         sol, new = preconditioner.update_and_solve(env, state, env.g, damping)
         return sol, env.g, new
     sol, new = preconditioner.update_and_solve(env, state, env.g)

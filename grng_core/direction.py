@@ -8,7 +8,7 @@ from typing import Any
 from grng_core import estimators
 from grng_core.config import Config, RINGConfig, is_static_zero
 from grng_core.context import StepContext
-from grng_core.tree import Container
+from grng_core.tree import Container, tree_inner
 from grng_core.types import Stats
 
 
@@ -18,7 +18,8 @@ class Env:
 
     g: the batch gradient per leaf (state dtype); per_example: per-example gradients or None;
     rho, damping: their values at this step; curvature_count: curvature updates including
-    this step's.
+    this step's; whole_sq_norm: ‖g‖² of the whole model where this is one part of it
+    (`grng_core.types.Whole`), else None.
     """
 
     config: Config
@@ -32,6 +33,13 @@ class Env:
     curvature_count: Any
     rho: Any
     damping: Any
+    whole_sq_norm: Any = None
+
+    def grad_sq_norm(self):
+        """‖g‖² over every leaf of the model's gradient (§3.2, §1)."""
+        if self.whole_sq_norm is not None:
+            return self.whole_sq_norm
+        return tree_inner(self.g, self.g, self.ctx.xp)
 
     @property
     def h(self) -> Config:
@@ -48,4 +56,4 @@ class Env:
                 self.g, self.params, self.rho, self.oracle, self.container, self.ctx))
         return estimators.finite_difference(self.g, self.params, self.rho, h.fd_radius,
                                             h.fd_scheme, self.oracle, self.container,
-                                            self.ctx)
+                                            self.ctx, sq_norm=self.grad_sq_norm())

@@ -56,25 +56,34 @@ def double_backprop(g, params, rho, oracle, container, ctx) -> list:
     return [gi + rho * h for gi, h in zip(g, Hg)]
 
 
-def finite_difference(g, params, rho, radius, scheme, oracle, container, ctx) -> Regularized:
+def finite_difference(g, params, rho, radius, scheme, oracle, container, ctx,
+                      sq_norm=None) -> Regularized:
     """ĝ by forward, backward or central differences of the gradient along g (§1), with its
-    passes' coefficients where the oracle gives their rows."""
+    passes' coefficients where the oracle gives their rows. `sq_norm`: ‖g‖² of the whole
+    model where g is one part of it (`Whole`; the oracle's `along_fn` then moves every
+    part), else None."""
     xp = ctx.xp
     own_base = bool(getattr(oracle, "own_base", False)) and scheme != "central"
     # the factored form's coefficients assume the passed g is the base pass (no rows for
     # another base): with an own base ĝ is preconditioned densely
     with_rows = None if own_base else getattr(oracle, "grad_rows_fn", None)
     grad_fn = with_rows or _need(oracle, "grad_fn", "gr='finite_difference'")
-    norm = global_norm(g, xp)
+    norm = global_norm(g, xp) if sq_norm is None else xp.sqrt(sq_norm)
+    along = None if own_base else getattr(oracle, "along_fn", None)
     positive = norm > 0
     eps = radius / xp.where(positive, norm, xp.ones_like(norm))
     stats: list = []
 
     def shifted(sign):
-        moved = [p + xp.astype(sign * eps * gi, p.dtype, copy=False) for p, gi in zip(params, g)]
+        if along is not None:  # the adapter moves the whole model by c·g
+            out = along(sign * eps)
+        else:
+            moved = [p + xp.astype(sign * eps * gi, p.dtype, copy=False)
+                     for p, gi in zip(params, g)]
+            out = (with_rows or grad_fn)(container.build(moved))
         if with_rows is None:
-            return _call(grad_fn, container, (moved,), ctx)
-        grads, pass_stats = with_rows(container.build(moved))
+            return _leaves(out, grad_fn, ctx)
+        grads, pass_stats = out
         stats.append(Stats() if pass_stats is None else pass_stats)  # None: no rows
         return _leaves(grads, with_rows, ctx)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from grng_core import guard, schedule, tail
 from grng_core.concrete import host_bool
@@ -25,12 +25,27 @@ from grng_core.requirements import requirements
 from grng_core.state import OptState, ensure_pytrees
 from grng_core.structures import kfac
 from grng_core.tree import device, flatten, leaves_like, namespace
-from grng_core.types import Collective, Requirements, Stats
+from grng_core.types import Collective, Requirements, Stats, Whole
 from grng_core.validation import check_params, check_shapes, check_state
 
 
 def _identity(x):
     return x
+
+
+class Pending(NamedTuple):
+    """A part's direction between `Optimizer.prepare` and `Optimizer.finish`."""
+
+    env: Env
+    state: OptState
+    d: list
+    ghat: list
+    curvature: Any
+    lr: Any
+    kl_term: Any  # η²⟨d, ĝ⟩, or None where no trust region reads it
+    log: Incidents
+    stage: Incidents
+    layer_arrays: list
 
 
 @dataclass(frozen=True)
@@ -117,17 +132,39 @@ class Optimizer:
         the schedule's when the flags are left to it, else the flags themselves).
         `incidents`: the host-side log a K-FAC factor that needs extra damping is reported to
         (`grng_core.incidents`; default: a fresh one, which warns)."""
+        return self.finish(self.prepare(grads, state, params, stats, oracle,
+                                        collective=collective, curvature=curvature,
+                                        inverse=inverse, steady=steady, incidents=incidents))
+
+    def prepare(self, grads, state: OptState, params, stats: Stats | None = None, oracle=None,
+                *, collective: Collective | None = None, curvature=None, inverse=None,
+                steady=None, incidents: Incidents | None = None,
+                whole: Whole | None = None) -> Pending:
+        """The direction of one part of a model (`update` is `finish(prepare(...))`): for a
+        model split into parts (torch parameter groups), `whole` gives what the direction
+        reads of the whole model, and each part's `Pending.kl_term` is summed for `finish`."""
         ensure_pytrees()
         log = incidents if incidents is not None else Incidents()
         stage = log.staged()  # merged once the step is known not to be skipped
         env, layer_arrays = self._env(grads, state, params, stats or Stats(), oracle,
-                                      collective, (curvature, inverse, steady), stage)
-        h, ctx, xp = self.config, env.ctx, env.ctx.xp
+                                      collective, (curvature, inverse, steady), stage,
+                                      None if whole is None else whole.grad_sq_norm)
+        h, ctx = self.config, env.ctx
         d, ghat, new_curv = self.algorithm.direction(env, state.curvature)
-        lr = _scalar(value_at(h.lr, ctx.t), xp, ctx.sdtype)
-        nu = None  # the trust region's ν (inf is read as None, off, by the config)
+        lr = _scalar(value_at(h.lr, ctx.t), ctx.xp, ctx.sdtype)
+        term = None  # the trust region's η²⟨d, ĝ⟩ (kl_clip inf is read as None, off)
+        if h.kl_clip is not None or (whole is not None and whole.kl):
+            term = tail.kl_term(d, ghat, lr, ctx.xp)
+        return Pending(env, state, d, ghat, new_curv, lr, term, log, stage, layer_arrays)
+
+    def finish(self, p: Pending, kl_total=None):
+        """(updates, new state) of a prepared direction: trust region (over `kl_total`, the
+        parts' summed `kl_term`, where given), momentum, the update, the non-finite guard."""
+        h, env, state = self.config, p.env, p.state
+        ctx, xp, d = env.ctx, env.ctx.xp, p.d
+        nu = None
         if h.kl_clip is not None:
-            nu = tail.kl_scale(d, ghat, lr, h.kl_clip, xp)
+            nu = tail.kl_scale(p.kl_term if kl_total is None else kl_total, h.kl_clip, xp)
         momentum = state.momentum  # created when momentum is switched on, dropped when off
         if h.momentum != 0.0:
             if momentum is None:
@@ -137,20 +174,21 @@ class Optimizer:
             momentum, nu = tuple(d), None
         else:
             momentum = None
-        updates = tail.updates(d, env.params, lr, h.weight_decay, xp, ctx.sdtype, scale=nu)
+        updates = tail.updates(d, env.params, p.lr, h.weight_decay, xp, ctx.sdtype, scale=nu)
         new_state = OptState(step=ctx.t, skipped=state.skipped,
                              curvature_count=env.curvature_count, momentum=momentum,
-                             curvature=new_curv)
-        used_stats = [] if ctx.curvature is False else (env.per_example or []) + layer_arrays
+                             curvature=p.curvature)
+        used_stats = [] if ctx.curvature is False else (env.per_example or []) + p.layer_arrays
         groups = {"gradients": env.g,
-                  "the regularized gradient (oracle results)": [] if ghat is env.g else ghat,
+                  "the regularized gradient (oracle results)": [] if p.ghat is env.g else p.ghat,
                   "curvature statistics": used_stats, "the update": updates}
         ups, out = guard.commit(updates, new_state, state, groups, ctx, h.on_nonfinite)
-        if stage.log and host_bool(out.skipped == state.skipped) is not False:
-            log.merge(stage)  # a skipped step's records are dropped (its NaN broke them)
+        if p.stage.log and host_bool(out.skipped == state.skipped) is not False:
+            p.log.merge(p.stage)  # a skipped step's records are dropped (its NaN broke them)
         return env.container.build(ups), out
 
-    def _env(self, grads, state, params, stats, oracle, collective, refresh, incidents):
+    def _env(self, grads, state, params, stats, oracle, collective, refresh, incidents,
+             whole_sq_norm=None):
         """Checks the inputs and gathers what the direction reads (an `Env`)."""
         h = self.config
         p_leaves, container = flatten(params)
@@ -184,7 +222,9 @@ class Optimizer:
         env = Env(config=h, ctx=ctx, container=container, params=p_leaves, g=g,
                   per_example=pe, stats=stats, oracle=oracle, curvature_count=count,
                   rho=_scalar(value_at(h.rho, ctx.t), xp, sdtype),
-                  damping=_scalar(value_at(h.damping, ctx.t), xp, sdtype))
+                  damping=_scalar(value_at(h.damping, ctx.t), xp, sdtype),
+                  whole_sq_norm=None if whole_sq_norm is None
+                  else xp.astype(whole_sq_norm, sdtype, copy=False))
         return env, layer_arrays
 
     def _flags(self, step, curvature, inverse, steady):

@@ -11,11 +11,16 @@ from __future__ import annotations
 from grng_core.tree import tree_inner
 
 
-def kl_scale(d, ghat, lr, kappa, xp):
-    """ν = min(1, √(κ / (η²|⟨d, ĝ⟩|))) = √(κ / max(η²|⟨d, ĝ⟩|, κ)), a 0-d array; ⟨d, ĝ⟩ = 0
-    gives ν = 1, a non-finite ⟨d, ĝ⟩ a non-finite ν (the step is then skipped, §4)."""
-    quad = (lr * lr) * xp.abs(tree_inner(d, ghat, xp))
-    return xp.sqrt(kappa / xp.clip(quad, min=kappa))
+def kl_term(d, ghat, lr, xp):
+    """η²⟨d, ĝ⟩ (a 0-d array): a part's share of the trust region's quadratic (`Whole`)."""
+    return (lr * lr) * tree_inner(d, ghat, xp)
+
+
+def kl_scale(term, kappa, xp):
+    """ν = min(1, √(κ / |η²⟨d, ĝ⟩|)) = √(κ / max(|term|, κ)), a 0-d array (term: `kl_term`,
+    summed over the parts of a model); ⟨d, ĝ⟩ = 0 gives ν = 1, a non-finite ⟨d, ĝ⟩ a
+    non-finite ν (the step is then skipped, §4)."""
+    return xp.sqrt(kappa / xp.clip(xp.abs(term), min=kappa))
 
 
 

@@ -89,12 +89,35 @@ class Oracle(NamedTuple):
         forward and backward differences are then taken against grad_fn(params), one more
         pass, so that they differentiate one function (§1). False (torch's closure, which
         reproduces the first pass, RNG included): against the passed gradient.
+    along_fn(c) -> the batch gradient at θ + c·g (c a 0-d array, θ and g the whole model's:
+        every part moved, `Whole`), or with grad_rows_fn given (grads, Stats) as that
+        returns; used instead of grad_fn(θ + c·g) for the shifted passes where given.
     """
 
     grad_fn: Callable[[Any], Any] | None = None
     hvp_fn: Callable[[Any, Any], Any] | None = None
     grad_rows_fn: Callable[[Any], Any] | None = None
     own_base: bool = False
+    along_fn: Callable[[Any], Any] | None = None
+
+
+class Whole(NamedTuple):
+    """What an update of one part of a model (a torch parameter group beside others) reads
+    of the whole model, so that splitting the parameters into parts changes nothing:
+
+    grad_sq_norm: ‖g‖² over every leaf of the model's gradient (0-d array): RING's
+        c_t = λ + ρ‖g‖² (§3.2) and the finite-difference radius ε = r/‖g‖ (§1); None: the
+        part's own.
+    kl: the trust region's ⟨d, ĝ⟩ is summed over the parts (§3 tail): `Optimizer.prepare`
+        then returns this part's η²⟨d, ĝ⟩ (also where the part's own kl_clip is off) and
+        `Optimizer.finish` takes the sum.
+    The gradient-regularisation oracle of a part differentiates the whole model too: its
+    hvp_fn returns the part's rows of H·g with g the whole gradient, and its `along_fn(c)`
+    the part's gradient at θ + c·g with every part moved (`Oracle.along_fn`).
+    """
+
+    grad_sq_norm: Any = None
+    kl: bool = False
 
 
 class Collective(NamedTuple):

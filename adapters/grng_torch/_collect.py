@@ -62,10 +62,10 @@ class Collector:
         # meaning "times E" (the closure's backward) or a number (explicit passes)
         self.s: dict[int, dict[int, tuple]] = {}
         self.z: dict[int, list] = {}
-        # per layer, the model call (index into batch.calls) of each of its input chunks
-        self.call_of: dict[int, list[int]] = {}
+        self.call_of: dict[int, list[int]] = {}  # per layer, each input chunk's model call
         self.replaying: int | None = None  # the call an extra pass runs again ("mc")
-        self.generation = 0  # bumped when the rows are dropped: older hooks keep nothing
+        self.generation, self.zeroed = 0, False  # bumped when the rows are dropped: older
+        # hooks keep nothing; zeroed: the optimizer's zero_grad ran since the last model call
         # layers collected only for the factored form -> the passes whose rows it stacks
         self.rows_only: dict[int, int] = {}
         # on a step whose refresh is the warm-up's only: layer -> its group's config, and per
@@ -109,6 +109,7 @@ class Collector:
             self.a, self.s, self.z, self.batch = {}, {}, {}, Batch()
             self.hooked, self.call_of, self.warming = {}, {}, {}
             self.generation += 1
+        self.zeroed = False
         first = first_tensor((args, kwargs))
         size, example = None, None
         if first is not None and first.dim() > self.batch_axis:
@@ -294,11 +295,11 @@ class Collector:
         return any(not 0 <= calls[k] < n or self.batch.calls[calls[k]].reached for k in pending)
 
     def _grads_cleared(self) -> bool:
-        """A trainable weight the kept calls' backward reached has no `.grad`: the loop cleared
-        the gradients (`zero_grad()`, set_to_none) since, so those calls belong to an
+        """The optimizer's `zero_grad` ran since the last model call, or a trainable weight the
+        kept calls' backward reached has no `.grad` (cleared since): those calls belong to an
         iteration whose step never came (a skipped step: GradScaler overflow, a NaN guard)."""
         w = next((L.weight for i in self.s if (L := self.layers[i]).weight.requires_grad), None)
-        return w is not None and w.grad is None
+        return self.zeroed or (w is not None and w.grad is None)
 
     def disarm(self) -> None:
         if self.armed:
@@ -319,15 +320,14 @@ class Collector:
             (self.a, self.s, self.z, self.batch, self.warmup_only, self.warming,
              self.hooked, self.call_of) = saved
 
-    def clear(self) -> None:
-        """Drop the rows and model calls kept (before and after each step)."""
-        self._reset()
-
     def _reset(self) -> None:
+        """Drop the rows and model calls kept (`clear`: before and after each step)."""
         self.a, self.s, self.z, self.hooked, self.call_of = {}, {}, {}, {}, {}
         self.warmup_only, self.warming = {}, {}
-        self.batch = Batch()
+        self.batch, self.zeroed = Batch(), False
         self.generation += 1
+
+    clear = _reset
 
     def used_calls(self) -> list[tuple[int, Call]]:
         """(index, call) of the model calls that are part of the batch (`Call.used`): not an

@@ -40,6 +40,24 @@ def _reasons_by_param(opt) -> dict[int, str]:
     return {k: "; ".join(v) for k, v in out.items()}
 
 
+def _outside_reasons(opt, i: int) -> dict[int, str]:
+    """id(param) -> why a parameter of group i is outside every K-FAC layer of the group: a
+    bias whose layer's weight is in another group (the weight keeps K-FAC without a bias
+    column), a parameter the model given as `model=` does not hold."""
+    if opt.collector is None:
+        return {}
+    group_of = {id(p): k for k, g in enumerate(opt.param_groups) for p in g["params"]}
+    out = {id(p): "not a parameter of the model given to the optimizer (model=)"
+           for p in opt.param_groups[i]["params"] if id(p) not in opt.param_names}
+    for L in opt.collector.layers:
+        k = group_of.get(id(L.weight))
+        if L.bias is not None and group_of.get(id(L.bias)) == i and k != i:
+            where = "in no param group" if k is None else f"in param group {k}"
+            out[id(L.bias)] = (f"the bias of layer {L.label!r}, whose weight is {where}: a K-FAC "
+                               "block takes a layer's weight and bias from one group")
+    return out
+
+
 def _names(opt, i: int) -> list[str]:
     return [opt.param_names.get(id(p), f"group {i} param {j}")
             for j, p in enumerate(opt.param_groups[i]["params"])]
@@ -59,7 +77,7 @@ def group_report(opt, i: int) -> StructureReport:
     else:
         pairs = [(w, b) for w, b in entry.layers]
         reasons_frozen = {}
-    why = _reasons_by_param(opt)
+    why = {**_outside_reasons(opt, i), **_reasons_by_param(opt)}
     reasons = {j: why[id(p)] for j, p in enumerate(group["params"]) if id(p) in why}
     reasons.update(reasons_frozen)
     if entry is not None:

@@ -101,80 +101,93 @@ def per_example(opt, gis: list[int], sampled) -> dict[int, torch.Tensor]:
     return {id(p): out[n] for p, n in zip(params, names)}
 
 
+def _collecting(stack, coll, rows_of) -> None:
+    """A shifted pass's hooks: quiet, or (`rows_of`) keeping its rows apart from the step's."""
+    if coll is None:
+        return
+    if rows_of is None:
+        stack.enter_context(coll.collect(None))
+        return
+    stack.enter_context(coll.side_pass())
+    layers, _ = rows_of
+    stack.enter_context(coll.collect("backward", list(layers), capture=True, rows_only=layers))
+
+
 def grad_fn(opt, i, closure, saved_grads, all_params, rng_before, devices, outer_autocast,
-            snapshot, rows_of=None):
-    """grad_fn(params) -> the batch gradient of group i at other values of its params,
-    from the closure (same batch, same random numbers as the first evaluation). With
-    `rows_of` ({hooked layer: passes stacked}, and a function giving their rows' Stats):
-    grad_rows_fn(params) -> (grads, Stats), the pass's K-FAC rows kept where the factored
-    form pays (`Oracle.grad_rows_fn`, §2.1)."""
+            snapshot, rows_of=None, along=None):
+    """grad_fn(params) -> group i's batch gradient at other values of its params, from the
+    closure (same batch and random numbers as the first evaluation); with `rows_of` ({hooked
+    layer: passes stacked}, a function giving their rows' Stats) also the pass's K-FAC rows
+    (`Oracle.grad_rows_fn`, §2.1); with `along` (every group's parameters and the whole
+    gradient, `_whole.vectors`) along_fn(c), the same at θ + c·g (`Oracle.along_fn`)."""
     group_params = opt.param_groups[i]["params"]
     coll = opt.collector
     rows: list = []
 
-    def collecting(stack):
-        if coll is None:
-            return
-        if rows_of is None:
-            stack.enter_context(coll.collect(None))
-            return
-        stack.enter_context(coll.side_pass())
-        layers, _ = rows_of
-        stack.enter_context(coll.collect("backward", list(layers), capture=True,
-                                         rows_only=layers))
-
-    def grad_rows_fn(new_params):
-        rows.clear()
-        grads = gradient(new_params)
-        return grads, rows[0]
-
-    def gradient(new_params):
-        new = list(new_params)
+    def gradient(new_params, moved=None):
+        moved = list(zip(group_params, new_params)) if moved is None else moved
         with torch.no_grad():
-            backup = [p.detach().clone() for p in group_params]
-            for p, v in zip(group_params, new):
+            backup = [p.detach().clone() for p, _ in moved]
+            for p, v in moved:
                 p.copy_(v)
         for p in all_params:  # the closure's zero_grad cannot touch the saved .grad
             p.grad = None
+        rows.clear()
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(torch.enable_grad())
                 stack.enter_context(autocast_as(outer_autocast))
-                collecting(stack)
+                _collecting(stack, coll, rows_of)
                 stack.enter_context(torch.random.fork_rng(devices=devices))
                 set_rng_state(rng_before, devices)
                 closure()
                 if rows_of is not None:
                     rows.append(rows_of[1]())
             with torch.no_grad():
-                return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-                        for p in group_params]
+                grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                         for p in group_params]
         finally:
             with torch.no_grad():
-                for p, v in zip(group_params, backup):
+                for (p, _), v in zip(moved, backup):
                     p.copy_(v)
             for p, g in zip(all_params, saved_grads):
                 p.grad = g
             if snapshot is not None:
                 snapshot.restore()
+        return grads if rows_of is None else (grads, rows[0])
 
-    return gradient if rows_of is None else grad_rows_fn
+    def along_fn(c):
+        params, vecs = along
+        with torch.no_grad():
+            moved = [(p, p + (c * v.to(c.dtype)).to(p.dtype))
+                     for p, v in zip(params, vecs) if v is not None]
+        return gradient(None, moved)
+
+    return gradient if along is None else along_fn
 
 
-def hvp_fn(opt, i, gb, start, collective):
-    """hvp_fn(params, v) -> H v for group i's block, by double backprop."""
+def hvp_fn(opt, i, gb, start, collective, whole=None):
+    """hvp_fn(params, v) -> H v for group i's block, by double backprop. With `whole` (the
+    whole gradient over every group's parameters, `_whole.vectors`): group i's rows of
+    H·(v over group i, `whole` elsewhere), the whole model's Hessian-vector product."""
     group_params = opt.param_groups[i]["params"]
 
     def hvp_fn(_params, vectors):
-        gs = gb.grads[start:start + len(group_params)]
         vs = list(vectors)
-        idx = [j for j, g in enumerate(gs) if g is not None and g.requires_grad]
+        if whole is None:
+            gs, grad_outputs = gb.grads[start:start + len(group_params)], vs
+        else:
+            gs = gb.grads[:len(whole)]
+            grad_outputs = whole[:start] + vs + whole[start + len(vs):]
+        use = [k for k, (g, v) in enumerate(zip(gs, grad_outputs))
+               if g is not None and g.requires_grad and v is not None]
+        idx = [j for j in range(len(group_params)) if start * (whole is not None) + j in use]
         out = [torch.zeros_like(p) for p in group_params]
         if idx:
             with torch.enable_grad():
                 got = torch.autograd.grad(
-                    [gs[j] for j in idx], [group_params[j] for j in idx],
-                    grad_outputs=[vs[j].to(gs[j].dtype) for j in idx],
+                    [gs[k] for k in use], [group_params[j] for j in idx],
+                    grad_outputs=[grad_outputs[k].to(gs[k].dtype) for k in use],
                     retain_graph=True, allow_unused=True)
             for j, h in zip(idx, got):
                 if h is not None:

@@ -90,6 +90,21 @@ def _check_group(opt, i: int, group: dict, saved: dict) -> None:
                          f"{len(group['params'])}")
 
 
+def _cast_floats(tree, template):
+    """Floating-point state cast to this model's state dtype where only the dtype differs (a
+    float32 run resumed in float64, or back), as torch.optim casts loaded state to the
+    parameters' dtype."""
+    if isinstance(template, dict) and isinstance(tree, dict):
+        return {k: _cast_floats(v, template[k]) if k in template else v for k, v in tree.items()}
+    if isinstance(template, (list, tuple)) and isinstance(tree, (list, tuple)):
+        return type(tree)(_cast_floats(a, b) for a, b in zip(tree, template))
+    if (isinstance(tree, torch.Tensor) and isinstance(template, torch.Tensor)
+            and tree.shape == template.shape and tree.dtype != template.dtype
+            and tree.is_floating_point() and template.is_floating_point()):
+        return tree.to(template.dtype)
+    return tree
+
+
 def _entry(opt, i: int, saved_group: dict, blob: dict) -> GroupState:
     """The saved group state, checked against a fresh one of this model and placed on the
     parameters' device."""
@@ -108,7 +123,9 @@ def _entry(opt, i: int, saved_group: dict, blob: dict) -> GroupState:
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"the loaded state dict does not fit this optimizer (param group "
                          f"{i}): {e}") from e
-    problem = codec.mismatch(blob["core"], codec.encode(fresh))
+    template = codec.encode(fresh)
+    blob = {**blob, "core": _cast_floats(blob["core"], template)}
+    problem = codec.mismatch(blob["core"], template)
     if problem:
         raise ValueError(f"the loaded state dict does not fit this optimizer (param group {i}): "
                          f"{problem} (a different model or optimizer configuration)")

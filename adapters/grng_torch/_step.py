@@ -25,6 +25,7 @@ from grng_torch._autocast import autocast_off, autocast_state
 from grng_torch._backward import GraphBackward
 from grng_torch._closure_free import CLOSURE_HELP, check_closure_free, closure_needs
 from grng_torch._groups import STATE_KEY, GroupState
+from grng_torch._whole import kl_total, vectors, whole_of
 from grng_torch.distributed import is_distributed, torch_collective
 
 
@@ -169,6 +170,7 @@ def run(opt, closure):
                                "gradient (nothing was changed): "
                                + (CLOSURE_HELP if closure is not None else
                                   "call loss.backward() before a step() without a closure"))
+        _refuse_sparse(opt, sp)
         saved_grads = [p.grad for p in sp.graded]
         if coll is not None and (sp.mc or any(sp.pe.values()) or sp.fd):
             snapshot = _passes.BufferSnapshot(coll.root)  # after the closure's own update
@@ -177,7 +179,7 @@ def run(opt, closure):
                    devices=devices, outer_autocast=outer_autocast, snapshot=snapshot, gb=gb,
                    collective=_collective(opt), pe=pe)
         with torch.no_grad(), autocast_off():
-            results = [_group_update(opt, sp, gp, grads[gp.index], env) for gp in sp.groups]
+            results = _update_groups(opt, sp, grads, env)
         _apply(opt, sp, grads, results)
         if any(gp.entry is None for gp in sp.groups):  # the first step fixed the layers
             _describe.warn_if_mostly_diagonal(opt)
@@ -199,6 +201,17 @@ def run(opt, closure):
         if gb is not None:
             gb.grads = None  # frees the gradient's graph
     return loss
+
+
+def _refuse_sparse(opt, sp: StepPlan) -> None:
+    """Sparse gradients (`nn.Embedding(sparse=True)`) have no curvature statistics here: a
+    clear error before anything changes, as torch.optim.Adam gives."""
+    sparse = [opt.param_names.get(id(p), tuple(p.shape)) for p in sp.all_params
+              if p.grad is not None and p.grad.layout != torch.strided]
+    if sparse:
+        raise RuntimeError(f"{type(opt).__name__} does not support sparse gradients (parameters "
+                           f"{sparse}; nothing was changed): build the nn.Embedding / "
+                           "nn.EmbeddingBag with sparse=False")
 
 
 def arm_for_closure_free(opt, only_if_armed: bool = False) -> None:
@@ -313,8 +326,21 @@ def _present(opt, gp: GroupPlan) -> list:
     return [(li, w, b) for li, w, b in gp.layers if coll is not None and coll.has_rows(li)]
 
 
-def _group_update(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any]):
-    """(updates, new GroupState) of one group."""
+def _update_groups(opt, sp: StepPlan, grads, env: dict[str, Any]) -> list:
+    """[(updates, new GroupState)] of every group: their directions first, then the tail,
+    with what reads the whole model summed over the groups (`_whole`)."""
+    whole = whole_of(sp, grads)
+    env["whole"] = whole
+    if whole is not None:
+        env["vectors"] = vectors(sp, grads)
+    prepared = [_group_prepare(opt, sp, gp, grads[gp.index], env) for gp in sp.groups]
+    total = kl_total([p for _, _, p in prepared]) if whole is not None else None
+    return [_finished(core, entry, p, total) for entry, core, p in prepared]
+
+
+def _group_prepare(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any]):
+    """(entry, core, `grng_core.optimizer.Pending`) of one group: its direction, reading the
+    whole model's gradient where the optimizer has several groups (`_whole`)."""
     params = [p.detach() for p in gp.group["params"]]
     g = [torch.zeros_like(p) if x is None else x.detach() for p, x in zip(params, grads)]
     entry, core, layers = gp.entry, gp.core, gp.layers
@@ -325,24 +351,35 @@ def _group_update(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any]):
         gp = GroupPlan(gp.index, gp.group, core, entry, gp.curvature, gp.inverse, layers,
                        gp.offset, steady=gp.steady)
     r = core.requirements
+    whole = env["whole"]
     closure_pass = (env["closure"], env["saved_grads"], sp.graded, env["rng_before"],
                     env["devices"], env["outer_autocast"], env["snapshot"])
     rows_of = (_pass_rows(opt, core.config, layers)
                if r.grad_fn and r.fd_rows and env["collective"] is None and _on_host(gp)
                else None)
+    along = None if whole is None else (sp.all_params, env["vectors"])
+    grad_rows_fn = (_passes.grad_fn(opt, gp.index, *closure_pass, rows_of=rows_of)
+                    if rows_of is not None else None)
     oracle = gc.Oracle(
         grad_fn=_passes.grad_fn(opt, gp.index, *closure_pass) if r.grad_fn else None,
-        grad_rows_fn=_passes.grad_fn(opt, gp.index, *closure_pass, rows_of=rows_of)
-        if rows_of is not None else None,
-        hvp_fn=_passes.hvp_fn(opt, gp.index, env["gb"], gp.offset, env["collective"])
-        if r.hvp_fn else None)
-    updates, new_core = core.update(g, entry.core, params,
-                                    stats=_stats(opt, sp, gp, layers, env["pe"],
-                                                 env["collective"] is not None),
-                                    oracle=oracle, collective=env["collective"],
-                                    curvature=gp.curvature, inverse=gp.inverse,
-                                    steady=gp.steady,
-                                    incidents=opt.incidents(gp.index))
+        grad_rows_fn=grad_rows_fn,
+        hvp_fn=_passes.hvp_fn(opt, gp.index, env["gb"], gp.offset, env["collective"],
+                              None if whole is None else env["vectors"])
+        if r.hvp_fn else None,
+        along_fn=_passes.grad_fn(opt, gp.index, *closure_pass, rows_of=rows_of, along=along)
+        if r.grad_fn and along is not None else None)
+    pending = core.prepare(g, entry.core, params,
+                           stats=_stats(opt, sp, gp, layers, env["pe"],
+                                        env["collective"] is not None),
+                           oracle=oracle, collective=env["collective"],
+                           curvature=gp.curvature, inverse=gp.inverse, steady=gp.steady,
+                           incidents=opt.incidents(gp.index), whole=whole)
+    return entry, core, pending
+
+
+def _finished(core, entry: GroupState, pending, kl_total):
+    """(updates, new GroupState) of one group."""
+    updates, new_core = core.finish(pending, kl_total)
     return updates, GroupState(entry.host_step + 1, entry.structure, new_core)
 
 

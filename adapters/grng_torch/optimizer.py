@@ -288,6 +288,15 @@ class GRNGOptimizer(torch.optim.Optimizer):
         skipped as non-finite that have not been reported yet; CPU steps warn at once."""
         self.skips.poll(wait=True)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's; and a closure-free step forgets the K-FAC rows of backward passes before
+        it (their gradients are gone, with set_to_none=False too): an iteration whose step
+        never came (a loss guard) leaves nothing behind."""
+        super().zero_grad(set_to_none)
+        coll = getattr(self, "collector", None)
+        if coll is not None:
+            coll.zeroed = True
+
     # --------------------------------------------------------------- step
     def step(self, closure: Callable[[], Any] | None = None):
         """One optimizer step. `closure` zeroes the gradients, runs the forward pass, calls

@@ -24,13 +24,13 @@ def spy(opt, index=0):
     """Record the Stats and flags each core update of group `index` receives."""
     core = opt.core(index)
     calls = []
-    update = core.update
+    prepare = core.prepare  # the adapter's update is prepare + finish (several groups)
 
     def recording(grads, state, params, stats=None, **kw):
         calls.append({"stats": stats, **{k: kw.get(k) for k in ("curvature", "inverse")}})
-        return update(grads, state, params, stats=stats, **kw)
+        return prepare(grads, state, params, stats=stats, **kw)
 
-    object.__setattr__(core, "update", recording)
+    object.__setattr__(core, "prepare", recording)
     return calls
 
 
@@ -335,3 +335,26 @@ def test_double_backprop_through_scaled_dot_product_attention():
     losses = [float(opt.step(closure_for(opt, model, CRIT, x, y)).detach()) for _ in range(8)]
     assert losses[-1] < losses[0]
     assert opt.state[model.emb.weight]["grng"].layers == [[0, None], [1, 2], [3, 4]]
+
+
+@pytest.mark.parametrize("name", ["RING", "RENG", "RKalman"])
+def test_sparse_gradients_are_refused_before_anything_changes(name):
+    """nn.Embedding(sparse=True): a clear error naming the parameter and the fix (it crashed
+    inside torch's sparse division or `where`), the parameters unchanged."""
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(20, 8, sparse=True), nn.Linear(8, 3)
+
+        def forward(self, i):
+            return self.fc(self.emb(i).mean(1))
+
+    torch.manual_seed(0)
+    model = Bag()
+    ids, y = torch.randint(0, 20, (16, 4)), torch.randint(0, 3, (16,))
+    opt = getattr(gt, name)(model.parameters(), model=model)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"sparse gradients \(parameters \['emb.weight'\].*"
+                                           r"sparse=False"):
+        opt.step(closure_for(opt, model, CRIT, ids, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -208,3 +208,30 @@ def test_a_computed_weight_is_reported_as_such(wrap):
     assert len(first) >= 2 and all(e.structure == "diagonal" for e in first)
     assert all("computed" in e.reason for e in first), [e.reason for e in first]
     assert entries["2.weight"].structure == entries["2.bias"].structure == "kfac"
+
+
+def test_a_bias_in_another_group_and_a_parameter_outside_the_model_say_why():
+    """The weight-decay recipe (weights in one group, biases and norms in another): the
+    weights keep K-FAC, each bias is on the diagonal and says why (its reason was blank), as
+    does a parameter the model does not hold."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 3))
+    extra = nn.Parameter(torch.zeros(()))
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2] + [extra]
+    opt = gt.RING([{"params": decay, "weight_decay": 1e-4}, {"params": rest}], model=model)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y) + extra ** 2
+        loss.backward()
+        return loss
+    opt.step(closure)
+    by = {e.name: e for e in opt.describe().entries}
+    assert by["0.weight"].structure == by["3.weight"].structure == "kfac"
+    for bias, layer in (("0.bias", "'0'"), ("3.bias", "'3'")):
+        assert by[bias].structure == "diagonal"
+        assert f"bias of layer {layer}" in by[bias].reason and "param group 0" in by[bias].reason
+    outside = [e for e in opt.describe().entries if e.name == "group 1 param 4"]
+    assert outside and "not a parameter of the model" in outside[0].reason

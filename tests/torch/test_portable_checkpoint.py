@@ -638,3 +638,44 @@ def test_transposed_and_embedding_layers_resume_bit_identically(tmp_path, name, 
         step2(opt2, k)
     for p, w in zip(model2.parameters(), want, strict=True):
         assert torch.equal(p, w)
+
+
+@pytest.mark.parametrize("name", ["RING", "RENG", "RKalman"])
+@pytest.mark.parametrize("src,dst", [(torch.float32, torch.float64),
+                                     (torch.float64, torch.float32)], ids=["32to64", "64to32"])
+def test_a_state_dict_loads_into_the_model_in_another_dtype(name, src, dst):
+    """As torch.optim casts loaded state to the parameters' dtype: a float32 run resumed in
+    float64 (and back) was refused as "a different model"; now its state is cast, and the
+    resumed run follows the run continued in the saved dtype to that dtype's rounding."""
+    crit = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(0)
+    xs, ys = torch.randn(3, 16, 8, generator=g), torch.randint(0, 3, (3, 16), generator=g)
+
+    def model(dtype):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+
+    def run(opt, m, steps, dtype):
+        for t in steps:
+            x, y = xs[t % 3].to(dtype), ys[t % 3]
+
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                loss = crit(m(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+
+    m = model(src)
+    opt = getattr(gt, name)(m.parameters(), model=m)
+    run(opt, m, range(25), src)  # past the warm-up
+    saved = opt.state_dict()
+    m2 = model(dst)
+    m2.load_state_dict({k: v.to(dst) for k, v in m.state_dict().items()})
+    opt2 = getattr(gt, name)(m2.parameters(), model=m2)
+    opt2.load_state_dict(saved)
+    run(opt2, m2, range(25, 35), dst)
+    run(opt, m, range(25, 35), src)
+    for a, b in zip(m2.parameters(), m.parameters()):
+        assert a.dtype == dst
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)

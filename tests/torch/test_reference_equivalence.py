@@ -46,13 +46,13 @@ def test_adapter_collects_reference_statistics():
         pass
 
     opt = Spy(model.parameters(), model=model, loss_fn=loss_fn, structure="kfac", rho=0.0)
-    core_update = opt.core(0).update
+    core_prepare = opt.core(0).prepare  # the adapter's update is prepare + finish
 
-    def spy_update(grads, state, params_, stats=None, **kw):
+    def spy_prepare(grads, state, params_, stats=None, **kw):
         seen["stats"] = stats
-        return core_update(grads, state, params_, stats=stats, **kw)
+        return core_prepare(grads, state, params_, stats=stats, **kw)
 
-    object.__setattr__(opt.core(0), "update", spy_update)
+    object.__setattr__(opt.core(0), "prepare", spy_prepare)
     x, y = torch.from_numpy(xs[0]), torch.from_numpy(ys[0])
 
     def closure():
