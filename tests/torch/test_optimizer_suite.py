@@ -67,11 +67,14 @@ def _split_groups(model):
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
 def test_param_groups_behave_like_separate_optimizers(info):
-    """Two groups with their own lr / weight decay in one optimizer take the steps two
-    optimizers, each owning one group and seeing the same gradients, take."""
+    """Where nothing reads the whole model (ρ = 0, no trust region), two groups with their
+    own lr / weight decay in one optimizer take the steps two optimizers, each owning one
+    group and seeing the same gradients, take. (With ρ > 0 or the trust region the groups
+    read the whole model's ‖g‖², H·g and ⟨d, ĝ⟩: tests/torch/test_param_groups.py.)"""
     dt = torch.float64
     lr = info.kwargs.get("lr", 0.1)
-    group_hp = [dict(lr=lr, weight_decay=0.0), dict(lr=0.5 * lr, weight_decay=0.01)]
+    group_hp = [dict(lr=lr, weight_decay=0.0, rho=0.0, kl_clip=None),
+                dict(lr=0.5 * lr, weight_decay=0.01, rho=0.0, kl_clip=None)]
     one = PROBLEM.model(dt)
     g1, g2 = _split_groups(one)
     opt = info.make([{"params": g1, **group_hp[0]}, {"params": g2, **group_hp[1]}], one, CRIT)
