@@ -317,7 +317,11 @@ def _doc(algorithm: str, summary: str) -> str:
         opt = grng_torch.{title}(model.parameters(), model=model, loss_fn=criterion, lr=...)
         opt = grng_torch.{title}(model, loss_fn=criterion, lr=...)  # the same
 
-    `step(closure)` needs a closure (zero_grad, forward, loss.backward(), return loss).
+    `step(closure)` takes the usual closure (zero_grad, forward, loss.backward(), return
+    loss); {"without one RING steps on the loop's own backward()"
+            if algorithm == "ring" else
+            "with rho > 0 it needs one (it evaluates the loss again)"}. Param groups read the
+    whole model where the algorithm does (README "Param groups split nothing").
     See `GRNGOptimizer` for the adapter arguments. Hyperparameters (param-group keys,
     `grng_core.{config.__name__}`):
 {config.doc_table(indent="      ")}
@@ -343,8 +347,9 @@ class RENG(GRNGOptimizer):
 
 class RING(GRNGOptimizer):
     _algorithm = "ring"
-    __doc__ = _doc("ring", "RING, Regularized Implicit Natural Gradient: "
-                   "d = (1 − ρλ)(F + λI)⁻¹ g + ρ g (one forward and backward per step).")
+    __doc__ = _doc("ring", "RING, Regularized Implicit Natural Gradient (one forward and "
+                   "backward per step): form='adaptive_damping' (default) d = (F + (λ + "
+                   "ρ‖g‖²)I)⁻¹ g; form='gauss_newton' d = (1 − ρλ)(F + λI)⁻¹ g + ρ g.")
 
 
 class RKalman(GRNGOptimizer):
