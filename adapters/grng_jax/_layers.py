@@ -216,20 +216,24 @@ def shared_reason(call, examples: int | None, examples_shapes: tuple = ()) -> st
                            example_shapes=examples_shapes)
 
 
-def trace_calls(loss_fn: Callable, params, batch) -> list:
-    """The tagged dense calls of ``loss_fn(params, batch)``, from an abstract evaluation."""
+def trace_calls(loss_fn: Callable, params, batch) -> tuple[list, dict]:
+    """The tagged dense calls of ``loss_fn(params, batch)``, from an abstract evaluation, and
+    {leaf index: what else uses it} for the kernels also used outside them (a tied
+    embedding's `attend`)."""
     treedef = jax.tree_util.tree_structure(params)
     found: list = []
+    other: dict = {}
 
     def run(leaves, batch):
         col = Collector(leaves)
         with collecting(col):
             out = loss_fn(jax.tree_util.tree_unflatten(treedef, leaves), batch)
         found.extend(col.calls)
+        other.update(col.other_uses)
         return out
 
     jax.eval_shape(run, jax.tree_util.tree_leaves(params), batch)
-    return found
+    return found, other
 
 
 def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:
@@ -238,14 +242,17 @@ def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:
     Traces the loss abstractly (no computation) and returns one :class:`Layer` per distinct
     kernel, to pass as ``layers=`` when the names do not follow the ``kernel``/``bias``
     convention of ``layers="auto"``. A kernel called on an input the batch shares (position
-    ids of shape (1, T): `shared_reason`) is left out: it stays on the diagonal.
+    ids of shape (1, T): `shared_reason`), or also used outside its tagged calls (a tied
+    embedding's `attend`, whose statistics K-FAC cannot see), is left out: it stays on the
+    diagonal.
     """
     paths = leaf_paths(params)
     leaves = jax.tree_util.tree_leaves(params)
-    out, seen = [], set()
-    calls = trace_calls(loss_fn, params, batch)
+    calls, other = trace_calls(loss_fn, params, batch)
     examples, shapes = batch_size(batch), example_shapes(batch)
-    seen = {c.weight for c in calls if shared_reason(c, examples, shapes)}  # left to the diagonal
+    seen = {c.weight for c in calls  # left to the diagonal
+            if c.weight in other or shared_reason(c, examples, shapes)}
+    out = []
     for c in calls:
         if c.weight in seen:
             continue

@@ -274,6 +274,10 @@ def _refresh(step: Callable, core: gc.Optimizer, refresh: str, count):
                           which)
     elif warm:  # the warm-up refreshes both: step 0's pair
         which = jnp.where(count < warm, index[0], which)
+    if not isinstance(which, jax.core.Tracer):
+        # an eager update: the branch is picked here, so that the core sees concrete values
+        # (a non-finite step warns, or raises with on_nonfinite="raise", at once)
+        return branches[int(which)]()
     return lax.switch(which, branches)
 
 

@@ -126,10 +126,10 @@ def grad_fn(opt, i, closure, saved_grads, all_params, rng_before, devices, outer
 
     def gradient(new_params, moved=None):
         moved = list(zip(group_params, new_params)) if moved is None else moved
-        with torch.no_grad():
-            backup = [p.detach().clone() for p, _ in moved]
+        with torch.no_grad():  # through .data: another group's double-backprop graph keeps
+            backup = [p.detach().clone() for p, _ in moved]  # them (restored exactly before use)
             for p, v in moved:
-                p.copy_(v)
+                p.data.copy_(v)
         for p in all_params:  # the closure's zero_grad cannot touch the saved .grad
             p.grad = None
         rows.clear()
@@ -149,7 +149,7 @@ def grad_fn(opt, i, closure, saved_grads, all_params, rng_before, devices, outer
         finally:
             with torch.no_grad():
                 for (p, _), v in zip(moved, backup):
-                    p.copy_(v)
+                    p.data.copy_(v)
             for p, g in zip(all_params, saved_grads):
                 p.grad = g
             if snapshot is not None:
@@ -159,7 +159,7 @@ def grad_fn(opt, i, closure, saved_grads, all_params, rng_before, devices, outer
     def along_fn(c):
         params, vecs = along
         with torch.no_grad():
-            moved = [(p, p + (c * v.to(c.dtype)).to(p.dtype))
+            moved = [(p, p + (c.to(v.device) * v.to(c.dtype)).to(p.dtype))
                      for p, v in zip(params, vecs) if v is not None]
         return gradient(None, moved)
 
@@ -168,33 +168,36 @@ def grad_fn(opt, i, closure, saved_grads, all_params, rng_before, devices, outer
 
 def hvp_fn(opt, i, gb, start, collective, whole=None):
     """hvp_fn(params, v) -> H v for group i's block, by double backprop. With `whole` (the
-    whole gradient over every group's parameters, `_whole.vectors`): group i's rows of
-    H·(v over group i, `whole` elsewhere), the whole model's Hessian-vector product."""
+    whole gradient over every group's parameters, `_whole.vectors`, and a cache the step's
+    groups share): group i's rows of H·g, g the whole gradient, one double backward for all
+    groups (the vector the core passes is group i's part of g)."""
     group_params = opt.param_groups[i]["params"]
 
-    def hvp_fn(_params, vectors):
-        vs = list(vectors)
-        if whole is None:
-            gs, grad_outputs = gb.grads[start:start + len(group_params)], vs
-        else:
-            gs = gb.grads[:len(whole)]
-            grad_outputs = whole[:start] + vs + whole[start + len(vs):]
-        use = [k for k, (g, v) in enumerate(zip(gs, grad_outputs))
+    def product(gs, params, vs):
+        use = [k for k, (g, v) in enumerate(zip(gs, vs))
                if g is not None and g.requires_grad and v is not None]
-        idx = [j for j in range(len(group_params)) if start * (whole is not None) + j in use]
-        out = [torch.zeros_like(p) for p in group_params]
-        if idx:
+        out = [torch.zeros_like(p) for p in params]
+        if use:
             with torch.enable_grad():
-                got = torch.autograd.grad(
-                    [gs[k] for k in use], [group_params[j] for j in idx],
-                    grad_outputs=[grad_outputs[k].to(gs[k].dtype) for k in use],
-                    retain_graph=True, allow_unused=True)
-            for j, h in zip(idx, got):
+                got = torch.autograd.grad([gs[k] for k in use], [params[k] for k in use],
+                                          grad_outputs=[vs[k].to(gs[k].dtype) for k in use],
+                                          retain_graph=True, allow_unused=True)
+            for k, h in zip(use, got):
                 if h is not None:
-                    out[j] = h.detach()
+                    out[k] = h.detach()
         if collective is not None and collective.mean is not None:
             out = [collective.mean(x) for x in out]
         return out
+
+    def hvp_fn(_params, vectors):
+        if whole is None:
+            return product(gb.grads[start:start + len(group_params)], group_params,
+                           list(vectors))
+        vecs, cache = whole
+        if "Hg" not in cache:
+            every = [p for g in opt.param_groups for p in g["params"]]
+            cache["Hg"] = product(gb.grads[:len(vecs)], every, vecs)
+        return cache["Hg"][start:start + len(group_params)]
 
     return hvp_fn
 

@@ -96,7 +96,8 @@ def _cast_floats(tree, template):
     parameters' dtype."""
     if isinstance(template, dict) and isinstance(tree, dict):
         return {k: _cast_floats(v, template[k]) if k in template else v for k, v in tree.items()}
-    if isinstance(template, (list, tuple)) and isinstance(tree, (list, tuple)):
+    if (isinstance(template, (list, tuple)) and isinstance(tree, (list, tuple))
+            and len(tree) == len(template)):  # other lengths: `codec.mismatch` names them
         return type(tree)(_cast_floats(a, b) for a, b in zip(tree, template))
     if (isinstance(tree, torch.Tensor) and isinstance(template, torch.Tensor)
             and tree.shape == template.shape and tree.dtype != template.dtype

@@ -5,7 +5,8 @@
 2. `_first_pass`: the closure, with K-FAC rows collected by the hooks during its backward
    (empirical Fisher) and, for double backprop, the gradient's graph kept;
 3. `_extra_passes`: sampled labels ("mc") and per-example gradients (`_passes`);
-4. `_group_update`: each group's `grng_core` update (all computed before any is applied);
+4. `_update_groups`: each group's `grng_core` update, reading the whole model where the
+   algorithm does (`_whole`; all computed before any is applied);
 5. `_apply`: θ ← θ + u in place, the new `GroupState` stored.
 """
 
@@ -25,7 +26,7 @@ from grng_torch._autocast import autocast_off, autocast_state
 from grng_torch._backward import GraphBackward
 from grng_torch._closure_free import CLOSURE_HELP, check_closure_free, closure_needs
 from grng_torch._groups import STATE_KEY, GroupState
-from grng_torch._whole import kl_total, vectors, whole_of
+from grng_torch._whole import kl_total, skip_together, vectors, whole_of
 from grng_torch.distributed import is_distributed, torch_collective
 
 
@@ -332,10 +333,11 @@ def _update_groups(opt, sp: StepPlan, grads, env: dict[str, Any]) -> list:
     whole = whole_of(sp, grads)
     env["whole"] = whole
     if whole is not None:
-        env["vectors"] = vectors(sp, grads)
+        env["vectors"], env["hvp_cache"] = vectors(sp, grads), {}
     prepared = [_group_prepare(opt, sp, gp, grads[gp.index], env) for gp in sp.groups]
-    total = kl_total([p for _, _, p in prepared]) if whole is not None else None
-    return [_finished(core, entry, p, total) for entry, core, p in prepared]
+    total = None if whole is None else kl_total([p for _, _, p in prepared])
+    results = [_finished(core, entry, p, total) for entry, core, p in prepared]
+    return results if whole is None else skip_together([p.state for *_, p in prepared], results)
 
 
 def _group_prepare(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any]):
@@ -352,6 +354,8 @@ def _group_prepare(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any])
                        gp.offset, steady=gp.steady)
     r = core.requirements
     whole = env["whole"]
+    if whole is not None and whole.grad_sq_norm is not None:  # groups on other devices
+        whole = whole._replace(grad_sq_norm=whole.grad_sq_norm.to(params[0].device))
     closure_pass = (env["closure"], env["saved_grads"], sp.graded, env["rng_before"],
                     env["devices"], env["outer_autocast"], env["snapshot"])
     rows_of = (_pass_rows(opt, core.config, layers)
@@ -364,7 +368,7 @@ def _group_prepare(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any])
         grad_fn=_passes.grad_fn(opt, gp.index, *closure_pass) if r.grad_fn else None,
         grad_rows_fn=grad_rows_fn,
         hvp_fn=_passes.hvp_fn(opt, gp.index, env["gb"], gp.offset, env["collective"],
-                              None if whole is None else env["vectors"])
+                              None if whole is None else (env["vectors"], env["hvp_cache"]))
         if r.hvp_fn else None,
         along_fn=_passes.grad_fn(opt, gp.index, *closure_pass, rows_of=rows_of, along=along)
         if r.grad_fn and along is not None else None)
@@ -379,6 +383,8 @@ def _group_prepare(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any])
 
 def _finished(core, entry: GroupState, pending, kl_total):
     """(updates, new GroupState) of one group."""
+    if kl_total is not None:
+        kl_total = kl_total.to(pending.env.params[0].device)
     updates, new_core = core.finish(pending, kl_total)
     return updates, GroupState(entry.host_step + 1, entry.structure, new_core)
 

@@ -164,3 +164,52 @@ def test_factories_take_every_config_field(name):
     assert core.name == name and core.config.lr == 0.3
     assert core.config == CONFIGS[name](lr=0.3)  # None everywhere else: the core's defaults
     assert np.isfinite(core.config.rho)
+
+
+def test_an_nnx_optimizer_resumes_from_grng_jax_load(tmp_path):
+    """nnx.Optimizer keeps its opt_state in nnx wrappers: the README's restore (the loaded
+    arrays wrapped back, the step counter restored) continues bit-identically."""
+    nnx = pytest.importorskip("flax.nnx")
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.l1, self.l2 = nnx.Linear(6, 12, rngs=rngs), nnx.Linear(12, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(nnx.tanh(self.l1(x)))
+
+    def batch(i):
+        x = jax.random.normal(jax.random.key(100 + i), (24, 6), jnp.float32)
+        return x, (x[:, 0] > 0).astype(jnp.int32) + (x[:, 1] > 0)
+
+    def loss(model, b):
+        return optax.softmax_cross_entropy_with_integer_labels(model(b[0]), b[1]).mean()
+
+    @nnx.jit
+    def train_step(model, optimizer, b):
+        loss_fn = grng_jax.nnx_loss_fn(model, loss)
+        g = nnx.grad(loss)(model, b)
+        optimizer.update(model, g, loss_fn=loss_fn, batch=b)
+
+    opt = grng_jax.ring()
+    whole = MLP(nnx.Rngs(0))
+    o_whole = nnx.Optimizer(whole, opt, wrt=nnx.Param)
+    first = MLP(nnx.Rngs(0))
+    o_first = nnx.Optimizer(first, opt, wrt=nnx.Param)
+    for i in range(6):
+        train_step(whole, o_whole, batch(i))
+        if i < 3:
+            train_step(first, o_first, batch(i))
+    path = str(tmp_path / "nnx.npz")
+    grng_jax.save(path, opt, o_first.opt_state)
+    resumed = MLP(nnx.Rngs(0))
+    nnx.update(resumed, nnx.state(first, nnx.Param))
+    o_resumed = nnx.Optimizer(resumed, opt, wrt=nnx.Param)
+    o_resumed.opt_state = nnx.data(nnx.training.optimizer.to_opt_state(
+        grng_jax.load(path, opt, o_resumed.opt_state)))
+    o_resumed.step[...] = o_first.step[...]
+    for i in range(3, 6):
+        train_step(resumed, o_resumed, batch(i))
+    for a, b in zip(jax.tree_util.tree_leaves(nnx.state(whole, nnx.Param)),
+                    jax.tree_util.tree_leaves(nnx.state(resumed, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

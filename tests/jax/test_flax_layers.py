@@ -243,3 +243,46 @@ def test_attention_projections_equal_two_dimensional_kernels():
                                    np.asarray(ref[n]["kernel"]), rtol=1e-9, atol=1e-12)
     moved = np.asarray(got["query"]["kernel"]) - np.asarray(a["query"]["kernel"])
     assert np.abs(moved).max() > 1e-4
+
+
+def test_find_layers_leaves_a_tied_embedding_to_the_diagonal():
+    """A flax Embed whose table also gives the logits (`attend`, weight tying): `layers="auto"`
+    refuses it naming find_layers, and find_layers kept it, so its advice failed the same
+    way. It now leaves the table out (K-FAC cannot see the `attend` use); the step trains."""
+    V, D, T, B = 11, 8, 5, 6
+
+    class LM(fnn.Module):
+        @fnn.compact
+        def __call__(self, ids):
+            emb = fnn.Embed(V, D)
+            h = fnn.relu(fnn.Dense(D, use_bias=False)(emb(ids)))
+            return emb.attend(h)
+
+    model = LM()
+    ids = jax.random.randint(jax.random.key(0), (B, T), 0, V)
+    batch = (ids, jnp.roll(ids, -1, 1))
+    params = model.init(jax.random.key(1), ids)
+
+    def loss_fn(p, b):
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, b[0]), b[1]).mean()
+
+    g = jax.grad(loss_fn)(params, batch)
+    auto = grng_jax.ring()
+    with pytest.raises(ValueError, match="also used by"):
+        auto.update(g, auto.init(params), params, loss_fn=loss_fn, batch=batch)
+    layers = grng_jax.find_layers(loss_fn, params, batch)
+    assert [layer.weight for layer in layers] == [("params", "Dense_0", "kernel")]
+    opt = grng_jax.ring(layers=layers)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(p, s):
+        value, g = jax.value_and_grad(loss_fn)(p, batch)
+        u, s = opt.update(g, s, p, loss_fn=loss_fn, batch=batch)
+        return optax.apply_updates(p, u), s, value
+
+    losses = []
+    for _ in range(15):
+        params, state, value = step(params, state)
+        losses.append(float(value))
+    assert losses[-1] < 0.8 * losses[0] and int(state.core.skipped) == 0

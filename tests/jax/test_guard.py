@@ -49,3 +49,29 @@ def test_jax_adapter_skips_nonfinite_under_jit(case):
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, rest),
                  {k: v for k, v in before_s.items() if k != "skipped"})
     assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
+def test_an_eager_update_reports_a_nonfinite_step_at_once(on_nonfinite):
+    """Outside jit the default refresh="switch" ran the core inside lax.switch, where it saw
+    traced values: a NaN batch was skipped silently and "raise" did not raise. The branch is
+    now picked on the host: it warns (or raises), parameters and state unchanged."""
+    def loss_fn(params, batch):
+        x, y = batch
+        return optax.softmax_cross_entropy_with_integer_labels(
+            grng_jax.dense(x, params["kernel"], params["bias"]), y).mean()
+
+    params = grng_jax.init_dense(jax.random.key(0), 4, 3)
+    x = jax.random.normal(jax.random.key(1), (8, 4)).at[2, 1].set(jnp.nan)
+    y = jnp.arange(8) % 3
+    opt = grng_jax.ring(on_nonfinite=on_nonfinite)
+    state = opt.init(params)
+    g = jax.grad(loss_fn)(params, (x, y))
+    if on_nonfinite == "raise":
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            opt.update(g, state, params, loss_fn=loss_fn, batch=(x, y))
+        return
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        u, new = opt.update(g, state, params, loss_fn=loss_fn, batch=(x, y))
+    assert int(new.core.skipped) == 1
+    jax.tree.map(lambda a: np.testing.assert_array_equal(np.asarray(a), 0.0), u)

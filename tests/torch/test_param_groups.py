@@ -77,3 +77,51 @@ def test_the_trust_region_sums_over_groups_with_their_learning_rates():
     clipped, _ = step(kappa)
     for c, f in zip(clipped, free):
         torch.testing.assert_close(c, nu * f, rtol=1e-9, atol=1e-14)
+
+
+def _step_once(groups_kw, make_groups, x, y, nan_group=None, **kw):
+    import grng_torch
+
+    problem = Problem()
+    model = problem.model(torch.float64)
+    groups = [{**grp, **g} for grp, g in zip(make_groups(model), groups_kw)]
+    opt = grng_torch.RENG(groups, model=model, loss_fn=LOSS, **kw)
+    before = flat(model)
+
+    def closure():
+        opt.zero_grad()
+        loss = LOSS(model(x), y)
+        loss.backward()
+        if nan_group is not None:
+            opt.param_groups[nan_group]["params"][0].grad[0, 0] = float("nan")
+        return loss
+    opt.step(closure)
+    return flat(model) - before, opt
+
+
+def test_a_finite_difference_group_before_a_double_backprop_group():
+    """The shifted passes move every group; they did so in place, which broke the other
+    group's double-backprop graph ("modified by an inplace operation"): now they bypass the
+    version counters and restore the values exactly before the product is taken. Reference:
+    the double_backprop group's step equals the all-double_backprop run's (the same H·g)."""
+    x, y = next(Problem().batches(torch.float64))
+    kw = dict(lr=0.2, damping=1e-2, structure="diagonal", kl_clip=None)
+    mixed, _ = _step_once([dict(gr="finite_difference"), dict(gr="double_backprop")],
+                          lambda m: _groups(m, True), x, y, **kw)
+    exact, _ = _step_once([dict(gr="double_backprop"), dict(gr="double_backprop")],
+                          lambda m: _groups(m, True), x, y, **kw)
+    n_first = sum(p.numel() for p in Problem().model()[0].parameters())
+    torch.testing.assert_close(mixed[n_first:], exact[n_first:], rtol=1e-12, atol=1e-15)
+    assert (mixed[:n_first] - exact[:n_first]).norm() < 1e-2 * exact[:n_first].norm()
+
+
+@pytest.mark.parametrize("kl_clip", [1e-3, None], ids=["kl_clip", "no_kl_clip"])
+def test_a_nonfinite_gradient_in_one_group_skips_the_step_of_every_group(kl_clip):
+    """As one group would: nothing moves, each group counts the skip (before, with the trust
+    region off, the finite group moved)."""
+    x, y = next(Problem().batches(torch.float64))
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        moved, opt = _step_once([{}, {}], lambda m: _groups(m, True), x, y, nan_group=1,
+                                lr=0.2, damping=1e-2, kl_clip=kl_clip)
+    assert torch.count_nonzero(torch.nan_to_num(moved, nan=1.0)) == 0
+    assert [int(opt.group_state(i).core.skipped) for i in range(2)] == [1, 1]
