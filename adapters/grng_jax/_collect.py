@@ -52,6 +52,7 @@ def layer_stats(loss_fn: Callable, treedef, leaves: list, batch,
     every call. Raises ValueError when a layer of `specs` is not called through a tagged layer.
     """
     specs = [r if isinstance(r, LayerRef) else LayerRef(*r) for r in specs]
+    examples = batch_size(batch)  # a batch of mixed leading sizes: named before the trace
 
     def loss_of(lv, perturbs):
         p = jax.tree_util.tree_unflatten(treedef, lv)
@@ -74,8 +75,7 @@ def layer_stats(loss_fn: Callable, treedef, leaves: list, batch,
     jax.eval_shape(discover, leaves)
     names = params_for_names if params_for_names is not None else \
         jax.tree_util.tree_unflatten(treedef, leaves)
-    _check_calls(found, other, specs, names, leaves, nested, batch_size(batch),
-                 example_shapes(batch))
+    _check_calls(found, other, specs, names, leaves, nested, examples, example_shapes(batch))
 
     perturbs = [jnp.zeros(c.out_shape, c.out_dtype) for c in found]
 

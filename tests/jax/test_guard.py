@@ -75,3 +75,19 @@ def test_an_eager_update_reports_a_nonfinite_step_at_once(on_nonfinite):
         u, new = opt.update(g, state, params, loss_fn=loss_fn, batch=(x, y))
     assert int(new.core.skipped) == 1
     jax.tree.map(lambda a: np.testing.assert_array_equal(np.asarray(a), 0.0), u)
+
+
+def test_a_batch_of_mixed_leading_sizes_is_named_before_the_loss_runs():
+    """(x of 8 rows, y of 4): the adapter's message, not a broadcasting error from inside the
+    user's loss (the layer trace ran the loss first)."""
+    def loss_fn(params, batch):
+        x, y = batch
+        return optax.softmax_cross_entropy_with_integer_labels(
+            grng_jax.dense(x, params["kernel"], params["bias"]), y).mean()
+
+    params = grng_jax.init_dense(jax.random.key(0), 4, 3)
+    x, y = jax.random.normal(jax.random.key(1), (8, 4)), jnp.arange(8) % 3
+    opt = grng_jax.ring()
+    g = jax.grad(loss_fn)(params, (x, y))
+    with pytest.raises(ValueError, match="same leading batch axis"):
+        opt.update(g, opt.init(params), params, loss_fn=loss_fn, batch=(x, y[:4]))
