@@ -21,6 +21,14 @@ def report(opt, state, params) -> StructureReport:
     grng, _, _ = _split(state, "state")
     core = core_of(opt, grng)
     leaves = jax.tree_util.tree_leaves(params)
+    own = grng.core.curvature.diagonal  # one entry per leaf of this optimizer (None: K-FAC)
+    if own is not None and len(own) != len(leaves):
+        raise ValueError(
+            f"describe: this optimizer's state covers {len(own)} leaves, params has "
+            f"{len(leaves)} (it runs inside optax.multi_transform or optax.masked, on part of "
+            "the model): pass the params it sees, the other leaves masked, e.g. "
+            "jax.tree.map(lambda p, l: p if l == LABEL else optax.MaskedNode(), params, "
+            "labels)")
     paths = leaf_paths(params)
     names = _names(params)
     covered = {i for L in (grng.core.curvature.kfac or ()) for i in L.layout.positions}

@@ -79,3 +79,32 @@ def test_a_step_skipped_under_jit_warns_and_advances_the_schedule():
     good = (jnp.ones((4, 3)), jnp.zeros(4, jnp.int32))
     _, state = step(params, state, good)  # call 2 of a 3-call period: no refresh
     assert int(state.core.step) == 1 and int(state.core.curvature_count) == 0
+
+
+def test_inside_multi_transform_describe_names_the_leaves_it_owns():
+    """A GRNG optimizer on Dense_1 only (AdamW on Dense_0): with the whole params, describe
+    named Dense_0 as its K-FAC layer (the state's leaves read against the wrong tree); it now
+    refuses them naming the fix, and with the masked params names Dense_1."""
+    class MLP(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            return fnn.Dense(3)(jnp.tanh(fnn.Dense(12)(x)))
+
+    model = MLP()
+    x, y = jax.random.normal(jax.random.key(0), (16, 6)), jnp.arange(16) % 3
+    params = model.init(jax.random.key(1), x)
+    labels = {"params": {"Dense_0": {"kernel": "a", "bias": "a"},
+                         "Dense_1": {"kernel": "g", "bias": "g"}}}
+    opt = optax.multi_transform({"g": grng_jax.ring(), "a": optax.adamw(1e-3)}, labels)
+
+    def loss_fn(p, b):
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, b[0]), b[1]).mean()
+
+    state = opt.init(params)
+    g = jax.grad(loss_fn)(params, (x, y))
+    _, state = opt.update(g, state, params, loss_fn=loss_fn, batch=(x, y), full_params=params)
+    with pytest.raises(ValueError, match="covers 2 leaves, params has 4"):
+        grng_jax.describe(opt, state, params)
+    mine = jax.tree.map(lambda p, lab: p if lab == "g" else optax.MaskedNode(), params, labels)
+    text = str(grng_jax.describe(opt, state, mine))
+    assert "layer params/Dense_1" in text and "Dense_0" not in text
