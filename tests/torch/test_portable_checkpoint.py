@@ -29,6 +29,7 @@ import grng_core as gc
 from grng_core import checkpoint, npz_io
 from grng_core.reference import MLP
 from tests import cases
+from tests.torch._util import closure_for
 
 SIZES = (5, 7, 6, 3)
 B = 9
@@ -657,14 +658,7 @@ def test_a_state_dict_loads_into_the_model_in_another_dtype(name, src, dst):
 
     def run(opt, m, steps, dtype):
         for t in steps:
-            x, y = xs[t % 3].to(dtype), ys[t % 3]
-
-            def closure(x=x, y=y):
-                opt.zero_grad()
-                loss = crit(m(x), y)
-                loss.backward()
-                return loss
-            opt.step(closure)
+            opt.step(closure_for(opt, m, crit, xs[t % 3].to(dtype), ys[t % 3]))
 
     m = model(src)
     opt = getattr(gt, name)(m.parameters(), model=m)
