@@ -56,6 +56,15 @@ def double_backprop(g, params, rho, oracle, container, ctx) -> list:
     return [gi + rho * h for gi, h in zip(g, Hg)]
 
 
+def shift_key(sign: float, radius, eps):
+    """What fixes a shifted pass's c = sign·r/‖g‖ within one step of a model in parts
+    (`Oracle.along_fn`'s key: every part reads the same whole ‖g‖, so parts with equal keys
+    can share one pass): (sign, r, dtype of c); None where r is not a Python number."""
+    if not isinstance(radius, (int, float)) or isinstance(radius, bool):
+        return None
+    return ("finite_difference", float(sign), float(radius), str(eps.dtype))
+
+
 def finite_difference(g, params, rho, radius, scheme, oracle, container, ctx,
                       sq_norm=None) -> Regularized:
     """ĝ by forward, backward or central differences of the gradient along g (§1), with its
@@ -76,7 +85,7 @@ def finite_difference(g, params, rho, radius, scheme, oracle, container, ctx,
 
     def shifted(sign):
         if along is not None:  # the adapter moves the whole model by c·g
-            out = along(sign * eps)
+            out = along(sign * eps, key=shift_key(sign, radius, eps))
         else:
             moved = [p + xp.astype(sign * eps * gi, p.dtype, copy=False)
                      for p, gi in zip(params, g)]

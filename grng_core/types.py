@@ -89,9 +89,11 @@ class Oracle(NamedTuple):
         forward and backward differences are then taken against grad_fn(params), one more
         pass, so that they differentiate one function (§1). False (torch's closure, which
         reproduces the first pass, RNG included): against the passed gradient.
-    along_fn(c) -> the batch gradient at θ + c·g (c a 0-d array, θ and g the whole model's:
-        every part moved, `Whole`), or with grad_rows_fn given (grads, Stats) as that
-        returns; used instead of grad_fn(θ + c·g) for the shifted passes where given.
+    along_fn(c, key) -> the batch gradient at θ + c·g (c a 0-d array, θ and g the whole
+        model's: every part moved, `Whole`), or with grad_rows_fn given (grads, Stats) as that
+        returns; used instead of grad_fn(θ + c·g) for the shifted passes where given. key: a
+        hashable that is equal for two calls of one step only where their c are equal
+        (`estimators.shift_key`), or None: parts of a model may then share one pass.
     """
 
     grad_fn: Callable[[Any], Any] | None = None

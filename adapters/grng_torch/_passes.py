@@ -9,6 +9,7 @@ closure (finite differences); `hvp_fn`: Hessian-vector products by double backpr
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -113,39 +114,57 @@ def _collecting(stack, coll, rows_of) -> None:
     stack.enter_context(coll.collect("backward", list(layers), capture=True, rows_only=layers))
 
 
+class SharedPasses(NamedTuple):
+    """The shifted passes one step's groups share (`Oracle.along_fn`'s key -> `Pass`), and
+    the rows every group asks of them ({hooked layer: passes stacked}, `_pass_stats.pass_rows`)."""
+
+    cache: dict
+    rows_only: dict
+
+
+class Pass(NamedTuple):
+    """A shifted pass: every parameter's gradient ({id(param): grad}) and the rows it left
+    ({hooked layer: (a, s, examples)}) of the layers in `layers`."""
+
+    grads: dict
+    rows: dict
+    layers: frozenset
+
+
 def grad_fn(opt, i, closure, saved_grads, all_params, rng_before, devices, outer_autocast,
             snapshot, rows_of=None, along=None):
     """grad_fn(params) -> group i's batch gradient at other values of its params, from the
     closure (same batch and random numbers as the first evaluation); with `rows_of` ({hooked
-    layer: passes stacked}, a function giving their rows' Stats) also the pass's K-FAC rows
-    (`Oracle.grad_rows_fn`, §2.1); with `along` (every group's parameters and the whole
-    gradient, `_whole.vectors`) along_fn(c), the same at θ + c·g (`Oracle.along_fn`)."""
+    layer: passes stacked}, stats(lookup) giving their rows' Stats) also the pass's K-FAC rows
+    (`Oracle.grad_rows_fn`, §2.1); with `along` (every group's parameters, the whole gradient,
+    `_whole.vectors`, and the step's `SharedPasses`) along_fn(c, key), the same at θ + c·g
+    (`Oracle.along_fn`): one pass for every group whose key is equal."""
     group_params = opt.param_groups[i]["params"]
     coll = opt.collector
-    rows: list = []
 
-    def gradient(new_params, moved=None):
-        moved = list(zip(group_params, new_params)) if moved is None else moved
+    def run(moved, wanted, rows_spec):
+        """The closure at the `moved` values: ({id(p): gradient} of `wanted`, {layer: rows}
+        of `rows_spec`'s layers or None)."""
         with torch.no_grad():  # through .data: another group's double-backprop graph keeps
             backup = [p.detach().clone() for p, _ in moved]  # them (restored exactly before use)
             for p, v in moved:
                 p.data.copy_(v)
         for p in all_params:  # the closure's zero_grad cannot touch the saved .grad
             p.grad = None
-        rows.clear()
+        rows: list = []
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(torch.enable_grad())
                 stack.enter_context(autocast_as(outer_autocast))
-                _collecting(stack, coll, rows_of)
+                _collecting(stack, coll, rows_spec)
                 stack.enter_context(torch.random.fork_rng(devices=devices))
                 set_rng_state(rng_before, devices)
                 closure()
-                if rows_of is not None:
-                    rows.append(rows_of[1]())
+                if rows_spec is not None:
+                    rows.append({li: coll.rows(li) for li in rows_spec[0] if coll.has_rows(li)})
             with torch.no_grad():
-                grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-                         for p in group_params]
+                grads = {id(p): torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                         for p in wanted}
         finally:
             with torch.no_grad():
                 for (p, _), v in zip(moved, backup):
@@ -154,14 +173,29 @@ def grad_fn(opt, i, closure, saved_grads, all_params, rng_before, devices, outer
                 p.grad = g
             if snapshot is not None:
                 snapshot.restore()
-        return grads if rows_of is None else (grads, rows[0])
+        return grads, (rows[0] if rows else None)
 
-    def along_fn(c):
-        params, vecs = along
-        with torch.no_grad():
-            moved = [(p, p + (c.to(v.device) * v.to(c.dtype)).to(p.dtype))
-                     for p, v in zip(params, vecs) if v is not None]
-        return gradient(None, moved)
+    def result(grads, rows):
+        mine = [grads[id(p)] for p in group_params]
+        return mine if rows_of is None else (mine, rows_of[1]((rows or {}).get))
+
+    def gradient(new_params):
+        return result(*run(list(zip(group_params, new_params)), group_params, rows_of))
+
+    def along_fn(c, key=None):
+        params, vecs, shared = along
+        need = frozenset(rows_of[0]) if rows_of is not None else frozenset()
+        hit = None if key is None else shared.cache.get(key)
+        if hit is None or not need <= hit.layers:
+            with torch.no_grad():
+                moved = [(p, p + (c.to(v.device) * v.to(c.dtype)).to(p.dtype))
+                         for p, v in zip(params, vecs) if v is not None]
+            wanted = {**shared.rows_only, **(rows_of[0] if rows_of is not None else {})}
+            grads, rows = run(moved, params, (wanted, None) if wanted else None)
+            hit = Pass(grads, rows or {}, frozenset(wanted))
+            if key is not None:
+                shared.cache[key] = hit
+        return result(hit.grads, hit.rows)
 
     return gradient if along is None else along_fn
 

@@ -26,6 +26,7 @@ from grng_torch._autocast import autocast_off, autocast_state
 from grng_torch._backward import GraphBackward
 from grng_torch._closure_free import CLOSURE_HELP, check_closure_free, closure_needs
 from grng_torch._groups import STATE_KEY, GroupState
+from grng_torch._pass_stats import layer_stats, on_host, rows_of_passes
 from grng_torch._whole import kl_total, skip_together, vectors, whole_of
 from grng_torch.distributed import is_distributed, torch_collective
 
@@ -104,7 +105,7 @@ def plan(opt, arming: bool = False) -> StepPlan:
             (sp.mc if r.fisher == "mc" else sp.emp).update(li for li, _, _ in gp.layers)
             if gp.steady is not None and gp.steady[0] is False:
                 sp.warmup_only.update((li, gp.core.config) for li, _, _ in gp.layers)
-        elif (r.layer_rows or r.fd_rows) and not replicated and _on_host(gp):
+        elif (r.layer_rows or r.fd_rows) and not replicated and on_host(gp):
             # the factored form's rows (§2.1): hooks only, and only where it can be chosen
             gp.rows_only = True
             linear = [li for li, _, _ in gp.layers if opt.collector.layers[li].kind == "linear"]
@@ -127,13 +128,6 @@ def _bystanders(model: nn.Module, owned: list) -> list:
     one (e.g. AdamW on a tied embedding) would read a wrong gradient."""
     ids = {id(p) for p in owned}
     return [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-
-
-def _on_host(gp: GroupPlan) -> bool:
-    """The group's parameters are CPU tensors: the core can choose the factored form without a
-    device-to-host read (`grng_core.concrete.branchable`); on an accelerator it preconditions
-    densely, so no rows are kept for it."""
-    return all(p.device.type == "cpu" for p in gp.group["params"])
 
 
 def _collective(opt):
@@ -269,35 +263,12 @@ def _extra_passes(opt, sp: StepPlan) -> dict[int, torch.Tensor]:
     return pe
 
 
-def _layer_stats(opt, layers) -> list[gc.LayerStats]:
-    out = []
-    for li, w, b in layers:
-        a, s, examples = opt.collector.rows(li)
-        out.append(gc.LayerStats(w, b, a, s, transposed=opt.collector.layers[li].transposed,
-                                 batch_size=examples))
-    return out
-
-
-def _pass_rows(opt, config, layers):
-    """({hooked layer: passes stacked}, the Stats of the rows a pass left) for the shifted
-    passes of a finite-difference ĝ (`Oracle.grad_rows_fn`): the `nn.Linear`-type layers, as
-    on the steps that refresh nothing (no convolution's unfolded patches); None without any."""
-    layers = [L for L in layers if opt.collector.layers[L[0]].kind == "linear"]
-    if not layers:
-        return None
-
-    def stats():
-        seen = [L for L in layers if opt.collector.has_rows(L[0])]
-        return gc.Stats(layers=_layer_stats(opt, seen) or None)
-    return {li: stacked_passes(config) for li, _, _ in layers}, stats
-
-
 def _stats(opt, sp: StepPlan, gp: GroupPlan, layers, pe,
            replicated: bool = False) -> gc.Stats | None:
     r = gp.core.requirements
     if gp.rows_only:
         seen = [L for L in layers if opt.collector.has_rows(L[0])]
-        return gc.Stats(layers=_layer_stats(opt, seen)) if seen else None
+        return gc.Stats(layers=layer_stats(opt, seen)) if seen else None
     if not gp.curvature or not (r.layer_stats or r.per_example_grads):
         return None
     if gp.steady is not None and gp.steady[0] is False:  # layers skipping the warm-up: none
@@ -318,7 +289,7 @@ def _stats(opt, sp: StepPlan, gp: GroupPlan, layers, pe,
     use_pe = gp.index in sp.pe["empirical"] + sp.pe["mc"]
     return gc.Stats(
         per_example_grads=[pe[id(p)] for p in gp.group["params"]] if use_pe else None,
-        layers=_layer_stats(opt, layers) or None, absent=absent)
+        layers=layer_stats(opt, layers) or None, absent=absent)
 
 
 def _present(opt, gp: GroupPlan) -> list:
@@ -334,6 +305,10 @@ def _update_groups(opt, sp: StepPlan, grads, env: dict[str, Any]) -> list:
     env["whole"] = whole
     if whole is not None:
         env["vectors"], env["hvp_cache"] = vectors(sp, grads), {}
+        asked = [rows_of_passes(opt, gp, gp.core, gp.layers, env)
+                 for gp in sp.groups if gp.entry is not None]  # a first step's: found later
+        env["shared"] = _passes.SharedPasses({}, {li: n for got in asked if got is not None
+                                                  for li, n in got[0].items()})
     prepared = [_group_prepare(opt, sp, gp, grads[gp.index], env) for gp in sp.groups]
     total = None if whole is None else kl_total([p for _, _, p in prepared])
     results = [_finished(core, entry, p, total) for entry, core, p in prepared]
@@ -358,10 +333,8 @@ def _group_prepare(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any])
         whole = whole._replace(grad_sq_norm=whole.grad_sq_norm.to(params[0].device))
     closure_pass = (env["closure"], env["saved_grads"], sp.graded, env["rng_before"],
                     env["devices"], env["outer_autocast"], env["snapshot"])
-    rows_of = (_pass_rows(opt, core.config, layers)
-               if r.grad_fn and r.fd_rows and env["collective"] is None and _on_host(gp)
-               else None)
-    along = None if whole is None else (sp.all_params, env["vectors"])
+    rows_of = rows_of_passes(opt, gp, core, layers, env)
+    along = None if whole is None else (sp.all_params, env["vectors"], env["shared"])
     grad_rows_fn = (_passes.grad_fn(opt, gp.index, *closure_pass, rows_of=rows_of)
                     if rows_of is not None else None)
     oracle = gc.Oracle(

@@ -125,3 +125,51 @@ def test_a_nonfinite_gradient_in_one_group_skips_the_step_of_every_group(kl_clip
                                 lr=0.2, damping=1e-2, kl_clip=kl_clip)
     assert torch.count_nonzero(torch.nan_to_num(moved, nan=1.0)) == 0
     assert [int(opt.group_state(i).core.skipped) for i in range(2)] == [1, 1]
+
+
+def _closure_calls(make, split: bool, steps: int = 3, **kw) -> list[int]:
+    """Closure calls of each step (the first pass and the shifted ones)."""
+    problem = Problem()
+    model = problem.model(torch.float64)
+    opt = make(_groups(model, split), model=model, loss_fn=LOSS, **kw)
+    x, y = next(problem.batches(torch.float64))
+    calls = []
+
+    def closure():
+        calls[-1] += 1
+        opt.zero_grad()
+        loss = LOSS(model(x), y)
+        loss.backward()
+        return loss
+    for _ in range(steps):
+        calls.append(0)
+        opt.step(closure)
+    return calls
+
+
+@pytest.mark.parametrize("algo, kw", [
+    ("RKalman", {}),  # the defaults: forward differences, the passes' K-FAC rows
+    ("RENG", {"gr": "finite_difference", "fd_scheme": "central"}),
+    ("RKalman", {"structure": "diagonal"}),
+], ids=["rkalman", "reng_central", "rkalman_diagonal"])
+def test_groups_share_the_shifted_passes(algo, kw):
+    """The finite-difference passes move the whole model (`Oracle.along_fn`), so groups whose
+    passes have equal c = r/‖g‖ run them once: the closure calls of one group. (The first
+    step of K-FAC groups runs each group's pass: a group's layers are found in its own.)"""
+    import grng_torch
+
+    make = getattr(grng_torch, algo)
+    one, two = _closure_calls(make, False, **kw), _closure_calls(make, True, **kw)
+    assert one[1:] == two[1:] and one[-1] == (3 if "fd_scheme" in kw else 2)
+    shifted = one[0] - 1
+    assert two[0] == 1 + (2 * shifted if kw.get("structure", "kfac") == "kfac" else shifted)
+
+
+def test_groups_with_different_radii_run_their_own_passes():
+    """Unequal fd_radius: different c, so each group runs its own shifted pass."""
+    import grng_torch
+
+    def make(groups, **kw):
+        groups[1]["fd_radius"] = 1e-2
+        return grng_torch.RKalman(groups, **kw)
+    assert _closure_calls(make, True)[1:] == [3, 3]

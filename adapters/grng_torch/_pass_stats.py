@@ -1,0 +1,52 @@
+"""The K-FAC rows a step hands the core from its collector or from a shifted pass
+(ALGORITHMS.md §2.1 factored form; `_passes.grad_fn`): which groups' passes keep rows, and
+their `grng_core.LayerStats`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grng_core as gc
+from grng_core.requirements import stacked_passes
+
+
+def on_host(gp) -> bool:
+    """The group's parameters are CPU tensors: the core can choose the factored form without a
+    device-to-host read (`grng_core.concrete.branchable`); on an accelerator it preconditions
+    densely, so no rows are kept for it."""
+    return all(p.device.type == "cpu" for p in gp.group["params"])
+
+
+def layer_stats(opt, layers, lookup=None) -> list[gc.LayerStats]:
+    """LayerStats of `layers` ((hooked layer, weight, bias)) from the collector's rows, or
+    from `lookup` (layer -> (a, s, examples) or None: a shifted pass's)."""
+    out = []
+    for li, w, b in layers:
+        got = opt.collector.rows(li) if lookup is None else lookup(li)
+        if got is not None:
+            a, s, examples = got
+            out.append(gc.LayerStats(w, b, a, s, transposed=opt.collector.layers[li].transposed,
+                                     batch_size=examples))
+    return out
+
+
+def pass_rows(opt, config, layers):
+    """({hooked layer: passes stacked}, stats(lookup): the Stats of the rows a pass left,
+    `_passes.grad_fn`) for the shifted passes of a finite-difference ĝ
+    (`Oracle.grad_rows_fn`): the `nn.Linear`-type layers, as on the steps that refresh
+    nothing (no convolution's unfolded patches); None without any."""
+    layers = [L for L in layers if opt.collector.layers[L[0]].kind == "linear"]
+    if not layers:
+        return None
+
+    def stats(lookup):
+        return gc.Stats(layers=layer_stats(opt, layers, lookup) or None)
+    return {li: stacked_passes(config) for li, _, _ in layers}, stats
+
+
+def rows_of_passes(opt, gp, core, layers, env: dict[str, Any]):
+    """The group's `pass_rows` where its finite-difference passes give K-FAC rows, else None."""
+    r = core.requirements
+    if r.grad_fn and r.fd_rows and env["collective"] is None and on_host(gp):
+        return pass_rows(opt, core.config, layers)
+    return None
