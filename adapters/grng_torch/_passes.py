@@ -131,6 +131,41 @@ class Pass(NamedTuple):
     layers: frozenset
 
 
+def _run_pass(coll, passing, moved, wanted, rows_spec):
+    """The closure at the `moved` values: ({id(p): gradient} of `wanted`, {layer: rows}
+    of `rows_spec`'s layers or None). `passing`: the closure and what it restores."""
+    closure, saved_grads, all_params, rng_before, devices, outer_autocast, snapshot = passing
+    with torch.no_grad():  # through .data: another group's double-backprop graph keeps
+        backup = [p.detach().clone() for p, _ in moved]  # them (restored exactly before use)
+        for p, v in moved:
+            p.data.copy_(v)
+    for p in all_params:  # the closure's zero_grad cannot touch the saved .grad
+        p.grad = None
+    rows: list = []
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(autocast_as(outer_autocast))
+            _collecting(stack, coll, rows_spec)
+            stack.enter_context(torch.random.fork_rng(devices=devices))
+            set_rng_state(rng_before, devices)
+            closure()
+            if rows_spec is not None:
+                rows.append({li: coll.rows(li) for li in rows_spec[0] if coll.has_rows(li)})
+        with torch.no_grad():
+            grads = {id(p): torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                     for p in wanted}
+    finally:
+        with torch.no_grad():
+            for (p, _), v in zip(moved, backup):
+                p.data.copy_(v)
+        for p, g in zip(all_params, saved_grads):
+            p.grad = g
+        if snapshot is not None:
+            snapshot.restore()
+    return grads, (rows[0] if rows else None)
+
+
 def grad_fn(opt, i, closure, saved_grads, all_params, rng_before, devices, outer_autocast,
             snapshot, rows_of=None, along=None):
     """grad_fn(params) -> group i's batch gradient at other values of its params, from the
@@ -141,46 +176,15 @@ def grad_fn(opt, i, closure, saved_grads, all_params, rng_before, devices, outer
     (`Oracle.along_fn`): one pass for every group whose key is equal."""
     group_params = opt.param_groups[i]["params"]
     coll = opt.collector
-
-    def run(moved, wanted, rows_spec):
-        """The closure at the `moved` values: ({id(p): gradient} of `wanted`, {layer: rows}
-        of `rows_spec`'s layers or None)."""
-        with torch.no_grad():  # through .data: another group's double-backprop graph keeps
-            backup = [p.detach().clone() for p, _ in moved]  # them (restored exactly before use)
-            for p, v in moved:
-                p.data.copy_(v)
-        for p in all_params:  # the closure's zero_grad cannot touch the saved .grad
-            p.grad = None
-        rows: list = []
-        try:
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(torch.enable_grad())
-                stack.enter_context(autocast_as(outer_autocast))
-                _collecting(stack, coll, rows_spec)
-                stack.enter_context(torch.random.fork_rng(devices=devices))
-                set_rng_state(rng_before, devices)
-                closure()
-                if rows_spec is not None:
-                    rows.append({li: coll.rows(li) for li in rows_spec[0] if coll.has_rows(li)})
-            with torch.no_grad():
-                grads = {id(p): torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-                         for p in wanted}
-        finally:
-            with torch.no_grad():
-                for (p, _), v in zip(moved, backup):
-                    p.data.copy_(v)
-            for p, g in zip(all_params, saved_grads):
-                p.grad = g
-            if snapshot is not None:
-                snapshot.restore()
-        return grads, (rows[0] if rows else None)
+    passing = (closure, saved_grads, all_params, rng_before, devices, outer_autocast, snapshot)
 
     def result(grads, rows):
         mine = [grads[id(p)] for p in group_params]
         return mine if rows_of is None else (mine, rows_of[1]((rows or {}).get))
 
     def gradient(new_params):
-        return result(*run(list(zip(group_params, new_params)), group_params, rows_of))
+        return result(*_run_pass(coll, passing, list(zip(group_params, new_params)),
+                                 group_params, rows_of))
 
     def along_fn(c, key=None):
         params, vecs, shared = along
@@ -191,7 +195,8 @@ def grad_fn(opt, i, closure, saved_grads, all_params, rng_before, devices, outer
                 moved = [(p, p + (c.to(v.device) * v.to(c.dtype)).to(p.dtype))
                          for p, v in zip(params, vecs) if v is not None]
             wanted = {**shared.rows_only, **(rows_of[0] if rows_of is not None else {})}
-            grads, rows = run(moved, params, (wanted, None) if wanted else None)
+            grads, rows = _run_pass(coll, passing, moved, params,
+                                    (wanted, None) if wanted else None)
             hit = Pass(grads, rows or {}, frozenset(wanted))
             if key is not None:
                 shared.cache[key] = hit
