@@ -79,10 +79,12 @@ def hyperparams_json(opt) -> dict:
     return {k: _json_value(v) for k, v in opt.config.as_dict().items()}
 
 
-def state_to_numpy(state, opt=None, extra: dict | None = None) -> dict[str, np.ndarray]:
+def state_to_numpy(state, opt=None, extra: dict | None = None,
+                   leaf_names: list[str] | None = None) -> dict[str, np.ndarray]:
     """The archive's entries: NumPy copies of the state's arrays plus the metadata entry.
 
     `extra`: optional JSON-able dict stored in the metadata (adapters keep host counters there).
+    `leaf_names`: the params leaves' names in leaf order (a dict's keys), checked at load.
     """
     state = codec.to_portable(state)
     leaves: list = []
@@ -107,6 +109,8 @@ def state_to_numpy(state, opt=None, extra: dict | None = None) -> dict[str, np.n
         "arrays": specs,
         "extra": _json_value(extra or {}),
     }
+    if leaf_names is not None:
+        meta["leaf_names"] = [str(n) for n in leaf_names]
     meta["grng_version"] = __version__
     raw = json.dumps(meta, sort_keys=True).encode("utf-8")
     arrays[META_KEY] = np.frombuffer(raw, dtype=np.uint8).copy()
@@ -158,12 +162,28 @@ def _check_opt(meta: dict, opt, source: str) -> None:
                          f"({'; '.join(diff)})")
 
 
-def state_from_numpy(arrays: dict, like=None, opt=None, source: str = "checkpoint"):
+def _check_leaf_order(saved, now, source: str) -> None:
+    """The state is stored per leaf by position: the same names in another order (a dict
+    built in another key order) would put each leaf's state on another leaf, so it is
+    refused. Names of another naming (another framework's) cannot be compared: positions."""
+    if saved is None or now is None:
+        return
+    now = [str(n) for n in now]
+    if list(saved) != now and sorted(saved) == sorted(now):
+        raise ValueError(f"{source}: the checkpoint's parameters are in the order {list(saved)}, "
+                         f"these params in the order {now}: the state is kept per position, so "
+                         "it would land on the wrong leaves. Build the params in the saved "
+                         "order (e.g. dict(sorted(...)) where the file came from JAX)")
+
+
+def state_from_numpy(arrays: dict, like=None, opt=None, source: str = "checkpoint",
+                     leaf_names: list[str] | None = None):
     """A new state from the archive's entries (as `state_to_numpy` writes them; the entries
     may also be arrays of another library, e.g. torch tensors kept in a torch state_dict).
 
     like: template state (opt.init's result in the target backend); None gives NumPy arrays in
     the saved structure. opt: when given, the optimizer name and hyperparameters must match.
+    leaf_names: the params leaves' names in leaf order (`_check_leaf_order`).
     Raises ValueError on any mismatch; never mutates `like`.
     """
     if META_KEY not in arrays:
@@ -173,6 +193,7 @@ def state_from_numpy(arrays: dict, like=None, opt=None, source: str = "checkpoin
     meta = _parse_meta(arrays[META_KEY], source)
     if opt is not None:
         _check_opt(meta, opt, source)
+    _check_leaf_order(meta.get("leaf_names"), leaf_names, source)
     specs = meta["arrays"]
     if not isinstance(specs, list):
         raise ValueError(f"{source}: corrupted array list in the metadata")
@@ -202,26 +223,32 @@ def read_metadata(path) -> dict:
     return _parse_meta(arrays[META_KEY], source)
 
 
-def save_state(path, state, opt=None, *, extra: dict | None = None) -> None:
+def save_state(path, state, opt=None, *, extra: dict | None = None,
+               leaf_names: list[str] | None = None) -> None:
     """Write `state` (any backend, concrete arrays) to `path` atomically, as a portable .npz.
 
     opt: the optimizer (its name and hyperparameters go into the metadata and are checked at
     load). extra: a JSON-able dict kept in the metadata (read back with `read_metadata`).
+    leaf_names: the params leaves' names in leaf order, checked by `load_state`.
     The file name is used as given (no '.npz' is appended).
     """
-    arrays = state_to_numpy(state, opt, extra)  # every device copy happens before any write
+    # every device copy happens before any write
+    arrays = state_to_numpy(state, opt, extra, leaf_names)
     write_atomic(path, arrays)
 
 
-def load_state(path, like: Any = None, opt=None):
+def load_state(path, like: Any = None, opt=None, leaf_names: list[str] | None = None):
     """A new state read from `path`, as arrays of `like`'s library, device and dtypes.
 
     like: a template state of the target backend, e.g. `opt.init(params)` there; its
     containers, shapes and dtypes must match the file (dtypes may differ in precision only:
     float64 -> float32 casts). None returns NumPy arrays in the saved structure.
     opt: when given, the file's optimizer name and hyperparameters must equal `opt`'s.
+    leaf_names: the params leaves' names in leaf order; the same names as the file's in
+    another order are refused (the state is kept per position).
     Raises ValueError for a corrupted, mismatched, newer-format or pickle-holding file;
     `like` is never modified.
     """
     arrays = read_archive(path)
-    return state_from_numpy(arrays, like, opt, source=f"checkpoint {os.fspath(path)!r}")
+    return state_from_numpy(arrays, like, opt, source=f"checkpoint {os.fspath(path)!r}",
+                            leaf_names=leaf_names)

@@ -101,8 +101,9 @@ def _spectral_estimate(R, xp, iterations: int = 4):
     and would send most predicts of a wide factor to the iterated path."""
     d = R.shape[0]
     V = probes(d, xp, R.dtype, device(R))
+    tiny = float(xp.finfo(R.dtype).smallest_normal)  # a zero R: 0/√tiny, not 0/0 (float32 too)
     for _ in range(iterations):
-        V = V / xp.sqrt(xp.sum(V * V, axis=0, keepdims=True) + 1e-300)
+        V = V / xp.sqrt(xp.sum(V * V, axis=0, keepdims=True) + tiny)
         V = R @ V
     power = xp.max(xp.sqrt(xp.sum(V * V, axis=0)))
     return xp.maximum(frobenius(R, xp) / math.sqrt(d), power)

@@ -124,3 +124,22 @@ def test_kfac_belief_first_step_is_exact(numpy_backend, problem):
     entry = gc.codec.encode(state)["kfac"]["0/1/N"]
     assert rel_err(entry["A_inv"], np.linalg.inv(A + pi * np.sqrt(lam) * np.eye(len(A)))) < 1e-10
     assert rel_err(entry["S_inv"], np.linalg.inv(S + np.sqrt(lam) / pi * np.eye(len(S)))) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_spectral_estimate_of_a_zero_residual_is_zero_without_warnings(dtype):
+    """The predict's convergence test at the first update (R = 0): the power iteration's
+    normalisation must not divide 0 by 0 (float32's 1e-300 is 0)."""
+    import warnings
+
+    import array_api_compat
+
+    from grng_core.kalman import _spectral_estimate
+
+    R = np.zeros((5, 5), dtype=dtype)
+    R2 = np.diag(np.arange(1.0, 6.0)).astype(dtype)
+    xp = array_api_compat.array_namespace(R)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(_spectral_estimate(R, xp)) == 0.0
+        assert abs(float(_spectral_estimate(R2, xp)) - 5.0) < 0.5  # ‖R‖₂ = 5, estimated

@@ -19,7 +19,7 @@ from grng_core.config import CONFIGS, TITLES
 from grng_core.describe import StructureReport, describe_state
 from grng_core.incidents import Incidents
 from grng_core.state import host_step
-from grng_core.tree import flatten, library
+from grng_core.tree import flatten, leaves_like, library
 
 FALLBACKS = (None, "diagonal", "woodbury")
 
@@ -121,10 +121,8 @@ class CupyOptimizer:
                     f"{_what_array(x)}; {fix}")
 
     def _check_inputs(self, grads, stats: gc.Stats | None) -> None:
-        g_leaves, g_container = flatten(grads, "grads")
-        if g_container.keys != self._container.keys:
-            raise ValueError(f"grads have keys {g_container.keys}, params have "
-                             f"{self._container.keys}")
+        g_leaves = leaves_like(grads, self._container, "grads")
+        g_container = self._container
         self._same_place("grads", dict(zip(g_container.keys, g_leaves)))
         if stats is None:
             return
@@ -229,32 +227,42 @@ class CupyOptimizer:
                               incidents=self.incidents.entries())
 
     # ------------------------------------------------------------------ checkpoints
+    def _leaf_names(self) -> list[str] | None:
+        """A dict's keys in leaf order (checkpoints keep the state per position); None for a
+        list or tuple."""
+        c = self._container
+        return [str(k) for k in c.keys] if c.kind is dict else None
+
     def _extra(self) -> dict:
         return {"adapter": "grng_cupy", "host_step": self.t}
 
     def save(self, path) -> None:
         """Write the optimizer state to `path` (portable .npz, atomic; grng_core.save_state),
         with the optimizer's name and hyperparameters, which `load` checks."""
-        checkpoint.save_state(path, self.state, self.core, extra=self._extra())
+        checkpoint.save_state(path, self.state, self.core, extra=self._extra(),
+                              leaf_names=self._leaf_names())
 
     def load(self, path) -> None:
         """Replace the state by the one in `path` (saved by any backend), on the params'
         device. The file's optimizer name and hyperparameters must be this optimizer's. On any
         error (ValueError: corrupted or mismatched file) nothing changes."""
         with self._device():
-            state = checkpoint.load_state(path, like=self.state, opt=self.core)
+            state = checkpoint.load_state(path, like=self.state, opt=self.core,
+                                          leaf_names=self._leaf_names())
         self._set_state(state)
 
     def state_dict(self) -> dict:
         """The state as NumPy arrays plus metadata (a dict of name -> array, see
         grng_core.checkpoint.state_to_numpy), e.g. to store inside another checkpoint."""
-        return checkpoint.state_to_numpy(self.state, self.core, extra=self._extra())
+        return checkpoint.state_to_numpy(self.state, self.core, extra=self._extra(),
+                                         leaf_names=self._leaf_names())
 
     def load_state_dict(self, arrays: dict) -> None:
         """Inverse of `state_dict` (validated like `load`, hyperparameters included)."""
         with self._device():
             state = checkpoint.state_from_numpy(arrays, like=self.state, opt=self.core,
-                                                source="state_dict")
+                                                source="state_dict",
+                                                leaf_names=self._leaf_names())
         self._set_state(state)
 
     def _set_state(self, state: gc.OptState) -> None:

@@ -150,7 +150,7 @@ def test_missing_oracle_and_layout_are_clear(xp):
         opt.step(b.grads, stats=gc.Stats(per_example_grads=b.per_example_grads))
     with pytest.raises(ValueError, match="needs the layer layout"):
         grng_cupy.RING([xp.asarray(p) for p in MLP_.init()])  # kfac without layers
-    with pytest.raises(ValueError, match="grads have keys"):
+    with pytest.raises(ValueError, match="grads has keys"):
         opt.step(b.grads[:-1])
 
 
@@ -321,3 +321,29 @@ def test_describe_reports_structures(xp):
     diag = grng_cupy.RING(params, lr=0.1, fallback="diagonal")
     assert {e.structure for e in diag.describe().entries} == {"diagonal"}
     assert diag.describe().kfac_share == 0.0
+
+
+def test_a_dict_in_another_key_order_is_refused_at_load(xp, tmp_path):
+    """The state is kept per leaf position: a dict of the same keys built in another order
+    would put each leaf's state on another (same-shape) leaf, silently; refused by name."""
+    rng = np.random.default_rng(0)
+    p = {"enc": xp.asarray(rng.standard_normal((4, 4))),
+         "dec": xp.asarray(rng.standard_normal((4, 4)))}
+    opt = grng_cupy.RING(p, structure="diagonal", momentum=0.9)
+    opt.step({"enc": xp.ones((4, 4)), "dec": xp.full((4, 4), -5.0)})
+    opt.save(tmp_path / "order.npz")
+    sd = opt.state_dict()
+    same = grng_cupy.RING({"enc": p["enc"], "dec": p["dec"]}, structure="diagonal",
+                          momentum=0.9)
+    same.load(tmp_path / "order.npz")  # the saved order: fine
+    assert np.array_equal(host(same.state.momentum[0]), host(opt.state.momentum[0]))
+    other = grng_cupy.RING({"dec": p["dec"], "enc": p["enc"]}, structure="diagonal",
+                           momentum=0.9)
+    before = other.state
+    with pytest.raises(ValueError, match=r"in the order \['enc', 'dec'\].*\['dec', 'enc'\]"):
+        other.load(tmp_path / "order.npz")
+    with pytest.raises(ValueError, match="in the order"):
+        other.load_state_dict(sd)
+    assert other.state is before
+    with pytest.raises(ValueError, match="the same keys in another order"):
+        other.step({"enc": xp.ones((4, 4)), "dec": xp.ones((4, 4))})
