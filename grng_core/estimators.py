@@ -36,11 +36,21 @@ def _need(oracle, field: str, why: str):
 
 
 def _call(fn, container, args, ctx) -> list:
-    return _leaves(fn(*[container.build(a) for a in args]), fn, ctx)
+    return _leaves(fn(*[container.build(a) for a in args]), fn, ctx, args[0])
 
 
-def _leaves(result, fn, ctx) -> list:
-    leaves, _ = flatten(result, f"the oracle's {fn!r} result")
+def _leaves(result, fn, ctx, like) -> list:
+    """The oracle's result as leaves in the state dtype, each of its parameter's shape (a
+    wrong one is named here, not left to a broadcast error later)."""
+    leaves, c = flatten(result, f"the oracle's {fn!r} result")
+    if len(leaves) != len(like):
+        raise ValueError(f"the oracle's {getattr(fn, '__name__', fn)!r} returned "
+                         f"{len(leaves)} leaves, the params have {len(like)}")
+    for k, x, p in zip(c.keys, leaves, like):
+        if tuple(x.shape) != tuple(p.shape):
+            raise ValueError(f"the oracle's {getattr(fn, '__name__', fn)!r} returned leaf {k!r} "
+                             f"of shape {tuple(x.shape)}, the parameter's is {tuple(p.shape)}: "
+                             "it must return a gradient-shaped tree like params")
     return [ctx.xp.astype(x, ctx.sdtype, copy=False) for x in leaves]
 
 
@@ -91,10 +101,10 @@ def finite_difference(g, params, rho, radius, scheme, oracle, container, ctx,
                      for p, gi in zip(params, g)]
             out = (with_rows or grad_fn)(container.build(moved))
         if with_rows is None:
-            return _leaves(out, grad_fn, ctx)
+            return _leaves(out, grad_fn, ctx, g)
         grads, pass_stats = out
         stats.append(Stats() if pass_stats is None else pass_stats)  # None: no rows
-        return _leaves(grads, with_rows, ctx)
+        return _leaves(grads, with_rows, ctx, g)
 
     base = _call(grad_fn, container, (params,), ctx) if own_base else g
     if scheme == "forward":

@@ -200,7 +200,7 @@ class Optimizer:
         xp = namespace(("params", p_leaves), ("grads", g_leaves),
                        ("stats.per_example_grads", pe or []), ("stats.layers", layer_arrays))
         check_params(container, p_leaves, xp)
-        check_shapes(container, p_leaves, g_leaves, pe)
+        check_shapes(container, p_leaves, g_leaves, pe, xp)
         check_state(state, self, p_leaves)
         sdtype = self.state_dtype(p_leaves, xp)
         dev = device(p_leaves[0])

@@ -38,7 +38,7 @@ def leaves_like(tree: Any, container: Container, what: str) -> list:
     leaves, c = flatten(tree, what)
     if c.keys != container.keys:
         how = " (the same keys in another order: build it in the params' order)" \
-            if sorted(map(str, c.keys)) == sorted(map(str, container.keys)) else ""
+            if set(c.keys) == set(container.keys) else ""
         raise ValueError(f"{what} has keys {c.keys}, params have {container.keys}{how}")
     return leaves
 

@@ -24,17 +24,25 @@ def check_params(container, leaves, xp) -> None:
                             "floating-point parameters (float16, bfloat16, float32, float64)")
 
 
-def check_shapes(container, params, grads, pe) -> None:
+def check_shapes(container, params, grads, pe, xp=None) -> None:
     for k, p, g in zip(container.keys, params, grads):
         if tuple(g.shape) != tuple(p.shape):
             raise ValueError(f"grads leaf {k!r} has shape {tuple(g.shape)}, the parameter has "
                              f"{tuple(p.shape)}")
+        if xp is not None and not xp.isdtype(g.dtype, "real floating"):
+            raise ValueError(f"grads leaf {k!r} has dtype {g.dtype}: gradients are real "
+                             f"floating point (the parameter's is {p.dtype})")
     if pe is not None:
-        B = pe[0].shape[0]
+        B = pe[0].shape[0] if pe[0].ndim else 0
         for k, p, j in zip(container.keys, params, pe):
             if tuple(j.shape) != (B, *p.shape):
                 raise ValueError(f"stats.per_example_grads leaf {k!r} has shape "
-                                 f"{tuple(j.shape)}, expected ({B}, *{tuple(p.shape)})")
+                                 f"{tuple(j.shape)}, expected {(B, *p.shape)}: a leading axis "
+                                 f"of the batch's {B} examples (the first leaf's), then the "
+                                 "parameter's shape")
+        if B == 0:
+            raise ValueError("stats.per_example_grads hold an empty batch (0 examples): "
+                             "step on a batch with at least one example")
 
 
 def check_state(state, opt, leaves) -> None:

@@ -78,6 +78,32 @@ def test_bad_containers_and_shapes(small):
         opt.update(bad, state, params)
     with pytest.raises(TypeError, match="dtype"):
         opt.init([np.zeros(3, dtype=np.int64)])
+    ints = mlp.grad(params, x, y)
+    ints[0] = np.ones(ints[0].shape, dtype=np.int64)
+    with pytest.raises(ValueError, match="grads leaf 0 has dtype int64"):
+        opt.update(ints, state, params)
+
+
+def test_bad_per_example_grads_and_oracle_results_are_named(small):
+    """Named before anything changes, not left to a reshape or broadcast error."""
+    mlp, params, x, y = small
+    g = mlp.grad(params, x, y)
+    w = gc.ring(structure="woodbury")
+    state = w.init(params)
+    pe = [np.zeros((0, *p.shape)) for p in params]
+    with pytest.raises(ValueError, match="empty batch"):
+        w.update(g, state, params, stats=gc.Stats(per_example_grads=pe))
+    pe = [np.zeros((5, *p.shape)) for p in params]
+    pe[1] = pe[1][0]
+    with pytest.raises(ValueError, match=r"leaf 1 has shape .*a leading axis of the batch's 5"):
+        w.update(g, state, params, stats=gc.Stats(per_example_grads=pe))
+    reng = gc.reng(structure="diagonal")
+
+    def transposed_hvp(p, v):
+        return [h.T for h in mlp.hvp(p, x, y, v)]
+    with pytest.raises(ValueError, match=r"returned leaf 0 of shape \(3, 4\), the parameter's"):
+        reng.update(g, reng.init(params), params,
+                    oracle=gc.Oracle(hvp_fn=transposed_hvp))
 
 
 def test_schedules_are_called_with_the_step(small):

@@ -1,5 +1,6 @@
-"""``grng_jax.describe(opt, state, params)``: the same report as the torch adapter's
-(`grng_core.describe`), leaves named by their pytree paths."""
+"""``grng_jax.describe(opt, state, params)``: the torch adapter's report
+(`grng_core.describe`), leaves named by their pytree paths; without its list of the layers
+that skip the refresh warm-up (torch's hooks see that; here the step decides it in-graph)."""
 
 from __future__ import annotations
 
