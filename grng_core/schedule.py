@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from grng_core.tree import index_of
+
 
 def per_step_batch(config) -> bool:
     """True when the structure uses the current batch on every step (woodbury)."""
@@ -71,6 +73,20 @@ def layer_flags(config, flags_now, steady, layouts, rows, replicas: int = 1) -> 
     return [flags_now if r is not None and layer_warms(config, r.s.shape[0] * replicas,
                                                        L.d_in_ext, L.d_out)
             else steady for L, r in zip(layouts, rows)]
+
+
+def skipping_warmup(config, state, layer_stats, container, replicas: int = 1) -> set[int]:
+    """Weight positions of the K-FAC layers whose rows of this step (`LayerStats`) skip the
+    refresh warm-up (`layer_warms` false): what an adapter's `describe` lists."""
+    layouts = {L.weight: L for L in (state.curvature.kfac or ())}
+    out = set()
+    for ls in layer_stats:
+        w = index_of(container, ls.weight)
+        L = layouts.get(w)
+        if L is not None and not layer_warms(config, ls.output_grads.shape[0] * replicas,
+                                             L.d_in_ext, L.d_out):
+            out.add(w)
+    return out
 
 
 def inverse_period(config) -> int | None:

@@ -18,6 +18,7 @@ from grng_core.algorithms import BUILDERS
 from grng_core.config import CONFIGS, TITLES
 from grng_core.describe import StructureReport, describe_state
 from grng_core.incidents import Incidents
+from grng_core.schedule import skipping_warmup
 from grng_core.state import host_step
 from grng_core.tree import flatten, leaves_like, library
 
@@ -75,6 +76,7 @@ class CupyOptimizer:
             self.state = core.init(params, layers=self.layers)
         self.t = 0
         self.incidents = Incidents()  # factors that needed extra damping (host side)
+        self._no_warmup: set[int] = set()  # K-FAC layers seen to skip the warm-up
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -203,15 +205,19 @@ class CupyOptimizer:
             oracle = gc.Oracle(grad_fn=grad_fn, hvp_fn=hvp_fn)
         curvature, inverse = self.flags()
         self._check_requirements(stats, oracle, curvature)
+        steady = self.core.steady_flags(self.t)
         with self._device():
             updates, state = self.core.update(grads, self.state, self.params, stats, oracle,
                                               collective=collective, curvature=curvature,
-                                              inverse=inverse,
-                                              steady=self.core.steady_flags(self.t),
+                                              inverse=inverse, steady=steady,
                                               incidents=self.incidents)
             new = gc.apply_updates(self.params, updates)  # θ + u in each parameter's dtype
             for p, q in zip(flatten(self.params)[0], flatten(new)[0]):
                 p[...] = q  # in place: the training stack's references stay valid
+        if steady is not None and stats is not None and stats.layers:
+            self._no_warmup |= skipping_warmup(self.core.config, self.state, stats.layers,
+                                               self._container, 1 if collective is None
+                                               else int(collective.replicas))
         self.state = state
         self.t += 1
         return updates
@@ -224,7 +230,8 @@ class CupyOptimizer:
         names = [str(k) for k in container.keys]
         return describe_state(self.core.name, self.core.config.structure, self.state,
                               [tuple(x.shape) for x in leaves], names=names,
-                              incidents=self.incidents.entries())
+                              incidents=self.incidents.entries(),
+                              no_warmup=[names[w] for w in sorted(self._no_warmup)])
 
     # ------------------------------------------------------------------ checkpoints
     def _leaf_names(self) -> list[str] | None:

@@ -216,8 +216,8 @@ def hvp_fn(opt, i, gb, start, collective, whole=None):
         use = [k for k, (g, v) in enumerate(zip(gs, vs))
                if g is not None and g.requires_grad and v is not None]
         out = [torch.zeros_like(p) for p in params]
-        if use:
-            with torch.enable_grad():
+        if use:  # a checkpointed forward recomputed here runs with the first pass's kernel
+            with torch.enable_grad(), twice_differentiable_attention():
                 got = torch.autograd.grad([gs[k] for k in use], [params[k] for k in use],
                                           grad_outputs=[vs[k].to(gs[k].dtype) for k in use],
                                           retain_graph=True, allow_unused=True)

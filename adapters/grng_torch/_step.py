@@ -179,6 +179,13 @@ def run(opt, closure):
         if any(gp.entry is None for gp in sp.groups):  # the first step fixed the layers
             _describe.warn_if_mostly_diagonal(opt)
     except RuntimeError as e:
+        if sp.hvp and "use_reentrant=True" in str(e):
+            raise RuntimeError(
+                f"{title} with gr='double_backprop' differentiates the gradient again, which "
+                "torch.utils.checkpoint with use_reentrant=True refuses (nothing was changed): "
+                "checkpoint with use_reentrant=False (transformers: model.gradient_checkpointing"
+                "_enable(gradient_checkpointing_kwargs={'use_reentrant': False})), or use "
+                "gr='finite_difference'") from e
         if sp.hvp and "double backward" in str(e):
             raise RuntimeError(
                 f"{title} with gr='double_backprop' needs a double backward through the model, "
