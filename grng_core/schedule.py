@@ -78,7 +78,7 @@ def layer_flags(config, flags_now, steady, layouts, rows, replicas: int = 1) -> 
 def skipping_warmup(config, state, layer_stats, container, replicas: int = 1) -> set[int]:
     """Weight positions of the K-FAC layers whose rows of this step (`LayerStats`) skip the
     refresh warm-up (`layer_warms` false): what an adapter's `describe` lists."""
-    layouts = {L.weight: L for L in (state.curvature.kfac or ())}
+    layouts = {k.layout.weight: k.layout for k in (state.curvature.kfac or ())}
     out = set()
     for ls in layer_stats:
         w = index_of(container, ls.weight)

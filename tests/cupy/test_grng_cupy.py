@@ -347,3 +347,19 @@ def test_a_dict_in_another_key_order_is_refused_at_load(xp, tmp_path):
     assert other.state is before
     with pytest.raises(ValueError, match="the same keys in another order"):
         other.step({"enc": xp.ones((4, 4)), "dec": xp.ones((4, 4))})
+
+
+def test_describe_lists_the_layers_that_skip_the_warm_up(xp):
+    """A layer with warmup_rows·max(d_in + 1, d_out) rows a step or more skips the refresh
+    warm-up (`grng_core.schedule.layer_warms`): at 75 rows the 5→7 layer (70) does, the 7→3
+    layer (80) does not; describe() says so, as grng_torch's does."""
+    params = [xp.asarray(p) for p in MLP_.init(seed=1)]
+    opt = grng_cupy.RING(params, layers=LAYERS)
+    rng = np.random.default_rng(0)
+    x = xp.asarray(rng.standard_normal((75, SIZES[0])))
+    y = xp.asarray(np.eye(SIZES[-1])[rng.integers(0, SIZES[-1], 75)])
+    b = MLP_.batch(params, x, y, layer_stats=True)
+    opt.step(b.grads, stats=gc.Stats(layers=b.layers))
+    report = opt.describe()
+    assert report.no_warmup == (report.entries[LAYERS[0].weight].name,)
+    assert "refresh warm-up skipped" in str(report)
