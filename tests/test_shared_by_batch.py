@@ -81,3 +81,19 @@ def test_ids_as_long_as_the_batch_are_ambiguous():
     assert not ambiguous_ids((T,), B, example_shapes=((T,),))  # recognised as shared instead
     assert not ambiguous_ids((B,), B, example_shapes=((T,),))  # not one example's shape
     assert not ambiguous_ids((1,), 1, example_shapes=((1,),))  # one example: nothing shared
+
+
+@pytest.mark.parametrize("shape,examples_shapes,shared", [
+    ((T, T), ((T,),), True),  # T5's relative-position buckets for inputs (B, T)
+    ((T, 12), ((T,), (12,)), True),  # encoder-decoder: query and key lengths of two inputs
+    ((B * 4, T), ((4, T),), False),  # multiple choice: (B, C, T) flattened to (B·C, T)
+    ((B, T), ((T,),), False),  # the token ids themselves
+    ((T, B), ((T,),), False),  # sequence-first ids: they hold the examples
+    ((T, 7), ((T,),), False),  # an axis that is no example's
+    ((B, B), ((B,),), False),  # T = B: not told apart
+])
+def test_pairwise_position_ids(shape, examples_shapes, shared):
+    """Ids of two or more axes, none of them the examples', each an axis of one example: the
+    pairwise positions of T5's relative attention bias, broadcast over the batch."""
+    got = shared_by_batch(shape, B, features=0, example_shapes=examples_shapes)
+    assert (got is not None) == shared

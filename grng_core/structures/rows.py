@@ -32,14 +32,20 @@ def shared_by_batch(shape: tuple, examples: int | None, axis: int = 0,
     - or the input is ids (`features` 0) of one example's shape (at least one axis) that do not
       hold the examples on `axis` (nanoGPT's position ids `arange(T)`, (T,), for inputs
       (B, T)): T = B cannot be told from a batch and is not recognised. Only ids: a dense
-      input (T, d) is also a sequence-first model's (B, d) head read with the default axis.
+      input (T, d) is also a sequence-first model's (B, d) head read with the default axis;
+    - or ids of two or more axes, none of them the examples', each an axis of one example
+      (T5's relative-position buckets (T_q, T_k) for inputs (B, T)); ids (B·C, T) flattened
+      from (B, C, T) (multiple choice) hold the examples and are not taken for them.
     Its output is broadcast over the examples, so its output gradient is already their sum."""
     if examples is None or examples <= 1:
         return None
     positions = tuple(shape[:len(shape) - features])
     one_example = (features == 0 and len(positions) >= 1 and positions in example_shapes
                    and (len(positions) <= axis or positions[axis] != examples))
-    if not one_example and (
+    lengths = {n for e in example_shapes for n in e}
+    pairwise = (features == 0 and len(positions) >= 2 and examples not in positions
+                and all(n in lengths for n in positions))
+    if not (one_example or pairwise) and (
             len(shape) < 2 or len(shape) - features <= axis or shape[axis] != 1
             or (axis != 0 and shape[0] == examples)):  # a batch-first input inside the model
         return None

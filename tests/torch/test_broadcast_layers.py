@@ -33,8 +33,11 @@ class PositionLM(nn.Module):
 
     def forward(self, x):
         ids = torch.arange(x.shape[1])
-        ids = ids[None] if self.pos_ids == "row" else ids
-        return self.head(torch.tanh(self.hidden(self.tok(x) + self.pos(ids))))
+        if self.pos_ids == "pairwise":  # T5's relative positions: ids (T, T), pooled to (T, D)
+            pos = self.pos((ids[:, None] - ids[None, :]).abs()).mean(dim=1)
+        else:
+            pos = self.pos(ids[None] if self.pos_ids == "row" else ids)
+        return self.head(torch.tanh(self.hidden(self.tok(x) + pos)))
 
 
 def _batches(B: int, steps: int):
@@ -62,10 +65,12 @@ def _entries(opt, prefix: str):
 
 @pytest.mark.parametrize("form,pos_ids", [("adaptive_damping", "row"),
                                           ("gauss_newton", "row"),
-                                          ("adaptive_damping", "vector")])
+                                          ("adaptive_damping", "vector"),
+                                          ("adaptive_damping", "pairwise")])
 def test_a_layer_shared_by_the_batch_is_diagonal_and_accumulation_is_exact(form, pos_ids):
     """Position ids of shape (1, T) (GPT-2, BERT): a leading axis of 1 in a call of 8
-    examples; of shape (T,) (nanoGPT's arange(T)): one example's shape."""
+    examples; of shape (T,) (nanoGPT's arange(T)): one example's shape; of shape (T, T) (T5's
+    relative positions): pairs of one example's positions."""
     combined, opt = _run(1, form=form, pos_ids=pos_ids)
     (pos,) = _entries(opt, "pos.")
     assert pos.structure == "diagonal" and "shared by a batch of 8" in pos.reason, pos
