@@ -119,10 +119,33 @@ def incidents_for(opt, i: int) -> Incidents:
     return log
 
 
+def warn_if_split_layers(opt) -> None:
+    """Warn once when layers' biases are in another param group than their weights (the
+    weight-decay recipe's split): those biases go to the diagonal, the weights keep K-FAC
+    without a bias column, and the steps differ from one group's (README "Param groups split
+    nothing")."""
+    if getattr(opt, "_warned_split", False) or opt.collector is None:
+        return
+    split = [reason for i in range(len(opt.param_groups))
+             for reason in _outside_reasons(opt, i).values() if reason.startswith("the bias")]
+    if not split:
+        return
+    opt._warned_split = True
+    first = split[0].split("'")[1] if "'" in split[0] else split[0]
+    warnings.warn(
+        f"{type(opt).__name__}: the biases of {len(split)} K-FAC layers (e.g. layer {first!r}) "
+        "are in another param group than their weights (as the weight-decay recipe splits "
+        "them): those biases use the diagonal structure and the weights K-FAC without a bias "
+        "column, which changes the steps. To keep them under K-FAC, give each layer's weight "
+        "and bias one group (README \"Param groups split nothing\"; opt.describe() lists every "
+        "parameter).", UserWarning, stacklevel=3)
+
+
 def warn_if_mostly_diagonal(opt) -> None:
     """Warn once when most weight matrices of the "kfac" groups are on the diagonal; else,
     once, when a K-FAC layer the loss did not reach at the first step was put on it (a head
     or branch left out of that step: the diagonal is kept for the whole run)."""
+    warn_if_split_layers(opt)
     if opt._warned_diagonal or opt.collector is None:
         return
     reports = [group_report(opt, i) for i, g in enumerate(opt.param_groups)

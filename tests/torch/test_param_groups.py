@@ -173,3 +173,25 @@ def test_groups_with_different_radii_run_their_own_passes():
         groups[1]["fd_radius"] = 1e-2
         return grng_torch.RKalman(groups, **kw)
     assert _closure_calls(make, True)[1:] == [3, 3]
+
+
+def test_a_split_of_weights_and_biases_warns_once_and_whole_layers_do_not():
+    """The weight-decay recipe's groups (weights / biases) put every bias on the diagonal:
+    said at construction (model= gives the layers), once; groups of whole layers say nothing."""
+    import warnings
+
+    import grng_torch
+
+    model = Problem().model(torch.float64)
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    with pytest.warns(UserWarning, match=r"biases of 2 K-FAC layers .* another param group"):
+        opt = grng_torch.RING([{"params": weights, "weight_decay": 0.01},
+                               {"params": biases, "weight_decay": 0.0}], model=model,
+                              loss_fn=LOSS)
+    problem = Problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(opt, model, LOSS, problem, torch.float64, steps=2)  # no second warning
+        whole = problem.model(torch.float64)
+        grng_torch.RING(_groups(whole, True), model=whole, loss_fn=LOSS)
