@@ -235,3 +235,21 @@ def test_a_bias_in_another_group_and_a_parameter_outside_the_model_say_why():
         assert f"bias of layer {layer}" in by[bias].reason and "param group 0" in by[bias].reason
     outside = [e for e in opt.describe().entries if e.name == "group 1 param 4"]
     assert outside and "not a parameter of the model" in outside[0].reason
+
+
+def test_norm_modules_without_a_helper_are_named_normalisation():
+    """RMSNorm-type modules (torch's nn.RMSNorm, transformers' LlamaRMSNorm, T5LayerNorm): a
+    1-d scale, said so, not "no K-FAC helper" (which reads like a missed layer)."""
+
+    class MyRMSNorm(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(d))
+
+        def forward(self, x):
+            return self.weight * x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+
+    model = nn.Sequential(nn.Linear(4, 6), MyRMSNorm(6), nn.Linear(6, 3))
+    opt = gt.RING(model.parameters(), model=model)
+    (norm,) = [e for e in opt.describe().entries if e.name == "1.weight"]
+    assert norm.structure == "diagonal" and norm.reason == "normalisation scale (1-d, MyRMSNorm)"

@@ -87,6 +87,9 @@ def _hook_of(m: Any, name: str) -> tuple[HookedLayer | None, str | None]:
         return None, "no K-FAC helper for nn.EmbeddingBag (pooled rows)"
     if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
         return None, "normalisation scale and shift (1-d)"
+    own = list(m.parameters(recurse=False))
+    if "norm" in type(m).__name__.lower() and own and all(p.ndim <= 1 for p in own):
+        return None, f"normalisation scale (1-d, {type(m).__name__})"  # RMSNorm, T5LayerNorm
     return None, f"no K-FAC helper for {type(m).__name__}"
 
 
