@@ -13,6 +13,7 @@ computed as g + (ρ/ε)(g⁺ − g) etc. (the same numbers with less cancellatio
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, NamedTuple
 
 from grng_core.tree import flatten, tree_inner
@@ -36,21 +37,25 @@ def _need(oracle, field: str, why: str):
 
 
 def _call(fn, container, args, ctx) -> list:
-    return _leaves(fn(*[container.build(a) for a in args]), fn, ctx, args[0])
+    return _leaves(fn(*[container.build(a) for a in args]), fn, ctx, args[0], container)
 
 
-def _leaves(result, fn, ctx, like) -> list:
-    """The oracle's result as leaves in the state dtype, each of its parameter's shape (a
-    wrong one is named here, not left to a broadcast error later)."""
-    leaves, c = flatten(result, f"the oracle's {fn!r} result")
+def _leaves(result, fn, ctx, like, container) -> list:
+    """The oracle's result as leaves in the state dtype: the params' keys in their order, each
+    leaf of its parameter's shape (a wrong one is named here, not left to a broadcast error
+    later or, for keys in another order, to a silently misplaced ĝ)."""
+    what = f"the oracle's {getattr(fn, '__name__', fn)!r}"
+    leaves, c = flatten(result, f"{what} result")
     if len(leaves) != len(like):
-        raise ValueError(f"the oracle's {getattr(fn, '__name__', fn)!r} returned "
-                         f"{len(leaves)} leaves, the params have {len(like)}")
+        raise ValueError(f"{what} returned {len(leaves)} leaves, the params have {len(like)}")
+    if c.keys != container.keys:
+        raise ValueError(f"{what} returned keys {c.keys}, the params have {container.keys}: "
+                         "return the params' container, its keys in their order")
     for k, x, p in zip(c.keys, leaves, like):
         if tuple(x.shape) != tuple(p.shape):
-            raise ValueError(f"the oracle's {getattr(fn, '__name__', fn)!r} returned leaf {k!r} "
-                             f"of shape {tuple(x.shape)}, the parameter's is {tuple(p.shape)}: "
-                             "it must return a gradient-shaped tree like params")
+            raise ValueError(f"{what} returned leaf {k!r} of shape {tuple(x.shape)}, the "
+                             f"parameter's is {tuple(p.shape)}: it must return a "
+                             "gradient-shaped tree like params")
     return [ctx.xp.astype(x, ctx.sdtype, copy=False) for x in leaves]
 
 
@@ -64,6 +69,15 @@ def double_backprop(g, params, rho, oracle, container, ctx) -> list:
     vec = [ctx.xp.astype(gi, p.dtype, copy=False) for gi, p in zip(g, params)]
     Hg = _call(hvp, container, (params, vec), ctx)
     return [gi + rho * h for gi, h in zip(g, Hg)]
+
+
+def _takes_key(fn) -> bool:
+    """Whether an `along_fn` takes the `key` keyword (one written for `along_fn(c)` does not)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "key" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def shift_key(sign: float, radius, eps):
@@ -95,16 +109,17 @@ def finite_difference(g, params, rho, radius, scheme, oracle, container, ctx,
 
     def shifted(sign):
         if along is not None:  # the adapter moves the whole model by c·g
-            out = along(sign * eps, key=shift_key(sign, radius, eps))
+            key = shift_key(sign, radius, eps)
+            out = along(sign * eps, key=key) if _takes_key(along) else along(sign * eps)
         else:
             moved = [p + xp.astype(sign * eps * gi, p.dtype, copy=False)
                      for p, gi in zip(params, g)]
             out = (with_rows or grad_fn)(container.build(moved))
         if with_rows is None:
-            return _leaves(out, grad_fn, ctx, g)
+            return _leaves(out, grad_fn, ctx, g, container)
         grads, pass_stats = out
         stats.append(Stats() if pass_stats is None else pass_stats)  # None: no rows
-        return _leaves(grads, with_rows, ctx, g)
+        return _leaves(grads, with_rows, ctx, g, container)
 
     base = _call(grad_fn, container, (params,), ctx) if own_base else g
     if scheme == "forward":

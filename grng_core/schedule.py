@@ -83,8 +83,8 @@ def skipping_warmup(config, state, layer_stats, container, replicas: int = 1) ->
     for ls in layer_stats:
         w = index_of(container, ls.weight)
         L = layouts.get(w)
-        if L is not None and not layer_warms(config, ls.output_grads.shape[0] * replicas,
-                                             L.d_in_ext, L.d_out):
+        rows = math.prod(ls.output_grads.shape) // max(L.d_out, 1) if L is not None else 0
+        if L is not None and not layer_warms(config, rows * replicas, L.d_in_ext, L.d_out):
             out.add(w)
     return out
 

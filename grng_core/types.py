@@ -93,7 +93,8 @@ class Oracle(NamedTuple):
         model's: every part moved, `Whole`), or with grad_rows_fn given (grads, Stats) as that
         returns; used instead of grad_fn(θ + c·g) for the shifted passes where given. key: a
         hashable that is equal for two calls of one step only where their c are equal
-        (`estimators.shift_key`), or None: parts of a model may then share one pass.
+        (`estimators.shift_key`), or None: parts of a model may then share one pass. An
+        along_fn(c) without the keyword is called without it.
     """
 
     grad_fn: Callable[[Any], Any] | None = None
@@ -114,8 +115,8 @@ class Whole(NamedTuple):
         then returns this part's η²⟨d, ĝ⟩ (also where the part's own kl_clip is off) and
         `Optimizer.finish` takes the sum.
     The gradient-regularisation oracle of a part differentiates the whole model too: its
-    hvp_fn returns the part's rows of H·g with g the whole gradient, and its `along_fn(c)`
-    the part's gradient at θ + c·g with every part moved (`Oracle.along_fn`).
+    hvp_fn returns the part's rows of H·g with g the whole gradient, and its `along_fn(c,
+    key)` the part's gradient at θ + c·g with every part moved (`Oracle.along_fn`).
     """
 
     grad_sq_norm: Any = None

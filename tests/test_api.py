@@ -183,3 +183,33 @@ def test_dict_params_and_bfloat16_state_dtype():
     upd, state = opt.update({"w": torch.full((3, 2), 0.5, dtype=torch.bfloat16)}, state, params)
     assert upd["w"].dtype == torch.bfloat16
     assert state.curvature.diagonal[0].dtype == torch.float32
+
+
+def test_oracle_results_with_the_keys_in_another_order_are_refused():
+    """Same shapes, other key order: ĝ would land on the wrong leaves, silently."""
+    params = {"a": np.ones(3), "b": np.ones(3)}
+    g = {"a": np.full(3, 0.1), "b": np.full(3, -0.2)}
+    opt = gc.reng(structure="diagonal", gr="finite_difference")
+
+    def reordered(p):
+        return {"b": p["b"] * 0.1, "a": p["a"] * 0.2}
+    with pytest.raises(ValueError, match=r"returned keys \('b', 'a'\)"):
+        opt.update(g, opt.init(params), params, oracle=gc.Oracle(grad_fn=reordered))
+
+
+def test_an_along_fn_without_the_key_keyword_still_works():
+    """`Oracle.along_fn(c)` as documented before the key (a part's shifted pass): called
+    without it."""
+    params = [np.ones(3)]
+    g = [np.full(3, 0.1)]
+    calls = []
+
+    def along(c):
+        calls.append(float(c))
+        return [gi * 1.5 for gi in g]
+    opt = gc.reng(structure="diagonal", gr="finite_difference")
+    oracle = gc.Oracle(grad_fn=lambda p: g, along_fn=along)
+    pending = opt.prepare(g, opt.init(params), params, oracle=oracle,
+                          whole=gc.Whole(grad_sq_norm=np.asarray(0.03)))
+    opt.finish(pending)
+    assert len(calls) == 1 and calls[0] > 0

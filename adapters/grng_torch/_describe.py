@@ -126,14 +126,22 @@ def warn_if_split_layers(opt) -> None:
     nothing")."""
     if getattr(opt, "_warned_split", False) or opt.collector is None:
         return
-    split = [reason for i in range(len(opt.param_groups))
-             for reason in _outside_reasons(opt, i).values() if reason.startswith("the bias")]
+    groups = opt.param_groups
+    group_of = {id(p): k for k, g in enumerate(groups) for p in g["params"]}
+
+    def kfac_group(p):
+        k = group_of.get(id(p))
+        return k if k is not None and p.requires_grad and groups[k]["structure"] == "kfac" \
+            else None
+    split = [L.label for L in opt.collector.layers if L.bias is not None
+             and None not in (kfac_group(L.weight), kfac_group(L.bias))
+             and kfac_group(L.weight) != kfac_group(L.bias)]
     if not split:
         return
     opt._warned_split = True
-    first = split[0].split("'")[1] if "'" in split[0] else split[0]
     warnings.warn(
-        f"{type(opt).__name__}: the biases of {len(split)} K-FAC layers (e.g. layer {first!r}) "
+        f"{type(opt).__name__}: the biases of {len(split)} K-FAC layers (e.g. layer "
+        f"{split[0]!r}) "
         "are in another param group than their weights (as the weight-decay recipe splits "
         "them): those biases use the diagonal structure and the weights K-FAC without a bias "
         "column, which changes the steps. To keep them under K-FAC, give each layer's weight "

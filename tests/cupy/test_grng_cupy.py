@@ -363,3 +363,10 @@ def test_describe_lists_the_layers_that_skip_the_warm_up(xp):
     report = opt.describe()
     assert report.no_warmup == (report.entries[LAYERS[0].weight].name,)
     assert "refresh warm-up skipped" in str(report)
+    # rows given with a sequence axis (B, T, d) count B·T rows, as the core counts them
+    seq = grng_cupy.RING([xp.asarray(p) for p in MLP_.init(seed=1)], layers=LAYERS)
+    shaped = [ls._replace(inputs=xp.reshape(ls.inputs, (5, 15, -1)),
+                          output_grads=xp.reshape(ls.output_grads, (5, 15, -1)))
+              for ls in b.layers]
+    seq.step(b.grads, stats=gc.Stats(layers=shaped))
+    assert seq.describe().no_warmup == report.no_warmup

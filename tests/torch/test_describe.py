@@ -252,4 +252,5 @@ def test_norm_modules_without_a_helper_are_named_normalisation():
     model = nn.Sequential(nn.Linear(4, 6), MyRMSNorm(6), nn.Linear(6, 3))
     opt = gt.RING(model.parameters(), model=model)
     (norm,) = [e for e in opt.describe().entries if e.name == "1.weight"]
-    assert norm.structure == "diagonal" and norm.reason.endswith("normalisation scale (1-d, MyRMSNorm)")
+    assert norm.structure == "diagonal"
+    assert norm.reason.endswith("normalisation scale (1-d, MyRMSNorm)")

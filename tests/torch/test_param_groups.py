@@ -195,3 +195,28 @@ def test_a_split_of_weights_and_biases_warns_once_and_whole_layers_do_not():
         train(opt, model, LOSS, problem, torch.float64, steps=2)  # no second warning
         whole = problem.model(torch.float64)
         grng_torch.RING(_groups(whole, True), model=whole, loss_fn=LOSS)
+
+
+@pytest.mark.parametrize("case", ["diagonal", "weights_diagonal", "bitfit"])
+def test_no_split_warning_where_no_kfac_block_is_split(case):
+    """A review's false positives: structures without K-FAC, the weights' group on the
+    diagonal, and BitFit (frozen weights in no group): nothing to keep together."""
+    import warnings
+
+    import grng_torch
+
+    model = Problem().model(torch.float64)
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    kw = {"structure": "diagonal"} if case == "diagonal" else {}
+    groups = [{"params": weights}, {"params": biases}]
+    if case == "weights_diagonal":
+        groups[0]["structure"] = "diagonal"
+    if case == "bitfit":
+        for w in weights:
+            w.requires_grad_(False)
+        groups = [{"params": biases}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = grng_torch.RING(groups, model=model, loss_fn=LOSS, **kw)
+        train(opt, model, LOSS, Problem(), torch.float64, steps=1)
