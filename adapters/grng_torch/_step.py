@@ -179,19 +179,9 @@ def run(opt, closure):
         if any(gp.entry is None for gp in sp.groups):  # the first step fixed the layers
             _describe.warn_if_mostly_diagonal(opt)
     except RuntimeError as e:
-        if sp.hvp and "use_reentrant=True" in str(e):
-            raise RuntimeError(
-                f"{title} with gr='double_backprop' differentiates the gradient again, which "
-                "torch.utils.checkpoint with use_reentrant=True refuses (nothing was changed): "
-                "checkpoint with use_reentrant=False (transformers: model.gradient_checkpointing"
-                "_enable(gradient_checkpointing_kwargs={'use_reentrant': False})), or use "
-                "gr='finite_difference'") from e
-        if sp.hvp and "double backward" in str(e):
-            raise RuntimeError(
-                f"{title} with gr='double_backprop' needs a double backward through the model, "
-                "which this model cannot give (torch.compile's aot_autograd does not support "
-                "it): use gr='finite_difference' with a compiled model, or leave the model "
-                "uncompiled") from e
+        better = _double_backward_error(title, sp, e)
+        if better is not None:
+            raise better from e
         raise
     finally:
         if snapshot is not None:
@@ -203,6 +193,24 @@ def run(opt, closure):
         if gb is not None:
             gb.grads = None  # frees the gradient's graph
     return loss
+
+
+def _double_backward_error(title: str, sp, e: RuntimeError) -> RuntimeError | None:
+    """What a torch error of differentiating the gradient again means for this optimizer."""
+    if sp.hvp and "use_reentrant=True" in str(e):
+        return RuntimeError(
+            f"{title} with gr='double_backprop' differentiates the gradient again, which "
+            "torch.utils.checkpoint with use_reentrant=True refuses (nothing was changed): "
+            "checkpoint with use_reentrant=False (transformers: model.gradient_checkpointing"
+            "_enable(gradient_checkpointing_kwargs={'use_reentrant': False})), or use "
+            "gr='finite_difference'")
+    if sp.hvp and "double backward" in str(e):
+        return RuntimeError(
+            f"{title} with gr='double_backprop' needs a double backward through the model, "
+            "which this model cannot give (torch.compile's aot_autograd does not support "
+            "it): use gr='finite_difference' with a compiled model, or leave the model "
+            "uncompiled")
+    return None
 
 
 def _refuse_sparse(opt, sp: StepPlan) -> None:
