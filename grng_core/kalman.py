@@ -100,7 +100,7 @@ def _spectral_estimate(R, xp, iterations: int = 4):
     itself grows like √d with an error spread over every direction (a π move shifts them all)
     and would send most predicts of a wide factor to the iterated path."""
     d = R.shape[0]
-    V = probes(d, xp, R.dtype, device(R))
+    V = xp.matrix_transpose(probes(d, xp, R.dtype, device(R)))  # d × 2
     tiny = float(xp.finfo(R.dtype).smallest_normal)  # a zero R: 0/√tiny, not 0/0 (float32 too)
     for _ in range(iterations):
         V = V / xp.sqrt(xp.sum(V * V, axis=0, keepdims=True) + tiny)

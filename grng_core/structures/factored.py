@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 from grng_core.structures.rows import LayerRows
-from grng_core.tree import device
 
 N_PROBES = 2
 
@@ -31,25 +30,25 @@ def tolerance(dtype, xp) -> float:
 
 
 def probes(d: int, xp, dtype, device):
-    """(d × 2) fixed, well-spread probe vectors: cos of incommensurate multiples of the index
-    (deterministic, so every backend and every run checks the same directions)."""
+    """(2 × d) fixed, well-spread probe vectors (one per row): cos of incommensurate multiples
+    of the index (deterministic, so every backend and every run checks the same directions)."""
     j = xp.astype(xp.arange(1, d + 1, device=device), dtype)
-    return xp.stack([xp.cos(j * 2.3999632297286535), xp.cos(j * 1.0471975511965976 + 0.5)],
-                    axis=1)
+    return xp.stack([xp.cos(j * 2.3999632297286535), xp.cos(j * 1.0471975511965976 + 0.5)])
 
 
-def product_scale(G, r: LayerRows, xp):
-    """(c, ok): the least-squares scalar with G·U ≈ c·(sᵀ(aU))/B on the probes U, and whether
-    the residual is within `tolerance`·‖G·U‖ (a 0-d bool array; float32's where the rows
-    arrived in float32 for a wider state, `LayerRows.tol`)."""
-    U = probes(G.shape[1], xp, G.dtype, device(G))
-    GU = G @ U
-    PU = xp.matrix_transpose(r.s) @ (r.a @ U) / r.batch
+def product_scale(GP, P, r: LayerRows, xp):
+    """(c, ok): the least-squares scalar with G·Pᵀ ≈ c·(sᵀ(aPᵀ))/B on the probes P (2 × d_in'),
+    given GP = (G·Pᵀ)ᵀ (2 × d_out, `kfac.grad_probes`), and whether the residual is within
+    `tolerance`·‖G·Pᵀ‖ (a 0-d bool array; float32's where the rows arrived in float32 for a
+    wider state, `LayerRows.tol`). Every product has the two probes as its left operand
+    ((P aᵀ) s, not sᵀ(a Pᵀ)): the same numbers, and BLAS runs a 2-row product several times
+    faster than a 2-column one (0.04 against 0.53 ms at n = 128, d_out = 1024, MKL)."""
+    PU = ((P @ xp.matrix_transpose(r.a)) @ r.s) / r.batch
     pp = xp.sum(PU * PU)
-    c = xp.sum(GU * PU) / xp.where(pp > 0, pp, xp.ones_like(pp))
-    res = GU - c * PU
-    tol = max(tolerance(G.dtype, xp), r.tol)
-    ok = xp.sum(res * res) <= (tol * tol) * xp.sum(GU * GU)
+    c = xp.sum(GP * PU) / xp.where(pp > 0, pp, xp.ones_like(pp))
+    res = GP - c * PU
+    tol = max(tolerance(GP.dtype, xp), r.tol)
+    ok = xp.sum(res * res) <= (tol * tol) * xp.sum(GP * GP)
     return c, ok
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 
-from grng_core.concrete import branch, branchable
+from grng_core import fused
+from grng_core.concrete import branch, branchable, is_traced, on_host
 from grng_core.context import select
 from grng_core.linalg import diagonal_inverse, spd_inverse
 from grng_core.state import KfacLayer, LayerLayout
@@ -146,8 +147,11 @@ def batch_factors(r: LayerRows, ctx):
 
 
 def ema(old, new, beta, ctx):
-    """βold + (1−β)new; the first update takes `new` (§2.1)."""
-    return ctx.xp.where(ctx.first, new, beta * old + (1.0 - beta) * new)
+    """βold + (1−β)new; the first update takes `new` (§2.1). On host arrays that choice is a
+    Python branch (no d × d select); elsewhere a `where` (fused by XLA under jit)."""
+    if not is_traced(ctx.first) and on_host(ctx.first):
+        return new if bool(ctx.first) else fused.ema(old, new, beta, ctx.xp)
+    return ctx.xp.where(ctx.first, new, fused.ema(old, new, beta, ctx.xp))
 
 
 def all_rows(layers, stats, ctx) -> list:
@@ -201,7 +205,7 @@ def shifted(M, shift, xp):
     """M + shift·I (a diagonal kept as a vector: M + shift)."""
     if M.ndim == 1:
         return M + shift
-    return M + shift * xp.eye(M.shape[0], dtype=M.dtype, device=_dev(M))
+    return fused.add_to_diagonal(M, shift, xp)
 
 
 def refresh(layers, matrices, ctx, keys, which) -> tuple[KfacLayer, ...]:
@@ -256,6 +260,20 @@ def grad_matrix(L: LayerLayout, leaves, xp):
     if L.bias is not None:
         G = xp.concat([G, xp.reshape(leaves[L.bias], (L.d_out, 1))], axis=1)
     return G
+
+
+def grad_probes(L: LayerLayout, leaves, P, xp):
+    """(G·Pᵀ)ᵀ = P·Gᵀ (k × d_out) for probes P (k × d_in') straight from the leaves, without
+    assembling G (`grad_matrix` copies the weight to append the bias column)."""
+    W = leaves[L.weight]
+    Pw = P[:, : L.d_in]
+    if L.transposed:
+        out = Pw @ xp.reshape(W, (L.d_in, L.d_out))
+    else:
+        out = Pw @ xp.matrix_transpose(xp.reshape(W, (L.d_out, L.d_in)))
+    if L.bias is not None:
+        out = out + P[:, L.d_in:] * xp.reshape(leaves[L.bias], (1, L.d_out))
+    return out
 
 
 def split_matrix(L: LayerLayout, U, shapes, xp) -> dict:
@@ -316,12 +334,13 @@ def precondition(layers, leaves, xp, rows_of=None, dense=None, factored_form=Non
     rows_of = rows_of or [None] * len(layers)
     out = {}
     for layer, r in zip(layers, rows_of):
-        G = grad_matrix(layer.layout, leaves, xp)
-        if r is None or not branchable(G):
-            U = dense(layer, G)
+        weight = leaves[layer.layout.weight]
+        if r is None or not branchable(weight):
+            U = dense(layer, grad_matrix(layer.layout, leaves, xp))
         else:
-            c, ok = factored.product_scale(G, r, xp)
+            P = factored.probes(layer.layout.d_in_ext, xp, weight.dtype, _dev(weight))
+            c, ok = factored.product_scale(grad_probes(layer.layout, leaves, P, xp), P, r, xp)
             U = branch(ok, lambda layer=layer, r=r, c=c: factored_form(layer, r, c),
-                       lambda layer=layer, G=G: dense(layer, G))
+                       lambda layer=layer: dense(layer, grad_matrix(layer.layout, leaves, xp)))
         out.update(split_matrix(layer.layout, U, shapes, xp))
     return out
