@@ -11,7 +11,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from grng_core import kalman, preconditioner
+from grng_core import fused, kalman, preconditioner
 from grng_core.config import CONFIGS, Config, RENGConfig, RINGConfig, RKalmanConfig
 from grng_core.config import is_static_zero as _static_zero
 from grng_core.optimizer import Optimizer
@@ -48,7 +48,8 @@ def _ring_direction(env, state):
     if _static_zero(env.h.rho):
         return sol, env.g, new
     c = 1.0 - env.rho * env.damping
-    return [c * s + env.rho * g for s, g in zip(sol, env.g)], env.g, new
+    xp = env.ctx.xp
+    return [fused.axpby(c, s, env.rho, g, xp) for s, g in zip(sol, env.g)], env.g, new
 
 
 def _rkalman_direction(env, state: Belief):

@@ -170,7 +170,7 @@ class Optimizer:
             if momentum is None:
                 momentum = tuple(xp.zeros(x.shape, dtype=ctx.sdtype, device=ctx.device)
                                  for x in d)
-            d = tail.momentum(momentum, d if nu is None else [nu * x for x in d], h.momentum)
+            d = tail.momentum(momentum, d, h.momentum, xp, nu)
             momentum, nu = tuple(d), None
         else:
             momentum = None

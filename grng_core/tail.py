@@ -8,6 +8,7 @@ Without momentum m = νd, and ν is applied together with η (one pass over the 
 
 from __future__ import annotations
 
+from grng_core import fused
 from grng_core.tree import tree_inner
 
 
@@ -24,9 +25,11 @@ def kl_scale(term, kappa, xp):
 
 
 
-def momentum(m, d, mu):
-    """m ← μm + d."""
-    return [mu * mi + di for mi, di in zip(m, d)]
+def momentum(m, d, mu, xp, nu=None):
+    """m ← μm + νd (ν: the trust region's scale, None for 1)."""
+    if nu is None:
+        return [mu * mi + di for mi, di in zip(m, d)]
+    return [fused.axpby(mu, mi, nu, di, xp) for mi, di in zip(m, d)]
 
 
 def updates(direction, params, lr, weight_decay, xp, sdtype, scale=None):

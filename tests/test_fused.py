@@ -1,6 +1,6 @@
 """grng_core.fused: the one-pass torch kernels give the array-API expressions' values (to
 rounding) on every backend, with Python-number and 0-d-array scalars, and leave their inputs
-unchanged (ALGORITHMS.md §2.1 EMA and damping shift)."""
+unchanged (ALGORITHMS.md §2.1 EMA and damping shift; §3.2, §3 combinations)."""
 
 import numpy as np
 import pytest
@@ -16,13 +16,15 @@ def _arrays(backend, dtype="float64"):
 
 
 @pytest.mark.parametrize("scalar", ["number", "array"])
-def test_ema_and_diagonal_shift_equal_the_expressions(backend, scalar):
+def test_ema_axpby_and_diagonal_shift_equal_the_expressions(backend, scalar):
     x, y, M, (bx, by, bM) = _arrays(backend)
     wrap = (lambda v: v) if scalar == "number" else (lambda v: backend.asarray(v))
-    beta, shift = 0.95, 0.25
+    beta, a, b, shift = 0.95, -0.3, 1.7, 0.25
     got = {"ema": fused.ema(bx, by, wrap(beta), backend.xp),
+           "axpby": fused.axpby(wrap(a), bx, wrap(b), by, backend.xp),
            "diag": fused.add_to_diagonal(bM, wrap(shift), backend.xp)}
-    want = {"ema": beta * x + (1 - beta) * y, "diag": M + shift * np.eye(6)}
+    want = {"ema": beta * x + (1 - beta) * y, "axpby": a * x + b * y,
+            "diag": M + shift * np.eye(6)}
     for k, w in want.items():
         np.testing.assert_allclose(backend.to_numpy(got[k]), w, rtol=1e-14, atol=1e-15,
                                    err_msg=k)
@@ -39,4 +41,5 @@ def test_float32_leaves_keep_their_dtype_with_float64_scalars(backend):
     _, _, _, (bx, by, bM) = _arrays(backend, "float32")
     s = torch.tensor(0.5, dtype=torch.float64)
     assert fused.ema(bx, by, s, backend.xp).dtype == torch.float32
+    assert fused.axpby(s, bx, s, by, backend.xp).dtype == torch.float32
     assert fused.add_to_diagonal(bM, s, backend.xp).dtype == torch.float32

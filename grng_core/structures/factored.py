@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 
+from grng_core.structures import blocks
+from grng_core.structures.blocks import Product
 from grng_core.structures.rows import LayerRows
 
 N_PROBES = 2
@@ -38,7 +40,7 @@ def probes(d: int, xp, dtype, device):
 
 def product_scale(GP, P, r: LayerRows, xp):
     """(c, ok): the least-squares scalar with G·Pᵀ ≈ c·(sᵀ(aPᵀ))/B on the probes P (2 × d_in'),
-    given GP = (G·Pᵀ)ᵀ (2 × d_out, `kfac.grad_probes`), and whether the residual is within
+    given GP = (G·Pᵀ)ᵀ (2 × d_out, `blocks.grad_probes`), and whether the residual is within
     `tolerance`·‖G·Pᵀ‖ (a 0-d bool array; float32's where the rows arrived in float32 for a
     wider state, `LayerRows.tol`). Every product has the two probes as its left operand
     ((P aᵀ) s, not sᵀ(a Pᵀ)): the same numbers, and BLAS runs a 2-row product several times
@@ -52,10 +54,10 @@ def product_scale(GP, P, r: LayerRows, xp):
     return c, ok
 
 
-def apply(r: LayerRows, S_inv, A_inv, c, xp):
-    """c·(S⁻¹sᵀ)(aA⁻¹)/B (the scalar applied to the small d_out × n factor)."""
+def apply(r: LayerRows, S_inv, A_inv, c, L, xp) -> Product:
+    """c·(S⁻¹sᵀ)(aA⁻¹)/B by blocks (the scalar applied to the small d_out × n factor)."""
     left = (c / r.batch) * (S_inv @ xp.matrix_transpose(r.s))
-    return left @ (r.a @ A_inv)
+    return blocks.product(r.a, A_inv, L).premultiply(left)
 
 
 def stack(parts: list[LayerRows], coefs, xp) -> LayerRows:

@@ -15,7 +15,8 @@ from grng_core.concrete import branch, branchable, is_traced, on_host
 from grng_core.context import select
 from grng_core.linalg import diagonal_inverse, spd_inverse
 from grng_core.state import KfacLayer, LayerLayout
-from grng_core.structures import factored
+from grng_core.structures import blocks, factored
+from grng_core.structures.blocks import Blocks, Product
 from grng_core.structures.rows import LayerRows, rows
 from grng_core.tree import device as _dev
 from grng_core.tree import index_of
@@ -251,42 +252,6 @@ def right_multiply(M, A_inv, xp):
     return M @ A_inv
 
 
-def grad_matrix(L: LayerLayout, leaves, xp):
-    """The layer's gradient as G (d_out × d_in'), bias as the last column."""
-    W = leaves[L.weight]
-    G = xp.reshape(W, (L.d_in, L.d_out)) if L.transposed else xp.reshape(W, (L.d_out, L.d_in))
-    if L.transposed:
-        G = xp.matrix_transpose(G)
-    if L.bias is not None:
-        G = xp.concat([G, xp.reshape(leaves[L.bias], (L.d_out, 1))], axis=1)
-    return G
-
-
-def grad_probes(L: LayerLayout, leaves, P, xp):
-    """(G·Pᵀ)ᵀ = P·Gᵀ (k × d_out) for probes P (k × d_in') straight from the leaves, without
-    assembling G (`grad_matrix` copies the weight to append the bias column)."""
-    W = leaves[L.weight]
-    Pw = P[:, : L.d_in]
-    if L.transposed:
-        out = Pw @ xp.reshape(W, (L.d_in, L.d_out))
-    else:
-        out = Pw @ xp.matrix_transpose(xp.reshape(W, (L.d_out, L.d_in)))
-    if L.bias is not None:
-        out = out + P[:, L.d_in:] * xp.reshape(leaves[L.bias], (1, L.d_out))
-    return out
-
-
-def split_matrix(L: LayerLayout, U, shapes, xp) -> dict:
-    """Leaves {position: array} from the matrix U (inverse of grad_matrix)."""
-    W = U[:, : L.d_in]
-    if L.transposed:
-        W = xp.matrix_transpose(W)
-    out = {L.weight: xp.reshape(W, shapes[L.weight])}
-    if L.bias is not None:
-        out[L.bias] = xp.reshape(U[:, L.d_in], shapes[L.bias])
-    return out
-
-
 def factored_rows(layers, batch_rows, ctx) -> list[LayerRows | None]:
     """Per layer, its rows where the factored form is cheaper for their shapes (§2.1), else
     None; all None without rows or across replicas (the replica-averaged gradient is not one
@@ -321,26 +286,36 @@ def stacked_rows(layers, own, matched, coefs, ctx) -> list[LayerRows | None]:
     return out
 
 
+def _dense(layer, leaves, xp) -> Product:
+    """S⁻¹ G A⁻¹ by blocks (`blocks.left_multiply`, `blocks.product`)."""
+    L = layer.layout
+    M = blocks.left_multiply(layer.S_inv, L, leaves, xp)
+    if layer.A_inv.ndim == 1:  # an embedding's diagonal A⁻¹ (no bias): columns scaled
+        return Blocks(right_multiply(M, layer.A_inv, xp))
+    return blocks.product(M, layer.A_inv, L)
+
+
 def precondition(layers, leaves, xp, rows_of=None, dense=None, factored_form=None) -> dict:
     """U = S_λ⁻¹ G A_λ⁻¹ for every layer: {position: preconditioned leaf}. `rows_of`: per
     layer LayerRows or None (`factored_rows`): the factored form where G is c times their
     product, checked on probes (§2.1), and a branch costs no device sync; else dense.
-    dense(layer, G) / factored_form(layer, rows, c): the products (default: with the explicit
-    inverses; `kfac_eigen` passes its eigenbasis ones)."""
-    dense = dense or (lambda layer, G: right_multiply(layer.S_inv @ G, layer.A_inv, xp))
+    dense(layer, leaves) / factored_form(layer, rows, c): U's `Blocks` (default: with the
+    explicit inverses; `kfac_eigen` passes its eigenbasis ones)."""
+    dense = dense or (lambda layer, lv: _dense(layer, lv, xp))
     factored_form = factored_form or (
-        lambda layer, r, c: factored.apply(r, layer.S_inv, layer.A_inv, c, xp))
+        lambda layer, r, c: factored.apply(r, layer.S_inv, layer.A_inv, c, layer.layout, xp))
     shapes = [tuple(x.shape) for x in leaves]
     rows_of = rows_of or [None] * len(layers)
     out = {}
     for layer, r in zip(layers, rows_of):
-        weight = leaves[layer.layout.weight]
+        L = layer.layout
+        weight = leaves[L.weight]
         if r is None or not branchable(weight):
-            U = dense(layer, grad_matrix(layer.layout, leaves, xp))
+            U = dense(layer, leaves)
         else:
-            P = factored.probes(layer.layout.d_in_ext, xp, weight.dtype, _dev(weight))
-            c, ok = factored.product_scale(grad_probes(layer.layout, leaves, P, xp), P, r, xp)
+            P = factored.probes(L.d_in_ext, xp, weight.dtype, _dev(weight))
+            c, ok = factored.product_scale(blocks.grad_probes(L, leaves, P, xp), P, r, xp)
             U = branch(ok, lambda layer=layer, r=r, c=c: factored_form(layer, r, c),
-                       lambda layer=layer: dense(layer, grad_matrix(layer.layout, leaves, xp)))
-        out.update(split_matrix(layer.layout, U, shapes, xp))
+                       lambda layer=layer: dense(layer, leaves))
+        out.update(blocks.to_leaves(L, U, shapes, xp))
     return out

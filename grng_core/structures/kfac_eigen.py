@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from grng_core.context import select
 from grng_core.linalg import eigh
-from grng_core.structures import kfac
+from grng_core.structures import blocks, kfac
+from grng_core.structures.blocks import Blocks, Product
 from grng_core.structures.kfac import pi_split
 from grng_core.tree import device
 
@@ -55,24 +56,24 @@ def shifts(layer, damping, xp):
     return pi * root, root / pi
 
 
-def _dense(layer, G, damping, xp):
+def _dense(layer, leaves, damping, xp) -> Product:
     dA, dS = shifts(layer, damping, xp)
-    QA, QS = layer.A_vecs, layer.S_vecs
-    inner = xp.matrix_transpose(QS) @ G
+    QA, QS, L = layer.A_vecs, layer.S_vecs, layer.layout
+    inner = blocks.left_multiply(xp.matrix_transpose(QS), L, leaves, xp)
     if QA is not None:
         inner = inner @ QA
     scale = (layer.S_vals + dS)[:, None] * (layer.A_vals + dA)[None, :]
     out = QS @ (inner / scale)
-    return out if QA is None else out @ xp.matrix_transpose(QA)
+    return Blocks(out) if QA is None else blocks.product(out, xp.matrix_transpose(QA), L)
 
 
-def _factored(layer, r, c, damping, xp):
+def _factored(layer, r, c, damping, xp) -> Product:
     dA, dS = shifts(layer, damping, xp)
     QA, QS = layer.A_vecs, layer.S_vecs
     left = QS @ ((xp.matrix_transpose(QS) @ xp.matrix_transpose(r.s))
                  * ((c / r.batch) / (layer.S_vals + dS))[:, None])
-    right = ((r.a @ QA) / (layer.A_vals + dA)[None, :]) @ xp.matrix_transpose(QA)
-    return left @ right
+    right = (r.a @ QA) / (layer.A_vals + dA)[None, :]
+    return blocks.product(right, xp.matrix_transpose(QA), layer.layout).premultiply(left)
 
 
 def precondition(layers, leaves, damping, xp, rows_of=None) -> dict:
@@ -80,5 +81,5 @@ def precondition(layers, leaves, damping, xp, rows_of=None) -> dict:
     in the eigenbases): {position: preconditioned leaf}."""
     return kfac.precondition(
         layers, leaves, xp, rows_of,
-        dense=lambda layer, G: _dense(layer, G, damping, xp),
+        dense=lambda layer, lv: _dense(layer, lv, damping, xp),
         factored_form=lambda layer, r, c: _factored(layer, r, c, damping, xp))
