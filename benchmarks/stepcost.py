@@ -16,12 +16,13 @@ size, times 2 or 3 where a finite-difference ĝ stacks the shifted passes' rows)
 
 Also: the width sweep (MLP d-d-10, batch 128, ``--widths``: RING kfac, ASDL K-FAC and AdamW;
 a log-log plot stepcost_widths.png) and the default suite's digits MLP 64-128-64-10 (tanh,
-batch 64: RING kfac against ASDL K-FAC).
+batch 64: RING kfac against ASDL K-FAC); RING in its default form and in the gauss_newton form.
 
 JAX rows (jitted): ``optax.adamw``, ``grng_jax`` RING kfac, the same RING written by hand in
 jax.numpy (`benchmarks.stepcost_jaxref`) and ``kfac-jax`` where it runs, relative to the
 jitted forward+backward and the jitted AdamW step; the RING rows also time two refresh
-periods step by step (slowest step that refreshes nothing / median step).
+periods step by step, several windows (the costliest step position that refreshes nothing,
+its least disturbed call, against the median position).
 
 Torch and the BLAS/LAPACK libraries (NumPy's, SciPy's OpenBLAS: jaxlib's LAPACK) run one
 thread by default (``--threads``; XLA keeps its own thread pool for its matmuls), on the CPU
@@ -50,7 +51,7 @@ from benchmarks.stepcost_setup import DIGITS, DIGITS_BATCH, MAIN, WIDTHS, limit_
 from benchmarks.stepcost_torch import measure_batch, torch_rows
 from benchmarks.stepcost_width import WIDTH_KEYS, width_results
 
-DIGITS_KEYS = ("adamw", "asdl_kfac", "ring")
+DIGITS_KEYS = ("adamw", "asdl_kfac", "ring", "ring_gn")
 
 
 def _ring_form() -> str:

@@ -1,6 +1,6 @@
 """The step-cost width sweep: MLP d-d-10 (ReLU), batch 128, refresh every 10 steps, for each
-d of ``--widths`` (default 256, 512, 1024, 2048): step time of RING (kfac), ASDL K-FAC and
-AdamW, measured by the same machinery as the main rows (`stepcost_torch.measure_batch`); its
+d of ``--widths`` (default 256, 512, 1024, 2048): step time of RING (kfac; its default form
+and, where the default is another, the gauss_newton form), ASDL K-FAC and AdamW, measured by the same machinery as the main rows (`stepcost_torch.measure_batch`); its
 table, its targets at d = 2048 (RING/ASDL <= 0.4, RING/AdamW <= 4) and a log-log plot."""
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from benchmarks.stepcost_format import (
 from benchmarks.stepcost_setup import WIDTH_BATCH, width_net
 from benchmarks.stepcost_torch import measure_batch
 
-WIDTH_KEYS = ("adamw", "asdl_kfac", "ring")
+WIDTH_KEYS = ("adamw", "asdl_kfac", "ring", "ring_gn")
+RING_FORMS = (("ring", "RING kfac"), ("ring_gn", "RING kfac gauss_newton"))
 
 
 def width_results(widths, rows, tp, repeats: int, periods: int, bar, device="cpu") -> dict:
@@ -32,25 +33,34 @@ def width_results(widths, rows, tp, repeats: int, periods: int, bar, device="cpu
 
 
 def width_table(res: dict) -> str:
-    """One line per width: step times, ratios, RING's own work and factored layers."""
+    """One line per width: step times, ratios, RING's own work and factored layers (each RING
+    form measured)."""
+    widths = res["widths"]
+    forms = [(k, n) for k, n in RING_FORMS
+             if any(k in out["rows"] for out in widths.values())]
     body = []
-    for d, out in res["widths"].items():
+    for d, out in widths.items():
         t = {k: out["rows"].get(k, {}).get("time") for k in WIDTH_KEYS}
-        ring = out["rows"].get("ring", {})
         errs = "; ".join(f"{r['label']}: {r['error']}" for r in out["rows"].values()
                          if "error" in r)
-        gfl = f"{ring['own_flops'] / 1e9:.3f}" if ring.get("own_flops") is not None else "–"
-        body.append([str(d), ms(out["fb"]), ms(t["adamw"]), ms(t["asdl_kfac"]), ms(t["ring"]),
-                     ratio(t["ring"], t["asdl_kfac"]), ratio(t["ring"], t["adamw"]), gfl,
-                     factored_cell(ring), errs])
+        line = [str(d), ms(out["fb"]), ms(t["adamw"]), ms(t["asdl_kfac"])]
+        for k, _ in forms:
+            r = out["rows"].get(k, {})
+            gfl = f"{r['own_flops'] / 1e9:.3f}" if r.get("own_flops") is not None else "–"
+            line += [ms(t[k]), ratio(t[k], t["asdl_kfac"]), ratio(t[k], t["adamw"]), gfl,
+                     factored_cell(r)]
+        body.append(line + [errs])
+    head = ["d", "fwd+bwd (ms)", "AdamW (ms)", "ASDL K-FAC (ms)"]
+    for _, n in forms:
+        head += [f"{n} (ms)", f"{n} / ASDL", f"{n} / AdamW", f"{n} own GFLOP/step",
+                 f"{n}: K-FAC layers factored"]
     return (f"### torch, width sweep: MLP d-d-10 (ReLU), batch {WIDTH_BATCH}\n\n"
-            + markdown_table(["d", "fwd+bwd (ms)", "AdamW (ms)", "ASDL K-FAC (ms)",
-                              "RING kfac (ms)", "RING / ASDL", "RING / AdamW",
-                              "RING own GFLOP/step", "K-FAC layers factored", "note"], body))
+            + markdown_table(head + ["note"], body))
 
 
 def width_lines(res: dict) -> list[str]:
-    """Target 2: RING/ASDL and RING/AdamW at d = 2048 (and the growth from the smallest d)."""
+    """Target 2: RING/ASDL and RING/AdamW at d = 2048 for each RING form measured (and the
+    growth from the smallest d)."""
     widths = res.get("widths") or {}
     if not widths:
         return []
@@ -60,17 +70,24 @@ def width_lines(res: dict) -> list[str]:
                 f"RING/AdamW <= {WIDTH_RING_VS_ADAMW:g}x not checked"]
     out = widths[WIDTH_TARGET_D]
     rows = out["rows"]
-    t = {k: rows.get(k, {}).get("time") for k in WIDTH_KEYS}
-    if not (t["ring"] and t["asdl_kfac"] and t["adamw"]):
-        why = "; ".join(r.get("error", "") for r in rows.values() if "error" in r)
-        return [f"- width d = {WIDTH_TARGET_D}: not measured ({why or 'a row is missing'})"]
-    head = f"- width d = {WIDTH_TARGET_D} (MLP {WIDTH_TARGET_D}-{WIDTH_TARGET_D}-10, batch " \
-           f"{WIDTH_BATCH}): RING kfac {t['ring'] * 1e3:.2f} ms"
-    return [f"{head} vs ASDL K-FAC {t['asdl_kfac'] * 1e3:.2f} ms: "
-            f"{verdict(t['ring'] / t['asdl_kfac'], WIDTH_RING_VS_ASDL)}"
-            f"{work_note(rows['ring'], out['fb'])}",
-            f"{head} vs AdamW {t['adamw'] * 1e3:.2f} ms: "
-            f"{verdict(t['ring'] / t['adamw'], WIDTH_RING_VS_ADAMW)}"] + _growth(widths)
+    lines = []
+    for key, name in RING_FORMS:
+        if key not in rows:
+            continue
+        t = {k: rows.get(k, {}).get("time") for k in ("adamw", "asdl_kfac", key)}
+        if not all(t.values()):
+            why = "; ".join(r.get("error", "") for r in rows.values() if "error" in r)
+            lines.append(f"- width d = {WIDTH_TARGET_D}, {name}: not measured "
+                         f"({why or 'a row is missing'})")
+            continue
+        head = f"- width d = {WIDTH_TARGET_D} (MLP {WIDTH_TARGET_D}-{WIDTH_TARGET_D}-10, " \
+               f"batch {WIDTH_BATCH}): {name} {t[key] * 1e3:.2f} ms"
+        lines += [f"{head} vs ASDL K-FAC {t['asdl_kfac'] * 1e3:.2f} ms: "
+                  f"{verdict(t[key] / t['asdl_kfac'], WIDTH_RING_VS_ASDL)}"
+                  f"{work_note(rows[key], out['fb'])}",
+                  f"{head} vs AdamW {t['adamw'] * 1e3:.2f} ms: "
+                  f"{verdict(t[key] / t['adamw'], WIDTH_RING_VS_ADAMW)}"]
+    return lines + _growth(widths)
 
 
 def _growth(widths: dict) -> list[str]:
@@ -82,7 +99,8 @@ def _growth(widths: dict) -> list[str]:
         return []
     lo, hi = widths[ds[0]]["rows"], widths[ds[-1]]["rows"]
     parts = []
-    for key, name in (("ring", "RING"), ("asdl_kfac", "ASDL"), ("adamw", "AdamW")):
+    for key, name in (("ring", "RING"), ("ring_gn", "RING gauss_newton"), ("asdl_kfac", "ASDL"),
+                      ("adamw", "AdamW")):
         a, b = lo.get(key, {}).get("time"), hi.get(key, {}).get("time")
         if a and b:
             parts.append(f"{name} {math.log(b / a) / math.log(ds[-1] / ds[0]):.2f}")

@@ -199,7 +199,8 @@ def _synthetic_stepcost_res():
             "ring": {"label": "RING (kfac)", "time": 0.030, "own_flops": 1e9,
                      "ideal_time": 0.010, "factored_applies": True,
                      "kfac_layers": [{"layer": "8->4", "factored": True},
-                                     {"layer": "4->2", "factored": False}]}}
+                                     {"layer": "4->2", "factored": False}]},
+            "ring_gn": {"label": "RING (kfac, gauss_newton form)", "time": 0.012}}
 
     def out(scale, b=128):
         return {"fb": 0.005 * scale, "net": "MLP x", "batch": b,
@@ -235,9 +236,14 @@ def test_stepcost_issue_11_targets_from_synthetic_results(tmp_path):
     assert "d = 256..2048: step time grows as d^k, k = RING 1.11" in text
     # digits: RING <= 0.8x ASDL
     assert "batch 64: RING kfac 1.500 ms vs ASDL K-FAC 2.000 ms: 0.75x -> MET" in text
+    # the gauss_newton form, judged on the same targets beside the default form
+    assert "RING kfac gauss_newton 12.00 ms vs ASDL K-FAC 40.00 ms: 0.30x -> MET" in text
+    assert "RING kfac gauss_newton 12.00 ms vs AdamW 10.00 ms: 1.20x -> MET" in text
+    assert "batch 64: RING kfac gauss_newton 0.600 ms vs ASDL K-FAC 2.000 ms: 0.30x" in text
     tables = S.tables(res)
     assert "| RING (kfac) | 30.00 | 3.00 | 6.00 | 1.000 | 40.0 | 40% | 1/2 |" in tables
-    assert "| 2048 | 5.00 | 10.00 | 40.00 | 30.00 | 0.75 | 3.00 | 1.000 | 1/2 |" in tables
+    assert "| 2048 | 5.00 | 10.00 | 40.00 | 30.00 | 0.75 | 3.00 | 1.000 | 1/2 | 12.00 | 0.30 " \
+        "| 1.20 | – | – |" in tables
     assert "2.00 (40.00 / 20.00)" in tables  # the JAX spread column
     path = S.write(res, tmp_path)
     md = path.read_text()
@@ -574,3 +580,28 @@ def test_inverse_cost_measures_every_method():
     rows = measure(17, 8, 1)
     assert [m for m, _, _ in rows] == list(METHODS)
     assert all(s > 0 and err < 1e-3 for _, s, err in rows)
+
+
+def test_step_spread_takes_each_positions_least_disturbed_call(monkeypatch):
+    """A one-off slow call (a disturbed window) does not count as a step's cost; a position
+    that is slow on every call does."""
+    from benchmarks import stepcost_jax as J
+
+    clock = {"t": 0.0, "n": 0}
+    monkeypatch.setattr(J.time, "perf_counter", lambda: clock["t"])
+
+    def run(cost):
+        def one():
+            clock["t"] += cost(clock["n"])
+            clock["n"] += 1
+        clock.update(t=0.0, n=0)
+        return J.step_spread(one, lambda: clock["n"], 2 * J.REFRESH_EVERY, windows=3)
+
+    # refresh steps (position 0) cost 5, the rest 1; call 13 alone is disturbed (10)
+    out = run(lambda n: 5.0 if n % J.REFRESH_EVERY == 0 else (10.0 if n == 13 else 1.0))
+    assert out["spread"] == 1.0 and out["max_plain_raw"] == 10.0
+    assert len(out["step_times"]) == 60
+    # position 3 costs 2 on every call: the spread shows it
+    out = run(lambda n: 5.0 if n % J.REFRESH_EVERY == 0 else (2.0 if n % J.REFRESH_EVERY == 3
+                                                               else 1.0))
+    assert out["spread"] == 2.0 and out["max_plain"] == 2.0 and out["median"] == 1.0
