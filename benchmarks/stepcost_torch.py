@@ -15,6 +15,7 @@ from benchmarks.flops import MatmulRecorder, subtract, total_flops
 from benchmarks.grng_runs import build_grng
 from benchmarks.hyperparams import REFRESH_EVERY, common_hp
 from benchmarks.optimizers import all_specs
+from benchmarks.stepcost_eigh import eigh_floor
 from benchmarks.stepcost_setup import (
     DAMPING,
     LR,
@@ -208,6 +209,9 @@ def _prepare_row(key, label, build, data, tp, fb_ops):
             own = subtract(rec.ops, fb_ops, REFRESH_EVERY)
             row["own_flops"] = total_flops(own) / REFRESH_EVERY
             row["ideal_time"] = tp.ideal_time(own) / REFRESH_EVERY
+        floor = eigh_floor(stepper)
+        if floor is not None:
+            row["eigh_floor"] = floor
         return row, functools.partial(stepper.step, x, y)
     except Exception as e:
         return {"label": label, "error": not_runnable(e)}, None

@@ -1,7 +1,8 @@
 """The step-cost width sweep: MLP d-d-10 (ReLU), batch 128, refresh every 10 steps, for each
 d of ``--widths`` (default 256, 512, 1024, 2048): step time of RING (kfac; its default form
-and, where the default is another, the gauss_newton form), ASDL K-FAC and AdamW, measured by the same machinery as the main rows (`stepcost_torch.measure_batch`); its
-table, its targets at d = 2048 (RING/ASDL <= 0.4, RING/AdamW <= 4) and a log-log plot."""
+and, where the default is another, the gauss_newton form), ASDL K-FAC and AdamW, measured by
+the same machinery as the main rows (`stepcost_torch.measure_batch`); its table, its targets
+at d = 2048 (RING/ASDL <= 0.4, RING/AdamW <= 4) and a log-log plot."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from benchmarks.stepcost_format import (
     WIDTH_RING_VS_ASDL,
     WIDTH_TARGET_D,
     factored_cell,
+    floor_note,
     ms,
     ratio,
     verdict,
@@ -84,9 +86,11 @@ def width_lines(res: dict) -> list[str]:
                f"batch {WIDTH_BATCH}): {name} {t[key] * 1e3:.2f} ms"
         lines += [f"{head} vs ASDL K-FAC {t['asdl_kfac'] * 1e3:.2f} ms: "
                   f"{verdict(t[key] / t['asdl_kfac'], WIDTH_RING_VS_ASDL)}"
+                  f"{floor_note(rows[key], WIDTH_RING_VS_ASDL * t['asdl_kfac'])}"
                   f"{work_note(rows[key], out['fb'])}",
                   f"{head} vs AdamW {t['adamw'] * 1e3:.2f} ms: "
-                  f"{verdict(t[key] / t['adamw'], WIDTH_RING_VS_ADAMW)}"]
+                  f"{verdict(t[key] / t['adamw'], WIDTH_RING_VS_ADAMW)}"
+                  f"{floor_note(rows[key], WIDTH_RING_VS_ADAMW * t['adamw'])}"]
     return lines + _growth(widths)
 
 

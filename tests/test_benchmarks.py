@@ -198,6 +198,7 @@ def _synthetic_stepcost_res():
                           "kfac_layers": [{"layer": "8->4", "factored": True}]},
             "ring": {"label": "RING (kfac)", "time": 0.030, "own_flops": 1e9,
                      "ideal_time": 0.010, "factored_applies": True,
+                     "eigh_floor": {"seconds": 0.020, "per_refresh": 0.2, "sizes": [9, 4]},
                      "kfac_layers": [{"layer": "8->4", "factored": True},
                                      {"layer": "4->2", "factored": False}]},
             "ring_gn": {"label": "RING (kfac, gauss_newton form)", "time": 0.012}}
@@ -236,7 +237,13 @@ def test_stepcost_issue_11_targets_from_synthetic_results(tmp_path):
     assert "d = 256..2048: step time grows as d^k, k = RING 1.11" in text
     # digits: RING <= 0.8x ASDL
     assert "batch 64: RING kfac 1.500 ms vs ASDL K-FAC 2.000 ms: 0.75x -> MET" in text
+    # where the default form misses, the eigendecompositions' share of the budget
+    assert "the target allows 24.00 ms a step, of which the default form's eigendecompositions " \
+        "alone take 20.00 ms (83%); the step without them: 10.00 ms" in text
+    assert "factors 9, 4, 200.0 ms a refresh) take 20.00 ms (67%)" in text
     # the gauss_newton form, judged on the same targets beside the default form
+    assert "RING kfac gauss_newton 12.00 ms vs ASDL K-FAC 40.00 ms (both refreshed every 10 " \
+        "steps): 0.30x -> MET" in text
     assert "RING kfac gauss_newton 12.00 ms vs ASDL K-FAC 40.00 ms: 0.30x -> MET" in text
     assert "RING kfac gauss_newton 12.00 ms vs AdamW 10.00 ms: 1.20x -> MET" in text
     assert "batch 64: RING kfac gauss_newton 0.600 ms vs ASDL K-FAC 2.000 ms: 0.30x" in text
@@ -605,3 +612,33 @@ def test_step_spread_takes_each_positions_least_disturbed_call(monkeypatch):
     out = run(lambda n: 5.0 if n % J.REFRESH_EVERY == 0 else (2.0 if n % J.REFRESH_EVERY == 3
                                                                else 1.0))
     assert out["spread"] == 2.0 and out["max_plain"] == 2.0 and out["median"] == 1.0
+
+
+def test_eigh_floor_reads_the_default_forms_own_factors():
+    """The floor times the eigendecompositions of the optimizer's own EMA factors (both
+    factors of every K-FAC layer), and is None for a form that keeps inverses."""
+    import grng_torch
+    import torch
+
+    from benchmarks.stepcost_eigh import eigh_floor
+
+    def run(**kw):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+        opt = grng_torch.RING(model.parameters(), model=model, **kw)
+        x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+
+        class S:
+            pass
+        s = S()
+        s.opt = opt
+        for _ in range(2):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return eigh_floor(s, repeats=1, every=10)
+
+    floor = run()
+    assert floor["sizes"] == [7, 5, 6, 3]  # A (d_in + 1) and S (d_out) of both layers
+    assert 0 < floor["seconds"] == floor["per_refresh"] / 10
+    assert run(form="gauss_newton", rho=0.05) is None
