@@ -83,9 +83,10 @@ def jax_table(b, jx: dict) -> str:
                   if "spread" in r else "–")
         jb.append([r["label"], ms(r["time"]), ratio(r["time"], jadam), ratio(r["time"], jfb),
                    spread, ""])
-    return (f"### JAX (jit), batch {b}\n\nforward+backward {ms(jfb)} ms. Spread: the slowest "
-            "step that refreshes nothing / the median step, over two refresh periods timed "
-            "step by step (ms / ms).\n\n"
+    return (f"### JAX (jit), batch {b}\n\nforward+backward {ms(jfb)} ms. Spread: the costliest "
+            "step position that refreshes nothing / the median position, each position's cost "
+            "its least disturbed call over the windows of two refresh periods timed step by "
+            "step (ms / ms).\n\n"
             + markdown_table(["optimizer", "step (ms)", "x AdamW", "x fwd+bwd", "spread",
                               "note"], jb))
 
