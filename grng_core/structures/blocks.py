@@ -68,10 +68,10 @@ def left_multiply(X, L: LayerLayout, leaves, xp):
     W = weight_block(L, leaves, xp)
     if L.bias is None:
         return X @ W
+    b = bias_column(L, leaves, xp)
     if not _by_blocks(X, W):
-        return X @ xp.concat([W, xp.reshape(leaves[L.bias], (L.d_out, 1))], axis=1)
-    XW = X @ W
-    return xp.concat([XW, (X @ bias_column(L, leaves, xp))[:, None]], axis=1)
+        return X @ xp.concat([W, b[:, None]], axis=1)
+    return xp.concat([X @ W, (X @ b)[:, None]], axis=1)
 
 
 def cols(Y, L: LayerLayout) -> Blocks:

@@ -299,8 +299,9 @@ def precondition(layers, leaves, xp, rows_of=None, dense=None, factored_form=Non
     """U = S_λ⁻¹ G A_λ⁻¹ for every layer: {position: preconditioned leaf}. `rows_of`: per
     layer LayerRows or None (`factored_rows`): the factored form where G is c times their
     product, checked on probes (§2.1), and a branch costs no device sync; else dense.
-    dense(layer, leaves) / factored_form(layer, rows, c): U's `Blocks` (default: with the
-    explicit inverses; `kfac_eigen` passes its eigenbasis ones)."""
+    dense(layer, leaves) / factored_form(layer, rows, c): U as a `blocks.Product` (`Blocks`
+    on eager arrays, `Joined` under tracing; default: with the explicit inverses;
+    `kfac_eigen` passes its eigenbasis ones)."""
     dense = dense or (lambda layer, lv: _dense(layer, lv, xp))
     factored_form = factored_form or (
         lambda layer, r, c: factored.apply(r, layer.S_inv, layer.A_inv, c, layer.layout, xp))
