@@ -30,6 +30,10 @@ def ratio(a, b):
     return f"{a / b:.2f}"
 
 
+# (row key, name) of RING's default form and of its gauss_newton form, each judged on the targets
+RING_ROWS = (("ring", "RING kfac"), ("ring_gn", "RING kfac gauss_newton"))
+
+
 def verdict(r: float, limit: float, at_least: bool = False) -> str:
     """'0.83x -> MET (target <= 1x)' for the measured ratio ``r``."""
     ok = r >= limit if at_least else r <= limit

@@ -16,6 +16,7 @@ from benchmarks.stepcost_format import (
     EFFICIENCY,
     JAX_SPREAD,
     JAX_VS_HAND,
+    RING_ROWS,
     RING_VS_ASDL,
     RKALMAN_VS_RING,
     factored_cell,
@@ -103,7 +104,7 @@ def ring_lines(b, out: dict) -> list[str]:
     """Targets 1 and 3 at one batch size (RING vs ASDL, RENG and R-Kalman vs RING)."""
     lines, fb = [], out["fb"]
     ring, asdl = _time(out, "ring"), _time(out, "asdl_kfac")
-    for key, name in (("ring", "RING kfac"), ("ring_gn", "RING kfac gauss_newton")):
+    for key, name in RING_ROWS:
         t = _time(out, key)
         if not (t and asdl):
             continue
@@ -179,7 +180,7 @@ def digits_lines(res: dict) -> list[str]:
     if not d:
         return []
     lines = []
-    for key, name in (("ring", "RING kfac"), ("ring_gn", "RING kfac gauss_newton")):
+    for key, name in RING_ROWS:
         if key not in d["rows"]:
             continue
         ring, asdl = _time(d, key), _time(d, "asdl_kfac")

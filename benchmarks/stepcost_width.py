@@ -10,6 +10,7 @@ from pathlib import Path
 
 from benchmarks.formatting import markdown_table
 from benchmarks.stepcost_format import (
+    RING_ROWS,
     WIDTH_RING_VS_ADAMW,
     WIDTH_RING_VS_ASDL,
     WIDTH_TARGET_D,
@@ -24,7 +25,6 @@ from benchmarks.stepcost_setup import WIDTH_BATCH, width_net
 from benchmarks.stepcost_torch import measure_batch
 
 WIDTH_KEYS = ("adamw", "asdl_kfac", "ring", "ring_gn")
-RING_FORMS = (("ring", "RING kfac"), ("ring_gn", "RING kfac gauss_newton"))
 
 
 def width_results(widths, rows, tp, repeats: int, periods: int, bar, device="cpu") -> dict:
@@ -38,7 +38,7 @@ def width_table(res: dict) -> str:
     """One line per width: step times, ratios, RING's own work and factored layers (each RING
     form measured)."""
     widths = res["widths"]
-    forms = [(k, n) for k, n in RING_FORMS
+    forms = [(k, n) for k, n in RING_ROWS
              if any(k in out["rows"] for out in widths.values())]
     body = []
     for d, out in widths.items():
@@ -73,7 +73,7 @@ def width_lines(res: dict) -> list[str]:
     out = widths[WIDTH_TARGET_D]
     rows = out["rows"]
     lines = []
-    for key, name in RING_FORMS:
+    for key, name in RING_ROWS:
         if key not in rows:
             continue
         t = {k: rows.get(k, {}).get("time") for k in ("adamw", "asdl_kfac", key)}
