@@ -51,7 +51,7 @@ from benchmarks.stepcost_setup import DIGITS, DIGITS_BATCH, MAIN, WIDTHS, limit_
 from benchmarks.stepcost_torch import measure_batch, torch_rows
 from benchmarks.stepcost_width import WIDTH_KEYS, width_results
 
-DIGITS_KEYS = ("adamw", "asdl_kfac", "ring", "ring_gn")
+DIGITS_KEYS = WIDTH_KEYS  # AdamW, ASDL and both RING forms
 
 
 def _ring_form() -> str:

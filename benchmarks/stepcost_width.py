@@ -24,7 +24,7 @@ from benchmarks.stepcost_format import (
 from benchmarks.stepcost_setup import WIDTH_BATCH, width_net
 from benchmarks.stepcost_torch import measure_batch
 
-WIDTH_KEYS = ("adamw", "asdl_kfac", "ring", "ring_gn")
+WIDTH_KEYS = ("adamw", "asdl_kfac") + tuple(k for k, _ in RING_ROWS)
 
 
 def width_results(widths, rows, tp, repeats: int, periods: int, bar, device="cpu") -> dict:
