@@ -149,6 +149,11 @@ class _Common:
         10.0, "a K-FAC layer given at least this many rows per step per dimension of its larger "
         "factor (n >= warmup_rows·max(d_A, d_S)) skips the warm-up; None: every layer warms up "
         "(§2.1)", _optional(lambda n, v: check_range(n, v, 0.0, low_open=True)))
+    max_factor_dim: int | None = hp(
+        8192, "a layer with a K-FAC factor larger than this (A: d_in + bias unless diagonal; S: "
+        "d_out) uses the diagonal structure, as its d² memory and d³ inverses would dwarf the "
+        "rest of the step (an untied LM head's vocabulary); None: no limit (§2.1)",
+        _optional(check_int))
     ns_tol: float | None = hp(None, "Newton–Schulz tolerance (None: 1e-6 float64, 1e-4 float32)",
                               _optional(lambda n, v: check_range(n, v, 0.0, 1.0, low_open=True,
                                                                  high_open=True)))
@@ -309,6 +314,7 @@ def upgrade_saved(algorithm: str, saved: dict) -> dict:
         out.setdefault("form", "gauss_newton")
     out.setdefault("refresh_warmup", 0)  # no warm-up before it existed
     out.setdefault("warmup_rows", None)  # every layer took the warm-up
+    out.setdefault("max_factor_dim", None)  # no limit before it existed
     if algorithm == "rkalman":
         if "kalman_refresh_every" not in out:
             out["kalman_refresh_every"] = out.get("inverse_every")
@@ -322,10 +328,11 @@ UNUSED = {"rkalman": ("inverse_every",)}
 
 
 def unused(algorithm: str, hyper: dict) -> tuple[str, ...]:
-    """The hyperparameters that cannot change these (JSON) hyperparameters' steps: UNUSED, and
-    `warmup_rows` without a warm-up or K-FAC."""
+    """The hyperparameters that cannot change these (JSON) hyperparameters' steps: UNUSED,
+    `warmup_rows` without a warm-up or K-FAC, and `max_factor_dim` (read once, at init: the
+    state's K-FAC layers record what it chose)."""
     moot = hyper.get("refresh_warmup") == 0 or hyper.get("structure", "kfac") != "kfac"
-    return UNUSED.get(algorithm, ()) + (("warmup_rows",) if moot else ())
+    return UNUSED.get(algorithm, ()) + (("warmup_rows",) if moot else ()) + ("max_factor_dim",)
 
 
 def per_step_damping(config: Config) -> bool:

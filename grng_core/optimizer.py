@@ -81,6 +81,16 @@ class Optimizer:
             return self.replace(structure=fallback)
         return self
 
+    def too_large(self, params, layers) -> list[str | None]:
+        """Per K-FAC LayerSpec of `params` (validated as `init` does): why `max_factor_dim`
+        leaves it to the diagonal structure, or None where it stays a K-FAC layer (§2.1). The
+        adapters drop those layers before `resolve` and `init` and report the reasons."""
+        if self.config.structure != "kfac" or not layers:
+            return [None] * len(layers or ())
+        leaves, container = flatten(params)
+        return [kfac.oversized(L, self.config.max_factor_dim)
+                for L in kfac.resolve(layers, container, leaves)]
+
     def flags(self, step):
         """(curvature, inverse) refresh flags at `step` steps taken (`grng_core.schedule`)."""
         return schedule.flags(self.config, step)
@@ -112,6 +122,12 @@ class Optimizer:
                                  "params, layers=[gc.LayerSpec(weight=key, bias=key_or_None), "
                                  "...]) (or opt.resolve(layers) for a model without layers)")
             layouts = kfac.resolve(layers, container, leaves)
+            for spec, L in zip(layers, layouts):
+                why = kfac.oversized(L, self.config.max_factor_dim)
+                if why is not None:
+                    raise ValueError(f"K-FAC layer {spec.weight!r}: {why}, or leave it out of "
+                                     "the layers (its parameters then use the diagonal "
+                                     "structure; §2.1)")
 
         def scalar():
             return xp.zeros((), dtype=xp.int32, device=dev)

@@ -9,7 +9,8 @@ import jax
 from grng_core.describe import StructureReport, describe_state
 from grng_jax._checkpoint import _split, _tagged, core_of
 from grng_jax._diagonal_reasons import why_diagonal
-from grng_jax._layers import leaf_paths
+from grng_jax._layers import leaf_paths, resolve_layers
+from grng_jax._optax import fitting_layers
 
 
 def _names(params) -> list[str]:
@@ -35,8 +36,12 @@ def report(opt, state, params) -> StructureReport:
     covered = {i for L in (grng.core.curvature.kfac or ()) for i in L.layout.positions}
     fns = _tagged(opt, set())
     option = getattr(fns[0], "grng_layers", "auto") if fns else "auto"
-    reasons = {i: r for i, (p, x) in enumerate(zip(paths, leaves))
+    too_large = {i: why for r, why in fitting_layers(core, params, resolve_layers(
+        params, option))[1] for i in (r.weight, r.bias) if i is not None} \
+        if core.config.structure == "kfac" else {}
+    reasons = {i: too_large.get(i) or r for i, (p, x) in enumerate(zip(paths, leaves))
                if i not in covered and (r := why_diagonal(p, x, option))}
+    reasons.update({i: why for i, why in too_large.items() if i not in covered})
     layer_names = {L.layout.weight: "/".join(str(k) for k in paths[L.layout.weight][:-1])
                    for L in (grng.core.curvature.kfac or ())}
     return describe_state(core.name, core.config.structure, grng.core,

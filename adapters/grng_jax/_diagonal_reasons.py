@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import jax
 
@@ -32,21 +33,39 @@ def why_diagonal(path: tuple, leaf, layers_option) -> str | None:
     return "not in the layers= given"
 
 
-def warn_if_mostly_diagonal(name: str, params, covered: set, option) -> None:
-    """At init of a kfac optimizer: warn when most ≥ 2-axis leaves are not K-FAC layers."""
+def warn_if_mostly_diagonal(name: str, params, covered: set, option,
+                            oversized: Sequence = ()) -> None:
+    """At init of a kfac optimizer: warn when most ≥ 2-axis leaves are not K-FAC layers
+    (`oversized`: [(LayerRef, why)] of the layers over `max_factor_dim`)."""
+    known = {r.weight: why for r, why in oversized}
     leaves = jax.tree_util.tree_leaves(params)
     paths = leaf_paths(params)
     matrices = [i for i, x in enumerate(leaves) if getattr(x, "ndim", 0) >= 2]
     off = [i for i in matrices if i not in covered]
     share = mostly_diagonal([math.prod(leaves[i].shape) for i in matrices if i in covered],
                             [math.prod(leaves[i].shape) for i in off])
-    if share is None:
+    if share is None or set(off) <= set(known):  # `warn_if_oversized` named them all
         return
     shown = "; ".join(f"{'/'.join(str(k) for k in paths[i])} "
-                      f"({why_diagonal(paths[i], leaves[i], option)})" for i in off[:4])
+                      f"({known.get(i) or why_diagonal(paths[i], leaves[i], option)})"
+                      for i in off[:4])
     more = f"; and {len(off) - 4} more" if len(off) > 4 else ""
     warnings.warn(
         f"grng_jax.{name}: {len(off)} of {len(matrices)} weight matrices, holding {share:.0%} "
         f"of all weight-matrix elements, are on the diagonal structure, not K-FAC: "
         f"{shown}{more}. "
         "grng_jax.describe(opt, state, params) lists every leaf.", UserWarning, stacklevel=4)
+
+
+def warn_if_oversized(name: str, params, oversized: list) -> None:
+    """At init of a kfac optimizer: warn when layers were left to the diagonal for a factor
+    over `max_factor_dim` ([(LayerRef, the core's reason)]; ALGORITHMS.md §2.1)."""
+    if not oversized:
+        return
+    paths = leaf_paths(params)
+    shown = "; ".join(f"{'/'.join(str(k) for k in paths[r.weight])}: {why}"
+                      for r, why in oversized)
+    warnings.warn(
+        f"grng_jax.{name}: the diagonal structure, not K-FAC, preconditions {len(oversized)} "
+        f"layer(s) whose factors are too large: {shown} (ALGORITHMS.md §2.1; "
+        "grng_jax.describe(opt, state, params) lists every leaf).", UserWarning, stacklevel=4)

@@ -24,7 +24,7 @@ from grng_core.config import CONFIGS
 from grng_core.schedule import flag_table, warmup_steps
 from grng_core.state import ensure_pytrees
 from grng_jax import _collect, _masking
-from grng_jax._diagonal_reasons import warn_if_mostly_diagonal
+from grng_jax._diagonal_reasons import warn_if_mostly_diagonal, warn_if_oversized
 from grng_jax._hyper import concrete_number, core_kwargs
 from grng_jax._layers import resolve_layers
 
@@ -79,10 +79,11 @@ def transform(name: str, kwargs: dict, *, axis_name=None, layers="auto", refresh
     core_main = BUILDERS[name](**core_kwargs(CONFIGS[name], kwargs))  # validates everything
 
     def init_fn(params):
-        core, specs = _setup(core_main, params, opts)
+        core, specs, oversized = _setup(core_main, params, opts)
         if core_main.config.structure == "kfac":
+            warn_if_oversized(name, params, oversized)
             covered = {i for r in specs or () for i in (r.weight, r.bias) if i is not None}
-            warn_if_mostly_diagonal(name, params, covered, layers)
+            warn_if_mostly_diagonal(name, params, covered, layers, oversized)
         return _init(core, specs, params, seed)
 
     def update_fn(updates, state, params=None, *, loss_fn=None, batch=None, mc_loss_fn=None,
@@ -93,7 +94,7 @@ def transform(name: str, kwargs: dict, *, axis_name=None, layers="auto", refresh
                              "loss_fn=..., batch=...)")
         if not isinstance(state, GRNGState):
             raise TypeError(f"state must be the GRNGState returned by grng_jax.{name}(...).init")
-        core, specs = _setup(core_main, params, opts)
+        core, specs, _ = _setup(core_main, params, opts)
         _check_vma(name, opts.axis_name, batch)
         loss_fn, mc_loss_fn = _masking.unmask(name, params, full_params, loss_fn, mc_loss_fn)
         return _update(core, specs, opts, updates, state, params,
@@ -128,20 +129,34 @@ def _check_vma(name: str, axis_name, batch) -> None:
 
 
 def _setup(core_main: gc.Optimizer, params, opts: _Options):
-    """(core optimizer, K-FAC layer specs or None) for this params pytree: the core's
-    `resolve` picks the fallback structure of a kfac optimizer whose model has no layer."""
-    specs = []
+    """(core optimizer, K-FAC layer specs or None, [(LayerRef, why)] of the layers over
+    `max_factor_dim`) for this params pytree: the core's `resolve` picks the fallback
+    structure of a kfac optimizer whose model has no layer."""
+    specs: list = []
+    oversized: list = []
     if core_main.config.structure == "kfac":
-        specs = resolve_layers(params, opts.layers)
+        specs, oversized = fitting_layers(core_main, params, resolve_layers(params, opts.layers))
     core = core_main.resolve(specs, opts.fallback)
-    return core, (specs if core.config.structure == "kfac" else None)
+    return core, (specs if core.config.structure == "kfac" else None), oversized
+
+
+def layer_specs(specs) -> list[gc.LayerSpec]:
+    """The core's LayerSpecs of grng_jax LayerRefs."""
+    return [gc.LayerSpec(r.weight, r.bias, r.transposed, a_diagonal=r.embed, in_axes=r.in_axes)
+            for r in specs]
+
+
+def fitting_layers(core: gc.Optimizer, params, specs) -> tuple[list, list]:
+    """(the LayerRefs whose factors fit `max_factor_dim`, [(LayerRef, why not)] of the others;
+    ALGORITHMS.md §2.1): from shapes only, so alike under jit."""
+    why = core.too_large(jax.tree_util.tree_leaves(params), layer_specs(specs))
+    return ([r for r, w in zip(specs, why) if w is None],
+            [(r, w) for r, w in zip(specs, why) if w is not None])
 
 
 def _init(core: gc.Optimizer, specs, params, seed: int) -> GRNGState:
     leaves = jax.tree_util.tree_leaves(params)
-    lspecs = None if specs is None else [
-        gc.LayerSpec(r.weight, r.bias, r.transposed, a_diagonal=r.embed, in_axes=r.in_axes)
-        for r in specs]
+    lspecs = None if specs is None else layer_specs(specs)
 
     # Under jit the state's arrays are placed (committed or not) like the params: a state
     # committed to a device beside uncommitted params would make the second train step

@@ -68,8 +68,7 @@ class Collector:
         # hooks keep nothing; zeroed: the optimizer's zero_grad ran since the last model call
         # layers collected only for the factored form -> the passes whose rows it stacks
         self.rows_only: dict[int, int] = {}
-        # on a step whose refresh is the warm-up's only: layer -> its group's config, and per
-        # layer and model call the decision on that call's rows (`warms`, `warms_now`)
+        # warm-up-only refresh: layer -> group config; per call, `warms` / `warms_now`
         self.warmup_only: dict[int, Any] = {}
         self.warming: dict[int, dict[int, bool]] = {}
         self.no_warmup: set[int] = set()  # layers seen to skip the warm-up (describe())
@@ -78,6 +77,7 @@ class Collector:
         self.broadcast: dict[int, str] = {}
         self.broadcast_warned: set[int] = set()  # found shared after their first step
         self.ambiguous: set[int] = set()  # warned: ids (T,) with T = B (`Call.ambiguous`)
+        self.oversized: dict[int, str] = {}  # layers over max_factor_dim: why (describe)
         self.frozen: set[int] = set()  # layers left out at the first step: weight frozen
         # between closure-free steps the hooks stay open for the next step's needs (`arm`):
         # then only the passes that build a graph count (not evaluation under no_grad)

@@ -70,7 +70,8 @@ def group_report(opt, i: int) -> StructureReport:
     kfac = group["structure"] == "kfac"
     candidates = opt.layer_candidates(i) if kfac else []
     if entry is None:
-        pairs = [(w, b) for li, w, b in candidates if opt.collector.layers[li].trainable]
+        pairs = [(w, b) for li, w, b in opt.fitting_layers(i, candidates)
+                 if opt.collector.layers[li].trainable]
         reasons_frozen = {j: FROZEN for li, w, b in candidates
                           if not opt.collector.layers[li].trainable
                           for j in (w, b) if j is not None}
@@ -84,12 +85,15 @@ def group_report(opt, i: int) -> StructureReport:
         used = {w for w, _ in pairs}
         for li, w, b in candidates:
             if w not in used:
-                reason = opt.collector.broadcast.get(li) or (
+                reason = opt.collector.oversized.get(li) or opt.collector.broadcast.get(li) or (
                     FROZEN if li in opt.collector.frozen else
                     CLOSURE_ONLY if opt.collector.layers[li].functional
                     and opt.collector.armed and i not in opt.loaded_groups else
                     LOADED if i in opt.loaded_groups else NOT_REACHED)
                 reasons.update({j: reason for j in (w, b) if j is not None})
+    if entry is None:
+        reasons.update({j: opt.collector.oversized[li] for li, w, b in candidates
+                        if li in opt.collector.oversized for j in (w, b) if j is not None})
     layer_names = {w: opt.collector.layers[li].label for li, w, _ in candidates}
     stale = {j: STALE + opt.collector.broadcast[li] for li, w, b in candidates
              if li in opt.collector.broadcast and (w, b) in pairs
@@ -149,11 +153,25 @@ def warn_if_split_layers(opt) -> None:
         "parameter).", UserWarning, stacklevel=3)
 
 
+def warn_if_oversized(opt) -> None:
+    """Warn once when layers were left to the diagonal for a factor over `max_factor_dim`."""
+    coll = opt.collector
+    if getattr(opt, "_warned_oversized", False) or coll is None or not coll.oversized:
+        return
+    opt._warned_oversized = True
+    shown = "; ".join(f"{coll.layers[li].label!r}: {why}" for li, why in coll.oversized.items())
+    warnings.warn(f"{type(opt).__name__}: the diagonal structure, not K-FAC, preconditions "
+                  f"{len(coll.oversized)} layer(s) whose factors are too large: {shown} "
+                  "(ALGORITHMS.md §2.1; opt.describe() lists every parameter).",
+                  UserWarning, stacklevel=4)
+
+
 def warn_if_mostly_diagonal(opt) -> None:
     """Warn once when most weight matrices of the "kfac" groups are on the diagonal; else,
     once, when a K-FAC layer the loss did not reach at the first step was put on it (a head
     or branch left out of that step: the diagonal is kept for the whole run)."""
     warn_if_split_layers(opt)
+    warn_if_oversized(opt)
     if opt._warned_diagonal or opt.collector is None:
         return
     reports = [group_report(opt, i) for i, g in enumerate(opt.param_groups)
@@ -174,6 +192,8 @@ def warn_if_mostly_diagonal(opt) -> None:
                 "parameter).", UserWarning, stacklevel=3)
         return
     opt._warned_diagonal = True
+    if all(e.reason and "exceeds max_factor_dim" in e.reason for e in off):
+        return  # `warn_if_oversized` named them all
     shown = "; ".join(f"{e.name} ({e.reason or 'no K-FAC layer'})" for e in off[:6])
     more = f"; and {len(off) - 6} more" if len(off) > 6 else ""
     warnings.warn(

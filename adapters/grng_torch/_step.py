@@ -81,9 +81,9 @@ def _group_plan(opt, i: int, group: dict, arming: bool = False) -> GroupPlan:
     step = entry.host_step if entry else 0
     curvature, inverse = core.flags(step)
     layers: list = []
-    if core.requirements.layer_stats:
+    if core.requirements.layer_stats:  # arming: frozen or not is decided at the step
         layers = (opt.match_layers(i, entry.layers) if entry is not None
-                  else opt.layer_candidates(i) if arming  # frozen or not: decided at the step
+                  else opt.fitting_layers(i, opt.layer_candidates(i)) if arming
                   else opt.first_step_layers(i))
     return GroupPlan(i, group, core, entry, bool(curvature), bool(inverse), layers,
                      steady=core.steady_flags(step))
@@ -339,7 +339,8 @@ def _group_prepare(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any])
     if entry is None:
         present = _present(opt, gp) if core.requirements.layer_stats else []
         entry, core = opt.fresh_group_state(gp.index, present)
-        layers = present if core.config.structure == "kfac" else []
+        layers = opt.match_layers(gp.index, entry.layers) if core.config.structure == "kfac" \
+            else []
         gp = GroupPlan(gp.index, gp.group, core, entry, gp.curvature, gp.inverse, layers,
                        gp.offset, steady=gp.steady)
     r = core.requirements

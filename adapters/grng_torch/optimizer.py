@@ -211,7 +211,20 @@ class GRNGOptimizer(torch.optim.Optimizer):
                 self.collector.frozen.discard(li)  # type: ignore[union-attr]
             else:
                 self.collector.frozen.add(li)  # type: ignore[union-attr]
-        return out
+        return self.fitting_layers(i, out)
+
+    def fitting_layers(self, i: int, found) -> list[tuple[int, int, int | None]]:
+        """The layers of `found` (group i) whose factors fit the core's `max_factor_dim`
+        (§2.1); the others are recorded in `collector.oversized` with the core's reason (for
+        describe() and a warning) and left to the diagonal structure."""
+        if not found or self.param_groups[i]["structure"] != "kfac":
+            return list(found)
+        params = [p.detach() for p in self.param_groups[i]["params"]]
+        why = self.core(i).too_large(params, self.layer_specs(found))
+        for (li, _, _), reason in zip(found, why):
+            if reason is not None:
+                self.collector.oversized[li] = reason  # type: ignore[union-attr]
+        return [L for L, reason in zip(found, why) if reason is None]
 
     def match_layers(self, i: int, specs) -> list[tuple[int, int, int | None]]:
         """(weight, bias) positions of group i mapped back to this model's hooked layers."""
@@ -246,7 +259,7 @@ class GRNGOptimizer(torch.optim.Optimizer):
         core = self.core(i) if self.group_state(i) is None else self.build_core(group)
         if present is None:
             present = self.layer_candidates(i) if core.requirements.layer_stats else []
-        specs = self.layer_specs(present)
+        specs = self.layer_specs(self.fitting_layers(i, present))
         core = core.resolve(specs)
         with torch.no_grad():
             state = core.init([p.detach() for p in group["params"]],

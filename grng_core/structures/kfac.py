@@ -58,6 +58,19 @@ def resolve(specs, container, leaves) -> list[LayerLayout]:
     return layouts
 
 
+def oversized(layout: LayerLayout, limit: int | None) -> str | None:
+    """Why `max_factor_dim` = limit leaves this layer to the diagonal (§2.1), or None: a
+    factor A (d_in + bias; not an embedding's diagonal A) or S (d_out) larger than limit."""
+    if limit is None:
+        return None
+    big = [f"{name} {d}x{d}" for name, d in (("A", 0 if layout.a_diagonal else layout.d_in_ext),
+                                              ("S", layout.d_out)) if d > limit]
+    if not big:
+        return None
+    return (f"its K-FAC factor {' and '.join(big)} exceeds max_factor_dim={limit} (d² memory, "
+            "d³ inverses); raise max_factor_dim to keep it on K-FAC")
+
+
 def covered(layouts) -> set[int]:
     """Leaf positions inside registered layers (the rest use the diagonal)."""
     return {i for L in layouts for i in L.positions}
