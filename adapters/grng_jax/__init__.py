@@ -34,10 +34,13 @@ from grng_jax._accumulate import MultiStepsState, multi_steps
 from grng_jax._builders import reng, ring, rkalman
 from grng_jax._checkpoint import load, save
 from grng_jax._describe import report as describe
+from grng_jax._flax_serialization import register_if_flax
 from grng_jax._layers import Layer, find_layers
 from grng_jax._nnx import loss_fn_of as nnx_loss_fn
 from grng_jax._optax import GRNGState, mc_softmax_cross_entropy, mc_squared_error
 from grng_jax._tags import dense, init_dense
+
+register_if_flax()  # flax.serialization of a state with K-FAC layers
 
 __all__ = [
     "GRNGState",

@@ -26,6 +26,7 @@ from grng_core.state import ensure_pytrees
 from grng_jax import _collect, _masking
 from grng_jax._diagonal_reasons import warn_if_mostly_diagonal, warn_if_oversized
 from grng_jax._hyper import concrete_number, core_kwargs
+from grng_jax._flax_serialization import register_if_flax
 from grng_jax._layers import resolve_layers
 
 REFRESH = ("switch", "where")
@@ -79,6 +80,7 @@ def transform(name: str, kwargs: dict, *, axis_name=None, layers="auto", refresh
     core_main = BUILDERS[name](**core_kwargs(CONFIGS[name], kwargs))  # validates everything
 
     def init_fn(params):
+        register_if_flax()
         core, specs, oversized = _setup(core_main, params, opts)
         if core_main.config.structure == "kfac":
             warn_if_oversized(name, params, oversized)
