@@ -25,8 +25,8 @@ from grng_core.schedule import flag_table, warmup_steps
 from grng_core.state import ensure_pytrees
 from grng_jax import _collect, _masking
 from grng_jax._diagonal_reasons import warn_if_mostly_diagonal, warn_if_oversized
-from grng_jax._hyper import concrete_number, core_kwargs
 from grng_jax._flax_serialization import register_if_flax
+from grng_jax._hyper import concrete_number, core_kwargs
 from grng_jax._layers import resolve_layers
 
 REFRESH = ("switch", "where")

@@ -3,14 +3,13 @@ checkpoint) saves and restores a grng_jax state with K-FAC layers: the restored 
 is bit-identical to the uninterrupted one; a template built for another model is refused."""
 
 import flax.linen as nn
+import grng_jax
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
 from flax import serialization
 from flax.training import train_state
-
-import grng_jax
 
 
 class _MLP(nn.Module):
