@@ -16,6 +16,7 @@ from jax import lax
 import grng_core as gc
 from grng_jax._layers import LayerRef, batch_size, describe, example_shapes, shared_reason
 from grng_jax._tags import Collector, collecting
+from grng_jax._uncovered import UNCOVERED
 
 
 def per_example_grads(loss_fn: Callable, treedef, leaves: list, batch, key=None) -> list:
@@ -105,7 +106,8 @@ def layer_stats(loss_fn: Callable, treedef, leaves: list, batch,
 _FIX = ("call it through grng_jax.dense(x, kernel, bias) or a covered layer (flax.linen Dense / "
         "DenseGeneral / Conv / Embed, flax.nnx Linear / LinearGeneral / Conv / Embed, equinox "
         "nn.Linear / nn.Conv) on the params leaves themselves, outside nn.scan / nn.remat / "
-        "lax.scan / jax.checkpoint (jax.vmap is fine), or leave it out with layers=[...] "
+        "lax.scan / jax.checkpoint and outside a jax.jit inside loss_fn (jit the whole train "
+        "step instead; jax.vmap is fine), or leave it out with layers=[...] "
         "(layers=grng_jax.find_layers(loss_fn, params, batch) lists the layers that qualify; "
         "layers=None: every leaf diagonal), or "
         "use structure='diagonal' or 'woodbury'")
@@ -129,6 +131,12 @@ def _check_calls(found: list, other: dict, specs, names, leaves, nested=None,
         w, b = ref.weight, ref.bias
         mine = [c for c in found if c.weight == w]
         name = describe(names, w)
+        if w in other and other[w].startswith(UNCOVERED):
+            raise ValueError(f"K-FAC layer {name!r} is called as {other[w][len(UNCOVERED):]}, "
+                             "a configuration whose K-FAC statistics this adapter does not "
+                             "collect: leave it to the diagonal with layers=grng_jax."
+                             "find_layers(loss_fn, params, batch), which skips such layers, "
+                             "or a layers=[...] without it (or use structure='diagonal')")
         if w in other:
             raise ValueError(f"K-FAC layer {name!r} is also used by {other[w]}, which the "
                              f"K-FAC statistics cannot see (a tied weight, or an uncovered "

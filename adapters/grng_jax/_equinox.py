@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from grng_jax._uncovered import uncovered
+
 
 def _linear(col, mod, x, out):
     rows = jnp.reshape(x, (-1,))  # in_features="scalar": x of shape ()
@@ -21,9 +23,13 @@ def _linear(col, mod, x, out):
 
 def _conv(col, mod, x, out):
     n = mod.num_spatial_dims
-    if mod.groups != 1 or mod.padding_mode != "ZEROS" or n > 3 or x.ndim != n + 1:
-        col.used_otherwise(mod.weight, "an eqx.nn.Conv with groups or a padding_mode (not "
-                                       "covered)")
+    why = (f"groups={mod.groups} (grouped or depthwise)" if mod.groups != 1 else
+           f"padding_mode={mod.padding_mode!r}" if mod.padding_mode != "ZEROS" else
+           f"{n} spatial axes" if n > 3 else
+           f"an input of {x.ndim} axes (K-FAC takes (channels, *spatial) per example)"
+           if x.ndim != n + 1 else None)
+    if why is not None:
+        col.used_otherwise(mod.weight, uncovered("eqx.nn.Conv", why))
         return out
     sp = "DHW"[-n:]
     patches = lax.conv_general_dilated_patches(

@@ -20,10 +20,11 @@ def _axes(axis, ndim: int) -> tuple[int, ...]:
     return tuple(a % ndim for a in axis)
 
 
-def dense_general(mod, x) -> tuple[Any, str, int] | None:
-    """DenseGeneral: the contracted axes moved last (rows of d_in = their product)."""
+def dense_general(mod, x) -> tuple[Any, str, int] | str:
+    """DenseGeneral: the contracted axes moved last (rows of d_in = their product); or why
+    the call's configuration is not covered."""
     if getattr(mod, "batch_dims", ()):
-        return None
+        return f"batch_dims={mod.batch_dims}"
     return dense_general_rows(x, _axes(mod.axis, x.ndim))
 
 
@@ -33,27 +34,31 @@ def dense_general_rows(x, axes: tuple[int, ...]) -> tuple[Any, str, int]:
     return rows, "dense", len(axes)
 
 
-def conv(mod, x) -> tuple[Any, str, int] | None:
+def conv(mod, x) -> tuple[Any, str, int] | str:
     """Conv: patches (B, *out_spatial, prod(kernel_size)·c_in), ordered as the kernel
-    (*kernel_size, c_in, c_out) flattens."""
+    (*kernel_size, c_in, c_out) flattens; or why the call's configuration is not covered."""
     from flax.linen.linear import canonicalize_padding
 
     ks = tuple(mod.kernel_size)
     n = len(ks)
-    if x.ndim != n + 2 or mod.feature_group_count != 1 or mod.mask is not None:
-        return None
+    if mod.feature_group_count != 1:
+        return f"feature_group_count={mod.feature_group_count} (grouped or depthwise)"
+    if mod.mask is not None:
+        return "a kernel mask"
+    if x.ndim != n + 2:
+        return f"an input of {x.ndim} axes (K-FAC takes (batch, *spatial, features))"
 
     def tup(v):
         return (1,) * n if v is None else ((v,) * n if isinstance(v, int) else tuple(v))
 
     if any(d != 1 for d in tup(mod.input_dilation)):
-        return None
+        return f"input_dilation={mod.input_dilation}"
     padding = canonicalize_padding(mod.padding, n)
     if isinstance(padding, str) and padding not in ("SAME", "VALID"):
-        return None  # CIRCULAR / CAUSAL pad outside the convolution
+        return f"padding={padding!r}"  # CIRCULAR / CAUSAL pad outside the convolution
     spatial = "DHW"[-n:] if n <= 3 else None
     if spatial is None:
-        return None
+        return f"{n} spatial axes"
     dn = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
     patches = lax.conv_general_dilated_patches(
         x, ks, tup(mod.strides), padding, rhs_dilation=tup(mod.kernel_dilation),
@@ -64,10 +69,10 @@ def conv(mod, x) -> tuple[Any, str, int] | None:
     return rows, "conv", n + 1
 
 
-def embed(mod, ids) -> tuple[Any, str, int] | None:
-    """Embed: the token ids (one-hot rows, A diagonal)."""
+def embed(mod, ids) -> tuple[Any, str, int] | str:
+    """Embed: the token ids (one-hot rows, A diagonal); or why not (non-integer input)."""
     if not jnp.issubdtype(ids.dtype, jnp.integer):
-        return None
+        return f"{ids.dtype} inputs (not token ids)"
     return ids, "embed", 1
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from grng_jax import _flax
 from grng_jax._patch import hook_method
+from grng_jax._uncovered import uncovered
 
 
 def _value(var):
@@ -19,8 +20,8 @@ def _value(var):
 
 def _tag(col, mod, got, out, name: str, attr: str = "kernel"):
     kernel = _value(getattr(mod, attr))
-    if got is None:
-        col.used_otherwise(kernel, f"nnx.{name} configuration")
+    if isinstance(got, str):
+        col.used_otherwise(kernel, uncovered(f"nnx.{name}", got))
         return out
     rows, kind, in_axes = got
     return col.tag(rows, kernel, _value(getattr(mod, "bias", None)), out, kind, in_axes)
@@ -31,7 +32,7 @@ def _linear(col, mod, x, out):
 
 
 def _linear_general(col, mod, x, out):
-    got = None
+    got: Any = f"batch_axis={mod.batch_axis}"
     if not mod.batch_axis:
         axes = _flax._axes(mod.axis, x.ndim)
         got = _flax.dense_general_rows(x, axes)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from grng_jax import _nested
 from grng_jax._active import ACTIVE
+from grng_jax._uncovered import uncovered
 
 try:  # an explicit import: `jax.extend` is not an attribute of `jax` until imported
     from jax.extend.core import get_opaque_trace_state as _opaque_trace_state
@@ -98,7 +99,7 @@ class Collector:
         return (self._trace is not None and _trace_state() != self._trace
                 and not _nested.in_vmap())
 
-    def used_otherwise(self, kernel, how: str) -> None:
+    def used_otherwise(self, kernel, how: str) -> None:  # `how`: see also `uncovered`
         """A registered leaf used by something other than a tagged call (Embed.attend: a tied
         output layer; an uncovered layer configuration): its K-FAC rows would miss that use."""
         w = self.ids.get(id(kernel))
@@ -186,8 +187,8 @@ def _flax_interceptor(col: Collector):
             return out
         got = _flax.rows_of(helper, mod, args[0])
         kernel: Any = mod.get_variable("params", name)
-        if got is None:
-            col.used_otherwise(kernel, f"{type(mod).__name__} configuration")
+        if isinstance(got, str):
+            col.used_otherwise(kernel, uncovered(f"flax.linen {type(mod).__name__}", got))
             return out
         rows, kind, in_axes = got
         bias = mod.get_variable("params", "bias") if mod.has_variable("params", "bias") \
