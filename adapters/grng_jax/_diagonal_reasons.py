@@ -25,9 +25,10 @@ def why_diagonal(path: tuple, leaf, layers_option) -> str | None:
         return "layers=None"
     last = str(path[-1]) if path else ""
     if last == "weight":
-        return ("named 'weight' without a 'bias' of its first axis's size (a bias-less "
-                "equinox layer, or an embedding): " + _AUTO + "; pass "
-                "layers=grng_jax.find_layers(loss_fn, params, batch)")
+        return ("named 'weight' without a 'bias' of its first axis's size: " + _AUTO + "; a "
+                "bias-less eqx.nn.Linear / Conv takes K-FAC with layers=grng_jax.find_layers("
+                "loss_fn, params, batch); an eqx.nn.Embedding table stays diagonal (its calls "
+                "are not hooked)")
     if layers_option == "auto":
         return f"not a layer by name: {_AUTO}; or pass layers=grng_jax.find_layers(...)"
     return "not in the layers= given"

@@ -27,7 +27,7 @@ from grng_jax import _collect, _masking
 from grng_jax._diagonal_reasons import warn_if_mostly_diagonal, warn_if_oversized
 from grng_jax._flax_serialization import register_if_flax
 from grng_jax._hyper import concrete_number, core_kwargs
-from grng_jax._layers import resolve_layers
+from grng_jax._layers import leaf_paths, resolve_layers
 
 REFRESH = ("switch", "where")
 FALLBACKS = ("diagonal", "woodbury")
@@ -81,6 +81,7 @@ def transform(name: str, kwargs: dict, *, axis_name=None, layers="auto", refresh
 
     def init_fn(params):
         register_if_flax()
+        _check_float_leaves(name, params)
         core, specs, oversized = _setup(core_main, params, opts)
         if core_main.config.structure == "kfac":
             warn_if_oversized(name, params, oversized)
@@ -107,6 +108,21 @@ def transform(name: str, kwargs: dict, *, axis_name=None, layers="auto", refresh
         setattr(fn, "grng_fallback", fallback)  # noqa: B010
         setattr(fn, "grng_layers", layers)  # noqa: B010 (read by grng_jax.describe)
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_float_leaves(name: str, params) -> None:
+    """Refuse a params leaf that is not real floating point naming its path (the core names
+    only its position): an integer buffer an equinox model keeps (position ids) is not a
+    parameter; eqx.partition(model, eqx.is_inexact_array) leaves it out."""
+    for path, x in zip(leaf_paths(params), jax.tree_util.tree_leaves(params)):
+        dtype = getattr(x, "dtype", None)
+        if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+            where = "/".join(str(k) for k in path) or "<root>"
+            raise TypeError(
+                f"grng_jax.{name}: params leaf {where!r} has dtype {dtype}: GRNG optimizes "
+                "real floating-point parameters only. Keep other arrays out of the params it "
+                "is given (equinox: eqx.partition(model, eqx.is_inexact_array), not "
+                "eqx.is_array; flax: a separate collection), or mask them (optax.masked)")
 
 
 def _check_vma(name: str, axis_name, batch) -> None:

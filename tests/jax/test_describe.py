@@ -49,6 +49,7 @@ def test_equinox_style_weights_are_layers_with_a_bias_and_reported_without():
     report = grng_jax.describe(opt, state, params)
     assert report.kfac_share == 0.0
     assert all("find_layers" in e.reason for e in report.matrices())
+    assert all("eqx.nn.Embedding table stays diagonal" in e.reason for e in report.matrices())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         grng_jax.ring(0.1, structure="diagonal").init(params)  # chosen: no warning
@@ -108,3 +109,13 @@ def test_inside_multi_transform_describe_names_the_leaves_it_owns():
     mine = jax.tree.map(lambda p, lab: p if lab == "g" else optax.MaskedNode(), params, labels)
     text = str(grng_jax.describe(opt, state, mine))
     assert "layer params/Dense_1" in text and "Dense_0" not in text
+
+
+def test_a_non_float_leaf_is_refused_at_init_naming_its_path_and_the_equinox_filter():
+    """eqx.partition(model, eqx.is_array) keeps a model's integer buffers (position ids) in the
+    params; the core alone would name the leaf by its position."""
+    params = {"block": {"weight": jnp.zeros((3, 4)), "bias": jnp.zeros(3),
+                        "pos_ids": jnp.arange(5)}}
+    with pytest.raises(TypeError, match=r"params leaf 'block/pos_ids' has dtype int(32|64).*"
+                                        r"eqx\.is_inexact_array"):
+        grng_jax.ring().init(params)
