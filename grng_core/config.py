@@ -16,6 +16,7 @@ import dataclasses
 import inspect
 import math
 import numbers
+import warnings
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, ClassVar
@@ -124,6 +125,27 @@ _RHO_DOC = "gradient-regularisation strength ρ (§1; number or schedule)"
 _DAMPING_DOC = "damping λ of F + λI (§2; number or schedule)"
 
 
+#: The decay per step η·ω above which a config warns (once per process): 0.1% of every weight
+#: a step, 10x AdamW's usual 1e-4 (lr 1e-3, weight_decay 0.1).
+DECAY_WARN = 1e-3
+_decay_warned: list[bool] = []
+
+
+def _warn_if_decay_dominates(config) -> None:
+    """§3 tail applies θ ← θ − ηωθ outside the trust region: at GRNG's lr (0.1; R-Kalman 1.0)
+    an AdamW-sized weight_decay shrinks every weight by 1–10% a step, whatever the step."""
+    lr, wd = config.lr, config.weight_decay
+    if _decay_warned or callable(lr) or wd == 0.0 or lr * wd <= DECAY_WARN:
+        return
+    _decay_warned.append(True)
+    warnings.warn(
+        f"{config.algorithm}: weight_decay={wd:g} at lr={lr:g} shrinks every weight by "
+        f"{lr * wd:.1%} a step (decoupled decay θ ← θ − lr·weight_decay·θ, ALGORITHMS.md §3, "
+        "not limited by the kl_clip trust region). AdamW's usual 0.1 at lr 1e-3 is 1e-4 a step: "
+        f"for that, weight_decay={1e-4 / lr:g} (README \"Defaults\", weight decay). Warned once.",
+        UserWarning, stacklevel=4)
+
+
 @dataclass(frozen=True)
 class _Common:
     """Fields every algorithm has (the curvature, the tail, numerics)."""
@@ -176,6 +198,7 @@ class _Common:
             value = f.metadata["check"](f.name, getattr(self, f.name))
             object.__setattr__(self, f.name, value)
         self._check_joint()
+        _warn_if_decay_dominates(self)
 
     def _check_joint(self) -> None:
         """Checks that involve several fields (overridden per algorithm)."""

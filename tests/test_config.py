@@ -4,6 +4,7 @@ construction, and the message names the parameter, the value and the allowed ran
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -175,3 +176,24 @@ def test_refresh_defaults_every_10_after_a_warm_up_of_the_ema_horizon():
     assert rk.flags(5) == (True, False) and rk.flags(25) == (False, False)
     with pytest.raises(ValueError, match="refresh_warmup"):
         gc.ring(refresh_warmup=-1)
+
+
+def test_a_weight_decay_that_shrinks_weights_fast_warns_once(monkeypatch):
+    """§3 tail's decay is lr·weight_decay a step, outside the trust region: AdamW's 0.1 at
+    R-Kalman's lr 1.0 is 10% of every weight a step (a reviewer's tiny Llama: ‖θ‖ 13 → 1.5 in 40
+    steps). Warned once per process, with the weight_decay that gives AdamW's 1e-4 a step."""
+    from grng_core import config as cfg
+    monkeypatch.setattr(cfg, "_decay_warned", [])
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        gc.ring(weight_decay=0.01)  # 1e-3 a step: at the line, quiet
+        gc.ring(lr=lambda t: 0.1, weight_decay=1.0)  # a schedule: not judged
+        gc.reng(weight_decay=0.0)
+    assert not [w for w in rec if "weight_decay" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"weight_decay=0\.1 at lr=1 shrinks every weight by "
+                                         r"10\.0% a step.*weight_decay=0\.0001"):
+        gc.rkalman(weight_decay=0.1)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        gc.ring(weight_decay=0.1)
+    assert not [w for w in rec if "weight_decay" in str(w.message)]  # once
