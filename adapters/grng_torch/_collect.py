@@ -31,7 +31,7 @@ from grng_core import schedule
 from grng_torch._autocast import autocast_state
 from grng_torch._layer_rows import factored_pays, in_backward, kept_rows, warn_ambiguous_ids
 from grng_torch._linear_calls import LinearCalls
-from grng_torch._model_calls import Batch, Call, first_tensor
+from grng_torch._model_calls import Batch, Call, batch_of, note_once
 from grng_torch.layers import find_layers
 
 
@@ -78,6 +78,7 @@ class Collector:
         self.broadcast_warned: set[int] = set()  # found shared after their first step
         self.ambiguous: set[int] = set()  # warned: ids (T,) with T = B (`Call.ambiguous`)
         self.oversized: dict[int, str] = {}  # layers over max_factor_dim: why (describe)
+        self.batch_noted = False  # warned: the batch size not from the first tensor argument
         self.frozen: set[int] = set()  # layers left out at the first step: weight frozen
         # between closure-free steps the hooks stay open for the next step's needs (`arm`):
         # then only the passes that build a graph count (not evaluation under no_grad)
@@ -110,11 +111,8 @@ class Collector:
             self.hooked, self.call_of, self.warming = {}, {}, {}
             self.generation += 1
         self.zeroed = False
-        first = first_tensor((args, kwargs))
-        size, example = None, None
-        if first is not None and first.dim() > self.batch_axis:
-            size = int(first.shape[self.batch_axis])
-            example = tuple(first.shape[:self.batch_axis] + first.shape[self.batch_axis + 1:])
+        first, size, example, note = batch_of(args, kwargs, self.batch_axis)
+        note_once(self, note)
         self.batch.add(Call(tuple(args), dict(kwargs), size, example, autocast_state()), first)
         return None
 

@@ -5,6 +5,7 @@ per forward since the previous closure-free step), kept so the optimizer can re-
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,3 +136,46 @@ def first_tensor(tree) -> torch.Tensor | None:
         if isinstance(leaf, torch.Tensor):
             return leaf
     return None
+
+
+def _named_tensors(args, kwargs):
+    """(name, tensor) of a call's tensor arguments in order (nested ones under their
+    argument's name)."""
+    for name, value in [(f"positional argument {i}", a) for i, a in enumerate(args)] + \
+            [(repr(k), v) for k, v in kwargs.items()]:
+        for leaf in ((value,) if isinstance(value, torch.Tensor)
+                     else torch.utils._pytree.tree_leaves(value)):
+            if isinstance(leaf, torch.Tensor):
+                yield name, leaf
+
+
+def batch_of(args, kwargs, axis: int):
+    """(the tensor giving a model call's batch, its size along `axis`, one example's shape,
+    a note or None). The first tensor argument with that axis, unless it has 1 there (an
+    input broadcast over the batch passed first: position ids (1, T), an ODE's time (1,)) and a
+    later one has more: then that one, and the note says so (`Collector` warns once)."""
+    args = tuple(args)
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() > axis \
+            and args[0].shape[axis] != 1:  # the usual model(x, ...) call: no walk
+        t = args[0]
+        return t, int(t.shape[axis]), tuple(t.shape[:axis] + t.shape[axis + 1:]), None
+    named = [(n, t) for n, t in _named_tensors(args, kwargs) if t.dim() > axis]
+    if not named:
+        return first_tensor((args, kwargs)), None, None, None
+    name, t = named[0]
+    note = None
+    later = next(((n, u) for n, u in named[1:] if u.shape[axis] > 1), None)
+    if t.shape[axis] == 1 and later is not None:
+        note = (f"the model's first tensor argument with a batch axis, {name}, has 1 along axis "
+                f"{axis} and {later[0]} has {later[1].shape[axis]}: the batch size is taken "
+                f"from {later[0]} (an input broadcast over the batch, such as position ids of "
+                "shape (1, T), is not the batch). Pass the batch's tensor first to silence this")
+        name, t = later
+    return t, int(t.shape[axis]), tuple(t.shape[:axis] + t.shape[axis + 1:]), note
+
+
+def note_once(owner, note: str | None) -> None:
+    """Warn `batch_of`'s note once per collector (`owner.batch_noted`)."""
+    if note is not None and not owner.batch_noted:
+        owner.batch_noted = True
+        warnings.warn(f"{note} (warned once per optimizer)", UserWarning, stacklevel=3)
