@@ -31,7 +31,7 @@ from grng_core import schedule
 from grng_torch._autocast import autocast_state
 from grng_torch._layer_rows import factored_pays, in_backward, kept_rows, warn_ambiguous_ids
 from grng_torch._linear_calls import LinearCalls
-from grng_torch._model_calls import Batch, Call, batch_of, note_once
+from grng_torch._model_calls import UNKNOWN_BATCH, Batch, Call, batch_of, note_once
 from grng_torch.layers import find_layers
 
 
@@ -393,6 +393,5 @@ class Collector:
         """E, the examples of the model calls the output gradients are multiplied by."""
         size = self.batch.size
         if size is None:
-            raise RuntimeError("the model's batch size is unknown: the closure did not call "
-                               "the model given to the optimizer (with a batched tensor first)")
+            raise RuntimeError(UNKNOWN_BATCH)
         return size

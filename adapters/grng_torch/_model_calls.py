@@ -15,6 +15,14 @@ from grng_core.structures.rows import ambiguous_ids, shared_by_batch
 from grng_torch._layer_rows import storage_of
 
 
+UNKNOWN_BATCH = (
+    "the model's batch size is unknown (nothing was changed): the closure did not call the "
+    "model given to the optimizer as model= with a tensor that has the batch axis. A model "
+    "used through other methods (a VAE's encode and decode) or through its submodules directly "
+    "makes no call of it: call the model itself (its forward) in the closure, or pass as model= "
+    "the module whose forward the closure calls")
+
+
 @dataclass
 class Call:
     """One call of the model in the closure (one micro-batch), and its loss module call."""

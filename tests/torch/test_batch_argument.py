@@ -91,3 +91,35 @@ def test_an_ode_time_first_gives_the_steps_of_the_state_first(t):
     got, notes = _run(Field().double(), lambda m: m(t, x), loss_of, "RING")
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
     assert len(notes) == (1 if t.dim() else 0)
+
+
+def test_a_model_used_through_other_methods_is_refused_naming_the_fix_before_any_change():
+    class VAE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec = nn.Linear(6, 2), nn.Linear(2, 6)
+
+        def encode(self, x):
+            return self.enc(x)
+
+        def decode(self, z):
+            return self.dec(torch.tanh(z))
+
+        def forward(self, x):
+            return self.decode(self.encode(x))
+
+    model = VAE()
+    x = torch.randn(8, 6)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = gt.RING(model.parameters(), model=model)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model.decode(model.encode(x)), x)
+        loss.backward()
+        return loss
+    with pytest.raises(RuntimeError, match=r"batch size is unknown \(nothing was changed\).*"
+                                           r"encode and decode.*call the model itself"):
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.group_state(0) is None
