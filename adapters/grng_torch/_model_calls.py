@@ -14,7 +14,6 @@ import torch
 from grng_core.structures.rows import ambiguous_ids, shared_by_batch
 from grng_torch._layer_rows import storage_of
 
-
 UNKNOWN_BATCH = (
     "the model's batch size is unknown (nothing was changed): the closure did not call the "
     "model given to the optimizer as model= with a tensor that has the batch axis. A model "
