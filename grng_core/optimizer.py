@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from grng_core import guard, schedule, tail
-from grng_core.concrete import host_bool
+from grng_core.concrete import concrete_bool, host_bool
 from grng_core.config import Config, value_at
 from grng_core.context import StepContext
 from grng_core.direction import Env
@@ -23,7 +23,7 @@ from grng_core.incidents import Incidents
 from grng_core.linalg import default_tol
 from grng_core.requirements import requirements
 from grng_core.state import OptState, ensure_pytrees
-from grng_core.structures import kfac
+from grng_core.structures import explained, kfac
 from grng_core.tree import device, flatten, leaves_like, namespace
 from grng_core.types import Collective, Requirements, Stats, Whole
 from grng_core.validation import check_params, check_shapes, check_state
@@ -90,6 +90,26 @@ class Optimizer:
         leaves, container = flatten(params)
         return [kfac.oversized(L, self.config.max_factor_dim)
                 for L in kfac.resolve(layers, container, leaves)]
+
+    def unexplained(self, grads, state: OptState, params, stats: Stats) -> list:
+        """Keys of the K-FAC layers whose gradient `grads` is not c·sᵀa/B + α·W for their
+        `stats` rows (§2.1 "This project": a use of the weight outside the layer's calls, or a
+        gradient edited per element); a host read per layer (on an accelerator too), for an
+        adapter's first step (not under jit; not across replicas, whose averaged gradient no
+        replica's rows give)."""
+        if self.config.structure != "kfac" or not stats.layers or not state.curvature.kfac:
+            return []
+        p_leaves, container = flatten(params)
+        g_leaves = leaves_like(grads, container, "grads")
+        xp = namespace(("params", p_leaves), ("grads", g_leaves))
+        place = explained.Place(xp, self.state_dtype(p_leaves, xp), device(p_leaves[0]))
+        layers = state.curvature.kfac
+        matched = kfac.match_stats(layers, stats.layers, container, partial=True,
+                                   absent=stats.absent)
+        return [container.keys[layer.layout.weight] for layer, ls in zip(layers, matched)
+                if ls is not None and g_leaves[layer.layout.weight] is not None
+                and concrete_bool(explained.explained(layer.layout, ls, g_leaves, p_leaves,
+                                                      place)) is False]
 
     def flags(self, step):
         """(curvature, inverse) refresh flags at `step` steps taken (`grng_core.schedule`)."""

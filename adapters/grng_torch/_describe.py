@@ -217,3 +217,20 @@ def warn_if_shared_late(opt, absent: list[int]) -> None:
                 "kept as they are, no longer refreshed. Take the first step with the batches "
                 "you train with to leave it to the diagonal structure.", UserWarning,
                 stacklevel=4)
+
+
+def warn_if_unexplained(opt, i: int, weights: list) -> None:
+    """Warn at the first step for the K-FAC layers of group i whose gradient their own calls'
+    rows do not explain (`grng_core.Optimizer.unexplained`; weight positions `weights`)."""
+    if not weights:
+        return
+    paths = {w: opt.collector.layers[li].label for li, w, _ in opt.layer_candidates(i)}
+    shown = ", ".join(repr(paths.get(w, w)) for w in weights)
+    warnings.warn(
+        f"{type(opt).__name__}: the first step's gradient of K-FAC layer(s) {shown} is not the "
+        "product of the layer's own calls' statistics, c·sᵀa/B + α·W (ALGORITHMS.md §2.1): "
+        "its weight is used outside the layer (a functional tie such as h @ emb.weight.T or "
+        "F.linear(h, emb.weight)), or its .grad was edited per element (clip_grad_value_, "
+        "zeroed rows). K-FAC's factors see only the layer's calls: put a weight used elsewhere "
+        "in a param group with structure='diagonal' (checked at the first step only).",
+        UserWarning, stacklevel=4)

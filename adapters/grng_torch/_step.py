@@ -336,6 +336,7 @@ def _group_prepare(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any])
     params = [p.detach() for p in gp.group["params"]]
     g = [torch.zeros_like(p) if x is None else x.detach() for p, x in zip(params, grads)]
     entry, core, layers = gp.entry, gp.core, gp.layers
+    first = entry is None
     if entry is None:
         present = _present(opt, gp) if core.requirements.layer_stats else []
         entry, core = opt.fresh_group_state(gp.index, present)
@@ -361,9 +362,11 @@ def _group_prepare(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any])
         if r.hvp_fn else None,
         along_fn=_passes.grad_fn(opt, gp.index, *closure_pass, rows_of=rows_of, along=along)
         if r.grad_fn and along is not None else None)
-    pending = core.prepare(g, entry.core, params,
-                           stats=_stats(opt, sp, gp, layers, env["pe"],
-                                        env["collective"] is not None),
+    stats = _stats(opt, sp, gp, layers, env["pe"], env["collective"] is not None)
+    if first and stats is not None and env["collective"] is None:
+        _describe.warn_if_unexplained(opt, gp.index, core.unexplained(g, entry.core, params,
+                                                                      stats))
+    pending = core.prepare(g, entry.core, params, stats=stats,
                            oracle=oracle, collective=env["collective"],
                            curvature=gp.curvature, inverse=gp.inverse, steady=gp.steady,
                            incidents=opt.incidents(gp.index), whole=whole)
