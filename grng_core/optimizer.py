@@ -97,8 +97,9 @@ class Optimizer:
         gradient edited per element); a host read per layer (on an accelerator too), for an
         adapter's first step (not under jit; not across replicas, whose averaged gradient no
         replica's rows give)."""
-        if self.config.structure != "kfac" or not stats.layers or not state.curvature.kfac:
-            return []
+        if (self.config.structure != "kfac" or self.config.fisher != "empirical"
+                or not stats.layers or not state.curvature.kfac):
+            return []  # fisher "mc": the rows are of sampled labels, not the gradient's
         p_leaves, container = flatten(params)
         g_leaves = leaves_like(grads, container, "grads")
         xp = namespace(("params", p_leaves), ("grads", g_leaves))

@@ -64,7 +64,10 @@ def test_a_per_element_clip_is_not():
     assert _unexplained(params, grads, stats, specs) == ["w"]
 
 
-def test_only_kfac_states_are_checked():
-    params, grads, stats, _ = _dense_case()
+def test_only_kfac_states_with_the_gradients_own_rows_are_checked():
+    params, grads, stats, specs = _dense_case()
+    grads = dict(grads, w=grads["w"] + 1.0)  # unexplained, but not judged:
     opt = gc.ring(structure="diagonal")
     assert opt.unexplained(grads, opt.init(params), params, stats) == []
+    mc = gc.ring(fisher="mc")  # rows of sampled labels, not of the gradient
+    assert mc.unexplained(grads, mc.init(params, layers=specs), params, stats) == []

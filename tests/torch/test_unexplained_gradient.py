@@ -69,7 +69,7 @@ def test_a_functional_tie_is_named_once(name, tie, layer):
 
 
 @pytest.mark.parametrize("setting", ["plain", "l2", "clip closure-free", "micro-batches",
-                                     "bf16 autocast"])
+                                     "bf16 autocast", "mc fisher"])
 def test_ordinary_loops_are_quiet(setting):
     torch.manual_seed(0)
     model = LM("none")
@@ -81,7 +81,8 @@ def test_ordinary_loops_are_quiet(setting):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return _ce(m, ids)
     kw = {"plain": {}, "l2": {}, "clip closure-free": {"closure_free": True, "clip": 0.1},
-          "micro-batches": {"micro": 2}, "bf16 autocast": {}}[setting]
+          "micro-batches": {"micro": 2}, "bf16 autocast": {},
+          "mc fisher": {"fisher": "mc", "loss_fn": nn.CrossEntropyLoss()}}[setting]
     loss_of = {"l2": l2, "bf16 autocast": bf16}.get(setting, _ce)
     assert _flags(model, loss_of, **kw) == []
 
