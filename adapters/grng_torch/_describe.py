@@ -219,6 +219,25 @@ def warn_if_shared_late(opt, absent: list[int]) -> None:
                 stacklevel=4)
 
 
+def without_padding(opt, i: int, stats):
+    """`stats` with the rows of an embedding's `padding_idx` tokens dropped, for the
+    first-step gradient check: torch gives that table row no gradient, so the other rows'
+    product is what the gradient holds (the statistics themselves keep every row)."""
+    pads = {w: pad for li, w, _ in opt.layer_candidates(i)
+            if (pad := getattr(opt.collector.layers[li].module, "padding_idx", None)) is not None}
+    if not pads or not stats.layers:
+        return stats
+    out = []
+    for ls in stats.layers:
+        if ls.weight in pads:
+            ids = ls.inputs.reshape(-1)
+            keep = ids != pads[ls.weight]
+            ls = ls._replace(inputs=ids[keep],
+                             output_grads=ls.output_grads.reshape(ids.shape[0], -1)[keep])
+        out.append(ls)
+    return stats._replace(layers=out)
+
+
 def warn_if_unexplained(opt, i: int, weights: list) -> None:
     """Warn at the first step for the K-FAC layers of group i whose gradient their own calls'
     rows do not explain (`grng_core.Optimizer.unexplained`; weight positions `weights`)."""

@@ -364,8 +364,8 @@ def _group_prepare(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any])
         if r.grad_fn and along is not None else None)
     stats = _stats(opt, sp, gp, layers, env["pe"], env["collective"] is not None)
     if first and stats is not None and env["collective"] is None:
-        _describe.warn_if_unexplained(opt, gp.index, core.unexplained(g, entry.core, params,
-                                                                      stats))
+        _describe.warn_if_unexplained(opt, gp.index, core.unexplained(
+            g, entry.core, params, _describe.without_padding(opt, gp.index, stats)))
     pending = core.prepare(g, entry.core, params, stats=stats,
                            oracle=oracle, collective=env["collective"],
                            curvature=gp.curvature, inverse=gp.inverse, steady=gp.steady,

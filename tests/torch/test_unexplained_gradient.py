@@ -18,10 +18,11 @@ FLAG = "is not the product of the layer's own calls' statistics"
 
 
 class LM(nn.Module):
-    def __init__(self, tie: str):
+    def __init__(self, tie: str, padding_idx=None):
         super().__init__()
         self.tie = tie
-        self.emb, self.hidden, self.head = nn.Embedding(V, D), nn.Linear(D, D), nn.Linear(D, V)
+        self.emb = nn.Embedding(V, D, padding_idx=padding_idx)
+        self.hidden, self.head = nn.Linear(D, D), nn.Linear(D, V)
 
     def forward(self, ids):
         h = torch.tanh(self.hidden(self.emb(ids)))
@@ -34,6 +35,7 @@ class LM(nn.Module):
 
 def _flags(model, loss_of, name="RING", closure_free=False, clip=None, micro=1, **kw):
     ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
+    ids[:, -2:] = 0  # padding at the end (the padding_idx runs' token)
     opt = getattr(grng_torch, name)(model.parameters(), model=model, **kw)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -61,18 +63,21 @@ def _ce(model, ids):
 
 
 @pytest.mark.parametrize("name", ["RING", "RENG", "RKalman"])
-@pytest.mark.parametrize("tie,layer", [("embedding", "'emb'"), ("linear", "'hidden'")])
-def test_a_functional_tie_is_named_once(name, tie, layer):
+@pytest.mark.parametrize("tie,layer,pad", [("embedding", "'emb'", None),
+                                           ("embedding", "'emb'", 0), ("linear", "'hidden'", 0)])
+def test_a_functional_tie_is_named_once(name, tie, layer, pad):
     torch.manual_seed(0)
-    got = _flags(LM(tie), _ce, name)
+    got = _flags(LM(tie, pad), _ce, name)
     assert len(got) == 1 and layer in got[0] and "structure='diagonal'" in got[0]
 
 
 @pytest.mark.parametrize("setting", ["plain", "l2", "clip closure-free", "micro-batches",
-                                     "bf16 autocast", "mc fisher"])
+                                     "bf16 autocast", "mc fisher", "padding_idx"])
 def test_ordinary_loops_are_quiet(setting):
+    """padding_idx: torch gives the padding row no gradient while the rows hold its tokens;
+    the check leaves those rows out (the statistics keep them)."""
     torch.manual_seed(0)
-    model = LM("none")
+    model = LM("none", padding_idx=0 if setting == "padding_idx" else None)
 
     def l2(m, ids):
         return _ce(m, ids) + 1e-2 * sum((p ** 2).sum() for p in m.parameters())
@@ -82,7 +87,8 @@ def test_ordinary_loops_are_quiet(setting):
             return _ce(m, ids)
     kw = {"plain": {}, "l2": {}, "clip closure-free": {"closure_free": True, "clip": 0.1},
           "micro-batches": {"micro": 2}, "bf16 autocast": {},
-          "mc fisher": {"fisher": "mc", "loss_fn": nn.CrossEntropyLoss()}}[setting]
+          "mc fisher": {"fisher": "mc", "loss_fn": nn.CrossEntropyLoss()},
+          "padding_idx": {}}[setting]
     loss_of = {"l2": l2, "bf16 autocast": bf16}.get(setting, _ce)
     assert _flags(model, loss_of, **kw) == []
 
