@@ -140,6 +140,21 @@ def _parse_meta(entry: np.ndarray, source: str) -> dict:
     return meta
 
 
+def hyperparams_diff(algorithm: str, saved: dict, now: dict) -> list[str]:
+    """"name: file …, optimizer …" for every hyperparameter that differs between a file's
+    (JSON; what its absent keys meant then: `upgrade_saved`) and the optimizer's, leaving out
+    those that cannot change the steps (`unused`)."""
+    saved, now = upgrade_saved(algorithm, saved), dict(now)
+    for k in unused(algorithm, saved) + unused(algorithm, now):
+        saved.pop(k, None)
+        now.pop(k, None)
+    # format-1 files of RING recorded gr, fd_scheme and fd_radius as None: absent now
+    saved = {k: v for k, v in saved.items() if not (v is None and k not in now)}
+    return [f"{k}: file {saved.get(k, '<absent>')!r}, optimizer {now.get(k, '<absent>')!r}"
+            for k in sorted(set(saved) | set(now)) if saved.get(k, "<absent>") !=
+            now.get(k, "<absent>")]
+
+
 def _check_opt(meta: dict, opt, source: str) -> None:
     if meta.get("optimizer") is None:
         raise ValueError(f"{source}: the checkpoint records no optimizer (saved without opt=); "
@@ -147,16 +162,7 @@ def _check_opt(meta: dict, opt, source: str) -> None:
     if meta.get("optimizer") != opt.name:
         raise ValueError(f"{source}: checkpoint is for optimizer {meta.get('optimizer')!r}, "
                          f"loading into {opt.name!r}")
-    saved = upgrade_saved(opt.name, meta.get("hyperparams") or {})
-    now = hyperparams_json(opt)
-    for k in unused(opt.name, saved) + unused(opt.name, now):
-        saved.pop(k, None)
-        now.pop(k, None)
-    # format-1 files of RING recorded gr, fd_scheme and fd_radius as None: absent now
-    saved = {k: v for k, v in saved.items() if not (v is None and k not in now)}
-    diff = [f"{k}: file {saved.get(k, '<absent>')!r}, optimizer {now.get(k, '<absent>')!r}"
-            for k in sorted(set(saved) | set(now)) if saved.get(k, "<absent>") !=
-            now.get(k, "<absent>")]
+    diff = hyperparams_diff(opt.name, meta.get("hyperparams") or {}, hyperparams_json(opt))
     if diff:
         raise ValueError(f"{source}: checkpoint hyperparameters differ from the optimizer's "
                          f"({'; '.join(diff)})")

@@ -84,12 +84,21 @@ class Optimizer:
     def too_large(self, params, layers) -> list[str | None]:
         """Per K-FAC LayerSpec of `params` (validated as `init` does): why `max_factor_dim`
         leaves it to the diagonal structure, or None where it stays a K-FAC layer (§2.1). The
-        adapters drop those layers before `resolve` and `init` and report the reasons."""
+        adapters apply it where the layers are chosen (dropped and reported where they find
+        them, refused where the user lists them); `init` does not, so a state saved under
+        another limit loads as it was built."""
         if self.config.structure != "kfac" or not layers:
             return [None] * len(layers or ())
         leaves, container = flatten(params)
         return [kfac.oversized(L, self.config.max_factor_dim)
                 for L in kfac.resolve(layers, container, leaves)]
+
+    def check_sizes(self, params, layers) -> None:
+        """Refuse LayerSpecs a user listed whose factors exceed `max_factor_dim` (§2.1)."""
+        for spec, why in zip(layers or (), self.too_large(params, layers)):
+            if why is not None:
+                raise ValueError(f"K-FAC layer {spec.weight!r}: {why}, or leave it out of the "
+                                 "layers (its parameters then use the diagonal structure; §2.1)")
 
     def unexplained(self, grads, state: OptState, params, stats: Stats) -> list:
         """Keys of the K-FAC layers whose gradient `grads` is not c·sᵀa/B + α·W for their
@@ -143,12 +152,6 @@ class Optimizer:
                                  "params, layers=[gc.LayerSpec(weight=key, bias=key_or_None), "
                                  "...]) (or opt.resolve(layers) for a model without layers)")
             layouts = kfac.resolve(layers, container, leaves)
-            for spec, L in zip(layers, layouts):
-                why = kfac.oversized(L, self.config.max_factor_dim)
-                if why is not None:
-                    raise ValueError(f"K-FAC layer {spec.weight!r}: {why}, or leave it out of "
-                                     "the layers (its parameters then use the diagonal "
-                                     "structure; §2.1)")
 
         def scalar():
             return xp.zeros((), dtype=xp.int32, device=dev)

@@ -48,6 +48,18 @@ def test_a_scaled_gradient_with_an_l2_term_is_explained(case, c, alpha):
     assert _unexplained(params, grads, stats, specs) == []
 
 
+def test_an_l2_term_on_the_weight_only_is_explained():
+    params, grads, stats, specs = _dense_case()
+    grads = dict(grads, w=0.7 * grads["w"] + 0.3 * params["w"], b=0.7 * grads["b"])
+    assert _unexplained(params, grads, stats, specs) == []
+
+
+def test_a_non_finite_gradient_is_not_reported_here():
+    params, grads, stats, specs = _dense_case()
+    grads = dict(grads, w=np.where(np.arange(DIN) == 1, np.nan, grads["w"]))
+    assert _unexplained(params, grads, stats, specs) == []  # the step's guard reports it
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_a_second_use_of_the_weight_is_not(case):
     params, grads, stats, specs = CASES[case]()

@@ -66,6 +66,7 @@ class CupyOptimizer:
         if fallback not in FALLBACKS:
             raise ValueError(f"invalid fallback={fallback!r}: allowed None (structure 'kfac' "
                              "needs layers), 'diagonal' or 'woodbury'")
+        core.check_sizes(params, layers)
         if fallback is not None:
             core = core.resolve(layers, fallback)
         self.params = params

@@ -36,10 +36,11 @@ def report(opt, state, params) -> StructureReport:
     covered = {i for L in (grng.core.curvature.kfac or ()) for i in L.layout.positions}
     fns = _tagged(opt, set())
     option = getattr(fns[0], "grng_layers", "auto") if fns else "auto"
-    too_large = {i: why for r, why in fitting_layers(core, params, resolve_layers(
+    main = fns[0].grng_core if fns else core  # before a fallback for having no layer left
+    too_large = {i: why for r, why in fitting_layers(main, params, resolve_layers(
         params, option))[1] for i in (r.weight, r.bias) if i is not None} \
-        if core.config.structure == "kfac" else {}
-    reasons = {i: too_large.get(i) or r for i, (p, x) in enumerate(zip(paths, leaves))
+        if main.config.structure == "kfac" else {}
+    reasons = {i: r for i, (p, x) in enumerate(zip(paths, leaves))
                if i not in covered and (r := why_diagonal(p, x, option))}
     reasons.update({i: why for i, why in too_large.items() if i not in covered})
     layer_names = {L.layout.weight: "/".join(str(k) for k in paths[L.layout.weight][:-1])

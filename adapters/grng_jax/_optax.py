@@ -97,7 +97,7 @@ def transform(name: str, kwargs: dict, *, axis_name=None, layers="auto", refresh
                              "loss_fn=..., batch=...)")
         if not isinstance(state, GRNGState):
             raise TypeError(f"state must be the GRNGState returned by grng_jax.{name}(...).init")
-        core, specs, _ = _setup(core_main, params, opts)
+        core, specs, _ = _setup(core_main, params, opts, state)
         _check_vma(name, opts.axis_name, batch)
         loss_fn, mc_loss_fn = _masking.unmask(name, params, full_params, loss_fn, mc_loss_fn)
         return _update(core, specs, opts, updates, state, params,
@@ -146,14 +146,20 @@ def _check_vma(name: str, axis_name, batch) -> None:
                 "jax.shard_map(..., check_vma=False)")
 
 
-def _setup(core_main: gc.Optimizer, params, opts: _Options):
+def _setup(core_main: gc.Optimizer, params, opts: _Options, state=None):
     """(core optimizer, K-FAC layer specs or None, [(LayerRef, why)] of the layers over
     `max_factor_dim`) for this params pytree: the core's `resolve` picks the fallback
-    structure of a kfac optimizer whose model has no layer."""
+    structure of a kfac optimizer whose model has no layer. With the GRNGState `state` (an
+    update), its K-FAC layers are the ones: the limit was applied when it was built."""
     specs: list = []
     oversized: list = []
     if core_main.config.structure == "kfac":
-        specs, oversized = fitting_layers(core_main, params, resolve_layers(params, opts.layers))
+        specs = resolve_layers(params, opts.layers)
+        if state is None:
+            specs, oversized = fitting_layers(core_main, params, specs)
+        else:
+            built = {L.layout.weight for L in getattr(state.core.curvature, "kfac", None) or ()}
+            specs = [r for r in specs if r.weight in built]
     core = core_main.resolve(specs, opts.fallback)
     return core, (specs if core.config.structure == "kfac" else None), oversized
 

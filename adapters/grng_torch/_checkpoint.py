@@ -179,12 +179,6 @@ def _check_layouts(opt, i: int, parsed, found, source) -> None:
                 "embedding): the state does not fit this model's layout")
 
 
-def _hp_diff(saved: dict, now: dict) -> list[str]:
-    return [f"{k}: file {saved.get(k, '<absent>')!r}, optimizer {now.get(k, '<absent>')!r}"
-            for k in sorted(set(saved) | set(now))
-            if saved.get(k, "<absent>") != now.get(k, "<absent>")]
-
-
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -245,7 +239,8 @@ def _plan_core(opt, i: int, info: dict, saved_hp: dict, new_group: dict, source:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: param group {i}: the checkpoint's hyperparameters are not "
                          f"valid for {type(opt).__name__}: {e}") from e
-    diff = _hp_diff(saved_hp, checkpoint.hyperparams_json(core))
+    diff = checkpoint.hyperparams_diff(opt.algorithm, saved_hp,
+                                       checkpoint.hyperparams_json(core))
     if diff:
         raise ValueError(f"{source}: param group {i}: checkpoint hyperparameters differ from "
                          f"the optimizer's ({'; '.join(diff)})")

@@ -192,7 +192,10 @@ def warn_if_mostly_diagonal(opt) -> None:
                 "parameter).", UserWarning, stacklevel=3)
         return
     opt._warned_diagonal = True
-    if all(e.reason and "exceeds max_factor_dim" in e.reason for e in off):
+    coll = opt.collector
+    over = {opt.param_names.get(id(t)) for li in coll.oversized
+            for t in (coll.layers[li].weight, coll.layers[li].bias) if t is not None}
+    if all(e.name in over for e in off):
         return  # `warn_if_oversized` named them all
     shown = "; ".join(f"{e.name} ({e.reason or 'no K-FAC layer'})" for e in off[:6])
     more = f"; and {len(off) - 6} more" if len(off) > 6 else ""
@@ -238,12 +241,17 @@ def without_padding(opt, i: int, stats):
     return stats._replace(layers=out)
 
 
-def warn_if_unexplained(opt, i: int, weights: list) -> None:
+def warn_if_unexplained(opt, i: int, weights: list, no_grad: set) -> None:
     """Warn at the first step for the K-FAC layers of group i whose gradient their own calls'
-    rows do not explain (`grng_core.Optimizer.unexplained`; weight positions `weights`)."""
+    rows do not explain (`grng_core.Optimizer.unexplained`; weight positions `weights`), but
+    not for a layer with a leaf without a gradient (`no_grad`: a frozen weight whose bias
+    trains has a zero gradient there, not its rows' product)."""
+    found = opt.layer_candidates(i)
+    frozen = {w for li, w, b in found if w in no_grad or b in no_grad}
+    weights = [w for w in weights if w not in frozen]
     if not weights:
         return
-    paths = {w: opt.collector.layers[li].label for li, w, _ in opt.layer_candidates(i)}
+    paths = {w: opt.collector.layers[li].label for li, w, _ in found}
     shown = ", ".join(repr(paths.get(w, w)) for w in weights)
     warnings.warn(
         f"{type(opt).__name__}: the first step's gradient of K-FAC layer(s) {shown} is not the "

@@ -158,27 +158,45 @@ def _named_tensors(args, kwargs):
 
 def batch_of(args, kwargs, axis: int):
     """(the tensor giving a model call's batch, its size along `axis`, one example's shape,
-    a note or None). The first tensor argument with that axis, unless it has 1 there (an
-    input broadcast over the batch passed first: position ids (1, T), an ODE's time (1,)) and a
-    later one has more: then that one, and the note says so (`Collector` warns once)."""
+    a note or None). The first tensor argument with that axis, unless it has 1 there and a
+    later one has more and is evidently the batch: a copy of it over the batch (the same dtype
+    and the same other axes: position ids (1, T) passed before the ids (B, T)), or any later
+    one where the first is a scalar-like (1,) (an ODE's time before its state). Then that one,
+    and the note says so; a later one with more that is neither leaves B = 1 with a note
+    (`note_once` warns once)."""
     args = tuple(args)
     if args and isinstance(args[0], torch.Tensor) and args[0].dim() > axis \
             and args[0].shape[axis] != 1:  # the usual model(x, ...) call: no walk
         t = args[0]
-        return t, int(t.shape[axis]), tuple(t.shape[:axis] + t.shape[axis + 1:]), None
+        return t, int(t.shape[axis]), rest_shape(t, axis), None
     named = [(n, t) for n, t in _named_tensors(args, kwargs) if t.dim() > axis]
     if not named:
         return first_tensor((args, kwargs)), None, None, None
     name, t = named[0]
     note = None
-    later = next(((n, u) for n, u in named[1:] if u.shape[axis] > 1), None)
-    if t.shape[axis] == 1 and later is not None:
-        note = (f"the model's first tensor argument with a batch axis, {name}, has 1 along axis "
-                f"{axis} and {later[0]} has {later[1].shape[axis]}: the batch size is taken "
-                f"from {later[0]} (an input broadcast over the batch, such as position ids of "
-                "shape (1, T), is not the batch). Pass the batch's tensor first to silence this")
-        name, t = later
-    return t, int(t.shape[axis]), tuple(t.shape[:axis] + t.shape[axis + 1:]), note
+    if t.shape[axis] == 1:
+        more = [(n, u) for n, u in named[1:] if u.shape[axis] > 1]
+        copy = next(((n, u) for n, u in more if u.dtype == t.dtype
+                     and rest_shape(u, axis) == rest_shape(t, axis)), None)
+        later = copy or (more[0] if more and t.dim() <= 1 else None)
+        if later is not None:
+            note = (f"the model's first tensor argument with a batch axis, {name}, has 1 along "
+                    f"axis {axis} and {later[0]} has {later[1].shape[axis]}: the batch size is "
+                    f"taken from {later[0]} (an input broadcast over the batch, such as position "
+                    "ids (1, T) or an ODE's time, is not the batch). Pass the batch's tensor "
+                    "first to silence this")
+            name, t = later
+        elif more:
+            note = (f"the batch size is taken as 1 from the model's first tensor argument with "
+                    f"a batch axis, {name}, though {more[0][0]} has {more[0][1].shape[axis]} "
+                    f"along axis {axis}: if the batch holds {more[0][1].shape[axis]} examples, "
+                    "pass its tensor first (the K-FAC statistics are scaled by the batch size)")
+    return t, int(t.shape[axis]), rest_shape(t, axis), note
+
+
+def rest_shape(t, axis: int) -> tuple:
+    """A tensor's shape without axis `axis` (one example's)."""
+    return tuple(t.shape[:axis] + t.shape[axis + 1:])
 
 
 def note_once(owner, note: str | None) -> None:

@@ -365,7 +365,8 @@ def _group_prepare(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any])
     stats = _stats(opt, sp, gp, layers, env["pe"], env["collective"] is not None)
     if first and stats is not None and env["collective"] is None:
         _describe.warn_if_unexplained(opt, gp.index, core.unexplained(
-            g, entry.core, params, _describe.without_padding(opt, gp.index, stats)))
+            g, entry.core, params, _describe.without_padding(opt, gp.index, stats)),
+            {j for j, x in enumerate(grads) if x is None})
     pending = core.prepare(g, entry.core, params, stats=stats,
                            oracle=oracle, collective=env["collective"],
                            curvature=gp.curvature, inverse=gp.inverse, steady=gp.steady,

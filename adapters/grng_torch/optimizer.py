@@ -222,7 +222,9 @@ class GRNGOptimizer(torch.optim.Optimizer):
         params = [p.detach() for p in self.param_groups[i]["params"]]
         why = self.core(i).too_large(params, self.layer_specs(found))
         for (li, _, _), reason in zip(found, why):
-            if reason is not None:
+            if reason is None:  # (the group's limit may have changed since)
+                self.collector.oversized.pop(li, None)  # type: ignore[union-attr]
+            else:
                 self.collector.oversized[li] = reason  # type: ignore[union-attr]
         return [L for L, reason in zip(found, why) if reason is None]
 
@@ -257,9 +259,10 @@ class GRNGOptimizer(torch.optim.Optimizer):
         hooked layer of the group); the core's `resolve` picks the fallback structure."""
         group = self.param_groups[i]
         core = self.core(i) if self.group_state(i) is None else self.build_core(group)
-        if present is None:
-            present = self.layer_candidates(i) if core.requirements.layer_stats else []
-        specs = self.layer_specs(self.fitting_layers(i, present))
+        if present is None:  # else `first_step_layers` chose them, the size limit applied
+            present = self.fitting_layers(i, self.layer_candidates(i)) \
+                if core.requirements.layer_stats else []
+        specs = self.layer_specs(present)
         core = core.resolve(specs)
         with torch.no_grad():
             state = core.init([p.detach() for p in group["params"]],

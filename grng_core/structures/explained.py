@@ -1,9 +1,10 @@
 """Whether a K-FAC layer's gradient is explained by its own calls (ALGORITHMS.md §2.1 "This
-project", first-step check): G ≈ c·sᵀa/B + α·W on the factored form's probe vectors, with the
-least-squares scalars c (global clipping, a loss scale) and α (an L2 term in the loss). What no
-(c, α) explains is a use of the weight that the layer's hooked calls do not see (a functional
-tie such as h @ emb.weight.T), or a gradient edited per element (clip_grad_value_, zeroed rows):
-K-FAC's factors then describe only part of the gradient, which the adapters report."""
+project", first-step check): G ≈ c·sᵀa/B + α·W + β·b on the factored form's probe vectors,
+with least-squares scalars c (global clipping, a loss scale), α and β (an L2 term in the loss
+on the weight, on the bias: often the bias is left out of it). What none explains is a use of
+the weight that the layer's hooked calls do not see (a functional tie such as
+h @ emb.weight.T), or a gradient edited per element (clip_grad_value_, zeroed rows): K-FAC's
+factors then describe only part of the gradient, which the adapters report."""
 
 from __future__ import annotations
 
@@ -27,36 +28,55 @@ class Place(NamedTuple):
 TOLERANCE = 2e-2
 
 
-def _rows_probes(L: LayerLayout, ls, P, ctx):
-    """P·(sᵀa/B)ᵀ (k × d_out) from the LayerStats `ls`: (P aᵀ) s / B; for an embedding the
-    one-hot rows' product is the probes' columns at the ids."""
-    xp = ctx.xp
-    s = xp.astype(xp.reshape(ls.output_grads, (-1, L.d_out)), ctx.sdtype)
-    if L.a_diagonal:
-        ids = xp.reshape(ls.inputs, (-1,))
-        batch = ids.shape[0] if ls.batch_size is None else int(ls.batch_size)
-        return (xp.take(P, xp.astype(ids, xp.int64), axis=1) @ s) / batch
-    r = rows(L, ls, ctx)
-    return ((P @ xp.matrix_transpose(r.a)) @ r.s) / r.batch
+def _rows_probes(L: LayerLayout, ls, P, place: Place):
+    """P·(sᵀa/B)ᵀ (k × d_out) from the LayerStats `ls`; for an embedding the one-hot rows'
+    product is the probes' columns at the ids."""
+    xp = place.xp
+    if not L.a_diagonal:
+        return factored.rows_probes(P, rows(L, ls, place), xp)
+    s = xp.astype(xp.reshape(ls.output_grads, (-1, L.d_out)), place.sdtype, copy=False)
+    ids = xp.reshape(ls.inputs, (-1,))
+    batch = ids.shape[0] if ls.batch_size is None else int(ls.batch_size)
+    return (xp.take(P, xp.astype(ids, xp.int64), axis=1) @ s) / batch
 
 
-def explained(L: LayerLayout, ls, grads, params, ctx):
-    """0-d bool array: the layer's gradient (leaves `grads`) is c·sᵀa/B + α·W (leaves
-    `params`) on the probes, within `TOLERANCE`."""
-    xp = ctx.xp
-    P = factored.probes(L.d_in_ext, xp, ctx.sdtype, ctx.device)
+def _parts(L: LayerLayout, leaves, P, place: Place) -> list:
+    """The probes of the layer's weight and of its bias (k × d_out each; the layer's leaves
+    only, cast without copying where they have the check's dtype)."""
+    xp = place.xp
+    W = xp.astype(blocks.weight_block(L, leaves, xp), place.sdtype, copy=False)
+    out = [P[:, :L.d_in] @ xp.matrix_transpose(W)]
+    if L.bias is not None:
+        b = xp.astype(xp.reshape(leaves[L.bias], (1, L.d_out)), place.sdtype, copy=False)
+        out.append(P[:, L.d_in:] * b)
+    return out
 
-    def probed(leaves):
-        return xp.astype(blocks.grad_probes(L, [xp.astype(x, ctx.sdtype) for x in leaves], P,
-                                            xp), ctx.sdtype)
-    g, w, u = probed(grads), probed(params), _rows_probes(L, ls, P, ctx)
-    uu, ww, uw = xp.sum(u * u), xp.sum(w * w), xp.sum(u * w)
-    gu, gw, gg = xp.sum(g * u), xp.sum(g * w), xp.sum(g * g)
-    det = uu * ww - uw * uw
-    solvable = det > 1e-12 * uu * ww
-    safe = xp.where(solvable, det, xp.ones_like(det))
-    c2, a2 = (gu * ww - gw * uw) / safe, (gw * uu - gu * uw) / safe  # both directions
-    c1 = gu / xp.where(uu > 0, uu, xp.ones_like(uu))  # the rows' direction alone
-    c, alpha = xp.where(solvable, c2, c1), xp.where(solvable, a2, xp.zeros_like(a2))
-    res = g - c * u - alpha * w
-    return xp.sum(res * res) <= (TOLERANCE * TOLERANCE) * gg
+
+def _residual(g, directions, xp):
+    """g less its projection on the span of `directions` (Gram–Schmidt; a direction within
+    rounding of the earlier ones' span, or zero, is dropped)."""
+    basis: list = []
+    for d in directions:
+        v = d
+        for q in basis:
+            v = v - xp.sum(v * q) * q
+        n2, ref = xp.sum(v * v), xp.sum(d * d)
+        keep = n2 > 1e-12 * ref
+        basis.append(xp.where(keep, v / xp.sqrt(xp.where(keep, n2, xp.ones_like(n2))),
+                              xp.zeros_like(v)))
+    for q in basis:
+        g = g - xp.sum(g * q) * q
+    return g
+
+
+def explained(L: LayerLayout, ls, grads, params, place: Place):
+    """0-d bool array: the layer's gradient (leaves `grads`) is c·sᵀa/B + α·W + β·b (leaves
+    `params`) on the probes, within `TOLERANCE`; true for a non-finite gradient (that step is
+    skipped and reported as such)."""
+    xp = place.xp
+    P = factored.probes(L.d_in_ext, xp, place.sdtype, place.device)
+    g = sum(_parts(L, grads, P, place))
+    res = _residual(g, [_rows_probes(L, ls, P, place), *_parts(L, params, P, place)], xp)
+    gg = xp.sum(g * g)
+    ok = xp.sum(res * res) <= (TOLERANCE * TOLERANCE) * gg
+    return xp.where(xp.isfinite(gg), ok, xp.ones_like(ok))

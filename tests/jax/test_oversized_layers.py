@@ -67,3 +67,27 @@ def test_describe_and_the_init_warning_name_the_layer():
         assert entries[leaf].structure == "diagonal"
         assert "exceeds max_factor_dim=16" in entries[leaf].reason
     assert entries["hid/kernel"].structure == "kfac"
+
+
+def test_a_state_built_without_a_limit_keeps_its_layers_under_one():
+    """update takes the K-FAC layers from the state (a checkpoint built under another limit):
+    the head stays on K-FAC and its statistics match."""
+    params, batch, loss_fn = _setup()
+    state = grng_jax.ring(max_factor_dim=None).init(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        low = grng_jax.ring(max_factor_dim=16)
+    g = jax.grad(loss_fn)(params, batch)
+    _, state = low.update(g, state, params, loss_fn=loss_fn, batch=batch)
+    assert len(state.core.curvature.kfac) == 2 and int(state.core.skipped) == 0
+
+
+def test_describe_names_the_reason_when_no_layer_is_left():
+    params = {"head": {"kernel": jnp.zeros((8, 20)), "bias": jnp.zeros(20)}}
+    opt = grng_jax.ring(max_factor_dim=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = opt.init(params)
+    entries = {e.name: e for e in grng_jax.describe(opt, state, params).entries}
+    for leaf in ("head/kernel", "head/bias"):
+        assert "exceeds max_factor_dim=16" in entries[leaf].reason

@@ -123,3 +123,38 @@ def test_a_model_used_through_other_methods_is_refused_naming_the_fix_before_any
         opt.step(closure)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert opt.group_state(0) is None
+
+
+def test_one_example_with_a_later_table_keeps_one_and_says_so():
+    """Batch-1 training with a (T, T) float mask passed after the ids (1, T): the mask is not
+    the batch (another dtype), B stays 1 as for the model without that argument; one note."""
+    ids = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(2))
+    mask = torch.triu(torch.ones(T, T, dtype=torch.float64), 1)
+
+    class Masked(LM):
+        def forward(self, input_ids, m=None):
+            out = super().forward(input_ids)
+            return out if m is None else out + 0.0 * m.sum()
+
+    def loss_of(logits):
+        return nn.functional.cross_entropy(logits.reshape(-1, V), ids.reshape(-1))
+
+    torch.manual_seed(0)
+    ref, notes = _run(Masked().double(), lambda m: m(ids), loss_of, "RING")
+    assert not notes
+    torch.manual_seed(0)
+    model = Masked().double()
+    opt = gt.RING(model.parameters(), model=model)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            def closure():
+                opt.zero_grad()
+                loss = loss_of(model(ids, mask))
+                loss.backward()
+                return loss
+            opt.step(closure)
+    got = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    said = [str(w.message) for w in rec if "the batch size is taken as 1" in str(w.message)]
+    assert len(said) == 1 and f"positional argument 1 has {T}" in said[0]

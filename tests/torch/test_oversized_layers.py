@@ -98,3 +98,18 @@ def test_a_state_dict_round_trip_keeps_the_choice():
         a = _train(m, again, steps=2)
     assert torch.isfinite(a).all()
     assert [w for w, _ in again.group_state(0).layers] == [0]
+
+
+def test_a_file_saved_without_a_limit_loads_under_one_as_it_was_built(tmp_path):
+    """opt.load checks hyperparameters as grng_core.load_state does (max_factor_dim cannot
+    change a built state's steps): the head saved on K-FAC stays on K-FAC."""
+    m = _model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = grng_torch.RING(m.parameters(), model=m, max_factor_dim=None)
+        _train(m, opt, steps=2)
+        opt.save(tmp_path / "s.npz")
+        low = grng_torch.RING(m.parameters(), model=m, max_factor_dim=16)
+        low.load(tmp_path / "s.npz")
+        _train(m, low, steps=2)
+    assert [w for w, _ in low.group_state(0).layers] == [0, 2]

@@ -71,16 +71,24 @@ def test_a_functional_tie_is_named_once(name, tie, layer, pad):
     assert len(got) == 1 and layer in got[0] and "structure='diagonal'" in got[0]
 
 
-@pytest.mark.parametrize("setting", ["plain", "l2", "clip closure-free", "micro-batches",
-                                     "bf16 autocast", "mc fisher", "padding_idx"])
+@pytest.mark.parametrize("setting", ["plain", "l2", "l2 on weights only", "clip closure-free",
+                                     "micro-batches", "bf16 autocast", "mc fisher",
+                                     "padding_idx", "frozen weight, bias trains"])
 def test_ordinary_loops_are_quiet(setting):
     """padding_idx: torch gives the padding row no gradient while the rows hold its tokens;
     the check leaves those rows out (the statistics keep them)."""
     torch.manual_seed(0)
     model = LM("none", padding_idx=0 if setting == "padding_idx" else None)
 
+    if setting == "frozen weight, bias trains":
+        model.hidden.weight.requires_grad_(False)
+
     def l2(m, ids):
         return _ce(m, ids) + 1e-2 * sum((p ** 2).sum() for p in m.parameters())
+
+    def l2_weights(m, ids):  # the usual "no decay on biases"
+        return _ce(m, ids) + 1e-2 * sum((p ** 2).sum() for n, p in m.named_parameters()
+                                        if n.endswith("weight"))
 
     def bf16(m, ids):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -88,8 +96,10 @@ def test_ordinary_loops_are_quiet(setting):
     kw = {"plain": {}, "l2": {}, "clip closure-free": {"closure_free": True, "clip": 0.1},
           "micro-batches": {"micro": 2}, "bf16 autocast": {},
           "mc fisher": {"fisher": "mc", "loss_fn": nn.CrossEntropyLoss()},
-          "padding_idx": {}}[setting]
-    loss_of = {"l2": l2, "bf16 autocast": bf16}.get(setting, _ce)
+          "padding_idx": {}, "l2 on weights only": {},
+          "frozen weight, bias trains": {}}[setting]
+    loss_of = {"l2": l2, "bf16 autocast": bf16, "l2 on weights only": l2_weights}.get(setting,
+                                                                                     _ce)
     assert _flags(model, loss_of, **kw) == []
 
 
