@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 
 from grng_core.state import LayerLayout
 from grng_core.structures import blocks, factored
-from grng_core.structures.rows import rows
 
 
 class Place(NamedTuple):
@@ -29,15 +28,20 @@ TOLERANCE = 2e-2
 
 
 def _rows_probes(L: LayerLayout, ls, P, place: Place):
-    """P·(sᵀa/B)ᵀ (k × d_out) from the LayerStats `ls`; for an embedding the one-hot rows'
-    product is the probes' columns at the ids."""
+    """P·(sᵀa/B)ᵀ = ((P aᵀ) s)/B (k × d_out) from the LayerStats `ls`, without appending the
+    bias column to the rows (a copy of every row: P's last column is added instead); for an
+    embedding the one-hot rows' product is the probes' columns at the ids."""
     xp = place.xp
-    if not L.a_diagonal:
-        return factored.rows_probes(P, rows(L, ls, place), xp)
     s = xp.astype(xp.reshape(ls.output_grads, (-1, L.d_out)), place.sdtype, copy=False)
-    ids = xp.reshape(ls.inputs, (-1,))
-    batch = ids.shape[0] if ls.batch_size is None else int(ls.batch_size)
-    return (xp.take(P, xp.astype(ids, xp.int64), axis=1) @ s) / batch
+    batch = s.shape[0] if ls.batch_size is None else int(ls.batch_size)
+    if L.a_diagonal:
+        ids = xp.reshape(ls.inputs, (-1,))
+        return (xp.take(P, xp.astype(ids, xp.int64), axis=1) @ s) / batch
+    a = xp.astype(xp.reshape(ls.inputs, (-1, L.d_in)), place.sdtype, copy=False)
+    Pa = P[:, :L.d_in] @ xp.matrix_transpose(a)
+    if L.bias is not None:
+        Pa = Pa + P[:, L.d_in:]
+    return (Pa @ s) / batch
 
 
 def _parts(L: LayerLayout, leaves, P, place: Place) -> list:
