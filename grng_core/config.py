@@ -352,8 +352,8 @@ UNUSED = {"rkalman": ("inverse_every",)}
 
 def unused(algorithm: str, hyper: dict) -> tuple[str, ...]:
     """The hyperparameters that cannot change these (JSON) hyperparameters' steps: UNUSED,
-    `warmup_rows` without a warm-up or K-FAC, and `max_factor_dim` (read once, at init: the
-    state's K-FAC layers record what it chose)."""
+    `warmup_rows` without a warm-up or K-FAC, and `max_factor_dim` (applied where the layers
+    are chosen, when a state is built: the state's K-FAC layers record what it chose)."""
     moot = hyper.get("refresh_warmup") == 0 or hyper.get("structure", "kfac") != "kfac"
     return UNUSED.get(algorithm, ()) + (("warmup_rows",) if moot else ()) + ("max_factor_dim",)
 

@@ -101,7 +101,7 @@ class Optimizer:
                                  "layers (its parameters then use the diagonal structure; §2.1)")
 
     def unexplained(self, grads, state: OptState, params, stats: Stats) -> list:
-        """Keys of the K-FAC layers whose gradient `grads` is not c·sᵀa/B + α·W for their
+        """Keys of the K-FAC layers whose gradient `grads` is not c·sᵀa/B + α·W + β·b for their
         `stats` rows (§2.1 "This project": a use of the weight outside the layer's calls, or a
         gradient edited per element); a host read per layer (on an accelerator too), for an
         adapter's first step (not under jit; not across replicas, whose averaged gradient no
