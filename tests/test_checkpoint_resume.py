@@ -114,10 +114,13 @@ def test_killed_twice_and_resumed_is_bit_identical(config, reference, tmp_path):
     for lines, killed_at in ((lines2, k1), (lines3, k2)):
         first = lines[0].split()
         resumed = int(first[1]) if first[0] == "resumed" else 0  # else "fresh": no ckpt yet
-        # the last checkpoint at or before the kill (the one of step k may or may not have
-        # been written when the kill landed)
+        # the last checkpoint written before the kill landed: at or after the last one at or
+        # before step k (the child runs on while the parent reads its line and signals it; on
+        # a loaded machine it wrote step 9's after printing step 7 in one CI run), and one of
+        # the checkpoint steps
         previous = killed_at - (killed_at % every or every)
-        assert resumed in {previous, killed_at}, (lines[0], msg)
+        assert resumed >= previous and (resumed % every == 0 or resumed == STEPS), (
+            lines[0], msg)
     # every step any of the three processes printed matches the uninterrupted run
     for lines in (lines1, lines2, lines3):
         for step, d in digests(lines).items():
