@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from tests.torch._util import step_on
+
 OPTS = ["RING", "RENG", "RKalman"]
 
 
@@ -26,16 +28,7 @@ def _data():
 def _train(model, opt, steps=25, closure_free=False):
     x, y = _data()
     for _ in range(steps):  # past the warm-up (20) and a scheduled refresh
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        if closure_free:
-            closure()
-            opt.step()
-        else:
-            opt.step(closure)
+        step_on(opt, model, x, y, closure_free)
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
