@@ -255,7 +255,8 @@ def warn_if_unexplained(opt, i: int, weights: list, no_grad: set) -> None:
     shown = ", ".join(repr(paths.get(w, w)) for w in weights)
     warnings.warn(
         f"{type(opt).__name__}: the first step's gradient of K-FAC layer(s) {shown} is not the "
-        "product of the layer's own calls' statistics, c·sᵀa/B + α·W (ALGORITHMS.md §2.1): "
+        "product of the layer's own calls' statistics, c·sᵀa/B + α·W + β·b (ALGORITHMS.md "
+        "§2.1): "
         "its weight is used outside the layer (a functional tie such as h @ emb.weight.T or "
         "F.linear(h, emb.weight)), or its .grad was edited per element (clip_grad_value_, "
         "zeroed rows). K-FAC's factors see only the layer's calls: put a weight used elsewhere "

@@ -89,9 +89,15 @@ def product(X, Y, L: LayerLayout) -> Product:
 def grad_probes(L: LayerLayout, leaves, P, xp):
     """(G·Pᵀ)ᵀ = P·Gᵀ (k × d_out) for probes P (k × d_in') straight from the leaves, without
     assembling G (a copy of the weight with the bias column appended)."""
-    out = P[:, : L.d_in] @ xp.matrix_transpose(weight_block(L, leaves, xp))
+    parts = probe_parts(L, leaves, P, xp)
+    return parts[0] if len(parts) == 1 else parts[0] + parts[1]  # (no 0 + on the hot path)
+
+
+def probe_parts(L: LayerLayout, leaves, P, xp) -> list:
+    """`grad_probes`' terms: the weight block's, and the bias column's where there is one."""
+    out = [P[:, : L.d_in] @ xp.matrix_transpose(weight_block(L, leaves, xp))]
     if L.bias is not None:
-        out = out + P[:, L.d_in:] * xp.reshape(leaves[L.bias], (1, L.d_out))
+        out.append(P[:, L.d_in:] * xp.reshape(leaves[L.bias], (1, L.d_out)))
     return out
 
 

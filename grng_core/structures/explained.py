@@ -15,7 +15,7 @@ from grng_core.structures import blocks, factored
 
 
 class Place(NamedTuple):
-    """Where the check computes (what `rows` reads of a step's context)."""
+    """Where the check computes: the namespace, the dtype and the device of its probes."""
 
     xp: Any
     sdtype: Any
@@ -45,15 +45,11 @@ def _rows_probes(L: LayerLayout, ls, P, place: Place):
 
 
 def _parts(L: LayerLayout, leaves, P, place: Place) -> list:
-    """The probes of the layer's weight and of its bias (k × d_out each; the layer's leaves
-    only, cast without copying where they have the check's dtype)."""
+    """`blocks.probe_parts` of the layer's own leaves in the check's dtype (cast without a
+    copy where they have it; the model's other leaves untouched)."""
     xp = place.xp
-    W = xp.astype(blocks.weight_block(L, leaves, xp), place.sdtype, copy=False)
-    out = [P[:, :L.d_in] @ xp.matrix_transpose(W)]
-    if L.bias is not None:
-        b = xp.astype(xp.reshape(leaves[L.bias], (1, L.d_out)), place.sdtype, copy=False)
-        out.append(P[:, L.d_in:] * b)
-    return out
+    mine = {i: xp.astype(leaves[i], place.sdtype, copy=False) for i in L.positions}
+    return blocks.probe_parts(L, mine, P, xp)
 
 
 def _residual(g, directions, xp):
