@@ -64,9 +64,9 @@ Contract
 - dtypes: float32, float64 and bfloat16 parameters (the core keeps its state in at least
   float32); `torch.autocast` inside the closure (or around `step`) works: the extra passes
   run under the autocast state of the original forward, the core's math runs outside it.
-  GradScaler is not supported (torch rejects closures with it, and a closure-free step
-  under `GradScaler.step` is refused: its K-FAC rows would carry the loss scale; use
-  bfloat16 autocast).
+  A closure-free RING step under an enabled `torch.amp.GradScaler` divides the K-FAC rows by
+  its scale (the gradients were unscaled); RENG and R-Kalman need a closure, which GradScaler
+  does not pass, and refuse it.
 - `state_dict()` / `load_state_dict()`: torch's own machinery. Each group's state is a
   `grng_torch.GroupState(host_step, structure, core)` in
   `opt.state[first_param_of_the_group]["grng"]` (also `opt.group_state(i)`), `core` the typed

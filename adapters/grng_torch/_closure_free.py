@@ -28,19 +28,19 @@ def closure_needs(sp) -> list[str]:
          bool(sp.pe["empirical"]))) if on]
 
 
-def _under_grad_scaler() -> bool:
-    """Called from `torch.amp.GradScaler.step` (directly or through accelerate): the
-    gradients were unscaled, the rows the hooks kept were not."""
+def _grad_scaler() -> Any:
+    """The `torch.amp.GradScaler` whose `step` called this optimizer's (directly or through
+    accelerate), or None."""
     frame: Any = sys._getframe(2)
     for _ in range(8):
         if frame is None:
-            return False
+            return None
         code = frame.f_code
         if code.co_name == "step" and code.co_filename.endswith(
                 os.path.join("amp", "grad_scaler.py")):
-            return True
+            return frame.f_locals.get("self")
         frame = frame.f_back
-    return False
+    return None
 
 
 def check_closure_free(opt, sp) -> None:
@@ -49,16 +49,21 @@ def check_closure_free(opt, sp) -> None:
     gradients and the K-FAC rows the hooks kept (`Collector.arm`, opened after each such step
     and at construction). Anything that re-evaluates the loss needs the closure."""
     needs = closure_needs(sp)
+    scaler = _grad_scaler() if opt.collector is not None else None
+    scaled = scaler is not None and scaler.is_enabled()
+    if needs and scaled:
+        raise TypeError(f"{type(opt).__name__}.step() under an enabled torch.amp.GradScaler "
+                        f"cannot give {'; '.join(needs)}: that needs a closure, which "
+                        "GradScaler does not pass. Use bfloat16 autocast without a scaler "
+                        "(Hugging Face: bf16=True instead of fp16=True), or RING (or rho=0), "
+                        "which needs only your backward")
     if needs:
         raise TypeError(f"{type(opt).__name__}.step() without a closure cannot give "
                         f"{'; '.join(needs)}. Pass a closure ({CLOSURE_HELP}), or use RING "
                         "(or rho=0), which needs only the gradient and the layer statistics "
                         "of your own backward")
-    if opt.collector is not None and _under_grad_scaler():
-        raise TypeError(f"{type(opt).__name__}.step() under torch.amp.GradScaler: the K-FAC "
-                        "statistics of your backward carry the loss scale that GradScaler "
-                        "removed from the gradients. Use bfloat16 autocast without a scaler "
-                        "(Hugging Face: bf16=True instead of fp16=True)")
+    if scaled:  # GradScaler unscaled the gradients; the hooks' rows carry its scale
+        opt.collector.loss_scale = float(scaler.get_scale())
     if opt.collector is not None and not opt.collector.armed:
         opt.collector.arm(sp.emp, sp.rows_only, sp.warmup_only)
         raise TypeError(f"{type(opt).__name__}.step() without a closure reads the K-FAC "

@@ -57,6 +57,9 @@ class Collector:
         self.active: set[int] = set()
         self.capture = False
         self.batch = Batch()
+        # the loss scale of the backward the rows come from: an enabled GradScaler's on its
+        # closure-free step (`_closure_free.check_closure_free`), else 1; set on every step
+        self.loss_scale = 1.0
         self.a: dict[int, list] = {}
         # per layer, per forward call k of it: (output-gradient rows, factor), factor None
         # meaning "times E" (the closure's backward) or a number (explicit passes)
@@ -381,8 +384,8 @@ class Collector:
         chunks = []
         for k, a_k in zip(keep, a):  # paired with the inputs, call by call (factored form)
             if k in s:
-                rows, f = s[k]
-                chunks.append(rows * (E if f is None else f))
+                rows, f = s[k]  # the backward's rows carry its loss scale: removed here
+                chunks.append(rows * (E / self.loss_scale if f is None else f))
             else:  # that call's output took no part in the loss: its gradient is zero
                 chunks.append(a_k.new_zeros((a_k.shape[0], self.layers[i].d_out)))
         a_rows = a[0] if len(a) == 1 else torch.cat(a)

@@ -144,6 +144,8 @@ def run(opt, closure):
     opt.skips.poll()  # skips of earlier steps on a GPU, now that their copies have landed
     sp = plan(opt)
     coll = opt.collector
+    if coll is not None:
+        coll.loss_scale = 1.0  # a closure-free step under an enabled GradScaler sets its own
     if closure is None:
         check_closure_free(opt, sp)
     elif coll is not None:

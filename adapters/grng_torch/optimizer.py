@@ -128,6 +128,13 @@ class GRNGOptimizer(torch.optim.Optimizer):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if getattr(loss_fn, "reduction", "mean") == "sum":
+            raise ValueError(
+                f"loss_fn={loss_fn!r} sums over the batch: the K-FAC statistics take the "
+                "loss to be the batch mean (each example's output gradient is B times its "
+                "share of it), so a summed loss makes the factors B² too large and the steps "
+                "about B times smaller. Use reduction='mean' (the default), in the closure "
+                "too")
         if collective not in ("auto", None) and not isinstance(collective, gc.Collective):
             raise TypeError("collective must be 'auto', None or a grng_core.Collective")
 

@@ -194,14 +194,52 @@ def test_a_step_that_never_came_leaves_no_rows_behind(set_to_none, where):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_grad_scaler_is_refused_before_anything_changes():
-    model = _model().float()
-    opt = grng_torch.RING(model.parameters(), model=model)
+def _scaled_run(scaler, n=24, **kw):
+    """RING closure-free over n batches (the warm-up and a refresh) with `scaler` (None: no
+    scaler) around backward and step, as an fp16 training loop writes it."""
+    model = _model()
+    opt = grng_torch.RING(model.parameters(), model=model, **kw)
+    for x, y in _batches(n):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    assert int(opt.group_state(0).core.skipped) == 0
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("kw", [{}, {"form": "gauss_newton"}])
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_grad_scaler_step_equals_the_unscaled_run(kw, enabled):
+    """Under an enabled torch.amp.GradScaler (scale 2^10, growing to 2^11 after 4 steps) the
+    hooks' rows carry the loss scale that GradScaler removed from the gradients: the step
+    divides them by `get_scale()` and equals the run without a scaler (before, the S factor
+    was scale² too large and RING barely moved, silently; then it was refused). A disabled
+    scaler (GradScaler(enabled=use_amp) with AMP off) is no scaler."""
+    ref = _scaled_run(None, **kw)
+    got = _scaled_run(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=4,
+                                           enabled=enabled), **kw)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert max(float((a - p).abs().max()) for a, p in zip(ref, [q.detach() for q in _model().parameters()])) > 1e-2
+
+
+@pytest.mark.parametrize("cls", [grng_torch.RENG, grng_torch.RKalman])
+def test_an_enabled_grad_scaler_refuses_what_needs_a_closure(cls):
+    """RENG and R-Kalman re-evaluate the loss, which needs a closure, which GradScaler does not
+    pass: refused naming GradScaler and the way out, before anything changes."""
+    model = _model()
+    opt = cls(model.parameters(), model=model)
     scaler = torch.amp.GradScaler("cpu")
     x, y = _batches(1)[0]
-    scaler.scale(nn.functional.cross_entropy(model(x.float()), y)).backward()
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(TypeError, match="GradScaler"):
+    with pytest.raises(TypeError, match="GradScaler does not pass"):
         scaler.step(opt)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert opt.group_state(0) is None
