@@ -10,22 +10,28 @@ incidents (`grng_core.incidents`). `str(report)` is the table users read.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import NamedTuple
 
 from grng_core.incidents import FactorIncident
 from grng_core.state import OptState, layouts
 
 
+#: The reason given for a leaf the adapter reports as not trained.
+FROZEN_LEAF = "frozen (requires_grad=False): not trained"
+
+
 class LeafEntry(NamedTuple):
     """One parameter leaf: its name, shape, structure ("kfac", "diagonal", "woodbury"), the
-    K-FAC layer it belongs to (None otherwise) and why it is not under K-FAC."""
+    K-FAC layer it belongs to (None otherwise), why it is not under K-FAC, and whether it is
+    trained (False: a frozen leaf the adapter was given, left out of `kfac_share`)."""
 
     name: str
     shape: tuple[int, ...]
     structure: str
     layer: str | None = None
     reason: str | None = None
+    trained: bool = True
 
 
 class StructureReport(NamedTuple):
@@ -70,10 +76,11 @@ def mostly_diagonal(kfac_sizes: Sequence[int], other_sizes: Sequence[int]) -> fl
 
 
 def kfac_share(entries: Sequence[LeafEntry]) -> float:
-    """Elements of ≥ 2-axis leaves under K-FAC over all elements of ≥ 2-axis leaves."""
-    total = sum(math.prod(e.shape) for e in entries if len(e.shape) >= 2)
+    """Elements of trained ≥ 2-axis leaves under K-FAC over all elements of trained ≥ 2-axis
+    leaves (a frozen base model under LoRA adapters does not count)."""
+    total = sum(math.prod(e.shape) for e in entries if len(e.shape) >= 2 and e.trained)
     under = sum(math.prod(e.shape) for e in entries
-                if len(e.shape) >= 2 and e.structure == "kfac")
+                if len(e.shape) >= 2 and e.trained and e.structure == "kfac")
     return under / total if total else 0.0
 
 
@@ -82,11 +89,13 @@ def describe(algorithm: str, structure: str, shapes: Sequence[tuple[int, ...]],
              layer_names: Mapping[int, str] | None = None,
              reasons: Mapping[int, str] | None = None, incidents=(),
              skipped: int | None = None, no_warmup: Sequence[str] = (),
-             notes: Mapping[int, str] | None = None) -> StructureReport:
+             notes: Mapping[int, str] | None = None,
+             frozen: Collection[int] = ()) -> StructureReport:
     """The report of one parameter container. structure: the configured one ("kfac" leaves
     outside `kfac_layers` run "diagonal"); kfac_layers: (weight, bias) positions; names /
     layer_names / reasons: per position (defaults: the position); reasons explain leaves off
-    K-FAC, `notes` K-FAC leaves (e.g. factors no longer refreshed)."""
+    K-FAC, `notes` K-FAC leaves (e.g. factors no longer refreshed); `frozen`: positions of
+    leaves that are not trained (reason `FROZEN_LEAF` off K-FAC; not in `kfac_share`)."""
     names = names or [str(i) for i in range(len(shapes))]
     layer_of = {}
     for w, b in kfac_layers:
@@ -95,9 +104,13 @@ def describe(algorithm: str, structure: str, shapes: Sequence[tuple[int, ...]],
         if b is not None:
             layer_of[b] = label
     fallback = "diagonal" if structure == "kfac" else structure
+    frozen = set(frozen)
+    why = dict(reasons or {})
+    why.update({i: FROZEN_LEAF for i in frozen if not why.get(i, "").startswith("frozen")})
     entries = tuple(
         LeafEntry(names[i], tuple(shape), "kfac" if i in layer_of else fallback,
-                  layer_of.get(i), ((notes or {}) if i in layer_of else (reasons or {})).get(i))
+                  layer_of.get(i), ((notes or {}) if i in layer_of else why).get(i),
+                  i not in frozen)
         for i, shape in enumerate(shapes))
     return StructureReport(algorithm, entries, kfac_share(entries), tuple(incidents), skipped,
                            tuple(no_warmup))

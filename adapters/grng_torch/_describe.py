@@ -104,7 +104,8 @@ def group_report(opt, i: int) -> StructureReport:
                     None if entry is None else int(entry.core.skipped),
                     [layer_names[w] for li, w, _ in candidates
                      if opt.collector is not None and li in opt.collector.no_warmup],
-                    notes=stale)
+                    notes=stale,
+                    frozen={j for j, p in enumerate(group["params"]) if not p.requires_grad})
 
 
 def report(opt) -> StructureReport:
@@ -176,7 +177,7 @@ def warn_if_mostly_diagonal(opt) -> None:
         return
     reports = [group_report(opt, i) for i, g in enumerate(opt.param_groups)
                if g["params"] and g["structure"] == "kfac"]
-    matrices = [e for r in reports for e in r.matrices() if e.reason != FROZEN]
+    matrices = [e for r in reports for e in r.matrices() if e.reason != FROZEN and e.trained]
     off = [e for e in matrices if e.structure != "kfac"]
     share = mostly_diagonal([math.prod(e.shape) for e in matrices if e.structure == "kfac"],
                             [math.prod(e.shape) for e in off])

@@ -102,3 +102,38 @@ def test_bias_only_fine_tuning_keeps_kfac_and_the_frozen_weights():
     assert all(e.structure == "kfac" for e in opt.describe().entries)
     assert torch.equal(model[0].weight, frozen[0]) and torch.equal(model[2].weight, frozen[1])
     assert not torch.equal(model[0].bias, bias)
+
+
+class TiedLM(nn.Module):
+    """A frozen tied embedding / head (as PEFT leaves GPT-2's wte) around a trainable Linear."""
+
+    def __init__(self, vocab: int = 400, d: int = 8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d).requires_grad_(False)
+        self.mid = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(self.emb(x))))
+
+
+def test_a_frozen_tied_matrix_counts_in_no_share_and_no_warning():
+    """A frozen parameter off K-FAC for another reason (tied) is reported frozen, is left out
+    of the K-FAC share and of the mostly-diagonal warning: before, LoRA on GPT-2 warned that
+    76% of the weight-matrix elements were on the diagonal (the frozen wte) and described
+    2% under K-FAC, with every trained matrix on K-FAC."""
+    torch.manual_seed(0)
+    model = TiedLM()
+    opt = gt.RING(model.parameters(), model=model)
+    x, y = torch.randint(0, 400, (16,)), torch.randint(0, 400, (16,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step_on(opt, model, x, y)
+    rep = opt.describe()
+    by_name = {e.name: e for e in rep.entries}
+    assert by_name["emb.weight"].structure == "diagonal"
+    assert by_name["emb.weight"].reason.startswith("frozen") and not by_name["emb.weight"].trained
+    assert by_name["mid.weight"].structure == "kfac" and by_name["mid.weight"].trained
+    assert rep.kfac_share == 1.0
+    assert "100% of weight-matrix elements under K-FAC" in str(rep)
