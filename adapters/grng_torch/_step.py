@@ -298,6 +298,15 @@ def _stats(opt, sp: StepPlan, gp: GroupPlan, layers, pe,
     # without rows is the error it always was, unless it is shared by the batch (its input's
     # shape, alike on every rank, says so: `Collector.shared_over_batch`)
     missing = [li for li, w, _ in layers if w in absent and li not in opt.collector.broadcast]
+    if missing and replicated and len(absent) < len(layers):
+        label = opt.collector.layers[missing[0]].label
+        raise RuntimeError(
+            f"K-FAC layer {label!r} took no part in this step's loss under torch.distributed: "
+            "every rank must refresh the same layers (their statistics are averaged "
+            "collectively), so a layer a step may skip (a branch, a multi-task head, "
+            "DistributedDataParallel(find_unused_parameters=True)) cannot be a K-FAC layer. "
+            "Put its parameters in a param group with structure='diagonal', or run every "
+            "layer on every step (nothing was changed)")
     if missing and (len(absent) == len(layers) or replicated):
         opt.collector.rows(missing[0])  # raises
     if absent:

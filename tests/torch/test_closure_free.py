@@ -247,7 +247,8 @@ def test_an_enabled_grad_scaler_refuses_what_needs_a_closure(cls):
 
 def test_a_layer_absent_on_one_replica_is_an_error_under_a_collective():
     """Ranks must refresh the same layers (their collectives pair up): with a collective a
-    layer without rows stays the error it was (an identity collective, one process)."""
+    layer without rows is an error that says so and how to keep such a layer (a diagonal
+    param group), before anything changes (an identity collective, one process)."""
     import grng_core as gc
 
     torch.manual_seed(0)
@@ -262,5 +263,9 @@ def test_a_layer_absent_on_one_replica_is_an_error_under_a_collective():
         loss = nn.functional.cross_entropy(model(x, both=False), y)
         loss.backward()
         return loss
-    with pytest.raises(RuntimeError, match="no K-FAC statistics were collected for layer 'head2'"):
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="'head2' took no part .* torch.distributed.*"
+                                           "structure='diagonal'"):
         opt.step(one_head)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.group_state(0).host_step == 1
