@@ -230,3 +230,15 @@ def test_embedding_steps_as_the_one_hot_linear(name, kw):
     assert torch.allclose(emb.weight, ref.lin.weight.T, rtol=1e-9, atol=1e-12)
     assert (emb.weight - e0).abs().max() > 1e-3
     assert torch.equal(emb.weight[8:], e0[8:])  # unseen tokens do not move
+
+
+@pytest.mark.parametrize("conv, why", [
+    (nn.Conv2d(4, 4, 3, groups=4), "a depthwise convolution (groups=4): no K-FAC helper"),
+    (nn.Conv2d(4, 8, 3, groups=2), "a grouped convolution (groups=2): no K-FAC helper"),
+    (nn.Conv2d(4, 8, 3, padding=1, padding_mode="circular"), "padding_mode='circular': no K-FAC")])
+def test_an_uncovered_convolution_is_diagonal_and_describe_says_why(conv, why):
+    model = nn.Sequential(conv, nn.Flatten(), nn.LazyLinear(3))
+    model(torch.randn(2, 4, 6, 6))
+    opt = gt.RING(model.parameters(), model=model)
+    entry = {e.name: e for e in opt.describe().entries}["0.weight"]
+    assert entry.structure == "diagonal" and why in entry.reason, entry

@@ -18,9 +18,11 @@ def supported(m: nn.Module) -> str | None:
     if type(m).forward not in (nn.Conv1d.forward, nn.Conv2d.forward):
         return "its class overrides forward"
     if m.groups != 1:
-        return f"groups={m.groups}"
+        kind = "depthwise" if m.groups == m.in_channels else "grouped"
+        return f"a {kind} convolution (groups={m.groups}): no K-FAC helper for groups > 1"
     if m.padding_mode != "zeros":
-        return f"padding_mode={m.padding_mode!r}"
+        return (f"padding_mode={m.padding_mode!r}: no K-FAC helper for padding other than "
+                "zeros")
     return None
 
 
