@@ -168,6 +168,13 @@ def _check_calls(found: list, other: dict, specs, names, leaves, nested=None,
                     f"{'' if c.kind == 'embed' else f'a {c.kind} with {c.in_axes} input axes'}:"
                     " pass layers=grng_jax.find_layers(loss_fn, params, batch)")
         for c in mine:
+            if c.foreign_bias and b is not None:
+                raise ValueError(
+                    f"K-FAC layer {describe(names, w)!r} is declared with bias "
+                    f"{describe(names, b)!r} but the model adds a bias that is not that leaf "
+                    "(computed from it, or one this optimizer does not update): register the "
+                    "layer without it (grng_jax.Layer(kernel_path, bias=None)), or pass "
+                    "layers=grng_jax.find_layers(loss_fn, params, batch)")
             if c.bias != b:
                 got = "no bias" if c.bias is None else f"bias {describe(names, c.bias)!r}"
                 want = "no bias" if b is None else f"bias {describe(names, b)!r}"

@@ -65,6 +65,10 @@ class Call(NamedTuple):
     kind: str = "dense"  # "dense" | "conv" | "embed"
     in_axes: int = 1
     transposed: bool = True  # Flax layout (input axes first); False: equinox's (out, in...)
+    # a bias that is not one of the optimizer's leaves (one another transformation of an
+    # optax.multi_transform updates, or one computed from a leaf): `bias` is then None, as
+    # the kernel's K-FAC block, without a bias column, does not depend on how it is added
+    foreign_bias: bool = False
 
 
 class Collector:
@@ -117,11 +121,8 @@ class Collector:
             self.nested.setdefault(_nested.transformation(), []).append(name or kind)
         if w is None or getattr(kernel, "ndim", 0) < 2:
             return z
-        b = None
-        if bias is not None:
-            b = self.ids.get(id(bias))
-            if b is None:  # a computed bias: the layer cannot be registered
-                return z
+        b = None if bias is None else self.ids.get(id(bias))
+        foreign = bias is not None and b is None
         if self._trace is not None and _trace_state() != self._trace:
             if _nested.in_vmap():
                 return _nested.through_vmap(
@@ -129,7 +130,8 @@ class Collector:
             self.other_uses.setdefault(w, f"a call inside {_nested.transformation()}")
             return z  # inside a nested transformation of the loss: untagged
         k = len(self.calls)
-        self.calls.append(Call(w, b, x, tuple(z.shape), z.dtype, kind, in_axes, transposed))
+        self.calls.append(Call(w, b, x, tuple(z.shape), z.dtype, kind, in_axes, transposed,
+                               foreign))
         if self.perturbs is not None:
             if k >= len(self.perturbs):
                 raise RuntimeError(

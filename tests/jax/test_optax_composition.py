@@ -83,6 +83,61 @@ def test_multi_transform_grng_and_adamw():
     assert np.isfinite(np.asarray(got["l1"]["kernel"])).all()
 
 
+def test_kernels_on_grng_biases_elsewhere_take_kfac_without_a_bias_column():
+    """GRNG on the kernels, the biases on another transformation (here held fixed): the
+    layers are K-FAC blocks without a bias column, although the model adds the biases (from
+    full_params=, not this optimizer's leaves). Before, such a call went untagged and the
+    first update raised that the layer was not called through a tagged layer. Reference:
+    grng_jax over the kernels of a loss that adds the same biases outside the tagged call."""
+    kernels = {"l1": {"kernel": True, "bias": False}, "l2": {"kernel": True, "bias": False},
+               "scale": False}
+    ring = grng_jax.ring(0.1, damping=1e-2)
+    frozen = jax.tree_util.tree_map(lambda m: not m, kernels)
+    opt = optax.chain(optax.masked(ring, kernels), optax.masked(optax.set_to_zero(), frozen))
+    got = _run(opt, full=True)
+    state = opt.init(_params())[0].inner_state
+    assert [(L.layout.bias, L.layout.d_in_ext) for L in state.core.curvature.kfac] == \
+        [(None, 5), (None, 8)]
+    start = _params()
+
+    def sub_loss(p, batch):
+        x, y = batch
+        h = jnp.tanh(grng_jax.dense(x, p["l1"]) + start["l1"]["bias"]) * start["scale"]
+        logits = grng_jax.dense(h, p["l2"]) + start["l2"]["bias"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    params = {"l1": start["l1"]["kernel"], "l2": start["l2"]["kernel"]}
+    ring = grng_jax.ring(0.1, damping=1e-2, layers=["l1", "l2"])
+    rstate = ring.init(params)
+    for k in range(3):
+        batch = _batch(k)
+        grads = jax.grad(sub_loss)(params, batch)
+        updates, rstate = ring.update(grads, rstate, params, loss_fn=sub_loss, batch=batch)
+        params = optax.apply_updates(params, updates)
+    assert len(rstate.core.curvature.kfac) == 2
+    for name in ("l1", "l2"):
+        np.testing.assert_allclose(np.asarray(got[name]["kernel"]), np.asarray(params[name]),
+                                   rtol=1e-10)
+        np.testing.assert_array_equal(np.asarray(got[name]["bias"]),
+                                      np.asarray(start[name]["bias"]))
+    assert np.abs(np.asarray(got["l1"]["kernel"] - start["l1"]["kernel"])).max() > 1e-3
+
+
+def test_a_layer_declared_with_its_bias_but_called_with_another_names_the_fix():
+    def computed(p, batch):
+        x, y = batch
+        h = jnp.tanh(grng_jax.dense(x, p["l1"]["kernel"], 2.0 * p["l1"]["bias"]))
+        logits = grng_jax.dense(h * p["scale"], p["l2"]["kernel"], p["l2"]["bias"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    params, batch = _params(), _batch(0)
+    opt = grng_jax.ring(0.1)
+    with pytest.raises(ValueError, match="'l1/kernel' is declared with bias 'l1/bias' but the "
+                                         "model adds a bias that is not that leaf"):
+        opt.update(jax.grad(computed)(params, batch), opt.init(params), params,
+                   loss_fn=computed, batch=batch)
+
+
 def test_masked_without_full_params_names_the_fix():
     with pytest.raises(ValueError, match="full_params=params"):
         _run(optax.masked(grng_jax.ring(0.1), MASK), steps=1)
