@@ -99,3 +99,16 @@ def rows_of(helper: str, mod, x):
     if helper == "conv":
         return conv(mod, x)
     return embed(mod, x)
+
+
+def batch_norm_training(mod, args=(), kwargs=None) -> bool:
+    """A flax (linen or nnx) BatchNorm called in training mode: its output for one example
+    depends on the batch's others (its use_running_average, the call's argument first)."""
+    cls = type(mod)
+    if cls.__name__ != "BatchNorm" or not cls.__module__.startswith("flax."):
+        return False
+    kwargs = kwargs or {}
+    use = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+    if use is None:
+        use = getattr(mod, "use_running_average", None)
+    return not use

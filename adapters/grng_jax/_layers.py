@@ -216,24 +216,33 @@ def shared_reason(call, examples: int | None, examples_shapes: tuple = ()) -> st
                            example_shapes=examples_shapes)
 
 
+def _traced(loss_fn: Callable, params, batch) -> Collector:
+    """The Collector of an abstract evaluation of ``loss_fn(params, batch)``."""
+    treedef = jax.tree_util.tree_structure(params)
+    leaves = jax.tree_util.tree_leaves(params)
+    col = Collector(leaves)
+
+    def run(leaves, batch):
+        col.ids = {id(x): i for i, x in enumerate(leaves)}  # the traced leaves
+        with collecting(col):
+            return loss_fn(jax.tree_util.tree_unflatten(treedef, leaves), batch)
+
+    jax.eval_shape(run, leaves, batch)
+    return col
+
+
 def trace_calls(loss_fn: Callable, params, batch) -> tuple[list, dict]:
     """The tagged dense calls of ``loss_fn(params, batch)``, from an abstract evaluation, and
     {leaf index: what else uses it} for the kernels also used outside them (a tied
     embedding's `attend`)."""
-    treedef = jax.tree_util.tree_structure(params)
-    found: list = []
-    other: dict = {}
+    col = _traced(loss_fn, params, batch)
+    return col.calls, col.other_uses
 
-    def run(leaves, batch):
-        col = Collector(leaves)
-        with collecting(col):
-            out = loss_fn(jax.tree_util.tree_unflatten(treedef, leaves), batch)
-        found.extend(col.calls)
-        other.update(col.other_uses)
-        return out
 
-    jax.eval_shape(run, jax.tree_util.tree_leaves(params), batch)
-    return found, other
+def batch_coupled(loss_fn: Callable, params, batch) -> list[str]:
+    """The layers of ``loss_fn(params, batch)`` whose output for one example depends on the
+    batch's others (BatchNorm in training mode), from an abstract evaluation."""
+    return _traced(loss_fn, params, batch).batch_coupled
 
 
 def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:

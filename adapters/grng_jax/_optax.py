@@ -27,7 +27,7 @@ from grng_jax import _collect, _masking
 from grng_jax._diagonal_reasons import warn_if_mostly_diagonal, warn_if_oversized
 from grng_jax._flax_serialization import register_if_flax
 from grng_jax._hyper import concrete_number, core_kwargs
-from grng_jax._layers import leaf_paths, resolve_layers
+from grng_jax._layers import batch_coupled, leaf_paths, resolve_layers
 
 REFRESH = ("switch", "where")
 FALLBACKS = ("diagonal", "woodbury")
@@ -230,6 +230,8 @@ def _update(core: gc.Optimizer, specs, opts: _Options, updates, state: GRNGState
     treedef: Any = treedef_
     grads = _collect.pmean(treedef.flatten_up_to(updates), opts.axis_name)
     _check_needs(core, specs, opts, given)
+    if req.per_example_grads and given.loss_fn is not None:
+        _refuse_batch_coupled(opts.name, core, given.loss_fn, params, given.batch)
     need_stats = req.per_example_grads or bool(specs)
     new_key, sub = _mc_key(req, need_stats, state.key, opts, given)
     stat_loss: Any = given.mc_loss_fn if req.fisher == "mc" else given.loss_fn
@@ -259,6 +261,22 @@ def _update(core: gc.Optimizer, specs, opts: _Options, updates, state: GRNGState
     ups, new_core = _refresh(step, core, opts.refresh, state.core.step + state.core.skipped)
     _report_skip(opts.name, state.core, new_core)
     return treedef.unflatten(ups), GRNGState(core=new_core, key=new_key)
+
+
+def _refuse_batch_coupled(name: str, core: gc.Optimizer, loss_fn, params, batch) -> None:
+    """Per-example gradients are the loss's on one-example batches: a layer that mixes the
+    batch's examples (BatchNorm in training mode) makes them another function's (a
+    one-example BatchNorm outputs its bias: zero gradients before it). Refused while the
+    update is traced, before anything changes, as grng_torch refuses it before its vmap."""
+    coupled = batch_coupled(loss_fn, params, batch)
+    if coupled:
+        h = core.config
+        raise ValueError(
+            f"grng_jax.{name} with structure={h.structure!r}, fisher={h.fisher!r} needs "
+            f"per-example gradients, which {', '.join(dict.fromkeys(coupled))} in training "
+            "mode does not have (its output for one example depends on the batch's others). "
+            "Use structure='kfac' (the default; it needs no per-example gradients), or "
+            "evaluate the loss with the running averages (use_running_average=True)")
 
 
 def _warn_skip(name, now, step, skipped) -> None:

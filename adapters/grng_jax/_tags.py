@@ -85,6 +85,9 @@ class Collector:
         self.calls: list[Call] = []
         self.other_uses: dict[int, str] = {}  # leaf index -> an untagged use (tied, config)
         self.nested: dict[str, list[str]] = {}  # transformation -> layers called inside it
+        # layers that mix the examples of a batch (BatchNorm in training mode): per-example
+        # gradients of one-example batches would not be this loss's
+        self.batch_coupled: list[str] = []
         self._trace = None
         self._token = None
 
@@ -172,12 +175,19 @@ def init_dense(key, d_in: int, d_out: int, *, bias: bool = True, dtype=jnp.float
     return out
 
 
+def _path(mod) -> str:
+    return "/".join(str(k) for k in getattr(mod, "path", ()) or ())
+
+
 def _flax_interceptor(col: Collector):
     from grng_jax import _flax
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         mod = context.module
+        if context.method_name == "__call__" and _flax.batch_norm_training(mod, args, kwargs):
+            col.batch_coupled.append(f"flax.linen BatchNorm {_path(mod)!r}")
+            return out
         found = _flax.kernel_of(mod)
         if found is None or not args:
             return out
@@ -195,8 +205,7 @@ def _flax_interceptor(col: Collector):
         rows, kind, in_axes = got
         bias = mod.get_variable("params", "bias") if mod.has_variable("params", "bias") \
             else None
-        return col.tag(rows, kernel, bias, out, kind, in_axes,
-                       name="/".join(str(k) for k in getattr(mod, "path", ()) or ()))
+        return col.tag(rows, kernel, bias, out, kind, in_axes, name=_path(mod))
 
     return interceptor
 
