@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -207,6 +208,8 @@ class CupyOptimizer:
         curvature, inverse = self.flags()
         self._check_requirements(stats, oracle, curvature)
         steady = self.core.steady_flags(self.t)
+        if self.t == 0 and collective is None and stats is not None and stats.layers:
+            self._warn_if_unexplained(grads, stats)
         with self._device():
             updates, state = self.core.update(grads, self.state, self.params, stats, oracle,
                                               collective=collective, curvature=curvature,
@@ -222,6 +225,24 @@ class CupyOptimizer:
         self.state = state
         self.t += 1
         return updates
+
+    def _warn_if_unexplained(self, grads, stats: gc.Stats) -> None:
+        """Warn at the first step for the K-FAC layers whose gradient their statistics' rows
+        do not explain (`grng_core.Optimizer.unexplained`, ALGORITHMS.md §2.1): in a
+        hand-written stack, most often a layer given in the other orientation (a square
+        bias-free one passes every shape check)."""
+        with self._device():
+            bad = self.core.unexplained(grads, self.state, self.params, stats)
+        if bad:
+            warnings.warn(
+                f"{self.core.name}: the first step's gradient of K-FAC layer(s) "
+                f"{', '.join(repr(k) for k in bad)} is not the product of the layer's "
+                "statistics, c·sᵀa/B + α·W + β·b (ALGORITHMS.md §2.1): check the LayerSpec's "
+                "orientation (transposed=False: W is (d_out, d_in), used as x @ W.T; "
+                "transposed=True: (d_in, d_out), used as x @ W), that the inputs and output "
+                "gradients are those of the layer's own calls (output gradients of the "
+                "batch-mean loss times B), and that the weight is used nowhere else "
+                "(checked at the first step only)", UserWarning, stacklevel=3)
 
     def describe(self) -> StructureReport:
         """Which structure each parameter (by its key) is preconditioned with, the K-FAC layers,
