@@ -67,6 +67,13 @@ class CupyOptimizer:
         if fallback not in FALLBACKS:
             raise ValueError(f"invalid fallback={fallback!r}: allowed None (structure 'kfac' "
                              "needs layers), 'diagonal' or 'woodbury'")
+        if core.config.structure == "kfac" and layers is None and fallback is None:
+            raise ValueError(
+                f"grng_cupy.{TITLES[core.name]} with structure 'kfac' needs the layer layout: "
+                "layers=[gc.LayerSpec(weight=key, bias=key_or_None, transposed=...), ...] "
+                "(transposed=False: W is (d_out, d_in); True: (d_in, d_out)), or "
+                "fallback='diagonal' / 'woodbury' for a model without layers, or "
+                "structure='diagonal'")
         core.check_sizes(params, layers)
         if fallback is not None:
             core = core.resolve(layers, fallback)

@@ -148,7 +148,8 @@ def test_missing_oracle_and_layout_are_clear(xp):
     b = MLP_.batch(params, x, y, per_example=True)
     with pytest.raises(ValueError, match="needs hvp_fn"):
         opt.step(b.grads, stats=gc.Stats(per_example_grads=b.per_example_grads))
-    with pytest.raises(ValueError, match="needs the layer layout"):
+    with pytest.raises(ValueError, match="grng_cupy.RING with structure 'kfac' needs the layer "
+                                         "layout: layers=.*fallback='diagonal'"):
         grng_cupy.RING([xp.asarray(p) for p in MLP_.init()])  # kfac without layers
     with pytest.raises(ValueError, match="grads has keys"):
         opt.step(b.grads[:-1])
