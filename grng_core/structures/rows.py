@@ -96,7 +96,9 @@ def rows(L: LayerLayout, ls, ctx) -> LayerRows:
     batch = getattr(ls, "batch_size", None)
     batch = a.shape[0] if batch is None else int(batch)
     if batch < 1:
-        raise ValueError(f"LayerStats of weight {ls.weight!r}: batch_size={batch} must be >= 1")
+        raise ValueError(f"LayerStats of weight {ls.weight!r}: batch_size={batch} must be >= 1"
+                         + (" (an empty batch: skip the step, or drop the last empty batch "
+                            "of the loader)" if a.shape[0] == 0 else ""))
     if L.bias is not None:
         a = xp.concat([a, xp.ones((a.shape[0], 1), dtype=ctx.sdtype, device=ctx.device)], axis=1)
     return LayerRows(a, s, batch, _arrival_tol((ls.inputs, ls.output_grads), ctx))
