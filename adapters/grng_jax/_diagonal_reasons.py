@@ -42,6 +42,16 @@ def warn_if_mostly_diagonal(name: str, params, covered: set, option,
     leaves = jax.tree_util.tree_leaves(params)
     paths = leaf_paths(params)
     matrices = [i for i, x in enumerate(leaves) if getattr(x, "ndim", 0) >= 2]
+    if not matrices and not covered and sum(math.prod(getattr(x, "shape", ())) for x in leaves) \
+            >= 1024:
+        warnings.warn(
+            f"grng_jax.{name} with structure='kfac': params have no weight matrix, only "
+            f"vectors and scalars ({len(leaves)} leaf or leaves: flattened, as under "
+            "optax.flatten?), "
+            "so no layer can take K-FAC and every leaf runs the fallback structure. Give "
+            "the optimizer the model's own pytree (optax.flatten is not needed), or choose "
+            "structure='diagonal' to say so.", UserWarning, stacklevel=4)
+        return
     off = [i for i in matrices if i not in covered]
     share = mostly_diagonal([math.prod(leaves[i].shape) for i in matrices if i in covered],
                             [math.prod(leaves[i].shape) for i in off])

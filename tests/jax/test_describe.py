@@ -119,3 +119,16 @@ def test_a_non_float_leaf_is_refused_at_init_naming_its_path_and_the_equinox_fil
     with pytest.raises(TypeError, match=r"params leaf 'block/pos_ids' has dtype int(32|64).*"
                                         r"eqx\.is_inexact_array"):
         grng_jax.ring().init(params)
+
+
+def test_flattened_params_warn_that_no_layer_can_take_kfac():
+    """optax.flatten(ring()) hands the optimizer one vector: K-FAC has no layer, every leaf
+    runs the fallback; before, nothing said so (no weight matrix, so no mostly-diagonal
+    warning). The model's own pytree does not warn."""
+    params = {"l1": grng_jax.init_dense(jax.random.PRNGKey(0), 40, 30),
+              "l2": grng_jax.init_dense(jax.random.PRNGKey(1), 30, 3)}
+    with pytest.warns(UserWarning, match="no weight matrix.*optax.flatten"):
+        optax.flatten(grng_jax.ring()).init(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grng_jax.ring().init(params)
