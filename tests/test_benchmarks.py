@@ -642,3 +642,15 @@ def test_eigh_floor_reads_the_default_forms_own_factors():
     assert floor["sizes"] == [7, 5, 6, 3]  # A (d_in + 1) and S (d_out) of both layers
     assert 0 < floor["seconds"] == floor["per_refresh"] / 10
     assert run(form="gauss_newton", rho=0.05) is None
+
+
+@pytest.mark.skipif(not _has("torch"), reason="needs torch")
+def test_settings_probe_prints_one_line_per_setting_and_seed(capsys):
+    from benchmarks import settings_probe
+
+    settings_probe.main(["digits_mlp", '{"adamw": {"_spec": "adamw", "lr": 0.005, '
+                         '"weight_decay": 0.0}}', "--seeds", "0"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("adamw") and " ok " in lines[0], lines
+    reached = lines[0].split("steps to target ")[1].split()[0]
+    assert reached != "nan" and int(float(reached)) > 0  # AdamW reaches digits' 0.95
