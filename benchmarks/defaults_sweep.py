@@ -52,8 +52,10 @@ def _run(z, make, steps: int) -> dict:
     last = sum(losses[-10:]) / len(losses[-10:])
     ok = len(losses) == steps and all(map(math.isfinite, losses)) and \
         max(losses) < 1.5 * losses[0] and last < first
+    peak = max(range(len(losses)), key=lambda k: losses[k]) if losses else 0
     return dict(first=first, last=last, skipped=skipped, incidents=incidents, ok=ok,
-                steps=len(losses), seconds=time.perf_counter() - t0)
+                steps=len(losses), seconds=time.perf_counter() - t0,
+                peak=f"{losses[peak]:.3f}@{peak}" if losses else "-")
 
 
 def main(argv=None) -> None:
@@ -70,7 +72,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     print(f"{'model':20s} {'seed':>4s} {'optimizer':9s} {'setting':9s} {'first':>7s} "
-          f"{'last':>7s} {'skip':>4s} {'inc':>3s} ok")
+          f"{'last':>7s} {'skip':>4s} {'inc':>3s} ok  max loss@step")
     for model in args.models.split(","):
         for seed in (int(x) for x in args.seeds.split(",")):
             _model_rows(gt, ZOO[model](seed=seed), f"{model:20s} {seed:4d}", args)
@@ -89,8 +91,8 @@ def _model_rows(gt, z, head: str, args) -> None:
             r = _run(z, lambda m, cls=cls, kw=kw: cls(m.parameters(), model=m, **kw),
                      args.steps)
             print(f"{head} {name:9s} {setting:9s} {r['first']:7.3f} {r['last']:7.3f} "
-                  f"{r['skipped']:4d} {r['incidents']:3d} {'yes' if r['ok'] else 'NO'}"
-                  f"{'' if r['steps'] == args.steps else ' (stopped)'}", flush=True)
+                  f"{r['skipped']:4d} {r['incidents']:3d} {'yes' if r['ok'] else 'NO '} "
+                  f"{r['peak']}{'' if r['steps'] == args.steps else ' (stopped)'}", flush=True)
 
 
 if __name__ == "__main__":
