@@ -5,7 +5,8 @@ the validation metric along the run. For exploring settings before a suite run (
 "Momentum on language models"); not a report.
 
     python -m benchmarks.settings_probe gpt2_char \\
-        '{"defaults": {"form": "gauss_newton"}, "m5": {"form": "gauss_newton", "momentum": 0.5, "kl_clip": 3e-4}}' \\
+        '{"defaults": {"form": "gauss_newton"},
+          "m5": {"form": "gauss_newton", "momentum": 0.5, "kl_clip": 3e-4}}' \\
         --seeds 0,1
 
 A setting may name its row with "_spec" (default "ring_rec_gn"; e.g. "adamw" with its "lr"

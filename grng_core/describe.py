@@ -16,7 +16,6 @@ from typing import NamedTuple
 from grng_core.incidents import FactorIncident
 from grng_core.state import OptState, layouts
 
-
 #: The reason given for a leaf the adapter reports as not trained.
 FROZEN_LEAF = "frozen (requires_grad=False): not trained"
 

@@ -62,7 +62,7 @@ def check_closure_free(opt, sp) -> None:
                         f"{'; '.join(needs)}. Pass a closure ({CLOSURE_HELP}), or use RING "
                         "(or rho=0), which needs only the gradient and the layer statistics "
                         "of your own backward")
-    if scaled:  # GradScaler unscaled the gradients; the hooks' rows carry its scale
+    if scaled and scaler is not None:  # GradScaler unscaled the gradients; the rows kept its scale
         opt.collector.loss_scale = float(scaler.get_scale())
     if opt.collector is not None and not opt.collector.armed:
         opt.collector.arm(sp.emp, sp.rows_only, sp.warmup_only)

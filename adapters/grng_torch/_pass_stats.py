@@ -17,6 +17,18 @@ def on_host(gp) -> bool:
     return all(p.device.type == "cpu" for p in gp.group["params"])
 
 
+def absent_under_collective(label: str) -> RuntimeError:
+    """The error of a K-FAC layer without rows on a step under a collective: every rank must
+    refresh the same layers (their statistics are averaged collectively)."""
+    return RuntimeError(
+        f"K-FAC layer {label!r} took no part in this step's loss under torch.distributed: "
+        "every rank must refresh the same layers (their statistics are averaged "
+        "collectively), so a layer a step may skip (a branch, a multi-task head, "
+        "DistributedDataParallel(find_unused_parameters=True)) cannot be a K-FAC layer. "
+        "Put its parameters in a param group with structure='diagonal', or run every "
+        "layer on every step (nothing was changed)")
+
+
 def layer_stats(opt, layers, lookup=None) -> list[gc.LayerStats]:
     """LayerStats of `layers` ((hooked layer, weight, bias)) from the collector's rows, or
     from `lookup` (layer -> (a, s, examples) or None: a shifted pass's)."""

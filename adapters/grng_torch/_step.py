@@ -26,7 +26,7 @@ from grng_torch._autocast import autocast_off, autocast_state
 from grng_torch._backward import GraphBackward
 from grng_torch._closure_free import CLOSURE_HELP, check_closure_free, closure_needs
 from grng_torch._groups import STATE_KEY, GroupState
-from grng_torch._pass_stats import layer_stats, on_host, rows_of_passes
+from grng_torch._pass_stats import absent_under_collective, layer_stats, on_host, rows_of_passes
 from grng_torch._whole import kl_total, skip_together, vectors, whole_of
 from grng_torch.distributed import is_distributed, torch_collective
 
@@ -299,14 +299,7 @@ def _stats(opt, sp: StepPlan, gp: GroupPlan, layers, pe,
     # shape, alike on every rank, says so: `Collector.shared_over_batch`)
     missing = [li for li, w, _ in layers if w in absent and li not in opt.collector.broadcast]
     if missing and replicated and len(absent) < len(layers):
-        label = opt.collector.layers[missing[0]].label
-        raise RuntimeError(
-            f"K-FAC layer {label!r} took no part in this step's loss under torch.distributed: "
-            "every rank must refresh the same layers (their statistics are averaged "
-            "collectively), so a layer a step may skip (a branch, a multi-task head, "
-            "DistributedDataParallel(find_unused_parameters=True)) cannot be a K-FAC layer. "
-            "Put its parameters in a param group with structure='diagonal', or run every "
-            "layer on every step (nothing was changed)")
+        raise absent_under_collective(opt.collector.layers[missing[0]].label)
     if missing and (len(absent) == len(layers) or replicated):
         opt.collector.rows(missing[0])  # raises
     if absent:
