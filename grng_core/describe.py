@@ -75,11 +75,13 @@ def mostly_diagonal(kfac_sizes: Sequence[int], other_sizes: Sequence[int]) -> fl
 
 
 def kfac_share(entries: Sequence[LeafEntry]) -> float:
-    """Elements of trained ≥ 2-axis leaves under K-FAC over all elements of trained ≥ 2-axis
-    leaves (a frozen base model under LoRA adapters does not count)."""
-    total = sum(math.prod(e.shape) for e in entries if len(e.shape) >= 2 and e.trained)
-    under = sum(math.prod(e.shape) for e in entries
-                if len(e.shape) >= 2 and e.trained and e.structure == "kfac")
+    """Elements of ≥ 2-axis leaves under K-FAC over all elements of ≥ 2-axis leaves, leaving
+    out frozen leaves off K-FAC (a frozen base model under LoRA adapters does not count; a
+    frozen weight in a K-FAC layer whose bias trains, BitFit, does)."""
+    counted = [e for e in entries if len(e.shape) >= 2
+               and (e.trained or e.structure == "kfac")]
+    total = sum(math.prod(e.shape) for e in counted)
+    under = sum(math.prod(e.shape) for e in counted if e.structure == "kfac")
     return under / total if total else 0.0
 
 

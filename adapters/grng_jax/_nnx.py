@@ -52,9 +52,9 @@ def _attend(col, mod, query, out):
     return out
 
 
-def _batch_norm(col, mod, x, out):
-    if _flax.batch_norm_training(mod):
-        col.batch_coupled.append(f"nnx.BatchNorm {type(mod).__name__}")
+def _batch_norm(col, mod, args, kwargs, out):
+    if _flax.batch_norm_training(mod, args, kwargs):
+        col.batch_coupled.append(f"an nnx.BatchNorm({mod.num_features})")
     return out
 
 
@@ -66,7 +66,7 @@ def install() -> None:
     hook_method(nnx.Conv, "__call__", _conv)
     hook_method(nnx.Embed, "__call__", _embed)
     hook_method(nnx.Embed, "attend", _attend)
-    hook_method(nnx.BatchNorm, "__call__", _batch_norm)
+    hook_method(nnx.BatchNorm, "__call__", _batch_norm, with_call=True)
 
 
 def loss_fn_of(model, loss, wrt=None):

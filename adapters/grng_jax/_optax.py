@@ -230,11 +230,12 @@ def _update(core: gc.Optimizer, specs, opts: _Options, updates, state: GRNGState
     treedef: Any = treedef_
     grads = _collect.pmean(treedef.flatten_up_to(updates), opts.axis_name)
     _check_needs(core, specs, opts, given)
-    if req.per_example_grads and given.loss_fn is not None:
-        _refuse_batch_coupled(opts.name, core, given.loss_fn, params, given.batch)
     need_stats = req.per_example_grads or bool(specs)
     new_key, sub = _mc_key(req, need_stats, state.key, opts, given)
     stat_loss: Any = given.mc_loss_fn if req.fisher == "mc" else given.loss_fn
+    if req.per_example_grads and stat_loss is not None:
+        _refuse_batch_coupled(opts.name, core, stat_loss if req.fisher != "mc" else (
+            lambda p, b: stat_loss(p, b, jax.random.PRNGKey(0))), params, given.batch)
     oracle = None
     if req.grad_fn or req.hvp_fn:
         oracle = _collect.oracle(cast(Callable, given.loss_fn), treedef, given.batch,

@@ -14,8 +14,9 @@ from grng_jax._active import active
 _HOOKED = "__grng_jax_hook__"
 
 
-def hook_method(cls, name: str, hook: Callable) -> None:
-    """Wrap ``cls.<name>``: ``hook(collector, module, first_arg, output) -> output``."""
+def hook_method(cls, name: str, hook: Callable, with_call: bool = False) -> None:
+    """Wrap ``cls.<name>``: ``hook(collector, module, first_arg, output) -> output``
+    (`with_call`: ``hook(collector, module, args, kwargs, output)``, the call's arguments)."""
     orig = cls.__dict__.get(name)
     if orig is None or getattr(orig, _HOOKED, False):
         return
@@ -26,6 +27,8 @@ def hook_method(cls, name: str, hook: Callable) -> None:
         col = active()
         if col is None or not args:
             return out
+        if with_call:
+            return hook(col, self, args, kwargs, out)
         return hook(col, self, args[0], out)
 
     setattr(method, _HOOKED, True)

@@ -79,9 +79,22 @@ def test_batchnorm_on_running_averages_or_kfac_trains(kw):
     assert int(state.core.skipped) == 0
 
 
-def test_nnx_batchnorm_in_training_mode_is_refused():
-    model = nnx.Sequential(nnx.Linear(4, 6, rngs=nnx.Rngs(0)),
-                           nnx.BatchNorm(6, rngs=nnx.Rngs(0)), nnx.Linear(6, 3, rngs=nnx.Rngs(1)))
+class NnxNet(nnx.Module):
+    def __init__(self, running_at_call: bool):
+        self.l1, self.l2 = nnx.Linear(4, 6, rngs=nnx.Rngs(0)), nnx.Linear(6, 3, rngs=nnx.Rngs(1))
+        self.bn = nnx.BatchNorm(6, rngs=nnx.Rngs(0))  # use_running_average=False: training
+        self.running_at_call = running_at_call
+
+    def __call__(self, x):
+        h = self.bn(self.l1(x), use_running_average=True) if self.running_at_call \
+            else self.bn(self.l1(x))
+        return self.l2(jnp.tanh(h))
+
+
+@pytest.mark.parametrize("running_at_call", [False, True])
+def test_nnx_batchnorm_in_training_mode_is_refused_not_on_running_averages(running_at_call):
+    """The module's mode, or the call's use_running_average=True, which overrides it."""
+    model = NnxNet(running_at_call)
     x, y = jax.random.normal(jax.random.PRNGKey(0), (16, 4)), jnp.arange(16) % 3
 
     def loss(m, batch):
@@ -91,6 +104,21 @@ def test_nnx_batchnorm_in_training_mode_is_refused():
     opt = grng_jax.ring(structure="woodbury")
     state = opt.init(params)
     grads = nnx.grad(loss)(model, (x, y))
-    with pytest.raises(ValueError, match="nnx.BatchNorm .* in training mode"):
-        opt.update(grads, state, params, loss_fn=loss_fn, batch=(x, y))
-    np.testing.assert_array_equal(np.asarray(state.core.step), 0)
+    if not running_at_call:
+        with pytest.raises(ValueError, match=r"an nnx.BatchNorm\(6\) in training mode"):
+            opt.update(grads, state, params, loss_fn=loss_fn, batch=(x, y))
+        np.testing.assert_array_equal(np.asarray(state.core.step), 0)
+        return
+    _, state = opt.update(grads, state, params, loss_fn=loss_fn, batch=(x, y))
+    assert int(state.core.step) == 1 and int(state.core.skipped) == 0
+
+
+def test_fisher_mc_checks_the_loss_its_statistics_use():
+    """fisher="mc": the per-example gradients are mc_loss_fn's, so its BatchNorm is what
+    counts (here in training mode while loss_fn runs on the running averages)."""
+    params, eval_loss, _, batch = _linen(False)
+    _, _, train_mc, _ = _linen(True)
+    opt = grng_jax.ring(structure="diagonal", fisher="mc")
+    with pytest.raises(ValueError, match="BatchNorm 'BatchNorm_0' in training mode"):
+        opt.update(jax.grad(eval_loss)(params, batch), opt.init(params), params,
+                   loss_fn=eval_loss, mc_loss_fn=train_mc, batch=batch)

@@ -100,6 +100,7 @@ def test_bias_only_fine_tuning_keeps_kfac_and_the_frozen_weights():
     for _ in range(3):
         step_on(opt, model, torch.randn(16, 6).double(), torch.randint(0, 4, (16,)))
     assert all(e.structure == "kfac" for e in opt.describe().entries)
+    assert opt.describe().kfac_share == 1.0  # frozen weights in K-FAC layers still count
     assert torch.equal(model[0].weight, frozen[0]) and torch.equal(model[2].weight, frozen[1])
     assert not torch.equal(model[0].bias, bias)
 
