@@ -230,6 +230,65 @@ def test_a_grad_scaler_step_equals_the_unscaled_run(kw, enabled):
     assert max(float((a - p).abs().max()) for a, p in zip(ref, start)) > 1e-2
 
 
+@pytest.mark.parametrize("zero_at_end", [False, True])
+def test_a_grad_scaler_with_accumulation_and_skipped_steps_equals_the_unscaled_run(zero_at_end):
+    """Two micro-batches a step under a growing scale, and two iterations whose gradient
+    GradScaler finds non-finite (it skips the step and halves the scale): equal to the
+    unscaled run without those two iterations (their rows are dropped with their gradients)."""
+    bad, n = {7, 21}, 24
+    batches = _batches(2 * n)
+
+    def run(scaler):
+        model = _model()
+        opt = grng_torch.RING(model.parameters(), model=model)
+        for it in range(n):
+            if scaler is None and it in bad:
+                continue
+            if not zero_at_end:
+                opt.zero_grad()
+            for x, y in batches[2 * it:2 * it + 2]:
+                loss = nn.functional.cross_entropy(model(x), y) / 2
+                (loss if scaler is None else scaler.scale(loss)).backward()
+            if scaler is None:
+                opt.step()
+            else:
+                if it in bad:
+                    model[0].weight.grad[0, 0] = float("inf")
+                scaler.step(opt)
+                scaler.update()
+            if zero_at_end:
+                opt.zero_grad()
+        assert int(opt.group_state(0).core.skipped) == 0
+        return [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=3)
+    for a, b in zip(run(None), run(scaler)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert scaler.get_scale() != 2.0 ** 10
+
+
+def test_accelerates_optimizer_wrapper_with_a_grad_scaler_equals_the_unscaled_run():
+    """accelerate's AcceleratedOptimizer steps through its scaler's `step`: found there."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    Accelerator(cpu=True)
+    runs = []
+    for use in (False, True):
+        model = _model()
+        opt = grng_torch.RING(model.parameters(), model=model)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        wrapped = AcceleratedOptimizer(opt, device_placement=False,
+                                       scaler=scaler if use else None)
+        for x, y in _batches(24):
+            wrapped.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            (scaler.scale(loss) if use else loss).backward()
+            wrapped.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("cls", [grng_torch.RENG, grng_torch.RKalman])
 def test_an_enabled_grad_scaler_refuses_what_needs_a_closure(cls):
     """RENG and R-Kalman re-evaluate the loss, which needs a closure, which GradScaler does not
