@@ -23,6 +23,9 @@ def why_diagonal(path: tuple, leaf, layers_option) -> str | None:
         return None
     if layers_option is None:
         return "layers=None"
+    found = getattr(layers_option, "reasons", None) or {}  # grng_jax.find_layers' list
+    if tuple(path) in found:
+        return found[tuple(path)]
     last = str(path[-1]) if path else ""
     if last == "weight":
         return ("named 'weight' without a 'bias' of its first axis's size: " + _AUTO + "; a "

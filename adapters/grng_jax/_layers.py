@@ -245,6 +245,18 @@ def batch_coupled(loss_fn: Callable, params, batch) -> list[str]:
     return _traced(loss_fn, params, batch).batch_coupled
 
 
+class FoundLayers(list):
+    """`find_layers`'s list of :class:`Layer`, with `reasons`: {leaf path: why a weight matrix
+    the loss uses is not among them}, which ``grng_jax.describe`` and the init warning show."""
+
+    reasons: dict[tuple, str]
+
+
+NOT_TAGGED = ("not called through a tagged layer in loss_fn (a hand-written matmul or another "
+              "layer type, or not reached by the loss): find_layers found no call to collect "
+              "statistics from")
+
+
 def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:
     """The dense layers that ``loss_fn(params, batch)`` calls through tagged layers.
 
@@ -259,9 +271,17 @@ def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:
     leaves = jax.tree_util.tree_leaves(params)
     calls, other = trace_calls(loss_fn, params, batch)
     examples, shapes = batch_size(batch), example_shapes(batch)
-    seen = {c.weight for c in calls  # left to the diagonal
-            if c.weight in other or shared_reason(c, examples, shapes)}
-    out = []
+    out = FoundLayers()
+    out.reasons = {}
+    for c in calls:  # left to the diagonal
+        why = (f"also used by {other[c.weight]}, which K-FAC statistics cannot see"
+               if c.weight in other else shared_reason(c, examples, shapes))
+        if why:
+            out.reasons[paths[c.weight]] = why
+    called = {c.weight for c in calls}
+    out.reasons.update({paths[i]: NOT_TAGGED for i, x in enumerate(leaves)
+                        if getattr(x, "ndim", 0) >= 2 and i not in called})
+    seen = {c.weight for c in calls if paths[c.weight] in out.reasons}
     for c in calls:
         if c.weight in seen:
             continue

@@ -132,3 +132,30 @@ def test_flattened_params_warn_that_no_layer_can_take_kfac():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         grng_jax.ring().init(params)
+
+
+def test_find_layers_says_why_a_matrix_is_not_among_its_layers():
+    """With layers=grng_jax.find_layers(...), a weight used by a hand-written matmul and a tied
+    embedding's table read find_layers' reason, not "not in the layers= given"."""
+    class Tied(fnn.Module):
+        @fnn.compact
+        def __call__(self, ids):
+            emb = fnn.Embed(20, 8)
+            h = jnp.tanh(emb(ids) @ self.param("mix", fnn.initializers.lecun_normal(), (8, 8)))
+            return emb.attend(fnn.Dense(8)(h))
+
+    ids = jnp.arange(12).reshape(3, 4) % 20
+    params = Tied().init(jax.random.PRNGKey(0), ids)["params"]
+
+    def loss_fn(p, batch):
+        logits = Tied().apply({"params": p}, batch)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch).mean()
+    found = grng_jax.find_layers(loss_fn, params, ids)
+    assert [L.weight for L in found] == [("Dense_0", "kernel")]
+    opt = grng_jax.ring(layers=found)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = opt.init(params)
+    why = {e.name: e.reason for e in grng_jax.describe(opt, state, params).entries}
+    assert why["mix"].startswith("not called through a tagged layer"), why
+    assert "also used by" in why["Embed_0/embedding"] and "attend" in why["Embed_0/embedding"]
