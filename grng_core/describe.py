@@ -32,6 +32,12 @@ class LeafEntry(NamedTuple):
     reason: str | None = None
     trained: bool = True
 
+    @property
+    def counted(self) -> bool:
+        """Whether the leaf counts in the K-FAC share: not a frozen leaf off K-FAC (a frozen
+        base model under LoRA adapters) — a frozen weight in a K-FAC layer (BitFit) counts."""
+        return self.trained or self.structure == "kfac"
+
 
 class StructureReport(NamedTuple):
     """entries: every leaf; kfac_share: the share of weight-matrix elements (leaves with ≥ 2
@@ -75,11 +81,9 @@ def mostly_diagonal(kfac_sizes: Sequence[int], other_sizes: Sequence[int]) -> fl
 
 
 def kfac_share(entries: Sequence[LeafEntry]) -> float:
-    """Elements of ≥ 2-axis leaves under K-FAC over all elements of ≥ 2-axis leaves, leaving
-    out frozen leaves off K-FAC (a frozen base model under LoRA adapters does not count; a
-    frozen weight in a K-FAC layer whose bias trains, BitFit, does)."""
-    counted = [e for e in entries if len(e.shape) >= 2
-               and (e.trained or e.structure == "kfac")]
+    """Elements of ≥ 2-axis leaves under K-FAC over all elements of ≥ 2-axis leaves, of the
+    leaves that count (`LeafEntry.counted`)."""
+    counted = [e for e in entries if len(e.shape) >= 2 and e.counted]
     total = sum(math.prod(e.shape) for e in counted)
     under = sum(math.prod(e.shape) for e in counted if e.structure == "kfac")
     return under / total if total else 0.0

@@ -177,8 +177,7 @@ def warn_if_mostly_diagonal(opt) -> None:
         return
     reports = [group_report(opt, i) for i, g in enumerate(opt.param_groups)
                if g["params"] and g["structure"] == "kfac"]
-    matrices = [e for r in reports for e in r.matrices() if e.reason != FROZEN
-                and (e.trained or e.structure == "kfac")]
+    matrices = [e for r in reports for e in r.matrices() if e.reason != FROZEN and e.counted]
     off = [e for e in matrices if e.structure != "kfac"]
     share = mostly_diagonal([math.prod(e.shape) for e in matrices if e.structure == "kfac"],
                             [math.prod(e.shape) for e in off])

@@ -32,8 +32,20 @@ def check_needs(opt, core: gc.Optimizer, i: int) -> None:
             raise ValueError(
                 f"{title} with fisher='mc' needs sample_targets=fn(output) -> targets: no "
                 f"default sampler for loss {type(opt.loss_fn).__name__}")
-    if (r.per_example_grads or r.fisher == "mc") and opt.loss_fn is not None:
+    if (r.per_example_grads or r.fisher == "mc") and opt.loss_fn is not None:  # its passes
         reduction = getattr(opt.loss_fn, "reduction", "mean")
         if reduction != "mean":
             raise ValueError(f"loss_fn must average over the batch (reduction='mean'), got "
                              f"reduction={reduction!r}")
+
+
+def check_loss_reduction(loss_fn) -> None:
+    """Any configuration: a `loss_fn` that sums over the batch is refused (the K-FAC
+    statistics take the loss to be the batch mean; the passes above need exactly "mean")."""
+    if getattr(loss_fn, "reduction", "mean") == "sum":
+        raise ValueError(
+            f"loss_fn={loss_fn!r} sums over the batch: the K-FAC statistics take the "
+            "loss to be the batch mean (each example's output gradient is B times its "
+            "share of it), so a summed loss makes the factors B² too large and the steps "
+            "about B times smaller. Use reduction='mean' (the default), in the closure "
+            "too")

@@ -25,7 +25,7 @@ from grng_torch import _checkpoint, _describe, _state_dict, _step
 from grng_torch._collect import Collector, unwrap
 from grng_torch._functional import LossModule, default_output, default_sampler
 from grng_torch._groups import STATE_KEY, GroupState
-from grng_torch._requirements import check_needs
+from grng_torch._requirements import check_loss_reduction, check_needs
 from grng_torch._skips import SkipMonitor
 
 
@@ -128,13 +128,7 @@ class GRNGOptimizer(torch.optim.Optimizer):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        if getattr(loss_fn, "reduction", "mean") == "sum":
-            raise ValueError(
-                f"loss_fn={loss_fn!r} sums over the batch: the K-FAC statistics take the "
-                "loss to be the batch mean (each example's output gradient is B times its "
-                "share of it), so a summed loss makes the factors B² too large and the steps "
-                "about B times smaller. Use reduction='mean' (the default), in the closure "
-                "too")
+        check_loss_reduction(loss_fn)
         if collective not in ("auto", None) and not isinstance(collective, gc.Collective):
             raise TypeError("collective must be 'auto', None or a grng_core.Collective")
 
