@@ -4,7 +4,8 @@
 usually under ``jax.vmap`` (collected with the whole batch, `grng_jax._nested`). A convolution's
 rows are its patches, ordered (c_in, *kernel) as the weight flattens, and its channels-first
 output is tagged channels last. Grouped convolutions and non-zero padding modes are left
-untagged (another use of the weight)."""
+untagged (another use of the weight). ``nn.BatchNorm`` in training mode is recorded as coupling
+the batch's examples (refused where per-example gradients are needed)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,15 @@ def _conv(col, mod, x, out):
     return jnp.moveaxis(z, -1, 0)
 
 
+def _batch_norm(col, mod, args, kwargs, out):
+    """A BatchNorm in training mode (the call's `inference`, else the module's) averages over
+    the vmapped batch: its examples are coupled (`_optax._refuse_batch_coupled`)."""
+    inference = kwargs.get("inference")
+    if not (mod.inference if inference is None else inference):
+        col.batch_coupled.append(f"an eqx.nn.BatchNorm({mod.input_size})")
+    return out
+
+
 def install() -> None:
     import equinox as eqx
 
@@ -48,3 +58,4 @@ def install() -> None:
 
     hook_method(eqx.nn.Linear, "__call__", _linear)
     hook_method(eqx.nn.Conv, "__call__", _conv)
+    hook_method(eqx.nn.BatchNorm, "__call__", _batch_norm, with_call=True)

@@ -207,6 +207,34 @@ def warn_if_mostly_diagonal(opt) -> None:
         "opt.describe() lists every parameter.", UserWarning, stacklevel=3)
 
 
+FROZEN_WARN_ELEMENTS = 1_000_000  # below this, frozen parameters' state is not worth a warning
+
+
+def warn_if_mostly_frozen(opt) -> None:
+    """Warn once, at construction, when most parameter elements given are frozen
+    (requires_grad=False) and they number at least `FROZEN_WARN_ELEMENTS`: GRNG keeps state
+    for every parameter it is given (a frozen one can be unfrozen later and train on the
+    diagonal) where torch.optim keeps none, so LoRA on a large model given
+    `model.parameters()` would pay a second copy of the base model (or more) for nothing."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    frozen = [p for p in params if not p.requires_grad]
+    n_frozen = sum(p.numel() for p in frozen)
+    n_all = sum(p.numel() for p in params)
+    if n_frozen < FROZEN_WARN_ELEMENTS or 2 * n_frozen < n_all:
+        return
+    # the diagonal's moment, and the momentum buffer where the group has momentum
+    size = sum(p.numel() * max(4, p.element_size()) * (2 if g.get("momentum") else 1)
+               for g in opt.param_groups for p in g["params"] if not p.requires_grad)
+    warnings.warn(
+        f"{type(opt).__name__}: {n_frozen:,} of the {n_all:,} parameter elements given "
+        f"({n_frozen / n_all:.0%}, {len(frozen)} tensors) are frozen (requires_grad=False). "
+        f"They are never updated but still get optimizer state (about {size / 2**30:.2f} GiB) "
+        "and a zero gradient every step, where torch.optim keeps nothing for them. Pass the "
+        "trainable parameters only: "
+        f"{type(opt).__name__}([p for p in model.parameters() if p.requires_grad], "
+        "model=model, ...).", UserWarning, stacklevel=3)
+
+
 def warn_if_shared_late(opt, absent: list[int]) -> None:
     """Warn once per layer when a K-FAC layer (hooked layer numbers `absent`: no rows this
     step) is found called on an input the batch shares after its first step (that step's calls

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
 import grng_core as gc
+from grng_torch._functional import LossModule
 
 
 def check_needs(opt, core: gc.Optimizer, i: int) -> None:
@@ -33,7 +36,7 @@ def check_needs(opt, core: gc.Optimizer, i: int) -> None:
                 f"{title} with fisher='mc' needs sample_targets=fn(output) -> targets: no "
                 f"default sampler for loss {type(opt.loss_fn).__name__}")
     if (r.per_example_grads or r.fisher == "mc") and opt.loss_fn is not None:  # its passes
-        reduction = getattr(opt.loss_fn, "reduction", "mean")
+        reduction = loss_reduction(opt.loss_fn)
         if reduction != "mean":
             raise ValueError(f"loss_fn must average over the batch (reduction='mean'), got "
                              f"reduction={reduction!r}")
@@ -42,10 +45,22 @@ def check_needs(opt, core: gc.Optimizer, i: int) -> None:
 def check_loss_reduction(loss_fn) -> None:
     """Any configuration: a `loss_fn` that sums over the batch is refused (the K-FAC
     statistics take the loss to be the batch mean; the passes above need exactly "mean")."""
-    if getattr(loss_fn, "reduction", "mean") == "sum":
+    if loss_reduction(loss_fn) == "sum":
         raise ValueError(
             f"loss_fn={loss_fn!r} sums over the batch: the K-FAC statistics take the "
             "loss to be the batch mean (each example's output gradient is B times its "
             "share of it), so a summed loss makes the factors B² too large and the steps "
             "about B times smaller. Use reduction='mean' (the default), in the closure "
             "too")
+
+
+def loss_reduction(loss_fn) -> str:
+    """A loss's batch reduction: a loss module's `reduction`, or the `reduction=` keyword of a
+    `functools.partial` (``partial(F.cross_entropy, reduction="sum")``); "mean" otherwise
+    (the functional losses' default). A function wrapped as a `LossModule` is looked into."""
+    loss_fn = getattr(loss_fn, "fn", loss_fn) if isinstance(loss_fn, LossModule) else loss_fn
+    while isinstance(loss_fn, functools.partial):
+        if "reduction" in loss_fn.keywords:
+            return str(loss_fn.keywords["reduction"])
+        loss_fn = loss_fn.func
+    return str(getattr(loss_fn, "reduction", "mean"))

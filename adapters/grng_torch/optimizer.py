@@ -117,6 +117,7 @@ class GRNGOptimizer(torch.optim.Optimizer):
         self.loaded_groups: set[int] = set()  # groups whose state came from a checkpoint
         super().__init__(params, defaults)
         _describe.warn_if_mostly_diagonal(self)
+        _describe.warn_if_mostly_frozen(self)
         _step.arm_for_closure_free(self)
 
     @staticmethod

@@ -7,6 +7,7 @@ averages are unaffected."""
 
 from __future__ import annotations
 
+import equinox as eqx
 import flax.linen as nn
 import grng_jax
 import jax
@@ -122,3 +123,47 @@ def test_fisher_mc_checks_the_loss_its_statistics_use():
     with pytest.raises(ValueError, match="BatchNorm 'BatchNorm_0' in training mode"):
         opt.update(jax.grad(eval_loss)(params, batch), opt.init(params), params,
                    loss_fn=eval_loss, mc_loss_fn=train_mc, batch=batch)
+
+
+class EqxNet(eqx.Module):
+    l1: eqx.nn.Linear
+    bn: eqx.nn.BatchNorm
+    l2: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.l1, self.l2 = eqx.nn.Linear(4, 6, key=k1), eqx.nn.Linear(6, 3, key=k2)
+        self.bn = eqx.nn.BatchNorm(6, axis_name="batch", mode="ema")
+
+    def __call__(self, x, state, inference):
+        h, state = self.bn(self.l1(x), state, inference=inference)
+        return self.l2(jnp.tanh(h)), state
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_equinox_batchnorm_in_training_mode_is_refused_not_in_inference(inference):
+    """equinox's BatchNorm averages over the vmap axis it names: one example at a time (the
+    per-example gradients' vmap) it would be another function."""
+    model, bn_state = eqx.nn.make_with_state(EqxNet)(jax.random.PRNGKey(0))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    x, y = jax.random.normal(jax.random.PRNGKey(1), (16, 4)), jnp.arange(16) % 3
+
+    def loss_fn(p, batch):
+        m = eqx.combine(p, static)
+        logits, _ = jax.vmap(m, axis_name="batch", in_axes=(0, None, None),
+                             out_axes=(0, None))(batch[0], bn_state, inference)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+    opt = grng_jax.ring(structure="woodbury")
+    state = opt.init(params)
+    grads = jax.grad(loss_fn)(params, (x, y))
+    if not inference:
+        with pytest.raises(ValueError, match=r"an eqx.nn.BatchNorm\(6\) in training mode"):
+            opt.update(grads, state, params, loss_fn=loss_fn, batch=(x, y))
+        return
+    start = loss_fn(params, (x, y))
+    for _ in range(3):
+        updates, state = opt.update(jax.grad(loss_fn)(params, (x, y)), state, params,
+                                    loss_fn=loss_fn, batch=(x, y))
+        params = eqx.apply_updates(params, updates)
+    assert float(loss_fn(params, (x, y))) < float(start)
+    assert int(state.core.skipped) == 0

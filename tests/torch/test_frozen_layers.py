@@ -138,3 +138,23 @@ def test_a_frozen_tied_matrix_counts_in_no_share_and_no_warning():
     assert by_name["mid.weight"].structure == "kfac" and by_name["mid.weight"].trained
     assert rep.kfac_share == 1.0
     assert "100% of weight-matrix elements under K-FAC" in str(rep)
+
+
+def test_a_mostly_frozen_model_given_whole_is_warned_about_its_state():
+    """LoRA on a large model given `model.parameters()`: the frozen base still gets optimizer
+    state (torch.optim keeps none), so construction warns with the size and the fix; given the
+    trainable parameters only, or with few frozen elements, it does not."""
+    base = nn.Linear(1024, 1024).requires_grad_(False)  # 1,049,600 frozen elements
+    head = nn.Linear(1024, 4)
+    model = nn.Sequential(base, head)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        gt.RING(model.parameters(), model=model, momentum=0.5)
+    (w,) = [w for w in got if "frozen (requires_grad=False)" in str(w.message)]
+    text = str(w.message)
+    assert "1,049,600 of the 1,053,700" in text and "if p.requires_grad" in text
+    assert f"{1_049_600 * 4 * 2 / 2**30:.2f} GiB" in text  # moment + momentum, float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gt.RING([p for p in model.parameters() if p.requires_grad], model=model)
+        _run(False, steps=1)  # a small frozen share: not worth a warning
