@@ -16,6 +16,9 @@ from typing import NamedTuple
 from grng_core.incidents import FactorIncident
 from grng_core.state import OptState, layouts
 
+#: The widest name column of the table (longer names push their row's columns right).
+NAME_WIDTH = 64
+
 #: The reason given for a leaf the adapter reports as not trained.
 FROZEN_LEAF = "frozen (requires_grad=False): not trained"
 
@@ -56,13 +59,18 @@ class StructureReport(NamedTuple):
         return [e for e in self.entries if len(e.shape) >= 2]
 
     def __str__(self) -> str:
-        lines = [f"{self.algorithm}: {len(self.entries)} parameter leaves, "
-                 f"{self.kfac_share:.0%} of weight-matrix elements under K-FAC"
-                 + ("" if self.skipped is None else f", {self.skipped} steps skipped")]
+        left_out = [e for e in self.matrices() if not e.counted]
+        share = (f"{self.kfac_share:.0%} of weight-matrix elements under K-FAC"
+                 + (f" (of the trained ones: {len(left_out)} frozen matrices left out)"
+                    if left_out else ""))
+        skipped = "" if self.skipped is None else \
+            f", {self.skipped} step{'' if self.skipped == 1 else 's'} skipped"
+        lines = [f"{self.algorithm}: {len(self.entries)} parameter leaves, {share}{skipped}"]
+        width = min(NAME_WIDTH, max((len(e.name) for e in self.entries), default=0))
         for e in self.entries:
             where = f"  layer {e.layer}" if e.layer else ""
             why = f"  ({e.reason})" if e.reason else ""
-            lines.append(f"  {e.name:<40} {str(e.shape):<16} {e.structure:<9}{where}{why}")
+            lines.append(f"  {e.name:<{width}} {str(e.shape):<16} {e.structure:<9}{where}{why}")
         for inc in self.incidents:
             lines.append(f"  {inc.kind}: factor {inc.factor} of {inc.layer}: "
                          f"{inc.refreshes} times, last extra damping {inc.extra_damping:.3g}")
@@ -70,6 +78,10 @@ class StructureReport(NamedTuple):
             lines.append("  refresh warm-up skipped (warmup_rows rows a step per factor "
                          f"dimension or more): {', '.join(self.no_warmup)}")
         return "\n".join(lines)
+
+    def _repr_pretty_(self, printer, cycle: bool) -> None:
+        """IPython / Jupyter show the table (`opt.describe()` as a cell's last line)."""
+        printer.text(str(self))
 
 
 def mostly_diagonal(kfac_sizes: Sequence[int], other_sizes: Sequence[int]) -> float | None:

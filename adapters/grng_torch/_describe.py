@@ -15,8 +15,15 @@ from grng_core.describe import StructureReport, describe, merge, mostly_diagonal
 from grng_core.incidents import Incidents
 
 NOT_REACHED = "not reached by the loss at the first step (no statistics)"
-FROZEN = ("frozen (requires_grad=False: weight and bias) at the first step: no K-FAC "
-          "statistics for the run")
+FROZEN = "frozen (requires_grad=False{}) at the first step: no K-FAC statistics for the run"
+FROZEN_NOW = "frozen (requires_grad=False{}): no K-FAC statistics if still frozen at the first step"
+
+
+def frozen_reason(layer, stepped: bool) -> str:
+    """Why a frozen layer is off K-FAC: after its group's first step, or before it (then it
+    is what the first step will do)."""
+    what = "" if layer.bias is None else ": weight and bias"
+    return (FROZEN if stepped else FROZEN_NOW).format(what)
 STALE = "factors kept from before, not refreshed: found "
 LOADED = ("on the diagonal in the loaded state: the run that saved it left the layer off "
           "K-FAC at its first step")
@@ -24,19 +31,30 @@ CLOSURE_ONLY = ("nn.MultiheadAttention's projections are collected inside step(c
                 "the first step had no closure")
 
 
+TIED = "tied: {} hold this one weight (K-FAC from one use would be wrong)"
+
+
 def _reasons_by_param(opt) -> dict[int, str]:
     """id(param) -> why it is not under K-FAC (every module that holds it: a tied weight
-    gets the reasons of each use)."""
+    gets one reason naming all its modules, other uses the reason of each)."""
     if opt.collector is None:
         return {}
     by_name = dict(opt.collector.root.named_parameters(remove_duplicate=False))
     out: dict[int, list[str]] = {}
+    tied: dict[int, list[str]] = {}
     for r in opt.collector.registry.records:
         for n in r.params:
-            if r.reason and n in by_name:
-                why = out.setdefault(id(by_name[n]), [])
-                if f"{r.path}: {r.reason}" not in why:
-                    why.append(f"{r.path or type(opt.collector.root).__name__}: {r.reason}")
+            if not r.reason or n not in by_name:
+                continue
+            path = r.path or type(opt.collector.root).__name__
+            if r.reason.startswith("tied:"):
+                tied.setdefault(id(by_name[n]), []).append(path)
+                continue
+            why = out.setdefault(id(by_name[n]), [])
+            if f"{path}: {r.reason}" not in why:
+                why.append(f"{path}: {r.reason}")
+    for k, paths in tied.items():
+        out.setdefault(k, []).insert(0, TIED.format(", ".join(dict.fromkeys(paths))))
     return {k: "; ".join(v) for k, v in out.items()}
 
 
@@ -72,7 +90,8 @@ def group_report(opt, i: int) -> StructureReport:
     if entry is None:
         pairs = [(w, b) for li, w, b in opt.fitting_layers(i, candidates)
                  if opt.collector.layers[li].trainable]
-        reasons_frozen = {j: FROZEN for li, w, b in candidates
+        reasons_frozen = {j: frozen_reason(opt.collector.layers[li], False)
+                          for li, w, b in candidates
                           if not opt.collector.layers[li].trainable
                           for j in (w, b) if j is not None}
     else:
@@ -86,7 +105,8 @@ def group_report(opt, i: int) -> StructureReport:
         for li, w, b in candidates:
             if w not in used:
                 reason = opt.collector.oversized.get(li) or opt.collector.broadcast.get(li) or (
-                    FROZEN if li in opt.collector.frozen else
+                    frozen_reason(opt.collector.layers[li], True)
+                    if li in opt.collector.frozen else
                     CLOSURE_ONLY if opt.collector.layers[li].functional
                     and opt.collector.armed and i not in opt.loaded_groups else
                     LOADED if i in opt.loaded_groups else NOT_REACHED)
@@ -177,7 +197,8 @@ def warn_if_mostly_diagonal(opt) -> None:
         return
     reports = [group_report(opt, i) for i, g in enumerate(opt.param_groups)
                if g["params"] and g["structure"] == "kfac"]
-    matrices = [e for r in reports for e in r.matrices() if e.reason != FROZEN and e.counted]
+    matrices = [e for r in reports for e in r.matrices() if e.counted
+                and not (e.reason or "").startswith("frozen")]
     off = [e for e in matrices if e.structure != "kfac"]
     share = mostly_diagonal([math.prod(e.shape) for e in matrices if e.structure == "kfac"],
                             [math.prod(e.shape) for e in off])

@@ -142,6 +142,7 @@ def run(opt, closure):
     if closure is not None and not callable(closure):
         raise TypeError(f"{title}.step() needs a closure (got {closure!r}): {CLOSURE_HELP}")
     opt.skips.poll()  # skips of earlier steps on a GPU, now that their copies have landed
+    opt.lr_watch.check(opt)  # an lr changed (a scheduler) while the trust region bound
     sp = plan(opt)
     coll = opt.collector
     if coll is not None:
@@ -330,6 +331,7 @@ def _update_groups(opt, sp: StepPlan, grads, env: dict[str, Any]) -> list:
                                                   for li, n in got[0].items()})
     prepared = [_group_prepare(opt, sp, gp, grads[gp.index], env) for gp in sp.groups]
     total = None if whole is None else kl_total([p for _, _, p in prepared])
+    opt.lr_watch.record_step(sp.groups, prepared, total)
     results = [_finished(core, entry, p, total) for entry, core, p in prepared]
     return results if whole is None else skip_together([p.state for *_, p in prepared], results)
 

@@ -25,6 +25,7 @@ from grng_torch import _checkpoint, _describe, _state_dict, _step
 from grng_torch._collect import Collector, unwrap
 from grng_torch._functional import LossModule, default_output, default_sampler
 from grng_torch._groups import STATE_KEY, GroupState
+from grng_torch._lr_watch import LrWatch
 from grng_torch._requirements import check_loss_reduction, check_needs
 from grng_torch._skips import SkipMonitor
 
@@ -106,6 +107,7 @@ class GRNGOptimizer(torch.optim.Optimizer):
         self.hp_names = names
         self._cores: list[tuple[tuple, gc.Optimizer | None]] = []
         self.skips = SkipMonitor()
+        self.lr_watch = LrWatch()
         self.batch_axis = batch_axis
         self.collector = Collector(model, loss_fn, batch_axis) if model is not None else None
         if self.collector is not None:  # the hooks go when the optimizer goes

@@ -50,7 +50,55 @@ def test_tied_weight_is_reported_not_given_one_use_kfac():
     tied = by["wte.weight"]
     assert tied.structure == "diagonal"
     assert "tied" in tied.reason and "head" in tied.reason and "wte" in tied.reason
+    assert tied.reason.count("tied") == 1  # one reason naming every holder, not one per use
     assert [w for w, _ in opt.group_state(0).layers] == [1]  # only mid's weight
+
+
+class LongNames(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder_block_with_a_long_name = nn.ModuleList(
+            [nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)) for _ in range(2)])
+        self.pos = nn.Embedding(3, 4).requires_grad_(False)
+
+    def forward(self, x):
+        for m in self.encoder_block_with_a_long_name:
+            x = m(x)
+        return x
+
+
+def test_the_table_aligns_long_names_and_says_what_it_counts():
+    """Columns aligned past 40 characters of name; "1 step"; before the first step a frozen
+    layer's reason says what that step will do; IPython shows the table, not the tuple."""
+    model = LongNames()
+    opt = gt.RING(model.parameters(), model=model)
+    before = {e.name: e for e in opt.describe().entries}["pos.weight"].reason
+    assert before.startswith("frozen (requires_grad=False)") and "if still frozen" in before
+    x = torch.randn(8, 4)
+    step_bad = torch.full((8, 4), float("nan"))
+    for batch in (x, step_bad):
+        opt.zero_grad()
+        model(batch).square().mean().backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+    rep = opt.describe()
+    text = str(rep)
+    assert ", 1 step skipped" in text.splitlines()[0]
+    rows = [line for line in text.splitlines()[1:] if line.startswith("  ") and "(" in line]
+    starts = {line.index("(") for line in rows}  # the shape column
+    assert len(starts) == 1, text
+    after = {e.name: e for e in rep.entries}["pos.weight"].reason
+    assert "at the first step" in after and "weight and bias" not in after  # no bias
+
+    class Printer:
+        out = ""
+
+        def text(self, t):
+            self.out += t
+    p = Printer()
+    rep._repr_pretty_(p, False)
+    assert p.out == text
 
 
 def test_a_module_called_twice_gets_statistics_from_both_calls():

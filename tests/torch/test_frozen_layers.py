@@ -137,7 +137,8 @@ def test_a_frozen_tied_matrix_counts_in_no_share_and_no_warning():
     assert by_name["emb.weight"].reason.startswith("frozen") and not by_name["emb.weight"].trained
     assert by_name["mid.weight"].structure == "kfac" and by_name["mid.weight"].trained
     assert rep.kfac_share == 1.0
-    assert "100% of weight-matrix elements under K-FAC" in str(rep)
+    assert "100% of weight-matrix elements under K-FAC (of the trained ones: 1 frozen " \
+        "matrices left out)" in str(rep)
 
 
 def test_a_mostly_frozen_model_given_whole_is_warned_about_its_state():
