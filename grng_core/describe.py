@@ -13,11 +13,15 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from typing import NamedTuple
 
+from grng_core.config import value_at
 from grng_core.incidents import FactorIncident
-from grng_core.state import OptState, layouts
+from grng_core.state import OptState, Preconditioner, layouts
 
 #: The widest name column of the table (longer names push their row's columns right).
 NAME_WIDTH = 64
+
+#: A K-FAC layer whose curvature is below this share of the damping gets a note.
+DOMINATED_BELOW = 1e-2
 
 #: The reason given for a leaf the adapter reports as not trained.
 FROZEN_LEAF = "frozen (requires_grad=False): not trained"
@@ -133,12 +137,47 @@ def describe(algorithm: str, structure: str, shapes: Sequence[tuple[int, ...]],
                            tuple(no_warmup))
 
 
-def describe_state(algorithm: str, structure: str, state: OptState, shapes,
+def describe_state(algorithm: str, structure: str, state: OptState, shapes, config=None,
                    **kw) -> StructureReport:
-    """`describe` with the K-FAC layers read from a state (and its skipped-step count)."""
+    """`describe` with the K-FAC layers read from a state (and its skipped-step count);
+    with the optimizer's `config`, K-FAC layers whose damping dominates get a note
+    (`damping_notes`)."""
     pairs = [(L.weight, L.bias) for L in layouts(state)]
     kw.setdefault("skipped", int(state.skipped))
+    if config is not None:
+        kw["notes"] = {**damping_notes(state, config), **(kw.get("notes") or {})}
     return describe(algorithm, structure, shapes, pairs, **kw)
+
+
+def damping_notes(state: OptState, config) -> dict[int, str]:
+    """{leaf position: note} of the K-FAC layers (RENG, RING) whose curvature is far below the
+    damping λ: the mean eigenvalue of A ⊗ S, (tr A / d_A)(tr S / d_S), under
+    `DOMINATED_BELOW`·λ. Their damped factors are then about √λ-scaled identities (§2.1), so the
+    step is about g/λ: a first-order step, short where the gradients are small (a block after
+    ConvNeXt's layer scale of 1e-6). Reads the factors to the host: for reports, not a step."""
+    if not isinstance(state.curvature, Preconditioner) or not state.curvature.kfac \
+            or int(state.curvature_count) == 0:
+        return {}
+    damping = float(value_at(config.damping, state.step))
+    out: dict[int, str] = {}
+    for L in state.curvature.kfac:
+        mean = _mean_eig(L.A) * _mean_eig(L.S)
+        if not mean < DOMINATED_BELOW * damping:
+            continue
+        note = (f"damping-dominated: the curvature's mean eigenvalue {mean:.2g} is "
+                f"{mean / damping:.1g} times the damping ({damping:g}): its step is about "
+                "g/damping (tiny gradients: a small scale after the layer?)")
+        out.update({i: note for i in (L.layout.weight, L.layout.bias) if i is not None})
+    return out
+
+
+def _mean_eig(F) -> float:
+    """tr(F)/d of a factor (an embedding's diagonal A is kept as its diagonal)."""
+    from array_api_compat import array_namespace
+
+    xp = array_namespace(F)
+    diag = F if F.ndim == 1 else xp.linalg.diagonal(F)
+    return float(xp.mean(diag))
 
 
 def merge(reports: Sequence[StructureReport]) -> StructureReport:

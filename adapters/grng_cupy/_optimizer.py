@@ -258,7 +258,8 @@ class CupyOptimizer:
         leaves, container = flatten(self.params)
         names = [str(k) for k in container.keys]
         return describe_state(self.core.name, self.core.config.structure, self.state,
-                              [tuple(x.shape) for x in leaves], names=names,
+                              [tuple(x.shape) for x in leaves], config=self.core.config,
+                              names=names,
                               incidents=self.incidents.entries(),
                               no_warmup=[names[w] for w in sorted(self._no_warmup)])
 

@@ -47,4 +47,4 @@ def report(opt, state, params) -> StructureReport:
                    for L in (grng.core.curvature.kfac or ())}
     return describe_state(core.name, core.config.structure, grng.core,
                           [tuple(x.shape) for x in leaves], names=names,
-                          layer_names=layer_names, reasons=reasons)
+                          layer_names=layer_names, reasons=reasons, config=core.config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 
-from grng_core.describe import StructureReport, describe, merge, mostly_diagonal
+from grng_core.describe import StructureReport, damping_notes, describe, merge, mostly_diagonal
 from grng_core.incidents import Incidents
 
 NOT_REACHED = "not reached by the loss at the first step (no statistics)"
@@ -124,7 +124,8 @@ def group_report(opt, i: int) -> StructureReport:
                     None if entry is None else int(entry.core.skipped),
                     [layer_names[w] for li, w, _ in candidates
                      if opt.collector is not None and li in opt.collector.no_warmup],
-                    notes=stale,
+                    notes=stale if entry is None else
+                    {**damping_notes(entry.core, opt.core(i).config), **stale},
                     frozen={j for j, p in enumerate(group["params"]) if not p.requires_grad})
 
 

@@ -159,3 +159,33 @@ def test_find_layers_says_why_a_matrix_is_not_among_its_layers():
     why = {e.name: e.reason for e in grng_jax.describe(opt, state, params).entries}
     assert why["mix"].startswith("not called through a tagged layer"), why
     assert "also used by" in why["Embed_0/embedding"] and "attend" in why["Embed_0/embedding"]
+
+
+class Scaled(fnn.Module):
+    """A Dense block under a fixed output scale of 1e-6, beside a plain head."""
+
+    @fnn.compact
+    def __call__(self, x):
+        return fnn.Dense(3, name="head")(x + 1e-6 * jnp.tanh(fnn.Dense(5, name="block")(x)))
+
+
+def test_a_damping_dominated_layer_is_noted():
+    """The same note as grng_torch's (`grng_core.describe.damping_notes`): the block's
+    curvature is far below the damping, the head's is not."""
+    model = Scaled()
+    x, y = jax.random.normal(jax.random.PRNGKey(0), (32, 5)), jnp.arange(32) % 3
+    params = model.init(jax.random.PRNGKey(1), x)
+
+    def loss_fn(p, batch):
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, batch[0]),
+                                                               batch[1]).mean()
+    opt = grng_jax.ring()
+    state = opt.init(params)
+    for _ in range(2):
+        updates, state = opt.update(jax.grad(loss_fn)(params, (x, y)), state, params,
+                                    loss_fn=loss_fn, batch=(x, y))
+        params = optax.apply_updates(params, updates)
+    by = {e.name: e for e in grng_jax.describe(opt, state, params).entries}
+    assert by["params/block/kernel"].reason.startswith("damping-dominated")
+    assert by["params/block/bias"].reason == by["params/block/kernel"].reason
+    assert by["params/head/kernel"].reason is None
