@@ -10,6 +10,7 @@ incidents (`grng_core.incidents`). `str(report)` is the table users read.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from typing import NamedTuple
 
@@ -19,6 +20,7 @@ from grng_core.state import OptState, Preconditioner, layouts
 
 #: The widest name column of the table (longer names push their row's columns right).
 NAME_WIDTH = 64
+FOOTNOTE_CHARS = 80  # a reason longer than this, on several rows, is printed once below
 
 #: A K-FAC layer whose curvature is below this share of the damping gets a note.
 DOMINATED_BELOW = 1e-2
@@ -71,10 +73,13 @@ class StructureReport(NamedTuple):
             f", {self.skipped} step{'' if self.skipped == 1 else 's'} skipped"
         lines = [f"{self.algorithm}: {len(self.entries)} parameter leaves, {share}{skipped}"]
         width = min(NAME_WIDTH, max((len(e.name) for e in self.entries), default=0))
+        marks = self._footnotes()
         for e in self.entries:
             where = f"  layer {e.layer}" if e.layer else ""
-            why = f"  ({e.reason})" if e.reason else ""
+            why = f"  [{marks[e.reason]}]" if e.reason in marks else \
+                f"  ({e.reason})" if e.reason else ""
             lines.append(f"  {e.name:<{width}} {str(e.shape):<16} {e.structure:<9}{where}{why}")
+        lines += [f"  [{k}] {reason}" for reason, k in marks.items()]
         for inc in self.incidents:
             lines.append(f"  {inc.kind}: factor {inc.factor} of {inc.layer}: "
                          f"{inc.refreshes} times, last extra damping {inc.extra_damping:.3g}")
@@ -82,6 +87,13 @@ class StructureReport(NamedTuple):
             lines.append("  refresh warm-up skipped (warmup_rows rows a step per factor "
                          f"dimension or more): {', '.join(self.no_warmup)}")
         return "\n".join(lines)
+
+    def _footnotes(self) -> dict[str, int]:
+        """A long reason shared by several leaves, numbered: the rows show its number, the
+        text follows the table once."""
+        seen = Counter(e.reason for e in self.entries if e.reason)
+        long = [r for r in seen if seen[r] > 1 and len(r) > FOOTNOTE_CHARS]
+        return {r: k for k, r in enumerate(long, 1)}
 
     def _repr_pretty_(self, printer, cycle: bool) -> None:
         """IPython / Jupyter show the table (`opt.describe()` as a cell's last line)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+from grng_core import lapack
 from grng_core.concrete import branch, branchable, concrete_bool
 from grng_core.context import select
 from grng_core.linalg import (
@@ -164,7 +165,7 @@ def _correct(P, rows, c, ctx, name):
     xp = ctx.xp
     d, n = P.shape[0], rows.shape[0]
     if n > RLS_QR_RATIO * d and has_linalg(xp) and hasattr(xp.linalg, "qr"):
-        rows = xp.linalg.qr(rows)[1]  # (d × d) with Rᵀ R = aᵀ a
+        rows = lapack.qr_r(rows, xp)  # (d × d) with Rᵀ R = aᵀ a
         n = d
     block = rls_block(d, n)
     for start in range(0, n, block):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from grng_core import lapack
 from grng_core.concrete import concrete_bool, is_traced
 from grng_core.tree import device
 from grng_core.triangular import inverse_from_cholesky
@@ -51,7 +52,7 @@ def cholesky_inverse(M, xp, name="matrix", strict=True, rescue=None):
     Under jit jax returns NaN for both and the step is skipped.
     """
     try:
-        L = xp.linalg.cholesky(M)
+        L = lapack.cholesky(M, xp)
     except Exception as e:  # numpy LinAlgError, torch _LinAlgError: M not positive definite
         finite = concrete_bool(xp.all(xp.isfinite(M)))
         if finite and rescue is not None:
@@ -158,7 +159,7 @@ def eigh(M, xp, name="matrix"):
     """(e, Q) with M = Q diag(e) Qᵀ for symmetric M. A non-finite M gives NaN (the guard skips
     the step); a finite M whose decomposition fails raises InverseError naming it."""
     try:
-        return xp.linalg.eigh(M)
+        return lapack.eigh(M, xp)
     except Exception as err:  # LinAlgError on non-finite input (numpy, torch)
         if concrete_bool(xp.all(xp.isfinite(M))):
             raise InverseError(f"{name}: eigendecomposition failed ({err})") from err

@@ -16,10 +16,10 @@ import array_api_compat
 
 def _lower_inverse_solve(L, eye, xp):
     """L⁻¹ by the namespace's triangular solve (or the general solve)."""
-    if array_api_compat.is_jax_namespace(xp):
-        from jax.scipy.linalg import solve_triangular
+    if array_api_compat.is_jax_namespace(xp):  # one matrix at a time under vmap on the CPU
+        from grng_core.lapack import jax_solve_lower
 
-        return solve_triangular(L, eye, lower=True)
+        return jax_solve_lower(L, eye)
     if array_api_compat.is_cupy_namespace(xp):
         from cupyx.scipy.linalg import solve_triangular as cupy_solve
 

@@ -71,8 +71,9 @@ def _join(grng: GRNGState, others: list, how) -> object:
 
 
 def _tagged(obj, seen: set, depth: int = 0) -> list:
-    """The functions carrying ``grng_core`` reachable from `obj` through containers and
-    closures (an optax combinator keeps its transformations' functions in its closures)."""
+    """The functions carrying ``grng_core`` reachable from `obj` through containers, closures
+    (an optax combinator keeps its transformations' functions in its closures) and optax's
+    class-based wrappers (optax.MultiSteps keeps its inner transformation as an attribute)."""
     if depth > _DEPTH or id(obj) in seen:
         return []
     seen.add(id(obj))
@@ -80,6 +81,10 @@ def _tagged(obj, seen: set, depth: int = 0) -> list:
         return [f for x in obj for f in _tagged(x, seen, depth + 1)]
     if isinstance(obj, dict):
         return [f for x in obj.values() for f in _tagged(x, seen, depth + 1)]
+    if isinstance(obj, types.MethodType):  # optax.MultiSteps(...).gradient_transformation()
+        return _tagged(obj.__self__, seen, depth + 1)
+    if type(obj).__module__.startswith("optax.") and hasattr(obj, "__dict__"):  # MultiSteps
+        return [f for x in vars(obj).values() for f in _tagged(x, seen, depth + 1)]
     if not isinstance(obj, types.FunctionType):
         return []
     if getattr(obj, "grng_core", None) is not None:

@@ -16,7 +16,7 @@ from jax import lax
 import grng_core as gc
 from grng_jax._layers import LayerRef, batch_size, describe, example_shapes, shared_reason
 from grng_jax._tags import Collector, collecting
-from grng_jax._uncovered import UNCOVERED
+from grng_jax._uncovered import NESTED_USE, UNCOVERED
 
 
 def per_example_grads(loss_fn: Callable, treedef, leaves: list, batch, key=None) -> list:
@@ -122,6 +122,24 @@ def _nested_note(nested: dict) -> str:
             "be collected)")
 
 
+def _refuse_other_use(name: str, how: str) -> None:
+    """A registered layer also used outside its tagged calls: refused, with the fix for `how`
+    (an uncovered configuration, a tied use such as Embed.attend, a nested transformation)."""
+    if how.startswith(UNCOVERED):
+        raise ValueError(f"K-FAC layer {name!r} is called as {how[len(UNCOVERED):]}, "
+                         "a configuration whose K-FAC statistics this adapter does not "
+                         "collect: leave it to the diagonal with layers=grng_jax."
+                         "find_layers(loss_fn, params, batch), which skips such layers, "
+                         "or a layers=[...] without it (or use structure='diagonal')")
+    if not how.startswith(NESTED_USE):  # Embed.attend: tied weights
+        raise ValueError(f"K-FAC layer {name!r} is also used by {how} (a tied weight), "
+                         "which its K-FAC statistics cannot see: leave it to the diagonal "
+                         "with layers=grng_jax.find_layers(loss_fn, params, batch), which "
+                         "does so, or a layers=[...] without it")
+    raise ValueError(f"K-FAC layer {name!r} is also used by {how}, which the K-FAC "
+                     f"statistics cannot see: {_FIX}")
+
+
 def _check_calls(found: list, other: dict, specs, names, leaves, nested=None,
                  examples: int | None = None, shapes: tuple = ()) -> None:
     """Every layer of `specs` is called through a tagged layer of its kind, with its declared
@@ -131,16 +149,8 @@ def _check_calls(found: list, other: dict, specs, names, leaves, nested=None,
         w, b = ref.weight, ref.bias
         mine = [c for c in found if c.weight == w]
         name = describe(names, w)
-        if w in other and other[w].startswith(UNCOVERED):
-            raise ValueError(f"K-FAC layer {name!r} is called as {other[w][len(UNCOVERED):]}, "
-                             "a configuration whose K-FAC statistics this adapter does not "
-                             "collect: leave it to the diagonal with layers=grng_jax."
-                             "find_layers(loss_fn, params, batch), which skips such layers, "
-                             "or a layers=[...] without it (or use structure='diagonal')")
         if w in other:
-            raise ValueError(f"K-FAC layer {name!r} is also used by {other[w]}, which the "
-                             f"K-FAC statistics cannot see (a tied weight, or an uncovered "
-                             f"call): {_FIX}")
+            _refuse_other_use(name, other[w])
         if not mine:
             raise ValueError(f"K-FAC layer {name!r} was not called through a tagged layer in "
                              f"loss_fn{_nested_note(nested or {})}, so its inputs and output "

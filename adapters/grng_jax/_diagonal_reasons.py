@@ -28,10 +28,10 @@ def why_diagonal(path: tuple, leaf, layers_option) -> str | None:
         return found[tuple(path)]
     last = str(path[-1]) if path else ""
     if last == "weight":
-        return ("named 'weight' without a 'bias' of its first axis's size: " + _AUTO + "; a "
-                "bias-less eqx.nn.Linear / Conv takes K-FAC with layers=grng_jax.find_layers("
-                "loss_fn, params, batch); an eqx.nn.Embedding table stays diagonal (its calls "
-                "are not hooked)")
+        return ("named 'weight' without a 'bias' of its first axis's size (layers='auto' takes "
+                "equinox weights that have one): a bias-less eqx.nn.Linear / Conv takes K-FAC "
+                "with layers=grng_jax.find_layers(loss_fn, params, batch); an "
+                "eqx.nn.Embedding table stays diagonal (its calls are not hooked)")
     if layers_option == "auto":
         return f"not a layer by name: {_AUTO}; or pass layers=grng_jax.find_layers(...)"
     return "not in the layers= given"
@@ -60,10 +60,14 @@ def warn_if_mostly_diagonal(name: str, params, covered: set, option,
                             [math.prod(leaves[i].shape) for i in off])
     if share is None or set(off) <= set(known):  # `warn_if_oversized` named them all
         return
-    shown = "; ".join(f"{'/'.join(str(k) for k in paths[i])} "
-                      f"({known.get(i) or why_diagonal(paths[i], leaves[i], option)})"
-                      for i in off[:4])
-    more = f"; and {len(off) - 4} more" if len(off) > 4 else ""
+    by_reason: dict[str, list[str]] = {}  # each reason once, with the leaves it explains
+    for i in off:
+        why = known.get(i) or why_diagonal(paths[i], leaves[i], option) or ""
+        by_reason.setdefault(why, []).append("/".join(str(k) for k in paths[i]))
+    shown = "; ".join(", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4
+                                              else "") + f" ({why})"
+                      for why, names in list(by_reason.items())[:4])
+    more = f"; and {len(by_reason) - 4} more reasons" if len(by_reason) > 4 else ""
     warnings.warn(
         f"grng_jax.{name}: {len(off)} of {len(matrices)} weight matrices, holding {share:.0%} "
         f"of all weight-matrix elements, are on the diagonal structure, not K-FAC: "

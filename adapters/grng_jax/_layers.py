@@ -11,6 +11,7 @@ import jax
 
 from grng_core.structures.rows import shared_by_batch
 from grng_jax._tags import Collector, collecting
+from grng_jax._uncovered import UNCOVERED
 
 
 class Layer(NamedTuple):
@@ -257,6 +258,15 @@ NOT_TAGGED = ("not called through a tagged layer in loss_fn (a hand-written matm
               "statistics from")
 
 
+def _other_use(how: str | None) -> str:
+    """find_layers' reason for a matrix with no tagged call: how it is used, where known."""
+    if how is None:
+        return NOT_TAGGED
+    if how.startswith(UNCOVERED):  # a grouped convolution, circular padding
+        return f"called as {how[len(UNCOVERED):]}, a configuration K-FAC does not cover"
+    return f"used by {how}, where its statistics cannot be collected"
+
+
 def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:
     """The dense layers that ``loss_fn(params, batch)`` calls through tagged layers.
 
@@ -278,9 +288,9 @@ def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:
                if c.weight in other else shared_reason(c, examples, shapes))
         if why:
             out.reasons[paths[c.weight]] = why
-    called = {c.weight for c in calls}
-    out.reasons.update({paths[i]: NOT_TAGGED for i, x in enumerate(leaves)
-                        if getattr(x, "ndim", 0) >= 2 and i not in called})
+    used = {c.weight for c in calls} | {c.bias for c in calls if c.bias is not None}
+    out.reasons.update({paths[i]: _other_use(other.get(i)) for i, x in enumerate(leaves)
+                        if getattr(x, "ndim", 0) >= 2 and i not in used})
     seen = {c.weight for c in calls if paths[c.weight] in out.reasons}
     for c in calls:
         if c.weight in seen:

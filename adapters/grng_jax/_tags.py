@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from grng_jax import _nested
 from grng_jax._active import ACTIVE
-from grng_jax._uncovered import uncovered
+from grng_jax._uncovered import NESTED_USE, uncovered
 
 try:  # an explicit import: `jax.extend` is not an attribute of `jax` until imported
     from jax.extend.core import get_opaque_trace_state as _opaque_trace_state
@@ -130,7 +130,7 @@ class Collector:
             if _nested.in_vmap():
                 return _nested.through_vmap(
                     lambda x, z: self.tag(x, kernel, bias, z, kind, in_axes, transposed), x, z)
-            self.other_uses.setdefault(w, f"a call inside {_nested.transformation()}")
+            self.other_uses.setdefault(w, f"{NESTED_USE}{_nested.transformation()}")
             return z  # inside a nested transformation of the loss: untagged
         k = len(self.calls)
         self.calls.append(Call(w, b, x, tuple(z.shape), z.dtype, kind, in_axes, transposed,

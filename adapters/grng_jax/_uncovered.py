@@ -3,6 +3,8 @@ layer hooks of flax.linen, flax.nnx and equinox record it; `_collect._check_call
 
 #: How `Collector.used_otherwise` names a call whose layer configuration K-FAC does not cover.
 UNCOVERED = "an uncovered configuration: "
+#: How `Collector.used_otherwise` names a registered layer called inside a nested transformation.
+NESTED_USE = "a call inside "
 
 
 def uncovered(layer: str, why: str) -> str:

@@ -141,6 +141,23 @@ def test_chain_state_round_trip(tmp_path):
     assert _max_diff(back2, s2) == 0.0
 
 
+def test_multisteps_state_round_trip(tmp_path):
+    """optax.MultiSteps (an object, not a closure): save / load / describe find the grng_jax
+    transformation inside it, also through its gradient_transformation(); the accumulated
+    gradient is saved beside the state and the run resumes identically."""
+    params, batch = P.mlp_params(SIZES), _batch()
+    multi = optax.MultiSteps(grng_jax.ring(0.1, **CH), every_k_schedule=2)
+    step, p, s = _run(multi, params, batch, 3)  # mid-accumulation: a gradient is held
+    for opt in (multi, multi.gradient_transformation()):
+        path = tmp_path / "multi.npz"
+        grng_jax.save(path, opt, s)
+        back = grng_jax.load(path, opt, like=multi.init(params))
+        assert jax.tree.structure(back) == jax.tree.structure(s)
+        assert _max_diff(back, s) == 0.0
+        assert grng_jax.describe(opt, back, params).kfac_share == 1.0
+    assert _max_diff(step(p, s, batch)[0], step(p, back, batch)[0]) == 0.0
+
+
 def test_the_old_checkpoint_names_point_to_the_new_ones():
     with pytest.raises(AttributeError, match=r"grng_jax.save\(path, opt, state\)"):
         grng_jax.save_state  # noqa: B018

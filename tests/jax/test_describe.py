@@ -161,6 +161,31 @@ def test_find_layers_says_why_a_matrix_is_not_among_its_layers():
     assert "also used by" in why["Embed_0/embedding"] and "attend" in why["Embed_0/embedding"]
 
 
+def test_find_layers_names_a_grouped_conv_and_keeps_attention_biases():
+    """A depthwise Conv's reason is its configuration (not "not called through a tagged
+    layer"); the 2-D (heads, head_dim) biases of attention projections are K-FAC biases of
+    their layers, not matrices left out."""
+    class Block(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            h = fnn.Conv(6, (3,), feature_group_count=6)(x)
+            return fnn.MultiHeadDotProductAttention(num_heads=2)(h, h).mean((1, 2))
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 5, 6))
+    params = Block().init(jax.random.PRNGKey(1), x)["params"]
+
+    def loss_fn(p, batch):
+        return jnp.mean(Block().apply({"params": p}, batch) ** 2)
+    found = grng_jax.find_layers(loss_fn, params, x)
+    attention = "MultiHeadDotProductAttention_0"
+    assert {L.weight for L in found} == {(attention, k, "kernel")
+                                         for k in ("query", "key", "value", "out")}
+    assert set(found.reasons) == {("Conv_0", "kernel")}, found.reasons
+    assert found.reasons[("Conv_0", "kernel")] == (
+        "called as flax.linen Conv with feature_group_count=6 (grouped or depthwise), a "
+        "configuration K-FAC does not cover")
+
+
 class Scaled(fnn.Module):
     """A Dense block under a fixed output scale of 1e-6, beside a plain head."""
 
@@ -189,3 +214,21 @@ def test_a_damping_dominated_layer_is_noted():
     assert by["params/block/kernel"].reason.startswith("damping-dominated")
     assert by["params/block/bias"].reason == by["params/block/kernel"].reason
     assert by["params/head/kernel"].reason is None
+
+
+def test_a_reason_shared_by_several_leaves_is_given_once():
+    """Four bias-less 'weight' matrices (equinox attention projections): the init warning names
+    them together with their reason once, and describe numbers the reason, printed once below."""
+    params = {"att": {k: {"weight": jnp.zeros((16, 16))} for k in ("q", "k", "v", "o")},
+              "out": {"weight": jnp.zeros((4, 16)), "bias": jnp.zeros(4)}}
+    opt = grng_jax.ring()
+    with pytest.warns(UserWarning, match="4 of 5 weight matrices") as caught:
+        state = opt.init(params)
+    text = str(caught[0].message)
+    assert "att/k/weight, att/o/weight, att/q/weight, att/v/weight (named 'weight' without" in text
+    assert text.count("without a 'bias'") == 1
+    shown = str(grng_jax.describe(opt, state, params))
+    assert shown.count("without a 'bias'") == 1
+    rows = [line for line in shown.splitlines() if line.strip().startswith("att/")]
+    assert len(rows) == 4 and all(line.rstrip().endswith("[1]") for line in rows)
+    assert shown.splitlines()[-1].startswith("  [1] named 'weight' without a 'bias'")
