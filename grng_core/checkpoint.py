@@ -28,7 +28,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
+from collections.abc import Collection, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -155,17 +156,36 @@ def hyperparams_diff(algorithm: str, saved: dict, now: dict) -> list[str]:
             now.get(k, "<absent>")]
 
 
-def _check_opt(meta: dict, opt, source: str) -> None:
+class OptCheck(NamedTuple):
+    """How a loaded file's hyperparameters are compared with the optimizer's: `allow_changed`
+    names those that may differ (a resumed run with another learning rate); `spelled` gives
+    the adapter's names for the core's (grng_jax: lr -> learning_rate) in messages and in
+    `allow_changed`."""
+
+    allow_changed: tuple[str, ...] = ()
+    spelled: tuple[tuple[str, str], ...] = ()
+
+
+STRICT = OptCheck()  #: every hyperparameter must equal the optimizer's
+
+
+def _check_opt(meta: dict, opt, source: str, check: OptCheck = STRICT) -> None:
     if meta.get("optimizer") is None:
         raise ValueError(f"{source}: the checkpoint records no optimizer (saved without opt=); "
                          "load it without opt= to skip the optimizer check")
     if meta.get("optimizer") != opt.name:
         raise ValueError(f"{source}: checkpoint is for optimizer {meta.get('optimizer')!r}, "
                          f"loading into {opt.name!r}")
-    diff = hyperparams_diff(opt.name, meta.get("hyperparams") or {}, hyperparams_json(opt))
+    spelled = dict(check.spelled)
+    diff = [spelled.get(d.split(":")[0], d.split(":")[0]) + d[d.index(":"):]
+            for d in hyperparams_diff(opt.name, meta.get("hyperparams") or {},
+                                      hyperparams_json(opt))]
+    diff = [d for d in diff if d.split(":")[0] not in check.allow_changed]
     if diff:
+        names = ", ".join(repr(d.split(":")[0]) for d in diff)
         raise ValueError(f"{source}: checkpoint hyperparameters differ from the optimizer's "
-                         f"({'; '.join(diff)})")
+                         f"({'; '.join(diff)}); to resume with the optimizer's values, pass "
+                         f"allow_changed=({names},)")
 
 
 def _check_leaf_order(saved, now, source: str) -> None:
@@ -183,13 +203,14 @@ def _check_leaf_order(saved, now, source: str) -> None:
 
 
 def state_from_numpy(arrays: dict, like=None, opt=None, source: str = "checkpoint",
-                     leaf_names: list[str] | None = None):
+                     leaf_names: list[str] | None = None, check: OptCheck = STRICT):
     """A new state from the archive's entries (as `state_to_numpy` writes them; the entries
     may also be arrays of another library, e.g. torch tensors kept in a torch state_dict).
 
     like: template state (opt.init's result in the target backend); None gives NumPy arrays in
     the saved structure. opt: when given, the optimizer name and hyperparameters must match.
-    leaf_names: the params leaves' names in leaf order (`_check_leaf_order`).
+    leaf_names: the params leaves' names in leaf order (`_check_leaf_order`). check: which
+    hyperparameters may differ (`OptCheck`).
     Raises ValueError on any mismatch; never mutates `like`.
     """
     if META_KEY not in arrays:
@@ -198,7 +219,7 @@ def state_from_numpy(arrays: dict, like=None, opt=None, source: str = "checkpoin
     arrays = {k: v if isinstance(v, np.ndarray) else to_host(v, k) for k, v in arrays.items()}
     meta = _parse_meta(arrays[META_KEY], source)
     if opt is not None:
-        _check_opt(meta, opt, source)
+        _check_opt(meta, opt, source, check)
     _check_leaf_order(meta.get("leaf_names"), leaf_names, source)
     specs = meta["arrays"]
     if not isinstance(specs, list):
@@ -243,13 +264,16 @@ def save_state(path, state, opt=None, *, extra: dict | None = None,
     write_atomic(path, arrays)
 
 
-def load_state(path, like: Any = None, opt=None, leaf_names: list[str] | None = None):
+def load_state(path, like: Any = None, opt=None, leaf_names: list[str] | None = None,
+               allow_changed: Collection[str] = (), spelled: Mapping[str, str] | None = None):
     """A new state read from `path`, as arrays of `like`'s library, device and dtypes.
 
     like: a template state of the target backend, e.g. `opt.init(params)` there; its
     containers, shapes and dtypes must match the file (dtypes may differ in precision only:
     float64 -> float32 casts). None returns NumPy arrays in the saved structure.
-    opt: when given, the file's optimizer name and hyperparameters must equal `opt`'s.
+    opt: when given, the file's optimizer name and hyperparameters must equal `opt`'s, but
+    those named in `allow_changed` (e.g. ("lr",): resume with another learning rate; names
+    as an adapter spells them, `spelled`: {core name: adapter name}).
     leaf_names: the params leaves' names in leaf order; the same names as the file's in
     another order are refused (the state is kept per position).
     Raises ValueError for a corrupted, mismatched, newer-format or pickle-holding file;
@@ -257,4 +281,5 @@ def load_state(path, like: Any = None, opt=None, leaf_names: list[str] | None = 
     """
     arrays = read_archive(path)
     return state_from_numpy(arrays, like, opt, source=f"checkpoint {os.fspath(path)!r}",
-                            leaf_names=leaf_names)
+                            leaf_names=leaf_names,
+                            check=OptCheck(tuple(allow_changed), tuple((spelled or {}).items())))

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, ClassVar
 
+from grng_core.user_frame import user_stacklevel
+
 STRUCTURES = ("kfac", "diagonal", "woodbury")
 ESTIMATORS = ("double_backprop", "finite_difference")
 FD_SCHEMES = ("forward", "backward", "central")
@@ -143,7 +145,7 @@ def _warn_if_decay_dominates(config) -> None:
         f"{lr * wd:.1%} a step (decoupled decay θ ← θ − lr·weight_decay·θ, ALGORITHMS.md §3, "
         "not limited by the kl_clip trust region). AdamW's usual 0.1 at lr 1e-3 is 1e-4 a step: "
         f"for that, weight_decay={1e-4 / lr:g} (README \"Defaults\", weight decay). Warned once.",
-        UserWarning, stacklevel=4)
+        UserWarning, stacklevel=user_stacklevel())
 
 
 @dataclass(frozen=True)
@@ -183,9 +185,11 @@ class _Common:
     inverse_method: str = hp("auto", "'auto' (Cholesky where the namespace has linalg, else "
                              "Newton–Schulz), 'newton_schulz', 'cholesky' or 'eigh' (§2.1)",
                              _choice(INVERSE_METHODS))
-    kl_clip: float | None = hp(1e-3, "KL trust region κ > 0 (§3 tail); None or inf: off",
-                               _optional(lambda n, v: None if v == math.inf else
-                                         check_range(n, v, 0.0, low_open=True)))
+    kl_clip: Scalar | None = hp(1e-3, "KL trust region κ > 0 (§3 tail; number or schedule "
+                                "of t); None or inf: off",
+                                _optional(lambda n, v: None if v == math.inf else
+                                          check_scheduled(n, v, 0.0, low_open=True)),
+                                schedulable=True)
     state_dtype: str | None = hp(None, "dtype of the state: None (float64 if any parameter is, "
                                  "else float32), 'float32' or 'float64'", _choice(STATE_DTYPES))
     on_nonfinite: str = hp("skip", "a non-finite step: 'skip' (warn, count) or 'raise'",

@@ -20,7 +20,8 @@ from grng_core.state import OptState, Preconditioner, layouts
 
 #: The widest name column of the table (longer names push their row's columns right).
 NAME_WIDTH = 64
-FOOTNOTE_CHARS = 80  # a reason longer than this, on several rows, is printed once below
+#: A reason longer than FOOTNOTE_CHARS on FOOTNOTE_ROWS rows or more is printed once, below.
+FOOTNOTE_CHARS, FOOTNOTE_ROWS = 80, 3
 
 #: A K-FAC layer whose curvature is below this share of the damping gets a note.
 DOMINATED_BELOW = 1e-2
@@ -89,10 +90,10 @@ class StructureReport(NamedTuple):
         return "\n".join(lines)
 
     def _footnotes(self) -> dict[str, int]:
-        """A long reason shared by several leaves, numbered: the rows show its number, the
-        text follows the table once."""
+        """A long reason shared by several leaves (not just a layer's weight and bias),
+        numbered: the rows show its number, the text follows the table once."""
         seen = Counter(e.reason for e in self.entries if e.reason)
-        long = [r for r in seen if seen[r] > 1 and len(r) > FOOTNOTE_CHARS]
+        long = [r for r in seen if seen[r] >= FOOTNOTE_ROWS and len(r) > FOOTNOTE_CHARS]
         return {r: k for k, r in enumerate(long, 1)}
 
     def _repr_pretty_(self, printer, cycle: bool) -> None:

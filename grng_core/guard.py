@@ -16,6 +16,7 @@ import warnings
 
 from grng_core.concrete import concrete_bool, host_bool
 from grng_core.state import changed_arrays, map_arrays
+from grng_core.user_frame import user_stacklevel
 
 
 def finite(arrays, xp):
@@ -80,7 +81,7 @@ def report(newly_skipped: int, on_nonfinite: str = "skip", where: str = "") -> N
            "and optimizer state unchanged by them")
     if on_nonfinite == "raise":
         raise FloatingPointError(msg)
-    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    warnings.warn(msg, RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def explain(groups: dict, xp, on_nonfinite: str) -> None:
@@ -93,4 +94,4 @@ def explain(groups: dict, xp, on_nonfinite: str) -> None:
            "the step was skipped, parameters and optimizer state are unchanged")
     if on_nonfinite == "raise":
         raise FloatingPointError(msg.replace("the step was skipped", "refusing the step"))
-    warnings.warn(msg, RuntimeWarning, stacklevel=5)
+    warnings.warn(msg, RuntimeWarning, stacklevel=user_stacklevel())

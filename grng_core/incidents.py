@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from grng_core.user_frame import user_stacklevel
+
 _WHAT = {
     "extra damping": "was not numerically positive definite: inverted with extra damping",
     "belief refreshed": "(R-Kalman belief) lost positive definiteness to rounding: refreshed "
@@ -87,4 +89,4 @@ def _warn(key: tuple[int, str, str], name: str, tau: float) -> None:
     what = f"K-FAC factor {factor} of layer {name}" if position >= 0 else f"the {name} {factor}"
     warnings.warn(f"{what} {_WHAT[kind]} {tau:.3g} (counted; opt.describe() lists every such "
                   "factor). Raise damping or use state_dtype='float64' if it recurs.",
-                  RuntimeWarning, stacklevel=4)
+                  RuntimeWarning, stacklevel=user_stacklevel())

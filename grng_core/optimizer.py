@@ -204,7 +204,8 @@ class Optimizer:
         ctx, xp, d = env.ctx, env.ctx.xp, p.d
         nu = None
         if h.kl_clip is not None:
-            nu = tail.kl_scale(p.kl_term if kl_total is None else kl_total, h.kl_clip, xp)
+            nu = tail.kl_scale(p.kl_term if kl_total is None else kl_total,
+                               value_at(h.kl_clip, ctx.t), xp)
         momentum = state.momentum  # created when momentum is switched on, dropped when off
         if h.momentum != 0.0:
             if momentum is None:

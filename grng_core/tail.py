@@ -20,7 +20,10 @@ def kl_term(d, ghat, lr, xp):
 def kl_scale(term, kappa, xp):
     """ν = min(1, √(κ / |η²⟨d, ĝ⟩|)) = √(κ / max(|term|, κ)), a 0-d array (term: `kl_term`,
     summed over the parts of a model); ⟨d, ĝ⟩ = 0 gives ν = 1, a non-finite ⟨d, ĝ⟩ a
-    non-finite ν (the step is then skipped, §4)."""
+    non-finite ν (the step is then skipped, §4). κ may be an array (a schedule's value): an
+    infinite one (the trust region off at that step) gives ν = 1."""
+    if not isinstance(kappa, (int, float)):  # a schedule's value: inf is read as off
+        kappa = xp.clip(xp.asarray(kappa, dtype=term.dtype), max=xp.finfo(term.dtype).max)
     return xp.sqrt(kappa / xp.clip(xp.abs(term), min=kappa))
 
 

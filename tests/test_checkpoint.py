@@ -4,6 +4,7 @@ clear errors and leave the live state untouched; writes are atomic."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import zipfile
@@ -265,6 +266,16 @@ def test_other_optimizer_or_hyperparameters_rejected(live):
                     inverse_every=3)
     with pytest.raises(ValueError, match="lr: file 0.1, optimizer '<callable>'"):
         load_state(path, like=state, opt=sched)
+    same = dataclasses.asdict(opt.config)
+    for lr in (0.2, lambda t: 0.1):  # resuming with another learning rate, when asked for
+        other_lr = gc.ring(**{**same, "lr": lr})
+        with pytest.raises(ValueError, match=r"differ.*\(lr: file 0.1, optimizer [^;]*\); "
+                                             r"to resume .* allow_changed=\('lr',\)"):
+            load_state(path, like=state, opt=other_lr)
+        back = load_state(path, like=state, opt=other_lr, allow_changed=("lr",))
+        _assert_untouched(back, snap)  # the saved state, array for array
+    with pytest.raises(ValueError, match=r"for optimizer 'ring', loading into 'reng'"):
+        load_state(path, like=state, opt=other, allow_changed=("lr",))
     _assert_untouched(state, snap)
 
 

@@ -22,6 +22,7 @@ from grng_core.incidents import Incidents
 from grng_core.schedule import skipping_warmup
 from grng_core.state import host_step
 from grng_core.tree import flatten, leaves_like, library
+from grng_core.user_frame import user_stacklevel
 
 FALLBACKS = (None, "diagonal", "woodbury")
 
@@ -249,7 +250,7 @@ class CupyOptimizer:
                 "transposed=True: (d_in, d_out), used as x @ W), that the inputs and output "
                 "gradients are those of the layer's own calls (output gradients of the "
                 "batch-mean loss times B), and that the weight is used nowhere else "
-                "(checked at the first step only)", UserWarning, stacklevel=3)
+                "(checked at the first step only)", UserWarning, stacklevel=user_stacklevel())
 
     def describe(self) -> StructureReport:
         """Which structure each parameter (by its key) is preconditioned with, the K-FAC layers,

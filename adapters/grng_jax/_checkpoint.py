@@ -32,6 +32,7 @@ arguments instead.
 from __future__ import annotations
 
 import types
+from collections.abc import Sequence
 
 import array_api_compat
 import jax
@@ -135,21 +136,23 @@ def save(path, opt, state, *, extra: dict | None = None) -> None:
     gc.save_state(path, tree, opt=core, extra={**(extra or {}), **info})
 
 
-def load(path, opt, like):
+def load(path, opt, like, *, allow_changed: Sequence[str] = ()):
     """The state saved at `path`, as jax arrays placed, shaped and typed like the template
     `like` (``opt.init(params)``, the same kind of state that was saved). ValueError when the
-    file does not match the template or `opt`'s name and hyperparameters; `like` is never
-    modified."""
+    file does not match the template or `opt`'s name and hyperparameters, but those named in
+    `allow_changed` (``("learning_rate",)``: resume with another learning rate or schedule);
+    `like` is never modified."""
     grng_like, others_like, how = _split(like, "like")
     core = core_of(opt, grng_like)
     extra = gc.read_metadata(path).get("extra") or {}
     others = [x for _, x in others_like]
+    check = {"allow_changed": tuple(allow_changed), "spelled": {"lr": "learning_rate"}}
     if extra.get("layout") == "optax":
         template = {"grng": codec.encode(grng_like.core), "optax": others}
-        tree = gc.load_state(path, like=template, opt=core)
+        tree = gc.load_state(path, like=template, opt=core, **check)
         core_state, others = codec.decode(tree["grng"], like=grng_like.core), tree["optax"]
     else:
-        core_state = gc.load_state(path, like=grng_like.core, opt=core)
+        core_state = gc.load_state(path, like=grng_like.core, opt=core, **check)
     key = grng_like.key
     saved = extra.get("key")
     if isinstance(saved, list) and len(saved) == key.size:

@@ -15,6 +15,7 @@ from jax import lax
 
 import grng_core as gc
 from grng_jax._layers import LayerRef, batch_size, describe, example_shapes, shared_reason
+from grng_jax._shared_ids import shared_ids
 from grng_jax._tags import Collector, collecting
 from grng_jax._uncovered import NESTED_USE, UNCOVERED
 
@@ -55,28 +56,21 @@ def layer_stats(loss_fn: Callable, treedef, leaves: list, batch,
     specs = [r if isinstance(r, LayerRef) else LayerRef(*r) for r in specs]
     examples = batch_size(batch)  # a batch of mixed leading sizes: named before the trace
 
-    def loss_of(lv, perturbs):
+    def loss_of(lv, perturbs, b=batch):
         p = jax.tree_util.tree_unflatten(treedef, lv)
         col = Collector(lv, perturbs)
         with collecting(col):
-            out = loss_fn(p, batch) if key is None else loss_fn(p, batch, key)
+            out = loss_fn(p, b) if key is None else loss_fn(p, b, key)
         return out, col
 
-    found: list = []
-    other: dict = {}
-    nested: dict = {}
-
-    def discover(lv):
-        out, col = loss_of(lv, None)
-        found.extend(col.calls)
-        other.update(col.other_uses)
-        nested.update(col.nested)
-        return out
-
-    jax.eval_shape(discover, leaves)
+    found, other, nested = _discover(loss_of, leaves, batch)
     names = params_for_names if params_for_names is not None else \
         jax.tree_util.tree_unflatten(treedef, leaves)
-    _check_calls(found, other, specs, names, leaves, nested, examples, example_shapes(batch))
+    shapes = example_shapes(batch)
+    shared = shared_ids(found, batch, examples, shapes,
+                        lambda b: _discover(loss_of, leaves, b, True)[0],
+                        lambda w: describe(names, w))
+    _check_calls(found, other, specs, names, leaves, nested, examples, shapes, shared)
 
     perturbs = [jnp.zeros(c.out_shape, c.out_dtype) for c in found]
 
@@ -113,6 +107,28 @@ _FIX = ("call it through grng_jax.dense(x, kernel, bias) or a covered layer (fla
         "use structure='diagonal' or 'woodbury'")
 
 
+def _discover(loss_of: Callable, leaves: list, batch,
+              abstract: bool = False) -> tuple[list, dict, dict]:
+    """An abstract trace of the loss on `batch` (concrete or abstract): its tagged calls, the
+    registered leaves used otherwise, and the covered layers inside nested transformations."""
+    found: list = []
+    other: dict = {}
+    nested: dict = {}
+
+    def discover(lv, b):
+        out, col = loss_of(lv, None, b)
+        found.extend(col.calls)
+        other.update(col.other_uses)
+        nested.update(col.nested)
+        return out
+
+    if abstract:  # ShapeDtypeStruct leaves: traced as arguments
+        jax.eval_shape(discover, leaves, batch)
+    else:  # the batch as given (leaves that are not arrays stay as they are)
+        jax.eval_shape(lambda lv: discover(lv, batch), leaves)
+    return found, other, nested
+
+
 def _nested_note(nested: dict) -> str:
     if not nested:
         return ""
@@ -141,7 +157,8 @@ def _refuse_other_use(name: str, how: str) -> None:
 
 
 def _check_calls(found: list, other: dict, specs, names, leaves, nested=None,
-                 examples: int | None = None, shapes: tuple = ()) -> None:
+                 examples: int | None = None, shapes: tuple = (),
+                 shared: set | frozenset = frozenset()) -> None:
     """Every layer of `specs` is called through a tagged layer of its kind, with its declared
     bias and input axes, on inputs with an example axis (`shared_reason`), and used nowhere
     else (a tied or uncovered use would be missed)."""
@@ -156,9 +173,10 @@ def _check_calls(found: list, other: dict, specs, names, leaves, nested=None,
                              f"loss_fn{_nested_note(nested or {})}, so its inputs and output "
                              f"gradients cannot be collected: {_FIX}")
         k_in = ref.resolved_in_axes(leaves[w].ndim)
-        shared = next((why for c in mine if (why := shared_reason(c, examples, shapes))), None)
-        if shared:
-            raise ValueError(f"K-FAC layer {name!r} is {shared}: leave it to the diagonal with "
+        why_shared = next((why for c in mine
+                           if (why := shared_reason(c, examples, shapes, shared))), None)
+        if why_shared:
+            raise ValueError(f"K-FAC layer {name!r} is {why_shared}: leave it to the diagonal with "
                              "layers=grng_jax.find_layers(loss_fn, params, batch), which skips "
                              "such layers, or a layers=[...] without it")
         for c in mine:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import jax
 
 from grng_core.describe import mostly_diagonal
+from grng_core.user_frame import user_stacklevel
 from grng_jax._layers import leaf_paths
 
 _AUTO = ("layers='auto' registers flax.linen / flax.nnx kernels (named 'kernel', input axes "
@@ -53,7 +54,7 @@ def warn_if_mostly_diagonal(name: str, params, covered: set, option,
             "optax.flatten?), "
             "so no layer can take K-FAC and every leaf runs the fallback structure. Give "
             "the optimizer the model's own pytree (optax.flatten is not needed), or choose "
-            "structure='diagonal' to say so.", UserWarning, stacklevel=4)
+            "structure='diagonal' to say so.", UserWarning, stacklevel=user_stacklevel())
         return
     off = [i for i in matrices if i not in covered]
     share = mostly_diagonal([math.prod(leaves[i].shape) for i in matrices if i in covered],
@@ -72,7 +73,8 @@ def warn_if_mostly_diagonal(name: str, params, covered: set, option,
         f"grng_jax.{name}: {len(off)} of {len(matrices)} weight matrices, holding {share:.0%} "
         f"of all weight-matrix elements, are on the diagonal structure, not K-FAC: "
         f"{shown}{more}. "
-        "grng_jax.describe(opt, state, params) lists every leaf.", UserWarning, stacklevel=4)
+        "grng_jax.describe(opt, state, params) lists every leaf.", UserWarning,
+        stacklevel=user_stacklevel())
 
 
 def warn_if_oversized(name: str, params, oversized: list) -> None:
@@ -86,4 +88,5 @@ def warn_if_oversized(name: str, params, oversized: list) -> None:
     warnings.warn(
         f"grng_jax.{name}: the diagonal structure, not K-FAC, preconditions {len(oversized)} "
         f"layer(s) whose factors are too large: {shown} (ALGORITHMS.md §2.1; "
-        "grng_jax.describe(opt, state, params) lists every leaf).", UserWarning, stacklevel=4)
+        "grng_jax.describe(opt, state, params) lists every leaf).", UserWarning,
+        stacklevel=user_stacklevel())

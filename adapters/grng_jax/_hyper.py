@@ -26,8 +26,8 @@ def concrete_number(name: str, v, integer: bool = False):
     if is_traced(v):
         raise ValueError(
             f"{name} is a traced value: grng_core needs it as a Python number when the optimizer "
-            "is built. Only learning_rate, rho and damping may be injected or scheduled; with "
-            f"optax.inject_hyperparams pass static_args=({name!r}, ...) for the others")
+            "is built. Only learning_rate, rho, damping and kl_clip may be injected or scheduled; "
+            f"with optax.inject_hyperparams pass static_args=({name!r}, ...) for the others")
     arr = jnp.asarray(v)
     return int(arr) if integer or jnp.issubdtype(arr.dtype, jnp.integer) else float(arr)
 

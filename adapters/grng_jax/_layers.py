@@ -9,7 +9,8 @@ from typing import Any, NamedTuple
 
 import jax
 
-from grng_core.structures.rows import shared_by_batch
+from grng_core.structures.rows import shared_by_batch, shared_text
+from grng_jax._shared_ids import shared_ids
 from grng_jax._tags import Collector, collecting
 from grng_jax._uncovered import UNCOVERED
 
@@ -207,11 +208,15 @@ def example_shapes(batch) -> tuple:
     return tuple({tuple(x.shape[1:]) for x in jax.tree_util.tree_leaves(batch) if x.ndim})
 
 
-def shared_reason(call, examples: int | None, examples_shapes: tuple = ()) -> str | None:
+def shared_reason(call, examples: int | None, examples_shapes: tuple = (),
+                  shared: frozenset | set = frozenset()) -> str | None:
     """Why a tagged call's input gives no per-example K-FAC rows (its input is shared by the
     batch and its output broadcast over it: a position embedding of ids (1, T), or of
     `arange(T)` for inputs (B, T); ALGORITHMS.md §2.1,
-    `grng_core.structures.rows.shared_by_batch`), or None."""
+    `grng_core.structures.rows.shared_by_batch`), or None. `shared`: weights whose ids a
+    trace with one more example showed to be shared (T = B, `_shared_ids.shared_ids`)."""
+    if call.weight in shared and examples:
+        return shared_text(tuple(call.inputs.shape), examples)
     features = 0 if call.kind == "embed" else 1 if call.kind == "conv" else call.in_axes
     return shared_by_batch(tuple(call.inputs.shape), examples, features=features,
                            example_shapes=examples_shapes)
@@ -281,11 +286,14 @@ def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:
     leaves = jax.tree_util.tree_leaves(params)
     calls, other = trace_calls(loss_fn, params, batch)
     examples, shapes = batch_size(batch), example_shapes(batch)
+    shared = shared_ids(calls, batch, examples, shapes,
+                        lambda b: trace_calls(loss_fn, params, b)[0],
+                        lambda w: "/".join(str(k) for k in paths[w]))
     out = FoundLayers()
     out.reasons = {}
     for c in calls:  # left to the diagonal
         why = (f"also used by {other[c.weight]}, which K-FAC statistics cannot see"
-               if c.weight in other else shared_reason(c, examples, shapes))
+               if c.weight in other else shared_reason(c, examples, shapes, shared))
         if why:
             out.reasons[paths[c.weight]] = why
     used = {c.weight for c in calls} | {c.bias for c in calls if c.bias is not None}

@@ -13,6 +13,7 @@ import warnings
 
 from grng_core.describe import StructureReport, damping_notes, describe, merge, mostly_diagonal
 from grng_core.incidents import Incidents
+from grng_core.user_frame import user_stacklevel
 
 NOT_REACHED = "not reached by the loss at the first step (no statistics)"
 FROZEN = "frozen (requires_grad=False{}) at the first step: no K-FAC statistics for the run"
@@ -172,7 +173,7 @@ def warn_if_split_layers(opt) -> None:
         "them): those biases use the diagonal structure and the weights K-FAC without a bias "
         "column, which changes the steps. To keep them under K-FAC, give each layer's weight "
         "and bias one group (README \"Param groups split nothing\"; opt.describe() lists every "
-        "parameter).", UserWarning, stacklevel=3)
+        "parameter).", UserWarning, stacklevel=user_stacklevel())
 
 
 def warn_if_oversized(opt) -> None:
@@ -185,7 +186,7 @@ def warn_if_oversized(opt) -> None:
     warnings.warn(f"{type(opt).__name__}: the diagonal structure, not K-FAC, preconditions "
                   f"{len(coll.oversized)} layer(s) whose factors are too large: {shown} "
                   "(ALGORITHMS.md §2.1; opt.describe() lists every parameter).",
-                  UserWarning, stacklevel=4)
+                  UserWarning, stacklevel=user_stacklevel())
 
 
 def warn_if_mostly_diagonal(opt) -> None:
@@ -212,7 +213,7 @@ def warn_if_mostly_diagonal(opt) -> None:
                 f"{type(opt).__name__}: the diagonal structure, not K-FAC, preconditions "
                 f"{'; '.join(missed)} for the whole run. Take the first step with every head "
                 "or branch in play to have them on K-FAC (opt.describe() lists every "
-                "parameter).", UserWarning, stacklevel=3)
+                "parameter).", UserWarning, stacklevel=user_stacklevel())
         return
     opt._warned_diagonal = True
     coll = opt.collector
@@ -226,7 +227,7 @@ def warn_if_mostly_diagonal(opt) -> None:
         f"{type(opt).__name__}: {len(off)} of {len(matrices)} weight matrices, holding "
         f"{share:.0%} of all weight-matrix elements, are on the diagonal structure, not K-FAC: "
         f"{shown}{more}. "
-        "opt.describe() lists every parameter.", UserWarning, stacklevel=3)
+        "opt.describe() lists every parameter.", UserWarning, stacklevel=user_stacklevel())
 
 
 FROZEN_WARN_ELEMENTS = 1_000_000  # below this, frozen parameters' state is not worth a warning
@@ -254,7 +255,7 @@ def warn_if_mostly_frozen(opt) -> None:
         "and a zero gradient every step, where torch.optim keeps nothing for them. Pass the "
         "trainable parameters only: "
         f"{type(opt).__name__}([p for p in model.parameters() if p.requires_grad], "
-        "model=model, ...).", UserWarning, stacklevel=3)
+        "model=model, ...).", UserWarning, stacklevel=user_stacklevel())
 
 
 def warn_if_shared_late(opt, absent: list[int]) -> None:
@@ -270,7 +271,7 @@ def warn_if_shared_late(opt, absent: list[int]) -> None:
                 f"{coll.broadcast[li]}. It took K-FAC at the first step, so its factors are now "
                 "kept as they are, no longer refreshed. Take the first step with the batches "
                 "you train with to leave it to the diagonal structure.", UserWarning,
-                stacklevel=4)
+                stacklevel=user_stacklevel())
 
 
 def without_padding(opt, i: int, stats):
@@ -312,4 +313,4 @@ def warn_if_unexplained(opt, i: int, weights: list, no_grad: set) -> None:
         "F.linear(h, emb.weight)), or its .grad was edited per element (clip_grad_value_, "
         "zeroed rows). K-FAC's factors see only the layer's calls: put a weight used elsewhere "
         "in a param group with structure='diagonal' (checked at the first step only).",
-        UserWarning, stacklevel=4)
+        UserWarning, stacklevel=user_stacklevel())

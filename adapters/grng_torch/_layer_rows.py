@@ -10,6 +10,7 @@ import warnings
 import torch
 
 from grng_core.structures import factored
+from grng_core.user_frame import user_stacklevel
 from grng_torch.layers import HookedLayer
 
 
@@ -62,4 +63,4 @@ def warn_ambiguous_ids(warned: set, i: int, label: str, shape: tuple) -> None:
         "whose per-example K-FAC rows cannot be read) or per-example ids; the shapes cannot "
         "tell, and the layer stays on K-FAC. If they are positions, give them the batch's "
         "axis (arange(T)[None], as transformers does) to leave the layer to the diagonal "
-        "structure", UserWarning, stacklevel=4)
+        "structure", UserWarning, stacklevel=user_stacklevel())

@@ -15,6 +15,7 @@ import warnings
 from typing import Any
 
 from grng_core.tail import kl_scale
+from grng_core.user_frame import user_stacklevel
 
 
 class LrWatch:
@@ -27,7 +28,8 @@ class LrWatch:
     def record(self, group: int, lr, term, kl_clip) -> None:
         """After a group's step: its lr (a Python number) and its η²⟨d, ĝ⟩ (None: no trust
         region)."""
-        if self.warned or term is None or kl_clip is None or not isinstance(lr, (int, float)):
+        if self.warned or term is None or not isinstance(lr, (int, float)) \
+                or not isinstance(kl_clip, (int, float)):  # off, or a schedule
             self.last.pop(group, None)
             return
         self.last[group] = (float(lr), term, float(kl_clip))
@@ -70,20 +72,4 @@ def _warn(opt, i: int, before: float, now: float, nu: float, kappa: float) -> No
         "let lr (and its schedule) shape every step, schedule kl_clip instead (a param "
         "group's 'kl_clip' can be set between steps) or turn the trust region off with "
         "kl_clip=None (README \"lr, schedules and weight decay under the trust region\").",
-        UserWarning, stacklevel=_user_level())
-
-
-def _user_level() -> int:
-    """The warning's stacklevel that points at the user's code: the first frame outside this
-    package and torch (a scheduler wraps `step` in one more frame)."""
-    import os
-    import sys
-
-    import torch
-
-    skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(torch.__file__))
-    frame: Any = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(skip):
-        frame, level = frame.f_back, level + 1
-    return level
+        UserWarning, stacklevel=user_stacklevel())

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from grng_core.structures.rows import ambiguous_ids, shared_by_batch
+from grng_core.user_frame import user_stacklevel
 from grng_torch._layer_rows import storage_of
 
 UNKNOWN_BATCH = (
@@ -203,4 +204,5 @@ def note_once(owner, note: str | None) -> None:
     """Warn `batch_of`'s note once per collector (`owner.batch_noted`)."""
     if note is not None and not owner.batch_noted:
         owner.batch_noted = True
-        warnings.warn(f"{note} (warned once per optimizer)", UserWarning, stacklevel=3)
+        warnings.warn(f"{note} (warned once per optimizer)", UserWarning,
+                      stacklevel=user_stacklevel())

@@ -49,6 +49,11 @@ def shared_by_batch(shape: tuple, examples: int | None, axis: int = 0,
             len(shape) < 2 or len(shape) - features <= axis or shape[axis] != 1
             or (axis != 0 and shape[0] == examples)):  # a batch-first input inside the model
         return None
+    return shared_text(shape, examples)
+
+
+def shared_text(shape: tuple, examples: int) -> str:
+    """`shared_by_batch`'s reason for an input of `shape` shared by `examples` examples."""
     return (f"called on an input of shape {tuple(shape)} shared by a batch of {examples} "
             "examples (its output is broadcast over them, so its output gradient is summed over "
             "the examples: no per-example K-FAC rows)")

@@ -93,6 +93,18 @@ def test_load_checks_the_hyperparameters(tmp_path):
     other = grng_jax.ring(0.1, damping=2e-2, structure="diagonal")
     with pytest.raises(ValueError, match="hyperparameters differ.*damping"):
         grng_jax.load(tmp_path / "s.npz", other, like=other.init(params))
+    # another learning rate or schedule: refused in optax's spelling, accepted when allowed
+    for lr in (0.05, optax.linear_schedule(0.1, 0.01, 100)):
+        slower = grng_jax.ring(lr, damping=1e-2, structure="diagonal")
+        with pytest.raises(ValueError, match=r"\(learning_rate: file 0.1, optimizer .*"
+                                             r"allow_changed=\('learning_rate',\)"):
+            grng_jax.load(tmp_path / "s.npz", slower, like=slower.init(params))
+        back = grng_jax.load(tmp_path / "s.npz", slower, like=slower.init(params),
+                             allow_changed=("learning_rate",))
+        assert _max_diff(back, s) == 0.0
+    with pytest.raises(ValueError, match="damping"):  # the others are still checked
+        grng_jax.load(tmp_path / "s.npz", other, like=other.init(params),
+                      allow_changed=("learning_rate",))
     reng = grng_jax.reng(0.1, damping=1e-2, structure="diagonal", rho=0.0)
     with pytest.raises(ValueError, match="checkpoint is for optimizer 'ring'"):
         grng_jax.load(tmp_path / "s.npz", reng, like=reng.init(params))

@@ -90,6 +90,36 @@ def test_inject_hyperparams_can_be_changed_in_the_state():
     assert step._cache_size() == 1
 
 
+def test_kl_clip_schedule_and_injection():
+    """kl_clip as an optax schedule (called with the update count, 0 first) equals, step for
+    step, runs with the constant that is the schedule's value there; inf from a schedule turns
+    the trust region off (= kl_clip=inf); inject_hyperparams injects it, changeable in the
+    state without a recompile."""
+    params, batch = P.mlp_params(SIZES), _batch()
+    kw = dict(rho=0.05, damping=1e-2, structure="kfac", **CH)
+    tight, off = 1e-6, float("inf")  # the trust region binds at 1e-6 on this problem
+    switch = lambda count: jnp.where(count < 2, tight, off)  # noqa: E731
+    p_sched, _, _ = _train(grng_jax.ring(0.1, kl_clip=switch, **kw), params, batch, 4)
+    p_ref, s_ref, _ = _train(grng_jax.ring(0.1, kl_clip=tight, **kw), params, batch, 2)
+    step_off = jax.jit(P.make_step(grng_jax.ring(0.1, kl_clip=off, **kw), P.softmax_ce))
+    for _ in range(2):  # the same state, continued without the trust region
+        p_ref, s_ref, _ = step_off(p_ref, s_ref, batch)
+    assert _max_diff(p_sched, p_ref) < 1e-12
+    p_tight, _, _ = _train(grng_jax.ring(0.1, kl_clip=tight, **kw), params, batch, 4)
+    assert _max_diff(p_sched, p_tight) > 1e-6  # the schedule did change the later steps
+    opt = optax.inject_hyperparams(grng_jax.ring)(learning_rate=0.1, kl_clip=tight, **kw)
+    step = jax.jit(P.make_step(opt, P.softmax_ce))
+    state = opt.init(params)
+    p, state, _ = step(params, state, batch)
+    p_inj, _, _ = step(p, state, batch)
+    assert _max_diff(p_inj, _train(grng_jax.ring(0.1, kl_clip=tight, **kw), params, batch,
+                                   2)[0]) < 1e-12
+    state.hyperparams["kl_clip"] = jnp.asarray(1e-8, state.hyperparams["kl_clip"].dtype)
+    p_small, _, _ = step(p, state, batch)
+    assert _max_diff(p_small, p) < _max_diff(p_inj, p)  # a tighter region: a shorter step
+    assert step._cache_size() == 1
+
+
 def test_inject_hyperparams_of_a_static_hyperparameter_names_static_args():
     opt = optax.inject_hyperparams(grng_jax.ring)(learning_rate=0.1, momentum=0.5)
     params, batch = P.mlp_params(SIZES), _batch()
