@@ -146,13 +146,15 @@ def load(path, opt, like, *, allow_changed: Sequence[str] = ()):
     core = core_of(opt, grng_like)
     extra = gc.read_metadata(path).get("extra") or {}
     others = [x for _, x in others_like]
-    check = {"allow_changed": tuple(allow_changed), "spelled": {"lr": "learning_rate"}}
+    allowed, spelled = tuple(allow_changed), {"lr": "learning_rate"}  # optax's spelling
     if extra.get("layout") == "optax":
         template = {"grng": codec.encode(grng_like.core), "optax": others}
-        tree = gc.load_state(path, like=template, opt=core, **check)
+        tree = gc.load_state(path, like=template, opt=core, allow_changed=allowed,
+                             spelled=spelled)
         core_state, others = codec.decode(tree["grng"], like=grng_like.core), tree["optax"]
     else:
-        core_state = gc.load_state(path, like=grng_like.core, opt=core, **check)
+        core_state = gc.load_state(path, like=grng_like.core, opt=core,
+                                   allow_changed=allowed, spelled=spelled)
     key = grng_like.key
     saved = extra.get("key")
     if isinstance(saved, list) and len(saved) == key.size:

@@ -98,7 +98,7 @@ def test_kl_clip_schedule_and_injection():
     params, batch = P.mlp_params(SIZES), _batch()
     kw = dict(rho=0.05, damping=1e-2, structure="kfac", **CH)
     tight, off = 1e-6, float("inf")  # the trust region binds at 1e-6 on this problem
-    switch = lambda count: jnp.where(count < 2, tight, off)  # noqa: E731
+    switch = lambda count: jnp.where(count < 2, tight, off)
     p_sched, _, _ = _train(grng_jax.ring(0.1, kl_clip=switch, **kw), params, batch, 4)
     p_ref, s_ref, _ = _train(grng_jax.ring(0.1, kl_clip=tight, **kw), params, batch, 2)
     step_off = jax.jit(P.make_step(grng_jax.ring(0.1, kl_clip=off, **kw), P.softmax_ce))
