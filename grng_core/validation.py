@@ -49,6 +49,7 @@ def check_state(state, opt, leaves) -> None:
     if not isinstance(state, OptState):
         raise TypeError("state must be the OptState returned by this optimizer's init, got "
                         f"{type(state).__name__}")
+    _check_leaf_count(state, leaves)
     if state.momentum is not None:  # absent / present buffers follow momentum at the step
         for m, p in zip(state.momentum, leaves):
             if tuple(m.shape) != tuple(p.shape):
@@ -58,3 +59,35 @@ def check_state(state, opt, leaves) -> None:
         have = "kfac" if state.curvature.kfac is not None else "no kfac"
         raise ValueError(f"state does not match this optimizer: the state has {have} layers, "
                          f"the optimizer's structure is {opt.config.structure!r}")
+
+
+def _check_leaf_count(state, leaves) -> None:
+    """The state's per-leaf buffers (diagonal entries, K-FAC layers' leaves) fit `leaves`: a
+    state built for another params tree is named here, not deep inside the step."""
+    n = len(leaves)
+    diag = state.curvature.diagonal
+    why = None
+    if diag is not None and len(diag) != n:
+        why = f"the state was built for {len(diag)} parameter leaves, params has {n}"
+    elif state.momentum is not None and len(state.momentum) != n:
+        why = f"the state has {len(state.momentum)} momentum buffers, params has {n} leaves"
+    else:
+        for i, (v, p) in enumerate(zip(diag or (), leaves)):
+            if v is not None and tuple(v.shape) != tuple(p.shape):
+                why = f"leaf {i}: the state's diagonal has shape {tuple(v.shape)}, the " \
+                      f"parameter {tuple(p.shape)}"
+                break
+        for layer in state.curvature.kfac or ():
+            L = layer.layout
+            if why is None and (L.weight >= n or _size(leaves[L.weight]) != L.d_out * L.d_in):
+                why = f"K-FAC layer at leaf {L.weight} ({L.d_out} x {L.d_in}) is not in params"
+    if why:
+        raise ValueError(f"state does not match params: {why} (a state from another model's "
+                         "init? build it with this optimizer's init(params))")
+
+
+def _size(x) -> int:
+    out = 1
+    for d in x.shape:
+        out *= int(d)
+    return out

@@ -84,6 +84,25 @@ def test_bad_containers_and_shapes(small):
         opt.update(ints, state, params)
 
 
+@pytest.mark.parametrize("structure", ["diagonal", "kfac"])
+def test_a_state_built_for_other_params_is_named(small, structure):
+    """A state from another params tree (fewer leaves; the same count, other shapes) is
+    refused before anything runs, not by a broadcasting error inside the step."""
+    mlp, params, x, y = small
+    opt = gc.ring(structure=structure, momentum=0.5)
+    layers = mlp_layers(mlp) if structure == "kfac" else None
+    grads = mlp.grad(params, x, y)
+    stats = gc.Stats(layers=mlp.batch(params, x, y, layer_stats=True).layers) if layers else None
+    fewer = opt.init(params[:2], layers=layers[:1] if layers else None)
+    with pytest.raises(ValueError, match=r"state does not match params: .* 2 .*params has 4"):
+        opt.update(grads, fewer, params, stats=stats)
+    other = MLP((3, 5, 2))
+    reshaped = opt.init(other.init(seed=0), layers=mlp_layers(other) if layers else None)
+    with pytest.raises(ValueError, match=r"state does not match params: .*(diagonal|K-FAC)"):
+        opt.update(grads, reshaped, params, stats=stats)
+    opt.update(grads, opt.init(params, layers=layers), params, stats=stats)  # the right one
+
+
 def test_bad_per_example_grads_and_oracle_results_are_named(small):
     """Named before anything changes, not left to a reshape or broadcast error."""
     mlp, params, x, y = small

@@ -27,8 +27,9 @@ def report(opt, state, params) -> StructureReport:
     if own is not None and len(own) != len(leaves):
         raise ValueError(
             f"describe: this optimizer's state covers {len(own)} leaves, params has "
-            f"{len(leaves)} (it runs inside optax.multi_transform or optax.masked, on part of "
-            "the model): pass the params it sees, the other leaves masked, e.g. "
+            f"{len(leaves)}: a state built for another model, or this optimizer runs inside "
+            "optax.multi_transform or optax.masked, on part of the model; then pass the params "
+            "it sees, the other leaves masked, e.g. "
             "jax.tree.map(lambda p, l: p if l == LABEL else optax.MaskedNode(), params, "
             "labels)")
     paths = leaf_paths(params)

@@ -34,7 +34,8 @@ def why_diagonal(path: tuple, leaf, layers_option) -> str | None:
                 "with layers=grng_jax.find_layers(loss_fn, params, batch); an "
                 "eqx.nn.Embedding table stays diagonal (its calls are not hooked)")
     if layers_option == "auto":
-        return f"not a layer by name: {_AUTO}; or pass layers=grng_jax.find_layers(...)"
+        return (f"not a layer by name: {_AUTO}; a weight the loss calls through a covered "
+                "layer under another name is found by layers=grng_jax.find_layers(...)")
     return "not in the layers= given"
 
 

@@ -263,8 +263,18 @@ NOT_TAGGED = ("not called through a tagged layer in loss_fn (a hand-written matm
               "statistics from")
 
 
-def _other_use(how: str | None) -> str:
-    """find_layers' reason for a matrix with no tagged call: how it is used, where known."""
+def _module(path: tuple) -> str:
+    """A leaf's module path as the layer hooks name it ('Block_0/Dense_0')."""
+    return "/".join(str(k) for k in path[:-1])
+
+
+def _other_use(how: str | None, lifted: str | None = None) -> str:
+    """find_layers' reason for a matrix with no tagged call: how it is used, where known
+    (`lifted`: the nested transformation its layer is called inside, e.g. nn.scan)."""
+    if how is None and lifted is not None:
+        return (f"its layer is called inside {lifted}, which lifts the layer's parameters into "
+                "the transformation: its K-FAC statistics cannot be collected there (call it "
+                "outside, or leave it on the diagonal)")
     if how is None:
         return NOT_TAGGED
     if how.startswith(UNCOVERED):  # a grouped convolution, circular padding
@@ -284,7 +294,9 @@ def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:
     """
     paths = leaf_paths(params)
     leaves = jax.tree_util.tree_leaves(params)
-    calls, other = trace_calls(loss_fn, params, batch)
+    col = _traced(loss_fn, params, batch)
+    calls, other = col.calls, col.other_uses
+    lifted = {module: how for how, modules in col.nested.items() for module in modules}
     examples, shapes = batch_size(batch), example_shapes(batch)
     shared = shared_ids(calls, batch, examples, shapes,
                         lambda b: trace_calls(loss_fn, params, b)[0],
@@ -297,7 +309,8 @@ def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:
         if why:
             out.reasons[paths[c.weight]] = why
     used = {c.weight for c in calls} | {c.bias for c in calls if c.bias is not None}
-    out.reasons.update({paths[i]: _other_use(other.get(i)) for i, x in enumerate(leaves)
+    out.reasons.update({paths[i]: _other_use(other.get(i), lifted.get(_module(paths[i])))
+                        for i, x in enumerate(leaves)
                         if getattr(x, "ndim", 0) >= 2 and i not in used})
     seen = {c.weight for c in calls if paths[c.weight] in out.reasons}
     for c in calls:

@@ -186,6 +186,35 @@ def test_find_layers_names_a_grouped_conv_and_keeps_attention_biases():
         "configuration K-FAC does not cover")
 
 
+def test_find_layers_says_a_layer_inside_nn_scan_or_remat_is_lifted():
+    class Block(fnn.Module):
+        @fnn.compact
+        def __call__(self, c, _):
+            return jnp.tanh(fnn.Dense(6)(c)), None
+
+    class Model(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            h, _ = fnn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            length=2)()(fnn.Dense(6)(x), None)
+            return fnn.Dense(3)(fnn.remat(fnn.Dense)(6)(h))
+
+    x, y = jnp.ones((4, 5)), jnp.arange(4) % 3
+    params = Model().init(jax.random.PRNGKey(0), x)["params"]
+
+    def loss_fn(p, b):
+        logits = Model().apply({"params": p}, b[0])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, b[1]).mean()
+    found = grng_jax.find_layers(loss_fn, params, (x, y))
+    assert {L.weight[0] for L in found} == {"Dense_0", "Dense_1"}
+    why = found.reasons
+    assert set(why) == {("ScanBlock_0", "Dense_0", "kernel"), ("ScanBlock_0", "Dense_0", "bias"),
+                        ("CheckpointDense_0", "kernel")}, why
+    assert why[("ScanBlock_0", "Dense_0", "kernel")].startswith(
+        "its layer is called inside nn.scan, which lifts")
+    assert why[("CheckpointDense_0", "kernel")].startswith("its layer is called inside nn.remat")
+
+
 class Scaled(fnn.Module):
     """A Dense block under a fixed output scale of 1e-6, beside a plain head."""
 
