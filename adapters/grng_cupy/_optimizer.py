@@ -280,13 +280,15 @@ class CupyOptimizer:
         checkpoint.save_state(path, self.state, self.core, extra=self._extra(),
                               leaf_names=self._leaf_names())
 
-    def load(self, path) -> None:
+    def load(self, path, *, allow_changed=()) -> None:
         """Replace the state by the one in `path` (saved by any backend), on the params'
-        device. The file's optimizer name and hyperparameters must be this optimizer's. On any
-        error (ValueError: corrupted or mismatched file) nothing changes."""
+        device. The file's optimizer name and hyperparameters must be this optimizer's, but
+        those named in `allow_changed` (("lr",): resume with this optimizer's learning rate).
+        On any error (ValueError: corrupted or mismatched file) nothing changes."""
         with self._device():
             state = checkpoint.load_state(path, like=self.state, opt=self.core,
-                                          leaf_names=self._leaf_names())
+                                          leaf_names=self._leaf_names(),
+                                          allow_changed=allow_changed)
         self._set_state(state)
 
     def state_dict(self) -> dict:

@@ -23,6 +23,7 @@ from grng_core.algorithms import BUILDERS
 from grng_core.config import CONFIGS
 from grng_core.schedule import flag_table, warmup_steps
 from grng_core.state import ensure_pytrees
+from grng_core.user_frame import user_stacklevel
 from grng_jax import _collect, _masking
 from grng_jax._diagonal_reasons import warn_if_mostly_diagonal, warn_if_oversized
 from grng_jax._flax_serialization import register_if_flax
@@ -294,7 +295,8 @@ def _warn_skip(name, now, step, skipped) -> None:
     call = int(np.max(step + skipped))
     warnings.warn(f"grng_jax.{name}: call {call} was skipped{where} (non-finite gradients, "
                   f"statistics or update; parameters and state unchanged); "
-                  f"{int(np.max(skipped))} skipped so far", RuntimeWarning, stacklevel=2)
+                  f"{int(np.max(skipped))} skipped so far", RuntimeWarning,
+                  stacklevel=user_stacklevel())
 
 
 def _report_skip(name: str, old: gc.OptState, new: gc.OptState) -> None:

@@ -243,7 +243,9 @@ def _plan_core(opt, i: int, info: dict, saved_hp: dict, new_group: dict, source:
                                        checkpoint.hyperparams_json(core))
     if diff:
         raise ValueError(f"{source}: param group {i}: checkpoint hyperparameters differ from "
-                         f"the optimizer's ({'; '.join(diff)})")
+                         f"the optimizer's ({'; '.join(diff)}); load(path, "
+                         "set_hyperparams=True) takes the file's, after which a param "
+                         "group's lr can be set")
     return core
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import grng_core as gc
+from grng_core.npz_tree import META_KEY
 from grng_core.reference import MLP
 from tests import cases
 
@@ -270,6 +271,15 @@ def test_load_checks_the_hyperparameters(xp, tmp_path):
     with pytest.raises(ValueError, match="hyperparameters differ"):
         other.load_state_dict(opt.state_dict())
     assert other.t == 0
+    slower = CONFIGS[RING_KFAC].cupy(params, layers=LAYERS, lr=0.01)
+    with pytest.raises(ValueError, match=r"lr: file .*allow_changed=\('lr',\)"):
+        slower.load(tmp_path / "a.npz")
+    slower.load(tmp_path / "a.npz", allow_changed=("lr",))  # resume at this optimizer's lr
+    assert slower.t == opt.t and slower.core.config.lr == 0.01
+    mine, saved = slower.state_dict(), opt.state_dict()
+    assert mine.keys() == saved.keys()
+    for k in set(saved) - {META_KEY}:  # the metadata records each optimizer's own lr
+        assert np.array_equal(host(mine[k]), host(saved[k])), k
 
 
 def test_fallback_resolves_kfac_without_layers(xp):

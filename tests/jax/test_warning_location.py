@@ -57,3 +57,17 @@ def test_an_eager_skipped_step_warns_at_the_update_call():
     assert int(new.core.skipped) == 1
     assert caught[0].filename == HERE, [w.filename for w in caught]
     assert np.isfinite(np.asarray(jax.tree.leaves(params)[0])).all()
+
+
+def test_a_step_skipped_under_jit_warns_at_the_step_call():
+    """Where jax.debug.callback runs on the calling thread (the CPU here) the warning names
+    that line; on a runtime thread no user frame exists, and it never names GRNG's frames."""
+    params = P.mlp_params((3, 4, 2))
+    batch = (jnp.full((6, 3), jnp.nan), jnp.arange(6) % 2)
+    opt = grng_jax.ring(0.1)
+    step = jax.jit(lambda p, s: opt.update(jax.grad(P.softmax_ce)(p, batch), s, p,
+                                           loss_fn=P.softmax_ce, batch=batch))
+    with pytest.warns(RuntimeWarning, match="skipped") as caught:
+        _, state = jax.block_until_ready(step(params, opt.init(params)))
+    assert int(state.core.skipped) == 1
+    assert caught[0].filename == HERE or "grng" not in caught[0].filename, caught[0].filename
