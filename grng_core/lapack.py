@@ -9,8 +9,8 @@ threads, every thread waits on work queued behind it and the program deadlocks a
 time on 2 cores (each K-FAC factor's decomposition becomes a batched kernel, and XLA runs
 independent ones at once). Here a vmapped call maps the matrices one by one (`lax.map`:
 each kernel then runs inline); on GPU backends the batched kernel is kept. Other namespaces
-call their own ``linalg`` directly. Reverse-mode autodiff through these calls is not
-supported under JAX (``custom_vmap``); the optimizers never differentiate them.
+call their own ``linalg`` directly. Differentiating through them works as through JAX's own
+(their JVP is the original function's; under vmap the tangents take the batched kernel).
 """
 
 from __future__ import annotations
@@ -42,7 +42,11 @@ def _jax_ops() -> dict:
                 out = jax.lax.map(lambda a: wrapped(*a), args)
             return out, jax.tree_util.tree_map(lambda _: True, out)
 
-        return wrapped
+        # differentiable as `fn` is (custom_vmap alone has no reverse mode): the tangents go
+        # through fn's own JVP rule (batched as fn's under vmap)
+        differentiable = jax.custom_jvp(wrapped)
+        differentiable.defjvp(lambda primals, tangents: jax.jvp(fn, primals, tangents))
+        return differentiable
 
     return {
         "eigh": one_at_a_time(lambda M: tuple(jnp.linalg.eigh(M))),
