@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import array_api_compat
 
+from grng_core.tree import device
+
 
 def is_traced(x) -> bool:
     """True for a JAX tracer (inside jit, vmap, grad): its value is not known on the host."""
@@ -24,7 +26,7 @@ def on_host(x) -> bool:
     array-api-strict arrays); False for accelerator arrays (CUDA, CuPy, other devices)."""
     if array_api_compat.is_numpy_array(x):
         return True
-    dev = array_api_compat.device(x)
+    dev = device(x)
     if array_api_compat.is_torch_array(x):
         return dev.type == "cpu"
     if array_api_compat.is_cupy_array(x):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import array_api_compat
 
+from grng_core.tree import device
+
 
 def ema(old, new, beta, xp):
     """βold + (1−β)new (torch: `lerp(old, new, 1−β)`, old + (1−β)(new − old))."""
@@ -34,7 +36,7 @@ def add_to_diagonal(M, shift, xp):
         out = M.clone()
         out.diagonal().add_(shift)
         return out
-    return M + shift * xp.eye(M.shape[0], dtype=M.dtype, device=array_api_compat.device(M))
+    return M + shift * xp.eye(M.shape[0], dtype=M.dtype, device=device(M))
 
 
 def axpby(a, x, b, y, xp):

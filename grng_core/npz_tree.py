@@ -7,7 +7,7 @@ from __future__ import annotations
 import array_api_compat
 import numpy as np
 
-from grng_core.tree import library
+from grng_core.tree import device, library
 
 META_KEY = "__grng_meta__"
 
@@ -168,5 +168,5 @@ def place(a: np.ndarray, like):
     xp = array_api_compat.array_namespace(like)
     # the array API's asarray places a copy on like's device (a jax device or sharding, a torch
     # device, a CuPy device), with no framework import here
-    out = xp.asarray(a, device=array_api_compat.device(like), copy=True)
+    out = xp.asarray(a, device=device(like), copy=True)
     return out if out.dtype == like.dtype else xp.astype(out, like.dtype)
