@@ -309,7 +309,10 @@ def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:
         if why:
             out.reasons[paths[c.weight]] = why
     used = {c.weight for c in calls} | {c.bias for c in calls if c.bias is not None}
-    out.reasons.update({paths[i]: _other_use(other.get(i), lifted.get(_module(paths[i])))
+    # a leaf with no use of its own (an equinox conv's (C, 1, 1) bias) takes its module's
+    module_use = {_module(paths[w]): how for w, how in other.items()}
+    out.reasons.update({paths[i]: _other_use(other.get(i, module_use.get(_module(paths[i]))),
+                                             lifted.get(_module(paths[i])))
                         for i, x in enumerate(leaves)
                         if getattr(x, "ndim", 0) >= 2 and i not in used})
     seen = {c.weight for c in calls if paths[c.weight] in out.reasons}
