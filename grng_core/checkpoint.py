@@ -25,6 +25,7 @@ ValueError, leaving the live state untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -177,15 +178,28 @@ def _check_opt(meta: dict, opt, source: str, check: OptCheck = STRICT) -> None:
         raise ValueError(f"{source}: checkpoint is for optimizer {meta.get('optimizer')!r}, "
                          f"loading into {opt.name!r}")
     spelled = dict(check.spelled)
+    known = {spelled.get(f.name, f.name) for f in dataclasses.fields(opt.config)}
+    unknown = sorted(set(check.allow_changed) - known)
+    if unknown:
+        raise ValueError(f"allow_changed names no hyperparameter of {opt.name}: {unknown} "
+                         f"(its hyperparameters: {', '.join(sorted(known))})")
     diff = [spelled.get(d.split(":")[0], d.split(":")[0]) + d[d.index(":"):]
             for d in hyperparams_diff(opt.name, meta.get("hyperparams") or {},
                                       hyperparams_json(opt))]
     diff = [d for d in diff if d.split(":")[0] not in check.allow_changed]
     if diff:
-        names = ", ".join(repr(d.split(":")[0]) for d in diff)
+        # only values the step reads (not the state's layout) can change on a resume
+        free = {spelled.get(k, k) for k in (*type(opt.config).schedulable(), "weight_decay")}
+        keys = [d.split(":")[0] for d in diff]
+        names = ", ".join(repr(k) for k in keys if k in free)
+        fixed = ", ".join(k for k in keys if k not in free)
+        verb = "shapes" if "," not in fixed else "shape"
+        fix = (f"; to resume with the optimizer's values, pass allow_changed=({names},)"
+               if not fixed else f"; {fixed} {verb} the state: build the optimizer with the "
+               "file's values" + (f", then allow_changed=({names},) keeps the optimizer's "
+                                  "values of the rest" if names else ""))
         raise ValueError(f"{source}: checkpoint hyperparameters differ from the optimizer's "
-                         f"({'; '.join(diff)}); to resume with the optimizer's values, pass "
-                         f"allow_changed=({names},)")
+                         f"({'; '.join(diff)}){fix}")
 
 
 def _check_leaf_order(saved, now, source: str) -> None:

@@ -1,5 +1,7 @@
 """The public API: containers, errors that name the problem, schedules and the update tail."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -101,6 +103,41 @@ def test_a_state_built_for_other_params_is_named(small, structure):
     with pytest.raises(ValueError, match=r"state does not match params: .*(diagonal|K-FAC)"):
         opt.update(grads, reshaped, params, stats=stats)
     opt.update(grads, opt.init(params, layers=layers), params, stats=stats)  # the right one
+
+
+def test_unpaired_rows_are_named_by_the_first_step_check_too(small):
+    """The first step's check (`unexplained`, before any update) names rows that do not pair
+    as the update does, not with a matmul error."""
+    mlp, params, x, y = small
+    opt = gc.ring(structure="kfac")
+    state = opt.init(params, layers=mlp_layers(mlp))
+    b = mlp.batch(params, x, y, layer_stats=True)
+    short = b.layers[0]._replace(inputs=b.layers[0].inputs[:-1])
+    stats = gc.Stats(layers=[short, *b.layers[1:]])
+    for run in (lambda: opt.unexplained(b.grads, state, params, stats),
+                lambda: opt.update(b.grads, state, params, stats=stats)):
+        with pytest.raises(ValueError, match="inputs have 4 rows, output_grads 5: they must "
+                                             "pair row for row"):
+            run()
+
+
+def test_shared_weight_rows_without_batch_size_warn(small):
+    """A layer's rows (here two positions per example) given without batch_size are taken for
+    as many examples; another layer's batch of B tells the mistake, and it is named."""
+    mlp, params, x, y = small
+    opt = gc.ring(structure="kfac")
+    state = opt.init(params, layers=mlp_layers(mlp))
+    b = mlp.batch(params, x, y, layer_stats=True)
+    first = b.layers[0]
+    twice = first._replace(inputs=np.concatenate([first.inputs] * 2),
+                           output_grads=np.concatenate([first.output_grads] * 2))
+    with pytest.warns(UserWarning, match=r"10 rows and no batch_size.*another layer's batch is "
+                                         r"5.*batch_size=B"):
+        opt.update(b.grads, state, params, stats=gc.Stats(layers=[twice, *b.layers[1:]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.update(b.grads, state, params,
+                   stats=gc.Stats(layers=[twice._replace(batch_size=5), *b.layers[1:]]))
 
 
 def test_bad_per_example_grads_and_oracle_results_are_named(small):

@@ -276,7 +276,26 @@ def test_other_optimizer_or_hyperparameters_rejected(live):
         _assert_untouched(back, snap)  # the saved state, array for array
     with pytest.raises(ValueError, match=r"for optimizer 'ring', loading into 'reng'"):
         load_state(path, like=state, opt=other, allow_changed=("lr",))
+    with pytest.raises(ValueError, match=r"allow_changed names no hyperparameter of ring: "
+                                         r"\['learning_rate'\]"):  # the core spells it lr
+        load_state(path, like=state, opt=opt, allow_changed=("learning_rate",))
     _assert_untouched(state, snap)
+
+
+def test_the_refusal_offers_allow_changed_only_for_values_the_step_reads(tmp_path):
+    """lr (a value the step reads) can change on a resume; structure shapes the state, so
+    the refusal does not offer allow_changed for it (loading would fail on the layout)."""
+    mlp = MLP((3, 4, 2))
+    params, layers = mlp.init(seed=0), [gc.LayerSpec(*mlp.layer_keys(k)) for k in range(2)]
+    opt = gc.ring(structure="kfac")
+    path = tmp_path / "k.npz"
+    save_state(path, opt.init(params, layers=layers), opt)
+    diag = gc.ring(structure="diagonal", lr=0.3)
+    with pytest.raises(ValueError) as err:
+        load_state(path, like=diag.init(params), opt=diag)
+    assert str(err.value).endswith(
+        "structure shapes the state: build the optimizer with the file's values, then "
+        "allow_changed=('lr',) keeps the optimizer's values of the rest")
 
 
 def _rewrite(src, dst, edit_meta=None, add=None):

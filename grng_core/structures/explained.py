@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 from grng_core.state import LayerLayout
 from grng_core.structures import blocks, factored
+from grng_core.structures.rows import check_pairing
 
 
 class Place(NamedTuple):
@@ -36,8 +37,10 @@ def _rows_probes(L: LayerLayout, ls, P, place: Place):
     batch = s.shape[0] if ls.batch_size is None else int(ls.batch_size)
     if L.a_diagonal:
         ids = xp.reshape(ls.inputs, (-1,))
+        check_pairing(L, ls, ids.shape[0], s.shape[0])
         return (xp.take(P, xp.astype(ids, xp.int64), axis=1) @ s) / batch
     a = xp.astype(xp.reshape(ls.inputs, (-1, L.d_in)), place.sdtype, copy=False)
+    check_pairing(L, ls, a.shape[0], s.shape[0])
     Pa = P[:, :L.d_in] @ xp.matrix_transpose(a)
     if L.bias is not None:
         Pa = Pa + P[:, L.d_in:]

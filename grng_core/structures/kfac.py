@@ -17,7 +17,7 @@ from grng_core.linalg import diagonal_inverse, spd_inverse
 from grng_core.state import KfacLayer, LayerLayout
 from grng_core.structures import blocks, factored
 from grng_core.structures.blocks import Blocks, Product
-from grng_core.structures.rows import LayerRows, rows
+from grng_core.structures.rows import LayerRows, rows, warn_unstated_batch
 from grng_core.tree import device as _dev
 from grng_core.tree import index_of
 
@@ -170,8 +170,10 @@ def ema(old, new, beta, ctx):
 
 def all_rows(layers, stats, ctx) -> list:
     """The rows of every layer (stats from `match_stats`; None stays None), cast once."""
-    return [None if ls is None else rows(layer.layout, ls, ctx)
-            for layer, ls in zip(layers, stats)]
+    out = [None if ls is None else rows(layer.layout, ls, ctx)
+           for layer, ls in zip(layers, stats)]
+    warn_unstated_batch(stats, out)
+    return out
 
 
 def update_factors(layers, batch_rows, beta, ctx, flags) -> tuple[KfacLayer, ...]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 from grng_core.state import LayerLayout
+from grng_core.user_frame import user_stacklevel
 
 
 def frequencies(ids, d: int, xp, dtype, device):
@@ -82,22 +84,30 @@ class LayerRows(NamedTuple):
     tol: float = 0.0
 
 
+def check_pairing(L: LayerLayout, ls, n_inputs: int, n_grads: int) -> None:
+    """A layer's input rows (token ids) and output-gradient rows pair one for one."""
+    if n_inputs == n_grads:
+        return
+    if L.a_diagonal:
+        raise ValueError(f"LayerStats of embedding {ls.weight!r}: {n_inputs} token ids, "
+                         f"output_grads {n_grads} rows: they must pair row for row")
+    raise ValueError(f"LayerStats of weight {ls.weight!r}: inputs have {n_inputs} rows, "
+                     f"output_grads {n_grads}: they must pair row for row (one input row per "
+                     "output-gradient row: for shared weights, B·T of each)")
+
+
 def rows(L: LayerLayout, ls, ctx) -> LayerRows:
     """The rows of LayerStats `ls` for layout `L`, cast to the state dtype."""
     xp = ctx.xp
     s = xp.astype(xp.reshape(ls.output_grads, (-1, L.d_out)), ctx.sdtype, copy=False)
     if L.a_diagonal:
         ids = xp.reshape(ls.inputs, (-1,))
-        if ids.shape[0] != s.shape[0]:
-            raise ValueError(f"LayerStats of embedding {ls.weight!r}: {ids.shape[0]} token ids, "
-                             f"output_grads {s.shape[0]} rows: they must pair row for row")
+        check_pairing(L, ls, ids.shape[0], s.shape[0])
         batch = getattr(ls, "batch_size", None)
         return LayerRows(frequencies(ids, L.d_in, xp, ctx.sdtype, ctx.device), s,
                          ids.shape[0] if batch is None else int(batch))
     a = xp.astype(xp.reshape(ls.inputs, (-1, L.d_in)), ctx.sdtype, copy=False)
-    if a.shape[0] != s.shape[0]:
-        raise ValueError(f"LayerStats of weight {ls.weight!r}: inputs have {a.shape[0]} rows, "
-                         f"output_grads {s.shape[0]}: they must pair row for row")
+    check_pairing(L, ls, a.shape[0], s.shape[0])
     batch = getattr(ls, "batch_size", None)
     batch = a.shape[0] if batch is None else int(batch)
     if batch < 1:
@@ -120,3 +130,22 @@ def _arrival_tol(arrays, ctx) -> float:
     if any(x.dtype == xp.float32 for x in arrays):
         return math.sqrt(float(xp.finfo(xp.float32).eps))
     return 0.0
+
+
+def warn_unstated_batch(stats, layer_rows) -> None:
+    """Warn when a layer's LayerStats has no batch_size and more rows than another layer's
+    batch (a convolution's B·P positions or a sequence's B·T tokens taken for B·P examples):
+    its factors and factored gradient would be scaled as if by that many examples (§2.1,
+    n = B·T rows for shared weights). Rows the model's layers all give one per example agree."""
+    batches = {r.batch for r in layer_rows if r is not None}
+    for ls, r in zip(stats, layer_rows):
+        if ls is None or r is None or getattr(ls, "batch_size", None) is not None:
+            continue
+        smaller = [b for b in batches if b < r.batch]
+        if smaller:
+            warnings.warn(
+                f"LayerStats of weight {ls.weight!r}: {r.batch} rows and no batch_size, so "
+                f"taken for {r.batch} examples, while another layer's batch is "
+                f"{min(smaller)}: rows of shared weights (a convolution's positions, a "
+                f"sequence's tokens) need batch_size=B (ALGORITHMS.md §2.1)",
+                UserWarning, stacklevel=user_stacklevel())
