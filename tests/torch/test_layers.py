@@ -109,6 +109,46 @@ def test_conv1d_factors_follow_the_expand_formula():
     assert torch.allclose(S_g, S, rtol=1e-10, atol=1e-13)
 
 
+ROW_CASES = [
+    (nn.Conv2d(3, 2, 3, padding=1), (5, 3, 7, 6)),
+    (nn.Conv2d(3, 2, (2, 3), stride=(2, 1), padding=(1, 0), dilation=(1, 2)), (2, 3, 9, 8)),
+    (nn.Conv2d(2, 2, 4, padding="same", dilation=2), (3, 2, 9, 9)),  # asymmetric padding
+    (nn.Conv2d(2, 2, 3, stride=3), (2, 2, 10, 11)),  # positions left over at the edge
+    (nn.Conv2d(2, 2, 3, padding=1), (2, 2, 5, 5)),  # unbatched below
+    (nn.Conv1d(3, 2, 4, stride=2, padding=2, dilation=2), (4, 3, 13)),
+    (nn.Conv1d(3, 2, 2, padding="same"), (3, 13)),  # unbatched Conv1d
+]
+
+
+@pytest.mark.parametrize("conv, shape", ROW_CASES, ids=[f"case{i}" for i in range(7)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_conv_input_rows_equal_unfold(conv, shape, layout):
+    """The rows gathered from window views are F.unfold's patches exactly (a gather, no
+    arithmetic), in the row order (example, position) and column order (c, kh, kw), whatever
+    the input's memory layout."""
+    from grng_torch.layers import conv as conv_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    if layout == "channels_last" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":
+        x = torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2]
+    xb = x if x.dim() == (4 if isinstance(conv, nn.Conv2d) else 3) else x.unsqueeze(0)
+    x2 = xb if isinstance(conv, nn.Conv2d) else xb.unsqueeze(2)
+    k, d, s, _ = conv_rows._as_2d(conv)
+    pad = conv_rows._explicit_padding(k, d, conv.padding)
+    if pad is None:
+        p = conv.padding if isinstance(conv, nn.Conv2d) else (0, conv.padding[0])
+        pad = (p[1], p[1], p[0], p[0])
+    cols = F.unfold(F.pad(x2, pad), k, dilation=d, stride=s)  # (B, d, L)
+    expected = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    rows = conv_rows.input_rows(conv, x)
+    assert rows.shape == expected.shape
+    assert torch.equal(rows, expected)
+    assert rows.shape[0] == conv(xb).numel() // conv.out_channels  # (example, position)
+
+
 def test_linear_over_positions_follows_the_expand_formula():
     """nn.Linear on (B, T1, T2, d): one row per position, S scaled by the B examples."""
     torch.manual_seed(0)
