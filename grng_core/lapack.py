@@ -11,6 +11,8 @@ independent ones at once). Here a vmapped call maps the matrices one by one (`la
 each kernel then runs inline); on GPU backends the batched kernel is kept. Other namespaces
 call their own ``linalg`` directly. Differentiating through them works as through JAX's own
 (their JVP is the original function's; under vmap the tangents take the batched kernel).
+On the CPU the first use also sets the BLAS under those kernels to one thread
+(`grng_core.blas_threads`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import functools
 
 import array_api_compat
+
+from grng_core import blas_threads
 
 
 @functools.cache
@@ -28,6 +32,9 @@ def _jax_ops() -> dict:
     import jax.numpy as jnp
     from jax.custom_batching import custom_vmap
     from jax.scipy.linalg import solve_triangular
+
+    if jax.default_backend() == "cpu":
+        blas_threads.limit_for_jax()
 
     def one_at_a_time(fn):
         wrapped = custom_vmap(fn)

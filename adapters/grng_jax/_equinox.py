@@ -10,8 +10,8 @@ the batch's examples (refused where per-example gradients are needed)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
-from jax import lax
 
+from grng_jax._patches import patches
 from grng_jax._uncovered import uncovered
 
 
@@ -32,11 +32,8 @@ def _conv(col, mod, x, out):
     if why is not None:
         col.used_otherwise(mod.weight, uncovered("eqx.nn.Conv", why))
         return out
-    sp = "DHW"[-n:]
-    patches = lax.conv_general_dilated_patches(
-        x[None], tuple(mod.kernel_size), tuple(mod.stride), mod.padding,
-        rhs_dilation=tuple(mod.dilation), dimension_numbers=(f"NC{sp}", f"OI{sp}", f"NC{sp}"))
-    rows = jnp.moveaxis(patches[0], 0, -1)  # (*out_spatial, c_in * prod(kernel))
+    rows = patches(jnp.moveaxis(x, 0, -1)[None], tuple(mod.kernel_size), tuple(mod.stride),
+                   mod.padding, tuple(mod.dilation), channel_major=True)[0]
     z = col.tag(rows, mod.weight, mod.bias, jnp.moveaxis(out, 0, -1), "conv", n + 1,
                 transposed=False)
     return jnp.moveaxis(z, -1, 0)

@@ -8,11 +8,11 @@ convolutions, masks) returns None and the call stays untagged (its leaves: the d
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax.numpy as jnp
-from jax import lax
+
+from grng_jax._patches import patches
 
 
 def _axes(axis, ndim: int) -> tuple[int, ...]:
@@ -59,13 +59,8 @@ def conv(mod, x) -> tuple[Any, str, int] | str:
     spatial = "DHW"[-n:] if n <= 3 else None
     if spatial is None:
         return f"{n} spatial axes"
-    dn = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
-    patches = lax.conv_general_dilated_patches(
-        x, ks, tup(mod.strides), padding, rhs_dilation=tup(mod.kernel_dilation),
-        dimension_numbers=dn)
-    c_in, k = x.shape[-1], math.prod(ks)
-    patches = patches.reshape(*patches.shape[:-1], c_in, k)  # (c_in, *kernel) order
-    rows = jnp.swapaxes(patches, -1, -2).reshape(*patches.shape[:-2], k * c_in)
+    rows = patches(x, ks, tup(mod.strides), padding, tup(mod.kernel_dilation),
+                   channel_major=False)
     return rows, "conv", n + 1
 
 
