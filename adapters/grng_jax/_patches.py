@@ -4,7 +4,7 @@ offset, stacked (ALGORITHMS.md §2.1: a convolution's rows are its unfolded patc
 `lax.conv_general_dilated_patches` computes the same values as a convolution with one-hot
 filters: on XLA:CPU, patches and Â = aᵀa together ran 1.4–1.8x slower that way for the
 ResNet-style shapes of the benchmark (B = 64, 8–16 wide, 8–32 channels, 3x3 kernels), and no
-faster for 32x32 images with 64 channels (jitted, one CPU thread).
+faster for 32x32 images with 64 channels (jitted, 2-core Intel Xeon).
 """
 
 from __future__ import annotations

@@ -1,0 +1,90 @@
+"""A jitted `grng_jax.ring(form="gauss_newton")` step of a small flax CNN (conv 16-16-32s2-32,
+3x3, a dense head; batch 64 of 16x16x1, float32) with SciPy's BLAS at GRNG's one thread and
+at its own default (README "JAX (optax)", "CPU threads"): the mean step (best of 5 windows of
+100 steps) and the median step at each position of the refresh period (statistics and
+inverses every 10 steps). Each setting runs in its own process (the BLAS threads are set once
+per process).
+
+    python -m benchmarks.jax_cnn_step
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+SETTINGS = {"GRNG default (SciPy's BLAS: 1 thread)": "1",
+            "GRNG_JAX_LAPACK_THREADS=0 (SciPy's default threads)": "0"}
+
+
+def measure() -> dict:
+    import flax.linen as nn
+    import jax
+    import optax
+
+    import grng_jax
+
+    class CNN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for width, stride in ((16, 1), (16, 1), (32, 2), (32, 1)):
+                x = nn.relu(nn.Conv(width, (3, 3), strides=stride)(x))
+            return nn.Dense(10)(x.mean((1, 2)))
+
+    model, key = CNN(), jax.random.PRNGKey(0)
+    batch = (jax.random.normal(key, (64, 16, 16, 1)), jax.random.randint(key, (64,), 0, 10))
+    params = model.init(key, batch[0])
+
+    def loss_fn(p, b):
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, b[0]),
+                                                               b[1]).mean()
+
+    opt = grng_jax.ring(form="gauss_newton")
+    state = opt.init(params)
+
+    @jax.jit
+    def step(p, s):
+        loss, g = jax.value_and_grad(loss_fn)(p, batch)
+        u, s = opt.update(g, s, p, loss_fn=loss_fn, batch=batch)
+        return optax.apply_updates(p, u), s, loss
+
+    for _ in range(25):  # compile, and the warm-up's refreshes
+        params, state, loss = step(params, state)
+    loss.block_until_ready()
+    windows = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(100):
+            params, state, loss = step(params, state)
+        loss.block_until_ready()
+        windows.append((time.perf_counter() - t) * 10)
+    at: list[list[float]] = [[] for _ in range(10)]
+    for i in range(200):
+        t = time.perf_counter()
+        params, state, loss = step(params, state)
+        loss.block_until_ready()
+        at[i % 10].append((time.perf_counter() - t) * 1e3)
+    return {"mean_ms": min(windows), "by_position_ms": [statistics.median(v) for v in at]}
+
+
+def main() -> None:
+    for label, value in SETTINGS.items():
+        env = dict(os.environ, GRNG_JAX_LAPACK_THREADS=value, JAX_PLATFORMS="cpu")
+        out = subprocess.run([sys.executable, "-m", "benchmarks.jax_cnn_step", "--one"],
+                             env=env, capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        pos = r["by_position_ms"]
+        print(f"{label}: {r['mean_ms']:.1f} ms a step; by position in the refresh period "
+              f"(ms): {' '.join(f'{x:.1f}' for x in pos)}; slowest {max(pos):.1f}, the "
+              f"others' median {statistics.median(sorted(pos)[:-1]):.1f}")
+
+
+if __name__ == "__main__":
+    if "--one" in sys.argv:
+        print(json.dumps(measure()))
+    else:
+        main()
