@@ -1,11 +1,11 @@
-"""A jitted `grng_jax.ring(form="gauss_newton")` step of a small flax CNN (conv 16-16-32s2-32,
-3x3, a dense head; batch 64 of 16x16x1, float32) with SciPy's BLAS at GRNG's one thread and
-at its own default (README "JAX (optax)", "CPU threads"): the mean step (best of 5 windows of
-100 steps) and the median step at each position of the refresh period (statistics and
-inverses every 10 steps). Each setting runs in its own process (the BLAS threads are set once
-per process).
+"""A jitted `grng_jax.ring` step with SciPy's BLAS at GRNG's one thread and at its own default
+(README "JAX (optax)", "CPU threads"): a small flax CNN (conv 16-16-32s2-32, 3x3, a dense
+head; batch 64 of 16x16x1) or the step-cost MLP (784-1024-256-10, batch 128), float32; the
+mean step (best of 5 windows of 100 steps) and the median step at each position of the refresh
+period (statistics and inverses every 10 steps). Each setting runs in its own process (the
+BLAS threads are set once per process).
 
-    python -m benchmarks.jax_cnn_step
+    python -m benchmarks.jax_cnn_step [--model cnn|mlp] [--form gauss_newton|adaptive_damping]
 """
 
 from __future__ import annotations
@@ -21,12 +21,9 @@ SETTINGS = {"GRNG default (SciPy's BLAS: 1 thread)": "1",
             "GRNG_JAX_LAPACK_THREADS=0 (SciPy's default threads)": "0"}
 
 
-def measure() -> dict:
+def _model(name: str):
     import flax.linen as nn
     import jax
-    import optax
-
-    import grng_jax
 
     class CNN(nn.Module):
         @nn.compact
@@ -35,46 +32,75 @@ def measure() -> dict:
                 x = nn.relu(nn.Conv(width, (3, 3), strides=stride)(x))
             return nn.Dense(10)(x.mean((1, 2)))
 
-    model, key = CNN(), jax.random.PRNGKey(0)
-    batch = (jax.random.normal(key, (64, 16, 16, 1)), jax.random.randint(key, (64,), 0, 10))
-    params = model.init(key, batch[0])
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.tanh(nn.Dense(1024)(x))
+            return nn.Dense(10)(nn.tanh(nn.Dense(256)(x)))
+
+    key = jax.random.PRNGKey(0)
+    shape = (64, 16, 16, 1) if name == "cnn" else (128, 784)
+    batch = (jax.random.normal(key, shape), jax.random.randint(key, shape[:1], 0, 10))
+    return (CNN() if name == "cnn" else MLP()), batch
+
+
+def measure(model_name: str, form: str) -> dict:
+    import grng_jax
+    import jax
+    import optax
+
+    model, batch = _model(model_name)
+    params = model.init(jax.random.PRNGKey(0), batch[0])
 
     def loss_fn(p, b):
         return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, b[0]),
                                                                b[1]).mean()
 
-    opt = grng_jax.ring(form="gauss_newton")
+    opt = grng_jax.ring(form=form)
     state = opt.init(params)
 
     @jax.jit
-    def step(p, s):
-        loss, g = jax.value_and_grad(loss_fn)(p, batch)
-        u, s = opt.update(g, s, p, loss_fn=loss_fn, batch=batch)
+    def step(p, s, b):
+        loss, g = jax.value_and_grad(loss_fn)(p, b)
+        u, s = opt.update(g, s, p, loss_fn=loss_fn, batch=b)
         return optax.apply_updates(p, u), s, loss
 
     for _ in range(25):  # compile, and the warm-up's refreshes
-        params, state, loss = step(params, state)
+        params, state, loss = step(params, state, batch)
     loss.block_until_ready()
     windows = []
     for _ in range(5):
         t = time.perf_counter()
         for _ in range(100):
-            params, state, loss = step(params, state)
+            params, state, loss = step(params, state, batch)
         loss.block_until_ready()
         windows.append((time.perf_counter() - t) * 10)
     at: list[list[float]] = [[] for _ in range(10)]
     for i in range(200):
         t = time.perf_counter()
-        params, state, loss = step(params, state)
+        params, state, loss = step(params, state, batch)
         loss.block_until_ready()
         at[i % 10].append((time.perf_counter() - t) * 1e3)
     return {"mean_ms": min(windows), "by_position_ms": [statistics.median(v) for v in at]}
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=("cnn", "mlp"), default="cnn")
+    ap.add_argument("--form", choices=("gauss_newton", "adaptive_damping"),
+                    default="gauss_newton")
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        print(json.dumps(measure(args.model, args.form)))
+        return
+    print(f"RING form={args.form}, {args.model}")
     for label, value in SETTINGS.items():
         env = dict(os.environ, GRNG_JAX_LAPACK_THREADS=value, JAX_PLATFORMS="cpu")
-        out = subprocess.run([sys.executable, "-m", "benchmarks.jax_cnn_step", "--one"],
+        out = subprocess.run([sys.executable, "-m", "benchmarks.jax_cnn_step", "--one",
+                              "--model", args.model, "--form", args.form],
                              env=env, capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         pos = r["by_position_ms"]
@@ -84,7 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if "--one" in sys.argv:
-        print(json.dumps(measure()))
-    else:
-        main()
+    main(sys.argv[1:])

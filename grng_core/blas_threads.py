@@ -6,8 +6,8 @@ jaxlib's CPU kernels for Cholesky, eigh, triangular solves and QR call LAPACK th
 with XLA's intra-op pool, which runs the rest of the step at the same time: on a 2-core CPU a
 jitted RING step of a small CNN refreshing its K-FAC statistics and inverses took 90–92 ms
 with SciPy's default threads and 59–66 ms with one (`python -m benchmarks.jax_cnn_step`; README
-"JAX (optax)"; on a 784-1024-256-10 MLP 36.6 against 45.3 ms a step for the Cholesky form,
-60.4 against 61.2 ms for the eigh form, though a lone eigh of 1025 is slower on one thread).
+"JAX (optax)"; on a 784-1024-256-10 MLP 38.8 against 46.0 ms a step for the Cholesky form,
+57.8 against 66.7 ms for the eigh form, though a lone eigh of 1025 is slower on one thread).
 
 So the first JAX decomposition traced for the CPU (`grng_core.lapack`) sets SciPy's own BLAS
 to `GRNG_JAX_LAPACK_THREADS` threads (default 1; "0" or "off" leaves it alone) through
