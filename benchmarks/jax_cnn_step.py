@@ -6,6 +6,7 @@ period (statistics and inverses every 10 steps). Each setting runs in its own pr
 BLAS threads are set once per process).
 
     python -m benchmarks.jax_cnn_step [--model cnn|mlp] [--form gauss_newton|adaptive_damping]
+                                      [--algorithm ring|reng|rkalman]
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _model(name: str):
     return (CNN() if name == "cnn" else MLP()), batch
 
 
-def measure(model_name: str, form: str) -> dict:
+def measure(model_name: str, form: str, algorithm: str = "ring") -> dict:
     import grng_jax
     import jax
     import optax
@@ -56,7 +57,7 @@ def measure(model_name: str, form: str) -> dict:
         return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, b[0]),
                                                                b[1]).mean()
 
-    opt = grng_jax.ring(form=form)
+    opt = grng_jax.ring(form=form) if algorithm == "ring" else getattr(grng_jax, algorithm)()
     state = opt.init(params)
 
     @jax.jit
@@ -91,16 +92,20 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--model", choices=("cnn", "mlp"), default="cnn")
     ap.add_argument("--form", choices=("gauss_newton", "adaptive_damping"),
                     default="gauss_newton")
+    ap.add_argument("--algorithm", choices=("ring", "reng", "rkalman"), default="ring",
+                    help="at its defaults (--form applies to ring)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
-        print(json.dumps(measure(args.model, args.form)))
+        print(json.dumps(measure(args.model, args.form, args.algorithm)))
         return
-    print(f"RING form={args.form}, {args.model}")
+    print(f"{args.algorithm} ({'form=' + args.form if args.algorithm == 'ring' else 'defaults'})"
+          f", {args.model}")
     for label, value in SETTINGS.items():
         env = dict(os.environ, GRNG_JAX_LAPACK_THREADS=value, JAX_PLATFORMS="cpu")
         out = subprocess.run([sys.executable, "-m", "benchmarks.jax_cnn_step", "--one",
-                              "--model", args.model, "--form", args.form],
+                              "--model", args.model, "--form", args.form,
+                              "--algorithm", args.algorithm],
                              env=env, capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         pos = r["by_position_ms"]
