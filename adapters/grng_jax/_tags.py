@@ -141,8 +141,24 @@ class Collector:
                     "grng_jax: the loss called more tagged dense layers while collecting "
                     "statistics than while its shapes were traced; the model must call the "
                     "same layers in the same order on every evaluation")
+            if kind == "conv":
+                z = conv_by_rows(x, kernel, z, transposed)
             z = z + self.perturbs[k].astype(z.dtype)
         return z
+
+
+def conv_by_rows(rows, kernel, z, transposed: bool):
+    """A convolution's output z, whose gradient flows through rows @ W (its patches times the
+    kernel as a matrix) instead of the convolution's own transpose: the same value and the
+    same input gradient (the matmul's, then the patches' gather transposed). Used in the
+    statistics pass only, which runs inside grng_jax's refresh ``lax.switch``: there XLA:CPU
+    runs a convolution's input gradient about 7x slower than the matmul and the scatter
+    (`python -m benchmarks.xla_cond_conv`). No parameter gradient is taken in that pass (z's
+    own is stopped), so only the inputs' gradient matters."""
+    w = (kernel.reshape(-1, kernel.shape[-1]) if transposed
+         else kernel.reshape(kernel.shape[0], -1).T)
+    y = jnp.matmul(rows, w.astype(rows.dtype)).astype(z.dtype)
+    return jax.lax.stop_gradient(z) + (y - jax.lax.stop_gradient(y))
 
 
 def dense(x, kernel, bias=None, *, precision=None):
