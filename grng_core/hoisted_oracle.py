@@ -45,7 +45,8 @@ class Hoisted(NamedTuple):
             hvp_fn=None if o.hvp_fn is None else take("hvp", self.hvp, o.hvp_fn))
 
 
-def hoist(core, grads, state, params, oracle: Oracle, collective=None) -> Hoisted | None:
+def hoist(core, grads, state, params, oracle: Oracle | None,
+          collective=None) -> Hoisted | None:
     """Run `core`'s estimator of ĝ now with a recording oracle (None where the step calls no
     oracle: RING, ρ = 0, or an oracle with rows or an `along_fn`, whose passes also feed the
     K-FAC structure)."""
