@@ -5,11 +5,12 @@ branch (grng_jax's `lax.switch` over the refresh flags).
 Why: the regularized gradient ĝ does not depend on the refresh flags, and XLA:CPU runs
 convolution gradients about 7x (input) to 14x (kernel) slower inside a conditional branch
 than outside it (`python -m benchmarks.xla_cond_conv`): a jitted RENG step of a small flax
-CNN took 236 ms with its Hessian-vector product inside the branch and 41 ms with every branch
-computed in-graph (README "JAX (optax)"). `hoist` runs the estimator once, outside, with an
-oracle that records what each call returns; `Hoisted.replay()` gives each traced branch an
-oracle that returns those results in the same order (the estimator calls the oracle in an
-order fixed by the configuration, not by the arrays), so the branches hold no oracle pass.
+CNN took 228.6 ms with its Hessian-vector product inside the branch and 25.7 ms with it
+hoisted (`python -m benchmarks.jax_cnn_step --algorithm reng`; README "JAX (optax)").
+`hoist` runs the estimator once, outside, with an oracle that records what each call
+returns; `Hoisted.replay()` gives each traced branch an oracle that returns those results in
+the same order (the estimator calls the oracle in an order fixed by the configuration, not by
+the arrays), so the branches hold no oracle pass.
 """
 
 from __future__ import annotations
