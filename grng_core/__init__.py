@@ -19,7 +19,16 @@ from grng_core.config import RENGConfig, RINGConfig, RKalmanConfig
 from grng_core.linalg import InverseError
 from grng_core.optimizer import Optimizer
 from grng_core.state import Belief, KfacLayer, LayerLayout, OptState, Preconditioner
-from grng_core.types import Collective, LayerSpec, LayerStats, Oracle, Requirements, Stats, Whole
+from grng_core.types import (
+    Collective,
+    InputGram,
+    LayerSpec,
+    LayerStats,
+    Oracle,
+    Requirements,
+    Stats,
+    Whole,
+)
 
 __all__ = [
     "__version__",
@@ -32,6 +41,7 @@ __all__ = [
     "RINGConfig",
     "RKalmanConfig",
     "Collective",
+    "InputGram",
     "InverseError",
     "LayerSpec",
     "LayerStats",

@@ -241,6 +241,10 @@ def kfac_step(layers, batch_rows, beta, damping, steps, ctx, keys, flags):
 def _observe(layer, r, beta_t, root, steps, ctx, keys, curvature):
     """One layer's predict + correct with this batch's rows (selected on `curvature`)."""
     xp, L = ctx.xp, layer.layout
+    if r.gram is not None:
+        raise ValueError(f"layer {keys[L.weight]!r}: R-Kalman's belief observes the input rows "
+                         "themselves (§3.3): pass LayerStats.inputs as rows, not an InputGram "
+                         "(Requirements.input_gram is False for R-Kalman)")
     s = ctx.gather(r.s)
     batch = r.batch * (s.shape[0] // r.s.shape[0])  # B over all replicas
     if L.a_diagonal:  # token frequencies: Â itself, averaged over replicas

@@ -24,6 +24,7 @@ from grng_core.linalg import default_tol
 from grng_core.requirements import requirements
 from grng_core.state import OptState, ensure_pytrees
 from grng_core.structures import explained, kfac
+from grng_core.structures.input_gram import input_arrays
 from grng_core.tree import device, flatten, leaves_like, namespace
 from grng_core.types import Collective, Requirements, Stats, Whole
 from grng_core.validation import check_params, check_shapes, check_state
@@ -237,7 +238,8 @@ class Optimizer:
         pe = None
         if stats.per_example_grads is not None:
             pe = leaves_like(stats.per_example_grads, container, "stats.per_example_grads")
-        layer_arrays = [x for ls in (stats.layers or ()) for x in (ls.inputs, ls.output_grads)]
+        layer_arrays = [x for ls in (stats.layers or ()) for x in (*input_arrays(ls.inputs),
+                                                                    ls.output_grads)]
         xp = namespace(("params", p_leaves), ("grads", g_leaves),
                        ("stats.per_example_grads", pe or []), ("stats.layers", layer_arrays))
         check_params(container, p_leaves, xp)

@@ -18,7 +18,8 @@ def requirements(config: Config) -> Requirements:
                         grad_fn=gr_on and gr == "finite_difference",
                         hvp_fn=gr_on and gr == "double_backprop", fisher=config.fisher,
                         layer_rows=factored_applies(config),
-                        fd_rows=fd_rows_apply(config))
+                        fd_rows=fd_rows_apply(config),
+                        input_gram=s == "kfac" and config.algorithm != "rkalman")
 
 
 def factored_applies(config: Config) -> bool:

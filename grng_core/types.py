@@ -34,8 +34,10 @@ class LayerStats(NamedTuple):
     weight: key of the weight leaf in the params container (list index or dict key).
     bias: key of the bias leaf, or None when the layer has none.
     inputs: a, shape (n, d_in): the layer's inputs (rows: examples, or positions/patches).
-        Do not append the column of ones for the bias: the core does it. For an embedding
-        (LayerSpec.a_diagonal) the token ids, shape (n,) integers (the one-hot rows' indices).
+        Do not append the column of ones for the bias: the core does it. Or the rows reduced
+        as they arrived (`InputGram`, n ≥ d_in + 1, where `Requirements.input_gram`). For an
+        embedding (LayerSpec.a_diagonal) the token ids, shape (n,) integers (the one-hot
+        rows' indices).
     output_grads: s, shape (n, d_out): rows = B * dL/dz_i (per-example gradients of l_i with
         respect to the layer output, B the batch size).
     transposed: False when the weight is stored (d_out, d_in) as in torch, True when it is
@@ -53,6 +55,21 @@ class LayerStats(NamedTuple):
     output_grads: Any
     transposed: bool = False
     batch_size: int | None = None
+
+
+class InputGram(NamedTuple):
+    """A layer's input rows a (n × d_in) reduced as they arrived, in place of the rows as
+    `LayerStats.inputs` (ALGORITHMS.md §2.1, "Input rows reduced early";
+    `grng_core.structures.input_gram.reduce_rows` makes one): gram = aᵀa (d_in × d_in), total =
+    Σ a over the rows (d_in,), n the row count, probed = P·a'ᵀ (2 × n): the first-step check's
+    fixed probes P (2 × d_in', the bias column included) applied to the rows. Only where the rows
+    are at least d_in' (`input_gram.reducible`), and not for R-Kalman (its belief observes the
+    rows themselves)."""
+
+    gram: Any
+    total: Any
+    n: int
+    probed: Any
 
 
 class Stats(NamedTuple):
@@ -154,6 +171,9 @@ class Requirements(NamedTuple):
     fd_rows: the finite-difference ĝ can be preconditioned in factored form when the oracle
         gives its passes' rows (`Oracle.grad_rows_fn`); the batch's own rows are then worth
         handing over on every step too.
+    input_gram: a layer's input rows may arrive reduced (`InputGram`, §2.1 "Input rows
+        reduced early") where `grng_core.structures.input_gram.reducible` says so: K-FAC
+        factors of RENG, RING and NGD; not R-Kalman's belief, which observes the rows.
     """
 
     layer_stats: bool
@@ -163,3 +183,4 @@ class Requirements(NamedTuple):
     fisher: str
     layer_rows: bool = False
     fd_rows: bool = False
+    input_gram: bool = False

@@ -27,9 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from grng_core import schedule
 from grng_torch._autocast import autocast_state
-from grng_torch._layer_rows import factored_pays, in_backward, kept_rows, warn_ambiguous_ids
+from grng_torch._layer_rows import (
+    factored_pays,
+    in_backward,
+    joined_inputs,
+    kept_input,
+    warn_ambiguous_ids,
+    zero_output_rows,
+)
+from grng_torch._layer_warmup import layer_warms, layer_warms_now
 from grng_torch._linear_calls import LinearCalls
 from grng_torch._model_calls import UNKNOWN_BATCH, Batch, Call, batch_of, note_once
 from grng_torch.layers import find_layers
@@ -74,6 +81,7 @@ class Collector:
         # warm-up-only refresh: layer -> group config; per call, `warms` / `warms_now`
         self.warmup_only: dict[int, Any] = {}
         self.warming: dict[int, dict[int, bool]] = {}
+        self.grams: dict[int, Any] = {}  # layer -> dtype its rows are reduced in (`collect`)
         self.no_warmup: set[int] = set()  # layers seen to skip the warm-up (describe())
         # layers called on an input shared by the batch (`shared_over_batch`) -> why: never
         # collected again, so they are absent from every step (diagonal from the first)
@@ -177,7 +185,7 @@ class Collector:
             if i in self.warmup_only and not self.warms(i, output):
                 return None  # the layer skips the warm-up: the core refreshes it not now
             chunks = self.a.setdefault(i, [])
-            chunks.append(kept_rows(layer.input_rows(x.detach()), x))
+            chunks.append(kept_input(layer, x, output, self.grams.get(i)))
             c = self._call_index()
             self.call_of.setdefault(i, []).append(c)
             if self.mode == "outputs":
@@ -215,30 +223,7 @@ class Collector:
             kept.pop(i, None)
         return True
 
-    def warms(self, i: int, output: torch.Tensor) -> bool:
-        """On a step whose refresh is the warm-up's only, whether layer i keeps this model
-        call's rows (`grng_core.schedule.layer_warms` on the rows of its first use in the call:
-        one per output element of width d_out); `warms_now` decides for the step. Not under
-        torch.distributed: there every layer takes it (`_step.plan`)."""
-        decided = self.warming.setdefault(i, {})
-        c = self._call_index()
-        if c not in decided:
-            layer, config = self.layers[i], self.warmup_only[i]
-            rows = output.numel() // max(layer.d_out, 1)
-            d_a = layer.d_in + (layer.bias is not None)
-            decided[c] = schedule.layer_warms(config, rows, d_a, layer.d_out)
-        return decided[c]
-
-    def warms_now(self, i: int) -> bool:
-        """Whether layer i takes this step's warm-up refresh: every model call of the batch
-        decided so (their rows were all kept); an evaluation call's decision does not count.
-        One that skips it is listed in `no_warmup` (describe())."""
-        used = {c for c, _ in self.batch.used()}
-        decided = [w for c, w in self.warming.get(i, {}).items() if c in used]
-        if decided and not all(decided):
-            self.no_warmup.add(i)
-            return False
-        return True
+    warms, warms_now = layer_warms, layer_warms_now  # `_layer_warmup`
 
     def _grad_hook(self, i: int, k: int):
         generation = self.generation
@@ -254,15 +239,18 @@ class Collector:
     # -------------------------------------------------------------- sessions
     @contextlib.contextmanager
     def collect(self, mode: str | None, active=(), capture: bool = False,
-                rows_only=None, warmup_only=None) -> Iterator[None]:
+                rows_only=None, warmup_only=None, grams=None) -> Iterator[None]:
         """Collect K-FAC rows of the layers numbered in `active` ("backward": s from the
         backward pass through tensor hooks; "outputs": keep the outputs z for an explicit
         autograd.grad), and the model calls / loss targets when `capture`. `rows_only`
         (layer -> passes): layers whose rows only the factored form reads, kept where it pays
         (`factored_pays`). `warmup_only` (layer -> config, kept until `clear`): layers that
-        may skip this step's refresh."""
+        may skip this step's refresh. `grams` (layer -> state dtype, kept until `clear`):
+        layers whose rows are reduced as they arrive (`kept_input`)."""
         if warmup_only is not None:
             self.warmup_only = dict(warmup_only)
+        if grams is not None:
+            self.grams = dict(grams)
         old = (self.mode, self.active, self.capture, self.rows_only)
         self.mode, self.active, self.capture = mode, set(active), capture
         self.rows_only = dict(rows_only or {})
@@ -273,14 +261,14 @@ class Collector:
         finally:
             self.mode, self.active, self.capture, self.rows_only = old
 
-    def arm(self, active, rows_only=None, warmup_only=None) -> None:
+    def arm(self, active, rows_only=None, warmup_only=None, grams=None) -> None:
         """Collect from the user's own forward and backward passes until the next step (a
         `step()` without a closure): as `collect("backward", active, capture=True, ...)`, left
         open; passes without gradients (evaluation) are not collected."""
         self.clear()
         self.mode, self.active, self.capture = "backward", set(active), True
         self.rows_only = dict(rows_only or {})
-        self.warmup_only = dict(warmup_only or {})
+        self.warmup_only, self.grams = dict(warmup_only or {}), dict(grams or {})
         self.armed = True
 
     def _awaiting(self, i: int) -> bool:
@@ -324,7 +312,7 @@ class Collector:
     def _reset(self) -> None:
         """Drop the rows and model calls kept (`clear`: before and after each step)."""
         self.a, self.s, self.z, self.hooked, self.call_of = {}, {}, {}, {}, {}
-        self.warmup_only, self.warming = {}, {}
+        self.warmup_only, self.warming, self.grams = {}, {}, {}
         self.batch, self.zeroed = Batch(), False
         self.generation += 1
 
@@ -387,8 +375,8 @@ class Collector:
                 rows, f = s[k]  # the backward's rows carry its loss scale: removed here
                 chunks.append(rows * (E / self.loss_scale if f is None else f))
             else:  # that call's output took no part in the loss: its gradient is zero
-                chunks.append(a_k.new_zeros((a_k.shape[0], self.layers[i].d_out)))
-        a_rows = a[0] if len(a) == 1 else torch.cat(a)
+                chunks.append(zero_output_rows(a_k, self.layers[i].d_out))
+        a_rows = joined_inputs(self.layers[i], a)
         s_rows = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         return a_rows, s_rows, E
 

@@ -1,17 +1,20 @@
 """What a layer hook keeps of a call: whether the factored form would read its rows
 (`factored_pays`), the rows themselves, copied where the loop may overwrite their input
-(`kept_rows`), and whether the call is autograd's recomputation inside a backward
-(`in_backward`)."""
+(`kept_rows`), or reduced as they arrive (`kept_input`: a convolution's patches as a
+`grng_core.InputGram`, ALGORITHMS.md §2.1), and whether the call is autograd's recomputation
+inside a backward (`in_backward`)."""
 
 from __future__ import annotations
 
 import warnings
 
+import array_api_compat
 import torch
 
-from grng_core.structures import factored
+from grng_core.structures import factored, input_gram
+from grng_core.types import InputGram
 from grng_core.user_frame import user_stacklevel
-from grng_torch.layers import HookedLayer
+from grng_torch.layers import HookedLayer, conv
 
 
 def factored_pays(layer: HookedLayer, x: torch.Tensor, passes: int = 1) -> bool:
@@ -40,6 +43,53 @@ def kept_rows(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if x.grad_fn is None and storage_of(rows) == storage_of(x) is not None:
         return rows.clone()
     return rows
+
+
+#: The most bytes of a convolution's unfolded patches `kept_input` holds at once.
+CHUNK_BYTES = 32 << 20
+
+
+def kept_input(layer: HookedLayer, x: torch.Tensor, output: torch.Tensor,
+               gram_dtype: torch.dtype | None):
+    """What the hook keeps of a call's input: its rows, or, where the step allows it
+    (`gram_dtype`, the state dtype: a convolution on a step that refreshes with RENG, RING or
+    NGD) and the core's `input_gram.reducible` agrees for its rows (one per element of the
+    call's `output` of width d_out), their InputGram, computed at once in
+    that dtype (autocast off), slices of the batch of at most `CHUNK_BYTES` of patches at a
+    time: the rows, k² times the input, never exist whole."""
+    x = x.detach()
+    bias = layer.bias is not None
+    n = output.numel() // max(layer.d_out, 1)  # its rows: one per output position
+    if gram_dtype is None or layer.kind != "conv" or not input_gram.reducible(
+            layer.d_out, layer.d_in + bias, n):
+        return kept_rows(layer.input_rows(x), x)
+    xp = array_api_compat.array_namespace(x)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        parts = [input_gram.reduce_rows(r, bias, xp, gram_dtype)
+                 for r in conv.input_row_chunks(layer.module, x, CHUNK_BYTES)]
+        return input_gram.combine(parts, xp)
+
+
+def joined_inputs(layer: HookedLayer, chunks: list):
+    """One layer's kept inputs of several calls as one: the rows concatenated, or (where any
+    call's were reduced) one InputGram, the other calls' rows reduced in its dtype."""
+    if len(chunks) == 1:
+        return chunks[0]
+    grams = [c for c in chunks if isinstance(c, InputGram)]
+    if not grams:
+        return torch.cat(chunks)
+    xp = array_api_compat.array_namespace(grams[0].gram)
+    parts = [c if isinstance(c, InputGram) else input_gram.reduce_rows(
+        c, layer.bias is not None, xp, grams[0].gram.dtype) for c in chunks]
+    return input_gram.combine(parts, xp)
+
+
+def zero_output_rows(chunk, d_out: int) -> torch.Tensor:
+    """The output-gradient rows of a call whose output took no part in the loss: zeros, one
+    row per input row of its kept input `chunk` (rows or an InputGram)."""
+    if isinstance(chunk, InputGram):
+        return chunk.gram.new_zeros((chunk.n, d_out))
+    return chunk.new_zeros((chunk.shape[0], d_out))
 
 
 def storage_of(t: torch.Tensor) -> int | None:

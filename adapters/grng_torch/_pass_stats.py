@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 import grng_core as gc
 from grng_core.requirements import stacked_passes
 
@@ -62,3 +64,16 @@ def rows_of_passes(opt, gp, core, layers, env: dict[str, Any]):
     if r.grad_fn and r.fd_rows and env["collective"] is None and on_host(gp):
         return pass_rows(opt, core.config, layers)
     return None
+
+
+def gram_layers(opt, gp) -> dict:
+    """{convolution: state dtype} of a group on a curvature step whose core takes its input
+    rows reduced (`Requirements.input_gram`): their patches, k² times the input, are reduced in
+    the layer's hook and freed (`_layer_rows.kept_input`; the others keep their rows)."""
+    if not gp.core.requirements.input_gram:
+        return {}
+    convs = [li for li, _, _ in gp.layers if opt.collector.layers[li].kind == "conv"]
+    if not convs:
+        return {}
+    dtype = gp.core.state_dtype([p.detach() for p in gp.group["params"]], torch)
+    return dict.fromkeys(convs, dtype)

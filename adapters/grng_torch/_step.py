@@ -21,7 +21,7 @@ from torch import nn
 
 import grng_core as gc
 from grng_core.requirements import stacked_passes
-from grng_torch import _describe, _passes
+from grng_torch import _describe, _pass_stats, _passes
 from grng_torch._autocast import autocast_off, autocast_state
 from grng_torch._backward import GraphBackward
 from grng_torch._closure_free import CLOSURE_HELP, check_closure_free, closure_needs
@@ -58,6 +58,7 @@ class StepPlan:
     # hooked layer -> its group's config, on a step whose refresh is the warm-up's only: the
     # hook keeps no rows where one call gives the layer enough to skip it (`layer_warms`)
     warmup_only: dict = field(default_factory=dict)
+    grams: dict = field(default_factory=dict)  # convolution -> dtype: `gram_layers`
     pe: dict = field(default_factory=lambda: {"empirical": [], "mc": []})
     hvp: bool = False
     fd: bool = False
@@ -105,6 +106,7 @@ def plan(opt, arming: bool = False) -> StepPlan:
             (sp.mc if r.fisher == "mc" else sp.emp).update(li for li, _, _ in gp.layers)
             if gp.steady is not None and gp.steady[0] is False:
                 sp.warmup_only.update((li, gp.core.config) for li, _, _ in gp.layers)
+            sp.grams.update(_pass_stats.gram_layers(opt, gp))
         elif (r.layer_rows or r.fd_rows) and not replicated and on_host(gp):
             # the factored form's rows (§2.1): hooks only, and only where it can be chosen
             gp.rows_only = True
@@ -241,7 +243,7 @@ def arm_for_closure_free(opt, only_if_armed: bool = False) -> None:
     if closure_needs(sp):
         coll.disarm()
         return
-    coll.arm(sp.emp, sp.rows_only, sp.warmup_only)
+    coll.arm(sp.emp, sp.rows_only, sp.warmup_only, sp.grams)
 
 
 def _first_pass(opt, sp: StepPlan, closure, gb):
@@ -251,9 +253,8 @@ def _first_pass(opt, sp: StepPlan, closure, gb):
         stack.enter_context(torch.enable_grad())
         if coll is not None:
             coll.clear()
-            stack.enter_context(coll.collect("backward", sp.emp, capture=True,
-                                             rows_only=sp.rows_only,
-                                             warmup_only=sp.warmup_only))
+            stack.enter_context(coll.collect("backward", sp.emp, True, sp.rows_only,
+                                             sp.warmup_only, sp.grams))  # capture, ...: `plan`
         if gb is not None:
             stack.enter_context(gb)
             stack.enter_context(_passes.twice_differentiable_attention())

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 from grng_core.state import LayerLayout
 from grng_core.structures import blocks, factored
 from grng_core.structures.rows import check_pairing
+from grng_core.types import InputGram
 
 
 class Place(NamedTuple):
@@ -39,6 +40,9 @@ def _rows_probes(L: LayerLayout, ls, P, place: Place):
         ids = xp.reshape(ls.inputs, (-1,))
         check_pairing(L, ls, ids.shape[0], s.shape[0])
         return (xp.take(P, xp.astype(ids, xp.int64), axis=1) @ s) / batch
+    if isinstance(ls.inputs, InputGram):  # rows reduced as they arrived: P·a'ᵀ kept
+        check_pairing(L, ls, ls.inputs.n, s.shape[0])
+        return (xp.astype(ls.inputs.probed, place.sdtype, copy=False) @ s) / batch
     a = xp.astype(xp.reshape(ls.inputs, (-1, L.d_in)), place.sdtype, copy=False)
     check_pairing(L, ls, a.shape[0], s.shape[0])
     Pa = P[:, :L.d_in] @ xp.matrix_transpose(a)

@@ -20,6 +20,7 @@ from grng_core.structures.blocks import Blocks, Product
 from grng_core.structures.rows import LayerRows, rows, warn_unstated_batch
 from grng_core.tree import device as _dev
 from grng_core.tree import index_of
+from grng_core.types import InputGram
 
 PI_MIN, PI_MAX = 1e-4, 1e4
 
@@ -133,10 +134,10 @@ def match_stats(layers, stats_layers, container, partial: bool = False,
         if s is None:
             raise ValueError(f"stats.layers has no statistics for the layer of weight "
                              f"{container.keys[L.weight]!r} registered at init")
-        if (not L.a_diagonal and s.inputs.shape[-1] != L.d_in) or \
-                s.output_grads.shape[-1] != L.d_out:
+        width = (s.inputs.gram if isinstance(s.inputs, InputGram) else s.inputs).shape[-1]
+        if (not L.a_diagonal and width != L.d_in) or s.output_grads.shape[-1] != L.d_out:
             raise ValueError(
-                f"layer {s.weight!r}: inputs (n, {s.inputs.shape[-1]}) and output_grads "
+                f"layer {s.weight!r}: inputs (n, {width}) and output_grads "
                 f"(n, {s.output_grads.shape[-1]}) do not match the weight's (d_in={L.d_in}, "
                 f"d_out={L.d_out})"
             )
@@ -152,7 +153,9 @@ def batch_factors(r: LayerRows, ctx):
     """Â = aᵀa/n, Ŝ = sᵀs/B for one batch (B = n for a dense layer; shared weights keep the
     per-example scale, K-FAC "expand"), averaged over replicas (§2.1)."""
     xp = ctx.xp
-    if r.a.ndim == 1:  # an embedding: the rows give the token frequencies directly
+    if r.gram is not None:  # rows reduced as they arrived: a'ᵀa' itself (`input_gram`)
+        A_hat = ctx.mean(r.gram / r.s.shape[0])
+    elif r.a.ndim == 1:  # an embedding: the rows give the token frequencies directly
         A_hat = ctx.mean(r.a)
     else:
         A_hat = ctx.mean(xp.matrix_transpose(r.a) @ r.a / r.a.shape[0])
@@ -273,7 +276,7 @@ def factored_rows(layers, batch_rows, ctx) -> list[LayerRows | None]:
     replica's product)."""
     if batch_rows is None or ctx.replicated:
         return [None] * len(layers)
-    return [r if r is not None and not layer.layout.a_diagonal
+    return [r if r is not None and r.a is not None and not layer.layout.a_diagonal
             and factored.cheaper(layer.layout.d_out, layer.layout.d_in_ext, r.a.shape[0])
             else None for layer, r in zip(layers, batch_rows)]
 
@@ -287,7 +290,7 @@ def stacked_rows(layers, own, matched, coefs, ctx) -> list[LayerRows | None]:
     out: list[LayerRows | None] = []
     for j, layer in enumerate(layers):
         L, mine = layer.layout, own[j]
-        if (ctx.replicated or L.a_diagonal or mine is None
+        if (ctx.replicated or L.a_diagonal or mine is None or mine.a is None
                 or not factored.cheaper(L.d_out, L.d_in_ext, len(coefs) * mine.a.shape[0])):
             out.append(None)
             continue
@@ -295,7 +298,7 @@ def stacked_rows(layers, own, matched, coefs, ctx) -> list[LayerRows | None]:
             out.append(None)  # a pass without this layer's rows
             continue
         parts = [mine if m is None else rows(L, m[j], ctx) for m in matched]
-        usable = (len({r.batch for r in parts}) == 1
+        usable = (len({r.batch for r in parts}) == 1 and all(r.a is not None for r in parts)
                   and factored.cheaper(L.d_out, L.d_in_ext, sum(r.a.shape[0] for r in parts)))
         out.append(factored.stack(parts, coefs, ctx.xp) if usable else None)
     return out

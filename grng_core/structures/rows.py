@@ -7,6 +7,8 @@ import warnings
 from typing import Any, NamedTuple
 
 from grng_core.state import LayerLayout
+from grng_core.tree import device
+from grng_core.types import InputGram
 from grng_core.user_frame import user_stacklevel
 
 
@@ -76,12 +78,15 @@ class LayerRows(NamedTuple):
     weights): the layer's gradient is G = sᵀa/B, its factors Â = aᵀa/n and Ŝ = sᵀs/B.
     For an embedding (one-hot rows) `a` is Â's diagonal itself, the token frequencies
     counts/n, a vector (d_in,). `tol`: the factored form's check tolerance where the rows
-    arrived in float32 and the state is wider (√eps of float32; 0: the state's own)."""
+    arrived in float32 and the state is wider (√eps of float32; 0: the state's own). `gram`:
+    a'ᵀa' (d_in' × d_in') where the rows arrived reduced (`InputGram`), `a` then None: such a
+    layer is preconditioned densely (`input_gram`)."""
 
     a: Any
     s: Any
     batch: int
     tol: float = 0.0
+    gram: Any = None
 
 
 def check_pairing(L: LayerLayout, ls, n_inputs: int, n_grads: int) -> None:
@@ -106,17 +111,39 @@ def rows(L: LayerLayout, ls, ctx) -> LayerRows:
         batch = getattr(ls, "batch_size", None)
         return LayerRows(frequencies(ids, L.d_in, xp, ctx.sdtype, ctx.device), s,
                          ids.shape[0] if batch is None else int(batch))
-    a = xp.astype(xp.reshape(ls.inputs, (-1, L.d_in)), ctx.sdtype, copy=False)
-    check_pairing(L, ls, a.shape[0], s.shape[0])
+    reduced = isinstance(ls.inputs, InputGram)
+    n = ls.inputs.n if reduced else math.prod(ls.inputs.shape[:-1])
+    check_pairing(L, ls, n, s.shape[0])
     batch = getattr(ls, "batch_size", None)
-    batch = a.shape[0] if batch is None else int(batch)
+    batch = n if batch is None else int(batch)
     if batch < 1:
         raise ValueError(f"LayerStats of weight {ls.weight!r}: batch_size={batch} must be >= 1"
                          + (" (an empty batch: skip the step, or drop the last empty batch "
-                            "of the loader)" if a.shape[0] == 0 else ""))
+                            "of the loader)" if n == 0 else ""))
+    if reduced:
+        g = cast(ls.inputs, xp, ctx.sdtype)
+        return LayerRows(None, s, batch, gram=augmented(g, L.bias is not None, xp))
+    a = xp.astype(xp.reshape(ls.inputs, (-1, L.d_in)), ctx.sdtype, copy=False)
     if L.bias is not None:
         a = xp.concat([a, xp.ones((a.shape[0], 1), dtype=ctx.sdtype, device=ctx.device)], axis=1)
     return LayerRows(a, s, batch, _arrival_tol((ls.inputs, ls.output_grads), ctx))
+
+
+def augmented(g: InputGram, has_bias: bool, xp):
+    """a'ᵀa' (d_in' × d_in') of an `InputGram` (rows reduced as they arrived, §2.1): aᵀa,
+    bordered by Σ a and n where the layer has a bias (a' = [a | 1])."""
+    if not has_bias:
+        return g.gram
+    t = g.total[:, None]
+    n = xp.full((1, 1), g.n, dtype=g.gram.dtype, device=device(g.gram))
+    return xp.concat([xp.concat([g.gram, t], axis=1),
+                      xp.concat([xp.matrix_transpose(t), n], axis=1)], axis=0)
+
+
+def cast(g: InputGram, xp, dtype) -> InputGram:
+    """An `InputGram` with its arrays in `dtype` (no copy where they have it)."""
+    return g._replace(**{k: xp.astype(getattr(g, k), dtype, copy=False)
+                         for k in ("gram", "total", "probed")})
 
 
 def _arrival_tol(arrays, ctx) -> float:

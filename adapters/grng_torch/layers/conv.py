@@ -68,6 +68,21 @@ def input_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return win.permute(1, 4, 5, 0, 2, 3).reshape(x.shape[1] * kh * kw, -1).T
 
 
+def input_row_chunks(m: nn.Module, x: torch.Tensor, max_bytes: int):
+    """`input_rows` of consecutive slices of the batch, each at most `max_bytes` of rows where
+    one example's fit (one slice for an unbatched input): rows to reduce one slice at a time,
+    so that no more than one slice's unfolded patches exist at once."""
+    spatial = 2 if isinstance(m, nn.Conv2d) else 1
+    if x.dim() == spatial + 1:
+        yield input_rows(m, x)
+        return
+    kernel = _as_2d(m)[0]
+    per_example = x[:1].numel() * kernel[0] * kernel[1] * x.element_size()  # ≥ its rows
+    step = max(1, max_bytes // max(per_example, 1))
+    for start in range(0, x.shape[0], step):
+        yield input_rows(m, x[start:start + step])
+
+
 def output_rows(m: nn.Module, g: torch.Tensor) -> torch.Tensor:
     """Output gradients, one row per (example, output position), columns the channels."""
     spatial = 2 if isinstance(m, nn.Conv2d) else 1
