@@ -21,6 +21,7 @@ from grng_core.describe import StructureReport, describe_state
 from grng_core.incidents import Incidents
 from grng_core.schedule import skipping_warmup
 from grng_core.state import host_step
+from grng_core.structures.input_gram import input_arrays
 from grng_core.tree import flatten, leaves_like, library
 from grng_core.user_frame import user_stacklevel
 
@@ -142,7 +143,9 @@ class CupyOptimizer:
             pe, _ = flatten(stats.per_example_grads, "stats.per_example_grads")
             self._same_place("stats.per_example_grads", dict(zip(self._container.keys, pe)))
         for i, ls in enumerate(stats.layers or ()):
-            self._same_place(f"stats.layers[{i}]", {"inputs": ls.inputs,
+            arrays = input_arrays(ls.inputs)  # the rows, or an InputGram's three (§2.1)
+            names = ("inputs",) if len(arrays) == 1 else ("gram", "total", "probed")
+            self._same_place(f"stats.layers[{i}]", {**dict(zip(names, arrays)),
                                                     "output_grads": ls.output_grads})
 
     def _check_requirements(self, stats, oracle, curvature: bool) -> None:

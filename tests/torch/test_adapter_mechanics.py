@@ -10,6 +10,7 @@ import weakref
 import grng_torch as gt
 import pytest
 import torch
+from grng_torch import _pass_stats
 from torch import nn
 
 import grng_core as gc
@@ -50,17 +51,33 @@ class ConvNet(nn.Module):
         return self.head(h.flatten(1))
 
 
-@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-def test_kfac_rows_of_conv_and_linear_reproduce_the_gradient():
-    """sᵀa / B is the layer's weight gradient (and Σ s / B its bias gradient): the rows are
-    the unfolded patches and B·dL/dz at every output position."""
+def _first_stats(reduced: bool, monkeypatch):
     torch.manual_seed(0)
     model = ConvNet().double()
     x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 5, (6,))
+    if not reduced:  # the convolutions' rows themselves, not reduced as they arrive
+        monkeypatch.setattr(_pass_stats, "gram_layers", lambda opt, gp: {})
     opt = gt.RING(model, lr=0.0, structure="kfac", rho=0.0)
     calls = spy(opt)
     opt.step(closure_for(opt, model, CRIT, x, y))
-    layers = calls[0]["stats"].layers
+    monkeypatch.undo()
+    return model, x, calls[0]["stats"].layers
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_kfac_rows_of_conv_and_linear_reproduce_the_gradient(monkeypatch):
+    """sᵀa / B is the layer's weight gradient (and Σ s / B its bias gradient): the rows are
+    the unfolded patches and B·dL/dz at every output position. Reduced as they arrive (the
+    default on a refreshing step), a convolution's InputGram holds their aᵀa and Σa."""
+    model, x, layers = _first_stats(False, monkeypatch)
+    _, _, reduced = _first_stats(True, monkeypatch)
+    for ls, lr in zip(layers, reduced):
+        if isinstance(lr.inputs, gc.InputGram):
+            torch.testing.assert_close(lr.inputs.gram, ls.inputs.T @ ls.inputs, rtol=1e-12,
+                                       atol=1e-12)
+            torch.testing.assert_close(lr.inputs.total, ls.inputs.sum(0), rtol=1e-12,
+                                       atol=1e-12)
+    assert [isinstance(lr.inputs, gc.InputGram) for lr in reduced] == [True, True, True, False]
     params = list(model.parameters())
     assert [(ls.weight, ls.bias) for ls in layers] == [(0, 1), (2, None), (3, 4), (5, 6)]
     for ls in layers:

@@ -15,6 +15,7 @@ from grng_torch.layers import conv
 from torch import nn
 
 import grng_core as gc
+from grng_core.structures import input_gram
 
 B = 6
 
@@ -49,23 +50,29 @@ def _data():
                                                                                     generator=g)
 
 
-def _train(name, reduce: bool, monkeypatch, steps=7, **kw):
+def _train(name, reduce: bool, monkeypatch, steps=7, closure_free=False, **kw):
     torch.manual_seed(0)
     model = Net().double()
     x, y = _data()
     if not reduce:
         monkeypatch.setattr(_pass_stats, "gram_layers", lambda opt, gp: {})
+    if kw.get("fisher") == "mc":
+        kw["loss_fn"] = nn.CrossEntropyLoss()
     opt = getattr(grng_torch, name)(model.parameters(), model=model, lr=0.05, **kw)
     kept = []
 
     def closure():
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
+        loss = (kw.get("loss_fn") or nn.functional.cross_entropy)(model(x), y)
         kept.append({opt.collector.layers[i].label: list(c) for i, c in opt.collector.a.items()})
         loss.backward()
         return loss
     for _ in range(steps):
-        opt.step(closure)
+        if closure_free:
+            closure()
+            opt.step()
+        else:
+            opt.step(closure)
     monkeypatch.undo()
     return [p.detach().clone() for p in model.parameters()], kept
 
@@ -104,6 +111,20 @@ def test_row_chunks_are_the_rows_by_slices_of_the_batch(module, shape, max_bytes
     assert torch.equal(torch.cat(chunks), conv.input_rows(module, x))
     if max_bytes == 1 and len(shape) == 4 - isinstance(module, nn.Conv1d):
         assert len(chunks) == shape[0]
+
+
+@pytest.mark.parametrize("kw", [{"closure_free": True}, {"fisher": "mc"}])
+def test_closure_free_and_sampled_label_steps_equal_those_of_the_rows(kw, monkeypatch):
+    """A step without a closure (the hooks armed between steps) and the "mc" Fisher's
+    sampled-label pass reduce the rows alike."""
+    rows, _ = _train("RING", False, monkeypatch, curvature_every=2, inverse_every=2, **kw)
+    calls = []
+    reduce_rows = input_gram.reduce_rows
+    monkeypatch.setattr(input_gram, "reduce_rows", lambda *a: calls.append(1) or reduce_rows(*a))
+    grams, _ = _train("RING", True, monkeypatch, curvature_every=2, inverse_every=2, **kw)
+    for a, b in zip(rows, grams):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    assert len(calls) >= 4 * 5  # 4 refreshing steps of 7, 5 convolution calls each
 
 
 def test_r_kalman_keeps_the_rows(monkeypatch):
