@@ -12,6 +12,7 @@ import array_api_compat
 import torch
 
 from grng_core.structures import factored, input_gram
+from grng_core.structures.conv_gram import conv_input_gram
 from grng_core.types import InputGram
 from grng_core.user_frame import user_stacklevel
 from grng_torch.layers import HookedLayer, conv
@@ -56,17 +57,21 @@ def kept_input(layer: HookedLayer, x: torch.Tensor, output: torch.Tensor,
     NGD) and the core's `input_gram.reducible` agrees for its rows (one per element of the
     call's `output` of width d_out), their InputGram, computed at once in
     that dtype (autocast off), slices of the batch of at most `CHUNK_BYTES` of patches at a
-    time: the rows, k² times the input, never exist whole."""
+    time: the rows, k² times the input, never exist whole; a stride-1 convolution's without
+    its patches (`grng_core.structures.conv_gram`: kw copies of the input, fewer products)."""
     x = x.detach()
     bias = layer.bias is not None
     n = output.numel() // max(layer.d_out, 1)  # its rows: one per output position
     if gram_dtype is None or layer.kind != "conv" or not input_gram.reducible(
             layer.d_out, layer.d_in + bias, n):
         return kept_rows(layer.input_rows(x), x)
-    xp = array_api_compat.array_namespace(x)
+    xp, m = array_api_compat.array_namespace(x), layer.module
+    kernel, dilation, stride = conv.geometry(m)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        parts = [input_gram.reduce_rows(r, bias, xp, gram_dtype)
-                 for r in conv.input_row_chunks(layer.module, x, CHUNK_BYTES)]
+        parts = [conv_input_gram(conv.padded_input(m, part), kernel, dilation, bias, xp,
+                                 gram_dtype) if stride == (1, 1)  # no patches at all
+                 else input_gram.reduce_rows(conv.input_rows(m, part), bias, xp, gram_dtype)
+                 for part in conv.batch_slices(m, x, CHUNK_BYTES)]
         return input_gram.combine(parts, xp)
 
 

@@ -107,7 +107,7 @@ def test_steps_equal_those_of_the_rows(name, kw, chunk, monkeypatch):
 @pytest.mark.parametrize("max_bytes", [1, 2000, 1 << 30])
 def test_row_chunks_are_the_rows_by_slices_of_the_batch(module, shape, max_bytes):
     x = torch.randn(shape)
-    chunks = list(conv.input_row_chunks(module, x, max_bytes))
+    chunks = [conv.input_rows(module, part) for part in conv.batch_slices(module, x, max_bytes)]
     assert torch.equal(torch.cat(chunks), conv.input_rows(module, x))
     if max_bytes == 1 and len(shape) == 4 - isinstance(module, nn.Conv1d):
         assert len(chunks) == shape[0]
@@ -119,8 +119,10 @@ def test_closure_free_and_sampled_label_steps_equal_those_of_the_rows(kw, monkey
     sampled-label pass reduce the rows alike."""
     rows, _ = _train("RING", False, monkeypatch, curvature_every=2, inverse_every=2, **kw)
     calls = []
-    reduce_rows = input_gram.reduce_rows
+    reduce_rows, conv_gram = input_gram.reduce_rows, _layer_rows.conv_input_gram
     monkeypatch.setattr(input_gram, "reduce_rows", lambda *a: calls.append(1) or reduce_rows(*a))
+    monkeypatch.setattr(_layer_rows, "conv_input_gram",
+                        lambda *a: calls.append(1) or conv_gram(*a))
     grams, _ = _train("RING", True, monkeypatch, curvature_every=2, inverse_every=2, **kw)
     for a, b in zip(rows, grams):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)

@@ -47,40 +47,50 @@ def _explicit_padding(kernel, dilation, padding) -> tuple[int, int, int, int] | 
     return None
 
 
-def input_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Unfolded patches, one row per (example, output position), columns (c, kh, kw): the
-    transposed view of one d × (B·L) copy gathered from window views of the (padded) input
-    (`F.unfold` then a transposing copy took 3–6x longer: two copies of B·L·d values)."""
+def padded_input(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input as (B, C, H, W) with the layer's zero padding applied (an unbatched input
+    gains B = 1, a Conv1d's height 1)."""
     spatial = 2 if isinstance(m, nn.Conv2d) else 1
     if x.dim() == spatial + 1:  # unbatched input
         x = x.unsqueeze(0)
     if spatial == 1:
         x = x.unsqueeze(-2)
-    kernel, dilation, stride, padding = _as_2d(m)
+    kernel, dilation, _, padding = _as_2d(m)
     pad = _explicit_padding(kernel, dilation, padding)
     if pad is None:
         pad = (padding[1], padding[1], padding[0], padding[0])
-    if any(pad):
-        x = F.pad(x, pad)
-    (kh, kw), (dh, dw), (sh, sw) = kernel, dilation, stride
+    return F.pad(x, pad) if any(pad) else x
+
+
+def geometry(m: nn.Module) -> tuple:
+    """(kernel, dilation, stride) as 2-d tuples (a Conv1d's of height 1)."""
+    return _as_2d(m)[:3]
+
+
+def input_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Unfolded patches, one row per (example, output position), columns (c, kh, kw): the
+    transposed view of one d × (B·L) copy gathered from window views of the (padded) input
+    (`F.unfold` then a transposing copy took 3–6x longer: two copies of B·L·d values)."""
+    x = padded_input(m, x)
+    (kh, kw), (dh, dw), (sh, sw) = geometry(m)
     win = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
     win = win[..., ::dh, ::dw]  # (B, C, Ho, Wo, kh, kw)
     return win.permute(1, 4, 5, 0, 2, 3).reshape(x.shape[1] * kh * kw, -1).T
 
 
-def input_row_chunks(m: nn.Module, x: torch.Tensor, max_bytes: int):
-    """`input_rows` of consecutive slices of the batch, each at most `max_bytes` of rows where
-    one example's fit (one slice for an unbatched input): rows to reduce one slice at a time,
-    so that no more than one slice's unfolded patches exist at once."""
+def batch_slices(m: nn.Module, x: torch.Tensor, max_bytes: int):
+    """Consecutive slices of the batch, each with at most `max_bytes` of unfolded patches
+    where one example's fit (the whole of an unbatched input): what a reduction of the patches
+    (`grng_torch._layer_rows.kept_input`) takes one at a time."""
     spatial = 2 if isinstance(m, nn.Conv2d) else 1
     if x.dim() == spatial + 1:
-        yield input_rows(m, x)
+        yield x
         return
     kernel = _as_2d(m)[0]
     per_example = x[:1].numel() * kernel[0] * kernel[1] * x.element_size()  # ≥ its rows
     step = max(1, max_bytes // max(per_example, 1))
     for start in range(0, x.shape[0], step):
-        yield input_rows(m, x[start:start + step])
+        yield x[start:start + step]
 
 
 def output_rows(m: nn.Module, g: torch.Tensor) -> torch.Tensor:
