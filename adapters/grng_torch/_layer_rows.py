@@ -52,13 +52,13 @@ CHUNK_BYTES = 32 << 20
 
 def kept_input(layer: HookedLayer, x: torch.Tensor, output: torch.Tensor,
                gram_dtype: torch.dtype | None):
-    """What the hook keeps of a call's input: its rows, or, where the step allows it
-    (`gram_dtype`, the state dtype: a convolution on a step that refreshes with RENG, RING or
-    NGD) and the core's `input_gram.reducible` agrees for its rows (one per element of the
-    call's `output` of width d_out), their InputGram, computed at once in
-    that dtype (autocast off), slices of the batch of at most `CHUNK_BYTES` of patches at a
-    time: the rows, k² times the input, never exist whole; a stride-1 convolution's without
-    its patches (`grng_core.structures.conv_gram`: kw copies of the input, fewer products)."""
+    """What the hook keeps of a call's input: its rows, or their InputGram (ALGORITHMS.md
+    §2.1 "Input rows reduced early") where the step asks for it (`gram_dtype`: the state dtype,
+    for a convolution on a step that refreshes RENG's, RING's or NGD's factors) and the core's
+    `input_gram.reducible` agrees for its rows (one per element of `output` of width d_out).
+    That is computed now, in `gram_dtype` with autocast off, over slices of the batch of at
+    most `CHUNK_BYTES` of patches: a stride-1 convolution's from its padded input without
+    patches (`grng_core.structures.conv_gram`), another's from one slice's patches at a time."""
     x = x.detach()
     bias = layer.bias is not None
     n = output.numel() // max(layer.d_out, 1)  # its rows: one per output position

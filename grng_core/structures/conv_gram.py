@@ -19,10 +19,14 @@ from grng_core.types import InputGram
 
 
 def _row_patches(x, kw: int, dw: int, wo: int, xp):
-    """(Hp, B·Wo, C·kw): per input row u, the row patches r_u, rows (b, q), columns (c, j)."""
-    B, C, Hp, _ = x.shape
-    cols = xp.stack([x[:, :, :, dw * j: dw * j + wo] for j in range(kw)], axis=-1)
-    return xp.reshape(xp.permute_dims(cols, (2, 0, 3, 1, 4)), (Hp, B * wo, C * kw))
+    """(Hp, B·Wo, kw·C): per input row u, the row patches r_u, rows (b, q), columns (j, c).
+    The input is first laid out channels-last (one copy; none where it is already), so that
+    the gather of the kw copies reads runs of C contiguous values."""
+    B, C, Hp, Wp = x.shape
+    nhwc = xp.reshape(xp.reshape(xp.permute_dims(x, (0, 2, 3, 1)), (B, -1)), (B, Hp, Wp, C))
+    rows_first = xp.permute_dims(nhwc, (1, 0, 2, 3))  # (Hp, B, Wp, C), C still contiguous
+    cols = xp.stack([rows_first[:, :, dw * j: dw * j + wo, :] for j in range(kw)], axis=-2)
+    return xp.reshape(cols, (Hp, B * wo, kw * C))
 
 
 def _blocks(R, kh: int, dh: int, ho: int, xp) -> dict:
@@ -47,7 +51,8 @@ def _blocks(R, kh: int, dh: int, ho: int, xp) -> dict:
 def conv_input_gram(x, kernel: tuple, dilation: tuple, has_bias: bool, xp, dtype) -> InputGram:
     """The InputGram of a stride-1 convolution's patches: x its input (B, C, Hp, Wp), already
     zero-padded, kernel (kh, kw), dilation (dh, dw); computed in `dtype`. Rows in the patches'
-    order (b, p, q), columns (c, i, j); `probed` with `factored.probes` of d_in + has_bias."""
+    order (b, p, q), columns (c, i, j) (the row patches' (j, c) reordered at the end);
+    `probed` with `factored.probes` of d_in + has_bias."""
     x = xp.astype(x, dtype, copy=False)
     B, C, Hp, Wp = x.shape
     (kh, kw), (dh, dw) = kernel, dilation
@@ -57,19 +62,19 @@ def conv_input_gram(x, kernel: tuple, dilation: tuple, has_bias: bool, xp, dtype
     blocks = _blocks(R, kh, dh, ho, xp)
     rows = [xp.concat([blocks[(i, k)] if i <= k else xp.matrix_transpose(blocks[(k, i)])
                        for k in range(kh)], axis=1) for i in range(kh)]
-    gram = xp.reshape(xp.permute_dims(xp.reshape(xp.concat(rows, axis=0), (kh, C, kw, kh, C, kw)),
-                                      (1, 0, 2, 4, 3, 5)), (d, d))
+    gram = xp.reshape(xp.permute_dims(xp.reshape(xp.concat(rows, axis=0), (kh, kw, C, kh, kw, C)),
+                                      (2, 0, 1, 5, 3, 4)), (d, d))
     sums = xp.sum(R, axis=1)  # (Hp, m): each input row's row patches summed
     total = xp.stack([xp.sum(sums[dh * i: dh * i + ho], axis=0) for i in range(kh)])
-    total = xp.reshape(xp.permute_dims(xp.reshape(total, (kh, C, kw)), (1, 0, 2)), (d,))
+    total = xp.reshape(xp.permute_dims(xp.reshape(total, (kh, kw, C)), (2, 0, 1)), (d,))
     P = factored.probes(d + int(has_bias), xp, dtype, device(x))
-    Pi = xp.permute_dims(xp.reshape(P[:, :d], (2, C, kh, kw)), (2, 0, 1, 3))  # (kh, 2, C, kw)
-    probed = None  # (Ho·B·Wo, 2), rows (p, b, q)
+    Pi = xp.reshape(xp.permute_dims(xp.reshape(P[:, :d], (2, C, kh, kw)), (2, 0, 3, 1)),
+                    (kh, 2, m))  # per kernel row, the probes' columns (j, c)
+    probed = None  # (2, Ho·B·Wo), columns (p, b, q): two-row products (BLAS runs them fast)
     for i in range(kh):
-        term = xp.reshape(R[dh * i: dh * i + ho], (-1, m)) @ xp.matrix_transpose(
-            xp.reshape(Pi[i], (2, m)))
+        term = Pi[i] @ xp.matrix_transpose(xp.reshape(R[dh * i: dh * i + ho], (-1, m)))
         probed = term if probed is None else probed + term
-    probed = xp.reshape(xp.permute_dims(xp.reshape(probed, (ho, B, wo, 2)), (3, 1, 0, 2)),
+    probed = xp.reshape(xp.permute_dims(xp.reshape(probed, (2, ho, B, wo)), (0, 2, 1, 3)),
                         (2, B * ho * wo))
     if has_bias:
         probed = probed + P[:, d:]
