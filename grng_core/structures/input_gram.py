@@ -2,9 +2,10 @@
 early"): what a refresh and the first step's check read of the rows a, without the rows.
 
 A convolution's rows are its unfolded patches, n = B·H·W rows of C·kh·kw values: k² times its
-input, all of them held from the forward pass to the step (a 64-channel 3x3 convolution on
-32x32 images at batch 64: 151 MB of rows for a 16 MB input). An adapter may reduce each call's
-rows in its forward hook (`reduce_rows`) and drop them; the core then reads
+input, which an adapter that keeps them holds from the forward pass to the step (a 64-channel
+3x3 convolution on 32x32 images at batch 64: 151 MB of rows for a 16 MB input). An adapter may
+instead reduce each call's rows in its forward hook (`reduce_rows`; a stride-1 convolution's
+without patches, `conv_gram`) and drop them; the core then reads
 - Â = a'ᵀa'/n from `InputGram.gram` (a' = [a | 1] where the layer has a bias: `augmented`),
 - the first-step check's P·a'ᵀ (`grng_core.structures.explained`) from `InputGram.probed`, the
   check's two fixed probes (`factored.probes`) applied to the rows as they arrived.
