@@ -254,7 +254,7 @@ def _first_pass(opt, sp: StepPlan, closure, gb):
         if coll is not None:
             coll.clear()
             stack.enter_context(coll.collect("backward", sp.emp, True, sp.rows_only,
-                                             sp.warmup_only, sp.grams))  # capture, ...: `plan`
+                                             sp.warmup_only, sp.grams))  # capture=True
         if gb is not None:
             stack.enter_context(gb)
             stack.enter_context(_passes.twice_differentiable_attention())

@@ -7,11 +7,12 @@ a convolution whose weight is used again outside its module."""
 
 import warnings
 
+import array_api_compat
 import grng_torch
 import pytest
 import torch
 from grng_torch import _layer_rows, _pass_stats
-from grng_torch.layers import conv
+from grng_torch.layers import conv, find_layers
 from torch import nn
 
 import grng_core as gc
@@ -127,6 +128,64 @@ def test_closure_free_and_sampled_label_steps_equal_those_of_the_rows(kw, monkey
     for a, b in zip(rows, grams):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
     assert len(calls) >= 4 * 5  # 4 refreshing steps of 7, 5 convolution calls each
+
+
+class TwoSizes(nn.Module):
+    """One convolution called on an 8x8 input (384 rows: reduced) and on a 1x1 one (6 rows,
+    fewer than its 19 columns: kept), its two calls' inputs joined as one InputGram."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(2, 3, 3, padding=1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        big = torch.tanh(self.c(x)).mean((2, 3))
+        small = torch.tanh(self.c(x[:, :, :1, :1])).flatten(1)
+        return self.head(torch.cat([big, small], 1))
+
+
+def _two_sizes(reduce: bool, monkeypatch):
+    x, y = _data()
+    torch.manual_seed(0)
+    model = TwoSizes().double()
+    if not reduce:
+        monkeypatch.setattr(_pass_stats, "gram_layers", lambda opt, gp: {})
+    opt = grng_torch.RING(model.parameters(), model=model, lr=0.05)
+    kinds = []
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        kinds.append([type(c).__name__ for c in opt.collector.a.get(0, [])])
+        loss.backward()
+        return loss
+    for _ in range(3):
+        opt.step(closure)
+    monkeypatch.undo()
+    return [p.detach().clone() for p in model.parameters()], kinds
+
+
+def test_a_layer_with_reduced_and_kept_calls(monkeypatch):
+    rows, _ = _two_sizes(False, monkeypatch)
+    grams, kinds = _two_sizes(True, monkeypatch)
+    assert kinds[0] == ["InputGram", "Tensor"]
+    for a, b in zip(rows, grams):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_joined_inputs_equal_the_reduced_concatenation():
+    """A layer's calls kept as rows and as an InputGram join into the InputGram of all the
+    rows, the check's probe products (with the bias column) included."""
+    layer = find_layers(TwoSizes()).layers[0]
+    a1, a2 = torch.randn(7, 18, dtype=torch.float64), torch.randn(25, 18, dtype=torch.float64)
+    xp = array_api_compat.array_namespace(a1)
+    got = _layer_rows.joined_inputs(layer, [a1, input_gram.reduce_rows(a2, True, xp,
+                                                                       torch.float64)])
+    want = input_gram.reduce_rows(torch.cat([a1, a2]), True, xp, torch.float64)
+    assert got.n == want.n == 32
+    for name in ("gram", "total", "probed"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name))
 
 
 def test_r_kalman_keeps_the_rows(monkeypatch):
