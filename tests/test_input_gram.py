@@ -10,6 +10,7 @@ import grng_core as gc
 from grng_core.requirements import requirements
 from grng_core.structures import input_gram
 from grng_core.structures.factored import cheaper, probes
+from grng_core.structures.rows import augmented
 
 RNG = np.random.default_rng(3)
 B, T, DIN, DOUT = 4, 5, 6, 3  # n = B·T = 20 rows ≥ d_in' = 7: shared weights, 2 calls
@@ -24,7 +25,7 @@ def test_reduced_rows_give_the_dense_products(bias):
     a = RNG.standard_normal((17, DIN))
     g = input_gram.combine([_gram(a[:9], bias), _gram(a[9:], bias)], np)
     a1 = np.concatenate([a, np.ones((17, 1))], axis=1) if bias else a
-    np.testing.assert_allclose(input_gram.augmented(g, bias, np), a1.T @ a1, rtol=1e-13)
+    np.testing.assert_allclose(augmented(g, bias, np), a1.T @ a1, rtol=1e-13)
     np.testing.assert_allclose(g.probed, probes(a1.shape[1], np, np.float64, "cpu") @ a1.T,
                                rtol=1e-13, atol=1e-13)
     assert g.n == 17

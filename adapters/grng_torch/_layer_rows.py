@@ -59,12 +59,12 @@ def kept_input(layer: HookedLayer, x: torch.Tensor, output: torch.Tensor,
     That is computed now, in `gram_dtype` with autocast off, over slices of the batch of at
     most `CHUNK_BYTES` of patches: a stride-1 convolution's from its padded input without
     patches (`grng_core.structures.conv_gram`), another's from one slice's patches at a time."""
-    x = x.detach()
     bias = layer.bias is not None
     n = output.numel() // max(layer.d_out, 1)  # its rows: one per output position
     if gram_dtype is None or layer.kind != "conv" or not input_gram.reducible(
             layer.d_out, layer.d_in + bias, n):
-        return kept_rows(layer.input_rows(x), x)
+        return kept_rows(layer.input_rows(x.detach()), x)  # x itself: is it a leaf?
+    x = x.detach()
     xp, m = array_api_compat.array_namespace(x), layer.module
     kernel, dilation, stride = conv.geometry(m)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):

@@ -6,7 +6,7 @@ input, which an adapter that keeps them holds from the forward pass to the step 
 3x3 convolution on 32x32 images at batch 64: 151 MB of rows for a 16 MB input). An adapter may
 instead reduce each call's rows in its forward hook (`reduce_rows`; a stride-1 convolution's
 without patches, `conv_gram`) and drop them; the core then reads
-- Â = a'ᵀa'/n from `InputGram.gram` (a' = [a | 1] where the layer has a bias: `augmented`),
+- Â = a'ᵀa'/n from `InputGram.gram` (a' = [a | 1] where the layer has a bias: `rows.augmented`),
 - the first-step check's P·a'ᵀ (`grng_core.structures.explained`) from `InputGram.probed`, the
   check's two fixed probes (`factored.probes`) applied to the rows as they arrived.
 Only where the factored form could not serve (`reducible`: it is cheaper only for
@@ -17,7 +17,6 @@ observes the rows themselves (§3.3).
 from __future__ import annotations
 
 from grng_core.structures import factored
-from grng_core.structures.rows import augmented, cast  # noqa: F401 (what the core reads)
 from grng_core.tree import device
 from grng_core.types import InputGram
 

@@ -188,6 +188,13 @@ def test_joined_inputs_equal_the_reduced_concatenation():
         torch.testing.assert_close(getattr(got, name), getattr(want, name))
 
 
+def test_a_linear_layers_rows_stay_a_view_of_its_input(monkeypatch):
+    """A hidden layer's rows are its input itself (autograd keeps it): no copy is kept."""
+    _, kept = _train("RING", True, monkeypatch, steps=1)
+    model_inputs = kept[0]["head"]
+    assert len(model_inputs) == 1 and model_inputs[0]._base is not None  # a view, not a clone
+
+
 def test_r_kalman_keeps_the_rows(monkeypatch):
     _, kept = _train("RKalman", True, monkeypatch, steps=2)
     assert all(isinstance(c, torch.Tensor) for c in kept[0]["c1"])
