@@ -4,12 +4,11 @@ their `grng_core.LayerStats`."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 import grng_core as gc
 from grng_core.requirements import stacked_passes
+from grng_torch._plan import StepEnv
 
 
 def on_host(gp) -> bool:
@@ -58,10 +57,10 @@ def pass_rows(opt, config, layers):
     return {li: stacked_passes(config) for li, _, _ in layers}, stats
 
 
-def rows_of_passes(opt, gp, core, layers, env: dict[str, Any]):
+def rows_of_passes(opt, gp, core, layers, env: StepEnv):
     """The group's `pass_rows` where its finite-difference passes give K-FAC rows, else None."""
     r = core.requirements
-    if r.grad_fn and r.fd_rows and env["collective"] is None and on_host(gp):
+    if r.grad_fn and r.fd_rows and env.collective is None and on_host(gp):
         return pass_rows(opt, core.config, layers)
     return None
 

@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -27,54 +25,9 @@ from grng_torch._backward import GraphBackward
 from grng_torch._closure_free import CLOSURE_HELP, check_closure_free, closure_needs
 from grng_torch._groups import STATE_KEY, GroupState
 from grng_torch._pass_stats import absent_under_collective, layer_stats, on_host, rows_of_passes
+from grng_torch._plan import GroupPlan, StepEnv, StepPlan
 from grng_torch._whole import kl_total, skip_together, vectors, whole_of
 from grng_torch.distributed import is_distributed, torch_collective
-
-
-@dataclass
-class GroupPlan:
-    """What one param group's step uses."""
-
-    index: int
-    group: dict
-    core: gc.Optimizer
-    entry: GroupState | None
-    curvature: bool
-    inverse: bool
-    layers: list  # (hooked layer number, weight position, bias position)
-    offset: int = 0  # where the group starts among all parameters
-    rows_only: bool = False  # no curvature update: K-FAC rows for the factored form only
-    steady: tuple | None = None  # flags of the K-FAC layers that skip the warm-up (core's)
-
-
-@dataclass
-class StepPlan:
-    groups: list[GroupPlan]
-    emp: set = field(default_factory=set)  # hooked layers collected on the closure's backward
-    mc: set = field(default_factory=set)  # hooked layers collected on the sampled-label pass
-    # layer -> the passes whose rows its factored form stacks (1; 2 or 3 for a
-    # finite-difference ĝ): collected for the factored form only
-    rows_only: dict = field(default_factory=dict)
-    # hooked layer -> its group's config, on a step whose refresh is the warm-up's only: the
-    # hook keeps no rows where one call gives the layer enough to skip it (`layer_warms`)
-    warmup_only: dict = field(default_factory=dict)
-    grams: dict = field(default_factory=dict)  # convolution -> dtype: `gram_layers`
-    pe: dict = field(default_factory=lambda: {"empirical": [], "mc": []})
-    hvp: bool = False
-    fd: bool = False
-    # trainable parameters of `model=` in no param group (e.g. a tied embedding left to
-    # another optimizer), on a step with extra passes: their `.grad` is kept as well
-    bystanders: list = field(default_factory=list)
-
-    @property
-    def all_params(self) -> list:
-        return [p for g in self.groups for p in g.group["params"]]
-
-    @property
-    def graded(self) -> list:
-        """Every parameter whose `.grad` the step keeps as the closure's first pass left it:
-        the groups' (first, in order), then the bystanders."""
-        return self.all_params + self.bystanders
 
 
 def _group_plan(opt, i: int, group: dict, arming: bool = False) -> GroupPlan:
@@ -175,9 +128,9 @@ def run(opt, closure):
         if coll is not None and (sp.mc or any(sp.pe.values()) or sp.fd):
             snapshot = _passes.BufferSnapshot(coll.root)  # after the closure's own update
         pe = _extra_passes(opt, sp)
-        env = dict(closure=closure, saved_grads=saved_grads, rng_before=rng_before,
-                   devices=devices, outer_autocast=outer_autocast, snapshot=snapshot, gb=gb,
-                   collective=_collective(opt), pe=pe)
+        env = StepEnv(closure=closure, saved_grads=saved_grads, rng_before=rng_before,
+                      devices=devices, outer_autocast=outer_autocast, snapshot=snapshot,
+                      gb=gb, collective=_collective(opt), pe=pe)
         with torch.no_grad(), autocast_off():
             results = _update_groups(opt, sp, grads, env)
         _apply(opt, sp, grads, results)
@@ -319,16 +272,16 @@ def _present(opt, gp: GroupPlan) -> list:
     return [(li, w, b) for li, w, b in gp.layers if coll is not None and coll.has_rows(li)]
 
 
-def _update_groups(opt, sp: StepPlan, grads, env: dict[str, Any]) -> list:
+def _update_groups(opt, sp: StepPlan, grads, env: StepEnv) -> list:
     """[(updates, new GroupState)] of every group: their directions first, then the tail,
     with what reads the whole model summed over the groups (`_whole`)."""
     whole = whole_of(sp, grads)
-    env["whole"] = whole
+    env.whole = whole
     if whole is not None:
-        env["vectors"], env["hvp_cache"] = vectors(sp, grads), {}
+        env.vectors, env.hvp_cache = vectors(sp, grads), {}
         asked = [rows_of_passes(opt, gp, gp.core, gp.layers, env)
                  for gp in sp.groups if gp.entry is not None]  # a first step's: found later
-        env["shared"] = _passes.SharedPasses({}, {li: n for got in asked if got is not None
+        env.shared = _passes.SharedPasses({}, {li: n for got in asked if got is not None
                                                   for li, n in got[0].items()})
     prepared = [_group_prepare(opt, sp, gp, grads[gp.index], env) for gp in sp.groups]
     total = None if whole is None else kl_total([p for _, _, p in prepared])
@@ -337,7 +290,7 @@ def _update_groups(opt, sp: StepPlan, grads, env: dict[str, Any]) -> list:
     return results if whole is None else skip_together([p.state for *_, p in prepared], results)
 
 
-def _group_prepare(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any]):
+def _group_prepare(opt, sp: StepPlan, gp: GroupPlan, grads, env: StepEnv):
     """(entry, core, `grng_core.optimizer.Pending`) of one group: its direction, reading the
     whole model's gradient where the optimizer has several groups (`_whole`)."""
     params = [p.detach() for p in gp.group["params"]]
@@ -352,30 +305,30 @@ def _group_prepare(opt, sp: StepPlan, gp: GroupPlan, grads, env: dict[str, Any])
         gp = GroupPlan(gp.index, gp.group, core, entry, gp.curvature, gp.inverse, layers,
                        gp.offset, steady=gp.steady)
     r = core.requirements
-    whole = env["whole"]
+    whole = env.whole
     if whole is not None and whole.grad_sq_norm is not None:  # groups on other devices
         whole = whole._replace(grad_sq_norm=whole.grad_sq_norm.to(params[0].device))
-    closure_pass = (env["closure"], env["saved_grads"], sp.graded, env["rng_before"],
-                    env["devices"], env["outer_autocast"], env["snapshot"])
+    closure_pass = (env.closure, env.saved_grads, sp.graded, env.rng_before,
+                    env.devices, env.outer_autocast, env.snapshot)
     rows_of = rows_of_passes(opt, gp, core, layers, env)
-    along = None if whole is None else (sp.all_params, env["vectors"], env["shared"])
+    along = None if whole is None else (sp.all_params, env.vectors, env.shared)
     grad_rows_fn = (_passes.grad_fn(opt, gp.index, *closure_pass, rows_of=rows_of)
                     if rows_of is not None else None)
     oracle = gc.Oracle(
         grad_fn=_passes.grad_fn(opt, gp.index, *closure_pass) if r.grad_fn else None,
         grad_rows_fn=grad_rows_fn,
-        hvp_fn=_passes.hvp_fn(opt, gp.index, env["gb"], gp.offset, env["collective"],
-                              None if whole is None else (env["vectors"], env["hvp_cache"]))
+        hvp_fn=_passes.hvp_fn(opt, gp.index, env.gb, gp.offset, env.collective,
+                              None if whole is None else (env.vectors, env.hvp_cache))
         if r.hvp_fn else None,
         along_fn=_passes.grad_fn(opt, gp.index, *closure_pass, rows_of=rows_of, along=along)
         if r.grad_fn and along is not None else None)
-    stats = _stats(opt, sp, gp, layers, env["pe"], env["collective"] is not None)
-    if first and stats is not None and env["collective"] is None:
+    stats = _stats(opt, sp, gp, layers, env.pe, env.collective is not None)
+    if first and stats is not None and env.collective is None:
         _describe.warn_if_unexplained(opt, gp.index, core.unexplained(
             g, entry.core, params, _describe.without_padding(opt, gp.index, stats)),
             {j for j, x in enumerate(grads) if x is None})
     pending = core.prepare(g, entry.core, params, stats=stats,
-                           oracle=oracle, collective=env["collective"],
+                           oracle=oracle, collective=env.collective,
                            curvature=gp.curvature, inverse=gp.inverse, steady=gp.steady,
                            incidents=opt.incidents(gp.index), whole=whole)
     return entry, core, pending
