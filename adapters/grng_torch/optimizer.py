@@ -253,8 +253,10 @@ class GRNGOptimizer(torch.optim.Optimizer):
     def layer_specs(self, found) -> list[gc.LayerSpec]:
         """The core's LayerSpecs of (hooked layer number, weight position, bias position)
         triples, oriented as the layers store their weights."""
-        assert self.collector is not None or not found
-        layers = self.collector.layers  # type: ignore[union-attr]
+        if not found:  # also an optimizer without `model=` (no collector)
+            return []
+        assert self.collector is not None
+        layers = self.collector.layers
         return [gc.LayerSpec(w, b, layers[li].transposed, layers[li].a_diagonal)
                 for li, w, b in found]
 

@@ -335,3 +335,36 @@ def test_state_dict_of_another_structure_is_refused():
             other.load_state_dict(saved)
         assert other.param_groups[0]["structure"] == "diagonal"
         assert other.group_state(0) is None
+
+
+@pytest.mark.parametrize("cls, kw", [(gt.RING, {}), (gt.RENG, {}),
+                                     (gt.RENG, dict(gr="finite_difference")), (gt.RKalman, {})],
+                         ids=["ring", "reng", "reng-fd", "rkalman"])
+def test_diagonal_without_a_model_steps_as_with_one(cls, kw):
+    """structure='diagonal' needs no `model=`: its steps (closure and, for RING, closure-free)
+    equal those of the same optimizer given the model (before, the first step raised
+    AttributeError on the missing collector)."""
+    x, y = next(PROBLEM.batches(torch.float64))
+    moved = []
+    for model_kw, closure_free in (({}, False), ({}, True), (None, False)):
+        model = PROBLEM.model(torch.float64)
+        opt = cls(model.parameters(), structure="diagonal", **kw,
+                  **(dict(model=model) if model_kw is None else model_kw))
+        for _ in range(3):
+            if closure_free and cls is gt.RING:
+                opt.zero_grad()
+                CRIT(model(x), y).backward()
+                opt.step()
+                continue
+
+            def closure():
+                opt.zero_grad()
+                loss = CRIT(model(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+        moved.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    start = torch.cat([p.detach().flatten() for p in PROBLEM.model(torch.float64).parameters()])
+    assert not torch.equal(moved[0], start)
+    for m in moved[:2]:
+        torch.testing.assert_close(m, moved[2], rtol=1e-12, atol=1e-15)
