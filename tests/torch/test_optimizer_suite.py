@@ -357,7 +357,7 @@ def test_diagonal_without_a_model_steps_as_with_one(cls, kw):
                 opt.step()
                 continue
 
-            def closure():
+            def closure(opt=opt, model=model):
                 opt.zero_grad()
                 loss = CRIT(model(x), y)
                 loss.backward()
