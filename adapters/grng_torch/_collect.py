@@ -182,7 +182,7 @@ class Collector:
                 return None  # per-example rows cannot be read: the layer stays off K-FAC
             if i in self.rows_only and not factored_pays(layer, x, self.rows_only[i]):
                 return None  # rows the core would not use: keep nothing
-            if i in self.warmup_only and not self.warms(i, output):
+            if i in self.warmup_only and not self.warms(i, x, output):
                 return None  # the layer skips the warm-up: the core refreshes it not now
             chunks = self.a.setdefault(i, [])
             chunks.append(kept_input(layer, x, output, self.grams.get(i)))

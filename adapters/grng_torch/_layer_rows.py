@@ -55,12 +55,12 @@ def kept_input(layer: HookedLayer, x: torch.Tensor, output: torch.Tensor,
     """What the hook keeps of a call's input: its rows, or their InputGram (ALGORITHMS.md
     §2.1 "Input rows reduced early") where the step asks for it (`gram_dtype`: the state dtype,
     for a convolution on a step that refreshes RENG's, RING's or NGD's factors) and the core's
-    `input_gram.reducible` agrees for its rows (one per element of `output` of width d_out).
+    `input_gram.reducible` agrees for its rows (`HookedLayer.call_rows`).
     That is computed now, in `gram_dtype` with autocast off, over slices of the batch of at
     most `CHUNK_BYTES` of patches: a stride-1 convolution's from its padded input without
     patches (`grng_core.structures.conv_gram`), another's from one slice's patches at a time."""
     bias = layer.bias is not None
-    n = output.numel() // max(layer.d_out, 1)  # its rows: one per output position
+    n = layer.call_rows(x, output)
     if gram_dtype is None or layer.kind != "conv" or not input_gram.reducible(
             layer.d_out, layer.d_in + bias, n):
         return kept_rows(layer.input_rows(x.detach()), x)  # x itself: is it a leaf?

@@ -9,16 +9,16 @@ import torch
 from grng_core import schedule
 
 
-def layer_warms(self, i: int, output: torch.Tensor) -> bool:
+def layer_warms(self, i: int, x: torch.Tensor, output: torch.Tensor) -> bool:
     """On a step whose refresh is the warm-up's only, whether layer i keeps this model
-    call's rows (`grng_core.schedule.layer_warms` on the rows of its first use in the call:
-    one per output element of width d_out); `warms_now` decides for the step. Not under
+    call's rows (`grng_core.schedule.layer_warms` on the rows of its first use in the call,
+    `HookedLayer.call_rows`); `warms_now` decides for the step. Not under
     torch.distributed: there every layer takes it (`_step.plan`)."""
     decided = self.warming.setdefault(i, {})
     c = self._call_index()
     if c not in decided:
         layer, config = self.layers[i], self.warmup_only[i]
-        rows = output.numel() // max(layer.d_out, 1)
+        rows = layer.call_rows(x, output)
         d_a = layer.d_in + (layer.bias is not None)
         decided[c] = schedule.layer_warms(config, rows, d_a, layer.d_out)
     return decided[c]

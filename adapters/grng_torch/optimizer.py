@@ -257,7 +257,8 @@ class GRNGOptimizer(torch.optim.Optimizer):
             return []
         assert self.collector is not None
         layers = self.collector.layers
-        return [gc.LayerSpec(w, b, layers[li].transposed, layers[li].a_diagonal)
+        return [gc.LayerSpec(w, b, layers[li].transposed, layers[li].a_diagonal,
+                             layers[li].in_axes)
                 for li, w, b in found]
 
     def fresh_group_state(self, i: int, present=None) -> tuple[GroupState, gc.Optimizer]:

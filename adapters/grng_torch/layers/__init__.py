@@ -3,6 +3,7 @@ the registration log of every module with parameters (kfac-pytorch's `layers/` p
 
 - `linear`: `nn.Linear` (any leading dims) and transformers' `Conv1D` (weight stored (in, out));
 - `conv`: `nn.Conv1d` / `nn.Conv2d` (groups = 1, zero padding), unfolded patches as rows;
+- `conv_transpose`: `nn.ConvTranspose1d` / `2d` (groups = 1), one row per input position;
 - `embedding`: `nn.Embedding`, token ids as rows (A diagonal: token frequencies);
 - `registry.find_layers(model)`: the hooked layers and a `LayerRecord` per parameterised
   module saying which structure its weights get and why (tied, unsupported type, ...).

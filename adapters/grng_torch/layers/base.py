@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,8 +16,10 @@ class HookedLayer:
 
     name: module path; kind: "linear" (one row per example or position: `nn.Linear`,
     transformers' `Conv1D`), "conv" (one row per (example, output position)) or
-    "embedding" (one token id per row, `a_diagonal`);
-    transposed: the weight is stored (d_in, d_out); inputs(module, x) -> a (n, d_in) and
+    "embedding" (one token id per row, `a_diagonal`) or "conv_transpose" (one row per
+    (example, input position));
+    transposed: the weight is stored (d_in, d_out), its first `in_axes` axes the input's
+    (None: all but the last); inputs(module, x) -> a (n, d_in) and
     outputs(module, g) -> rows (n, d_out) of the output gradient; functional: the module
     applies the weight with `F.linear` itself (nn.MultiheadAttention's projections), so its
     calls are seen by a torch-function mode during collection, not by a module hook.
@@ -32,11 +35,14 @@ class HookedLayer:
     outputs: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     functional: bool = False
     a_diagonal: bool = False  # an embedding: rows are token ids, A is diagonal (§2.1)
+    in_axes: int | None = None
 
     @property
     def d_out(self) -> int:
         w = self.weight
-        return w.shape[-1] if self.transposed else w.shape[0]
+        if not self.transposed:
+            return w.shape[0]
+        return w.shape[-1] if self.in_axes is None else math.prod(w.shape[self.in_axes:])
 
     @property
     def d_in(self) -> int:
@@ -52,6 +58,13 @@ class HookedLayer:
     @property
     def label(self) -> str:
         return self.name or type(self.module).__name__
+
+    def call_rows(self, x: torch.Tensor, output: torch.Tensor) -> int:
+        """The rows one call gives: one per element of its output of width d_out, or (a
+        transposed convolution) one per input position."""
+        if self.kind == "conv_transpose":
+            return x.numel() // max(self.d_in, 1)
+        return output.numel() // max(self.d_out, 1)
 
     def input_rows(self, x: torch.Tensor) -> torch.Tensor:
         return self.inputs(self.module, x)

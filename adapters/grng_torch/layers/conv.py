@@ -98,10 +98,10 @@ def output_rows(m: nn.Module, g: torch.Tensor) -> torch.Tensor:
     spatial = 2 if isinstance(m, nn.Conv2d) else 1
     if g.dim() == spatial + 1:
         g = g.unsqueeze(0)
-    return _rows(g.flatten(2))
+    return rows_of_channels(g.flatten(2))
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
+def rows_of_channels(t: torch.Tensor) -> torch.Tensor:
     """(B, d, L) → the (B·L) × d rows, row b·L + l, as the transposed view of one d × (B·L)
     copy: its inner runs are L contiguous values (a strided (B, L, d) copy of an unfold with
     L = 256 positions ran 4x slower), and BLAS reads the view through its transpose flag."""

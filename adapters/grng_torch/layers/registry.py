@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 from torch import nn
 from torch.nn.utils import parametrize
 
-from grng_torch.layers import conv, embedding, linear
+from grng_torch.layers import conv, conv_transpose, embedding, linear
 from grng_torch.layers.base import HookedLayer
 
 
@@ -63,6 +63,13 @@ def _hook_of(m: Any, name: str) -> tuple[HookedLayer | None, str | None]:
     if linear.is_hf_conv1d(m):
         return HookedLayer(name, m, "linear", m.weight, getattr(m, "bias", None), True,
                            linear.rows, linear.rows), None
+    if isinstance(m, conv_transpose.TYPES):
+        why = conv_transpose.supported(m)
+        if why is None:  # the bias, added after the windows overlap, stays diagonal
+            return HookedLayer(name, m, "conv_transpose", m.weight, None, True,
+                               conv_transpose.input_rows, conv_transpose.output_rows,
+                               in_axes=1), None
+        return None, why
     if isinstance(m, nn.modules.conv._ConvNd):
         why = conv.supported(m)
         if why is None:
