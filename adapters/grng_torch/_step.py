@@ -26,6 +26,7 @@ from grng_torch._closure_free import CLOSURE_HELP, check_closure_free, closure_n
 from grng_torch._groups import STATE_KEY, GroupState
 from grng_torch._pass_stats import absent_under_collective, layer_stats, on_host, rows_of_passes
 from grng_torch._plan import GroupPlan, StepEnv, StepPlan
+from grng_torch._summed_loss import warn_if_summed
 from grng_torch._whole import kl_total, skip_together, vectors, whole_of
 from grng_torch.distributed import is_distributed, torch_collective
 
@@ -117,6 +118,7 @@ def run(opt, closure):
     snapshot = None
     try:
         loss = _first_pass(opt, sp, closure, gb) if closure is not None else None
+        warn_if_summed(opt, loss, first=[gp.entry is None for gp in sp.groups])
         grads = {gp.index: [p.grad for p in gp.group["params"]] for gp in sp.groups}
         if sp.groups and all(x is None for gs in grads.values() for x in gs):
             raise RuntimeError(f"{title}.step(): no parameter of this optimizer has a "

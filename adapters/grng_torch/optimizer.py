@@ -116,6 +116,7 @@ class GRNGOptimizer(torch.optim.Optimizer):
         self.param_names = {} if root is None else {id(p): n for n, p in root.named_parameters()}
         self._incidents: dict[int, Incidents] = {}
         self._warned_diagonal = False
+        self.checked_loss = False  # the first closure loss's reduction (`_summed_loss`)
         self.loaded_groups: set[int] = set()  # groups whose state came from a checkpoint
         super().__init__(params, defaults)
         _describe.warn_if_mostly_diagonal(self)

@@ -5,9 +5,11 @@ optimizer is built, naming the fix."""
 from __future__ import annotations
 
 import functools
+import warnings
 
 import grng_torch as gt
 import pytest
+import torch
 from torch import nn
 from torch.nn import functional as F
 
@@ -37,3 +39,63 @@ def test_a_partial_with_reduction_none_is_refused_where_passes_need_the_mean():
     with pytest.raises(ValueError, match="reduction='mean'"):
         gt.RING(model.parameters(), model=model, structure="woodbury",
                 loss_fn=functools.partial(F.cross_entropy, reduction="none"))
+
+
+def _first_step(loss_of, model=True, batch=8, **kw):
+    """The warnings of a RING step whose closure's loss is `loss_of(output, y, x)`."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(batch, 3), torch.randint(0, 2, (batch,))
+    opt = gt.RING(net.parameters(), **(dict(model=net) if model else dict(structure="diagonal")),
+                  **kw)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(net(x), y, net)
+        loss.backward()
+        return loss
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        opt.step(closure)
+        opt.step(closure)  # warned once
+    return [str(w.message) for w in seen if "sum over the batch" in str(w.message)]
+
+
+SUMMED = {
+    "cross_entropy": lambda o, y, n: F.cross_entropy(o, y, reduction="sum"),
+    "mse": lambda o, y, n: F.mse_loss(o, F.one_hot(y, 2).float(), reduction="sum"),
+    ".sum()": lambda o, y, n: (o - F.one_hot(y, 2).float()).abs().sum(),
+    "sum + L2": lambda o, y, n: F.cross_entropy(o, y, reduction="sum")
+    + 1e-3 * sum(p.pow(2).sum() for p in n.parameters()),
+}
+MEANS = {
+    "mean": lambda o, y, n: F.cross_entropy(o, y),
+    "sum / B": lambda o, y, n: F.cross_entropy(o, y, reduction="sum") / y.shape[0],
+    "per-example sum, then mean": lambda o, y, n: (o - F.one_hot(y, 2).float()).pow(2)
+    .sum(dim=1).mean(),
+    "mean + L2 (a sum of parameters)": lambda o, y, n: F.cross_entropy(o, y)
+    + 1e-3 * sum(p.pow(2).sum() for p in n.parameters()),
+    "scaled": lambda o, y, n: 128.0 * F.cross_entropy(o, y),
+    "mean + an unscaled sum of squares": lambda o, y, n: F.cross_entropy(o, y)
+    + n[0].weight.pow(2).sum(),
+}
+
+
+@pytest.mark.parametrize("name", list(SUMMED))
+def test_a_closure_loss_summed_over_the_batch_warns_once(name):
+    """K-FAC's statistics take the loss to be the batch mean: a closure that sums is told so
+    on the first step (read from the loss's graph), with the batch size and the fix."""
+    got = _first_step(SUMMED[name])
+    assert len(got) == 1 and "B = 8" in got[0] and "reduction='mean'" in got[0]
+    if name != ".sum()":  # without the model a sum's batch axis is unknown: a reduction's only
+        assert len(_first_step(SUMMED[name], model=False)) == 1
+
+
+@pytest.mark.parametrize("name", list(MEANS))
+def test_a_batch_mean_does_not_warn(name):
+    assert _first_step(MEANS[name]) == []
+
+
+def test_a_batch_of_one_does_not_warn():
+    """Its sum is its mean."""
+    assert _first_step(SUMMED["cross_entropy"], batch=1) == []
