@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from grng_torch import _sequence_first as sequence_first
 from grng_torch._autocast import autocast_state
 from grng_torch._layer_rows import (
     factored_pays,
@@ -106,6 +107,7 @@ class Collector:
         if loss_fn is not None:
             self._handles.append(loss_fn.register_forward_pre_hook(self._loss_hook,
                                                                    with_kwargs=True))
+        self._handles += sequence_first.watch(self)  # a (T, B) model read batch-first: warned
 
     def remove(self) -> None:
         while self._handles:

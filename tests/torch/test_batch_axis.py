@@ -6,6 +6,8 @@ the diagonal as (1, T) ones do, and what needs per-example gradients is refused.
 
 from __future__ import annotations
 
+import warnings
+
 import grng_torch as gt
 import pytest
 import torch
@@ -80,3 +82,49 @@ def test_per_example_gradients_need_axis_0():
                                          "inputs on axis 0, but batch_axis=1"):
         gt.RING(model.parameters(), model=model, loss_fn=nn.CrossEntropyLoss(),
                 structure="woodbury", batch_axis=1)
+
+
+class GRULM(nn.Module):
+    """A GRU language model in torch's default layout (batch_first=False); `transpose`: it
+    takes (B, T) ids and transposes them itself."""
+
+    def __init__(self, transpose: bool = False):
+        super().__init__()
+        self.transpose = transpose
+        self.emb, self.rnn, self.head = nn.Embedding(V, D), nn.GRU(D, D), nn.Linear(D, V)
+
+    def forward(self, x):
+        h, _ = self.rnn(self.emb(x.T if self.transpose else x))
+        return self.head(h)
+
+
+def _gru_warnings(batch_axis: int, transpose: bool, steps: int = 2) -> list[str]:
+    torch.manual_seed(0)
+    model = GRULM(transpose)
+    ids = torch.randint(0, V, (B, T) if transpose else (T, B))
+    targets = ids.T.flatten() if transpose else ids.flatten()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        opt = gt.RING(model.parameters(), model=model, batch_axis=batch_axis)
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(ids).flatten(0, 1), targets)
+            loss.backward()
+            return loss
+        for _ in range(steps):
+            opt.step(closure)
+    return [str(w.message) for w in seen if "batch_axis=1" in str(w.message)]
+
+
+def test_a_sequence_first_rnn_read_batch_first_warns_once():
+    """(T, B) ids with the default batch_axis=0: the GRU (batch_first=False) is called with
+    T on its sequence axis, where the model's batch size was read: warned once, naming it."""
+    got = _gru_warnings(0, transpose=False)
+    assert len(got) == 1 and "rnn (GRU, batch_first=False)" in got[0] and f"as {T}" in got[0]
+
+
+@pytest.mark.parametrize("batch_axis, transpose", [(1, False), (0, True)],
+                         ids=["batch_axis=1", "the model transposes"])
+def test_a_sequence_first_rnn_read_right_does_not_warn(batch_axis, transpose):
+    assert _gru_warnings(batch_axis, transpose) == []
