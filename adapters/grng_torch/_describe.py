@@ -54,8 +54,12 @@ def _reasons_by_param(opt) -> dict[int, str]:
             why = out.setdefault(id(by_name[n]), [])
             if f"{path}: {r.reason}" not in why:
                 why.append(f"{path}: {r.reason}")
-    for k, paths in tied.items():
-        out.setdefault(k, []).insert(0, TIED.format(", ".join(dict.fromkeys(paths))))
+    holders: dict[int, list[str]] = {}  # every module holding a tied weight, not only the
+    for n, p in by_name.items():  # ones that would have been K-FAC layers (BART's embeddings)
+        if id(p) in tied:
+            holders.setdefault(id(p), []).append(n.rpartition(".")[0] or n)
+    for k in tied:
+        out.setdefault(k, []).insert(0, TIED.format(", ".join(dict.fromkeys(holders[k]))))
     return {k: "; ".join(v) for k, v in out.items()}
 
 

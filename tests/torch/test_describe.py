@@ -54,6 +54,40 @@ def test_tied_weight_is_reported_not_given_one_use_kfac():
     assert [w for w, _ in opt.group_state(0).layers] == [1]  # only mid's weight
 
 
+
+class ScaledEmbedding(nn.Embedding):
+    """An embedding whose class overrides forward (BART's `BartScaledWordEmbedding`)."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+class SharedEmbeddings(nn.Module):
+    """BART's layout: `shared`, the encoder's and the decoder's embeddings and the head all
+    hold one weight, only the head a type that would get K-FAC."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = ScaledEmbedding(11, 6)
+        self.enc, self.dec = ScaledEmbedding(11, 6), ScaledEmbedding(11, 6)
+        self.enc.weight = self.dec.weight = self.shared.weight
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.shared.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.enc(x) + self.dec(x)))
+
+
+def test_a_tied_weight_names_every_module_that_holds_it():
+    """Not only the holders that would have been K-FAC layers (before: "tied: head hold this
+    one weight", which read as if one module held it)."""
+    model = SharedEmbeddings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mostly diagonal: it is
+        opt = gt.RING(model.parameters(), model=model)
+    reason = {e.name: e for e in opt.describe().entries}["shared.weight"].reason
+    assert reason.startswith("tied: shared, enc, dec, head hold this one weight"), reason
+
 class LongNames(nn.Module):
     def __init__(self):
         super().__init__()
