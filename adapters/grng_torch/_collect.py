@@ -92,6 +92,7 @@ class Collector:
         self.oversized: dict[int, str] = {}  # layers over max_factor_dim: why (describe)
         self.batch_noted = False  # warned: the batch size not from the first tensor argument
         self.frozen: set[int] = set()  # layers left out at the first step: weight frozen
+        self.thawed: set[int] = set()  # of those, warned as unfrozen since (`_describe`)
         # between closure-free steps the hooks stay open for the next step's needs (`arm`):
         # then only the passes that build a graph count (not evaluation under no_grad)
         self.armed = False

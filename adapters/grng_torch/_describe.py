@@ -18,13 +18,34 @@ from grng_core.user_frame import user_stacklevel
 NOT_REACHED = "not reached by the loss at the first step (no statistics)"
 FROZEN = "frozen (requires_grad=False{}) at the first step: no K-FAC statistics for the run"
 FROZEN_NOW = "frozen (requires_grad=False{}): no K-FAC statistics if still frozen at the first step"
+UNFROZEN = ("frozen (requires_grad=False{}) at the first step, trainable since: no K-FAC "
+            "factors, so it trains on the diagonal structure (for K-FAC, leave frozen "
+            "parameters out of the optimizer and add them when you unfreeze them: "
+            "opt.add_param_group, whose first step picks its K-FAC layers)")
 
 
 def frozen_reason(layer, stepped: bool) -> str:
     """Why a frozen layer is off K-FAC: after its group's first step, or before it (then it
     is what the first step will do)."""
     what = "" if layer.bias is None else ": weight and bias"
+    if stepped and layer.trainable:
+        return UNFROZEN.format(what)
     return (FROZEN if stepped else FROZEN_NOW).format(what)
+
+
+def warn_if_unfrozen(opt) -> None:
+    """Once per layer: a layer left off K-FAC because it was frozen at the first step has been
+    unfrozen (a fine-tuning schedule); it now trains on the diagonal structure (`UNFROZEN`)."""
+    coll = opt.collector
+    if coll is None or not coll.frozen:
+        return
+    thawed = [li for li in coll.frozen if coll.layers[li].trainable and li not in coll.thawed]
+    if not thawed:
+        return
+    coll.thawed.update(thawed)
+    names = ", ".join(repr(coll.layers[li].label) for li in sorted(thawed))
+    warnings.warn(f"{type(opt).__name__}: layer(s) {names} were {UNFROZEN.format('')}",
+                  UserWarning, stacklevel=user_stacklevel())
 STALE = "factors kept from before, not refreshed: found "
 LOADED = ("on the diagonal in the loaded state: the run that saved it left the layer off "
           "K-FAC at its first step")

@@ -99,6 +99,7 @@ def run(opt, closure):
         raise TypeError(f"{title}.step() needs a closure (got {closure!r}): {CLOSURE_HELP}")
     opt.skips.poll()  # skips of earlier steps on a GPU, now that their copies have landed
     opt.lr_watch.check(opt)  # an lr changed (a scheduler) while the trust region bound
+    _describe.warn_if_unfrozen(opt)  # a layer frozen at the first step is trainable now
     sp = plan(opt)
     coll = opt.collector
     if coll is not None:

@@ -66,13 +66,22 @@ def test_frozen_layers_take_no_kfac_and_the_step_is_the_trainable_ones():
 
 
 def test_a_layer_unfrozen_later_trains_on_the_diagonal_and_says_why():
+    """It was frozen at the first step, so it has no K-FAC factors: the step that finds it
+    trainable warns once, naming it and the way to K-FAC, and describe() says so."""
     model, opt = _run(False, steps=3)
     model[0].requires_grad_(True)
     before = model[0].weight.detach().clone()
-    step_on(opt, model, torch.randn(16, 6).double(), torch.randint(0, 4, (16,)))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            step_on(opt, model, torch.randn(16, 6).double(), torch.randint(0, 4, (16,)))
+    said = [str(w.message) for w in seen if "trainable since" in str(w.message)]
+    assert len(said) == 1 and "'0'" in said[0] and "add_param_group" in said[0]
     assert not torch.equal(model[0].weight, before)
     (e,) = [e for e in opt.describe().entries if e.name == "0.weight"]
-    assert e.structure == "diagonal" and "frozen" in e.reason
+    assert e.structure == "diagonal" and "trainable since" in e.reason
+    (e,) = [e for e in opt.describe().entries if e.name == "2.base.weight"]
+    assert "trainable since" not in e.reason  # still frozen
 
 
 def test_a_layer_unfrozen_before_the_first_closure_free_step_takes_kfac():
