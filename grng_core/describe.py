@@ -179,7 +179,8 @@ def damping_notes(state: OptState, config) -> dict[int, str]:
             continue
         note = (f"damping-dominated: the curvature's mean eigenvalue {mean:.2g} is "
                 f"{mean / damping:.1g} times the damping ({damping:g}): its step is about "
-                "g/damping (tiny gradients: a small scale after the layer?)")
+                "g/damping (its gradients are tiny: e.g. a layer behind a small scale, or "
+                "attention's query and key projections at initialisation)")
         out.update({i: note for i in (L.layout.weight, L.layout.bias) if i is not None})
     return out
 
