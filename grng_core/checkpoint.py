@@ -11,9 +11,11 @@ The file is a NumPy ``.npz`` archive written with ``allow_pickle=False``:
   (``"step"``, ``"momentum/0"``, ``"kfac/0/1/N/A"``; a layer key such as ``"0/1/N"`` keeps
   its own slashes: the exact tree is in the metadata, the names are for people);
 - the entry ``"__grng_meta__"``: UTF-8 JSON stored as a ``uint8`` array, holding the format
-  name and version, the optimizer's name and hyperparameters (schedules recorded as
-  ``"<callable>"``), the library the state came from, and the state's tree structure (dict keys,
-  list lengths, each array's entry name, shape and dtype).
+  name and version, the optimizer's name and hyperparameters (a schedule recorded by its values
+  at `SCHEDULE_STEPS`, to 6 digits: ``"schedule(0: 0.1, 1: 0.0999, ...)"``; ``"<callable>"``
+  where it cannot be called with a step, as every schedule was before), the library the state
+  came from, and the state's tree structure (dict keys, list lengths, each array's entry name,
+  shape and dtype).
 
 Writes are atomic: the archive goes to a temporary file in the target's directory, is flushed
 and fsync'ed, then moved over the target with ``os.replace``; a failed write leaves the previous
@@ -44,6 +46,8 @@ from grng_core.tree import library
 FORMAT = "grng-optimizer-state"
 FORMAT_VERSION = 1
 CALLABLE = "<callable>"
+#: where a schedule's values are recorded: its warm-up, its decay and late in a run
+SCHEDULE_STEPS = (0, 1, 2, 5, 10, 100, 1_000, 10_000, 100_000)
 
 __all__ = [
     "FORMAT",
@@ -59,9 +63,19 @@ __all__ = [
 
 
 # ------------------------------------------------------------------ NumPy form
+def _schedule_json(fn) -> str:
+    """A schedule as its values at `SCHEDULE_STEPS` (6 significant digits: the same schedule
+    on another device or backend rounds alike), or `CALLABLE` where it cannot be evaluated."""
+    try:
+        values = [float(fn(t)) for t in SCHEDULE_STEPS]
+    except Exception:  # not a function of the step alone
+        return CALLABLE
+    return "schedule(" + ", ".join(f"{t}: {v:.6g}" for t, v in zip(SCHEDULE_STEPS, values)) + ")"
+
+
 def _json_value(v):
     if callable(v):
-        return CALLABLE
+        return _schedule_json(v)
     if v is None or isinstance(v, (bool, str)):
         return v
     if isinstance(v, (int, np.integer)):
@@ -77,7 +91,8 @@ def _json_value(v):
 
 
 def hyperparams_json(opt) -> dict:
-    """The optimizer's hyperparameters as recorded in a checkpoint (schedules: '<callable>')."""
+    """The optimizer's hyperparameters as recorded in a checkpoint (schedules by their values:
+    `_schedule_json`)."""
     return {k: _json_value(v) for k, v in opt.config.as_dict().items()}
 
 
@@ -152,6 +167,9 @@ def hyperparams_diff(algorithm: str, saved: dict, now: dict) -> list[str]:
         now.pop(k, None)
     # format-1 files of RING recorded gr, fd_scheme and fd_radius as None: absent now
     saved = {k: v for k, v in saved.items() if not (v is None and k not in now)}
+    # files from before schedules were recorded by their values say only "<callable>"
+    saved.update({k: now[k] for k, v in saved.items() if v == CALLABLE
+                  and str(now.get(k, "")).startswith("schedule(")})
     return [f"{k}: file {saved.get(k, '<absent>')!r}, optimizer {now.get(k, '<absent>')!r}"
             for k in sorted(set(saved) | set(now)) if saved.get(k, "<absent>") !=
             now.get(k, "<absent>")]

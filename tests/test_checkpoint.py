@@ -135,7 +135,8 @@ def test_file_layout_and_metadata(tmp_path):
     meta = read_metadata(path)
     assert meta["version"] == checkpoint.FORMAT_VERSION
     assert meta["optimizer"] == "ring"
-    assert meta["hyperparams"]["lr"] == "<callable>"
+    assert meta["hyperparams"]["lr"] == ("schedule(0: 0.1, 1: 0.1, 2: 0.1, 5: 0.1, 10: 0.1, "
+                                         "100: 0.1, 1000: 0.1, 10000: 0.1, 100000: 0.1)")
     assert meta["hyperparams"]["damping"] == 1e-2
     assert meta["extra"] == {"epoch": 3}
     assert meta["library"] == "numpy"
@@ -143,7 +144,7 @@ def test_file_layout_and_metadata(tmp_path):
     raw = load_state(path)
     assert isinstance(raw["kfac"]["0/1/N"]["A"], np.ndarray)
     assert isinstance(raw["momentum"], list) and len(raw["momentum"]) == 4
-    # the same schedule-carrying optimizer validates ("<callable>" on both sides)
+    # the same schedule-carrying optimizer validates (the same values on both sides)
     load_state(path, like=state, opt=opt)
 
 
@@ -264,7 +265,7 @@ def test_other_optimizer_or_hyperparameters_rejected(live):
         load_state(path, like=state, opt=lr2)
     sched = gc.ring(lr=lambda t: 0.1, rho=0.05, damping=1e-2, structure="kfac", momentum=0.5,
                     inverse_every=3)
-    with pytest.raises(ValueError, match="lr: file 0.1, optimizer '<callable>'"):
+    with pytest.raises(ValueError, match=r"lr: file 0.1, optimizer 'schedule\(0: 0.1, 1: "):
         load_state(path, like=state, opt=sched)
     same = dataclasses.asdict(opt.config)
     for lr in (0.2, lambda t: 0.1):  # resuming with another learning rate, when asked for
@@ -466,3 +467,33 @@ def test_adaptive_damping_layout_and_the_other_form_is_refused(tmp_path):
     with pytest.raises(ValueError, match="form: file 'adaptive_damping', optimizer "
                                          "'gauss_newton'"):
         load_state(path, like=_init(be, other)[1], opt=other)
+
+
+def _with_schedule(lr):
+    return gc.ring(lr=lr, rho=0.05, damping=1e-2, structure="kfac", momentum=0.5,
+                   form="gauss_newton")
+
+
+def test_a_schedule_is_checked_by_its_values(tmp_path):
+    """A file saved under one schedule and loaded into an optimizer with another is refused,
+    naming both by their values (before, both were '<callable>' and any schedule loaded);
+    the same schedule, rebuilt, loads; so does a file of the older format."""
+    warm = _with_schedule(lambda t: 0.1 * min(1.0, (t + 1) / 10))
+    _, state = _init(get_backend("numpy"), warm)
+    path = tmp_path / "s.npz"
+    save_state(path, state, warm)
+    load_state(path, like=state, opt=_with_schedule(lambda t: 0.1 * min(1.0, (t + 1) / 10)))
+    with pytest.raises(ValueError, match=r"lr: file 'schedule\(0: 0.01, 1: 0.02, .*"
+                                         r"optimizer 'schedule\(0: 0.05, 1: 0.1, "):
+        load_state(path, like=state, opt=_with_schedule(lambda t: 0.1 * min(1.0, (t + 1) / 2)))
+    with pytest.raises(ValueError, match="lr: file 'schedule"):
+        load_state(path, like=state, opt=_with_schedule(0.1))
+    old = checkpoint.state_to_numpy(state, warm)  # the format before: '<callable>'
+    meta = json.loads(old[checkpoint.META_KEY].tobytes())
+    meta["hyperparams"]["lr"] = "<callable>"
+    old[checkpoint.META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy()
+    checkpoint.state_from_numpy(old, like=state, opt=_with_schedule(lambda t: 0.5))
+
+
+def test_a_callable_that_is_not_a_schedule_is_recorded_as_such():
+    assert checkpoint.hyperparams_json(_with_schedule(lambda t, x: 0.1))["lr"] == "<callable>"

@@ -114,6 +114,22 @@ def test_load_checks_the_hyperparameters(tmp_path):
         grng_jax.save(tmp_path / "t.npz", optax.sgd(0.1), s)
 
 
+
+def test_a_schedule_is_checked_by_its_values(tmp_path):
+    """optax schedules are recorded by their values: another schedule is refused (before,
+    cosine_decay_schedule(0.1, 60) loaded into cosine_decay_schedule(0.5, 60) silently), the
+    same schedule built again loads."""
+    params, batch = P.mlp_params(SIZES), _batch()
+    opt = grng_jax.ring(optax.cosine_decay_schedule(0.1, 60), structure="diagonal")
+    _, _, s = _run(opt, params, batch, 2)
+    grng_jax.save(tmp_path / "s.npz", opt, s)
+    same = grng_jax.ring(optax.cosine_decay_schedule(0.1, 60), structure="diagonal")
+    assert _max_diff(grng_jax.load(tmp_path / "s.npz", same, like=same.init(params)), s) == 0
+    other = grng_jax.ring(optax.cosine_decay_schedule(0.5, 60), structure="diagonal")
+    with pytest.raises(ValueError, match=r"learning_rate: file 'schedule\(0: 0.0999.*"
+                                         r"optimizer 'schedule\(0: 0.499"):
+        grng_jax.load(tmp_path / "s.npz", other, like=other.init(params))
+
 def test_fallback_structure_is_what_the_checkpoint_records(tmp_path):
     """A kfac optimizer on a model without layers runs (and records) its fallback."""
     params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
