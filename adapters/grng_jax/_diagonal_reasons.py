@@ -11,7 +11,7 @@ import jax
 
 from grng_core.describe import mostly_diagonal
 from grng_core.user_frame import user_stacklevel
-from grng_jax._layers import leaf_paths
+from grng_jax._layers import is_weight_matrix, leaf_paths
 
 _AUTO = ("layers='auto' registers flax.linen / flax.nnx kernels (named 'kernel', input axes "
          "first), Embed tables (named 'embedding') and equinox weights (named 'weight', output "
@@ -19,8 +19,9 @@ _AUTO = ("layers='auto' registers flax.linen / flax.nnx kernels (named 'kernel',
 
 
 def why_diagonal(path: tuple, leaf, layers_option) -> str | None:
-    """Why a ≥ 2-axis leaf is not a K-FAC layer, or None for smaller leaves."""
-    if getattr(leaf, "ndim", 0) < 2:
+    """Why a weight matrix (`is_weight_matrix`) is not a K-FAC layer, or None for any other
+    leaf."""
+    if not is_weight_matrix(path, leaf):
         return None
     if layers_option is None:
         return "layers=None"
@@ -46,7 +47,7 @@ def warn_if_mostly_diagonal(name: str, params, covered: set, option,
     known = {r.weight: why for r, why in oversized}
     leaves = jax.tree_util.tree_leaves(params)
     paths = leaf_paths(params)
-    matrices = [i for i, x in enumerate(leaves) if getattr(x, "ndim", 0) >= 2]
+    matrices = [i for i, x in enumerate(leaves) if is_weight_matrix(paths[i], x)]
     if not matrices and not covered and sum(math.prod(getattr(x, "shape", ())) for x in leaves) \
             >= 1024:
         warnings.warn(

@@ -72,6 +72,16 @@ def _plain(entry) -> Any:
     return str(entry)
 
 
+#: leaf names of per-feature vectors, stacked to ≥ 2 axes under nn.scan / nnx.scan: no matrix
+VECTOR_NAMES = ("bias", "scale")
+
+
+def is_weight_matrix(path: tuple, leaf) -> bool:
+    """A leaf of ≥ 2 axes that is not a scanned stack of biases or norm scales ((L, d) under
+    nn.scan or nnx.scan: layer-wise vectors, which the warnings must not count as matrices)."""
+    return getattr(leaf, "ndim", 0) >= 2 and not (path and str(path[-1]) in VECTOR_NAMES)
+
+
 def leaf_paths(params) -> list[tuple]:
     """The path of every leaf, as a tuple of plain keys, in ``tree_flatten`` order (a flax.nnx
     Variable's leaf is named by the Variable's path)."""
@@ -314,7 +324,7 @@ def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:
     out.reasons.update({paths[i]: _other_use(other.get(i, module_use.get(_module(paths[i]))),
                                              lifted.get(_module(paths[i])))
                         for i, x in enumerate(leaves)
-                        if getattr(x, "ndim", 0) >= 2 and i not in used})
+                        if is_weight_matrix(paths[i], x) and i not in used})
     seen = {c.weight for c in calls if paths[c.weight] in out.reasons}
     for c in calls:
         if c.weight in seen:
