@@ -14,7 +14,15 @@ import jax.numpy as jnp
 from jax import lax
 
 import grng_core as gc
-from grng_jax._layers import LayerRef, batch_size, describe, example_shapes, shared_reason
+from grng_jax._layers import (
+    LayerRef,
+    batch_size,
+    describe,
+    example_shapes,
+    leaf_paths,
+    lifted_modules,
+    shared_reason,
+)
 from grng_jax._shared_ids import shared_ids
 from grng_jax._tags import Collector, collecting
 from grng_jax._uncovered import NESTED_USE, UNCOVERED
@@ -129,10 +137,11 @@ def _discover(loss_of: Callable, leaves: list, batch,
     return found, other, nested
 
 
-def _nested_note(nested: dict) -> str:
-    if not nested:
+def _nested_note(lifted: dict[str, list[str]]) -> str:
+    """`lifted`: `lifted_modules`' names of the layers called inside each transformation."""
+    if not lifted:
         return ""
-    parts = [f"{how} ({', '.join(sorted(set(layers))[:4])})" for how, layers in nested.items()]
+    parts = [f"{how} ({', '.join(sorted(set(layers))[:4])})" for how, layers in lifted.items()]
     return (" (the loss calls covered layers inside " + "; ".join(parts) + ": there the "
             "layer's parameters are lifted into the transformation and its statistics cannot "
             "be collected)")
@@ -169,8 +178,10 @@ def _check_calls(found: list, other: dict, specs, names, leaves, nested=None,
         if w in other:
             _refuse_other_use(name, other[w])
         if not mine:
+            lifted = lifted_modules(nested or {}, leaves, leaf_paths(names),
+                                    {c.weight for c in found})
             raise ValueError(f"K-FAC layer {name!r} was not called through a tagged layer in "
-                             f"loss_fn{_nested_note(nested or {})}, so its inputs and output "
+                             f"loss_fn{_nested_note(lifted)}, so its inputs and output "
                              f"gradients cannot be collected: {_FIX}")
         k_in = ref.resolved_in_axes(leaves[w].ndim)
         why_shared = next((why for c in mine

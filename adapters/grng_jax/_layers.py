@@ -11,7 +11,7 @@ import jax
 
 from grng_core.structures.rows import shared_by_batch, shared_text
 from grng_jax._shared_ids import shared_ids
-from grng_jax._tags import Collector, collecting
+from grng_jax._tags import Collector, Lifted, collecting
 from grng_jax._uncovered import UNCOVERED
 
 
@@ -278,6 +278,24 @@ def _module(path: tuple) -> str:
     return "/".join(str(k) for k in path[:-1])
 
 
+def lifted_modules(nested: dict[str, list[Lifted]], leaves, paths,
+                   used: set | frozenset = frozenset()) -> dict[str, list[str]]:
+    """{transformation: the module paths of the layers called inside it}: the path its hook
+    gave, else (flax.nnx's hooks do not know it) the modules of the weight matrices without a
+    tagged call (not in `used`) whose shape is the kernel's there or, under a scan, its stack's
+    (L, ...); the layer's kind where none matches."""
+    out: dict[str, list[str]] = {}
+    for how, records in nested.items():
+        mods = out.setdefault(how, [])
+        for r in records:
+            match = [] if r.name else [
+                _module(paths[i]) for i, x in enumerate(leaves)
+                if i not in used and is_weight_matrix(paths[i], x)
+                and r.shape in (tuple(x.shape), tuple(x.shape[1:]))]
+            mods.extend([r.name] if r.name else match or [r.kind])
+    return {how: list(dict.fromkeys(mods)) for how, mods in out.items()}
+
+
 def _other_use(how: str | None, lifted: str | None = None) -> str:
     """find_layers' reason for a matrix with no tagged call: how it is used, where known
     (`lifted`: the nested transformation its layer is called inside, e.g. nn.scan)."""
@@ -306,7 +324,9 @@ def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:
     leaves = jax.tree_util.tree_leaves(params)
     col = _traced(loss_fn, params, batch)
     calls, other = col.calls, col.other_uses
-    lifted = {module: how for how, modules in col.nested.items() for module in modules}
+    used = {c.weight for c in calls} | {c.bias for c in calls if c.bias is not None}
+    lifted = {module: how for how, modules in
+              lifted_modules(col.nested, leaves, paths, used).items() for module in modules}
     examples, shapes = batch_size(batch), example_shapes(batch)
     shared = shared_ids(calls, batch, examples, shapes,
                         lambda b: trace_calls(loss_fn, params, b)[0],
@@ -318,7 +338,6 @@ def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:
                if c.weight in other else shared_reason(c, examples, shapes, shared))
         if why:
             out.reasons[paths[c.weight]] = why
-    used = {c.weight for c in calls} | {c.bias for c in calls if c.bias is not None}
     # a leaf with no use of its own (an equinox conv's (C, 1, 1) bias) takes its module's
     module_use = {_module(paths[w]): how for w, how in other.items()}
     out.reasons.update({paths[i]: _other_use(other.get(i, module_use.get(_module(paths[i]))),

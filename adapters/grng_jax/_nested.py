@@ -20,8 +20,8 @@ from jax.custom_batching import custom_vmap
 
 # innermost JAX frame -> the transformation a user wrote (source files of jax._src)
 _FRAMES = (
-    ("control_flow/loops.py", "lax.scan / nn.scan / a fori_loop or while_loop"),
-    ("ad_checkpoint.py", "jax.checkpoint / nn.remat"),
+    ("control_flow/loops.py", "lax.scan / nn.scan / nnx.scan / a fori_loop or while_loop"),
+    ("ad_checkpoint.py", "jax.checkpoint / nn.remat / nnx.remat"),
     ("control_flow/conditionals.py", "lax.cond / lax.switch"),
     ("custom_derivatives.py", "a jax.custom_vjp / custom_jvp function"),
     ("pjit.py", "a jax.jit nested in the loss"),

@@ -71,6 +71,16 @@ class Call(NamedTuple):
     foreign_bias: bool = False
 
 
+class Lifted(NamedTuple):
+    """A covered layer called inside a transformation that lifts its parameters (nn.scan,
+    nnx.scan, remat): its module path where the hook knows it (flax.linen's), else "", its
+    kind, and its kernel's shape there (`grng_jax._layers.lifted_modules` names it by that)."""
+
+    name: str
+    kind: str
+    shape: tuple
+
+
 class Collector:
     """Records tagged dense calls while the loss runs (see the module docstring).
 
@@ -84,7 +94,7 @@ class Collector:
         self.perturbs = perturbs
         self.calls: list[Call] = []
         self.other_uses: dict[int, str] = {}  # leaf index -> an untagged use (tied, config)
-        self.nested: dict[str, list[str]] = {}  # transformation -> layers called inside it
+        self.nested: dict[str, list[Lifted]] = {}  # transformation -> layers called inside
         # layers that mix the examples of a batch (BatchNorm in training mode): per-example
         # gradients of one-example batches would not be this loss's
         self.batch_coupled: list[str] = []
@@ -121,7 +131,8 @@ class Collector:
         whole batch (`grng_jax._nested`). name: the layer's module path, for messages."""
         w = self.ids.get(id(kernel))
         if w is None and self._nested_elsewhere():  # e.g. nn.scan / nn.remat lift the params
-            self.nested.setdefault(_nested.transformation(), []).append(name or kind)
+            self.nested.setdefault(_nested.transformation(), []).append(
+                Lifted(name, kind, tuple(getattr(kernel, "shape", ()))))
         if w is None or getattr(kernel, "ndim", 0) < 2:
             return z
         b = None if bias is None else self.ids.get(id(bias))

@@ -97,9 +97,7 @@ def run(opt, closure):
     title = type(opt).__name__
     if closure is not None and not callable(closure):
         raise TypeError(f"{title}.step() needs a closure (got {closure!r}): {CLOSURE_HELP}")
-    opt.skips.poll()  # skips of earlier steps on a GPU, now that their copies have landed
-    opt.lr_watch.check(opt)  # an lr changed (a scheduler) while the trust region bound
-    _describe.warn_if_unfrozen(opt)  # a layer frozen at the first step is trainable now
+    _reports_of_earlier_steps(opt)
     sp = plan(opt)
     coll = opt.collector
     if coll is not None:
@@ -154,6 +152,15 @@ def run(opt, closure):
         if gb is not None:
             gb.grads = None  # frees the gradient's graph
     return loss
+
+
+def _reports_of_earlier_steps(opt) -> None:
+    """What the steps before this one found, said now: skips on a GPU (their copies have
+    landed), an lr changed by a scheduler while the trust region bound, a layer frozen at the
+    first step that is trainable now."""
+    opt.skips.poll()
+    opt.lr_watch.check(opt)
+    _describe.warn_if_unfrozen(opt)
 
 
 def _double_backward_error(title: str, sp, e: RuntimeError) -> RuntimeError | None:

@@ -215,6 +215,73 @@ def test_scan_and_remat_are_refused_by_name(build, words):
     assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree_util.tree_leaves(u))
 
 
+
+class _NnxBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return x + jnp.tanh(self.lin(x))
+
+
+class _NnxLifted(nnx.Module):
+    """A head and blocks of the same width called inside nnx.scan (stacked with nnx.vmap, the
+    scan-over-layers idiom) or each inside nnx.remat."""
+
+    def __init__(self, mode: str, rngs):
+        self.mode = mode
+        self.inp = nnx.Linear(4, 4, rngs=rngs)
+        if mode == "scan":
+            @nnx.split_rngs(splits=2)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stack(rngs):
+                return _NnxBlock(rngs)
+            self.blocks = stack(rngs)
+        else:
+            self.blocks = nnx.List([_NnxBlock(rngs) for _ in range(2)])
+        self.out = nnx.Linear(4, CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.inp(x)
+        if self.mode == "scan":
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def run(h, block):
+                return block(h)
+            x = run(x, self.blocks)
+        else:
+            for block in self.blocks:
+                x = nnx.remat(lambda b, h: b(h))(block, x)
+        return self.out(x)
+
+
+@pytest.mark.parametrize("mode, words", [("scan", "nnx.scan"), ("remat", "nnx.remat")])
+def test_nnx_scan_and_remat_are_named_as_the_reason(mode, words):
+    """flax.nnx's hooks do not know a layer's path: a kernel called inside nnx.scan / nnx.remat
+    is found by its shape (its stack's under a scan), so find_layers and the refusal say it is
+    lifted (before: "not called through a tagged layer", and the refusal named only "dense");
+    the head of the same width, called outside, stays K-FAC."""
+    import optax
+
+    model = _NnxLifted(mode, nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(B, 4)), jnp.float32)
+    y = jnp.zeros((B,), jnp.int32)
+
+    def loss(m, b):
+        return optax.softmax_cross_entropy_with_integer_labels(m(b[0]), b[1]).mean()
+    params = nnx.state(model, nnx.Param)
+    loss_fn = grng_jax.nnx_loss_fn(model, loss)
+    found = grng_jax.find_layers(loss_fn, params, (x, y))
+    assert sorted(L.weight for L in found) == [("inp", "kernel"), ("out", "kernel")]
+    lifted = [p for p in found.reasons if p[-1] == "kernel"]
+    assert lifted and all(p[0] == "blocks" for p in lifted), found.reasons
+    assert all(found.reasons[p].startswith("its layer is called inside ") and words in
+               found.reasons[p] for p in lifted), found.reasons
+    tx = grng_jax.ring()
+    state = tx.init(params)
+    grads = nnx.grad(loss)(model, (x, y))
+    with pytest.raises(ValueError, match=r"calls covered layers inside .*\(blocks/"):
+        tx.update(grads, state, params, loss_fn=loss_fn, batch=(x, y))
+
 class _NnxBatchNormDropout(nnx.Module):
     def __init__(self, rngs):
         self.l1 = nnx.Linear(6, 8, rngs=rngs)
