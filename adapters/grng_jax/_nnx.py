@@ -89,4 +89,28 @@ def loss_fn_of(model, loss, wrt=None):
     def loss_fn(params, batch, *key):
         return loss(nnx.merge(graphdef, params, rest, copy=True), batch, *key)
 
+    loss_fn.grng_nnx = True  # type: ignore[attr-defined]  # (`hinted` leaves it as it is)
     return loss_fn
+
+
+def hinted(name: str, loss_fn, params):
+    """`loss_fn` as given, or, where the params are a flax.nnx State and it is not
+    `loss_fn_of`'s, wrapped so that the error a loss of the model (``loss(model, batch)``)
+    raises on a State ('State' object is not callable, has no attribute ...) names the fix.
+    Only while tracing: the wrapper adds nothing to a compiled step."""
+    if loss_fn is None or getattr(loss_fn, "grng_nnx", False) \
+            or not type(params).__module__.startswith("flax.nnx"):
+        return loss_fn
+
+    def checked(p, *args):
+        try:
+            return loss_fn(p, *args)
+        except (TypeError, AttributeError) as e:
+            if "'State'" not in str(e):
+                raise
+            raise TypeError(
+                f"grng_jax.{name}: loss_fn(params, batch) failed on the params, a flax.nnx "
+                f"State ({type(e).__name__}: {e}): it looks like a loss of the model, "
+                "loss(model, batch). Pass loss_fn=grng_jax.nnx_loss_fn(model, loss), built "
+                "inside the train step before the gradient pass (README, JAX: flax.nnx)") from e
+    return checked

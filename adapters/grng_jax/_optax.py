@@ -25,7 +25,7 @@ from grng_core.config import CONFIGS
 from grng_core.schedule import flag_table, warmup_steps
 from grng_core.state import ensure_pytrees
 from grng_core.user_frame import user_stacklevel
-from grng_jax import _collect, _masking
+from grng_jax import _collect, _masking, _nnx
 from grng_jax._diagonal_reasons import warn_if_mostly_diagonal, warn_if_oversized
 from grng_jax._flax_serialization import register_if_flax
 from grng_jax._hyper import concrete_number, core_kwargs
@@ -102,6 +102,7 @@ def transform(name: str, kwargs: dict, *, axis_name=None, layers="auto", refresh
         core, specs, _ = _setup(core_main, params, opts, state)
         _check_vma(name, opts.axis_name, batch)
         loss_fn, mc_loss_fn = _masking.unmask(name, params, full_params, loss_fn, mc_loss_fn)
+        loss_fn = _nnx.hinted(name, loss_fn, params)
         return _update(core, specs, opts, updates, state, params,
                        _Batch(loss_fn, batch, mc_loss_fn, key))
 

@@ -344,3 +344,19 @@ def test_nnx_batchnorm_dropout_through_nnx_optimizer(algorithm):
     assert len(leaves) == len(leaves_plain) >= 3  # mean, var, the dropout RNG count
     for a, b in zip(leaves, leaves_plain):
         np.testing.assert_array_equal(raw(a), raw(b))
+
+
+def test_a_loss_of_the_model_passed_as_loss_fn_names_nnx_loss_fn():
+    """nnx.Optimizer hands the update the params State: a loss written for the model,
+    loss(model, batch), fails on it; the error says to wrap it (before: jax's "'State' object
+    is not callable" from inside the user's loss)."""
+    model = _NnxBlock(nnx.Rngs(0))
+    x = jnp.ones((B, 4), jnp.float32)
+
+    def loss(m, b):
+        return jnp.mean(m(b) ** 2)
+    optimizer = nnx.Optimizer(model, grng_jax.ring(), wrt=nnx.Param)
+    grads = nnx.grad(loss)(model, x)
+    with pytest.raises(TypeError, match=r"grng_jax.nnx_loss_fn\(model, loss\)"):
+        optimizer.update(model, grads, loss_fn=loss, batch=x)
+    optimizer.update(model, grads, loss_fn=grng_jax.nnx_loss_fn(model, loss), batch=x)
