@@ -150,6 +150,11 @@ def describe(algorithm: str, structure: str, shapes: Sequence[tuple[int, ...]],
                            tuple(no_warmup))
 
 
+def algorithm_label(algorithm: str, form: str | None) -> str:
+    """A report's title: RING's form where it is not the default one (§3.2)."""
+    return algorithm if form in (None, "adaptive_damping") else f"{algorithm} ({form})"
+
+
 def describe_state(algorithm: str, structure: str, state: OptState, shapes, config=None,
                    **kw) -> StructureReport:
     """`describe` with the K-FAC layers read from a state (and its skipped-step count);
@@ -159,6 +164,7 @@ def describe_state(algorithm: str, structure: str, state: OptState, shapes, conf
     kw.setdefault("skipped", int(state.skipped))
     if config is not None:
         kw["notes"] = {**damping_notes(state, config), **(kw.get("notes") or {})}
+        algorithm = algorithm_label(algorithm, getattr(config, "form", None))
     return describe(algorithm, structure, shapes, pairs, **kw)
 
 

@@ -11,7 +11,14 @@ from __future__ import annotations
 import math
 import warnings
 
-from grng_core.describe import StructureReport, damping_notes, describe, merge, mostly_diagonal
+from grng_core.describe import (
+    StructureReport,
+    algorithm_label,
+    damping_notes,
+    describe,
+    merge,
+    mostly_diagonal,
+)
 from grng_core.incidents import Incidents
 from grng_core.user_frame import user_stacklevel
 
@@ -144,7 +151,7 @@ def group_report(opt, i: int) -> StructureReport:
     stale = {j: STALE + opt.collector.broadcast[li] for li, w, b in candidates
              if li in opt.collector.broadcast and (w, b) in pairs
              for j in (w, b) if j is not None}
-    return describe(opt.algorithm, group["structure"],
+    return describe(algorithm_label(opt.algorithm, group.get("form")), group["structure"],
                     [tuple(p.shape) for p in group["params"]], pairs, names, layer_names,
                     reasons, opt.incidents(i).entries(),
                     None if entry is None else int(entry.core.skipped),

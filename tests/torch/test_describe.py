@@ -337,3 +337,10 @@ def test_norm_modules_without_a_helper_are_named_normalisation():
     (norm,) = [e for e in opt.describe().entries if e.name == "1.weight"]
     assert norm.structure == "diagonal"
     assert norm.reason.endswith("normalisation scale (1-d, MyRMSNorm)")
+
+
+def test_the_title_names_rings_form_where_it_is_not_the_default():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    first = str(gt.RING(model.parameters(), model=model, form="gauss_newton").describe())
+    assert first.startswith("ring (gauss_newton): 4 parameter leaves")
+    assert str(gt.RING(model.parameters(), model=model).describe()).startswith("ring: 4 ")
