@@ -21,6 +21,7 @@ from grng_core.describe import (
 )
 from grng_core.incidents import Incidents
 from grng_core.user_frame import user_stacklevel
+from grng_torch.layers.registry import owners
 
 NOT_REACHED = "not reached by the loss at the first step (no statistics)"
 FROZEN = "frozen (requires_grad=False{}) at the first step: no K-FAC statistics for the run"
@@ -82,12 +83,12 @@ def _reasons_by_param(opt) -> dict[int, str]:
             why = out.setdefault(id(by_name[n]), [])
             if f"{path}: {r.reason}" not in why:
                 why.append(f"{path}: {r.reason}")
-    holders: dict[int, list[str]] = {}  # every module holding a tied weight, not only the
-    for n, p in by_name.items():  # ones that would have been K-FAC layers (BART's embeddings)
-        if id(p) in tied:
-            holders.setdefault(id(p), []).append(n.rpartition(".")[0] or n)
+    # every module holding a tied weight, not only those that would have been K-FAC layers
+    held = owners(opt.collector.root)  # (BART's embeddings beside its head)
+    root = type(opt.collector.root).__name__
     for k in tied:
-        out.setdefault(k, []).insert(0, TIED.format(", ".join(dict.fromkeys(holders[k]))))
+        names = (path or root for path in held[k].values())
+        out.setdefault(k, []).insert(0, TIED.format(", ".join(dict.fromkeys(names))))
     return {k: "; ".join(v) for k, v in out.items()}
 
 
@@ -106,6 +107,11 @@ def _outside_reasons(opt, i: int) -> dict[int, str]:
             where = "in no param group" if k is None else f"in param group {k}"
             out[id(L.bias)] = (f"the bias of layer {L.label!r}, whose weight is {where}: a K-FAC "
                                "block takes a layer's weight and bias from one group")
+        own_bias = getattr(L.module, "bias", None)
+        if L.kind == "conv_transpose" and own_bias is not None:
+            out[id(own_bias)] = ("the bias of a transposed convolution: added after its windows "
+                                 "overlap, it is no column of the layer's per-position map "
+                                 "(ALGORITHMS.md §2.1)")
     return out
 
 

@@ -90,8 +90,9 @@ def test_steps_equal_the_linear_and_fold_network(cls, kw):
     torch.testing.assert_close(direct[0].bias, folded[0].bias, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(direct[2].weight, folded[2].weight, rtol=1e-9, atol=1e-12)
     assert not torch.equal(direct[0].weight, _nets()[0][0].weight)  # it moved
-    report = str(d_opt.describe())
-    assert "0.weight" in report and "kfac" in report.split("0.weight", 1)[1].splitlines()[0]
+    by = {e.name: e for e in d_opt.describe().entries}
+    assert by["0.weight"].structure == "kfac" and by["0.weight"].layer == "0"
+    assert by["0.bias"].structure == "diagonal" and "windows overlap" in by["0.bias"].reason
 
 
 def _closure(opt, model, x, target):
@@ -125,9 +126,18 @@ def test_checkpoint_resumes_the_run():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
-def test_grouped_transposed_convolution_stays_diagonal_with_its_reason():
-    model = nn.Sequential(nn.ConvTranspose2d(4, 4, 3, groups=2), nn.Flatten())
-    with pytest.warns(UserWarning, match="groups=2"):
+@pytest.mark.parametrize("module, words", [
+    (nn.ConvTranspose2d(4, 4, 3, groups=2), "groups=2"),
+    # torch allows output_padding up to max(stride, dilation) - 1: output positions no input
+    # reaches, more windows than input positions (it raised "inputs have 200 rows,
+    # output_grads 288" on the first step)
+    (nn.ConvTranspose2d(4, 4, 3, stride=1, dilation=2, output_padding=1), "output_padding"),
+], ids=["grouped", "output-padding-at-the-stride"])
+def test_an_uncovered_transposed_convolution_stays_diagonal_with_its_reason(module, words):
+    model = nn.Sequential(module, nn.Flatten())
+    with pytest.warns(UserWarning, match=words):
         opt = gt.RING(model.parameters(), model=model, kl_clip=None)
-    line = str(opt.describe()).split("0.weight", 1)[1].splitlines()[0]
-    assert "diagonal" in line and "groups=2" in line
+    x = torch.randn(2, 4, 5, 5)
+    opt.step(_closure(opt, model, x, torch.zeros_like(model(x))))
+    (e,) = [e for e in opt.describe().entries if e.name == "0.weight"]
+    assert e.structure == "diagonal" and words in e.reason

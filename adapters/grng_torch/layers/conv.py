@@ -26,12 +26,26 @@ def supported(m: nn.Module) -> str | None:
     return None
 
 
-def _as_2d(m: Any):
-    """(kernel, dilation, stride, padding) as 2-d tuples (Conv1d: height 1)."""
-    if isinstance(m, nn.Conv2d):
+def _two_d(m: Any) -> bool:
+    return isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))
+
+
+def as_2d(m: Any):
+    """(kernel, dilation, stride, padding) as 2-d tuples (a 1-d convolution's: height 1; also
+    the transposed convolutions')."""
+    if _two_d(m):
         return m.kernel_size, m.dilation, m.stride, m.padding
     pad = m.padding if isinstance(m.padding, str) else (0, m.padding[0])
     return (1, m.kernel_size[0]), (1, m.dilation[0]), (1, m.stride[0]), pad
+
+
+def batched_2d(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A call's input or output gradient as (B, C, H, W): an unbatched one gains B = 1, a 1-d
+    convolution's height 1."""
+    spatial = 2 if _two_d(m) else 1
+    if t.dim() == spatial + 1:
+        t = t.unsqueeze(0)
+    return t.unsqueeze(-2) if spatial == 1 else t
 
 
 def _explicit_padding(kernel, dilation, padding) -> tuple[int, int, int, int] | None:
@@ -50,12 +64,8 @@ def _explicit_padding(kernel, dilation, padding) -> tuple[int, int, int, int] | 
 def padded_input(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The input as (B, C, H, W) with the layer's zero padding applied (an unbatched input
     gains B = 1, a Conv1d's height 1)."""
-    spatial = 2 if isinstance(m, nn.Conv2d) else 1
-    if x.dim() == spatial + 1:  # unbatched input
-        x = x.unsqueeze(0)
-    if spatial == 1:
-        x = x.unsqueeze(-2)
-    kernel, dilation, _, padding = _as_2d(m)
+    x = batched_2d(m, x)
+    kernel, dilation, _, padding = as_2d(m)
     pad = _explicit_padding(kernel, dilation, padding)
     if pad is None:
         pad = (padding[1], padding[1], padding[0], padding[0])
@@ -64,7 +74,7 @@ def padded_input(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def geometry(m: nn.Module) -> tuple:
     """(kernel, dilation, stride) as 2-d tuples (a Conv1d's of height 1)."""
-    return _as_2d(m)[:3]
+    return as_2d(m)[:3]
 
 
 def input_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -82,11 +92,10 @@ def batch_slices(m: nn.Module, x: torch.Tensor, max_bytes: int):
     """Consecutive slices of the batch, each with at most `max_bytes` of unfolded patches
     where one example's fit (the whole of an unbatched input): what a reduction of the patches
     (`grng_torch._layer_rows.kept_input`) takes one at a time."""
-    spatial = 2 if isinstance(m, nn.Conv2d) else 1
-    if x.dim() == spatial + 1:
+    if x.dim() == (2 if _two_d(m) else 1) + 1:  # unbatched
         yield x
         return
-    kernel = _as_2d(m)[0]
+    kernel = as_2d(m)[0]
     per_example = x[:1].numel() * kernel[0] * kernel[1] * x.element_size()  # ≥ its rows
     step = max(1, max_bytes // max(per_example, 1))
     for start in range(0, x.shape[0], step):
@@ -95,10 +104,7 @@ def batch_slices(m: nn.Module, x: torch.Tensor, max_bytes: int):
 
 def output_rows(m: nn.Module, g: torch.Tensor) -> torch.Tensor:
     """Output gradients, one row per (example, output position), columns the channels."""
-    spatial = 2 if isinstance(m, nn.Conv2d) else 1
-    if g.dim() == spatial + 1:
-        g = g.unsqueeze(0)
-    return rows_of_channels(g.flatten(2))
+    return rows_of_channels(batched_2d(m, g).flatten(2))
 
 
 def rows_of_channels(t: torch.Tensor) -> torch.Tensor:

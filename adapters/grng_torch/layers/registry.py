@@ -100,7 +100,7 @@ def _hook_of(m: Any, name: str) -> tuple[HookedLayer | None, str | None]:
     return None, f"no K-FAC helper for {type(m).__name__}"
 
 
-def _owners(model: nn.Module) -> dict[int, dict[int, str]]:
+def owners(model: nn.Module) -> dict[int, dict[int, str]]:
     """id(parameter) -> {id(module): path} of every module that holds it directly (a module
     called at several places is one owner: its hooks see every use)."""
     owners: dict[int, dict[int, str]] = {}
@@ -113,7 +113,7 @@ def _owners(model: nn.Module) -> dict[int, dict[int, str]]:
 
 def find_layers(model: nn.Module) -> Registry:
     """The K-FAC layers of `model` and the registration log of all its modules."""
-    owners = _owners(model)
+    held = owners(model)
     inside_mha = {f"{path}.{child}" if path else child
                   for path, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
                   for child, _ in m.named_modules() if child}
@@ -129,7 +129,7 @@ def find_layers(model: nn.Module) -> Registry:
             layer, why = (HookedLayer(path, m, "linear", m.weight, m.bias, False, linear.rows,
                                       linear.rows, functional=True), None) \
                 if linear.is_linear(m) else (None, "inside nn.MultiheadAttention: not hooked")
-        tied = sorted({o for _, p in own for k, o in owners[id(p)].items() if k != id(m)})
+        tied = sorted({o for _, p in own for k, o in held[id(p)].items() if k != id(m)})
         if layer is not None and tied:
             layer, why = None, f"tied: its weight is also used by {tied} (K-FAC from one use " \
                                "would be wrong)"
