@@ -91,6 +91,7 @@ class Collector:
         self.ambiguous: set[int] = set()  # warned: ids (T,) with T = B (`Call.ambiguous`)
         self.oversized: dict[int, str] = {}  # layers over max_factor_dim: why (describe)
         self.batch_noted = False  # warned: the batch size not from the first tensor argument
+        self.keep_outputs = True  # the model outputs' autograd nodes (`_summed_loss`)
         self.frozen: set[int] = set()  # layers left out at the first step: weight frozen
         self.thawed: set[int] = set()  # of those, warned as unfrozen since (`_describe`)
         # between closure-free steps the hooks stay open for the next step's needs (`arm`):
@@ -143,6 +144,8 @@ class Collector:
             if isinstance(t, torch.Tensor) and t.grad_fn is not None:  # not a parameter
                 t.register_hook(self._reached_hook(c))
                 self.batch.calls[c].watched = True
+                if self.keep_outputs:  # until the first closure's loss was looked at
+                    self.batch.calls[c].outputs += (t.grad_fn,)
         return None
 
     def _reached_hook(self, c: int):

@@ -41,6 +41,7 @@ class Call:
     storage: int | None = None
     grad: bool = True  # gradients were enabled
     watched: bool = False  # an output of it (the model's, a hooked layer's) awaits a gradient
+    outputs: tuple = ()  # the autograd nodes of the model's outputs (`_summed_loss`)
     reached: bool = False  # a gradient reached one of them
 
     def take_loss_call(self, args, kwargs) -> None:

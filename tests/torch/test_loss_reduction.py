@@ -78,6 +78,10 @@ MEANS = {
     "scaled": lambda o, y, n: 128.0 * F.cross_entropy(o, y),
     "mean + an unscaled sum of squares": lambda o, y, n: F.cross_entropy(o, y)
     + n[0].weight.pow(2).sum(),
+    # a penalty on the parameters is no sum over the batch, whatever its shape or reduction
+    # (both warned before the check followed the sum down to the model's output)
+    "mean + L2-SP (mse_loss of the weights, reduction='sum')": lambda o, y, n: F.cross_entropy(
+        o, y) + F.mse_loss(n[0].weight, torch.zeros_like(n[0].weight), reduction="sum"),
 }
 
 
@@ -87,13 +91,19 @@ def test_a_closure_loss_summed_over_the_batch_warns_once(name):
     on the first step (read from the loss's graph), with the batch size and the fix."""
     got = _first_step(SUMMED[name])
     assert len(got) == 1 and "B = 8" in got[0] and "reduction='mean'" in got[0]
-    if name != ".sum()":  # without the model a sum's batch axis is unknown: a reduction's only
-        assert len(_first_step(SUMMED[name], model=False)) == 1
+    # without model= the optimizer sees neither the batch size nor the model's output: silent
+    assert _first_step(SUMMED[name], model=False) == []
 
 
 @pytest.mark.parametrize("name", list(MEANS))
 def test_a_batch_mean_does_not_warn(name):
     assert _first_step(MEANS[name]) == []
+
+
+def test_a_penalty_on_a_weight_with_the_batch_size_as_its_first_axis_does_not_warn():
+    """The (4, 3) weight's sum of squares at batch 4: the summed tensor has the batch size on
+    the batch axis, but its sum does not reach the model's output."""
+    assert _first_step(MEANS["mean + an unscaled sum of squares"], batch=4) == []
 
 
 def test_a_batch_of_one_does_not_warn():
