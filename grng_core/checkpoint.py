@@ -46,8 +46,12 @@ from grng_core.tree import library
 FORMAT = "grng-optimizer-state"
 FORMAT_VERSION = 1
 CALLABLE = "<callable>"
-#: where a schedule's values are recorded: its warm-up, its decay and late in a run
-SCHEDULE_STEPS = (0, 1, 2, 5, 10, 100, 1_000, 10_000, 100_000)
+#: where a schedule's values are recorded (the 1-based step t it is called with: §3 and
+#: `grng_core.config`): its warm-up, its decay and late in a run
+SCHEDULE_STEPS = (1, 2, 5, 10, 100, 1_000, 10_000, 100_000)
+#: two recorded schedules are the same within this relative difference (another device's
+#: float32 rounding of the same schedule; the record keeps 6 digits)
+SCHEDULE_RTOL = 1e-5
 
 __all__ = [
     "FORMAT",
@@ -64,13 +68,37 @@ __all__ = [
 
 # ------------------------------------------------------------------ NumPy form
 def _schedule_json(fn) -> str:
-    """A schedule as its values at `SCHEDULE_STEPS` (6 significant digits: the same schedule
-    on another device or backend rounds alike), or `CALLABLE` where it cannot be evaluated."""
+    """A schedule as its values at `SCHEDULE_STEPS` (6 significant digits; compared within
+    `SCHEDULE_RTOL`: `_same_schedule`), or `CALLABLE` where it cannot be evaluated. The step
+    is given as a 0-d NumPy integer array (as the optimizer's step count is an array), else
+    as a Python int."""
+    for step in (lambda t: np.asarray(t, dtype=np.int32), int):
+        try:
+            values = [float(fn(step(t))) for t in SCHEDULE_STEPS]
+        except Exception:  # not a function of the step alone, or not of this kind of step
+            continue
+        return "schedule(" + ", ".join(f"{t}: {v:.6g}" for t, v in
+                                       zip(SCHEDULE_STEPS, values)) + ")"
+    return CALLABLE
+
+
+def _schedule_values(v) -> dict | None:
+    """{step: value} of a recorded schedule, None for any other value."""
+    if not (isinstance(v, str) and v.startswith("schedule(") and v.endswith(")")):
+        return None
     try:
-        values = [float(fn(t)) for t in SCHEDULE_STEPS]
-    except Exception:  # not a function of the step alone
-        return CALLABLE
-    return "schedule(" + ", ".join(f"{t}: {v:.6g}" for t, v in zip(SCHEDULE_STEPS, values)) + ")"
+        pairs = [p.split(":") for p in v[len("schedule("):-1].split(",")]
+        return {int(t): float(x) for t, x in pairs}
+    except ValueError:
+        return None
+
+
+def _same_schedule(a, b) -> bool:
+    """Two recorded schedules with the same steps and values within `SCHEDULE_RTOL`."""
+    va, vb = _schedule_values(a), _schedule_values(b)
+    return (va is not None and vb is not None and va.keys() == vb.keys()
+            and all(math.isclose(va[t], vb[t], rel_tol=SCHEDULE_RTOL, abs_tol=1e-30)
+                    for t in va))
 
 
 def _json_value(v):
@@ -172,7 +200,7 @@ def hyperparams_diff(algorithm: str, saved: dict, now: dict) -> list[str]:
                   and str(now.get(k, "")).startswith("schedule(")})
     return [f"{k}: file {saved.get(k, '<absent>')!r}, optimizer {now.get(k, '<absent>')!r}"
             for k in sorted(set(saved) | set(now)) if saved.get(k, "<absent>") !=
-            now.get(k, "<absent>")]
+            now.get(k, "<absent>") and not _same_schedule(saved.get(k), now.get(k))]
 
 
 class OptCheck(NamedTuple):

@@ -135,7 +135,7 @@ def test_file_layout_and_metadata(tmp_path):
     meta = read_metadata(path)
     assert meta["version"] == checkpoint.FORMAT_VERSION
     assert meta["optimizer"] == "ring"
-    assert meta["hyperparams"]["lr"] == ("schedule(0: 0.1, 1: 0.1, 2: 0.1, 5: 0.1, 10: 0.1, "
+    assert meta["hyperparams"]["lr"] == ("schedule(1: 0.1, 2: 0.1, 5: 0.1, 10: 0.1, "
                                          "100: 0.1, 1000: 0.1, 10000: 0.1, 100000: 0.1)")
     assert meta["hyperparams"]["damping"] == 1e-2
     assert meta["extra"] == {"epoch": 3}
@@ -265,7 +265,7 @@ def test_other_optimizer_or_hyperparameters_rejected(live):
         load_state(path, like=state, opt=lr2)
     sched = gc.ring(lr=lambda t: 0.1, rho=0.05, damping=1e-2, structure="kfac", momentum=0.5,
                     inverse_every=3)
-    with pytest.raises(ValueError, match=r"lr: file 0.1, optimizer 'schedule\(0: 0.1, 1: "):
+    with pytest.raises(ValueError, match=r"lr: file 0.1, optimizer 'schedule\(1: 0.1, 2: "):
         load_state(path, like=state, opt=sched)
     same = dataclasses.asdict(opt.config)
     for lr in (0.2, lambda t: 0.1):  # resuming with another learning rate, when asked for
@@ -478,14 +478,14 @@ def test_a_schedule_is_checked_by_its_values(tmp_path):
     """A file saved under one schedule and loaded into an optimizer with another is refused,
     naming both by their values (before, both were '<callable>' and any schedule loaded);
     the same schedule, rebuilt, loads; so does a file of the older format."""
-    warm = _with_schedule(lambda t: 0.1 * min(1.0, (t + 1) / 10))
+    warm = _with_schedule(lambda t: 0.1 * min(1.0, t / 10))
     _, state = _init(get_backend("numpy"), warm)
     path = tmp_path / "s.npz"
     save_state(path, state, warm)
-    load_state(path, like=state, opt=_with_schedule(lambda t: 0.1 * min(1.0, (t + 1) / 10)))
-    with pytest.raises(ValueError, match=r"lr: file 'schedule\(0: 0.01, 1: 0.02, .*"
-                                         r"optimizer 'schedule\(0: 0.05, 1: 0.1, "):
-        load_state(path, like=state, opt=_with_schedule(lambda t: 0.1 * min(1.0, (t + 1) / 2)))
+    load_state(path, like=state, opt=_with_schedule(lambda t: 0.1 * min(1.0, t / 10)))
+    with pytest.raises(ValueError, match=r"lr: file 'schedule\(1: 0.01, 2: 0.02, .*"
+                                         r"optimizer 'schedule\(1: 0.05, 2: 0.1, "):
+        load_state(path, like=state, opt=_with_schedule(lambda t: 0.1 * min(1.0, t / 2)))
     with pytest.raises(ValueError, match="lr: file 'schedule"):
         load_state(path, like=state, opt=_with_schedule(0.1))
     old = checkpoint.state_to_numpy(state, warm)  # the format before: '<callable>'
@@ -493,6 +493,20 @@ def test_a_schedule_is_checked_by_its_values(tmp_path):
     meta["hyperparams"]["lr"] = "<callable>"
     old[checkpoint.META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy()
     checkpoint.state_from_numpy(old, like=state, opt=_with_schedule(lambda t: 0.5))
+
+
+def test_a_schedule_is_called_with_the_1_based_step_and_compared_with_a_tolerance(tmp_path):
+    """An inverse square root (undefined at t = 0: before, such a schedule was recorded as
+    '<callable>' and any other one loaded): recorded by its values; the same values within
+    float32 rounding (another device) load, a 0.1% change does not."""
+    rsqrt = _with_schedule(lambda t: 0.1 * t ** -0.5)
+    _, state = _init(get_backend("numpy"), rsqrt)
+    assert checkpoint.hyperparams_json(rsqrt)["lr"].startswith("schedule(1: 0.1, 2: 0.0707107")
+    path = tmp_path / "s.npz"
+    save_state(path, state, rsqrt)
+    load_state(path, like=state, opt=_with_schedule(lambda t: 0.1 * t ** -0.5 * (1 + 3e-7)))
+    with pytest.raises(ValueError, match="lr: file 'schedule"):
+        load_state(path, like=state, opt=_with_schedule(lambda t: 0.1 * t ** -0.5 * 1.001))
 
 
 def test_a_callable_that_is_not_a_schedule_is_recorded_as_such():

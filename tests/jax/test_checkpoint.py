@@ -126,8 +126,8 @@ def test_a_schedule_is_checked_by_its_values(tmp_path):
     same = grng_jax.ring(optax.cosine_decay_schedule(0.1, 60), structure="diagonal")
     assert _max_diff(grng_jax.load(tmp_path / "s.npz", same, like=same.init(params)), s) == 0
     other = grng_jax.ring(optax.cosine_decay_schedule(0.5, 60), structure="diagonal")
-    with pytest.raises(ValueError, match=r"learning_rate: file 'schedule\(0: 0.0999.*"
-                                         r"optimizer 'schedule\(0: 0.499"):
+    with pytest.raises(ValueError, match=r"learning_rate: file 'schedule\(1: 0.1, 2: 0.0999.*"
+                                         r"optimizer 'schedule\(1: 0.5, 2: 0.499"):
         grng_jax.load(tmp_path / "s.npz", other, like=other.init(params))
 
 def test_fallback_structure_is_what_the_checkpoint_records(tmp_path):
