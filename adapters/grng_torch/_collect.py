@@ -109,7 +109,8 @@ class Collector:
         if loss_fn is not None:
             self._handles.append(loss_fn.register_forward_pre_hook(self._loss_hook,
                                                                    with_kwargs=True))
-        self._handles += sequence_first.watch(self)  # a (T, B) model read batch-first: warned
+        self.sequence_watch = sequence_first.watch(self)  # (T, B) read batch-first: warned
+        self._handles += self.sequence_watch
 
     def remove(self) -> None:
         while self._handles:

@@ -5,7 +5,7 @@ sequence length read as the batch size, which scales every K-FAC statistic by T/
 §2.1: an example's output-gradient row is B times its share of the mean loss) and nothing else
 tells. Those modules state their layout: when one is called in a collected model call with the
 call's batch size on its axis 0 and another size on its axis 1 (its batch axis), warn once.
-The hooks go after the first model call with a batch size that reached one of them."""
+The hooks go after one look, and at the latest after the optimizer's first step (`stop`)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from torch import nn
 
 from grng_core.user_frame import user_stacklevel
 
-SEQUENCE_FIRST = (nn.RNNBase, nn.MultiheadAttention, nn.TransformerEncoderLayer,
-                  nn.TransformerDecoderLayer, nn.Transformer)
+#: the modules with a `batch_first` flag (a transformer layer passes its own to its attention)
+SEQUENCE_FIRST = (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)
 
 
 def watch(collector) -> list:
@@ -52,5 +52,15 @@ def watch(collector) -> list:
             return None
         return pre
 
-    handles.extend(m.register_forward_pre_hook(hook_for(path, m)) for path, m in found)
+    # bookkeeping of the first step only: eager under torch.compile (no graph break, no
+    # recompile when the hooks go)
+    handles.extend(m.register_forward_pre_hook(torch.compiler.disable(hook_for(path, m)))
+                   for path, m in found)
     return list(handles)
+
+
+def stop(collector) -> None:
+    """Remove the hooks that are still there (a model whose sequence-first modules saw no
+    3-d tensor argument: a PackedSequence, keyword arguments)."""
+    while collector.sequence_watch:
+        collector.sequence_watch.pop().remove()

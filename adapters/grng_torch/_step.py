@@ -20,6 +20,7 @@ from torch import nn
 import grng_core as gc
 from grng_core.requirements import stacked_passes
 from grng_torch import _describe, _pass_stats, _passes
+from grng_torch import _sequence_first as sequence_first
 from grng_torch._autocast import autocast_off, autocast_state
 from grng_torch._backward import GraphBackward
 from grng_torch._closure_free import CLOSURE_HELP, check_closure_free, closure_needs
@@ -157,10 +158,12 @@ def run(opt, closure):
 def _reports_of_earlier_steps(opt) -> None:
     """What the steps before this one found, said now: skips on a GPU (their copies have
     landed), an lr changed by a scheduler while the trust region bound, a layer frozen at the
-    first step that is trainable now."""
+    first step that is trainable now; after a first step, the sequence-first watch goes."""
     opt.skips.poll()
     opt.lr_watch.check(opt)
     _describe.warn_if_unfrozen(opt)
+    if opt.state and opt.collector is not None:
+        sequence_first.stop(opt.collector)
 
 
 def _double_backward_error(title: str, sp, e: RuntimeError) -> RuntimeError | None:

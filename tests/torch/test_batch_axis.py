@@ -128,3 +128,37 @@ def test_a_sequence_first_rnn_read_batch_first_warns_once():
                          ids=["batch_axis=1", "the model transposes"])
 def test_a_sequence_first_rnn_read_right_does_not_warn(batch_axis, transpose):
     assert _gru_warnings(batch_axis, transpose) == []
+
+
+class PackedLSTM(nn.Module):
+    """An LSTM fed a PackedSequence: its hook never sees a (T, B, E) tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.rnn, self.head = nn.Embedding(V, D), nn.LSTM(D, D), nn.Linear(D, V)
+
+    def forward(self, x):
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(x), [T] * x.shape[1])
+        h, _ = nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0])
+        return self.head(h)
+
+
+def test_the_sequence_first_watch_goes_after_the_first_step():
+    """Its hooks cost nothing later: removed after one look, and after the first step where
+    there was nothing to look at (a PackedSequence)."""
+    torch.manual_seed(0)
+    model = PackedLSTM()
+    ids = torch.randint(0, V, (T, B))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mostly diagonal (the LSTM)
+        opt = gt.RING(model.parameters(), model=model)  # the default axis: watched
+    assert len(model.rnn._forward_pre_hooks) == 1
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+        loss.backward()
+        return loss
+    for _ in range(2):
+        opt.step(closure)
+    assert len(model.rnn._forward_pre_hooks) == 0 and not opt.collector.sequence_watch
