@@ -178,8 +178,8 @@ def _check_calls(found: list, other: dict, specs, names, leaves, nested=None,
         if w in other:
             _refuse_other_use(name, other[w])
         if not mine:
-            lifted = lifted_modules(nested or {}, leaves, leaf_paths(names),
-                                    {c.weight for c in found})
+            used = {i for c in found for i in (c.weight, c.bias) if i is not None}
+            lifted = lifted_modules(nested or {}, leaves, leaf_paths(names), used)
             raise ValueError(f"K-FAC layer {name!r} was not called through a tagged layer in "
                              f"loss_fn{_nested_note(lifted)}, so its inputs and output "
                              f"gradients cannot be collected: {_FIX}")

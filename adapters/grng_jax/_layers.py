@@ -338,10 +338,8 @@ def find_layers(loss_fn: Callable, params, batch) -> list[Layer]:
                if c.weight in other else shared_reason(c, examples, shapes, shared))
         if why:
             out.reasons[paths[c.weight]] = why
-    # a leaf with no use of its own (an equinox conv's (C, 1, 1) bias) takes its module's
-    module_use = {_module(paths[w]): how for w, how in other.items()}
-    out.reasons.update({paths[i]: _other_use(other.get(i, module_use.get(_module(paths[i]))),
-                                             lifted.get(_module(paths[i])))
+    # (an equinox conv's (C, 1, 1) bias is a vector, no weight matrix: no reason of its own)
+    out.reasons.update({paths[i]: _other_use(other.get(i), lifted.get(_module(paths[i])))
                         for i, x in enumerate(leaves)
                         if is_weight_matrix(paths[i], x) and i not in used})
     seen = {c.weight for c in calls if paths[c.weight] in out.reasons}

@@ -76,7 +76,8 @@ def test_refused_naming_the_option_and_find_layers_leaves_it_out(case):
         auto.update(g, auto.init(params), params, loss_fn=loss_fn, batch=batch)
     found = grng_jax.find_layers(loss_fn, params, batch)
     assert len(found) == 1  # the head only: the convolution is left to the diagonal
-    # its kernel, and an equinox conv's (C, 1, 1) bias, carry the configuration as the reason
+    # its kernel carries the configuration as the reason (an equinox conv's (C, 1, 1) bias is
+    # a vector, not a weight matrix: no reason of its own)
     assert found.reasons and all(f"called as {named}" in why for why in found.reasons.values())
     opt = grng_jax.ring(layers=found)
     state = opt.init(params)
