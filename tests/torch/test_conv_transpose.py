@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from grng_torch.layers import conv_transpose
 from torch import nn
 
+from tests.torch._util import closure_for
+
 CASES = [
     (nn.ConvTranspose2d, dict(kernel_size=3, stride=2, padding=1, output_padding=1), (4, 3, 5, 6)),
     (nn.ConvTranspose2d, dict(kernel_size=4, stride=2, padding=1, dilation=2), (4, 3, 5, 5)),
@@ -96,12 +98,7 @@ def test_steps_equal_the_linear_and_fold_network(cls, kw):
 
 
 def _closure(opt, model, x, target):
-    def closure():
-        opt.zero_grad()
-        loss = F.mse_loss(model(x), target)
-        loss.backward()
-        return loss
-    return closure
+    return closure_for(opt, model, F.mse_loss, x, target)
 
 
 def test_checkpoint_resumes_the_run():

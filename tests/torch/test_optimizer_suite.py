@@ -27,6 +27,7 @@ from tests.torch._util import (
     flat,
     full_loss,
     ids,
+    step_on,
     train,
 )
 
@@ -346,23 +347,12 @@ def test_diagonal_without_a_model_steps_as_with_one(cls, kw):
     AttributeError on the missing collector)."""
     x, y = next(PROBLEM.batches(torch.float64))
     moved = []
-    for model_kw, closure_free in (({}, False), ({}, True), (None, False)):
+    for with_model, closure_free in ((False, False), (False, True), (True, False)):
         model = PROBLEM.model(torch.float64)
         opt = cls(model.parameters(), structure="diagonal", **kw,
-                  **(dict(model=model) if model_kw is None else model_kw))
+                  **(dict(model=model) if with_model else {}))
         for _ in range(3):
-            if closure_free and cls is gt.RING:
-                opt.zero_grad()
-                CRIT(model(x), y).backward()
-                opt.step()
-                continue
-
-            def closure(opt=opt, model=model):
-                opt.zero_grad()
-                loss = CRIT(model(x), y)
-                loss.backward()
-                return loss
-            opt.step(closure)
+            step_on(opt, model, x, y, closure_free=closure_free and cls is gt.RING)
         moved.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     start = torch.cat([p.detach().flatten() for p in PROBLEM.model(torch.float64).parameters()])
     assert not torch.equal(moved[0], start)
