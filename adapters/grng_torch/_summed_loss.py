@@ -70,10 +70,12 @@ def warn_if_summed(opt, loss, first: list[bool]) -> None:
     per group) sums the model's output over a batch of more than one (needs `model=`: its
     calls give the batch size and the outputs)."""
     coll = opt.collector
-    if opt.checked_loss or loss is None or not any(first) or coll is None:
+    if opt.checked_loss or not any(first) or coll is None:
         return
-    opt.checked_loss, coll.keep_outputs = True, False
+    opt.checked_loss, coll.keep_outputs = True, False  # a closure-free first step: no loss
     size = coll.batch.size
+    if loss is None:
+        return
     outputs = [n for call in coll.batch.calls for n in call.outputs]
     if size is None or size == 1 or not sums_over_batch(loss, outputs, size, opt.batch_axis):
         return
