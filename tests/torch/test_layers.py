@@ -136,7 +136,7 @@ def test_conv_input_rows_equal_unfold(conv, shape, layout):
         x = torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2]
     xb = x if x.dim() == (4 if isinstance(conv, nn.Conv2d) else 3) else x.unsqueeze(0)
     x2 = xb if isinstance(conv, nn.Conv2d) else xb.unsqueeze(2)
-    k, d, s, _ = conv_rows._as_2d(conv)
+    k, d, s, _ = conv_rows.as_2d(conv)
     pad = conv_rows._explicit_padding(k, d, conv.padding)
     if pad is None:
         p = conv.padding if isinstance(conv, nn.Conv2d) else (0, conv.padding[0])
