@@ -12,7 +12,7 @@ The file is a NumPy ``.npz`` archive written with ``allow_pickle=False``:
   its own slashes: the exact tree is in the metadata, the names are for people);
 - the entry ``"__grng_meta__"``: UTF-8 JSON stored as a ``uint8`` array, holding the format
   name and version, the optimizer's name and hyperparameters (a schedule recorded by its values
-  at `SCHEDULE_STEPS`, to 6 digits: ``"schedule(0: 0.1, 1: 0.0999, ...)"``; ``"<callable>"``
+  at `SCHEDULE_STEPS`, to 6 digits: ``"schedule(1: 0.1, 2: 0.0999, ...)"``; ``"<callable>"``
   where it cannot be called with a step, as every schedule was before), the library the state
   came from, and the state's tree structure (dict keys, list lengths, each array's entry name,
   shape and dtype).
