@@ -22,8 +22,9 @@ from torch.overrides import TorchFunctionMode
 
 class GraphBackward(TorchFunctionMode):
     def __init__(self, params: list[torch.Tensor], real_backward: bool = False,
-                 quiet=contextlib.nullcontext):
+                 quiet=contextlib.nullcontext, own=contextlib.nullcontext):
         super().__init__()
+        self.own = own  # entered around the autograd.grad that replaces backward (statistics)
         self.params = params
         self.real_backward = real_backward
         self.quiet = quiet  # entered around the real backward (no statistics twice)
@@ -40,8 +41,10 @@ class GraphBackward(TorchFunctionMode):
             raise RuntimeError("backward(inputs=...) inside an optimizer closure is not "
                                "supported with gr='double_backprop'")
         idx = [i for i, p in enumerate(self.params) if p.requires_grad]
-        got = torch.autograd.grad(tensor, [self.params[i] for i in idx], grad_outputs=gradient,
-                                  create_graph=True, allow_unused=True)
+        with self.own():
+            got = torch.autograd.grad(tensor, [self.params[i] for i in idx],
+                                      grad_outputs=gradient, create_graph=True,
+                                      allow_unused=True)
         if self.grads is None:
             self.grads = [None] * len(self.params)
         grads = self.grads

@@ -31,6 +31,7 @@ from grng_torch import _sequence_first as sequence_first
 from grng_torch._autocast import autocast_state
 from grng_torch._layer_rows import (
     factored_pays,
+    fills_grad,
     in_backward,
     joined_inputs,
     kept_input,
@@ -97,6 +98,9 @@ class Collector:
         # between closure-free steps the hooks stay open for the next step's needs (`arm`):
         # then only the passes that build a graph count (not evaluation under no_grad)
         self.armed = False
+        # the optimizer's own torch.autograd.grad of the loss (`GraphBackward`) is running:
+        # its pass counts as the closure's backward (`param_pass`)
+        self.own_grad = False
         self.hooked: dict[int, set[int]] = {}  # layer -> its calls whose output has a grad hook
         self._handles = [self.root.register_forward_pre_hook(self._root_hook, with_kwargs=True),
                          self.root.register_forward_hook(self._root_out_hook, with_kwargs=True)]
@@ -153,7 +157,8 @@ class Collector:
         generation = self.generation
 
         def hook(grad):
-            if generation == self.generation and c < len(self.batch.calls):
+            if (generation == self.generation and c < len(self.batch.calls)
+                    and self.param_pass(self.active)):
                 self.batch.calls[c].reached = True
             return None
 
@@ -237,11 +242,34 @@ class Collector:
 
         def hook(grad):
             if (self.mode == "backward" and i in self.active and i not in self.broadcast
-                    and generation == self.generation):
+                    and generation == self.generation and self.param_pass((i,))):
                 self._add(i, k, grad.detach(), None)
             return None
 
         return hook
+
+    def param_pass(self, layers) -> bool:
+        """The running backward is the one that fills the parameters' gradients (the loss's
+        `backward()`, or the optimizer's own `torch.autograd.grad` of it), judged on the
+        first trainable leaf of `layers`: not an input gradient the closure takes itself
+        (`torch.autograd.grad(loss, x)`: FGSM, a gradient penalty), whose output gradients
+        are no rows of the step's batch (a `torch.autograd.grad` of anything but the input,
+        say of the parameters by hand, is not collected either)."""
+        for i in layers:
+            for p in (self.layers[i].weight, self.layers[i].bias):
+                if p is not None and p.requires_grad and p.is_leaf:
+                    fills = fills_grad(p)
+                    return self.own_grad if fills is None else fills
+        return True
+
+    @contextlib.contextmanager
+    def own_autograd_grad(self) -> Iterator[None]:
+        """The optimizer's own `torch.autograd.grad` of the loss runs inside (`param_pass`)."""
+        old, self.own_grad = self.own_grad, True
+        try:
+            yield
+        finally:
+            self.own_grad = old
 
     # -------------------------------------------------------------- sessions
     @contextlib.contextmanager
@@ -370,7 +398,8 @@ class Collector:
             raise RuntimeError(
                 f"no K-FAC statistics were collected for layer {self.layers[i].label!r}: the "
                 "closure must run the model's forward and call loss.backward() (and the layer "
-                "must take part)")
+                "must take part; a torch.autograd.grad of the loss is not collected: call "
+                "backward())")
         assert a is not None and s is not None
         E = self.scale()
         keep = self._used_chunks(i)

@@ -1,8 +1,9 @@
 """What a layer hook keeps of a call: whether the factored form would read its rows
 (`factored_pays`), the rows themselves, copied where the loop may overwrite their input
 (`kept_rows`), or reduced as they arrive (`kept_input`: a convolution's patches as a
-`grng_core.InputGram`, ALGORITHMS.md §2.1), and whether the call is autograd's recomputation
-inside a backward (`in_backward`)."""
+`grng_core.InputGram`, ALGORITHMS.md §2.1), whether the call is autograd's recomputation
+inside a backward (`in_backward`), and whether a backward fills a weight's gradient
+(`fills_grad`)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,19 @@ def in_backward() -> bool:
     """Inside autograd's backward (a graph task is running on this thread)."""
     current = getattr(torch._C, "_current_graph_task_id", None)
     return current is not None and current() != -1
+
+
+def fills_grad(param: torch.Tensor | None) -> bool | None:
+    """Inside a backward pass: whether it fills ``param.grad`` (``loss.backward()``: True; a
+    ``backward(inputs=...)`` without it: False), or None inside ``torch.autograd.grad``, where
+    torch cannot tell (None too for a parameter that is no trainable leaf)."""
+    will_run = getattr(torch._C, "_will_engine_execute_node", None)
+    if param is None or not param.requires_grad or not param.is_leaf or will_run is None:
+        return None
+    try:
+        return bool(will_run(torch.autograd.graph.get_gradient_edge(param).node))
+    except RuntimeError:  # "currently running autograd.grad()"
+        return None
 
 
 def kept_rows(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

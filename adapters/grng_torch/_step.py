@@ -114,7 +114,8 @@ def run(opt, closure):
     if sp.hvp:
         real = isinstance(opt.model, nn.parallel.DistributedDataParallel)
         quiet = (lambda: coll.collect(None)) if coll is not None else contextlib.nullcontext
-        gb = GraphBackward(sp.graded, real_backward=real, quiet=quiet)
+        own = coll.own_autograd_grad if coll is not None else contextlib.nullcontext
+        gb = GraphBackward(sp.graded, real_backward=real, quiet=quiet, own=own)
     snapshot = None
     try:
         loss = _first_pass(opt, sp, closure, gb) if closure is not None else None
@@ -126,6 +127,7 @@ def run(opt, closure):
                                + (CLOSURE_HELP if closure is not None else
                                   "call loss.backward() before a step() without a closure"))
         _refuse_sparse(opt, sp)
+        _refuse_uncollected(opt, sp, closure)
         saved_grads = [p.grad for p in sp.graded]
         if coll is not None and (sp.mc or any(sp.pe.values()) or sp.fd):
             snapshot = _passes.BufferSnapshot(coll.root)  # after the closure's own update
@@ -229,6 +231,28 @@ def _first_pass(opt, sp: StepPlan, closure, gb):
         raise RuntimeError(f"{type(opt).__name__} with gr='double_backprop' needs the closure "
                            "to call loss.backward() (the optimizer keeps its graph)")
     return loss
+
+
+def _refuse_uncollected(opt, sp: StepPlan, closure) -> None:
+    """A first step whose closure ran no backward the hooks collect, while the K-FAC
+    candidates' weights have gradients: `opt.step(lambda: loss)` after the loop's own
+    backward, a closure that forgot `backward()`, a `torch.autograd.grad` of the loss. Every
+    layer would go to the diagonal as "not reached by the loss": refused instead."""
+    coll = opt.collector
+    cands = [li for gp in sp.groups if gp.entry is None for li, _, _ in gp.layers
+             if li in sp.emp]  # collected on the closure's backward (not "mc"'s own pass)
+    if (closure is None or coll is None or not cands or any(coll.has_rows(li) for li in cands)
+            or all(coll.layers[li].weight.grad is None for li in cands)):
+        return
+    instead = ("after your own backward call opt.step() without a closure instead of "
+               "opt.step(lambda: loss)" if not closure_needs(sp) else
+               f"{type(opt).__name__} re-evaluates the loss, so opt.step(lambda: loss) after "
+               f"your own backward cannot serve ({CLOSURE_HELP})")
+    raise RuntimeError(
+        f"{type(opt).__name__}.step(closure): the closure's backward reached none of the "
+        "model's K-FAC layers, whose weights have gradients (nothing was changed). The "
+        f"closure must run the forward and call loss.backward() itself: {instead}; a "
+        "torch.autograd.grad of the loss is not collected (call backward())")
 
 
 def _extra_passes(opt, sp: StepPlan) -> dict[int, torch.Tensor]:
