@@ -107,6 +107,7 @@ class Optimizer:
         gradient edited per element); a host read per layer (on an accelerator too), for an
         adapter's first step (not under jit; not across replicas, whose averaged gradient no
         replica's rows give)."""
+        stats = stats.rows_present()
         if (self.config.structure != "kfac" or self.config.fisher != "empirical"
                 or not stats.layers or not state.curvature.kfac):
             return []  # fisher "mc": the rows are of sampled labels, not the gradient's
@@ -187,8 +188,8 @@ class Optimizer:
         ensure_pytrees()
         log = incidents if incidents is not None else Incidents()
         stage = log.staged()  # merged once the step is known not to be skipped
-        env, layer_arrays = self._env(grads, state, params, stats or Stats(), oracle,
-                                      collective, (curvature, inverse, steady), stage,
+        env, layer_arrays = self._env(grads, state, params, (stats or Stats()).rows_present(),
+                                      oracle, collective, (curvature, inverse, steady), stage,
                                       None if whole is None else whole.grad_sq_norm)
         h, ctx = self.config, env.ctx
         d, ghat, new_curv = self.algorithm.direction(env, state.curvature)

@@ -89,6 +89,17 @@ class Stats(NamedTuple):
     layers: Sequence[LayerStats] | None = None
     absent: tuple = ()
 
+    def rows_present(self) -> Stats:
+        """These statistics with a layer of no rows (a mixture of experts' expert no token
+        was routed to) named `absent` instead: its factors are kept, not 0/0. A static
+        choice (array shapes)."""
+        layers = self.layers or ()
+        empty = [s.weight for s in layers if s.output_grads.shape[0] == 0]
+        if not empty:
+            return self
+        kept = [s for s in layers if s.output_grads.shape[0] != 0]
+        return self._replace(layers=kept or None, absent=(*self.absent, *empty))
+
 
 class Oracle(NamedTuple):
     """What the framework can compute on the same batch (ALGORITHMS.md §1).

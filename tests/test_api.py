@@ -269,3 +269,25 @@ def test_an_along_fn_without_the_key_keyword_still_works():
                           whole=gc.Whole(grad_sq_norm=np.asarray(0.03)))
     opt.finish(pending)
     assert len(calls) == 1 and calls[0] > 0
+
+
+@pytest.mark.parametrize("build", [gc.ring, gc.reng, gc.rkalman], ids=["ring", "reng", "rkalman"])
+def test_a_layer_with_no_rows_is_absent(small, build):
+    """Statistics of no rows (a mixture of experts' expert no token was routed to) are that
+    layer's absence (`Stats.absent`), not a 0/0 in its factors (before: a skipped step, and
+    R-Kalman's ZeroDivisionError)."""
+    mlp, params, x, y = small
+    opt = build(structure="kfac")
+    state = opt.init(params, layers=mlp_layers(mlp))
+    b = mlp.batch(params, x, y, layer_stats=True)
+    first = b.layers[0]
+    empty = first._replace(inputs=first.inputs[:0], output_grads=first.output_grads[:0])
+    oracle = mlp.oracle(x, y)
+    got_u, got_s = opt.update(b.grads, state, params, oracle=oracle,
+                              stats=gc.Stats(layers=[empty, *b.layers[1:]]))
+    ref_u, ref_s = opt.update(b.grads, state, params, oracle=oracle,
+                              stats=gc.Stats(layers=list(b.layers[1:]), absent=(first.weight,)))
+    assert int(got_s.skipped) == 0
+    for u, r in zip(got_u, ref_u):
+        np.testing.assert_array_equal(u, r)
+    np.testing.assert_array_equal(got_s.curvature.kfac[0].A, ref_s.curvature.kfac[0].A)

@@ -10,15 +10,24 @@ from grng_core.structures.rows import shared_by_batch
 B, T, D = 8, 16, 32
 
 
-@pytest.mark.parametrize("shape", [
-    (1, T),  # GPT-2's / BERT's position ids
-    (1, T, D),  # a Linear on a (1, T, d) tensor broadcast afterwards
-    (1, D),  # a learned query token
-    (1, 3, 3, 9),  # convolution patches of one image
+@pytest.mark.parametrize("shape,features", [
+    ((1, T), 0),  # GPT-2's / BERT's position ids
+    ((1, T, D), 1),  # a Linear on a (1, T, d) tensor broadcast afterwards
+    ((1, 3, 3, 9), 1),  # convolution patches of one image
 ])
-def test_shared_inputs_are_recognised(shape):
-    why = shared_by_batch(shape, B)
+def test_shared_inputs_are_recognised(shape, features):
+    why = shared_by_batch(shape, B, features=features)
     assert why is not None and f"shape {shape}" in why and f"batch of {B} examples" in why
+
+
+def test_one_row_of_features_is_one_examples():
+    """A (1, d) input to a dense layer: a mixture of experts' token routed alone to its expert
+    (or one selected example) as likely as a learned query shared by the batch; taken as one
+    example's row, so a routed expert keeps refreshing (a shared (1, d) query then has its
+    examples' output gradients summed in its one row: its S factor, not its gradient, is
+    off). Position-indexed inputs (1, T, d) and ids (1, T) are still shared."""
+    assert shared_by_batch((1, D), B) is None
+    assert shared_by_batch((1, T, D), B) is not None
 
 
 @pytest.mark.parametrize("shape", [

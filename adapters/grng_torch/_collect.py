@@ -95,6 +95,7 @@ class Collector:
         self.keep_outputs = True  # the model outputs' autograd nodes (`_summed_loss`)
         self.frozen: set[int] = set()  # layers left out at the first step: weight frozen
         self.thawed: set[int] = set()  # of those, warned as unfrozen since (`_describe`)
+        self.empty: set[int] = set()  # layers called on an input without rows (`_describe`)
         # between closure-free steps the hooks stay open for the next step's needs (`arm`):
         # then only the passes that build a graph count (not evaluation under no_grad)
         self.armed = False
@@ -190,6 +191,9 @@ class Collector:
             if in_backward() and self._awaiting(i):
                 return None  # activation checkpointing's recomputation of a collected call
             x = inputs[0]
+            if x.numel() == 0:  # no rows (an expert no token was routed to): nothing to
+                self.empty.add(i)  # keep; its factors are kept as they are (`Stats.absent`)
+                return None
             if self.shared_over_batch(i, x):
                 return None  # per-example rows cannot be read: the layer stays off K-FAC
             if i in self.rows_only and not factored_pays(layer, x, self.rows_only[i]):

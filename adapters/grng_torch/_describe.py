@@ -24,6 +24,8 @@ from grng_core.user_frame import user_stacklevel
 from grng_torch.layers.registry import owners
 
 NOT_REACHED = "not reached by the loss at the first step (no statistics)"
+NO_ROWS = ("called on an input without rows at the first step (no statistics; e.g. an expert "
+           "no token was routed to)")
 FROZEN = "frozen (requires_grad=False{}) at the first step: no K-FAC statistics for the run"
 FROZEN_NOW = "frozen (requires_grad=False{}): no K-FAC statistics if still frozen at the first step"
 UNFROZEN = ("frozen (requires_grad=False{}) at the first step, trainable since: no K-FAC "
@@ -148,7 +150,8 @@ def group_report(opt, i: int) -> StructureReport:
                     if li in opt.collector.frozen else
                     CLOSURE_ONLY if opt.collector.layers[li].functional
                     and opt.collector.armed and i not in opt.loaded_groups else
-                    LOADED if i in opt.loaded_groups else NOT_REACHED)
+                    LOADED if i in opt.loaded_groups else
+                    NO_ROWS if li in opt.collector.empty else NOT_REACHED)
                 reasons.update({j: reason for j in (w, b) if j is not None})
     if entry is None:
         reasons.update({j: opt.collector.oversized[li] for li, w, b in candidates

@@ -30,7 +30,9 @@ def shared_by_batch(shape: tuple, examples: int | None, axis: int = 0,
     axes the layer's features (0 for token ids); `examples`: the model call's batch size, on
     axis `axis` of its inputs; `example_shapes`: the shapes of one example of the model call's
     inputs (their shapes without axis `axis`). In a call of more than one example, shared:
-    - that axis is 1 on an input of two or more axes (GPT-2's and BERT's position ids, (1, T));
+    - that axis is 1 on ids of two or more axes (GPT-2's and BERT's position ids, (1, T)) or
+      on features with a position axis (1, T, d); not one row of features (1, d), which is as
+      likely one example's (a mixture of experts' token routed alone, a selected example);
       with `axis` > 0 (a sequence-first model) an input whose axis 0 has the examples' size is
       a batch-first one inside the model, not shared;
     - or the input is ids (`features` 0) of one example's shape (at least one axis) that do not
@@ -50,7 +52,7 @@ def shared_by_batch(shape: tuple, examples: int | None, axis: int = 0,
     pairwise = (features == 0 and len(positions) >= 2 and examples not in positions
                 and all(n in lengths for n in positions))
     if not (one_example or pairwise) and (
-            len(shape) < 2 or len(shape) - features <= axis or shape[axis] != 1
+            len(shape) < 2 + (features > 0) or len(shape) - features <= axis or shape[axis] != 1
             or (axis != 0 and shape[0] == examples)):  # a batch-first input inside the model
         return None
     return shared_text(shape, examples)
