@@ -64,6 +64,8 @@ CLOSURE_ONLY = ("nn.MultiheadAttention's projections are collected inside step(c
 
 
 TIED = "tied: {} hold this one weight (K-FAC from one use would be wrong)"
+TIED_LAYER = ("the bias of a layer whose weight is tied (K-FAC takes a layer's weight and bias "
+              "together)")
 
 
 def _reasons_by_param(opt) -> dict[int, str]:
@@ -74,19 +76,22 @@ def _reasons_by_param(opt) -> dict[int, str]:
     by_name = dict(opt.collector.root.named_parameters(remove_duplicate=False))
     out: dict[int, list[str]] = {}
     tied: dict[int, list[str]] = {}
+    held = owners(opt.collector.root)  # every module holding each parameter
     for r in opt.collector.registry.records:
         for n in r.params:
             if not r.reason or n not in by_name:
                 continue
             path = r.path or type(opt.collector.root).__name__
-            if r.reason.startswith("tied:"):
+            if r.reason.startswith("tied:") and len(held.get(id(by_name[n]), ())) > 1:
                 tied.setdefault(id(by_name[n]), []).append(path)
                 continue
+            if r.reason.startswith("tied:"):  # the layer's own bias: only its weight is tied
+                r = r._replace(reason=TIED_LAYER)
             why = out.setdefault(id(by_name[n]), [])
             if f"{path}: {r.reason}" not in why:
                 why.append(f"{path}: {r.reason}")
     # every module holding a tied weight, not only those that would have been K-FAC layers
-    held = owners(opt.collector.root)  # (BART's embeddings beside its head)
+    # (BART's embeddings beside its head)
     root = type(opt.collector.root).__name__
     for k in tied:
         names = (path or root for path in held[k].values())

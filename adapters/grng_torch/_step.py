@@ -183,6 +183,11 @@ def _double_backward_error(title: str, sp, e: RuntimeError) -> RuntimeError | No
             "which this model cannot give (torch.compile's aot_autograd does not support "
             "it): use gr='finite_difference' with a compiled model, or leave the model "
             "uncompiled")
+    if sp.hvp and "the derivative for" in str(e) and "not implemented" in str(e):
+        return RuntimeError(
+            f"{title} with gr='double_backprop' differentiates the gradient again, and torch "
+            f"has no such derivative for an operation of this model ({e}; nothing was "
+            "changed): use gr='finite_difference'")
     return None
 
 

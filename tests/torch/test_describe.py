@@ -88,6 +88,22 @@ def test_a_tied_weight_names_every_module_that_holds_it():
     reason = {e.name: e for e in opt.describe().entries}["shared.weight"].reason
     assert reason.startswith("tied: shared, enc, dec, head hold this one weight"), reason
 
+
+def test_the_biases_of_layers_sharing_a_weight_are_not_called_tied():
+    """`b.weight = a.weight` ties the weights only: each bias is its layer's own (before:
+    "tied: a hold this one weight" for both biases)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mostly diagonal: it is
+        opt = gt.RING(model.parameters(), model=model)
+    entries = {e.name: e.reason for e in opt.describe().entries}
+    assert entries["0.weight"].startswith("tied: 0, 2 hold this one weight"), entries
+    for bias in ("0.bias", "2.bias"):
+        assert "the bias of a layer whose weight is tied" in entries[bias], entries
+        assert "hold this one weight" not in entries[bias]
+
 class LongNames(nn.Module):
     def __init__(self):
         super().__init__()

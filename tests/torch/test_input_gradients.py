@@ -163,3 +163,30 @@ def test_a_closure_without_its_own_backward_is_refused(name, how):
     F.cross_entropy(net(x), y).backward()
     opt.step()
     assert not all(torch.equal(a, b) for a, b in zip(net.parameters(), before))
+
+
+def test_an_operation_without_a_second_derivative_names_finite_differences():
+    """RENG's default double backprop through nn.EmbeddingBag, whose backward torch cannot
+    differentiate: the raw NotImplementedError now names gr='finite_difference' (which
+    works), and nothing changed."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.EmbeddingBag(20, 16), nn.Linear(16, 3))
+    x = torch.randint(0, 20, (16, 6))
+    y = x[:, 0] % 3
+    before = [p.detach().clone() for p in net.parameters()]
+
+    def closure_of(opt):
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            return loss
+        return closure
+
+    opt = gt.RENG(net.parameters(), model=net)
+    with pytest.raises(RuntimeError, match="_embedding_bag_backward.*gr='finite_difference'"):
+        opt.step(closure_of(opt))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    fd = gt.RENG(net.parameters(), model=net, gr="finite_difference")
+    fd.step(closure_of(fd))
+    assert not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
