@@ -61,3 +61,27 @@ class GraphBackward(TorchFunctionMode):
                 torch.autograd.backward(tensor, gradient, retain_graph=True)
         self.calls += 1
         return None
+
+
+def double_backward_error(title: str, hvp: bool, e: RuntimeError) -> RuntimeError | None:
+    """What a torch error of differentiating the gradient again means for an optimizer whose
+    step does (`hvp`: RENG's gr='double_backprop'), or None."""
+    if hvp and "use_reentrant=True" in str(e):
+        return RuntimeError(
+            f"{title} with gr='double_backprop' differentiates the gradient again, which "
+            "torch.utils.checkpoint with use_reentrant=True refuses (nothing was changed): "
+            "checkpoint with use_reentrant=False (transformers: model.gradient_checkpointing"
+            "_enable(gradient_checkpointing_kwargs={'use_reentrant': False})), or use "
+            "gr='finite_difference'")
+    if hvp and "double backward" in str(e):
+        return RuntimeError(
+            f"{title} with gr='double_backprop' needs a double backward through the model, "
+            "which this model cannot give (torch.compile's aot_autograd does not support "
+            "it): use gr='finite_difference' with a compiled model, or leave the model "
+            "uncompiled")
+    if hvp and "the derivative for" in str(e) and "not implemented" in str(e):
+        return RuntimeError(
+            f"{title} with gr='double_backprop' differentiates the gradient again, and torch "
+            f"has no such derivative for an operation of this model ({e}; nothing was "
+            "changed): use gr='finite_difference'")
+    return None

@@ -31,7 +31,6 @@ from grng_torch import _sequence_first as sequence_first
 from grng_torch._autocast import autocast_state
 from grng_torch._layer_rows import (
     factored_pays,
-    fills_grad,
     in_backward,
     joined_inputs,
     kept_input,
@@ -40,15 +39,9 @@ from grng_torch._layer_rows import (
 )
 from grng_torch._layer_warmup import layer_warms, layer_warms_now
 from grng_torch._linear_calls import LinearCalls
-from grng_torch._model_calls import UNKNOWN_BATCH, Batch, Call, batch_of, note_once
+from grng_torch._model_calls import UNKNOWN_BATCH, Batch, Call, batch_of, note_once, unwrap
+from grng_torch._param_pass import ParamPass
 from grng_torch.layers import find_layers
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module DistributedDataParallel / DataParallel wrap (the model itself otherwise)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
 
 
 class Collector:
@@ -96,12 +89,11 @@ class Collector:
         self.frozen: set[int] = set()  # layers left out at the first step: weight frozen
         self.thawed: set[int] = set()  # of those, warned as unfrozen since (`_describe`)
         self.empty: set[int] = set()  # layers called on an input without rows (`_describe`)
+        self.sliced: set[int] = set()  # functional layers applied by slices (`_linear_calls`)
         # between closure-free steps the hooks stay open for the next step's needs (`arm`):
         # then only the passes that build a graph count (not evaluation under no_grad)
         self.armed = False
-        # the optimizer's own torch.autograd.grad of the loss (`GraphBackward`) is running:
-        # its pass counts as the closure's backward (`param_pass`)
-        self.own_grad = False
+        self.passes = ParamPass(self.layers)  # which backward passes give rows
         self.hooked: dict[int, set[int]] = {}  # layer -> its calls whose output has a grad hook
         self._handles = [self.root.register_forward_pre_hook(self._root_hook, with_kwargs=True),
                          self.root.register_forward_hook(self._root_out_hook, with_kwargs=True)]
@@ -159,7 +151,7 @@ class Collector:
 
         def hook(grad):
             if (generation == self.generation and c < len(self.batch.calls)
-                    and self.param_pass(self.active)):
+                    and self.passes.counts(self.active)):
                 self.batch.calls[c].reached = True
             return None
 
@@ -191,9 +183,8 @@ class Collector:
             if in_backward() and self._awaiting(i):
                 return None  # activation checkpointing's recomputation of a collected call
             x = inputs[0]
-            if x.numel() == 0:  # no rows (an expert no token was routed to): nothing to
-                self.empty.add(i)  # keep; its factors are kept as they are (`Stats.absent`)
-                return None
+            if x.numel() == 0:  # no rows (an expert no token reached): its factors are kept
+                return self.empty.add(i)
             if self.shared_over_batch(i, x):
                 return None  # per-example rows cannot be read: the layer stays off K-FAC
             if i in self.rows_only and not factored_pays(layer, x, self.rows_only[i]):
@@ -246,34 +237,11 @@ class Collector:
 
         def hook(grad):
             if (self.mode == "backward" and i in self.active and i not in self.broadcast
-                    and generation == self.generation and self.param_pass((i,))):
+                    and generation == self.generation and self.passes.counts((i,))):
                 self._add(i, k, grad.detach(), None)
             return None
 
         return hook
-
-    def param_pass(self, layers) -> bool:
-        """The running backward is the one that fills the parameters' gradients (the loss's
-        `backward()`, or the optimizer's own `torch.autograd.grad` of it), judged on the
-        first trainable leaf of `layers`: not an input gradient the closure takes itself
-        (`torch.autograd.grad(loss, x)`: FGSM, a gradient penalty), whose output gradients
-        are no rows of the step's batch (a `torch.autograd.grad` of anything but the input,
-        say of the parameters by hand, is not collected either)."""
-        for i in layers:
-            for p in (self.layers[i].weight, self.layers[i].bias):
-                if p is not None and p.requires_grad and p.is_leaf:
-                    fills = fills_grad(p)
-                    return self.own_grad if fills is None else fills
-        return True
-
-    @contextlib.contextmanager
-    def own_autograd_grad(self) -> Iterator[None]:
-        """The optimizer's own `torch.autograd.grad` of the loss runs inside (`param_pass`)."""
-        old, self.own_grad = self.own_grad, True
-        try:
-            yield
-        finally:
-            self.own_grad = old
 
     # -------------------------------------------------------------- sessions
     @contextlib.contextmanager

@@ -24,6 +24,9 @@ from grng_core.user_frame import user_stacklevel
 from grng_torch.layers.registry import owners
 
 NOT_REACHED = "not reached by the loss at the first step (no statistics)"
+SLICED = ("applied by slices of the weight on different inputs (nn.MultiheadAttention as "
+          "cross-attention: its query rows and key/value rows of in_proj_weight): no one "
+          "K-FAC layer")
 NO_ROWS = ("called on an input without rows at the first step (no statistics; e.g. an expert "
            "no token was routed to)")
 FROZEN = "frozen (requires_grad=False{}) at the first step: no K-FAC statistics for the run"
@@ -156,7 +159,8 @@ def group_report(opt, i: int) -> StructureReport:
                     CLOSURE_ONLY if opt.collector.layers[li].functional
                     and opt.collector.armed and i not in opt.loaded_groups else
                     LOADED if i in opt.loaded_groups else
-                    NO_ROWS if li in opt.collector.empty else NOT_REACHED)
+                    NO_ROWS if li in opt.collector.empty else
+                    SLICED if li in opt.collector.sliced else NOT_REACHED)
                 reasons.update({j: reason for j in (w, b) if j is not None})
     if entry is None:
         reasons.update({j: opt.collector.oversized[li] for li, w, b in candidates

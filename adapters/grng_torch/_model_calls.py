@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from grng_core.structures.rows import ambiguous_ids, shared_by_batch
 from grng_core.user_frame import user_stacklevel
@@ -207,3 +208,10 @@ def note_once(owner, note: str | None) -> None:
         owner.batch_noted = True
         warnings.warn(f"{note} (warned once per optimizer)", UserWarning,
                       stacklevel=user_stacklevel())
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module DistributedDataParallel / DataParallel wrap (the model itself otherwise)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model

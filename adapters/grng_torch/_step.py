@@ -22,7 +22,7 @@ from grng_core.requirements import stacked_passes
 from grng_torch import _describe, _pass_stats, _passes
 from grng_torch import _sequence_first as sequence_first
 from grng_torch._autocast import autocast_off, autocast_state
-from grng_torch._backward import GraphBackward
+from grng_torch._backward import GraphBackward, double_backward_error
 from grng_torch._closure_free import CLOSURE_HELP, check_closure_free, closure_needs
 from grng_torch._groups import STATE_KEY, GroupState
 from grng_torch._pass_stats import absent_under_collective, layer_stats, on_host, rows_of_passes
@@ -114,20 +114,14 @@ def run(opt, closure):
     if sp.hvp:
         real = isinstance(opt.model, nn.parallel.DistributedDataParallel)
         quiet = (lambda: coll.collect(None)) if coll is not None else contextlib.nullcontext
-        own = coll.own_autograd_grad if coll is not None else contextlib.nullcontext
+        own = coll.passes.own if coll is not None else contextlib.nullcontext
         gb = GraphBackward(sp.graded, real_backward=real, quiet=quiet, own=own)
     snapshot = None
     try:
         loss = _first_pass(opt, sp, closure, gb) if closure is not None else None
         warn_if_summed(opt, loss, first=[gp.entry is None for gp in sp.groups])
         grads = {gp.index: [p.grad for p in gp.group["params"]] for gp in sp.groups}
-        if sp.groups and all(x is None for gs in grads.values() for x in gs):
-            raise RuntimeError(f"{title}.step(): no parameter of this optimizer has a "
-                               "gradient (nothing was changed): "
-                               + (CLOSURE_HELP if closure is not None else
-                                  "call loss.backward() before a step() without a closure"))
-        _refuse_sparse(opt, sp)
-        _refuse_uncollected(opt, sp, closure)
+        _refuse_gradients(opt, sp, grads, closure)
         saved_grads = [p.grad for p in sp.graded]
         if coll is not None and (sp.mc or any(sp.pe.values()) or sp.fd):
             snapshot = _passes.BufferSnapshot(coll.root)  # after the closure's own update
@@ -141,7 +135,7 @@ def run(opt, closure):
         if any(gp.entry is None for gp in sp.groups):  # the first step fixed the layers
             _describe.warn_if_mostly_diagonal(opt)
     except RuntimeError as e:
-        better = _double_backward_error(title, sp, e)
+        better = double_backward_error(title, sp.hvp, e)
         if better is not None:
             raise better from e
         raise
@@ -166,29 +160,6 @@ def _reports_of_earlier_steps(opt) -> None:
     _describe.warn_if_unfrozen(opt)
     if opt.state and opt.collector is not None:
         sequence_first.stop(opt.collector)
-
-
-def _double_backward_error(title: str, sp, e: RuntimeError) -> RuntimeError | None:
-    """What a torch error of differentiating the gradient again means for this optimizer."""
-    if sp.hvp and "use_reentrant=True" in str(e):
-        return RuntimeError(
-            f"{title} with gr='double_backprop' differentiates the gradient again, which "
-            "torch.utils.checkpoint with use_reentrant=True refuses (nothing was changed): "
-            "checkpoint with use_reentrant=False (transformers: model.gradient_checkpointing"
-            "_enable(gradient_checkpointing_kwargs={'use_reentrant': False})), or use "
-            "gr='finite_difference'")
-    if sp.hvp and "double backward" in str(e):
-        return RuntimeError(
-            f"{title} with gr='double_backprop' needs a double backward through the model, "
-            "which this model cannot give (torch.compile's aot_autograd does not support "
-            "it): use gr='finite_difference' with a compiled model, or leave the model "
-            "uncompiled")
-    if sp.hvp and "the derivative for" in str(e) and "not implemented" in str(e):
-        return RuntimeError(
-            f"{title} with gr='double_backprop' differentiates the gradient again, and torch "
-            f"has no such derivative for an operation of this model ({e}; nothing was "
-            "changed): use gr='finite_difference'")
-    return None
 
 
 def _refuse_sparse(opt, sp: StepPlan) -> None:
@@ -236,6 +207,18 @@ def _first_pass(opt, sp: StepPlan, closure, gb):
         raise RuntimeError(f"{type(opt).__name__} with gr='double_backprop' needs the closure "
                            "to call loss.backward() (the optimizer keeps its graph)")
     return loss
+
+
+def _refuse_gradients(opt, sp: StepPlan, grads: dict, closure) -> None:
+    """Gradients the step cannot use, refused before anything changes: none at all, sparse
+    ones, none the hooks collected rows of (`_refuse_uncollected`)."""
+    if sp.groups and all(x is None for gs in grads.values() for x in gs):
+        raise RuntimeError(f"{type(opt).__name__}.step(): no parameter of this optimizer has a "
+                           "gradient (nothing was changed): "
+                           + (CLOSURE_HELP if closure is not None else
+                              "call loss.backward() before a step() without a closure"))
+    _refuse_sparse(opt, sp)
+    _refuse_uncollected(opt, sp, closure)
 
 
 def _refuse_uncollected(opt, sp: StepPlan, closure) -> None:

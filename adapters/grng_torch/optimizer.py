@@ -22,10 +22,11 @@ from grng_core.config import CONFIGS, TITLES
 from grng_core.describe import StructureReport
 from grng_core.incidents import Incidents
 from grng_torch import _checkpoint, _describe, _state_dict, _step
-from grng_torch._collect import Collector, unwrap
+from grng_torch._collect import Collector
 from grng_torch._functional import LossModule, default_output, default_sampler
 from grng_torch._groups import STATE_KEY, GroupState
 from grng_torch._lr_watch import LrWatch
+from grng_torch._model_calls import unwrap
 from grng_torch._requirements import check_loss_reduction, check_needs
 from grng_torch._skips import SkipMonitor
 

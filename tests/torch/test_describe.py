@@ -360,3 +360,30 @@ def test_the_title_names_rings_form_where_it_is_not_the_default():
     first = str(gt.RING(model.parameters(), model=model, form="gauss_newton").describe())
     assert first.startswith("ring (gauss_newton): 4 parameter leaves")
     assert str(gt.RING(model.parameters(), model=model).describe()).startswith("ring: 4 ")
+
+
+def test_cross_attention_in_projection_says_why_it_is_diagonal():
+    """nn.MultiheadAttention with query ≠ key = value (a decoder's cross-attention) applies
+    in_proj_weight by slices, its query rows and key/value rows on different inputs: no one
+    K-FAC layer. Before, describe() said "not reached by the loss" (its gradient is not 0)."""
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(self.att(x[:, :2], x, x, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = Cross()
+    x, y = torch.randn(6, 5, 8), torch.randint(0, 3, (6,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mostly diagonal: it is
+        opt = gt.RING(model.parameters(), model=model)
+        opt.step(closure_for(opt, model, F.cross_entropy, x, y))
+    entries = {e.name: e for e in opt.describe().entries}
+    for name in ("att.in_proj_weight", "att.in_proj_bias"):
+        assert entries[name].structure == "diagonal"
+        assert entries[name].reason.startswith("applied by slices of the weight"), entries[name]
+    assert entries["att.out_proj.weight"].structure == "kfac"

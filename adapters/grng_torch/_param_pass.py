@@ -1,0 +1,41 @@
+"""Which backward passes give a layer's K-FAC rows: the one that fills the parameters'
+gradients (the loss's `backward()`, or the optimizer's own `torch.autograd.grad` of it,
+`GraphBackward`), not an input gradient the closure takes itself (`torch.autograd.grad(loss,
+x)`: FGSM, a gradient penalty, a PINN's derivatives), whose output gradients are no rows of
+the step's batch."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from grng_torch._layer_rows import fills_grad
+
+
+class ParamPass:
+    """Asked from a gradient hook: does the running backward count (`counts`)?"""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.own_grad = False  # the optimizer's own torch.autograd.grad of the loss runs
+
+    def counts(self, layers) -> bool:
+        """Judged on the first trainable leaf of `layers` (indices): inside `backward()`,
+        whether it fills that leaf's gradient; inside `torch.autograd.grad`, where torch
+        cannot tell, only the optimizer's own (a `torch.autograd.grad` of the loss by hand
+        is not collected either: the step then says to call `backward()`)."""
+        for i in layers:
+            for p in (self.layers[i].weight, self.layers[i].bias):
+                if p is not None and p.requires_grad and p.is_leaf:
+                    fills = fills_grad(p)
+                    return self.own_grad if fills is None else fills
+        return True
+
+    @contextlib.contextmanager
+    def own(self) -> Iterator[None]:
+        """The optimizer's own `torch.autograd.grad` of the loss runs inside."""
+        old, self.own_grad = self.own_grad, True
+        try:
+            yield
+        finally:
+            self.own_grad = old
