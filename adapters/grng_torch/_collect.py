@@ -368,10 +368,13 @@ class Collector:
                                f"{self.broadcast[i]}")
         if not self.has_rows(i):
             raise RuntimeError(
-                f"no K-FAC statistics were collected for layer {self.layers[i].label!r}: the "
-                "closure must run the model's forward and call loss.backward() (and the layer "
-                "must take part; a torch.autograd.grad of the loss is not collected: call "
-                "backward())")
+                f"no K-FAC statistics were collected for layer {self.layers[i].label!r}: " + (
+                    "a step() without a closure reads those of your backward since the last "
+                    "step, and none reached it (a second step() after one backward has none): "
+                    "call loss.backward() before each step()" if self.armed else
+                    "the closure must run the model's forward and call loss.backward() (and "
+                    "the layer must take part; a torch.autograd.grad of the loss is not "
+                    "collected: call backward())"))
         assert a is not None and s is not None
         E = self.scale()
         keep = self._used_chunks(i)

@@ -329,3 +329,19 @@ def test_a_layer_absent_on_one_replica_is_an_error_under_a_collective():
         opt.step(one_head)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert opt.group_state(0).host_step == 1
+
+
+def test_a_second_step_after_one_backward_says_what_is_missing():
+    """The first step used the backward's rows; a second step() on the same gradients, which
+    refreshes the factors (warm-up), has none: the error names the missing backward, not a
+    closure the loop never passed (before: "the closure must run the model's forward")."""
+    model = _model()
+    opt = grng_torch.RING(model.parameters(), model=model)
+    x, y = _batches(1)[0]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"call loss.backward\(\) before each step\(\)"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
