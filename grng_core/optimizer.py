@@ -107,6 +107,12 @@ class Optimizer:
         gradient edited per element); a host read per layer (on an accelerator too), for an
         adapter's first step (not under jit; not across replicas, whose averaged gradient no
         replica's rows give)."""
+        return [k for k, ok in self.explained_flags(grads, state, params, stats)
+                if concrete_bool(ok) is False]
+
+    def explained_flags(self, grads, state: OptState, params, stats: Stats) -> list:
+        """[(weight key, 0-d bool array)] of `unexplained`'s check, without a host read (under
+        jit: grng_jax reports the flags through a callback)."""
         stats = stats.rows_present()
         if (self.config.structure != "kfac" or self.config.fisher != "empirical"
                 or not stats.layers or not state.curvature.kfac):
@@ -118,10 +124,10 @@ class Optimizer:
         layers = state.curvature.kfac
         matched = kfac.match_stats(layers, stats.layers, container, partial=True,
                                    absent=stats.absent)
-        return [container.keys[layer.layout.weight] for layer, ls in zip(layers, matched)
-                if ls is not None and g_leaves[layer.layout.weight] is not None
-                and concrete_bool(explained.explained(layer.layout, ls, g_leaves, p_leaves,
-                                                      place)) is False]
+        return [(container.keys[layer.layout.weight],
+                 explained.explained(layer.layout, ls, g_leaves, p_leaves, place))
+                for layer, ls in zip(layers, matched)
+                if ls is not None and g_leaves[layer.layout.weight] is not None]
 
     def flags(self, step):
         """(curvature, inverse) refresh flags at `step` steps taken (`grng_core.schedule`)."""

@@ -206,10 +206,16 @@ def batch_size(batch) -> int:
     leaves = jax.tree_util.tree_leaves(batch)
     if not leaves:
         raise ValueError("batch holds no arrays")
+    odd = [x for x in leaves if not hasattr(x, "ndim")]
+    if odd:
+        raise ValueError(f"every leaf of batch must be an array with the examples on axis 0; "
+                         f"it holds {type(odd[0]).__name__} {odd[0]!r}: keep settings such as "
+                         "a train flag out of batch (close over them in loss_fn)")
     sizes = {x.shape[0] if x.ndim else None for x in leaves}
     if len(sizes) != 1 or None in sizes:
         raise ValueError("every leaf of batch needs the same leading batch axis, got shapes "
-                         f"{[tuple(x.shape) for x in leaves]}")
+                         f"{[tuple(x.shape) for x in leaves]} (a setting or a scalar: close "
+                         "over it in loss_fn instead of passing it in batch)")
     return int(sizes.pop())  # type: ignore[arg-type]
 
 

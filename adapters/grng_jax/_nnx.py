@@ -87,7 +87,15 @@ def loss_fn_of(model, loss, wrt=None):
     rest = jax.tree_util.tree_map(lambda x: x, parts[2])  # new Variables: today's values
 
     def loss_fn(params, batch, *key):
-        return loss(nnx.merge(graphdef, params, rest, copy=True), batch, *key)
+        try:
+            merged = nnx.merge(graphdef, params, rest, copy=True)
+        except ValueError as e:  # flax's "Incorrect number of leaves"
+            raise ValueError(
+                f"grng_jax.nnx_loss_fn: the params the optimizer was handed are not the "
+                f"model's {'nnx.Param' if wrt is None else wrt} variables this loss_fn was "
+                f"built for ({e}): build it with the wrt of nnx.Optimizer(model, tx, wrt=...),"
+                " grng_jax.nnx_loss_fn(model, loss, wrt=wrt)") from e
+        return loss(merged, batch, *key)
 
     loss_fn.grng_nnx = True  # type: ignore[attr-defined]  # (`hinted` leaves it as it is)
     return loss_fn

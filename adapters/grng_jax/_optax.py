@@ -27,6 +27,7 @@ from grng_core.state import ensure_pytrees
 from grng_core.user_frame import user_stacklevel
 from grng_jax import _collect, _masking, _nnx
 from grng_jax._diagonal_reasons import warn_if_mostly_diagonal, warn_if_oversized
+from grng_jax._explained import check_first_step
 from grng_jax._flax_serialization import register_if_flax
 from grng_jax._hyper import concrete_number, core_kwargs
 from grng_jax._layers import batch_coupled, leaf_paths, resolve_layers
@@ -195,7 +196,9 @@ def _init(core: gc.Optimizer, specs, params, seed: int) -> GRNGState:
     return build(leaves)
 
 
-def _check_needs(core: gc.Optimizer, specs, opts: _Options, given: _Batch) -> None:
+def _check_needs(core: gc.Optimizer, specs, opts: _Options, given: _Batch, params) -> None:
+    """What the update needs of `loss_fn` and `batch`, and a loss_fn that returns one scalar
+    (checked abstractly, `jax.eval_shape`, while the update is traced)."""
     req = core.requirements
     need = (("per-example gradients", req.per_example_grads),
             ("K-FAC layer statistics", bool(specs)),
@@ -206,7 +209,17 @@ def _check_needs(core: gc.Optimizer, specs, opts: _Options, given: _Batch) -> No
         raise ValueError(
             f"grng_jax.{opts.name} (structure={core.config.structure!r}) needs "
             f"{', '.join(what)}: pass loss_fn=(params, batch) -> mean loss and batch= to "
-            "update (or pick structure='diagonal' and rho=0 / gr-free settings)")
+            "update (flax.nnx: loss_fn=grng_jax.nnx_loss_fn(model, loss); or pick "
+            "structure='diagonal' and rho=0 / gr-free settings)")
+    if what:
+        out = jax.eval_shape(given.loss_fn, params, given.batch)
+        if not (hasattr(out, "shape") and out.shape == ()):
+            got = (f"a {type(out).__name__}" if not hasattr(out, "shape")
+                   else f"an array of shape {out.shape}")
+            raise ValueError(
+                f"grng_jax.{opts.name}: loss_fn must return the batch's mean loss as one "
+                f"scalar; it returned {got}. A loss with auxiliary outputs (has_aux): pass "
+                "loss_fn=lambda p, b: f(p, b)[0]")
 
 
 def _mc_key(req: gc.Requirements, need_stats: bool, state_key, opts: _Options, given: _Batch):
@@ -232,7 +245,7 @@ def _update(core: gc.Optimizer, specs, opts: _Options, updates, state: GRNGState
     leaves, treedef_ = jax.tree_util.tree_flatten(params)
     treedef: Any = treedef_
     grads = _collect.pmean(treedef.flatten_up_to(updates), opts.axis_name)
-    _check_needs(core, specs, opts, given)
+    _check_needs(core, specs, opts, given, params)
     need_stats = req.per_example_grads or bool(specs)
     new_key, sub = _mc_key(req, need_stats, state.key, opts, given)
     stat_loss: Any = given.mc_loss_fn if req.fisher == "mc" else given.loss_fn
@@ -261,6 +274,8 @@ def _update(core: gc.Optimizer, specs, opts: _Options, updates, state: GRNGState
 
     def step(curvature, inverse, steady=None):
         st = stats() if need_stats and curvature is not False else None
+        if st is not None and opts.axis_name is None:
+            check_first_step(opts.name, core, grads, state.core, leaves, st, params)
         ups, new = core.update(grads, state.core, leaves, stats=st,
                                oracle=oracle if hoisted is None else hoisted.replay(),
                                collective=coll, curvature=curvature, inverse=inverse,

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from grng_jax import _nested
 from grng_jax._active import ACTIVE
-from grng_jax._uncovered import NESTED_USE, uncovered
+from grng_jax._uncovered import NESTED_USE, UNCOVERED, uncovered
 
 try:  # an explicit import: `jax.extend` is not an attribute of `jax` until imported
     from jax.extend.core import get_opaque_trace_state as _opaque_trace_state
@@ -216,6 +216,11 @@ def _flax_interceptor(col: Collector):
             col.batch_coupled.append(f"flax.linen BatchNorm {_path(mod)!r}")
             return out
         found = _flax.kernel_of(mod)
+        if found is None and context.method_name == "__call__" and \
+                mod.has_variable("params", "kernel"):  # ConvTranspose, Einsum, a custom layer
+            col.used_otherwise(mod.get_variable("params", "kernel"), UNCOVERED + (
+                f"flax.linen {type(mod).__name__} (a layer type whose rows grng_jax does not "
+                "read; inside a custom layer, a grng_jax.dense call is read)"))
         if found is None or not args:
             return out
         helper, name = found

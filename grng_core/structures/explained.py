@@ -39,7 +39,9 @@ def _rows_probes(L: LayerLayout, ls, P, place: Place):
     if L.a_diagonal:
         ids = xp.reshape(ls.inputs, (-1,))
         check_pairing(L, ls, ids.shape[0], s.shape[0])
-        return (xp.take(P, xp.astype(ids, xp.int64), axis=1) @ s) / batch
+        if ids.dtype not in (xp.int32, xp.int64):  # (int32 kept: JAX without x64 has no int64)
+            ids = xp.astype(ids, xp.int64)
+        return (xp.take(P, ids, axis=1) @ s) / batch
     if isinstance(ls.inputs, InputGram):  # rows reduced as they arrived: P·a'ᵀ kept
         check_pairing(L, ls, ls.inputs.n, s.shape[0])
         return (xp.astype(ls.inputs.probed, place.sdtype, copy=False) @ s) / batch
