@@ -107,7 +107,9 @@ def layer_stats(loss_fn: Callable, treedef, leaves: list, batch,
 
 _FIX = ("call it through grng_jax.dense(x, kernel, bias) or a covered layer (flax.linen Dense / "
         "DenseGeneral / Conv / Embed, flax.nnx Linear / LinearGeneral / Conv / Embed, equinox "
-        "nn.Linear / nn.Conv) on the params leaves themselves, outside nn.scan / nn.remat / "
+        "nn.Linear / nn.Conv) on the params leaves themselves (not arrays computed from them: "
+        "a cast, jax.lax.stop_gradient — keep frozen leaves out of params, eqx.partition / "
+        "optax.masked), outside nn.scan / nn.vmap / nn.remat / "
         "lax.scan / jax.checkpoint and outside a jax.jit inside loss_fn (jit the whole train "
         "step instead; jax.vmap is fine), or leave it out with layers=[...] "
         "(layers=grng_jax.find_layers(loss_fn, params, batch) lists the layers that qualify; "
