@@ -38,15 +38,15 @@ def in_backward() -> bool:
     return current is not None and current() != -1
 
 
-def fills_grad(param: torch.Tensor | None) -> bool | None:
-    """Inside a backward pass: whether it fills ``param.grad`` (``loss.backward()``: True; a
-    ``backward(inputs=...)`` without it: False), or None inside ``torch.autograd.grad``, where
-    torch cannot tell (None too for a parameter that is no trainable leaf)."""
+def fills_grad(node) -> bool | None:
+    """Inside a backward pass: whether it runs a parameter's gradient accumulator `node`
+    (``loss.backward()``: True; ``backward(inputs=...)`` without that parameter: False), or
+    None inside ``torch.autograd.grad``, where torch cannot tell."""
     will_run = getattr(torch._C, "_will_engine_execute_node", None)
-    if param is None or not param.requires_grad or not param.is_leaf or will_run is None:
+    if will_run is None:
         return None
     try:
-        return bool(will_run(torch.autograd.graph.get_gradient_edge(param).node))
+        return bool(will_run(node))
     except RuntimeError:  # "currently running autograd.grad()"
         return None
 

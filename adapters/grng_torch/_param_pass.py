@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
+
+import torch
 
 from grng_torch._layer_rows import fills_grad
 
@@ -18,6 +21,7 @@ class ParamPass:
     def __init__(self, layers):
         self.layers = layers
         self.own_grad = False  # the optimizer's own torch.autograd.grad of the loss runs
+        self._nodes: dict[int, Any] = {}  # id(param) -> its gradient accumulator (kept)
 
     def counts(self, layers) -> bool:
         """Judged on the first trainable leaf of `layers` (indices): inside `backward()`,
@@ -27,9 +31,17 @@ class ParamPass:
         for i in layers:
             for p in (self.layers[i].weight, self.layers[i].bias):
                 if p is not None and p.requires_grad and p.is_leaf:
-                    fills = fills_grad(p)
+                    fills = fills_grad(self._node(p))
                     return self.own_grad if fills is None else fills
         return True
+
+    def _node(self, p):
+        """p's gradient accumulator, looked up once (4 µs) and kept, so it stays the one
+        autograd uses."""
+        node = self._nodes.get(id(p))
+        if node is None or node.variable is not p:
+            node = self._nodes[id(p)] = torch.autograd.graph.get_gradient_edge(p).node
+        return node
 
     @contextlib.contextmanager
     def own(self) -> Iterator[None]:
