@@ -46,7 +46,8 @@ def multi_steps(opt: optax.GradientTransformation, every_k: int
                                       state.mean, updates)
 
         def emit():
-            out, inner = opt.update(mean, state.inner, params, **extra_args)
+            out, inner = opt.update(mean, state.inner, params, **extra_args,
+                                    **({"grng_accumulated": True} if every_k > 1 else {}))
             return out, inner, jax.tree_util.tree_map(jnp.zeros_like, mean)
 
         def accumulate():

@@ -4,6 +4,8 @@ host): a weight also used outside its layer (a tie by hand, ``h @ params["wte"][
 a kernel in a plain ``jnp`` matmul) or a gradient edited per element before this optimizer has
 a part its factors never see. The update runs under jit, so the flags go to the host through a
 `jax.debug.callback`, inside a `lax.cond` on the first step: the other steps pay nothing.
+Not under `jax.vmap` (there a cond runs both branches, every step), nor for a gradient
+`grng_jax.multi_steps` averaged over micro-batches (not the last one's rows' product).
 """
 
 from __future__ import annotations
@@ -48,10 +50,13 @@ def _warn(name: str, names: tuple, first, oks) -> None:
         warnings.warn(
             f"grng_jax.{name}: the first step's gradient of K-FAC layer(s) "
             f"{', '.join(map(repr, bad))} is not the product of the layer's own tagged calls' "
-            "statistics, c·sᵀa/B + α·W + β·b (ALGORITHMS.md §2.1): its weight is used outside "
-            "the layer (a tie by hand such as h @ params['wte']['embedding'].T, a kernel in a "
-            "plain jnp matmul) or its gradient was edited per element before this optimizer. "
-            "K-FAC's factors see only the layer's calls: leave it out of layers= (e.g. "
-            "layers=[l for l in grng_jax.find_layers(loss_fn, params, batch) if ...]) so the "
-            "diagonal preconditions it (checked at the first step only).",
+            "statistics, c·sᵀa/B + α·W + β·b (ALGORITHMS.md §2.1). If its weight is used "
+            "outside the layer (a tie by hand such as h @ params['wte']['embedding'].T, a "
+            "kernel in a plain jnp matmul), K-FAC's factors miss that use: leave it out of "
+            "layers= (e.g. layers=[l for l in grng_jax.find_layers(loss_fn, params, batch) if "
+            "...]) so the diagonal preconditions it. If the gradient handed to this optimizer "
+            "is not the batch's own (rescaled per leaf: optax.clip_by_block_rms, "
+            "adaptive_grad_clip; edited per element; a mean over micro-batches: use "
+            "grng_jax.multi_steps, not optax.MultiSteps), the factors are right and K-FAC "
+            "preconditions it densely (checked at the first step only).",
             UserWarning, stacklevel=2)

@@ -25,7 +25,7 @@ from grng_core.config import CONFIGS
 from grng_core.schedule import flag_table, warmup_steps
 from grng_core.state import ensure_pytrees
 from grng_core.user_frame import user_stacklevel
-from grng_jax import _collect, _masking, _nnx
+from grng_jax import _collect, _masking, _nested, _nnx
 from grng_jax._diagonal_reasons import warn_if_mostly_diagonal, warn_if_oversized
 from grng_jax._explained import check_first_step
 from grng_jax._flax_serialization import register_if_flax
@@ -67,6 +67,7 @@ class _Batch(NamedTuple):
     batch: Any
     mc_loss_fn: Callable | None
     key: Any
+    accumulated: bool = False  # the gradient is a mean over micro-batches (`multi_steps`)
 
 
 def transform(name: str, kwargs: dict, *, axis_name=None, layers="auto", refresh="switch",
@@ -94,7 +95,9 @@ def transform(name: str, kwargs: dict, *, axis_name=None, layers="auto", refresh
 
     def update_fn(updates, state, params=None, *, loss_fn=None, batch=None, mc_loss_fn=None,
                   key=None, full_params=None, **extra_args):
-        del extra_args  # arguments meant for other transformations of an optax.chain
+        # grng_jax.multi_steps says its gradient is a mean over micro-batches; the other
+        # arguments are meant for other transformations of an optax.chain
+        accumulated = bool(extra_args.get("grng_accumulated", False))
         if params is None:
             raise ValueError(f"grng_jax.{name} needs params: opt.update(grads, state, params, "
                              "loss_fn=..., batch=...)")
@@ -105,7 +108,7 @@ def transform(name: str, kwargs: dict, *, axis_name=None, layers="auto", refresh
         loss_fn, mc_loss_fn = _masking.unmask(name, params, full_params, loss_fn, mc_loss_fn)
         loss_fn = _nnx.hinted(name, loss_fn, params)
         return _update(core, specs, opts, updates, state, params,
-                       _Batch(loss_fn, batch, mc_loss_fn, key))
+                       _Batch(loss_fn, batch, mc_loss_fn, key, accumulated))
 
     for fn in (init_fn, update_fn):
         setattr(fn, "grng_core", core_main)  # noqa: B010 (read by grng_jax.save / load)
@@ -272,9 +275,14 @@ def _update(core: gc.Optimizer, specs, opts: _Options, updates, state: GRNGState
     hoisted = (hoisted_oracle.hoist(core, grads, state.core, leaves, oracle, coll)
                if opts.refresh == "switch" else None)
 
+    # the first step's gradient check (`_explained`): not across replicas (their averaged
+    # gradient is no replica's rows'), not of a mean over micro-batches, not under vmap (a
+    # cond there runs both branches: the check would run on every step)
+    check = opts.axis_name is None and not given.accumulated and not _nested.in_vmap()
+
     def step(curvature, inverse, steady=None):
         st = stats() if need_stats and curvature is not False else None
-        if st is not None and opts.axis_name is None:
+        if st is not None and check:
             check_first_step(opts.name, core, grads, state.core, leaves, st, params)
         ups, new = core.update(grads, state.core, leaves, stats=st,
                                oracle=oracle if hoisted is None else hoisted.replay(),

@@ -210,6 +210,7 @@ def _flax_interceptor(col: Collector):
     from grng_jax import _flax
 
     def interceptor(next_fun, args, kwargs, context):
+        before = len(col.calls)
         out = next_fun(*args, **kwargs)
         mod = context.module
         if context.method_name == "__call__" and _flax.batch_norm_training(mod, args, kwargs):
@@ -218,9 +219,7 @@ def _flax_interceptor(col: Collector):
         found = _flax.kernel_of(mod)
         if found is None and context.method_name == "__call__" and \
                 mod.has_variable("params", "kernel"):  # ConvTranspose, Einsum, a custom layer
-            col.used_otherwise(mod.get_variable("params", "kernel"), UNCOVERED + (
-                f"flax.linen {type(mod).__name__} (a layer type whose rows grng_jax does not "
-                "read; inside a custom layer, a grng_jax.dense call is read)"))
+            _untagged_kernel(col, mod, before)
         if found is None or not args:
             return out
         helper, name = found
@@ -240,6 +239,19 @@ def _flax_interceptor(col: Collector):
         return col.tag(rows, kernel, bias, out, kind, in_axes, name=_path(mod))
 
     return interceptor
+
+
+def _untagged_kernel(col: Collector, mod, before: int) -> None:
+    """A flax.linen module of another type than the covered ones, with a ``kernel`` that its
+    call tagged nowhere (its calls since `before`: a custom layer's `dense` is read):
+    ConvTranspose, Einsum, a custom layer's own matmul. Its rows are not read."""
+    kernel = mod.get_variable("params", "kernel")
+    w = col.ids.get(id(kernel))
+    if w is None or any(c.weight == w for c in col.calls[before:]):
+        return
+    col.used_otherwise(kernel, UNCOVERED + (
+        f"flax.linen {type(mod).__name__} (a layer type whose rows grng_jax does not read; "
+        "inside a custom layer, call grng_jax.dense(x, kernel, bias))"))
 
 
 @contextlib.contextmanager

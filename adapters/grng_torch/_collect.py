@@ -151,7 +151,7 @@ class Collector:
 
         def hook(grad):
             if (generation == self.generation and c < len(self.batch.calls)
-                    and self.passes.counts(self.active)):
+                    and self.passes.counts_any(self.active)):
                 self.batch.calls[c].reached = True
             return None
 

@@ -22,6 +22,7 @@ class ParamPass:
         self.layers = layers
         self.own_grad = False  # the optimizer's own torch.autograd.grad of the loss runs
         self._nodes: dict[int, Any] = {}  # id(param) -> its gradient accumulator (kept)
+        self._task: tuple = (None, True)  # (graph task, `counts_any` in it)
 
     def counts(self, layers) -> bool:
         """Judged on the first trainable leaf of `layers` (indices): inside `backward()`,
@@ -42,6 +43,16 @@ class ParamPass:
         if node is None or node.variable is not p:
             node = self._nodes[id(p)] = torch.autograd.graph.get_gradient_edge(p).node
         return node
+
+    def counts_any(self, layers) -> bool:
+        """Whether the running backward counts for any of `layers` (a model call's outputs
+        reached: a layer of it outside this backward's graph, an expert without tokens or an
+        unused head, does not decide it), once per backward (its graph task)."""
+        current = getattr(torch._C, "_current_graph_task_id", None)
+        task = current() if current is not None else None
+        if task is None or self._task[0] != task:
+            self._task = (task, any(self.counts((i,)) for i in layers))
+        return self._task[1]
 
     @contextlib.contextmanager
     def own(self) -> Iterator[None]:

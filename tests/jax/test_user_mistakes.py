@@ -162,3 +162,54 @@ def test_nnx_loss_fn_built_for_other_variables_names_wrt():
     with pytest.raises(ValueError, match=r"nnx_loss_fn\(model, loss, wrt=wrt\)"):
         step(grng_jax.nnx_loss_fn(model, loss))
     step(grng_jax.nnx_loss_fn(model, loss, wrt=wrt))  # the fix works
+
+
+def test_a_custom_linen_layer_calling_dense_on_its_kernel_stays_on_kfac():
+    """A module of its own holding `kernel` and `bias` and calling grng_jax.dense on them (the
+    README's way): its kernel is tagged inside its call, so it is no uncovered layer type."""
+    class MyDense(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            k = self.param("kernel", fnn.initializers.lecun_normal(), (x.shape[-1], 8))
+            b = self.param("bias", fnn.initializers.zeros, (8,))
+            return grng_jax.dense(x, k, b)
+
+    class M(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            return fnn.Dense(3)(jnp.tanh(MyDense()(x)))
+
+    m = M()
+    params = m.init(jax.random.PRNGKey(0), X)["params"]
+
+    def loss_fn(p, x):
+        return optax.softmax_cross_entropy_with_integer_labels(
+            m.apply({"params": p}, x), jnp.arange(16) % 3).mean()
+
+    assert sorted(tuple(L.weight) for L in grng_jax.find_layers(loss_fn, params, X)) == [
+        ("Dense_0", "kernel"), ("MyDense_0", "kernel")]
+    assert _first_step_warnings(grng_jax.ring(), params, loss_fn, X) == []
+
+
+@pytest.mark.parametrize("how", ["multi_steps", "vmap"])
+def test_the_gradient_check_stays_out_of_accumulation_and_vmap(how):
+    """grng_jax.multi_steps hands a mean over micro-batches with the last one's rows (no
+    product of them: not warned); under jax.vmap the first-step cond would run on every step
+    (the check is skipped there)."""
+    params, loss_fn = _lm(tied_by_hand=True)  # would warn in a plain run
+    if how == "multi_steps":
+        assert _first_step_warnings(grng_jax.multi_steps(grng_jax.ring(), 2), params, loss_fn,
+                                    IDS) == []
+        return
+    opt = grng_jax.ring()
+
+    def run(p):
+        s = opt.init(p)
+        g = jax.grad(loss_fn)(p, IDS)
+        return opt.update(g, s, p, loss_fn=loss_fn, batch=IDS)[0]
+
+    stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), params)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        jax.block_until_ready(jax.jit(jax.vmap(run))(stacked))
+    assert not [w for w in got if "first step's gradient" in str(w.message)]

@@ -1,7 +1,7 @@
 """Input gradients taken inside the step (an FGSM adversarial example, a gradient penalty,
 a PINN's derivatives): `torch.autograd.grad(loss, x)` runs backward through the hooked layers,
 but its output gradients are no rows of the step's batch. Only the backward that fills the
-parameters' gradients is collected (`Collector.param_pass`), so the factors equal those of
+parameters' gradients is collected (`grng_torch._param_pass`), so the factors equal those of
 the same step given the adversarial input precomputed, or of the loss without the penalty."""
 
 from __future__ import annotations
