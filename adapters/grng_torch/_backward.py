@@ -29,6 +29,7 @@ class GraphBackward(TorchFunctionMode):
         self.real_backward = real_backward
         self.quiet = quiet  # entered around the real backward (no statistics twice)
         self.grads: list[torch.Tensor | None] | None = None
+        self._kept: dict[int, tuple | None] = {}  # param -> its .grad as the last backward left it
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -37,30 +38,69 @@ class GraphBackward(TorchFunctionMode):
             return func(*args, **kwargs)
         tensor = args[0]
         gradient = args[1] if len(args) > 1 else kwargs.get("gradient")
-        if kwargs.get("inputs") is not None or (len(args) > 4 and args[4] is not None):
-            raise RuntimeError("backward(inputs=...) inside an optimizer closure is not "
-                               "supported with gr='double_backprop'")
+        inputs = kwargs.get("inputs", args[4] if len(args) > 4 else None)
+        if inputs is not None:  # a probe of other tensors' gradients (an FGSM step's x)
+            mine = {id(p) for p in self.params}
+            chosen = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+            if any(id(x) in mine for x in chosen):
+                raise RuntimeError(
+                    "backward(inputs=...) with the optimizer's parameters inside its closure is "
+                    "not supported with gr='double_backprop': call loss.backward(), or use "
+                    "gr='finite_difference'")
+            return torch.autograd.backward(tensor, gradient, inputs=chosen,
+                                           retain_graph=kwargs.get("retain_graph"))
         idx = [i for i, p in enumerate(self.params) if p.requires_grad]
+        others = other_leaves(tensor, {id(self.params[i]) for i in idx})
         with self.own():
-            got = torch.autograd.grad(tensor, [self.params[i] for i in idx],
+            got = torch.autograd.grad(tensor, [self.params[i] for i in idx] + others,
                                       grad_outputs=gradient, create_graph=True,
                                       allow_unused=True)
+        for x, g in zip(others, got[len(idx):]):  # backward fills them too (x.grad)
+            if g is not None:
+                x.grad = g.detach() if x.grad is None else x.grad + g.detach()
         if self.grads is None:
             self.grads = [None] * len(self.params)
         grads = self.grads
         for i, g in zip(idx, got):
             if g is None:
                 continue
-            prev = grads[i]
+            p = self.params[i]
+            # .grad cleared or edited since the last backward (a probe's, then zero_grad):
+            # the graph-carrying gradient restarts with it
+            prev = grads[i] if self._kept.get(i) == _identity(p.grad) else None
             grads[i] = g if prev is None else prev + g
             if not self.real_backward:
-                p = self.params[i]
                 p.grad = g.detach() if p.grad is None else p.grad + g.detach()
         if self.real_backward:
             with self.quiet():
                 torch.autograd.backward(tensor, gradient, retain_graph=True)
+        self._kept = {i: _identity(self.params[i].grad) for i in idx}
         self.calls += 1
         return None
+
+
+def _identity(t) -> tuple | None:
+    """A tensor's identity and in-place version (None for None)."""
+    return None if t is None else (id(t), t._version)
+
+
+def other_leaves(tensor: torch.Tensor, params: set) -> list:
+    """The leaf tensors other than `params` (ids) that `tensor.backward()` would fill the
+    gradient of (an input with requires_grad: an FGSM step reads x.grad), found from the
+    graph's gradient accumulators."""
+    out, seen, todo = [], set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        var = getattr(node, "variable", None)
+        if var is not None:
+            if id(var) not in params:
+                out.append(var)
+            continue
+        todo.extend(f for f, _ in node.next_functions)
+    return out
 
 
 def double_backward_error(title: str, hvp: bool, e: RuntimeError) -> RuntimeError | None:

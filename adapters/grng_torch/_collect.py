@@ -32,14 +32,21 @@ from grng_torch._autocast import autocast_state
 from grng_torch._layer_rows import (
     factored_pays,
     in_backward,
-    joined_inputs,
     kept_input,
     warn_ambiguous_ids,
-    zero_output_rows,
 )
 from grng_torch._layer_warmup import layer_warms, layer_warms_now
 from grng_torch._linear_calls import LinearCalls
-from grng_torch._model_calls import UNKNOWN_BATCH, Batch, Call, batch_of, note_once, unwrap
+from grng_torch._model_calls import (
+    PENDING,
+    UNKNOWN_BATCH,
+    Batch,
+    Call,
+    batch_of,
+    bind_pending,
+    note_once,
+    unwrap,
+)
 from grng_torch._param_pass import ParamPass
 from grng_torch.layers import find_layers
 
@@ -69,6 +76,7 @@ class Collector:
         self.z: dict[int, list] = {}
         self.call_of: dict[int, list[int]] = {}  # per layer, each input chunk's model call
         self.replaying: int | None = None  # the call an extra pass runs again ("mc")
+        self.depth, self.pending = 0, False  # model calls running; layer calls outside one
         self.generation, self.zeroed = 0, False  # bumped when the rows are dropped: older
         # hooks keep nothing; zeroed: the optimizer's zero_grad ran since the last model call
         # layers collected only for the factored form -> the passes whose rows it stacks
@@ -95,8 +103,7 @@ class Collector:
         self.armed = False
         self.passes = ParamPass(self.layers)  # which backward passes give rows
         self.hooked: dict[int, set[int]] = {}  # layer -> its calls whose output has a grad hook
-        self._handles = [self.root.register_forward_pre_hook(self._root_hook, with_kwargs=True),
-                         self.root.register_forward_hook(self._root_out_hook, with_kwargs=True)]
+        self._handles = self._root_hooks()
         self._hooks = [self._layer_hook(i) for i in range(len(self.layers))]
         for i, L in enumerate(self.layers):
             if not L.functional:
@@ -109,6 +116,15 @@ class Collector:
         self.sequence_watch = sequence_first.watch(self)  # (T, B) read batch-first: warned
         self._handles += self.sequence_watch
 
+    def _root_hooks(self) -> list:
+        """The model call's hooks: its arguments and outputs, and (eagerly, `_call_index`)
+        how many model calls are running."""
+        root = self.root
+        return [root.register_forward_pre_hook(self._root_hook, with_kwargs=True),
+                root.register_forward_hook(self._root_out_hook, with_kwargs=True),
+                root.register_forward_pre_hook(torch.compiler.disable(self._enter)),
+                root.register_forward_hook(torch.compiler.disable(self._leave), always_call=True)]
+
     def remove(self) -> None:
         while self._handles:
             self._handles.pop().remove()
@@ -117,17 +133,29 @@ class Collector:
     def _root_hook(self, module, args, kwargs):
         if not self.capture or (self.armed and not torch.is_grad_enabled()):
             return None
-        if self.armed and self.s and not in_backward() and self._grads_cleared():
-            # the calls kept had their backward, the gradients were cleared since: an
-            # iteration whose step never came (not a second forward before the backward)
-            self.a, self.s, self.z, self.batch = {}, {}, {}, Batch()
-            self.hooked, self.call_of, self.warming = {}, {}, {}
-            self.generation += 1
+        self._drop_if_cleared()
         self.zeroed = False
         first, size, example, note = batch_of(args, kwargs, self.batch_axis)
         note_once(self, note)
         self.batch.add(Call(tuple(args), dict(kwargs), size, example, autocast_state()), first)
+        if self.pending:
+            bind_pending(self, len(self.batch.calls) - 1)
         return None
+
+    def _drop_if_cleared(self) -> None:
+        """The calls kept had their backward and the gradients were cleared since: an
+        iteration whose step never came, or a probe's backward in the closure (an FGSM step's
+        x.grad), not a second forward before the backward. Their rows are dropped."""
+        if self.s and not in_backward() and self._grads_cleared():
+            self.a, self.s, self.z, self.batch = {}, {}, {}, Batch()
+            self.hooked, self.call_of, self.warming = {}, {}, {}
+            self.generation += 1
+
+    def _enter(self, module, args):
+        self.depth += 1
+
+    def _leave(self, module, args, output):
+        self.depth = max(self.depth - 1, 0)
 
     def _root_out_hook(self, module, args, kwargs, output):
         """Watch the model call's outputs: a gradient reaching one makes the call part of the
@@ -165,6 +193,9 @@ class Collector:
         n = len(self.batch.calls)
         if in_backward():
             return next((c for c in range(n - 1, -1, -1) if self.batch.calls[c].reached), n - 1)
+        if self.depth == 0:  # outside a model call: the next one's input (`bind_pending`)
+            self.pending = True
+            return PENDING
         return n - 1
 
     def _loss_hook(self, module, args, kwargs):
@@ -189,6 +220,8 @@ class Collector:
                 return None  # per-example rows cannot be read: the layer stays off K-FAC
             if i in self.rows_only and not factored_pays(layer, x, self.rows_only[i]):
                 return None  # rows the core would not use: keep nothing
+            if self.depth == 0 and self.capture:  # a call outside the model's (inputs_embeds)
+                self._drop_if_cleared()
             if i in self.warmup_only and not self.warms(i, x, output):
                 return None  # the layer skips the warm-up: the core refreshes it not now
             chunks = self.a.setdefault(i, [])
@@ -358,38 +391,6 @@ class Collector:
         """Output-gradient rows of forward call k of layer i from an explicit pass ("mc"):
         the gradient of a batch-mean loss, times `factor` (its batch size)."""
         self._add(i, k, grad, factor)
-
-    def rows(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(a, s, E) of layer i, every forward call of the layer concatenated; E counts the
-        examples of the model calls (the rows are E·T for a convolution or a sequence)."""
-        a, s = self.a.get(i), self.s.get(i)
-        if i in self.broadcast:
-            raise RuntimeError(f"no K-FAC statistics for layer {self.layers[i].label!r}: it was "
-                               f"{self.broadcast[i]}")
-        if not self.has_rows(i):
-            raise RuntimeError(
-                f"no K-FAC statistics were collected for layer {self.layers[i].label!r}: " + (
-                    "a step() without a closure reads those of your backward since the last "
-                    "step, and none reached it (a second step() after one backward has none): "
-                    "call loss.backward() before each step()" if self.armed else
-                    "the closure must run the model's forward and call loss.backward() (and "
-                    "the layer must take part; a torch.autograd.grad of the loss is not "
-                    "collected: call backward())"))
-        assert a is not None and s is not None
-        E = self.scale()
-        keep = self._used_chunks(i)
-        if len(keep) < len(a):  # inputs of calls that took no part in the loss
-            a = [a[k] for k in keep]
-        chunks = []
-        for k, a_k in zip(keep, a):  # paired with the inputs, call by call (factored form)
-            if k in s:
-                rows, f = s[k]  # the backward's rows carry its loss scale: removed here
-                chunks.append(rows * (E / self.loss_scale if f is None else f))
-            else:  # that call's output took no part in the loss: its gradient is zero
-                chunks.append(zero_output_rows(a_k, self.layers[i].d_out))
-        a_rows = joined_inputs(self.layers[i], a)
-        s_rows = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-        return a_rows, s_rows, E
 
     def scale(self) -> int:
         """E, the examples of the model calls the output gradients are multiplied by."""

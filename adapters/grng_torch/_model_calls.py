@@ -215,3 +215,23 @@ def unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
+
+
+#: The model call of a layer call made outside any (the model's own embedding computing
+#: inputs_embeds): the next model call's, once it starts (`bind_pending`).
+PENDING = -2
+
+
+def bind_pending(coll, c: int) -> None:
+    """Give the layer calls made since the last model call, outside any, to model call `c`
+    (their output is its input): its membership of the batch (`Call.used`) is theirs."""
+    for i, calls in coll.call_of.items():
+        for k, ci in enumerate(calls):
+            if ci == PENDING:
+                calls[k] = c
+                if k in coll.hooked.get(i, ()):
+                    coll.batch.calls[c].watched = True
+    for decided in coll.warming.values():
+        if PENDING in decided:
+            decided[c] = decided.pop(PENDING)
+    coll.pending = False

@@ -47,11 +47,12 @@ class ParamPass:
     def counts_any(self, layers) -> bool:
         """Whether the running backward counts for any of `layers` (a model call's outputs
         reached: a layer of it outside this backward's graph, an expert without tokens or an
-        unused head, does not decide it), once per backward (its graph task)."""
+        unused head, does not decide it; no layers collected, "mc"'s closure: yes), once per
+        backward (its graph task)."""
         current = getattr(torch._C, "_current_graph_task_id", None)
         task = current() if current is not None else None
         if task is None or self._task[0] != task:
-            self._task = (task, any(self.counts((i,)) for i in layers))
+            self._task = (task, not layers or any(self.counts((i,)) for i in layers))
         return self._task[1]
 
     @contextlib.contextmanager

@@ -8,6 +8,7 @@ import torch
 
 import grng_core as gc
 from grng_core.requirements import stacked_passes
+from grng_torch._layer_rows import joined_inputs, zero_output_rows
 from grng_torch._plan import StepEnv
 
 
@@ -30,12 +31,46 @@ def absent_under_collective(label: str) -> RuntimeError:
         "layer on every step (nothing was changed)")
 
 
+def collected_rows(coll, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(a, s, E) of the collector's layer i, every forward call of the layer concatenated; E
+    counts the examples of the model calls (the rows are E·T for a convolution or a
+    sequence)."""
+    a, s = coll.a.get(i), coll.s.get(i)
+    if i in coll.broadcast:
+        raise RuntimeError(f"no K-FAC statistics for layer {coll.layers[i].label!r}: it was "
+                           f"{coll.broadcast[i]}")
+    if not coll.has_rows(i):
+        raise RuntimeError(
+            f"no K-FAC statistics were collected for layer {coll.layers[i].label!r}: " + (
+                "a step() without a closure reads those of your backward since the last "
+                "step, and none reached it (a second step() after one backward has none): "
+                "call loss.backward() before each step()" if coll.armed else
+                "the closure must run the model's forward and call loss.backward() (and "
+                "the layer must take part; a torch.autograd.grad of the loss is not "
+                "collected: call backward())"))
+    assert a is not None and s is not None
+    E = coll.scale()
+    keep = coll._used_chunks(i)
+    if len(keep) < len(a):  # inputs of calls that took no part in the loss
+        a = [a[k] for k in keep]
+    chunks = []
+    for k, a_k in zip(keep, a):  # paired with the inputs, call by call (factored form)
+        if k in s:
+            rows, f = s[k]  # the backward's rows carry its loss scale: removed here
+            chunks.append(rows * (E / coll.loss_scale if f is None else f))
+        else:  # that call's output took no part in the loss: its gradient is zero
+            chunks.append(zero_output_rows(a_k, coll.layers[i].d_out))
+    a_rows = joined_inputs(coll.layers[i], a)
+    s_rows = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+    return a_rows, s_rows, E
+
+
 def layer_stats(opt, layers, lookup=None) -> list[gc.LayerStats]:
     """LayerStats of `layers` ((hooked layer, weight, bias)) from the collector's rows, or
     from `lookup` (layer -> (a, s, examples) or None: a shifted pass's)."""
     out = []
     for li, w, b in layers:
-        got = opt.collector.rows(li) if lookup is None else lookup(li)
+        got = collected_rows(opt.collector, li) if lookup is None else lookup(li)
         if got is not None:
             a, s, examples = got
             out.append(gc.LayerStats(w, b, a, s, transposed=opt.collector.layers[li].transposed,

@@ -17,6 +17,7 @@ from torch import nn
 from grng_torch._autocast import autocast_as
 from grng_torch._functional import per_example_grads
 from grng_torch._model_calls import check_unchanged
+from grng_torch._pass_stats import collected_rows
 
 
 class BufferSnapshot:
@@ -151,7 +152,8 @@ def _run_pass(coll, passing, moved, wanted, rows_spec):
             set_rng_state(rng_before, devices)
             closure()
             if rows_spec is not None:
-                rows.append({li: coll.rows(li) for li in rows_spec[0] if coll.has_rows(li)})
+                rows.append({li: collected_rows(coll, li) for li in rows_spec[0]
+                             if coll.has_rows(li)})
         with torch.no_grad():
             grads = {id(p): torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
                      for p in wanted}

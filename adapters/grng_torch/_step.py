@@ -25,7 +25,13 @@ from grng_torch._autocast import autocast_off, autocast_state
 from grng_torch._backward import GraphBackward, double_backward_error
 from grng_torch._closure_free import CLOSURE_HELP, check_closure_free, closure_needs
 from grng_torch._groups import STATE_KEY, GroupState
-from grng_torch._pass_stats import absent_under_collective, layer_stats, on_host, rows_of_passes
+from grng_torch._pass_stats import (
+    absent_under_collective,
+    collected_rows,
+    layer_stats,
+    on_host,
+    rows_of_passes,
+)
 from grng_torch._plan import GroupPlan, StepEnv, StepPlan
 from grng_torch._summed_loss import warn_if_summed
 from grng_torch._whole import kl_total, skip_together, vectors, whole_of
@@ -281,7 +287,7 @@ def _stats(opt, sp: StepPlan, gp: GroupPlan, layers, pe,
     if missing and replicated and len(absent) < len(layers):
         raise absent_under_collective(opt.collector.layers[missing[0]].label)
     if missing and (len(absent) == len(layers) or replicated):
-        opt.collector.rows(missing[0])  # raises
+        collected_rows(opt.collector, missing[0])  # raises
     if absent:
         _describe.warn_if_shared_late(opt, [li for li, w, _ in layers if w in absent])
         layers = [L for L in layers if L[1] not in absent]

@@ -1,6 +1,7 @@
 """Whether a K-FAC layer's gradient is explained by its own calls (ALGORITHMS.md §2.1 "This
 project", first-step check): G ≈ c·sᵀa/B + α·W + β·b on the factored form's probe vectors,
-with least-squares scalars c (global clipping, a loss scale), α and β (an L2 term in the loss
+with least-squares scalars c (global clipping, a loss scale; the bias column's own, for a
+gradient rescaled per leaf), α and β (an L2 term in the loss
 on the weight, on the bias: often the bias is left out of it). What none explains is a use of
 the weight that the layer's hooked calls do not see (a functional tie such as
 h @ emb.weight.T), or a gradient edited per element (clip_grad_value_, zeroed rows): K-FAC's
@@ -32,7 +33,8 @@ TOLERANCE = 2e-2
 def _rows_probes(L: LayerLayout, ls, P, place: Place):
     """P·(sᵀa/B)ᵀ = ((P aᵀ) s)/B (k × d_out) from the LayerStats `ls`, without appending the
     bias column to the rows (a copy of every row: P's last column is added instead); for an
-    embedding the one-hot rows' product is the probes' columns at the ids."""
+    embedding the one-hot rows' product is the probes' columns at the ids. Of a dense layer
+    with a bias, [weight part, bias column's part]: each its own direction."""
     xp = place.xp
     s = xp.astype(xp.reshape(ls.output_grads, (-1, L.d_out)), place.sdtype, copy=False)
     batch = s.shape[0] if ls.batch_size is None else int(ls.batch_size)
@@ -47,10 +49,12 @@ def _rows_probes(L: LayerLayout, ls, P, place: Place):
         return (xp.astype(ls.inputs.probed, place.sdtype, copy=False) @ s) / batch
     a = xp.astype(xp.reshape(ls.inputs, (-1, L.d_in)), place.sdtype, copy=False)
     check_pairing(L, ls, a.shape[0], s.shape[0])
-    Pa = P[:, :L.d_in] @ xp.matrix_transpose(a)
-    if L.bias is not None:
-        Pa = Pa + P[:, L.d_in:]
-    return (Pa @ s) / batch
+    weight = ((P[:, :L.d_in] @ xp.matrix_transpose(a)) @ s) / batch
+    if L.bias is None:
+        return weight
+    # the bias column apart, with its own scalar: a gradient rescaled per leaf (optax's
+    # clip_by_block_rms, torch clip_grad_norm_ on each parameter) is its rows' product too
+    return [weight, (P[:, L.d_in:] @ xp.sum(s, axis=0, keepdims=True)) / batch]
 
 
 def _parts(L: LayerLayout, leaves, P, place: Place) -> list:
@@ -85,7 +89,9 @@ def explained(L: LayerLayout, ls, grads, params, place: Place):
     xp = place.xp
     P = factored.probes(L.d_in_ext, xp, place.sdtype, place.device)
     g = sum(_parts(L, grads, P, place))
-    res = _residual(g, [_rows_probes(L, ls, P, place), *_parts(L, params, P, place)], xp)
+    rows = _rows_probes(L, ls, P, place)
+    res = _residual(g, [*(rows if isinstance(rows, list) else [rows]),
+                        *_parts(L, params, P, place)], xp)
     gg = xp.sum(g * g)
     ok = xp.sum(res * res) <= (TOLERANCE * TOLERANCE) * gg
     return xp.where(xp.isfinite(gg), ok, xp.ones_like(ok))

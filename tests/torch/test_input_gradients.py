@@ -190,3 +190,105 @@ def test_an_operation_without_a_second_derivative_names_finite_differences():
     fd = gt.RENG(net.parameters(), model=net, gr="finite_difference")
     fd.step(closure_of(fd))
     assert not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def _train_probe(name, probe: str, closure: bool = True, steps: int = 3):
+    """FGSM by `loss.backward()` and x.grad (the gradients then cleared), or by
+    `backward(inputs=[x])`; `probe=""`: the adversarial batch computed outside the step."""
+    cls, kw = OPTS[name]
+    net = _net()
+    opt = cls(net.parameters(), model=net, **kw)
+    for x, y in list(zip(*_data()))[:steps]:
+        def adversarial(x=x, y=y):
+            xx = x.clone().requires_grad_()
+            loss = F.cross_entropy(net(xx), y)
+            if probe == "inputs":
+                loss.backward(inputs=[xx])
+            else:
+                loss.backward()
+                net.zero_grad()
+            return (x + 0.3 * xx.grad.sign()).detach()
+
+        given = None if probe else adversarial()
+        net.zero_grad()
+
+        def run(x=x, y=y, given=given):
+            opt.zero_grad()
+            loss = F.cross_entropy(net(adversarial() if given is None else given), y)
+            loss.backward()
+            return loss
+
+        if closure:
+            opt.step(run)
+        else:
+            run()
+            opt.step()
+    return [p.detach().clone() for p in net.parameters()], _factors(opt)
+
+
+@pytest.mark.parametrize("probe", ["backward", "inputs"])
+@pytest.mark.parametrize("name", ["RING", "RING-gn", "RENG"])
+def test_a_probe_backward_in_the_closure_is_not_the_batch(name, probe):
+    """The FGSM step's own `loss.backward()` (gradients cleared after it) or
+    `backward(inputs=[x])`: before, its rows were counted (S ~4x, the parameters 22–51% of
+    their movement off), and under RENG's double backprop x.grad stayed None (the graph
+    pass took only the parameters)."""
+    got_p, got_f = _train_probe(name, probe)
+    ref_p, ref_f = _train_probe(name, "")
+    for k in ref_f:
+        for a, b in zip(got_f[k], ref_f[k]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for a, b in zip(got_p, ref_p):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+class _EmbedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin, self.head = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, z):  # takes embeddings (Hugging Face's inputs_embeds)
+        return self.head(torch.tanh(self.lin(z)).mean(1))
+
+
+@pytest.mark.parametrize("closure", [True, False], ids=["closure", "closure-free"])
+@pytest.mark.parametrize("extra", ["discarded", "embedding-attack"])
+def test_the_models_own_layer_called_outside_its_call_belongs_to_the_next_call(extra,
+                                                                               closure):
+    """`model(inputs_embeds=model.emb(ids))`: the embedding's call comes before the model
+    call it feeds. An extra forward before it (discarded, or an attack on the embeddings by
+    torch.autograd.grad) is no part of the batch; before, the embedding's rows were given to
+    that earlier call (S off by 100%)."""
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 20, (8, 5), generator=g), torch.randint(0, 3, (8,), generator=g))
+            for _ in range(2)]
+
+    def run(with_extra: bool):
+        torch.manual_seed(0)
+        net = _EmbedNet().double()
+        opt = gt.RING(net.parameters(), model=net)
+        for ids, y in data:
+            def body(ids=ids, y=y):
+                if with_extra and extra == "discarded":
+                    net(net.emb(ids))
+                elif with_extra:
+                    z = net.emb(ids).detach().requires_grad_()
+                    torch.autograd.grad(F.cross_entropy(net(z), y), z)
+                loss = F.cross_entropy(net(net.emb(ids)), y)
+                loss.backward()
+                return loss
+            if closure:
+                opt.step(lambda body=body: (opt.zero_grad(), body())[1])
+            else:
+                opt.zero_grad()
+                body()
+                opt.step()
+        return [p.detach().clone() for p in net.parameters()], _factors(opt)
+
+    got_p, got_f = run(True)
+    ref_p, ref_f = run(False)
+    for k in ref_f:
+        for a, b in zip(got_f[k], ref_f[k]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for a, b in zip(got_p, ref_p):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
