@@ -214,7 +214,7 @@ def _check_needs(core: gc.Optimizer, specs, opts: _Options, given: _Batch, param
             f"{', '.join(what)}: pass loss_fn=(params, batch) -> mean loss and batch= to "
             "update (flax.nnx: loss_fn=grng_jax.nnx_loss_fn(model, loss); or pick "
             "structure='diagonal' and rho=0 / gr-free settings)")
-    if what:
+    if what and given.loss_fn is not None:
         out = jax.eval_shape(given.loss_fn, params, given.batch)
         if not (hasattr(out, "shape") and out.shape == ()):
             got = (f"a {type(out).__name__}" if not hasattr(out, "shape")

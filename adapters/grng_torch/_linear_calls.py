@@ -28,8 +28,8 @@ class LinearCalls(TorchFunctionMode):
             if i is not None:
                 x = args[0] if args else (kwargs or {}).get("input")
                 self.collector._hooks[i](None, (x,), out)
-            elif getattr(weight, "_base", None) is not None:
-                j = self.collector.functional.get(id(weight._base))
+            elif (base := getattr(weight, "_base", None)) is not None:
+                j = self.collector.functional.get(id(base))
                 if j is not None:  # cross-attention: rows of the packed weight, apart
                     self.collector.sliced.add(j)
         return out
