@@ -179,7 +179,7 @@ class Collector:
 
         def hook(grad):
             if (generation == self.generation and c < len(self.batch.calls)
-                    and self.passes.counts_any(self.active)):
+                    and self.passes.reaches(self.root.parameters())):
                 self.batch.calls[c].reached = True
             return None
 
