@@ -30,7 +30,7 @@ from grng_jax._diagonal_reasons import warn_if_mostly_diagonal, warn_if_oversize
 from grng_jax._explained import check_first_step
 from grng_jax._flax_serialization import register_if_flax
 from grng_jax._hyper import concrete_number, core_kwargs
-from grng_jax._layers import batch_coupled, leaf_paths, resolve_layers
+from grng_jax._layers import batch_coupled, batch_size, leaf_paths, resolve_layers
 
 REFRESH = ("switch", "where")
 FALLBACKS = ("diagonal", "woodbury")
@@ -215,6 +215,8 @@ def _check_needs(core: gc.Optimizer, specs, opts: _Options, given: _Batch, param
             "update (flax.nnx: loss_fn=grng_jax.nnx_loss_fn(model, loss); or pick "
             "structure='diagonal' and rho=0 / gr-free settings)")
     if what and given.loss_fn is not None:
+        if specs or req.per_example_grads:  # paths that read the batch size anyway:
+            batch_size(given.batch)  # mixed leading sizes named before the loss runs
         out = jax.eval_shape(given.loss_fn, params, given.batch)
         if not (hasattr(out, "shape") and out.shape == ()):
             got = (f"a {type(out).__name__}" if not hasattr(out, "shape")
