@@ -38,6 +38,16 @@ def _factors(opt):
             ["kfac"].items()}
 
 
+def _assert_same(got, ref) -> None:
+    """Parameters and K-FAC factors (A, S per layer) equal to 1e-12."""
+    (got_p, got_f), (ref_p, ref_f) = got, ref
+    for k in ref_f:
+        for a, b in zip(got_f[k], ref_f[k]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for a, b in zip(got_p, ref_p):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def _train_fgsm(name, inside: bool, closure: bool):
     cls, kw = OPTS[name]
     net = _net()
@@ -71,11 +81,7 @@ def test_fgsm_inside_the_step_equals_the_adversarial_batch_given(name, closure):
         pytest.skip("a regularized gradient needs a closure")
     got_p, got_f = _train_fgsm(name, inside=True, closure=closure)
     ref_p, ref_f = _train_fgsm(name, inside=False, closure=closure)
-    for k in ref_f:
-        for a, b in zip(got_f[k], ref_f[k]):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    for a, b in zip(got_p, ref_p):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    _assert_same((got_p, got_f), (ref_p, ref_f))
 
 
 @pytest.mark.parametrize("name", list(OPTS))
@@ -104,11 +110,7 @@ def test_a_zero_weighted_gradient_penalty_leaves_the_step_unchanged(name):
 
     got_p, got_f = step(True)
     ref_p, ref_f = step(False)
-    for k in ref_f:
-        for a, b in zip(got_f[k], ref_f[k]):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    for a, b in zip(got_p, ref_p):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    _assert_same((got_p, got_f), (ref_p, ref_f))
 
 
 def test_parameter_gradients_by_autograd_grad_are_refused_loudly():
@@ -235,11 +237,7 @@ def test_a_probe_backward_in_the_closure_is_not_the_batch(name, probe):
     pass took only the parameters)."""
     got_p, got_f = _train_probe(name, probe)
     ref_p, ref_f = _train_probe(name, "")
-    for k in ref_f:
-        for a, b in zip(got_f[k], ref_f[k]):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    for a, b in zip(got_p, ref_p):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    _assert_same((got_p, got_f), (ref_p, ref_f))
 
 
 class _EmbedNet(nn.Module):
@@ -287,8 +285,4 @@ def test_the_models_own_layer_called_outside_its_call_belongs_to_the_next_call(e
 
     got_p, got_f = run(True)
     ref_p, ref_f = run(False)
-    for k in ref_f:
-        for a, b in zip(got_f[k], ref_f[k]):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    for a, b in zip(got_p, ref_p):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    _assert_same((got_p, got_f), (ref_p, ref_f))
